@@ -1,0 +1,8 @@
+"""mimkit: masked-image-modeling pretraining for timm Vision Transformers."""
+
+__version__ = "0.1.0"
+
+from mimkit.config import Config, ConfigError, load_config  # noqa: E402
+from mimkit.train import pretrain, run  # noqa: E402
+
+__all__ = ["Config", "ConfigError", "load_config", "pretrain", "run", "__version__"]

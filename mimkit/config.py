@@ -1,0 +1,284 @@
+"""Typed configuration: dataclasses, YAML recipes, `key=value` overrides.
+
+Unknown keys, wrong types and out-of-range values are rejected with the dotted field name and what
+is allowed, before any data is read or any model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, always naming the offending key."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "vit_tiny_patch4_32"  # one of mimkit.models.PRESETS
+    img_size: int | None = None  # default: the preset's
+    patch_size: int | None = None  # default: the preset's
+    drop_path_rate: float = 0.0
+
+
+@dataclass
+class MaskConfig:
+    type: Literal["random", "block"] = "random"
+    ratio: float = 0.75  # fraction of patches removed
+
+
+@dataclass
+class MAEConfig:
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    norm_pix_loss: bool = True
+
+
+@dataclass
+class DataConfig:
+    # "skimage" = the embedded default (scikit-image's bundled photos); otherwise a path to an
+    # ImageFolder tree / flat image folder, a .npz with x_train, or WebDataset shards (.tar, brace
+    # patterns allowed).
+    path: str = "skimage"
+    format: Literal["auto", "folder", "npz", "webdataset", "skimage"] = "auto"
+    num_samples: int | None = None  # required for webdataset (epoch length); optional cap otherwise
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    hflip: bool = True
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    num_workers: int = 2
+    repeats: int = 1  # virtual epoch = dataset repeated; useful for tiny sets like the quickstart
+
+
+@dataclass
+class OptimConfig:
+    blr: float = 1.5e-4  # lr = blr * effective_batch / 256 (MAE's linear scaling rule)
+    lr: float | None = None  # absolute lr; overrides blr when set
+    min_lr: float = 0.0
+    warmup_epochs: float = 40.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    clip_grad: float | None = None  # max global grad norm; None = no clipping
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 800
+    batch_size: int = 64  # per process, per micro-step
+    accum_steps: int = 1  # micro-steps per optimizer step
+    max_steps: int | None = None  # stop after this many optimizer steps (schedule still uses epochs)
+    # auto = bf16 autocast on GPUs and on CPUs with native bf16 (AVX512-BF16 / AMX), else fp32
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    out_dir: str = "runs/mae"
+    resume: str = "auto"  # auto (newest checkpoint in out_dir, if any) | none | path to a checkpoint
+    save_every_steps: int | None = None  # also save every N optimizer steps (mid-epoch)
+    save_every_epochs: int = 1
+    keep_last: int = 3
+    log_every: int = 10  # steps between JSONL / TensorBoard records
+    tensorboard: bool = True
+    progress: bool = True  # tqdm bar on rank 0
+    max_nonfinite_steps: int = 10  # consecutive skipped non-finite steps before the run stops
+
+
+@dataclass
+class Config:
+    method: Literal["mae"] = "mae"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    mae: MAEConfig = field(default_factory=MAEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------- parsing and type checking
+
+
+def _check_value(name: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_value(name, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{name}: {value!r} matches none of {tp}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{name}: {value!r} is not allowed; allowed: {', '.join(map(repr, args))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{name}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_check_value(f"{name}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} for {name}")
+
+
+def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}'; allowed keys"
+            f"{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(fields)}"
+        )
+    kwargs = {}
+    for key, value in data.items():
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _from_dict(tp, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _check_value(f"{prefix}{key}", value, tp)
+    return cls(**kwargs)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> Config:
+    """Range checks that types alone cannot express."""
+    from mimkit.models import PRESETS, get_preset
+
+    _require(cfg.model.arch in PRESETS, f"model.arch: unknown '{cfg.model.arch}'; allowed: {', '.join(sorted(PRESETS))}")
+    preset = get_preset(cfg.model.arch)
+    img, patch = cfg.model.img_size or preset.img_size, cfg.model.patch_size or preset.patch_size
+    _require(img > 0 and patch > 0, "model.img_size and model.patch_size must be positive")
+    _require(img % patch == 0, f"model.img_size {img} is not divisible by the patch size {patch}")
+    _require(0.0 <= cfg.model.drop_path_rate < 1.0, f"model.drop_path_rate must be in [0, 1), got {cfg.model.drop_path_rate}")
+    _require(0.0 < cfg.mask.ratio < 1.0, f"mask.ratio must be in (0, 1) (exclusive), got {cfg.mask.ratio}")
+    _require(int((img // patch) ** 2 * (1 - cfg.mask.ratio)) >= 1, f"mask.ratio {cfg.mask.ratio} leaves no visible patch")
+    m = cfg.mae
+    _require(m.decoder_dim > 0 and m.decoder_depth >= 0 and m.decoder_heads > 0, "mae.decoder_* must be positive")
+    _require(m.decoder_dim % m.decoder_heads == 0, f"mae.decoder_dim {m.decoder_dim} must be divisible by mae.decoder_heads {m.decoder_heads}")
+    _require(m.decoder_dim % 4 == 0, f"mae.decoder_dim must be divisible by 4 (sin-cos position embedding), got {m.decoder_dim}")
+    d = cfg.data
+    _require(0.0 < d.crop_scale[0] <= d.crop_scale[1] <= 1.0, f"data.crop_scale must satisfy 0 < min <= max <= 1, got {d.crop_scale}")
+    _require(all(s > 0 for s in d.std), f"data.std must be positive, got {d.std}")
+    _require(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
+    _require(d.repeats >= 1, f"data.repeats must be >= 1, got {d.repeats}")
+    _require(d.num_samples is None or d.num_samples > 0, f"data.num_samples must be positive, got {d.num_samples}")
+    o = cfg.optim
+    _require(o.blr > 0 and (o.lr is None or o.lr > 0), "optim.blr / optim.lr must be positive")
+    _require(o.min_lr >= 0, f"optim.min_lr must be >= 0, got {o.min_lr}")
+    _require(o.warmup_epochs >= 0, f"optim.warmup_epochs must be >= 0, got {o.warmup_epochs}")
+    _require(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+    _require(all(0.0 <= b < 1.0 for b in o.betas), f"optim.betas must be in [0, 1), got {o.betas}")
+    _require(o.clip_grad is None or o.clip_grad > 0, f"optim.clip_grad must be positive or null, got {o.clip_grad}")
+    t = cfg.train
+    _require(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
+    _require(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
+    _require(t.accum_steps >= 1, f"train.accum_steps must be >= 1, got {t.accum_steps}")
+    _require(t.max_steps is None or t.max_steps >= 1, f"train.max_steps must be >= 1 or null, got {t.max_steps}")
+    _require(t.keep_last >= 1, f"train.keep_last must be >= 1, got {t.keep_last}")
+    _require(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
+    _require(t.save_every_epochs >= 1, f"train.save_every_epochs must be >= 1, got {t.save_every_epochs}")
+    _require(t.save_every_steps is None or t.save_every_steps >= 1, "train.save_every_steps must be >= 1 or null")
+    _require(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")
+    _require(
+        t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
+        f"train.device: '{t.device}' is not allowed; allowed: auto, cpu, cuda, cuda:N",
+    )
+    return cfg
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """['train.epochs=5', 'optim.betas=[0.9,0.95]'] -> nested dict; values parsed as YAML."""
+    nested: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' conflicts with another override of '{part}'")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    return nested
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **sections: Any) -> Config:
+    """Defaults <- YAML recipe <- keyword sections (Python API) <- `key=value` overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must contain a mapping at the top level")
+        data = loaded
+    data = _merge(data, sections)
+    data = _merge(data, parse_overrides(overrides or []))
+    return validate(_from_dict(Config, data))
+
+
+def to_dict(cfg: Config) -> dict:
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def config_from_dict(data: dict) -> Config:
+    return validate(_from_dict(Config, data))
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,323 @@
+"""Image sources (ImageFolder trees, .npz arrays, WebDataset shards, the embedded scikit-image photos),
+the MAE pretraining transform, and a resumable, rank-aware batch sampler.
+
+Reproducibility: every sample gets a seed drawn from (run seed, epoch); its augmentation and its mask
+are drawn from that seed alone. A batch is therefore the same whatever the number of workers or
+processes, and a run resumed in the middle of an epoch sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.transforms import v2
+
+log = logging.getLogger("mimkit")
+
+MaskInputs = Callable[[torch.Generator], dict[str, torch.Tensor]]
+
+
+class DataError(ValueError):
+    """A problem with the configured data, naming the file or field."""
+
+
+class CorruptImage(Exception):
+    pass
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Grayscale, RGBA, palette, CMYK and 16-bit images become 8-bit RGB."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        if img.mode == "F":
+            arr, top = arr - arr.min(), max(float(arr.max() - arr.min()), 1e-12)
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA"):  # composite on white rather than exposing undefined colour under alpha 0
+        background = Image.new("RGB", img.size, (255, 255, 255))
+        background.paste(img.convert("RGBA"), mask=img.convert("RGBA").split()[-1])
+        return background
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Fully decode an image file, raising CorruptImage on any decoding problem (truncation included)."""
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return to_rgb(img)
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... depending on the codec
+        raise CorruptImage(f"{path}: {type(e).__name__}: {e}") from e
+
+
+# ---------------------------------------------------------------- sources: index -> image
+
+
+class FolderImages(Dataset):
+    """An ImageFolder tree (class sub-folders) or a flat folder of images, found recursively."""
+
+    def __init__(self, root: str | os.PathLike):
+        root = Path(root)
+        exts = tuple(IMG_EXTENSIONS)
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in exts)
+        if not files:
+            raise DataError(f"data.path: folder {root} contains no images (extensions: {', '.join(exts)})")
+        classes = sorted({p.parent.relative_to(root).parts[0] for p in files if p.parent != root})
+        self.classes = classes
+        class_index = {c: i for i, c in enumerate(classes)}
+        self.files = files
+        self.targets = [class_index.get(p.relative_to(root).parts[0], -1) if p.parent != root else -1 for p in files]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, index: int) -> Image.Image:
+        return load_image(self.files[index])
+
+    def describe(self, index: int) -> str:
+        return str(self.files[index])
+
+
+class ArrayImages(Dataset):
+    """uint8 images in an (N, H, W, C) array, C in {1, 3, 4}; labels optional."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray | None = None, name: str = "array"):
+        self.images, self.targets, self.name = images, labels, name
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load(self, index: int) -> torch.Tensor:
+        img = torch.from_numpy(np.ascontiguousarray(self.images[index])).permute(2, 0, 1)
+        if img.shape[0] == 1:
+            img = img.expand(3, -1, -1)
+        return img[:3]
+
+    def describe(self, index: int) -> str:
+        return f"{self.name}[{index}]"
+
+
+def load_npz(path: str | os.PathLike, split: str = "train") -> ArrayImages:
+    """The layout of CIFAR-10 as .npz: x_{split} uint8 (N, H, W, C), optional y_{split}."""
+    key = f"x_{split}"
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise DataError(f"data.path: cannot read {path} as .npz: {e}") from e
+    with archive:
+        if key not in archive.files:
+            raise DataError(f"data.path: {path} has no array '{key}' (found: {', '.join(archive.files) or 'none'})")
+        x = archive[key]
+        y = archive[f"y_{split}"] if f"y_{split}" in archive.files else None
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3, 4):
+        raise DataError(
+            f"data.path: {path} '{key}' must be uint8 with shape (N, H, W, C), C in 1/3/4; "
+            f"got {x.dtype} {x.shape}"
+        )
+    if len(x) == 0:
+        raise DataError(f"data.path: {path} '{key}' holds no images")
+    return ArrayImages(x, y, name=f"{path}:{key}")
+
+
+def skimage_photos() -> ArrayImages:
+    """The embedded default dataset: scikit-image's bundled natural photos, square-cropped to 256 px.
+    Real images, shipped inside a dependency, so the quickstart needs no download."""
+    from skimage import data as skdata
+    from skimage.transform import resize
+
+    names = ["astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "moon", "page", "text",
+             "clock", "grass", "gravel", "brick", "hubble_deep_field", "immunohistochemistry", "retina",
+             "colorwheel", "cell", "microaneurysms"]  # fmt: skip
+    images = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in names:
+            try:
+                img = getattr(skdata, name)()
+            except Exception:  # photos not shipped in this scikit-image version (some need a download)
+                continue
+            img = np.asarray(img)
+            if img.ndim == 2:
+                img = np.stack([img] * 3, axis=-1)
+            if img.dtype != np.uint8:
+                img = (np.clip(img.astype(np.float64) / max(float(img.max()), 1e-12), 0, 1) * 255).astype(np.uint8)
+            h, w = img.shape[:2]
+            s = min(h, w)
+            img = img[(h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s, :3]
+            img = (resize(img, (256, 256), anti_aliasing=True, preserve_range=True) + 0.5).astype(np.uint8)
+            images.append(img)
+    if len(images) < 4:
+        raise DataError("data.path: skimage: scikit-image's bundled photos were not found; install scikit-image")
+    return ArrayImages(np.stack(images), None, name="skimage")
+
+
+def resolve_format(path: str, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    if path == "skimage":
+        return "skimage"
+    if path.endswith(".npz"):
+        return "npz"
+    if path.endswith(".tar") or "{" in path or "::" in path:
+        return "webdataset"
+    p = Path(path)
+    if p.is_dir() and any(p.glob("*.tar")) and not any(f.suffix.lower() in IMG_EXTENSIONS for f in p.rglob("*")):
+        return "webdataset"
+    return "folder"
+
+
+def open_source(path: str, fmt: str = "auto"):
+    """Check the configured data exists and is usable, before any model is built."""
+    fmt = resolve_format(path, fmt)
+    if fmt == "skimage":
+        return skimage_photos()
+    if fmt == "webdataset":
+        return None  # streamed; checked by webdataset_urls
+    if not Path(path).exists():
+        raise DataError(f"data.path: {path} does not exist")
+    if fmt == "npz":
+        return load_npz(path)
+    if not Path(path).is_dir():
+        raise DataError(f"data.path: {path} is not a folder (format 'folder')")
+    return FolderImages(path)
+
+
+def webdataset_urls(path: str) -> list[str]:
+    import braceexpand
+
+    p = Path(path)
+    urls = sorted(str(f) for f in p.glob("*.tar")) if p.is_dir() else list(braceexpand.braceexpand(path))
+    if not urls:
+        raise DataError(f"data.path: no .tar shards found at {path}")
+    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).exists()]
+    if missing:
+        raise DataError(f"data.path: WebDataset shard {missing[0]} does not exist ({len(missing)} missing)")
+    return urls
+
+
+# ---------------------------------------------------------------- transform and per-sample seeding
+
+
+def pretrain_transform(img_size: int, cfg) -> v2.Compose:
+    ops = [
+        v2.ToImage(),
+        v2.RandomResizedCrop(img_size, scale=tuple(cfg.crop_scale), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+    ]
+    if cfg.hflip:
+        ops.append(v2.RandomHorizontalFlip())
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(cfg.mean), list(cfg.std))]
+    return v2.Compose(ops)
+
+
+def seeded_sample(image, seed: int, transform: Callable, mask_inputs: MaskInputs | None) -> dict:
+    """Augment and draw mask inputs from the sample's own seed, leaving the process RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        out = {"image": transform(image)}
+    if mask_inputs is not None:
+        out.update(mask_inputs(torch.Generator().manual_seed(seed ^ 0x5DEECE66D)))
+    return out
+
+
+class PretrainDataset(Dataset):
+    """Indexed by (index, seed) pairs from :class:`ResumableBatchSampler`. A corrupt image is skipped
+    (the next index is used instead), logged with its path, and counted in the sample's 'skipped'."""
+
+    def __init__(self, source, transform: Callable, mask_inputs: MaskInputs | None = None, repeats: int = 1,
+                 num_samples: int | None = None):  # fmt: skip
+        self.source, self.transform, self.mask_inputs = source, transform, mask_inputs
+        self.length = len(source) * repeats
+        if num_samples is not None:
+            self.length = min(self.length, num_samples)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, item: tuple[int, int]) -> dict:
+        index, seed = item
+        n = len(self.source)
+        for skipped in range(min(n, 100)):
+            i = (index + skipped) % n
+            try:
+                image = self.source.load(i)
+            except CorruptImage as e:
+                log.warning("skipping corrupt image %s", e)
+                continue
+            sample = seeded_sample(image, seed, self.transform, self.mask_inputs)
+            sample["skipped"] = skipped
+            return sample
+        raise DataError(f"data.path: 100 consecutive unreadable images starting at {self.source.describe(index)}")
+
+
+class ResumableBatchSampler(Sampler):
+    """Yields this rank's micro-batches of (index, seed) pairs.
+
+    An optimizer step consumes a global chunk of batch_size * world_size * accum_steps indices of the
+    epoch's permutation; micro-step a takes the a-th slice of batch_size * world_size, and rank r
+    takes every world_size-th element of it. So 2 ranks x B equals 1 rank x 2B, and 2 micro-steps
+    of B/2 equal one of B. Incomplete final steps are dropped (static shapes).
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, accum_steps: int = 1, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, shuffle: bool = True):  # fmt: skip
+        self.n, self.batch_size, self.accum_steps = num_samples, batch_size, accum_steps
+        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.global_step_size = batch_size * world_size * accum_steps
+        if num_samples < self.global_step_size:
+            raise DataError(
+                f"data: {num_samples} samples cannot fill one optimizer step of {self.global_step_size} "
+                f"(train.batch_size {batch_size} x {world_size} processes x train.accum_steps {accum_steps}); "
+                "lower train.batch_size or raise data.repeats"
+            )
+        self.epoch, self.start_step = 0, 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n // self.global_step_size
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def epoch_order(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
+        seeds = torch.randint(0, 2**62, (self.n,), generator=g)
+        return order, seeds
+
+    def __len__(self) -> int:
+        return (self.steps_per_epoch - self.start_step) * self.accum_steps
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        order, seeds = self.epoch_order(self.epoch)
+        micro = self.batch_size * self.world_size
+        for step in range(self.start_step, self.steps_per_epoch):
+            for a in range(self.accum_steps):
+                lo = step * self.global_step_size + a * micro
+                chunk = order[lo : lo + micro][self.rank :: self.world_size]
+                yield [(int(i), int(seeds[i])) for i in chunk]
+
+
+def build_loader(dataset: Dataset, sampler: ResumableBatchSampler, num_workers: int, pin_memory: bool) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )

@@ -1,0 +1,119 @@
+"""Mask generators: pure functions of their inputs (noise tensor or torch.Generator).
+
+Convention everywhere in mimkit: a boolean/float mask has 1 = masked (removed), 0 = visible,
+in the original (row-major) patch order.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+
+class RandomMask(NamedTuple):
+    ids_keep: torch.Tensor  # (B, len_keep) indices of visible patches, in shuffled order
+    ids_restore: torch.Tensor  # (B, L) inverse permutation, used to un-shuffle decoder tokens
+    mask: torch.Tensor  # (B, L) float, 1 = masked, original order
+
+
+def num_visible(num_patches: int, mask_ratio: float) -> int:
+    """Visible patches per image, truncated as in the MAE reference (int(L * (1 - r)))."""
+    if not 0.0 < mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+    keep = int(num_patches * (1 - mask_ratio))
+    if keep < 1:
+        raise ValueError(f"mask_ratio {mask_ratio} leaves no visible patch out of {num_patches}")
+    return keep
+
+
+def random_mask(
+    batch_size: int,
+    num_patches: int,
+    mask_ratio: float,
+    *,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> RandomMask:
+    """Per-sample uniform random masking by argsort of noise; every image keeps exactly
+    int(L * (1 - mask_ratio)) patches. Lower noise = kept first (same as MAE / HF ViTMAE)."""
+    len_keep = num_visible(num_patches, mask_ratio)
+    if noise is None:
+        noise = torch.rand(batch_size, num_patches, generator=generator, device=device)
+    elif noise.shape != (batch_size, num_patches):
+        raise ValueError(f"noise must have shape {(batch_size, num_patches)}, got {tuple(noise.shape)}")
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :len_keep]
+    mask = torch.ones(batch_size, num_patches, device=noise.device)
+    mask[:, :len_keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    return RandomMask(ids_keep, ids_restore, mask)
+
+
+def block_mask(
+    grid: tuple[int, int],
+    num_masked: int,
+    *,
+    min_block: int = 16,
+    max_block: int | None = None,
+    aspect: tuple[float, float] = (0.3, 1 / 0.3),
+    generator: torch.Generator | None = None,
+    max_attempts: int = 10_000,
+) -> torch.Tensor:
+    """BEiT blockwise masking for one image: (H, W) bool mask with exactly `num_masked` ones.
+
+    Rectangles of log-uniform aspect ratio and area in [min_block, budget] are added until the
+    count is reached; a rectangle is accepted only if it adds between 1 and `budget` new cells.
+    """
+    h_grid, w_grid = grid
+    if not 0 < num_masked <= h_grid * w_grid:
+        raise ValueError(f"num_masked must be in [1, {h_grid * w_grid}], got {num_masked}")
+    max_block = num_masked if max_block is None else max_block
+    log_lo, log_hi = math.log(aspect[0]), math.log(aspect[1])
+    mask = torch.zeros(h_grid, w_grid, dtype=torch.bool)
+
+    def uniform(lo: float, hi: float) -> float:
+        return lo + (hi - lo) * torch.rand((), generator=generator).item()
+
+    count = 0
+    while count < num_masked:
+        budget = min(num_masked - count, max_block)
+        added = 0
+        for _ in range(max_attempts):
+            # Small grids (e.g. 8x8 at 32 px): the minimum block may exceed what is left.
+            area = uniform(min(min_block, budget), budget)
+            ratio = math.exp(uniform(log_lo, log_hi))
+            h = int(round(math.sqrt(area * ratio)))
+            w = int(round(math.sqrt(area / ratio)))
+            if 0 < h < h_grid and 0 < w < w_grid:
+                top = int(torch.randint(0, h_grid - h + 1, (), generator=generator))
+                left = int(torch.randint(0, w_grid - w + 1, (), generator=generator))
+                window = mask[top : top + h, left : left + w]
+                new = h * w - int(window.sum())
+                if 0 < new <= budget:
+                    window.fill_(True)
+                    added = new
+                    break
+        if added == 0:  # nothing fits any more: fill the remaining budget with random cells
+            free = (~mask).flatten().nonzero().squeeze(1)
+            pick = free[torch.randperm(free.numel(), generator=generator)[:budget]]
+            mask.view(-1)[pick] = True
+            added = budget
+        count += added
+    return mask
+
+
+def mask_to_ids(mask: torch.Tensor) -> RandomMask:
+    """Turn a (B, L) mask with the same number of visible patches per row into gather indices,
+    so block masks can drive a visible-tokens-only encoder (MAE-style) too."""
+    mask = mask.flatten(1).float()
+    visible = (mask == 0).sum(1)
+    if not bool((visible == visible[0]).all()):
+        raise ValueError("every image needs the same number of visible patches to batch them")
+    # Stable sort puts visible (0) patches first, in increasing position.
+    ids_shuffle = torch.argsort(mask, dim=1, stable=True)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    return RandomMask(ids_shuffle[:, : int(visible[0])], ids_restore, mask)

@@ -1,0 +1,126 @@
+"""Encoders are stock timm VisionTransformers; this file only names presets and builds them.
+
+The state dict of every encoder built here loads unchanged into
+``timm.create_model(preset.timm_name, img_size=..., patch_size=..., num_classes=0)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+
+@dataclass(frozen=True)
+class VitPreset:
+    embed_dim: int
+    depth: int
+    num_heads: int
+    patch_size: int
+    img_size: int
+    timm_name: str  # a timm architecture with the same widths, for export / create_model
+
+    @property
+    def grid(self) -> int:
+        return self.img_size // self.patch_size
+
+
+_SIZES = {  # name: (width, depth, heads, timm base name)
+    "tiny": (192, 12, 3, "vit_tiny_patch16_224"),
+    "small": (384, 12, 6, "vit_small_patch16_224"),
+    "base": (768, 12, 12, "vit_base_patch16_224"),
+    "large": (1024, 24, 16, "vit_large_patch16_224"),
+    "huge": (1280, 32, 16, "vit_huge_patch14_224"),
+}
+
+PRESETS: dict[str, VitPreset] = {}
+for _size, (_d, _depth, _h, _timm) in _SIZES.items():
+    _patch = 14 if _size == "huge" else 16
+    PRESETS[f"vit_{_size}_patch{_patch}_224"] = VitPreset(_d, _depth, _h, _patch, 224, _timm)
+    for _p in (2, 4):  # small-image presets (CIFAR-sized inputs)
+        PRESETS[f"vit_{_size}_patch{_p}_32"] = VitPreset(_d, _depth, _h, _p, 32, _timm)
+
+
+def get_preset(arch: str) -> VitPreset:
+    if arch not in PRESETS:
+        raise ValueError(f"unknown model.arch '{arch}'; allowed: {', '.join(sorted(PRESETS))}")
+    return PRESETS[arch]
+
+
+def create_encoder(
+    arch: str, img_size: int | None = None, patch_size: int | None = None, drop_path_rate: float = 0.0
+) -> VisionTransformer:
+    """A timm VisionTransformer (cls token, learnable-shaped pos_embed incl. cls, final LayerNorm,
+    no head). LayerNorm eps 1e-6 and qkv bias, as in MAE / BEiT."""
+    p = get_preset(arch)
+    img_size = img_size or p.img_size
+    patch_size = patch_size or p.patch_size
+    if img_size % patch_size:
+        raise ValueError(
+            f"model.img_size {img_size} is not divisible by the patch size {patch_size}; "
+            f"use a multiple of {patch_size}"
+        )
+    return VisionTransformer(
+        img_size=img_size,
+        patch_size=patch_size,
+        embed_dim=p.embed_dim,
+        depth=p.depth,
+        num_heads=p.num_heads,
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        num_classes=0,
+        global_pool="token",
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        drop_path_rate=drop_path_rate,
+    )
+
+
+def sincos_2d_pos_embed(dim: int, grid: int, cls_token: bool = True) -> torch.Tensor:
+    """MAE's fixed 2-D sin-cos table, (1, grid*grid [+1], dim): first half of the channels encodes
+    the column (w) coordinate, second half the row (h); each half is [sin, cos]; cls row is zero."""
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0))
+    rows, cols = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
+
+    def encode(pos: np.ndarray) -> np.ndarray:
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    emb = np.concatenate([encode(cols), encode(rows)], axis=1)
+    if cls_token:
+        emb = np.concatenate([np.zeros((1, dim)), emb], axis=0)
+    return torch.from_numpy(emb).float().unsqueeze(0)
+
+
+def init_weights_mae(module: nn.Module) -> None:
+    """Official MAE / JAX-ViT init: xavier-uniform Linear with zero bias, LayerNorm (1, 0)."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(N, C, H, W) -> (N, L, p*p*C), patch-internal order (row, col, channel) as in MAE."""
+    n, c, h, w = imgs.shape
+    gh, gw = h // patch_size, w // patch_size
+    x = imgs.reshape(n, c, gh, patch_size, gw, patch_size)
+    x = torch.einsum("nchpwq->nhwpqc", x)
+    return x.reshape(n, gh * gw, patch_size * patch_size * c)
+
+
+def unpatchify(x: torch.Tensor, patch_size: int, grid: tuple[int, int] | None = None, channels: int = 3) -> torch.Tensor:
+    """Exact inverse of :func:`patchify`."""
+    n, num, _ = x.shape
+    gh, gw = grid or (int(num**0.5),) * 2
+    x = x.reshape(n, gh, gw, patch_size, patch_size, channels)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(n, channels, gh * patch_size, gw * patch_size)

@@ -1,0 +1,324 @@
+"""The pretraining loop, top to bottom: setup, resume, epochs of (accumulated) steps, checkpoints.
+
+Launch with `mimkit pretrain CONFIG key=value ...`, under torchrun / srun for several processes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from timm.optim import param_groups_weight_decay
+from torch.nn.parallel import DistributedDataParallel
+
+import mimkit
+from mimkit import distributed as mdist
+from mimkit.checkpoint import (
+    atomic_write_text,
+    checkpoint_path,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from mimkit.config import Config, config_from_dict, dump_yaml, to_dict
+from mimkit.data import PretrainDataset, ResumableBatchSampler, build_loader, open_source, pretrain_transform
+from mimkit.methods import build_model
+
+log = logging.getLogger("mimkit")
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite steps."""
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    checkpoint: Path | None
+    config: Path
+    metrics: Path
+    step: int
+    loss: float
+    nonfinite_steps: int
+    skipped_images: int
+
+
+def lr_at(step: int, steps_per_epoch: int, cfg: Config, peak_lr: float) -> float:
+    """Per-iteration linear warmup then half-cosine to min_lr, in fractional epochs (MAE's rule)."""
+    epoch = step / steps_per_epoch
+    o = cfg.optim
+    if epoch < o.warmup_epochs:
+        return peak_lr * epoch / o.warmup_epochs
+    span = max(cfg.train.epochs - o.warmup_epochs, 1e-12)
+    progress = min((epoch - o.warmup_epochs) / span, 1.0)
+    return o.min_lr + (peak_lr - o.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def autocast_context(device: torch.device, precision: str):
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def find_resume(cfg: Config) -> Path | None:
+    if cfg.train.resume == "none":
+        return None
+    if cfg.train.resume == "auto":
+        found = list_checkpoints(cfg.train.out_dir)
+        return found[-1] if found else None
+    path = Path(cfg.train.resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"train.resume: checkpoint {path} does not exist")
+    return path
+
+
+class MetricsLog:
+    """JSONL on rank 0 (always), TensorBoard alongside when enabled."""
+
+    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool):
+        self.path = out_dir / "metrics.jsonl"
+        self.enabled, self.tb = enabled, None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out_dir / "tb"))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None and "step" in record:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"pretrain/{k}", v, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def pretrain(cfg: Config) -> RunResult:
+    # ---- setup: processes, output folder, data (checked before any model is built), model
+    dist = mdist.init_distributed(cfg.train.device)
+    device, t = dist.device, cfg.train
+    precision = mdist.resolve_precision(t.precision, device)
+    out_dir = Path(t.out_dir)
+    source = open_source(cfg.data.path, cfg.data.format)
+    seed_everything(t.seed + dist.rank)
+    model = build_model(cfg).to(device)
+    img_size = model.encoder.patch_embed.img_size[0]
+    dataset = PretrainDataset(
+        source, pretrain_transform(img_size, cfg.data), model.mask_inputs, cfg.data.repeats, cfg.data.num_samples
+    )
+    sampler = ResumableBatchSampler(len(dataset), t.batch_size, t.accum_steps, dist.rank, dist.world_size, t.seed)
+    loader = build_loader(dataset, sampler, cfg.data.num_workers, pin_memory=device.type == "cuda")
+    steps_per_epoch = sampler.steps_per_epoch
+    total_steps = t.epochs * steps_per_epoch
+    last_step = min(total_steps, t.max_steps or total_steps)
+    effective_batch = sampler.global_step_size
+    peak_lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * effective_batch / 256
+
+    # ---- optimizer: AdamW, no weight decay on 1-D params, biases, position embeddings and tokens
+    no_decay = {n for n, p in model.named_parameters() if n.endswith(("pos_embed", "cls_token", "mask_token"))}
+    param_groups = param_groups_weight_decay(model, cfg.optim.weight_decay, no_weight_decay_list=no_decay)
+    optimizer = torch.optim.AdamW(param_groups, lr=peak_lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    # ---- resume: model, optimizer, scaler, step (which fixes epoch, data position and lr), RNG
+    step, nonfinite_total, skipped_total = 0, 0, 0
+    resume_from = find_resume(cfg)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from)
+        if state["steps_per_epoch"] != steps_per_epoch:
+            raise ValueError(
+                f"cannot resume {resume_from} exactly: it ran {state['steps_per_epoch']} steps per epoch, this config "
+                f"gives {steps_per_epoch} (data, batch size, processes or accum_steps changed)"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        step, nonfinite_total, skipped_total = state["step"], state["nonfinite_steps"], state["skipped_images"]
+        rngs = state["rng"]
+        if len(rngs) == dist.world_size:
+            set_rng_state(rngs[dist.rank])
+        else:
+            log.warning("resuming with %d processes from a %d-process run: RNG streams re-seeded", dist.world_size, len(rngs))
+            seed_everything(t.seed + dist.rank + step)
+
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.enabled else None
+    train_model = ddp or model
+
+    if dist.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "config.yaml", dump_yaml(cfg))
+        log.info(
+            "mimkit %s | %s %s | %d processes on %s | effective batch %d (%d x %d x accum %d) | peak lr %.3g | "
+            "%d steps/epoch, %d steps total | precision %s",
+            mimkit.__version__, cfg.method, cfg.model.arch, dist.world_size, device, effective_batch, t.batch_size,
+            dist.world_size, t.accum_steps, peak_lr, steps_per_epoch, total_steps, precision,
+        )  # fmt: skip
+        if resume_from is not None:
+            log.info("resumed from %s at step %d", resume_from, step)
+    metrics = MetricsLog(out_dir, dist.is_main, t.tensorboard)
+    if resume_from is not None:
+        metrics.write({"event": "resume", "from": str(resume_from), "resumed_step": step})
+
+    def save(step: int) -> Path | None:
+        rng = mdist.all_gather_objects(rng_state())
+        if not dist.is_main:
+            return None
+        path = save_checkpoint(
+            checkpoint_path(out_dir, step),
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "step": step,
+                "epoch": step / steps_per_epoch,
+                "steps_per_epoch": steps_per_epoch,
+                "nonfinite_steps": nonfinite_total,
+                "skipped_images": skipped_total,
+                "rng": rng,
+                "config": to_dict(cfg),
+                "mimkit_version": mimkit.__version__,
+                "method": cfg.method,
+            },
+        )
+        prune_checkpoints(out_dir, t.keep_last)
+        return path
+
+    # ---- the loop
+    progress = None
+    if dist.is_main and t.progress:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=last_step, initial=step, desc="pretrain", unit="step", dynamic_ncols=True)
+    last_ckpt = resume_from if resume_from is not None else None
+    consecutive_nonfinite, loss_value = 0, float("nan")
+    window_start, window_steps = time.perf_counter(), 0
+    model.train()
+    while step < last_step:
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch, in_epoch)
+        batches = iter(loader)
+        for step in range(step, min((epoch + 1) * steps_per_epoch, last_step)):
+            lr = lr_at(step, steps_per_epoch, cfg, peak_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            skipped = 0
+            for micro in range(t.accum_steps):
+                batch = next(batches)
+                imgs = batch.pop("image").to(device, non_blocking=True)
+                skipped += int(batch.pop("skipped").sum())
+                mask_inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                sync = ddp is None or micro == t.accum_steps - 1
+                with (nullcontext() if sync else ddp.no_sync()), autocast_context(device, precision):
+                    loss = train_model(imgs, **mask_inputs).loss
+                scaler.scale(loss / t.accum_steps).backward()
+                loss_sum += loss.detach().float()
+
+            # one all-reduce per step: loss, non-finite flag, skipped images, summed over processes
+            stats = torch.stack([loss_sum / t.accum_steps, (~torch.isfinite(loss_sum)).float(),
+                                 torch.tensor(float(skipped), device=device)])  # fmt: skip
+            stats = mdist.all_reduce_sum(stats)
+            loss_value = float(stats[0]) / dist.world_size
+            skipped_total += int(stats[2])
+            grad_norm = None
+            finite = float(stats[1]) == 0
+            if finite and cfg.optim.clip_grad is not None:
+                scaler.unscale_(optimizer)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad))
+                # fp16: the scaler skips overflowing gradients itself and lowers its scale
+                finite = math.isfinite(grad_norm) or precision == "fp16"
+            if finite:
+                scaler.step(optimizer)
+                scaler.update()
+                consecutive_nonfinite = 0
+            else:
+                nonfinite_total += 1
+                consecutive_nonfinite += 1
+                log.warning("step %d: non-finite loss/gradient, update skipped (%d in a row)", step, consecutive_nonfinite)
+            optimizer.zero_grad(set_to_none=True)
+            window_steps += 1
+
+            if consecutive_nonfinite >= t.max_nonfinite_steps:
+                if progress is not None:
+                    progress.close()
+                metrics.write({"event": "diverged", "step": step + 1, "nonfinite_steps": nonfinite_total})
+                metrics.close()
+                raise TrainingDiverged(
+                    f"loss or gradients were non-finite for {consecutive_nonfinite} consecutive steps (last at step "
+                    f"{step}); stopped. Last good checkpoint: {last_ckpt or 'none yet'} (left intact). Try a lower "
+                    "optim.blr, optim.clip_grad, or train.precision=bf16/fp32."
+                )
+
+            done = step + 1
+            if done % t.log_every == 0 or done == last_step:
+                elapsed = time.perf_counter() - window_start
+                img_s = window_steps * effective_batch / max(elapsed, 1e-9)
+                record = {"step": done, "epoch": round(done / steps_per_epoch, 4), "loss": loss_value, "lr": lr,
+                          "img_per_s": round(img_s, 2), "nonfinite_steps": nonfinite_total,
+                          "skipped_images": skipped_total, "time": time.time()}  # fmt: skip
+                if grad_norm is not None:
+                    record["grad_norm"] = grad_norm
+                metrics.write(record)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}", refresh=False)
+                elif dist.is_main:
+                    log.info("step %d/%d loss %.4f lr %.3g %.1f img/s", done, last_step, loss_value, lr, img_s)
+                window_start, window_steps = time.perf_counter(), 0
+            if progress is not None:
+                progress.update(1)
+
+            end_of_epoch = done % steps_per_epoch == 0
+            if (
+                (t.save_every_steps and done % t.save_every_steps == 0)
+                or (end_of_epoch and (done // steps_per_epoch) % t.save_every_epochs == 0)
+                or done == last_step
+            ):
+                last_ckpt = save(done) or last_ckpt
+        step = done
+    if progress is not None:
+        progress.close()
+    metrics.close()
+    mdist.barrier()
+    return RunResult(out_dir, last_ckpt, out_dir / "config.yaml", metrics.path, step, loss_value,
+                     nonfinite_total, skipped_total)  # fmt: skip
+
+
+def run(config_path: str | None = None, overrides: list[str] | None = None, **sections) -> RunResult:
+    """Python entry point: `mimkit.pretrain("configs/quickstart.yaml", ["train.epochs=1"])`."""
+    from mimkit.config import load_config
+
+    return pretrain(load_config(config_path, overrides, **sections))
+
+
+def config_of_checkpoint(path: str | Path) -> Config:
+    return config_from_dict(load_checkpoint(path)["config"])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from mimkit.cli import main
+
+    sys.exit(main(["pretrain", *sys.argv[1:]]))
