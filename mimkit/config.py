@@ -25,6 +25,10 @@ class ModelConfig:
     arch: str = "vit_tiny_patch4_32"  # one of mimkit.models.PRESETS
     img_size: int | None = None  # default: the preset's
     patch_size: int | None = None  # default: the preset's
+    # Optional overrides of the preset's width / depth / heads (custom or test-sized encoders)
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
     drop_path_rate: float = 0.0
 
 
@@ -137,6 +141,11 @@ def _check_value(name: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{name}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name}: expected a number, got {value!r}")
         return float(value)
@@ -182,6 +191,10 @@ def validate(cfg: Config) -> Config:
     img, patch = cfg.model.img_size or preset.img_size, cfg.model.patch_size or preset.patch_size
     _require(img > 0 and patch > 0, "model.img_size and model.patch_size must be positive")
     _require(img % patch == 0, f"model.img_size {img} is not divisible by the patch size {patch}")
+    dim, heads = cfg.model.embed_dim or preset.embed_dim, cfg.model.num_heads or preset.num_heads
+    _require(dim > 0 and heads > 0 and (cfg.model.depth is None or cfg.model.depth > 0), "model.embed_dim / depth / num_heads must be positive")
+    _require(dim % heads == 0, f"model.embed_dim {dim} must be divisible by model.num_heads {heads}")
+    _require(dim % 4 == 0, f"model.embed_dim must be divisible by 4 (sin-cos position embedding), got {dim}")
     _require(0.0 <= cfg.model.drop_path_rate < 1.0, f"model.drop_path_rate must be in [0, 1), got {cfg.model.drop_path_rate}")
     _require(0.0 < cfg.mask.ratio < 1.0, f"mask.ratio must be in (0, 1) (exclusive), got {cfg.mask.ratio}")
     _require(int((img // patch) ** 2 * (1 - cfg.mask.ratio)) >= 1, f"mask.ratio {cfg.mask.ratio} leaves no visible patch")

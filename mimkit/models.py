@@ -52,7 +52,13 @@ def get_preset(arch: str) -> VitPreset:
 
 
 def create_encoder(
-    arch: str, img_size: int | None = None, patch_size: int | None = None, drop_path_rate: float = 0.0
+    arch: str,
+    img_size: int | None = None,
+    patch_size: int | None = None,
+    drop_path_rate: float = 0.0,
+    embed_dim: int | None = None,
+    depth: int | None = None,
+    num_heads: int | None = None,
 ) -> VisionTransformer:
     """A timm VisionTransformer (cls token, learnable-shaped pos_embed incl. cls, final LayerNorm,
     no head). LayerNorm eps 1e-6 and qkv bias, as in MAE / BEiT."""
@@ -67,9 +73,9 @@ def create_encoder(
     return VisionTransformer(
         img_size=img_size,
         patch_size=patch_size,
-        embed_dim=p.embed_dim,
-        depth=p.depth,
-        num_heads=p.num_heads,
+        embed_dim=embed_dim or p.embed_dim,
+        depth=depth or p.depth,
+        num_heads=num_heads or p.num_heads,
         mlp_ratio=4.0,
         qkv_bias=True,
         num_classes=0,

@@ -291,12 +291,12 @@ def pretrain(cfg: Config) -> RunResult:
             if progress is not None:
                 progress.update(1)
 
+            # no periodic save inside a streak of non-finite steps: the last one before it is the one to go back to
             end_of_epoch = done % steps_per_epoch == 0
-            if (
-                (t.save_every_steps and done % t.save_every_steps == 0)
-                or (end_of_epoch and (done // steps_per_epoch) % t.save_every_epochs == 0)
-                or done == last_step
-            ):
+            periodic = (t.save_every_steps and done % t.save_every_steps == 0) or (
+                end_of_epoch and (done // steps_per_epoch) % t.save_every_epochs == 0
+            )
+            if (periodic and consecutive_nonfinite == 0) or done == last_step:
                 last_ckpt = save(done) or last_ckpt
         step = done
     if progress is not None:

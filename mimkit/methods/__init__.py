@@ -10,6 +10,7 @@ from mimkit.methods import mae
 def build_model(cfg) -> nn.Module:
     from mimkit.models import create_encoder
 
-    encoder = create_encoder(cfg.model.arch, cfg.model.img_size, cfg.model.patch_size, cfg.model.drop_path_rate)
+    m = cfg.model
+    encoder = create_encoder(m.arch, m.img_size, m.patch_size, m.drop_path_rate, m.embed_dim, m.depth, m.num_heads)
     builders = {"mae": mae.build}
     return builders[cfg.method](cfg, encoder)

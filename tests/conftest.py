@@ -1,0 +1,58 @@
+"""Shared fixtures: a tiny generated dataset and a tiny model config, so every test runs in seconds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mimkit.config import load_config
+
+TINY_MODEL = [
+    "model.arch=vit_tiny_patch4_32",
+    "model.img_size=16",
+    "model.patch_size=4",
+    "model.embed_dim=32",
+    "model.depth=2",
+    "model.num_heads=2",
+    "mae.decoder_dim=32",
+    "mae.decoder_depth=1",
+    "mae.decoder_heads=2",
+]
+
+
+def make_images(n: int, size: int = 20, seed: int = 0) -> np.ndarray:
+    """Smooth random images (low-frequency patterns), uint8 NHWC: learnable, unlike white noise."""
+    g = np.random.default_rng(seed)
+    coarse = g.integers(0, 256, size=(n, 5, 5, 3)).astype(np.float32)
+    t = torch.from_numpy(coarse).permute(0, 3, 1, 2)
+    up = torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
+    return up.permute(0, 2, 3, 1).clamp(0, 255).round().to(torch.uint8).numpy()
+
+
+@pytest.fixture
+def npz_data(tmp_path):
+    path = tmp_path / "tiny.npz"
+    np.savez(path, x_train=make_images(64), y_train=np.arange(64) % 4)
+    return str(path)
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path, npz_data):
+    def build(*overrides: str, out: str = "run"):
+        base = TINY_MODEL + [
+            f"data.path={npz_data}",
+            "data.num_workers=0",
+            "train.batch_size=8",
+            "train.epochs=2",
+            "train.precision=fp32",
+            "train.progress=false",
+            "train.tensorboard=false",
+            "train.log_every=1",
+            "optim.blr=1e-3",
+            "optim.warmup_epochs=1",
+            f"train.out_dir={tmp_path / out}",
+        ]
+        return load_config(None, base + list(overrides))
+
+    return build

@@ -1,0 +1,69 @@
+import pytest
+import torch
+
+from mimkit.masking import block_mask, mask_to_ids, num_visible, random_mask
+
+
+def test_random_mask_keeps_exact_count_per_image():
+    m = random_mask(16, 196, 0.75, generator=torch.Generator().manual_seed(0))
+    assert m.ids_keep.shape == (16, 49)
+    assert torch.equal(m.mask.sum(1), torch.full((16,), 147.0))
+    # kept ids are exactly the zeros of the mask, and ids_restore inverts the shuffle
+    for b in range(16):
+        assert set(m.ids_keep[b].tolist()) == set((m.mask[b] == 0).nonzero().squeeze(1).tolist())
+    shuffle = torch.argsort(m.ids_restore, dim=1)
+    assert torch.equal(torch.gather(shuffle, 1, m.ids_restore), torch.arange(196).expand(16, -1))
+
+
+def test_random_mask_is_a_pure_function_of_noise_or_generator():
+    noise = torch.rand(4, 64)
+    a, b = random_mask(4, 64, 0.75, noise=noise), random_mask(4, 64, 0.75, noise=noise.clone())
+    assert torch.equal(a.mask, b.mask) and torch.equal(a.ids_keep, b.ids_keep)
+    # lowest noise is kept first (the MAE / HF ViTMAE convention)
+    assert torch.equal(a.ids_keep, torch.argsort(noise, dim=1)[:, :16])
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    assert torch.equal(random_mask(4, 64, 0.5, generator=g1).mask, random_mask(4, 64, 0.5, generator=g2).mask)
+
+
+def test_odd_token_count_truncates_like_mae():
+    assert num_visible(197, 0.75) == int(197 * 0.25) == 49
+    assert random_mask(2, 197, 0.75).ids_keep.shape == (2, 49)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0, -0.1, 1.5])
+def test_mask_ratio_outside_open_interval_is_rejected(ratio):
+    with pytest.raises(ValueError, match="mask_ratio"):
+        random_mask(2, 16, ratio)
+
+
+def test_noise_shape_is_checked():
+    with pytest.raises(ValueError, match="noise must have shape"):
+        random_mask(2, 16, 0.75, noise=torch.rand(2, 15))
+
+
+@pytest.mark.parametrize("grid,count", [((14, 14), 75), ((14, 14), 147), ((8, 8), 48), ((8, 8), 26)])
+def test_block_mask_exact_count(grid, count):
+    for seed in range(5):
+        m = block_mask(grid, count, generator=torch.Generator().manual_seed(seed))
+        assert m.shape == grid and m.dtype == torch.bool
+        assert int(m.sum()) == count
+
+
+def test_block_mask_is_blocky_and_deterministic():
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    a, b = block_mask((14, 14), 75, generator=g()), block_mask((14, 14), 75, generator=g())
+    assert torch.equal(a, b)
+    # blocks: most masked cells have a masked 4-neighbour (a random mask at 40% would give ~64%)
+    padded = torch.nn.functional.pad(a.float()[None, None], (1, 1, 1, 1))[0, 0]
+    neighbours = padded[:-2, 1:-1] + padded[2:, 1:-1] + padded[1:-1, :-2] + padded[1:-1, 2:]
+    frac = float(((neighbours > 0) & a).sum() / a.sum())
+    assert frac > 0.9
+
+
+def test_mask_to_ids_round_trip():
+    m = random_mask(3, 16, 0.75, generator=torch.Generator().manual_seed(1))
+    ids = mask_to_ids(m.mask)
+    assert torch.equal(ids.mask, m.mask)
+    assert torch.equal(ids.ids_keep.sort(1).values, m.ids_keep.sort(1).values)
+    with pytest.raises(ValueError, match="same number of visible"):
+        mask_to_ids(torch.tensor([[1.0, 0, 0, 0], [1, 1, 0, 0]]))
