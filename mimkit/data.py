@@ -44,7 +44,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
         if img.mode == "F":
             arr, top = arr - arr.min(), max(float(arr.max() - arr.min()), 1e-12)
-        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
     if img.mode == "P":
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA"):  # composite on white rather than exposing undefined colour under alpha 0

@@ -46,6 +46,9 @@ def test_gradient_accumulation_matches_the_full_batch(tiny_cfg):
     accum = pretrain(tiny_cfg("train.batch_size=4", "train.accum_steps=2", "train.max_steps=4", out="accum"))
     a, b = final_state(full)["model"], final_state(accum)["model"]
     for k in a:
+        if k.endswith("attn.qkv.bias"):  # key bias: zero true gradient, Adam amplifies rounding noise
+            dim = a[k].shape[0] // 3
+            a[k], b[k] = torch.cat([a[k][:dim], a[k][2 * dim :]]), torch.cat([b[k][:dim], b[k][2 * dim :]])
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=2e-6, msg=k)
     assert abs(full.loss - accum.loss) < 1e-5
 
