@@ -207,6 +207,11 @@ def time_training_steps(spec: ModelSpec, precision: str, device: torch.device, s
 # ---------------------------------------------------------------- CLI
 
 
+def load_average(when: str = "") -> str:
+    """1-min load average; above the thread count, other processes shared the CPU with this run."""
+    return f" | load avg {when} {os.getloadavg()[0]:.1f}".replace("  ", " ") if hasattr(os, "getloadavg") else ""
+
+
 def machine_info(device: torch.device) -> str:
     if device.type == "cuda":
         hardware = torch.cuda.get_device_name(device)
@@ -215,9 +220,8 @@ def machine_info(device: torch.device) -> str:
         with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
             match = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.MULTILINE)
             hardware = match.group(1).strip() if match else hardware
-    load = " | load avg %.1f" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""  # >threads: shared CPU
     return (
-        f"# {hardware} | device {device} | {torch.get_num_threads()} threads{load} | torch {torch.__version__} | "
+        f"# {hardware} | device {device} | {torch.get_num_threads()} threads{load_average()} | torch {torch.__version__} | "
         f"timm {timm.__version__} | {datetime.datetime.now().isoformat(timespec='seconds')}"
     )
 
@@ -226,7 +230,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tiny,base", help=f"comma list of {','.join(MODELS)}")
     parser.add_argument("--precisions", default="bf16,fp32", help="comma list of bf16,fp32")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per row")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per row (CPU: ViT-B bf16 is ~1 min/step)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per row")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
@@ -241,6 +245,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
 
+    started = time.perf_counter()
     print(machine_info(device))
     for spec in models:
         flops = mae_flops_per_image(spec)
@@ -269,9 +274,12 @@ def main() -> None:
             print(f"| {spec.label} | {precision} | {spec.batch} | {row['seconds_per_step']:.2f} | "
                   f"{images_per_second:.1f} | {achieved_tflops:.3f} | {ceiling_tflops:.3f} | "
                   f"{row['mfu']:.0%} | {row['peak_memory_mib']:.0f} |", flush=True)  # fmt: skip
+    elapsed = time.perf_counter() - started
+    print(f"\n# total {elapsed:.0f} s, {args.warmup} warmup + {args.steps} timed steps per row{load_average('now')}")
     if args.json:
+        summary = {"machine": machine_info(device), "steps": args.steps, "warmup": args.warmup, "rows": rows}
         with open(args.json, "w") as f:
-            json.dump({"machine": machine_info(device), "steps": args.steps, "warmup": args.warmup, "rows": rows}, f, indent=2)
+            json.dump(summary, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ processes, and a run resumed in the middle of an epoch sees exactly the batches 
 
 from __future__ import annotations
 
+import hashlib
+import io
+import itertools
 import logging
 import os
 import warnings
@@ -17,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageFile
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
@@ -312,12 +315,97 @@ class ResumableBatchSampler(Sampler):
                 yield [(int(i), int(seeds[i])) for i in chunk]
 
 
-def build_loader(dataset: Dataset, sampler: ResumableBatchSampler, num_workers: int, pin_memory: bool) -> DataLoader:
-    return DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        persistent_workers=num_workers > 0,
-        prefetch_factor=4 if num_workers > 0 else None,
-    )
+def stable_seed(*parts) -> int:
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
+
+
+class WebDatasetStream(IterableDataset):
+    """Tar shards streamed with `webdataset`. Each (rank, worker) reads its own shards of the epoch's
+    seeded shard order (or, with fewer shards than readers, every reader-th sample). The stream is
+    endless; the training loop takes exactly steps_per_epoch batches. Per-sample seeds come from
+    (seed, epoch, pass, shard, key), so a resumed stream replays the same batches."""
+
+    IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
+
+    def __init__(self, urls: list[str], transform: Callable, mask_inputs: MaskInputs | None, seed: int,
+                 epoch: int, rank: int, world_size: int):  # fmt: skip
+        self.urls, self.transform, self.mask_inputs = urls, transform, mask_inputs
+        self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
+
+    def __iter__(self) -> Iterator[dict]:
+        import webdataset as wds
+
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        readers, me = self.world_size * workers, self.rank * workers + worker
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = [self.urls[i] for i in torch.randperm(len(self.urls), generator=g)]
+        split_shards = len(order) >= readers
+        shards = order[me::readers] if split_shards else order
+        skipped, passes = 0, 0
+        while True:
+            stream = wds.WebDataset(shards, shardshuffle=False, nodesplitter=None, workersplitter=None,
+                                    empty_check=False, handler=wds.warn_and_continue)  # fmt: skip
+            for i, sample in enumerate(stream):
+                if not split_shards and i % readers != me:
+                    continue
+                name = f"{sample.get('__url__')}:{sample.get('__key__')}"
+                data = next((sample[k] for k in self.IMAGE_KEYS if k in sample), None)
+                try:
+                    if data is None:
+                        raise CorruptImage(f"{name}: no image entry ({', '.join(self.IMAGE_KEYS)})")
+                    with Image.open(io.BytesIO(data)) as img:
+                        img.load()
+                        image = to_rgb(img)
+                except Exception as e:
+                    log.warning("skipping corrupt image %s: %s", name, e)
+                    skipped += 1
+                    continue
+                out = seeded_sample(image, stable_seed(self.seed, self.epoch, passes, name), self.transform,
+                                    self.mask_inputs)  # fmt: skip
+                out["skipped"], skipped = skipped, 0
+                yield out
+            passes += 1
+
+
+class PretrainData:
+    """Batches for the training loop: `epoch_batches(epoch, start_step)` yields this rank's
+    micro-batches from the given optimizer step of the epoch on."""
+
+    def __init__(self, cfg, img_size: int, mask_inputs: MaskInputs | None, batch_size: int, accum_steps: int,
+                 rank: int = 0, world_size: int = 1, seed: int = 0, pin_memory: bool = False):  # fmt: skip
+        d = cfg.data if hasattr(cfg, "data") else cfg
+        self.fmt = resolve_format(d.path, d.format)
+        self.transform = pretrain_transform(img_size, d)
+        self.mask_inputs, self.num_workers, self.pin_memory = mask_inputs, d.num_workers, pin_memory
+        self.batch_size, self.accum_steps, self.rank, self.world_size, self.seed = (
+            batch_size, accum_steps, rank, world_size, seed)  # fmt: skip
+        self.global_step_size = batch_size * world_size * accum_steps
+        if self.fmt == "webdataset":
+            if d.num_samples is None:
+                raise DataError("data.num_samples is required for WebDataset shards (it sets the epoch length)")
+            self.urls = webdataset_urls(d.path)
+            if d.num_samples < self.global_step_size:
+                raise DataError(f"data.num_samples {d.num_samples} cannot fill one optimizer step of {self.global_step_size}")
+            self.steps_per_epoch = d.num_samples // self.global_step_size
+        else:
+            source = open_source(d.path, self.fmt)
+            self.dataset = PretrainDataset(source, self.transform, mask_inputs, d.repeats, d.num_samples)
+            self.sampler = ResumableBatchSampler(len(self.dataset), batch_size, accum_steps, rank, world_size, seed)
+            self.steps_per_epoch = self.sampler.steps_per_epoch
+            self.loader = DataLoader(
+                self.dataset, batch_sampler=self.sampler, num_workers=self.num_workers, pin_memory=pin_memory,
+                persistent_workers=self.num_workers > 0, prefetch_factor=4 if self.num_workers > 0 else None,
+            )  # fmt: skip
+
+    def epoch_batches(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
+        if self.fmt != "webdataset":
+            self.sampler.set_epoch(epoch, start_step)
+            return iter(self.loader)
+        stream = WebDatasetStream(self.urls, self.transform, self.mask_inputs, self.seed, epoch, self.rank,
+                                  self.world_size)  # fmt: skip
+        loader = DataLoader(stream, batch_size=self.batch_size, num_workers=self.num_workers,
+                            pin_memory=self.pin_memory)  # fmt: skip
+        # streams cannot seek: replay and drop the micro-batches already consumed (exact, costs decoding)
+        return itertools.islice(iter(loader), start_step * self.accum_steps, None)

@@ -33,7 +33,7 @@ from mimkit.checkpoint import (
     set_rng_state,
 )
 from mimkit.config import Config, config_from_dict, dump_yaml, to_dict
-from mimkit.data import PretrainDataset, ResumableBatchSampler, build_loader, open_source, pretrain_transform
+from mimkit.data import PretrainData
 from mimkit.methods import build_model
 
 log = logging.getLogger("mimkit")
@@ -118,24 +118,21 @@ class MetricsLog:
 
 
 def pretrain(cfg: Config) -> RunResult:
-    # ---- setup: processes, output folder, data (checked before any model is built), model
+    # ---- setup: processes, model, data (checked before any compute)
     dist = mdist.init_distributed(cfg.train.device)
     device, t = dist.device, cfg.train
     precision = mdist.resolve_precision(t.precision, device)
     out_dir = Path(t.out_dir)
-    source = open_source(cfg.data.path, cfg.data.format)
     seed_everything(t.seed + dist.rank)
-    model = build_model(cfg).to(device)
-    img_size = model.encoder.patch_embed.img_size[0]
-    dataset = PretrainDataset(
-        source, pretrain_transform(img_size, cfg.data), model.mask_inputs, cfg.data.repeats, cfg.data.num_samples
-    )
-    sampler = ResumableBatchSampler(len(dataset), t.batch_size, t.accum_steps, dist.rank, dist.world_size, t.seed)
-    loader = build_loader(dataset, sampler, cfg.data.num_workers, pin_memory=device.type == "cuda")
-    steps_per_epoch = sampler.steps_per_epoch
+    model = build_model(cfg)
+    # data problems surface here, before any compute
+    data = PretrainData(cfg, model.encoder.patch_embed.img_size[0], model.mask_inputs, t.batch_size, t.accum_steps,
+                        dist.rank, dist.world_size, t.seed, pin_memory=device.type == "cuda")  # fmt: skip
+    model.to(device)
+    steps_per_epoch = data.steps_per_epoch
     total_steps = t.epochs * steps_per_epoch
     last_step = min(total_steps, t.max_steps or total_steps)
-    effective_batch = sampler.global_step_size
+    effective_batch = data.global_step_size
     peak_lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * effective_batch / 256
 
     # ---- optimizer: AdamW, no weight decay on 1-D params, biases, position embeddings and tokens
@@ -219,8 +216,7 @@ def pretrain(cfg: Config) -> RunResult:
     model.train()
     while step < last_step:
         epoch, in_epoch = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch, in_epoch)
-        batches = iter(loader)
+        batches = data.epoch_batches(epoch, in_epoch)
         for step in range(step, min((epoch + 1) * steps_per_epoch, last_step)):
             lr = lr_at(step, steps_per_epoch, cfg, peak_lr)
             for group in optimizer.param_groups:
