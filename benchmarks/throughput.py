@@ -209,7 +209,9 @@ def time_training_steps(spec: ModelSpec, precision: str, device: torch.device, s
 
 def load_average(when: str = "") -> str:
     """1-min load average; above the thread count, other processes shared the CPU with this run."""
-    return f" | load avg {when} {os.getloadavg()[0]:.1f}".replace("  ", " ") if hasattr(os, "getloadavg") else ""
+    if not hasattr(os, "getloadavg"):
+        return ""
+    return f" | load avg{' ' + when if when else ''} {os.getloadavg()[0]:.1f}"
 
 
 def machine_info(device: torch.device) -> str:
@@ -221,8 +223,8 @@ def machine_info(device: torch.device) -> str:
             match = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.MULTILINE)
             hardware = match.group(1).strip() if match else hardware
     return (
-        f"# {hardware} | device {device} | {torch.get_num_threads()} threads{load_average()} | torch {torch.__version__} | "
-        f"timm {timm.__version__} | {datetime.datetime.now().isoformat(timespec='seconds')}"
+        f"# {hardware} | device {device} | {torch.get_num_threads()} threads{load_average()} | "
+        f"torch {torch.__version__} | timm {timm.__version__} | {datetime.datetime.now().isoformat(timespec='seconds')}"
     )
 
 

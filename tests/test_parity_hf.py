@@ -159,9 +159,11 @@ def to_hf_state_dict(mae: MAE) -> dict[str, torch.Tensor]:
     return out
 
 
-def build_pair(case: Case, norm_pix_loss: bool) -> tuple[MAE, ViTMAEForPreTraining]:
+def build_pair(case: Case, norm_pix_loss: bool, attn: str = "sdpa") -> tuple[MAE, ViTMAEForPreTraining]:
     mae = build_mimkit(case, norm_pix_loss)
-    hf = ViTMAEForPreTraining(hf_config(mae)).float()
+    config = hf_config(mae)
+    config._attn_implementation = attn  # eager: HF's own attention arithmetic, independent of mimkit's kernel
+    hf = ViTMAEForPreTraining(config).float()
     hf_sd = to_hf_state_dict(mae)
     assert set(hf_sd) == set(hf.state_dict()), "the key map must cover HF's state dict exactly"
     result = hf.load_state_dict(hf_sd, strict=True)
@@ -196,10 +198,12 @@ def test_sincos_position_tables_equal_hf(case):
     torch.testing.assert_close(mae.decoder.decoder_pos_embed.detach(), hf_dec, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("norm_pix_loss", [True, False], ids=["norm_pix", "raw_pix"])
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_forward_matches_hf(case, norm_pix_loss):
-    mae, hf = build_pair(case, norm_pix_loss)
+def test_forward_matches_hf(case, norm_pix_loss, attn):
+    mae, hf = build_pair(case, norm_pix_loss, attn)
+    assert hf.config._attn_implementation == attn
     imgs, noise = inputs(mae)
     with torch.no_grad():
         ours = mae(imgs, noise=noise)
