@@ -128,3 +128,12 @@ def test_too_many_nonfinite_steps_stop_with_last_checkpoint_intact(tiny_cfg, nan
     assert ckpts[-1].name == "checkpoint-00000003.pt"
     state = load_checkpoint(ckpts[-1])
     assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_fp16_with_grad_scaler_and_clipping_runs(tiny_cfg):
+    result = pretrain(tiny_cfg("train.precision=fp16", "optim.clip_grad=1.0", "train.max_steps=3"))
+    state = load_checkpoint(result.checkpoint)
+    assert state["scaler"]["scale"] > 0 and result.step == 3
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    records = [json.loads(line) for line in result.metrics.read_text().splitlines()]
+    assert "grad_norm" in records[-1]
