@@ -97,6 +97,11 @@ class MetricsLog:
     def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool):
         self.path = out_dir / "metrics.jsonl"
         self.enabled, self.tb = enabled, None
+        if enabled and self.path.exists():  # a kill mid-write can leave a torn last line: drop just that
+            data = self.path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                with open(self.path, "r+b") as f:
+                    f.truncate(data.rfind(b"\n") + 1)
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
