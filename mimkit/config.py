@@ -93,6 +93,8 @@ class TrainConfig:
     tensorboard: bool = True
     progress: bool = True  # tqdm bar on rank 0
     max_nonfinite_steps: int = 10  # consecutive skipped non-finite steps before the run stops
+    vis_every_epochs: int = 10  # TensorBoard reconstruction grids every N epochs (0 = never)
+    vis_images: int = 4  # fixed images shown in those grids
 
 
 @dataclass
@@ -224,6 +226,7 @@ def validate(cfg: Config) -> Config:
     _require(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
     _require(t.save_every_epochs >= 1, f"train.save_every_epochs must be >= 1, got {t.save_every_epochs}")
     _require(t.save_every_steps is None or t.save_every_steps >= 1, "train.save_every_steps must be >= 1 or null")
+    _require(t.vis_every_epochs >= 0 and t.vis_images >= 1, "train.vis_every_epochs must be >= 0 and train.vis_images >= 1")
     _require(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")
     _require(
         t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),

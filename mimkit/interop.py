@@ -63,8 +63,14 @@ def _inert_globals() -> list:
     when rebuilt: the argparse Namespace of the run's arguments, paths, numpy scalars and dtypes."""
     import numpy as np
 
-    allowed: list = [argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath,
-                     pathlib.PureWindowsPath, np.dtype]  # fmt: skip
+    allowed: list = [
+        argparse.Namespace,
+        pathlib.PosixPath,
+        pathlib.WindowsPath,
+        pathlib.PurePosixPath,
+        pathlib.PureWindowsPath,
+        np.dtype,
+    ]
     try:
         from numpy._core.multiarray import scalar
     except ImportError:  # numpy < 2
@@ -135,8 +141,10 @@ def read_hf_folder(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict, d
         raise InteropError(f"{folder}: not a Hugging Face model folder (no config.json)")
     config = _read_json(config_path)
     state: dict[str, torch.Tensor] = {}
-    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
-                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):  # fmt: skip
+    for index_name, single in (
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ):
         if (folder / index_name).is_file():
             shards = sorted(set(_read_json(folder / index_name).get("weight_map", {}).values()))
             for shard in shards:
@@ -177,7 +185,8 @@ def unwrap_state_dict(obj: Any, path: Path, key: str | None = None) -> tuple[dic
         found = next((k for k in _CONTAINER_KEYS if isinstance(obj.get(k), dict)), None)
         if found is None:
             raise InteropError(
-                f"{path}: found no weights: none of the keys {', '.join(_CONTAINER_KEYS)} holds a state dict and the top level is not a state "
+                f"{path}: found no weights: none of the keys {', '.join(_CONTAINER_KEYS)} holds a state dict "
+                f"and the top level is not a state "
                 f"dict (top-level keys: {', '.join(map(str, obj)) or 'none'}); pass --key NAME"
             )
         sd = obj[found]
@@ -190,7 +199,7 @@ def unwrap_state_dict(obj: Any, path: Path, key: str | None = None) -> tuple[dic
     if bad:
         raise InteropError(f"{path}: weight '{bad[0]}' is a {type(sd[bad[0]]).__name__}, not a tensor")
     if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
         notes.append("removed the 'module.' (DistributedDataParallel) prefix")
     return dict(sd), notes
 
@@ -207,7 +216,9 @@ def load_mimkit_checkpoint(path: str | Path) -> tuple[nn.Module, Config, dict]:
     try:
         state = load_checkpoint(path)
     except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
-        raise InteropError(f"{path}: cannot read as a mimkit checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise InteropError(
+            f"{path}: cannot read as a mimkit checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from None
     if not isinstance(state, dict):
         raise InteropError(f"{path}: not a mimkit checkpoint (expected a dict, got {type(state).__name__})")
     for key in ("model", "config"):
@@ -276,7 +287,9 @@ def hf_canonical_key(key: str) -> str:
     return key
 
 
-def hf_key_map(encoder_depth: int, decoder_depth: int | None = None, prefix: str = "vit.") -> dict[str, tuple[str, int | None]]:
+def hf_key_map(
+    encoder_depth: int, decoder_depth: int | None = None, prefix: str = "vit."
+) -> dict[str, tuple[str, int | None]]:
     """HF key -> (mimkit key, chunk of timm's fused qkv or None). ``prefix`` is ``vit.`` for
     ViTMAEForPreTraining, ``""`` for ViTModel / ViTMAEModel; ``decoder_depth`` None: no decoder."""
     m: dict[str, tuple[str, int | None]] = {
@@ -323,9 +336,9 @@ def _data_stats(cfg: Config) -> tuple[list[float], list[float]]:
 def export_timm(ckpt: str | Path, out: str | Path) -> dict[str, Path]:
     """``OUT/model.safetensors`` (the encoder state dict, timm names) + ``OUT/config.json`` (timm's
     hub layout: architecture, model_args, pretrained_cfg with mean/std, input size, num_classes 0).
-    Load with ``timm.create_model("local-dir:OUT")`` or ``timm.create_model(architecture,
-    pretrained=True, pretrained_cfg_overlay=dict(file="OUT/model.safetensors"), num_classes=0,
-    **model_args)``."""
+    Load with ``timm.create_model("local-dir:OUT", pretrained=True)`` or ``timm.create_model(
+    architecture, pretrained=True, pretrained_cfg_overlay=dict(file="OUT/model.safetensors",
+    mean=..., std=...), num_classes=0, **model_args)`` (see :func:`timm_create_kwargs`)."""
     from safetensors.torch import save_file
 
     model, cfg, state = load_mimkit_checkpoint(ckpt)
@@ -340,9 +353,17 @@ def export_timm(ckpt: str | Path, out: str | Path) -> dict[str, Path]:
     save_file(tensors, str(weights), metadata={"format": "pt", "producer": f"mimkit {mimkit.__version__}"})
     mean, std = _data_stats(cfg)
     size = spec["img_size"]
-    model_args = {"img_size": size, "patch_size": spec["patch_size"], "embed_dim": spec["embed_dim"],
-                  "depth": spec["depth"], "num_heads": spec["num_heads"], "mlp_ratio": 4.0, "qkv_bias": True,
-                  "num_classes": 0, "global_pool": "token"}  # fmt: skip
+    model_args = {
+        "img_size": size,
+        "patch_size": spec["patch_size"],
+        "embed_dim": spec["embed_dim"],
+        "depth": spec["depth"],
+        "num_heads": spec["num_heads"],
+        "mlp_ratio": 4.0,
+        "qkv_bias": True,
+        "num_classes": 0,
+        "global_pool": "token",
+    }
     config = {
         "architecture": _timm_name(cfg),
         "num_classes": 0,
@@ -364,21 +385,43 @@ def export_timm(ckpt: str | Path, out: str | Path) -> dict[str, Path]:
             "first_conv": "patch_embed.proj",
             "classifier": "head",
         },
-        "mimkit": {"version": mimkit.__version__, "method": cfg.method, "step": state.get("step"),
-                   "source": str(ckpt), "pretraining": "encoder after masked-image-modeling pretraining; no head"},  # fmt: skip
+        "mimkit": {
+            "version": mimkit.__version__,
+            "method": cfg.method,
+            "step": state.get("step"),
+            "source": str(ckpt),
+            "pretraining": "encoder after masked-image-modeling pretraining; no head",
+        },
     }
     config_path = out / "config.json"
     config_path.write_text(json.dumps(config, indent=2) + "\n")
     return {"weights": weights, "config": config_path}
 
 
+def timm_create_kwargs(out: str | Path) -> tuple[str, dict]:
+    """(architecture, kwargs) for ``timm.create_model`` from a timm export folder, without the
+    local-dir scheme: the weights file and the preprocessing (mean/std, input size) go in
+    ``pretrained_cfg_overlay``, the sizes in the model arguments."""
+    out = Path(out)
+    cfg = _read_json(out / "config.json")
+    pre = cfg["pretrained_cfg"]
+    overlay = {
+        "file": str(out / "model.safetensors"),
+        "num_classes": 0,
+        "mean": tuple(pre["mean"]),
+        "std": tuple(pre["std"]),
+        "input_size": tuple(pre["input_size"]),
+        "crop_pct": pre["crop_pct"],
+    }
+    return cfg["architecture"], {"pretrained": True, "pretrained_cfg_overlay": overlay, **cfg["model_args"]}
+
+
 def timm_usage(out: str | Path) -> str:
-    cfg = _read_json(Path(out) / "config.json")
-    args = ", ".join(f"{k}={v!r}" for k, v in cfg["model_args"].items())
+    name, kwargs = timm_create_kwargs(out)
+    args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
     return (
-        f"timm.create_model('local-dir:{out}')\n"
-        f"timm.create_model('{cfg['architecture']}', pretrained=True, "
-        f"pretrained_cfg_overlay=dict(file='{Path(out) / 'model.safetensors'}'), {args})"
+        f"timm.create_model('local-dir:{out}', pretrained=True)\n"
+        f"# or, equivalently:\ntimm.create_model('{name}', {args})"
     )
 
 
@@ -397,11 +440,19 @@ def hf_vit_config(model, cfg: Config):
 
     spec = encoder_spec(model.encoder)
     return ViTConfig(
-        hidden_size=spec["embed_dim"], num_hidden_layers=spec["depth"], num_attention_heads=spec["num_heads"],
-        intermediate_size=spec["mlp_hidden"], image_size=spec["img_size"], patch_size=spec["patch_size"],
-        num_channels=3, qkv_bias=True, layer_norm_eps=1e-6, hidden_act="gelu", hidden_dropout_prob=0.0,
+        hidden_size=spec["embed_dim"],
+        num_hidden_layers=spec["depth"],
+        num_attention_heads=spec["num_heads"],
+        intermediate_size=spec["mlp_hidden"],
+        image_size=spec["img_size"],
+        patch_size=spec["patch_size"],
+        num_channels=3,
+        qkv_bias=True,
+        layer_norm_eps=1e-6,
+        hidden_act="gelu",
+        hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
-    )  # fmt: skip
+    )
 
 
 def hf_vit_mae_config(model, cfg: Config):
@@ -411,15 +462,27 @@ def hf_vit_mae_config(model, cfg: Config):
     dec = model.decoder
     block = dec.decoder_blocks[0] if len(dec.decoder_blocks) else None
     return ViTMAEConfig(
-        hidden_size=spec["embed_dim"], num_hidden_layers=spec["depth"], num_attention_heads=spec["num_heads"],
-        intermediate_size=spec["mlp_hidden"], decoder_hidden_size=dec.decoder_embed.out_features,
+        hidden_size=spec["embed_dim"],
+        num_hidden_layers=spec["depth"],
+        num_attention_heads=spec["num_heads"],
+        intermediate_size=spec["mlp_hidden"],
+        decoder_hidden_size=dec.decoder_embed.out_features,
         decoder_num_hidden_layers=len(dec.decoder_blocks),
         decoder_num_attention_heads=block.attn.num_heads if block is not None else cfg.mae.decoder_heads,
-        decoder_intermediate_size=block.mlp.fc1.out_features if block is not None else 4 * dec.decoder_embed.out_features,
-        image_size=spec["img_size"], patch_size=spec["patch_size"], num_channels=3, qkv_bias=True,
-        layer_norm_eps=1e-6, hidden_act="gelu", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        mask_ratio=float(model.mask_ratio), norm_pix_loss=bool(model.norm_pix_loss),
-    )  # fmt: skip
+        decoder_intermediate_size=block.mlp.fc1.out_features
+        if block is not None
+        else 4 * dec.decoder_embed.out_features,
+        image_size=spec["img_size"],
+        patch_size=spec["patch_size"],
+        num_channels=3,
+        qkv_bias=True,
+        layer_norm_eps=1e-6,
+        hidden_act="gelu",
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        mask_ratio=float(model.mask_ratio),
+        norm_pix_loss=bool(model.norm_pix_loss),
+    )
 
 
 def _load_exact(hf_model, tensors: dict[str, torch.Tensor], what: str) -> None:
@@ -468,8 +531,15 @@ def export_hf(ckpt: str | Path, out: str | Path) -> dict[str, Path]:
         from transformers import ViTImageProcessor
 
         mean, std = _data_stats(cfg)
-        proc = ViTImageProcessor(do_resize=True, size={"height": spec["img_size"], "width": spec["img_size"]},
-                                 resample=3, do_rescale=True, do_normalize=True, image_mean=mean, image_std=std)  # fmt: skip
+        proc = ViTImageProcessor(
+            do_resize=True,
+            size={"height": spec["img_size"], "width": spec["img_size"]},
+            resample=3,
+            do_rescale=True,
+            do_normalize=True,
+            image_mean=mean,
+            image_std=std,
+        )
         for folder in written.values():
             proc.save_pretrained(folder)
     except Exception:  # an image processor is a convenience; the weights and config are what matter
@@ -493,22 +563,44 @@ class Converted:
         self.origin[key] = origin
 
 
-_MAE_ENCODER_TOP = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias"}
-_MAE_DECODER_TOP = {"mask_token", "decoder_pos_embed", "decoder_embed.weight", "decoder_embed.bias",
-                    "decoder_norm.weight", "decoder_norm.bias", "decoder_pred.weight", "decoder_pred.bias"}  # fmt: skip
+_MAE_ENCODER_TOP = {
+    "cls_token",
+    "pos_embed",
+    "patch_embed.proj.weight",
+    "patch_embed.proj.bias",
+    "norm.weight",
+    "norm.bias",
+}
+_MAE_DECODER_TOP = {
+    "mask_token",
+    "decoder_pos_embed",
+    "decoder_embed.weight",
+    "decoder_embed.bias",
+    "decoder_norm.weight",
+    "decoder_norm.bias",
+    "decoder_pred.weight",
+    "decoder_pred.bias",
+}
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 _REASONS = {
     "beit": [
-        (re.compile(r"(^|\.)rel_pos_bias\.|relative_position_(bias_table|index)$"),
-         "relative position bias: a plain timm VisionTransformer has none (features will differ from the BEiT model)"),
+        (
+            re.compile(r"(^|\.)rel_pos_bias\.|relative_position_(bias_table|index)$"),
+            "relative position bias: a plain timm VisionTransformer has none "
+            "(features will differ from the BEiT model)",
+        ),
         (re.compile(r"^mask_token$"), "BEiT's encoder-side [MASK] embedding; MAE's mask token lives in the decoder"),
         (re.compile(r"^lm_head\."), "visual-token classifier (pretraining head)"),
         (re.compile(r"^(fc_norm|head)\."), "fine-tuning pooling norm / classifier head"),
     ],
     "bootmae": [
-        (re.compile(r"^(decode_blocks(_1)?\.|decode_norm(_1)?\.|down(_1)?\.|lm_head(_1)?\.|de_pos_embed$|mask_token(_1)?$)"),
-         "BootMAE's cross-attention pixel / feature decoders are not MAE's decoder"),
+        (
+            re.compile(
+                r"^(decode_blocks(_1)?\.|decode_norm(_1)?\.|down(_1)?\.|lm_head(_1)?\.|de_pos_embed$|mask_token(_1)?$)"
+            ),
+            "BootMAE's cross-attention pixel / feature decoders are not MAE's decoder",
+        ),
         (re.compile(r"^(fc_norm|head)\."), "fine-tuning pooling norm / classifier head"),
     ],
     "mae": [(re.compile(r"^(fc_norm|head)\."), "fine-tuning pooling norm / classifier head")],
@@ -521,7 +613,10 @@ def detect_format(sd: dict[str, torch.Tensor]) -> str:
         return "hf"
     if "encoder.cls_token" in keys or "encoder.patch_embed.proj.weight" in keys:
         return "mimkit"
-    if any(k.startswith(("decode_blocks", "down.", "down_1.", "lm_head_1.")) or k in ("de_pos_embed", "mask_token_1") for k in keys):
+    if any(
+        k.startswith(("decode_blocks", "down.", "down_1.", "lm_head_1.")) or k in ("de_pos_embed", "mask_token_1")
+        for k in keys
+    ):
         return "bootmae"
     if any(k.endswith(("attn.q_bias", ".gamma_1")) or "rel_pos_bias" in k or "relative_position" in k for k in keys):
         return "beit"
@@ -558,7 +653,9 @@ def convert_official(sd: dict[str, torch.Tensor], family: str) -> Converted:
         elif family == "mae" and (k in _MAE_DECODER_TOP or k.startswith("decoder_blocks.")):
             conv.put(f"decoder.{k}", t, k)
         else:
-            conv.unexpected[k] = next((why for pat, why in reasons if pat.search(k)), "not part of a ViT encoder or MAE decoder")
+            conv.unexpected[k] = next(
+                (why for pat, why in reasons if pat.search(k)), "not part of a ViT encoder or MAE decoder"
+            )
     folded = 0
     for i, parts in sorted(blocks.items()):
         for sub, k in parts.items():
@@ -575,7 +672,9 @@ def convert_official(sd: dict[str, torch.Tensor], family: str) -> Converted:
             q, v = sd[q_key], sd[v_key]
             k_key = parts.get("attn.k_bias")
             k = sd[k_key] if k_key else torch.zeros_like(q)
-            conv.put(f"encoder.blocks.{i}.attn.qkv.bias", torch.cat([q, k, v]), f"cat({q_key}, {k_key or 'zeros'}, {v_key})")
+            conv.put(
+                f"encoder.blocks.{i}.attn.qkv.bias", torch.cat([q, k, v]), f"cat({q_key}, {k_key or 'zeros'}, {v_key})"
+            )
         for gamma, linear in (("gamma_1", "attn.proj"), ("gamma_2", "mlp.fc2")):
             if gamma in parts:
                 _fold_layer_scale(conv, sd, i, parts[gamma], linear)
@@ -592,7 +691,9 @@ def convert_hf(sd: dict[str, torch.Tensor]) -> Converted:
     conv = Converted()
     canon = {hf_canonical_key(k): k for k in sd}
     prefix = "vit." if any(k.startswith("vit.") for k in canon) else ""
-    enc_depth = 1 + max((int(m.group(1)) for k in canon if (m := re.match(rf"^{re.escape(prefix)}layers\.(\d+)\.", k))), default=-1)
+    enc_depth = 1 + max(
+        (int(m.group(1)) for k in canon if (m := re.match(rf"^{re.escape(prefix)}layers\.(\d+)\.", k))), default=-1
+    )
     dec_ids = [int(m.group(1)) for k in canon if (m := re.match(r"^decoder\.decoder_layers\.(\d+)\.", k))]
     has_decoder = any(k.startswith("decoder.") for k in canon)
     mapping = hf_key_map(enc_depth, (1 + max(dec_ids, default=-1)) if has_decoder else None, prefix)
@@ -612,10 +713,12 @@ def convert_hf(sd: dict[str, torch.Tensor]) -> Converted:
             absent = _HF_QKV[parts.index(None)]
             raise InteropError(f"{mk_key}: the source has the other attention projections but no '{absent}'")
         conv.put(mk_key, torch.cat([sd[p] for p in parts], dim=0), "cat(" + ", ".join(parts) + ")")
-    for k in canon:
+    for k, original in canon.items():
         if k not in used:
-            why = "HF ViTModel pooler (mimkit has none)" if "pooler." in k else "not part of a ViT encoder or MAE decoder"
-            conv.unexpected[canon[k]] = why
+            pooler = "pooler." in k
+            conv.unexpected[original] = (
+                "HF ViTModel pooler (mimkit has none)" if pooler else "not part of a ViT encoder or MAE decoder"
+            )
     if any(k != hf_canonical_key(k) for k in sd):
         conv.notes.append("read Hugging Face on-disk names (encoder.layer.N.attention.attention.query ...)")
     conv.notes.append("fused HF q_proj / k_proj / v_proj into timm's attn.qkv")
@@ -677,21 +780,27 @@ def _infer_sections(conv: Converted, src: Path, fmt: str, opts: ImportOptions, h
     t = conv.tensors
     proj = _need(t, "encoder.patch_embed.proj.weight", conv, src)
     if proj.ndim != 4 or proj.shape[1] != 3 or proj.shape[2] != proj.shape[3]:
-        raise InteropError(f"{src}: '{conv.origin['encoder.patch_embed.proj.weight']}' has shape {tuple(proj.shape)}; "
-                           "expected (width, 3, p, p) (RGB, square patches)")  # fmt: skip
+        raise InteropError(
+            f"{src}: '{conv.origin['encoder.patch_embed.proj.weight']}' has shape {tuple(proj.shape)}; "
+            "expected (width, 3, p, p) (RGB, square patches)"
+        )
     embed_dim, patch = int(proj.shape[0]), int(proj.shape[2])
     depth = _count_blocks(t, "encoder.blocks")
     if depth == 0:
         raise InteropError(f"{src}: no transformer blocks found")
     fc1 = t.get("encoder.blocks.0.mlp.fc1.weight")
     if fc1 is not None and fc1.shape[0] != 4 * embed_dim:
-        raise InteropError(f"{src}: '{conv.origin['encoder.blocks.0.mlp.fc1.weight']}' has {fc1.shape[0]} hidden units; "
-                           f"mimkit's ViT blocks use 4 x {embed_dim}")  # fmt: skip
+        raise InteropError(
+            f"{src}: '{conv.origin['encoder.blocks.0.mlp.fc1.weight']}' has {fc1.shape[0]} hidden units; "
+            f"mimkit's ViT blocks use 4 x {embed_dim}"
+        )
     if "encoder.pos_embed" in t:
         n = t["encoder.pos_embed"].shape[1] - 1
         grid = math.isqrt(n)
         if grid * grid != n:
-            raise InteropError(f"{src}: '{conv.origin['encoder.pos_embed']}' has {n} patch positions, not a square grid")
+            raise InteropError(
+                f"{src}: '{conv.origin['encoder.pos_embed']}' has {n} patch positions, not a square grid"
+            )
     elif hints.get("img_size"):
         grid = int(hints["img_size"]) // patch
     elif hints.get("rel_pos_entries"):  # BEiT: (2G-1)^2 + 3 relative distances
@@ -711,11 +820,15 @@ def _infer_sections(conv: Converted, src: Path, fmt: str, opts: ImportOptions, h
         dec_depth = _count_blocks(t, "decoder.decoder_blocks")
         dec_heads = opts.decoder_heads or hints.get("decoder_heads") or _DECODER_HEADS_BY_WIDTH.get(dec_dim)
         if not dec_heads:
-            raise InteropError(f"{src}: cannot infer the decoder's attention heads for width {dec_dim}; pass --decoder-heads")
+            raise InteropError(
+                f"{src}: cannot infer the decoder's attention heads for width {dec_dim}; pass --decoder-heads"
+            )
         pred = t.get("decoder.decoder_pred.weight")
         if pred is not None and pred.shape[0] != patch * patch * 3:
-            raise InteropError(f"{src}: '{conv.origin['decoder.decoder_pred.weight']}' predicts {pred.shape[0]} values per "
-                               f"patch; expected {patch}*{patch}*3 = {patch * patch * 3}")  # fmt: skip
+            raise InteropError(
+                f"{src}: '{conv.origin['decoder.decoder_pred.weight']}' predicts {pred.shape[0]} values per "
+                f"patch; expected {patch}*{patch}*3 = {patch * patch * 3}"
+            )
     else:
         dec_dim = opts.decoder_dim or 512
         dec_depth = opts.decoder_depth if opts.decoder_depth is not None else 8
@@ -727,8 +840,14 @@ def _infer_sections(conv: Converted, src: Path, fmt: str, opts: ImportOptions, h
         mae["norm_pix_loss"] = bool(norm_pix)
     sections: dict[str, Any] = {
         "method": "mae",
-        "model": {"arch": _choose_arch(embed_dim, patch), "img_size": img, "patch_size": patch,
-                  "embed_dim": embed_dim, "depth": depth, "num_heads": heads},  # fmt: skip
+        "model": {
+            "arch": _choose_arch(embed_dim, patch),
+            "img_size": img,
+            "patch_size": patch,
+            "embed_dim": embed_dim,
+            "depth": depth,
+            "num_heads": heads,
+        },
         "mae": mae,
     }
     ratio = opts.mask_ratio if opts.mask_ratio is not None else hints.get("mask_ratio")
@@ -770,17 +889,30 @@ class ImportReport:
     config: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"source": self.source, "format": self.format, "matched": list(self.matched), "missing": list(self.missing),
-                "initialized": list(self.initialized), "unexpected": dict(self.unexpected), "notes": list(self.notes)}  # fmt: skip
+        return {
+            "source": self.source,
+            "format": self.format,
+            "matched": list(self.matched),
+            "missing": list(self.missing),
+            "initialized": list(self.initialized),
+            "unexpected": dict(self.unexpected),
+            "notes": list(self.notes),
+        }
 
     def text(self) -> str:
         lines = [f"import {self.source} ({self.format})" + (f" -> {self.output}" if self.output else "")]
         lines.append(f"  matched:     {len(self.matched)} tensors")
-        lines.append(f"  missing:     {len(self.missing)}" + ("" if not self.missing else " (left at their initial values)"))
+        lines.append(
+            f"  missing:     {len(self.missing)}" + ("" if not self.missing else " (left at their initial values)")
+        )
         lines += [f"    - {k}" for k in _group_keys(self.missing)]
         if self.initialized:
-            lines.append(f"  initialized: {len(self.initialized)} decoder tensors (the source holds no decoder; MAE's init)")
-        lines.append(f"  unexpected:  {len(self.unexpected)}" + ("" if not self.unexpected else " (in the source, not imported)"))
+            lines.append(
+                f"  initialized: {len(self.initialized)} decoder tensors (the source holds no decoder; MAE's init)"
+            )
+        lines.append(
+            f"  unexpected:  {len(self.unexpected)}" + ("" if not self.unexpected else " (in the source, not imported)")
+        )
         by_reason: dict[str, list[str]] = defaultdict(list)
         for k, why in self.unexpected.items():
             by_reason[why].append(k)
@@ -799,13 +931,19 @@ def _group_keys(keys: list[str]) -> list[str]:
     for k in keys:
         m = re.search(r"\.(\d+)\.", k)
         if m:
-            groups[k[: m.start()] + ".{}." + k[m.end():]].append(int(m.group(1)))
+            groups[k[: m.start()] + ".{}." + k[m.end() :]].append(int(m.group(1)))
         else:
             plain.append(k)
     out = list(plain)
     for pattern, ids in groups.items():
         ids = sorted(ids)
-        span = str(ids[0]) if len(ids) == 1 else f"{ids[0]}..{ids[-1]}" if ids == list(range(ids[0], ids[-1] + 1)) else ",".join(map(str, ids))
+        span = (
+            str(ids[0])
+            if len(ids) == 1
+            else f"{ids[0]}..{ids[-1]}"
+            if ids == list(range(ids[0], ids[-1] + 1))
+            else ",".join(map(str, ids))
+        )
         out.append(pattern.replace("{}", f"{{{span}}}" if len(ids) > 1 else span, 1))
     return out
 
@@ -820,7 +958,24 @@ def _is_sincos(table: torch.Tensor, grid: int) -> bool:
 def _resample(table: torch.Tensor, old: int, new: int) -> torch.Tensor:
     from timm.layers import resample_abs_pos_embed
 
-    return resample_abs_pos_embed(table.float(), new_size=[new, new], old_size=[old, old], num_prefix_tokens=1).to(table.dtype)
+    return resample_abs_pos_embed(table.float(), new_size=[new, new], old_size=[old, old], num_prefix_tokens=1).to(
+        table.dtype
+    )
+
+
+def _read_timm_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict, list[str]]:
+    """A timm hub-style folder (config.json with 'architecture', model.safetensors): a timm ViT
+    state dict, i.e. the official MAE encoder layout."""
+    config = _read_json(folder / "config.json")
+    weights = next((folder / n for n in ("model.safetensors", "pytorch_model.bin") if (folder / n).is_file()), None)
+    if weights is None:
+        raise InteropError(f"{folder}: timm folder without model.safetensors / pytorch_model.bin")
+    sd, notes = unwrap_state_dict(load_weights_file(weights), weights)
+    args, pre = config.get("model_args", {}), config.get("pretrained_cfg", config)
+    hints: dict[str, Any] = {"num_heads": args.get("num_heads"), "img_size": args.get("img_size")}
+    if pre.get("mean") and pre.get("std"):
+        hints["mean"], hints["std"] = pre["mean"], pre["std"]
+    return sd, hints, notes
 
 
 def read_source(src: str | Path, key: str | None = None) -> tuple[dict[str, torch.Tensor], dict, list[str]]:
@@ -830,31 +985,48 @@ def read_source(src: str | Path, key: str | None = None) -> tuple[dict[str, torc
         raise FileNotFoundError(f"import source not found: {src}")
     hints: dict[str, Any] = {}
     notes: list[str] = []
+    if src.is_dir() and (src / "config.json").is_file() and "architecture" in _read_json(src / "config.json"):
+        return _read_timm_folder(src)
     if src.is_dir():
         sd, config, pre = read_hf_folder(src)
         model_type = config.get("model_type")
         if model_type not in ("vit_mae", "vit"):
             raise InteropError(f"{src / 'config.json'}: model_type '{model_type}' is not supported (vit_mae or vit)")
-        hints.update(num_heads=config.get("num_attention_heads"), decoder_heads=config.get("decoder_num_attention_heads"),
-                     img_size=config.get("image_size"), mask_ratio=config.get("mask_ratio"),
-                     norm_pix_loss=config.get("norm_pix_loss"))  # fmt: skip
+        hints.update(
+            num_heads=config.get("num_attention_heads"),
+            decoder_heads=config.get("decoder_num_attention_heads"),
+            img_size=config.get("image_size"),
+            mask_ratio=config.get("mask_ratio"),
+            norm_pix_loss=config.get("norm_pix_loss"),
+        )
         act = config.get("hidden_act", "gelu")
         if act != "gelu":
-            raise InteropError(f"{src / 'config.json'}: hidden_act '{act}' (mimkit's timm blocks use exact GELU, 'gelu')")
+            raise InteropError(
+                f"{src / 'config.json'}: hidden_act '{act}' (mimkit's timm blocks use exact GELU, 'gelu')"
+            )
         if not config.get("qkv_bias", True):
             notes.append("the source has no qkv bias: zeros used")
         eps = config.get("layer_norm_eps", 1e-12)
         if abs(eps - 1e-6) > 1e-12:
             notes.append(f"the source's LayerNorm eps is {eps:g}; mimkit's ViT uses 1e-6 (outputs may differ slightly)")
         if config.get("intermediate_size", 0) not in (0, 4 * config.get("hidden_size", 0)):
-            raise InteropError(f"{src / 'config.json'}: intermediate_size {config['intermediate_size']} is not 4 x hidden_size")
-        if pre:
-            if pre.get("image_mean") and pre.get("image_std"):
-                hints["mean"], hints["std"] = pre["image_mean"], pre["image_std"]
+            raise InteropError(
+                f"{src / 'config.json'}: intermediate_size {config['intermediate_size']} is not 4 x hidden_size"
+            )
+        if pre and pre.get("image_mean") and pre.get("image_std"):
+            hints["mean"], hints["std"] = pre["image_mean"], pre["image_std"]
         return sd, hints, notes
     obj = load_weights_file(src)
     if isinstance(obj, dict) and "config" in obj and "mimkit_version" in obj and key is None:
-        hints["mimkit_config"] = obj["config"]
+        try:
+            cfg = config_from_dict(obj["config"])
+        except ConfigError as e:
+            raise InteropError(f"{src}: invalid 'config': {e}") from None
+        hints.update(
+            mimkit_config=obj["config"],
+            num_heads=cfg.model.num_heads or PRESETS[cfg.model.arch].num_heads,
+            decoder_heads=cfg.mae.decoder_heads,
+        )
     sd, unwrap_notes = unwrap_state_dict(obj, src, key)
     notes += unwrap_notes
     return sd, hints, notes
@@ -875,7 +1047,9 @@ def import_checkpoint(src: str | Path, out: str | Path | None, opts: ImportOptio
     fmt = detect_format(sd) if opts.fmt == "auto" else opts.fmt
     if fmt == "unknown":
         sample = ", ".join(list(sd)[:6])
-        raise InteropError(f"{src}: unrecognised key layout (first keys: {sample}); pass --format mae|beit|bootmae|hf|mimkit")
+        raise InteropError(
+            f"{src}: unrecognised key layout (first keys: {sample}); pass --format mae|beit|bootmae|hf|mimkit"
+        )
     if fmt == "hf":
         conv = convert_hf(sd)
     elif fmt == "mimkit":
@@ -886,10 +1060,12 @@ def import_checkpoint(src: str | Path, out: str | Path | None, opts: ImportOptio
         if rel is not None:
             hints["rel_pos_entries"] = int(rel.shape[0])
     if not conv.tensors:
-        raise InteropError(f"{src}: no tensor maps onto a mimkit ViT ({fmt} layout); first keys: {', '.join(list(sd)[:6])}")
+        raise InteropError(
+            f"{src}: no tensor maps onto a mimkit ViT ({fmt} layout); first keys: {', '.join(list(sd)[:6])}"
+        )
     conv.notes = notes + conv.notes
 
-    sections, src_grid = _infer_sections(conv, src, fmt, opts, hints)
+    sections, _ = _infer_sections(conv, src, fmt, opts, hints)
     try:
         cfg = load_config(None, None, **sections)
     except ConfigError as e:
@@ -907,17 +1083,27 @@ def import_checkpoint(src: str | Path, out: str | Path | None, opts: ImportOptio
             report.unexpected[origin] = "no such tensor in mimkit's ViT / MAE decoder"
             continue
         want = target[key].shape
-        if key in ("encoder.pos_embed", "decoder.decoder_pos_embed") and tensor.shape != want and tensor.ndim == 3 \
-                and tensor.shape[-1] == want[-1]:  # fmt: skip
+        if (
+            key in ("encoder.pos_embed", "decoder.decoder_pos_embed")
+            and tensor.shape != want
+            and tensor.ndim == 3
+            and tensor.shape[-1] == want[-1]
+        ):
             old = math.isqrt(tensor.shape[1] - 1)
             if key == "decoder.decoder_pos_embed" and _is_sincos(tensor, old):
                 tensor = sincos_2d_pos_embed(want[-1], grid).to(tensor.dtype)
-                conv.notes.append(f"decoder_pos_embed: fixed sin-cos table rebuilt for a {grid}x{grid} grid (was {old}x{old})")
+                conv.notes.append(
+                    f"decoder_pos_embed: fixed sin-cos table rebuilt for a {grid}x{grid} grid (was {old}x{old})"
+                )
             else:
                 tensor = _resample(tensor, old, grid)
-                conv.notes.append(f"{origin}: resampled {old}x{old} -> {grid}x{grid} with timm.layers.resample_abs_pos_embed")
+                conv.notes.append(
+                    f"{origin}: resampled {old}x{old} -> {grid}x{grid} with timm.layers.resample_abs_pos_embed"
+                )
         if tensor.shape != want:
-            raise InteropError(f"{src}: '{origin}' has shape {tuple(tensor.shape)}; mimkit's '{key}' needs {tuple(want)}")
+            raise InteropError(
+                f"{src}: '{origin}' has shape {tuple(tensor.shape)}; mimkit's '{key}' needs {tuple(want)}"
+            )
         new_state[key] = tensor.to(target[key].dtype)
         report.matched.append(key)
     for key in target:
@@ -940,19 +1126,24 @@ def import_checkpoint(src: str | Path, out: str | Path | None, opts: ImportOptio
     report.notes = conv.notes
     report.config = to_dict(cfg)
     if opts.strict and (report.missing or report.unexpected):
-        raise InteropError(f"{src}: --strict: {len(report.missing)} missing and {len(report.unexpected)} unexpected keys\n"
-                           + report.text())  # fmt: skip
+        raise InteropError(
+            f"{src}: --strict: {len(report.missing)} missing and {len(report.unexpected)} unexpected keys\n"
+            + report.text()
+        )
     model.load_state_dict(new_state, strict=True)
     if out is not None:
         out = Path(out)
-        save_checkpoint(out, {
-            "model": model.state_dict(),
-            "config": to_dict(cfg),
-            "step": 0,
-            "epoch": 0.0,
-            "mimkit_version": mimkit.__version__,
-            "method": cfg.method,
-            "imported_from": report.to_dict(),
-        })  # fmt: skip
+        save_checkpoint(
+            out,
+            {
+                "model": model.state_dict(),
+                "config": to_dict(cfg),
+                "step": 0,
+                "epoch": 0.0,
+                "mimkit_version": mimkit.__version__,
+                "method": cfg.method,
+                "imported_from": report.to_dict(),
+            },
+        )
         report.output = str(out)
     return report

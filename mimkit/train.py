@@ -35,6 +35,7 @@ from mimkit.checkpoint import (
 from mimkit.config import Config, config_from_dict, dump_yaml, to_dict
 from mimkit.data import PretrainData
 from mimkit.methods import build_model
+from mimkit.visualize import log_reconstruction_grid, preview_images
 
 log = logging.getLogger("mimkit")
 
@@ -182,6 +183,9 @@ def pretrain(cfg: Config) -> RunResult:
         if resume_from is not None:
             log.info("resumed from %s at step %d", resume_from, step)
     metrics = MetricsLog(out_dir, dist.is_main, t.tensorboard)
+    vis_images = None  # fixed images for TensorBoard reconstruction grids (rank 0, indexable sources only)
+    if metrics.tb is not None and t.vis_every_epochs and getattr(data, "dataset", None) is not None:
+        vis_images = preview_images(data.dataset.source, model.encoder.patch_embed.img_size[0], t.vis_images)
     if resume_from is not None:
         metrics.write({"event": "resume", "from": str(resume_from), "resumed_step": step})
 
@@ -299,6 +303,9 @@ def pretrain(cfg: Config) -> RunResult:
             )
             if (periodic and consecutive_nonfinite == 0) or done == last_step:
                 last_ckpt = save(done) or last_ckpt
+            if vis_images is not None and end_of_epoch and (done // steps_per_epoch) % t.vis_every_epochs == 0:
+                log_reconstruction_grid(metrics.tb, model, vis_images, done, seed=t.seed, mean=cfg.data.mean,
+                                        std=cfg.data.std)  # fmt: skip
         step = done
     if progress is not None:
         progress.close()

@@ -137,3 +137,15 @@ def test_fp16_with_grad_scaler_and_clipping_runs(tiny_cfg):
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     records = [json.loads(line) for line in result.metrics.read_text().splitlines()]
     assert "grad_norm" in records[-1]
+
+
+def test_tensorboard_reconstruction_grids_do_not_change_training(tiny_cfg):
+    plain = pretrain(tiny_cfg("train.max_steps=10", out="plain"))
+    with_grids = pretrain(tiny_cfg("train.tensorboard=true", "train.vis_every_epochs=1", "train.max_steps=10", out="tb"))
+    a, b = final_state(plain)["model"], final_state(with_grids)["model"]
+    assert_bit_identical(a, b)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(with_grids.out_dir / "tb")).Reload()
+    assert events.Tags()["images"], "a reconstruction grid was logged at the end of epoch 1"
+    assert "pretrain/loss" in events.Tags()["scalars"]
