@@ -125,8 +125,14 @@ def load_npz(path: str | os.PathLike, split: str = "train") -> ArrayImages:
     with archive:
         if key not in archive.files:
             raise DataError(f"data.path: {path} has no array '{key}' (found: {', '.join(archive.files) or 'none'})")
-        x = archive[key]
-        y = archive[f"y_{split}"] if f"y_{split}" in archive.files else None
+        try:
+            x = archive[key]
+            y = archive[f"y_{split}"] if f"y_{split}" in archive.files else None
+        except ValueError as e:  # object arrays (e.g. images of mixed sizes) need pickle: refused
+            raise DataError(
+                f"data.path: {path} '{key}' is not a plain array ({e}); store uint8 images of one size as "
+                "(N, H, W, C), or put images of mixed sizes in a folder"
+            ) from e
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3, 4):
         raise DataError(
             f"data.path: {path} '{key}' must be uint8 with shape (N, H, W, C), C in 1/3/4; "
