@@ -7,6 +7,7 @@ is allowed, before any data is read or any model is built.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -83,6 +84,7 @@ class TrainConfig:
     # auto = bf16 autocast on GPUs and on CPUs with native bf16 (AVX512-BF16 / AMX), else fp32
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dist_timeout_minutes: float = 30.0  # process-group timeout: a hung collective fails after this long
     seed: int = 0
     out_dir: str = "runs/mae"
     resume: str = "auto"  # auto (newest checkpoint in out_dir, if any) | none | path to a checkpoint
@@ -145,11 +147,13 @@ def _check_value(name: str, value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{name}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -191,17 +195,27 @@ def validate(cfg: Config) -> Config:
     _require(cfg.model.arch in PRESETS, f"model.arch: unknown '{cfg.model.arch}'; allowed: {', '.join(sorted(PRESETS))}")
     preset = get_preset(cfg.model.arch)
     img, patch = cfg.model.img_size or preset.img_size, cfg.model.patch_size or preset.patch_size
-    _require(img > 0 and patch > 0, "model.img_size and model.patch_size must be positive")
-    _require(img % patch == 0, f"model.img_size {img} is not divisible by the patch size {patch}")
+    for name, value in [("model.img_size", img), ("model.patch_size", patch), ("model.embed_dim", cfg.model.embed_dim),
+                        ("model.depth", cfg.model.depth), ("model.num_heads", cfg.model.num_heads),
+                        ("mae.decoder_dim", cfg.mae.decoder_dim), ("mae.decoder_heads", cfg.mae.decoder_heads)]:  # fmt: skip
+        _require(value is None or value > 0, f"{name} must be positive, got {value}")
+    _require(
+        img % patch == 0,
+        f"model.img_size {img} is not divisible by the patch size {patch} (model.patch_size, default from "
+        f"model.arch); use an image size that is a multiple of the patch size",
+    )
     dim, heads = cfg.model.embed_dim or preset.embed_dim, cfg.model.num_heads or preset.num_heads
-    _require(dim > 0 and heads > 0 and (cfg.model.depth is None or cfg.model.depth > 0), "model.embed_dim / depth / num_heads must be positive")
     _require(dim % heads == 0, f"model.embed_dim {dim} must be divisible by model.num_heads {heads}")
     _require(dim % 4 == 0, f"model.embed_dim must be divisible by 4 (sin-cos position embedding), got {dim}")
     _require(0.0 <= cfg.model.drop_path_rate < 1.0, f"model.drop_path_rate must be in [0, 1), got {cfg.model.drop_path_rate}")
     _require(0.0 < cfg.mask.ratio < 1.0, f"mask.ratio must be in (0, 1) (exclusive), got {cfg.mask.ratio}")
-    _require(int((img // patch) ** 2 * (1 - cfg.mask.ratio)) >= 1, f"mask.ratio {cfg.mask.ratio} leaves no visible patch")
+    _require(
+        int((img // patch) ** 2 * (1 - cfg.mask.ratio)) >= 1,
+        f"mask.ratio {cfg.mask.ratio} leaves no visible patch of the {(img // patch) ** 2} given by "
+        f"model.img_size {img} / model.patch_size {patch}",
+    )
     m = cfg.mae
-    _require(m.decoder_dim > 0 and m.decoder_depth >= 0 and m.decoder_heads > 0, "mae.decoder_* must be positive")
+    _require(m.decoder_depth >= 0, f"mae.decoder_depth must be >= 0, got {m.decoder_depth}")
     _require(m.decoder_dim % m.decoder_heads == 0, f"mae.decoder_dim {m.decoder_dim} must be divisible by mae.decoder_heads {m.decoder_heads}")
     _require(m.decoder_dim % 4 == 0, f"mae.decoder_dim must be divisible by 4 (sin-cos position embedding), got {m.decoder_dim}")
     d = cfg.data
@@ -211,13 +225,15 @@ def validate(cfg: Config) -> Config:
     _require(d.repeats >= 1, f"data.repeats must be >= 1, got {d.repeats}")
     _require(d.num_samples is None or d.num_samples > 0, f"data.num_samples must be positive, got {d.num_samples}")
     o = cfg.optim
-    _require(o.blr > 0 and (o.lr is None or o.lr > 0), "optim.blr / optim.lr must be positive")
+    _require(o.blr > 0, f"optim.blr must be positive, got {o.blr}")
+    _require(o.lr is None or o.lr > 0, f"optim.lr must be positive or null, got {o.lr}")
     _require(o.min_lr >= 0, f"optim.min_lr must be >= 0, got {o.min_lr}")
     _require(o.warmup_epochs >= 0, f"optim.warmup_epochs must be >= 0, got {o.warmup_epochs}")
     _require(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
     _require(all(0.0 <= b < 1.0 for b in o.betas), f"optim.betas must be in [0, 1), got {o.betas}")
     _require(o.clip_grad is None or o.clip_grad > 0, f"optim.clip_grad must be positive or null, got {o.clip_grad}")
     t = cfg.train
+    _require(t.dist_timeout_minutes > 0, f"train.dist_timeout_minutes must be positive, got {t.dist_timeout_minutes}")
     _require(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
     _require(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
     _require(t.accum_steps >= 1, f"train.accum_steps must be >= 1, got {t.accum_steps}")

@@ -67,14 +67,14 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
-def init_distributed(device_name: str = "auto") -> DistInfo:
+def init_distributed(device_name: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
     rank, world, local_rank = world_from_env()
     device = resolve_device(device_name, local_rank)
     if world > 1 and not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
             raise RuntimeError("multi-process run needs MASTER_ADDR and MASTER_PORT (torchrun sets them; with srun export them)")
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(minutes=30))
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(minutes=timeout_minutes))
     return DistInfo(rank, world, local_rank, device)
 
 

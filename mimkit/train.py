@@ -125,7 +125,7 @@ class MetricsLog:
 
 def pretrain(cfg: Config) -> RunResult:
     # ---- setup: processes, model, data (checked before any compute)
-    dist = mdist.init_distributed(cfg.train.device)
+    dist = mdist.init_distributed(cfg.train.device, cfg.train.dist_timeout_minutes)
     device, t = dist.device, cfg.train
     precision = mdist.resolve_precision(t.precision, device)
     out_dir = Path(t.out_dir)
