@@ -173,6 +173,8 @@ def pretrain(cfg: Config) -> RunResult:
 
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in out_dir.glob(".checkpoint-*.tmp"):  # left by a kill during a checkpoint write
+            stale.unlink(missing_ok=True)
         atomic_write_text(out_dir / "config.yaml", dump_yaml(cfg))
         log.info(
             "mimkit %s | %s %s | %d processes on %s | effective batch %d (%d x %d x accum %d) | peak lr %.3g | "

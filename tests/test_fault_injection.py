@@ -59,6 +59,7 @@ def test_sigkill_and_resume_loses_nothing(tmp_path, npz_data, tiny_cfg):
     # every metrics line is valid JSON (a torn line from a kill is dropped on resume)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert sum(1 for r in records if r.get("event") == "resume") >= 3
+    assert not list(out.glob(".checkpoint-*.tmp"))  # temporaries of killed writes are cleaned up on resume
 
 
 def newest_step(out) -> int:
