@@ -48,6 +48,14 @@ class MAEConfig:
 
 
 @dataclass
+class EMAEConfig:
+    # EMAE's parallel parts: K = 1 / (1 - mask.ratio), e.g. 4 at 0.75. Assumed defaults (no public code).
+    consistency_weight: float = 1.0  # lambda; 0 = K independent MAE losses
+    stop_gradient: bool = True  # detach the partner prediction in the consistency term
+    distance: Literal["mse", "l1"] = "mse"
+
+
+@dataclass
 class DataConfig:
     # "skimage" = the embedded default (scikit-image's bundled photos); otherwise a path to an
     # ImageFolder tree / flat image folder, a .npz with x_train, or WebDataset shards (.tar, brace
@@ -101,10 +109,11 @@ class TrainConfig:
 
 @dataclass
 class Config:
-    method: Literal["mae"] = "mae"
+    method: Literal["mae", "emae"] = "mae"
     model: ModelConfig = field(default_factory=ModelConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     mae: MAEConfig = field(default_factory=MAEConfig)
+    emae: EMAEConfig = field(default_factory=EMAEConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -218,6 +227,12 @@ def validate(cfg: Config) -> Config:
     _require(m.decoder_depth >= 0, f"mae.decoder_depth must be >= 0, got {m.decoder_depth}")
     _require(m.decoder_dim % m.decoder_heads == 0, f"mae.decoder_dim {m.decoder_dim} must be divisible by mae.decoder_heads {m.decoder_heads}")
     _require(m.decoder_dim % 4 == 0, f"mae.decoder_dim must be divisible by 4 (sin-cos position embedding), got {m.decoder_dim}")
+    if cfg.method == "emae":
+        k = 1.0 / (1.0 - cfg.mask.ratio)
+        _require(abs(k - round(k)) < 1e-6 and round(k) >= 2,
+                 f"mask.ratio {cfg.mask.ratio} must be 1 - 1/K for a whole K >= 2 with method emae (0.5, 0.75, 0.8 ...)")  # fmt: skip
+        _require(cfg.mask.type == "random", "method emae draws its own parallel masks: mask.type must be random")
+        _require(cfg.emae.consistency_weight >= 0, f"emae.consistency_weight must be >= 0, got {cfg.emae.consistency_weight}")
     d = cfg.data
     _require(0.0 < d.crop_scale[0] <= d.crop_scale[1] <= 1.0, f"data.crop_scale must satisfy 0 < min <= max <= 1, got {d.crop_scale}")
     _require(all(s > 0 for s in d.std), f"data.std must be positive, got {d.std}")

@@ -117,3 +117,47 @@ def mask_to_ids(mask: torch.Tensor) -> RandomMask:
     ids_shuffle = torch.argsort(mask, dim=1, stable=True)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     return RandomMask(ids_shuffle[:, : int(visible[0])], ids_restore, mask)
+
+
+class ParallelMask(NamedTuple):
+    ids_keep: torch.Tensor  # (B, K, L // K) visible patches of each part
+    ids_restore: torch.Tensor  # (B, K, L) per-part inverse permutation (visible first)
+    mask: torch.Tensor  # (B, K, L) float, 1 = masked in that part
+
+
+def parts_for_ratio(mask_ratio: float) -> int:
+    """EMAE's number of parts K = 1 / (1 - mask_ratio): 4 at 75%. The ratio must give a whole K."""
+    parts = round(1.0 / (1.0 - mask_ratio))
+    if parts < 2 or abs(1.0 / (1.0 - mask_ratio) - parts) > 1e-6:
+        raise ValueError(f"mask_ratio {mask_ratio} must be 1 - 1/K for a whole K >= 2 (0.5, 0.667, 0.75, 0.8, ...)")
+    return parts
+
+
+def parallel_masks(
+    batch_size: int,
+    num_patches: int,
+    parts: int,
+    *,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> ParallelMask:
+    """EMAE's parallel masks: one random permutation per image (argsort of noise) cut into K contiguous
+    chunks; part k sees chunk k only. The visible sets partition the patches, so every patch is visible
+    in exactly one part (when K divides L; otherwise the last L mod K patches of the permutation are
+    masked in every part)."""
+    keep = num_patches // parts
+    if keep < 1:
+        raise ValueError(f"{parts} parts need at least {parts} patches, got {num_patches}")
+    if noise is None:
+        noise = torch.rand(batch_size, num_patches, generator=generator, device=device)
+    elif noise.shape != (batch_size, num_patches):
+        raise ValueError(f"noise must have shape {(batch_size, num_patches)}, got {tuple(noise.shape)}")
+    ids_shuffle = torch.argsort(noise, dim=1)
+    # part k: its chunk first, the rest after (rolling keeps a permutation)
+    shuffles = torch.stack([torch.roll(ids_shuffle, -k * keep, dims=1) for k in range(parts)], dim=1)
+    ids_restore = torch.argsort(shuffles, dim=2)
+    mask = torch.ones(batch_size, parts, num_patches, device=noise.device)
+    mask[:, :, :keep] = 0
+    mask = torch.gather(mask, 2, ids_restore)
+    return ParallelMask(shuffles[:, :, :keep], ids_restore, mask)

@@ -40,6 +40,9 @@ from mimkit.visualize import log_reconstruction_grid, preview_images
 log = logging.getLogger("mimkit")
 
 
+LOSS_TERMS = {"reconstruction", "consistency"}  # scalar output fields logged beside the loss
+
+
 class TrainingDiverged(RuntimeError):
     """Too many consecutive non-finite steps."""
 
@@ -233,7 +236,7 @@ def pretrain(cfg: Config) -> RunResult:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
-            skipped = 0
+            skipped, terms = 0, {}
             for micro in range(t.accum_steps):
                 batch = next(batches)
                 imgs = batch.pop("image").to(device, non_blocking=True)
@@ -241,9 +244,11 @@ def pretrain(cfg: Config) -> RunResult:
                 mask_inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 sync = ddp is None or micro == t.accum_steps - 1
                 with (nullcontext() if sync else ddp.no_sync()), autocast_context(device, precision):
-                    loss = train_model(imgs, **mask_inputs).loss
-                scaler.scale(loss / t.accum_steps).backward()
-                loss_sum += loss.detach().float()
+                    out = train_model(imgs, **mask_inputs)
+                scaler.scale(out.loss / t.accum_steps).backward()
+                loss_sum += out.loss.detach().float()
+                for name in LOSS_TERMS.intersection(out._fields):  # a method's loss components, for the logs
+                    terms[name] = terms.get(name, 0.0) + float(getattr(out, name)) / t.accum_steps
 
             # one all-reduce per step: loss, non-finite flag, skipped images, summed over processes
             stats = torch.stack([loss_sum / t.accum_steps, (~torch.isfinite(loss_sum)).float(),
@@ -289,6 +294,7 @@ def pretrain(cfg: Config) -> RunResult:
                           "skipped_images": skipped_total, "time": time.time()}  # fmt: skip
                 if grad_norm is not None:
                     record["grad_norm"] = grad_norm
+                record.update(terms)  # loss components of this process's last step
                 metrics.write(record)
                 if progress is not None:
                     progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}", refresh=False)

@@ -144,7 +144,10 @@ def reconstruct(
         model.train(was_training)
     p = int(model.patch_size)
     grid = (x.shape[-2] // p, x.shape[-1] // p)
-    pred = out.pred.float()
+    raw_pred, out_mask = out.pred.float(), out.mask
+    if raw_pred.dim() == 4:  # EMAE: (B, K, L, P) parts; show part 0 (MAE's random mask for the same noise)
+        raw_pred, out_mask = raw_pred[:, 0], out_mask[:, 0]
+    pred = raw_pred
     norm_pix = bool(getattr(model, "norm_pix_loss", False))
     if norm_pix:
         target = patchify(x, p)
@@ -152,12 +155,12 @@ def reconstruct(
         sigma = (target.var(dim=-1, keepdim=True) + NORM_PIX_EPS) ** 0.5
         pred = pred * sigma + mu
     rec01 = (unpatchify(pred, p, grid) * s + m).clamp(0.0, 1.0)
-    patch_mask = out.mask.float()
+    patch_mask = out_mask.float()
     pix = patch_mask.view(-1, *grid).repeat_interleave(p, dim=1).repeat_interleave(p, dim=2).bool()  # (B, S, S)
     pix3 = pix.unsqueeze(1).expand_as(x01)
     masked = torch.where(pix3, torch.full_like(x01, MASK_GRAY), x01)
     pasted = torch.where(pix3, rec01, x01)
-    per_image = _per_image_loss(model, x, out.pred.float(), patch_mask)
+    per_image = _per_image_loss(model, x, raw_pred, patch_mask)
     return [
         Reconstruction(
             x01[i].cpu(),

@@ -23,10 +23,18 @@ class MAEOutput(NamedTuple):
 
 def encode_visible(encoder: VisionTransformer, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
     """Run a timm ViT on the visible patches only: pos-embed is added before masking, the cls
-    token (with its own pos-embed) is prepended after. Returns final-LN tokens (B, 1+keep, D)."""
+    token (with its own pos-embed) is prepended after. Returns final-LN tokens (B, 1+keep, D).
+    `ids_keep` of shape (B, K, keep) encodes K views of each image as B*K sequences (EMAE's parts),
+    embedding each image's patches once."""
     x = encoder.patch_embed(imgs)
     x = x + encoder.pos_embed[:, 1:, :]
-    x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    if ids_keep.dim() == 3:
+        b, parts, keep = ids_keep.shape
+        x = torch.gather(x.unsqueeze(1).expand(-1, parts, -1, -1), 2,
+                         ids_keep.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))  # fmt: skip
+        x = x.reshape(b * parts, keep, x.shape[-1])
+    else:
+        x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
     cls = (encoder.cls_token + encoder.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
     x = torch.cat([cls, x], dim=1)
     x = encoder.blocks(x)

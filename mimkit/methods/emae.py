@@ -1,0 +1,90 @@
+"""EMAE (Li et al., arXiv 2302.14431, TPAMI 2024): each image is split into K disjoint visible parts
+(K = 1 / (1 - mask_ratio)); all parts go through MAE's encoder and decoder in one batched forward
+(B*K sequences); the loss is MAE's reconstruction loss averaged over parts plus a self-consistency term
+between the predictions of patches masked in two parts.
+
+EMAE has no public code. What the paper states: parallel disjoint masks at MAE's ratio, all parts in one
+iteration, a self-consistency loss on overlapping masked patches. ASSUMPTIONS (configurable, from the
+reconstruction in the project's methods notes, section 6.2): the target is MAE's (norm-pix) pixel target;
+the consistency distance is the squared L2 per patch in the target space, averaged over ordered pairs of
+parts (both directions) and over the patches masked in both; the partner prediction is detached
+(stop-gradient); weight lambda = 1.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from mimkit.masking import parallel_masks, parts_for_ratio
+from mimkit.methods.mae import MAE, encode_visible, masked_mse
+
+
+class EMAEOutput(NamedTuple):
+    loss: torch.Tensor  # reconstruction + weight * consistency
+    pred: torch.Tensor  # (B, K, L, p*p*3)
+    mask: torch.Tensor  # (B, K, L), 1 = masked in that part
+    reconstruction: torch.Tensor
+    consistency: torch.Tensor
+
+
+def consistency_loss(pred: torch.Tensor, mask: torch.Tensor, stop_gradient: bool = True,
+                     distance: str = "mse") -> torch.Tensor:  # fmt: skip
+    """Mean over ordered pairs (i, j), i != j, and over patches masked in both parts, of the distance
+    between part i's prediction and part j's (detached when stop_gradient)."""
+    parts = pred.shape[1]
+    pred = pred.float()
+    total = pred.new_zeros(())
+    count = pred.new_zeros(())
+    for i in range(parts):
+        for j in range(parts):
+            if i == j:
+                continue
+            partner = pred[:, j].detach() if stop_gradient else pred[:, j]
+            diff = pred[:, i] - partner
+            per_patch = diff.pow(2).mean(-1) if distance == "mse" else diff.abs().mean(-1)
+            both = mask[:, i] * mask[:, j]
+            total = total + (per_patch * both).sum()
+            count = count + both.sum()
+    return total / count.clamp(min=1)
+
+
+class EMAE(MAE):
+    """MAE's encoder, decoder, target and checkpoint layout, trained with parallel masks. Part 0 of an
+    image's K parts has exactly MAE's random mask for the same noise."""
+
+    def __init__(self, encoder, *, consistency_weight: float = 1.0, stop_gradient: bool = True,
+                 distance: str = "mse", **mae_kwargs):  # fmt: skip
+        super().__init__(encoder, **mae_kwargs)
+        self.parts = parts_for_ratio(self.mask_ratio)
+        self.consistency_weight, self.stop_gradient, self.distance = consistency_weight, stop_gradient, distance
+
+    def forward(self, imgs: torch.Tensor, noise: torch.Tensor | None = None) -> EMAEOutput:
+        b, parts, num = imgs.shape[0], self.parts, self.num_patches
+        masks = parallel_masks(b, num, parts, noise=noise, device=imgs.device)
+        latent = encode_visible(self.encoder, imgs, masks.ids_keep)  # (B*K, 1+keep, D): one batched forward
+        pred = self.decoder(latent, masks.ids_restore.reshape(b * parts, num)).reshape(b, parts, num, -1)
+        target = self.target(imgs).unsqueeze(1).expand(-1, parts, -1, -1)
+        # every part masks the same number of patches, so the pooled mean equals the mean of per-part losses
+        reconstruction = masked_mse(pred, target, masks.mask)
+        if self.consistency_weight > 0:
+            consistency = consistency_loss(pred, masks.mask, self.stop_gradient, self.distance)
+        else:
+            consistency = reconstruction.new_zeros(())
+        loss = reconstruction + self.consistency_weight * consistency
+        return EMAEOutput(loss, pred, masks.mask, reconstruction.detach(), consistency.detach())
+
+
+def build(cfg, encoder) -> EMAE:
+    m = cfg.mae
+    return EMAE(
+        encoder,
+        consistency_weight=cfg.emae.consistency_weight,
+        stop_gradient=cfg.emae.stop_gradient,
+        distance=cfg.emae.distance,
+        decoder_dim=m.decoder_dim,
+        decoder_depth=m.decoder_depth,
+        decoder_heads=m.decoder_heads,
+        mask_ratio=cfg.mask.ratio,
+        norm_pix_loss=m.norm_pix_loss,
+    )
