@@ -8,6 +8,7 @@ import sys
 
 from mimkit.config import ConfigError, dump_yaml, load_config
 from mimkit.data import DataError
+from mimkit.eval.cli import register_eval_commands
 
 
 def _pretrain(args: argparse.Namespace) -> int:
@@ -30,6 +31,120 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- visualize / export / import / attention
+
+
+def _reported(func):
+    """Errors about the files given (bad checkpoint, unreadable image, unknown key layout) -> exit 2."""
+    import functools
+
+    @functools.wraps(func)
+    def wrapper(args: argparse.Namespace) -> int:
+        from mimkit.data import CorruptImage
+        from mimkit.interop import InteropError
+
+        try:
+            return func(args)
+        except (InteropError, CorruptImage) as e:
+            print(f"mimkit: error: {e}", file=sys.stderr)
+            return 2
+
+    return wrapper
+
+
+@_reported
+def _visualize(args: argparse.Namespace) -> int:
+    from mimkit.visualize import visualize
+
+    for done in visualize(args.checkpoint, args.images, args.out, seed=args.seed, scale=args.scale):
+        print(done.path)
+    return 0
+
+
+@_reported
+def _export(args: argparse.Namespace) -> int:
+    from mimkit.interop import export_hf, export_timm, timm_usage
+
+    if args.to == "timm":
+        written = export_timm(args.checkpoint, args.out)
+        print(f"wrote {written['weights']} and {written['config']}\nload with:\n{timm_usage(args.out)}")
+    else:
+        written = export_hf(args.checkpoint, args.out)
+        print(f"wrote transformers.ViTModel folder {written['vit']} "
+              f"(ViTModel.from_pretrained('{written['vit']}', add_pooling_layer=False))")
+        if "vit_mae" in written:
+            print(f"wrote transformers.ViTMAEForPreTraining folder {written['vit_mae']} "
+                  f"(ViTMAEForPreTraining.from_pretrained('{written['vit_mae']}'))")
+    return 0
+
+
+@_reported
+def _import(args: argparse.Namespace) -> int:
+    from mimkit.interop import ImportOptions, import_checkpoint
+
+    opts = ImportOptions(
+        fmt=args.format, key=args.key, img_size=args.img_size, num_heads=args.num_heads, decoder_dim=args.decoder_dim,
+        decoder_depth=args.decoder_depth, decoder_heads=args.decoder_heads, mask_ratio=args.mask_ratio,
+        norm_pix_loss=args.norm_pix_loss, mean=tuple(args.mean) if args.mean else None,
+        std=tuple(args.std) if args.std else None, strict=args.strict,
+    )  # fmt: skip
+    report = import_checkpoint(args.source, args.out, opts)
+    print(report.text())
+    return 0
+
+
+@_reported
+def _attention(args: argparse.Namespace) -> int:
+    from mimkit.visualize import attention_figure
+
+    path, _ = attention_figure(args.checkpoint, args.image, args.out, scale=args.scale)
+    print(path)
+    return 0
+
+
+def _add_tool_parsers(sub) -> None:
+    p = sub.add_parser("visualize", help="reconstruction grids (original, masked, reconstruction, pasted) as PNGs")
+    p.add_argument("checkpoint", help="a mimkit checkpoint (.pt)")
+    p.add_argument("images", nargs="+", help="image files or folders of images")
+    p.add_argument("--out", default="visualizations", help="output folder (default: visualizations)")
+    p.add_argument("--seed", type=int, default=0, help="masking seed (default 0): same seed, same mask")
+    p.add_argument("--scale", type=int, default=None, help="integer upscaling of the panels (default: to >= 192 px)")
+    p.set_defaults(func=_visualize)
+
+    p = sub.add_parser("export", help="export for timm or Hugging Face transformers (safetensors + config)")
+    p.add_argument("checkpoint", help="a mimkit checkpoint (.pt)")
+    p.add_argument("--to", choices=("timm", "hf"), required=True, help="target library")
+    p.add_argument("out", help="output folder")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("import", help="official MAE / BEiT / mc-BEiT / BootMAE / HF ViTMAE -> mimkit checkpoint")
+    p.add_argument("source", help="a .pth/.pt/.bin/.safetensors file, or a Hugging Face / timm model folder")
+    p.add_argument("out", help="the mimkit checkpoint to write (.pt)")
+    p.add_argument("--format", default="auto", choices=("auto", "mimkit", "mae", "beit", "bootmae", "hf"),
+                   help="source key layout (default: detected from the key names)")
+    p.add_argument("--key", default=None, help="entry of the checkpoint dict holding the weights (default: model, "
+                   "module, state_dict, or the top level); e.g. model_ema")
+    p.add_argument("--img-size", type=int, default=None, help="target resolution; position embeddings are resampled")
+    p.add_argument("--num-heads", type=int, default=None, help="encoder heads (default: from the config or the width)")
+    p.add_argument("--decoder-dim", type=int, default=None, help="decoder width when the source has no decoder (512)")
+    p.add_argument("--decoder-depth", type=int, default=None, help="decoder depth when the source has no decoder (8)")
+    p.add_argument("--decoder-heads", type=int, default=None, help="decoder heads (default: config, 16 at 512)")
+    p.add_argument("--mask-ratio", type=float, default=None, help="mask.ratio of the written config")
+    p.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=None,
+                   help="mae.norm_pix_loss of the written config (default: from the source, else true)")
+    p.add_argument("--mean", type=float, nargs=3, default=None, help="data.mean (default: source's, else ImageNet)")
+    p.add_argument("--std", type=float, nargs=3, default=None, help="data.std (default: source's, else ImageNet)")
+    p.add_argument("--strict", action="store_true", help="fail on any missing or unexpected key")
+    p.set_defaults(func=_import)
+
+    p = sub.add_parser("attention", help="last-block cls attention per head + PCA of patch features, as a PNG")
+    p.add_argument("checkpoint", help="a mimkit checkpoint (.pt)")
+    p.add_argument("image", help="an image file")
+    p.add_argument("--out", default=None, help="output PNG (default: <image stem>_attention.png)")
+    p.add_argument("--scale", type=int, default=None, help="integer upscaling of the panels")
+    p.set_defaults(func=_attention)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mimkit", description="Masked-image-modeling pretraining for timm ViTs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -38,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.epochs=5 optim.blr=1e-3")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=_pretrain)
+    _add_tool_parsers(sub)
+    register_eval_commands(sub)  # knn, linprobe, finetune (mimkit/eval/cli.py)
     return parser
 
 
