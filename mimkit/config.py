@@ -35,8 +35,11 @@ class ModelConfig:
 
 @dataclass
 class MaskConfig:
-    type: Literal["random", "block"] = "random"
+    # hybrid: BootMAE's BEiT block mask topped up at random; parallel: EMAE's disjoint parts (method bootmae)
+    type: Literal["random", "block", "hybrid", "parallel"] = "random"
     ratio: float = 0.75  # fraction of patches removed
+    hybrid_block_ratio: float = 0.6122449  # hybrid: fraction of patches masked by blocks first (BootMAE 120 / 196)
+    hybrid_max_block_ratio: float = 0.3061224  # hybrid: largest block, as a fraction of the patches (60 / 196)
 
 
 @dataclass
@@ -53,6 +56,32 @@ class EMAEConfig:
     consistency_weight: float = 1.0  # lambda; 0 = K independent MAE losses
     stop_gradient: bool = True  # detach the partner prediction in the consistency term
     distance: Literal["mse", "l1"] = "mse"
+
+
+@dataclass
+class BootMAEConfig:
+    # BootMAE (methods notes section 5). The pixel decoder is sized by mae.decoder_dim / depth / heads (paper:
+    # 512 x 2, 12 heads); mask.type hybrid is BootMAE's masking. One override per ablation: feature_target=none,
+    # cross_attention=false, center_weight=false, mask.type=random (parallel: EMAE's masks, with emae.*).
+    feature_target: Literal["ema", "none"] = "ema"  # none: pixel target only (no momentum encoder)
+    feature_weight: float = 1.0  # lambda of the feature loss
+    feature_weight_ramp: float = 0.25  # lambda ramps linearly over this fraction of train.epochs (0 = constant)
+    feature_decoder_dim: int | None = None  # default: the encoder width
+    feature_decoder_depth: int | None = None  # default: mae.decoder_depth
+    feature_decoder_heads: int | None = None  # default: the encoder's heads
+    cross_attention: bool = True  # target-aware decoders; false = self-attention + MLP decoder blocks
+    pixel_context_layer: int = 0  # encoder block the pixel decoder cross-attends to
+    feature_context_layer: int = -1  # encoder block the feature decoder cross-attends to (-1 = last, pre-norm)
+    pixel_norm: Literal["patch_channel", "patch", "none"] = "patch_channel"  # patch = MAE's norm_pix
+    center_weight: bool = True  # loss weight 1 + masked fraction of the 3x3 neighbourhood
+    mask_pos_only: bool = True  # decoder position embeddings on mask tokens only
+    # EMA decay, set once per epoch: momentum -> momentum_mid linearly until momentum_mid_epoch; then constant,
+    # or (momentum_final set, ViT-B) linearly -> momentum_final at momentum_final_epoch.
+    momentum: float = 0.999
+    momentum_mid: float = 0.9999
+    momentum_mid_epoch: float = 100.0
+    momentum_final: float | None = None
+    momentum_final_epoch: float = 400.0
 
 
 @dataclass
@@ -92,7 +121,6 @@ class TrainConfig:
     # auto = bf16 autocast on GPUs and on CPUs with native bf16 (AVX512-BF16 / AMX), else fp32
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dist_timeout_minutes: float = 30.0  # process-group timeout: a hung collective fails after this long
     seed: int = 0
     out_dir: str = "runs/mae"
     resume: str = "auto"  # auto (newest checkpoint in out_dir, if any) | none | path to a checkpoint
@@ -108,15 +136,25 @@ class TrainConfig:
 
 
 @dataclass
+class DistributedConfig:
+    # ddp: every process holds the whole model; fsdp: FSDP2 (fully_shard per block), sharded checkpoints
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    activation_checkpointing: bool = False  # recompute block activations in backward (timm checkpoint_seq)
+    timeout_minutes: float = 30.0  # process-group timeout: a hung collective fails after this long
+
+
+@dataclass
 class Config:
-    method: Literal["mae", "emae"] = "mae"
+    method: Literal["mae", "emae", "bootmae"] = "mae"
     model: ModelConfig = field(default_factory=ModelConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     mae: MAEConfig = field(default_factory=MAEConfig)
     emae: EMAEConfig = field(default_factory=EMAEConfig)
+    bootmae: BootMAEConfig = field(default_factory=BootMAEConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 # ---------------------------------------------------------------- parsing and type checking
@@ -225,7 +263,8 @@ def validate(cfg: Config) -> Config:
     )
     m = cfg.mae
     _require(m.decoder_depth >= 0, f"mae.decoder_depth must be >= 0, got {m.decoder_depth}")
-    _require(m.decoder_dim % m.decoder_heads == 0, f"mae.decoder_dim {m.decoder_dim} must be divisible by mae.decoder_heads {m.decoder_heads}")
+    _require(m.decoder_dim % m.decoder_heads == 0 or (cfg.method == "bootmae" and m.decoder_dim >= m.decoder_heads),
+             f"mae.decoder_dim {m.decoder_dim} must be divisible by mae.decoder_heads {m.decoder_heads}")  # fmt: skip
     _require(m.decoder_dim % 4 == 0, f"mae.decoder_dim must be divisible by 4 (sin-cos position embedding), got {m.decoder_dim}")
     if cfg.method == "emae":
         k = 1.0 / (1.0 - cfg.mask.ratio)
@@ -233,6 +272,15 @@ def validate(cfg: Config) -> Config:
                  f"mask.ratio {cfg.mask.ratio} must be 1 - 1/K for a whole K >= 2 with method emae (0.5, 0.75, 0.8 ...)")  # fmt: skip
         _require(cfg.mask.type == "random", "method emae draws its own parallel masks: mask.type must be random")
         _require(cfg.emae.consistency_weight >= 0, f"emae.consistency_weight must be >= 0, got {cfg.emae.consistency_weight}")
+    _require(cfg.mask.type in ("random", "block") or cfg.method == "bootmae",
+             f"mask.type {cfg.mask.type} needs method bootmae (method {cfg.method}: random or block)")  # fmt: skip
+    if cfg.mask.type == "hybrid":
+        _require(0.0 < cfg.mask.hybrid_block_ratio <= cfg.mask.ratio,
+                 f"mask.hybrid_block_ratio must be in (0, mask.ratio {cfg.mask.ratio}], got {cfg.mask.hybrid_block_ratio}")  # fmt: skip
+        _require(0.0 < cfg.mask.hybrid_max_block_ratio <= 1.0,
+                 f"mask.hybrid_max_block_ratio must be in (0, 1], got {cfg.mask.hybrid_max_block_ratio}")  # fmt: skip
+    if cfg.method == "bootmae":
+        _validate_bootmae(cfg, depth=cfg.model.depth or preset.depth, dim=dim, heads=heads)
     d = cfg.data
     _require(0.0 < d.crop_scale[0] <= d.crop_scale[1] <= 1.0, f"data.crop_scale must satisfy 0 < min <= max <= 1, got {d.crop_scale}")
     _require(all(s > 0 for s in d.std), f"data.std must be positive, got {d.std}")
@@ -248,7 +296,8 @@ def validate(cfg: Config) -> Config:
     _require(all(0.0 <= b < 1.0 for b in o.betas), f"optim.betas must be in [0, 1), got {o.betas}")
     _require(o.clip_grad is None or o.clip_grad > 0, f"optim.clip_grad must be positive or null, got {o.clip_grad}")
     t = cfg.train
-    _require(t.dist_timeout_minutes > 0, f"train.dist_timeout_minutes must be positive, got {t.dist_timeout_minutes}")
+    _require(cfg.distributed.timeout_minutes > 0,
+             f"distributed.timeout_minutes must be positive, got {cfg.distributed.timeout_minutes}")  # fmt: skip
     _require(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
     _require(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
     _require(t.accum_steps >= 1, f"train.accum_steps must be >= 1, got {t.accum_steps}")
@@ -264,6 +313,32 @@ def validate(cfg: Config) -> Config:
         f"train.device: '{t.device}' is not allowed; allowed: auto, cpu, cuda, cuda:N",
     )
     return cfg
+
+
+def _validate_bootmae(cfg: Config, depth: int, dim: int, heads: int) -> None:
+    b = cfg.bootmae
+    if cfg.mask.type == "parallel":
+        k = 1.0 / (1.0 - cfg.mask.ratio)
+        _require(abs(k - round(k)) < 1e-6 and round(k) >= 2,
+                 f"mask.ratio {cfg.mask.ratio} must be 1 - 1/K for a whole K >= 2 with mask.type parallel")  # fmt: skip
+        _require(cfg.emae.consistency_weight >= 0, f"emae.consistency_weight must be >= 0, got {cfg.emae.consistency_weight}")
+    _require(b.feature_weight >= 0, f"bootmae.feature_weight must be >= 0, got {b.feature_weight}")
+    _require(0.0 <= b.feature_weight_ramp <= 1.0, f"bootmae.feature_weight_ramp must be in [0, 1], got {b.feature_weight_ramp}")
+    for name in ("momentum", "momentum_mid", "momentum_final"):
+        value = getattr(b, name)
+        _require(value is None or 0.0 <= value <= 1.0, f"bootmae.{name} must be in [0, 1], got {value}")
+    _require(b.momentum_mid_epoch > 0, f"bootmae.momentum_mid_epoch must be positive, got {b.momentum_mid_epoch}")
+    _require(b.momentum_final is None or b.momentum_final_epoch > b.momentum_mid_epoch,
+             f"bootmae.momentum_final_epoch {b.momentum_final_epoch} must be after momentum_mid_epoch {b.momentum_mid_epoch}")  # fmt: skip
+    for name in ("pixel_context_layer", "feature_context_layer"):
+        layer = getattr(b, name)
+        _require(-depth <= layer < depth, f"bootmae.{name} {layer} is not a block of the {depth}-block encoder")
+    fdim, fheads = b.feature_decoder_dim or dim, b.feature_decoder_heads or heads
+    for name, value in [("feature_decoder_dim", b.feature_decoder_dim), ("feature_decoder_depth", b.feature_decoder_depth),
+                        ("feature_decoder_heads", b.feature_decoder_heads)]:  # fmt: skip
+        _require(value is None or value > 0, f"bootmae.{name} must be positive or null, got {value}")
+    _require(fdim % 4 == 0 and fdim >= fheads,
+             f"bootmae.feature_decoder_dim {fdim} must be divisible by 4 and >= feature_decoder_heads {fheads}")  # fmt: skip
 
 
 def parse_overrides(overrides: list[str]) -> dict:

@@ -106,6 +106,39 @@ def block_mask(
     return mask
 
 
+def hybrid_mask(
+    grid: tuple[int, int],
+    num_masked: int,
+    num_block: int,
+    *,
+    max_block: int | None = None,
+    min_block: int = 16,
+    max_roll: int = 3,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """BootMAE's hybrid masking for one image: (H, W) bool mask with exactly `num_masked` ones.
+
+    A BEiT block mask of `num_block` patches is drawn first; the visible set is then r random
+    block-masked patches plus (keep - r) random patches outside the blocks, r ~ U{0..max_roll}: what
+    BootMAE's "visible-by-block first, block-masked last, roll right by r, keep the first `keep`"
+    permutation gives. So about num_block patches are masked in blocks and the rest at random.
+    """
+    h_grid, w_grid = grid
+    keep = h_grid * w_grid - num_masked
+    if not 0 < num_block <= num_masked < h_grid * w_grid:
+        raise ValueError(f"need 0 < num_block ({num_block}) <= num_masked ({num_masked}) < {h_grid * w_grid}")
+    blocks = block_mask(grid, num_block, min_block=min_block, max_block=max_block, generator=generator).flatten()
+    inside, outside = blocks.nonzero().squeeze(1), (~blocks).nonzero().squeeze(1)
+    roll = min(int(torch.randint(0, max_roll + 1, (), generator=generator)), keep, inside.numel())
+    visible = torch.cat([
+        inside[torch.randperm(inside.numel(), generator=generator)[:roll]],
+        outside[torch.randperm(outside.numel(), generator=generator)[: keep - roll]],
+    ])  # fmt: skip
+    mask = torch.ones(h_grid * w_grid, dtype=torch.bool)
+    mask[visible] = False
+    return mask.view(h_grid, w_grid)
+
+
 def mask_to_ids(mask: torch.Tensor) -> RandomMask:
     """Turn a (B, L) mask with the same number of visible patches per row into gather indices,
     so block masks can drive a visible-tokens-only encoder (MAE-style) too."""

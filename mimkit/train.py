@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -18,6 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from timm.optim import param_groups_weight_decay
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+    set_state_dict,
+)
 from torch.nn.parallel import DistributedDataParallel
 
 import mimkit
@@ -27,9 +37,11 @@ from mimkit.checkpoint import (
     checkpoint_path,
     list_checkpoints,
     load_checkpoint,
+    load_sharded_into,
     prune_checkpoints,
     rng_state,
     save_checkpoint,
+    save_sharded,
     set_rng_state,
 )
 from mimkit.config import Config, config_from_dict, dump_yaml, to_dict
@@ -40,7 +52,7 @@ from mimkit.visualize import log_reconstruction_grid, preview_images
 log = logging.getLogger("mimkit")
 
 
-LOSS_TERMS = {"reconstruction", "consistency"}  # scalar output fields logged beside the loss
+LOSS_TERMS = {"reconstruction", "consistency", "feature", "feature_weight", "momentum"}  # scalar output fields logged beside the loss
 
 
 class TrainingDiverged(RuntimeError):
@@ -128,16 +140,22 @@ class MetricsLog:
 
 def pretrain(cfg: Config) -> RunResult:
     # ---- setup: processes, model, data (checked before any compute)
-    dist = mdist.init_distributed(cfg.train.device, cfg.train.dist_timeout_minutes)
+    dist = mdist.init_distributed(cfg.train.device, cfg.distributed.timeout_minutes)
     device, t = dist.device, cfg.train
     precision = mdist.resolve_precision(t.precision, device)
     out_dir = Path(t.out_dir)
-    seed_everything(t.seed + dist.rank)
+    seed_everything(t.seed)  # the same initial weights on every rank (FSDP shards them without a broadcast)
     model = build_model(cfg)
+    seed_everything(t.seed + dist.rank)
     # data problems surface here, before any compute
     data = PretrainData(cfg, model.encoder.patch_embed.img_size[0], model.mask_inputs, t.batch_size, t.accum_steps,
                         dist.rank, dist.world_size, t.seed, pin_memory=device.type == "cuda")  # fmt: skip
     model.to(device)
+    if cfg.distributed.activation_checkpointing:
+        model.set_grad_checkpointing(True)
+    fsdp = cfg.distributed.strategy == "fsdp" and dist.enabled
+    if fsdp:
+        mdist.shard_model(model, precision)  # before the optimizer: it must see the sharded parameters
     steps_per_epoch = data.steps_per_epoch
     total_steps = t.epochs * steps_per_epoch
     last_step = min(total_steps, t.max_steps or total_steps)
@@ -154,14 +172,20 @@ def pretrain(cfg: Config) -> RunResult:
     step, nonfinite_total, skipped_total = 0, 0, 0
     resume_from = find_resume(cfg)
     if resume_from is not None:
-        state = load_checkpoint(resume_from)
+        if resume_from.is_dir():  # sharded (fsdp) checkpoint: every rank reads its part, resharded to this world
+            model_state, optim_state = get_state_dict(model, optimizer)
+            state = load_sharded_into(resume_from, model_state, optim_state)
+            set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+        else:  # one file with full tensors (fsdp shards them on load)
+            state = load_checkpoint(resume_from)
+            full = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(model, state["model"], options=full)
+            set_optimizer_state_dict(model, optimizer, state["optimizer"], options=full)
         if state["steps_per_epoch"] != steps_per_epoch:
             raise ValueError(
                 f"cannot resume {resume_from} exactly: it ran {state['steps_per_epoch']} steps per epoch, this config "
                 f"gives {steps_per_epoch} (data, batch size, processes or accum_steps changed)"
             )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         step, nonfinite_total, skipped_total = state["step"], state["nonfinite_steps"], state["skipped_images"]
         rngs = state["rng"]
@@ -171,13 +195,15 @@ def pretrain(cfg: Config) -> RunResult:
             log.warning("resuming with %d processes from a %d-process run: RNG streams re-seeded", dist.world_size, len(rngs))
             seed_everything(t.seed + dist.rank + step)
 
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.enabled else None
+    ddp = None
+    if dist.enabled and not fsdp:
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     train_model = ddp or model
 
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         for stale in out_dir.glob(".checkpoint-*.tmp"):  # left by a kill during a checkpoint write
-            stale.unlink(missing_ok=True)
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
         atomic_write_text(out_dir / "config.yaml", dump_yaml(cfg))
         log.info(
             "mimkit %s | %s %s | %d processes on %s | effective batch %d (%d x %d x accum %d) | peak lr %.3g | "
@@ -196,27 +222,30 @@ def pretrain(cfg: Config) -> RunResult:
 
     def save(step: int) -> Path | None:
         rng = mdist.all_gather_objects(rng_state())
-        if not dist.is_main:
-            return None
-        path = save_checkpoint(
-            checkpoint_path(out_dir, step),
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "step": step,
-                "epoch": step / steps_per_epoch,
-                "steps_per_epoch": steps_per_epoch,
-                "nonfinite_steps": nonfinite_total,
-                "skipped_images": skipped_total,
-                "rng": rng,
-                "config": to_dict(cfg),
-                "mimkit_version": mimkit.__version__,
-                "method": cfg.method,
-            },
-        )
-        prune_checkpoints(out_dir, t.keep_last)
-        return path
+        meta = {
+            "scaler": scaler.state_dict(),
+            "step": step,
+            "epoch": step / steps_per_epoch,
+            "steps_per_epoch": steps_per_epoch,
+            "nonfinite_steps": nonfinite_total,
+            "skipped_images": skipped_total,
+            "rng": rng,
+            "config": to_dict(cfg),
+            "mimkit_version": mimkit.__version__,
+            "method": cfg.method,
+        }
+        if fsdp:  # every rank writes its shards; the folder appears once all are done
+            path = save_sharded(checkpoint_path(out_dir, step, sharded=True), get_model_state_dict(model),
+                                get_optimizer_state_dict(model, optimizer), meta, dist.is_main)  # fmt: skip
+        else:
+            optim_state = get_optimizer_state_dict(model, optimizer)  # keyed by parameter name: portable
+            if not dist.is_main:
+                return None
+            state = {"model": model.state_dict(), "optimizer": optim_state, **meta}
+            path = save_checkpoint(checkpoint_path(out_dir, step), state)
+        if dist.is_main:
+            prune_checkpoints(out_dir, t.keep_last)
+        return path if dist.is_main else None
 
     # ---- the loop
     progress = None
@@ -235,6 +264,8 @@ def pretrain(cfg: Config) -> RunResult:
             lr = lr_at(step, steps_per_epoch, cfg, peak_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            if hasattr(model, "set_progress"):  # step-dependent method terms (BootMAE: loss-weight ramp, EMA momentum)
+                model.set_progress(step, steps_per_epoch, total_steps)
             loss_sum = torch.zeros((), device=device)
             skipped, terms = 0, {}
             for micro in range(t.accum_steps):
@@ -242,8 +273,10 @@ def pretrain(cfg: Config) -> RunResult:
                 imgs = batch.pop("image").to(device, non_blocking=True)
                 skipped += int(batch.pop("skipped").sum())
                 mask_inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                sync = ddp is None or micro == t.accum_steps - 1
-                with (nullcontext() if sync else ddp.no_sync()), autocast_context(device, precision):
+                sync = micro == t.accum_steps - 1  # all-reduce gradients on the last micro-step only
+                if fsdp:
+                    model.set_requires_gradient_sync(sync)
+                with (ddp.no_sync() if ddp is not None and not sync else nullcontext()), autocast_context(device, precision):
                     out = train_model(imgs, **mask_inputs)
                 scaler.scale(out.loss / t.accum_steps).backward()
                 loss_sum += out.loss.detach().float()
@@ -260,12 +293,15 @@ def pretrain(cfg: Config) -> RunResult:
             finite = float(stats[1]) == 0
             if finite and cfg.optim.clip_grad is not None:
                 scaler.unscale_(optimizer)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad))
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor under fsdp
                 # fp16: the scaler skips overflowing gradients itself and lowers its scale
                 finite = math.isfinite(grad_norm) or precision == "fp16"
             if finite:
                 scaler.step(optimizer)
                 scaler.update()
+                if hasattr(model, "after_step"):  # e.g. BootMAE's momentum-encoder (EMA) update
+                    model.after_step(step)
                 consecutive_nonfinite = 0
             else:
                 nonfinite_total += 1

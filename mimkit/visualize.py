@@ -149,7 +149,9 @@ def reconstruct(
         raw_pred, out_mask = raw_pred[:, 0], out_mask[:, 0]
     pred = raw_pred
     norm_pix = bool(getattr(model, "norm_pix_loss", False))
-    if norm_pix:
+    if hasattr(model, "pixels_from_pred"):  # a method's own target normalisation (BootMAE: per patch and channel)
+        pred = model.pixels_from_pred(raw_pred, x)
+    elif norm_pix:
         target = patchify(x, p)
         mu = target.mean(dim=-1, keepdim=True)
         sigma = (target.var(dim=-1, keepdim=True) + NORM_PIX_EPS) ** 0.5

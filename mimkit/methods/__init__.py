@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from mimkit.methods import emae, mae
+from mimkit.methods import bootmae, emae, mae
 
 
 def build_model(cfg) -> nn.Module:
@@ -12,5 +12,5 @@ def build_model(cfg) -> nn.Module:
 
     m = cfg.model
     encoder = create_encoder(m.arch, m.img_size, m.patch_size, m.drop_path_rate, m.embed_dim, m.depth, m.num_heads)
-    builders = {"mae": mae.build, "emae": emae.build}
+    builders = {"mae": mae.build, "emae": emae.build, "bootmae": bootmae.build}
     return builders[cfg.method](cfg, encoder)

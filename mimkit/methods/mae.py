@@ -8,6 +8,7 @@ from functools import partial
 from typing import NamedTuple
 
 import torch
+from timm.models import checkpoint_seq
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
@@ -37,8 +38,16 @@ def encode_visible(encoder: VisionTransformer, imgs: torch.Tensor, ids_keep: tor
         x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
     cls = (encoder.cls_token + encoder.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
     x = torch.cat([cls, x], dim=1)
-    x = encoder.blocks(x)
+    x = run_blocks(encoder.blocks, x, encoder.grad_checkpointing)
     return encoder.norm(x)
+
+
+def run_blocks(blocks: nn.Sequential, x: torch.Tensor, grad_checkpointing: bool = False) -> torch.Tensor:
+    """A stack of blocks, recomputing activations in backward when grad_checkpointing is on (timm's
+    `set_grad_checkpointing` flag), trading compute for memory."""
+    if grad_checkpointing and torch.is_grad_enabled():
+        return checkpoint_seq(blocks, x)
+    return blocks(x)
 
 
 def per_patch_normalize(target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -70,6 +79,7 @@ class MAEDecoder(nn.Module):
         )
         self.decoder_norm = norm(dim)
         self.decoder_pred = nn.Linear(dim, patch_size * patch_size * 3)
+        self.grad_checkpointing = False
 
     def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         x = self.decoder_embed(latent)
@@ -78,7 +88,7 @@ class MAEDecoder(nn.Module):
         patches = torch.cat([x[:, 1:], mask_tokens], dim=1)
         patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed
-        x = self.decoder_norm(self.decoder_blocks(x))
+        x = self.decoder_norm(run_blocks(self.decoder_blocks, x, self.grad_checkpointing))
         return self.decoder_pred(x)[:, 1:]
 
 
@@ -106,6 +116,10 @@ class MAE(nn.Module):
             encoder.embed_dim, self.num_patches, self.patch_size, decoder_dim, decoder_depth, decoder_heads
         )
         self.initialize_weights()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.encoder.set_grad_checkpointing(enable)
+        self.decoder.grad_checkpointing = enable
 
     def initialize_weights(self) -> None:
         grid = self.encoder.patch_embed.grid_size[0]

@@ -1,0 +1,361 @@
+"""Typed configs of the evaluation commands (`mimkit knn`, `mimkit linprobe`, `mimkit finetune`).
+
+Same rules as the pretraining config (the parsing helpers are mimkit.config's): a YAML recipe, then
+`section.key=value` overrides; unknown keys, wrong types and out-of-range values are rejected before any
+data is read or any model is built, naming the dotted field.
+
+Each command has its own dataclasses (not shared ones with per-command defaults) so that a YAML
+section that sets one key keeps the command's defaults for the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mimkit.config import ConfigError, _from_dict, _merge, _require, parse_overrides, to_dict
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# ---------------------------------------------------------------- sections shared by the three commands
+
+
+@dataclass
+class EncoderConfig:
+    # A mimkit pretraining checkpoint (.pt; official MAE / BEiT / HF weights: convert with `mimkit import`),
+    # or "none": a randomly initialised encoder (the one MAE pretraining starts from), the baseline.
+    checkpoint: str = "none"
+    # The architecture, as model.* in pretraining. Required with checkpoint none; with a checkpoint it is
+    # read from the checkpoint's config, and any value set here must agree with it.
+    arch: str | None = None
+    patch_size: int | None = None
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    # Evaluation resolution (default: the checkpoint's); the position embedding is resampled if it differs.
+    img_size: int | None = None
+
+
+@dataclass
+class FeatureConfig:
+    # Which tokens: cls (after the final LayerNorm; MAE's linear-probe feature), mean (mean of the patch
+    # tokens, cls excluded), or cls_mean ([cls ‖ mean], BEiT's linear-eval feature; 2 x width).
+    pool: Literal["cls", "mean", "cls_mean"] = "cls"
+    # Which block's output (1-based; -1 = the last). The final LayerNorm is applied to any block's tokens.
+    block: int = -1
+
+
+@dataclass
+class EvalDataConfig:
+    # A .npz with x_{split} uint8 NHWC and y_{split} labels (CIFAR-10 layout), or a folder holding one
+    # ImageFolder tree per split (path/train/<class>/..., path/val/<class>/...).
+    path: str = ""
+    format: Literal["auto", "npz", "folder"] = "auto"
+    train_split: str = "train"
+    val_split: str = "test"
+    # Seeded random subsets (quick runs, monitors); null = all images.
+    train_samples: int | None = None
+    val_samples: int | None = None
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    # Evaluation transform: resize the short side to img_size / crop_pct (bicubic), centre crop img_size.
+    # null = 0.875 from 128 px up (MAE's 256 -> 224), 1.0 below (CIFAR-sized images are used whole).
+    crop_pct: float | None = None
+    # Training transform (linprobe augment mode, finetune): RandomResizedCrop(scale) + flip.
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    hflip: bool = True
+    num_workers: int = 2
+
+
+# ---------------------------------------------------------------- mimkit knn
+
+
+@dataclass
+class KnnParams:
+    k: int = 20
+    temperature: float = 0.07
+    chunk_size: int = 1024  # test images per similarity chunk (memory: chunk x train-set floats)
+
+
+@dataclass
+class KnnRun:
+    batch_size: int = 256  # feature extraction, per process
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    device: str = "auto"
+    seed: int = 0  # random-init encoder and the data subsets
+    out_dir: str = "runs/knn"
+    resume: Literal["auto", "none"] = "auto"  # auto: reuse / continue the feature caches in out_dir
+    save_every_batches: int = 50  # partial feature caches, for resuming an interrupted extraction
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class KnnConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    knn: KnnParams = field(default_factory=KnnParams)
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    run: KnnRun = field(default_factory=KnnRun)
+
+
+# ---------------------------------------------------------------- shared training-run settings
+
+
+@dataclass
+class RunConfig:
+    epochs: int = 90
+    batch_size: int = 256  # per process, per micro-step
+    accum_steps: int = 1
+    max_steps: int | None = None  # stop after this many optimizer steps (the schedule still uses epochs)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    device: str = "auto"
+    seed: int = 0
+    out_dir: str = "runs/eval"
+    resume: str = "auto"  # auto (newest checkpoint in out_dir) | none | path
+    save_every_steps: int | None = None
+    save_every_epochs: int = 1
+    keep_last: int = 2
+    eval_every_epochs: int = 1  # top-1 on the val split (and at the end)
+    log_every: int = 20
+    tensorboard: bool = True
+    progress: bool = True
+    max_nonfinite_steps: int = 10
+
+
+# ---------------------------------------------------------------- mimkit linprobe
+
+
+@dataclass
+class ProbeConfig(FeatureConfig):
+    # cached: extract features once (evaluation transform, no augmentation), train the head on them (fast
+    # path); augment: the MAE protocol, RandomResizedCrop + flip through the frozen encoder every epoch.
+    mode: Literal["cached", "augment"] = "augment"
+    # Train one head per block simultaneously (one encoder pass) and report the best block (BEiT, BootMAE).
+    scan_blocks: bool = False
+    head_init_std: float = 0.01  # trunc_normal, as MAE
+
+
+@dataclass
+class ProbeOptim:
+    name: Literal["lars", "sgd", "adamw"] = "lars"
+    blr: float = 0.1  # lr = blr * effective_batch / 256
+    lr: float | None = None
+    min_lr: float = 0.0
+    warmup_epochs: float = 10.0
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # lars / sgd
+    betas: tuple[float, float] = (0.9, 0.999)  # adamw
+    trust_coeff: float = 0.001  # lars
+
+
+@dataclass
+class ProbeRun(RunConfig):
+    epochs: int = 90
+    batch_size: int = 256
+    out_dir: str = "runs/linprobe"
+
+
+@dataclass
+class LinprobeConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    optim: ProbeOptim = field(default_factory=ProbeOptim)
+    train: ProbeRun = field(default_factory=ProbeRun)
+
+
+# ---------------------------------------------------------------- mimkit finetune
+
+
+@dataclass
+class FinetuneModel:
+    global_pool: Literal["avg", "token"] = "avg"  # avg: mean of patch tokens -> fc_norm -> head (MAE repo)
+    drop_path_rate: float = 0.1
+    head_init_std: float = 2e-5  # trunc_normal, as MAE
+    # Partial fine-tuning: only the last k blocks (plus the final norm / fc_norm and the head) train;
+    # null = all. 0 trains the head (and fc_norm) only.
+    trainable_blocks: int | None = None
+
+
+@dataclass
+class AugConfig:
+    rand_augment: str | None = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec; null = none
+    re_prob: float = 0.25  # random erasing
+    mixup: float = 0.8  # alpha; 0 = off
+    cutmix: float = 1.0  # alpha; 0 = off
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    label_smoothing: float = 0.1
+
+
+@dataclass
+class FinetuneOptim:
+    blr: float = 1e-3  # lr = blr * effective_batch / 256
+    lr: float | None = None
+    min_lr: float = 1e-6
+    warmup_epochs: float = 5.0
+    weight_decay: float = 0.05
+    layer_decay: float = 0.75  # 1.0 = off
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    clip_grad: float | None = None
+
+
+@dataclass
+class EmaConfig:
+    enabled: bool = False
+    decay: float = 0.9998
+
+
+@dataclass
+class FinetuneRun(RunConfig):
+    epochs: int = 100
+    batch_size: int = 64
+    out_dir: str = "runs/finetune"
+
+
+@dataclass
+class FinetuneConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    model: FinetuneModel = field(default_factory=FinetuneModel)
+    aug: AugConfig = field(default_factory=AugConfig)
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    optim: FinetuneOptim = field(default_factory=FinetuneOptim)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    train: FinetuneRun = field(default_factory=FinetuneRun)
+
+
+COMMANDS: dict[str, type] = {"knn": KnnConfig, "linprobe": LinprobeConfig, "finetune": FinetuneConfig}
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _validate_common(cfg: Any) -> None:
+    from mimkit.models import PRESETS
+
+    e, d = cfg.encoder, cfg.data
+    _require(bool(e.checkpoint), "encoder.checkpoint must be a path or 'none'")
+    if e.checkpoint == "none":
+        _require(e.arch is not None, "encoder.arch is required with encoder.checkpoint: none (random init)")
+    else:
+        _require(e.checkpoint.lower() != "null", "encoder.checkpoint: write 'none' for a random-init encoder")
+    _require(e.arch is None or e.arch in PRESETS, f"encoder.arch: unknown '{e.arch}'; allowed: {', '.join(sorted(PRESETS))}")
+    for key in ("img_size", "patch_size", "embed_dim", "depth", "num_heads"):
+        v = getattr(e, key)
+        _require(v is None or v > 0, f"encoder.{key} must be positive, got {v}")
+    _require(bool(d.path), "data.path is required: a .npz with x_train/y_train, or a folder with one ImageFolder tree per split")
+    _require(d.train_samples is None or d.train_samples > 0, f"data.train_samples must be positive, got {d.train_samples}")
+    _require(d.val_samples is None or d.val_samples > 0, f"data.val_samples must be positive, got {d.val_samples}")
+    _require(all(s > 0 for s in d.std), f"data.std must be positive, got {d.std}")
+    _require(d.crop_pct is None or 0.0 < d.crop_pct <= 1.0, f"data.crop_pct must be in (0, 1], got {d.crop_pct}")
+    _require(0.0 < d.crop_scale[0] <= d.crop_scale[1] <= 1.0, f"data.crop_scale must satisfy 0 < min <= max <= 1, got {d.crop_scale}")
+    _require(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
+
+
+def _validate_device(section: str, device: str) -> None:
+    _require(device in ("auto", "cpu") or device.startswith("cuda"), f"{section}.device: '{device}' is not allowed; allowed: auto, cpu, cuda, cuda:N")
+
+
+def _validate_features(section: str, f: FeatureConfig) -> None:
+    _require(f.block == -1 or f.block >= 1, f"{section}.block must be -1 (last) or a 1-based block number, got {f.block}")
+
+
+def _validate_run(t: RunConfig) -> None:
+    _require(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
+    _require(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
+    _require(t.accum_steps >= 1, f"train.accum_steps must be >= 1, got {t.accum_steps}")
+    _require(t.max_steps is None or t.max_steps >= 1, f"train.max_steps must be >= 1 or null, got {t.max_steps}")
+    _require(t.save_every_steps is None or t.save_every_steps >= 1, "train.save_every_steps must be >= 1 or null")
+    for key in ("save_every_epochs", "keep_last", "eval_every_epochs", "log_every", "max_nonfinite_steps"):
+        _require(getattr(t, key) >= 1, f"train.{key} must be >= 1, got {getattr(t, key)}")
+    _validate_device("train", t.device)
+
+
+def validate(cfg: Any) -> Any:
+    _validate_common(cfg)
+    if isinstance(cfg, KnnConfig):
+        _validate_features("features", cfg.features)
+        _require(cfg.knn.k >= 1, f"knn.k must be >= 1, got {cfg.knn.k}")
+        _require(cfg.knn.temperature > 0, f"knn.temperature must be positive, got {cfg.knn.temperature}")
+        _require(cfg.knn.chunk_size >= 1, f"knn.chunk_size must be >= 1, got {cfg.knn.chunk_size}")
+        _require(cfg.run.batch_size >= 1, f"run.batch_size must be >= 1, got {cfg.run.batch_size}")
+        _require(cfg.run.save_every_batches >= 1, f"run.save_every_batches must be >= 1, got {cfg.run.save_every_batches}")
+        _validate_device("run", cfg.run.device)
+    elif isinstance(cfg, LinprobeConfig):
+        _validate_features("probe", cfg.probe)
+        _require(cfg.probe.head_init_std > 0, "probe.head_init_std must be positive")
+        o = cfg.optim
+        _require(o.blr > 0 and (o.lr is None or o.lr > 0), "optim.blr / optim.lr must be positive")
+        _require(o.min_lr >= 0 and o.warmup_epochs >= 0 and o.weight_decay >= 0, "optim.min_lr, warmup_epochs, weight_decay must be >= 0")
+        _require(0.0 <= o.momentum < 1.0, f"optim.momentum must be in [0, 1), got {o.momentum}")
+        _require(o.trust_coeff > 0, f"optim.trust_coeff must be positive, got {o.trust_coeff}")
+        _validate_run(cfg.train)
+    elif isinstance(cfg, FinetuneConfig):
+        m, a, o = cfg.model, cfg.aug, cfg.optim
+        _require(0.0 <= m.drop_path_rate < 1.0, f"model.drop_path_rate must be in [0, 1), got {m.drop_path_rate}")
+        _require(m.head_init_std > 0, "model.head_init_std must be positive")
+        _require(m.trainable_blocks is None or m.trainable_blocks >= 0, f"model.trainable_blocks must be >= 0 or null, got {m.trainable_blocks}")
+        _require(a.rand_augment is None or a.rand_augment.startswith("rand-"), f"aug.rand_augment must be a timm RandAugment spec like 'rand-m9-mstd0.5-inc1' or null, got {a.rand_augment!r}")
+        _require(0.0 <= a.re_prob <= 1.0 and 0.0 <= a.mixup_prob <= 1.0 and 0.0 <= a.mixup_switch_prob <= 1.0, "aug.re_prob, mixup_prob, mixup_switch_prob must be in [0, 1]")
+        _require(a.mixup >= 0 and a.cutmix >= 0, "aug.mixup and aug.cutmix must be >= 0")
+        _require(0.0 <= a.label_smoothing < 1.0, f"aug.label_smoothing must be in [0, 1), got {a.label_smoothing}")
+        _require(o.blr > 0 and (o.lr is None or o.lr > 0), "optim.blr / optim.lr must be positive")
+        _require(o.min_lr >= 0 and o.warmup_epochs >= 0 and o.weight_decay >= 0, "optim.min_lr, warmup_epochs, weight_decay must be >= 0")
+        _require(0.0 < o.layer_decay <= 1.0, f"optim.layer_decay must be in (0, 1], got {o.layer_decay}")
+        _require(all(0.0 <= b < 1.0 for b in o.betas), f"optim.betas must be in [0, 1), got {o.betas}")
+        _require(o.clip_grad is None or o.clip_grad > 0, f"optim.clip_grad must be positive or null, got {o.clip_grad}")
+        _require(0.0 < cfg.ema.decay < 1.0, f"ema.decay must be in (0, 1), got {cfg.ema.decay}")
+        _validate_run(cfg.train)
+        mixing = a.mixup > 0 or a.cutmix > 0
+        _require(not mixing or cfg.train.batch_size % 2 == 0, "train.batch_size must be even with Mixup/CutMix (timm pairs images)")
+    return cfg
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_eval_config(command: str, path: str | Path | None = None, overrides: list[str] | None = None, **sections: Any):
+    """Defaults <- YAML recipe <- keyword sections (Python API) <- `key=value` overrides, for one command."""
+    if command not in COMMANDS:
+        raise ConfigError(f"unknown evaluation command '{command}'; allowed: {', '.join(COMMANDS)}")
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must contain a mapping at the top level")
+        data = loaded
+    data = _merge(data, sections)
+    data = _merge(data, parse_overrides(overrides or []))
+    return validate(_from_dict(COMMANDS[command], data))
+
+
+def eval_config_from_dict(command: str, data: dict):
+    return validate(_from_dict(COMMANDS[command], data))
+
+
+def dump_eval_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def command_of(cfg: Any) -> str:
+    return next(name for name, cls in COMMANDS.items() if isinstance(cfg, cls))
+
+
+__all__ = [
+    "COMMANDS", "EncoderConfig", "EvalDataConfig", "FeatureConfig", "FinetuneConfig", "KnnConfig", "LinprobeConfig",
+    "command_of", "dataclasses", "dump_eval_yaml", "eval_config_from_dict", "load_eval_config",
+]  # fmt: skip

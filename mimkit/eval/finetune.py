@@ -1,0 +1,376 @@
+"""`mimkit finetune`: end-to-end fine-tuning of a pretrained encoder, the MAE / BEiT recipe on timm's parts.
+
+* model: the checkpoint's stock timm VisionTransformer with a classifier: global average pool of the patch
+  tokens -> fc_norm LayerNorm -> Linear (timm's `global_pool="avg"`; the encoder's final norm is then unused,
+  as in MAE's fine-tuning), head trunc_normal(2e-5); drop path; optionally only the last k blocks train.
+* optimizer: AdamW on timm's layer-wise lr decay groups (`timm.optim.param_groups_layer_decay`): block i
+  gets decay^(depth - i), patch_embed / cls_token / pos_embed decay^(depth + 1), the head 1; no weight decay
+  on 1-D tensors, pos_embed and cls_token. The per-layer lr table is logged at start.
+* data: timm's RandAugment + RandomResizedCrop + flip + random erasing (`timm.data.create_transform`),
+  `timm.data.Mixup` (Mixup / CutMix with label smoothing) and `timm.loss.SoftTargetCrossEntropy`.
+* optional model EMA (`timm.utils.ModelEmaV3`), evaluated beside the model.
+
+Resume is exact: model, optimizer, grad scaler, EMA and step are checkpointed; batches come from
+mimkit.data.ResumableBatchSampler with per-sample augmentation seeds, and the step's own randomness
+(drop path, Mixup / CutMix) is drawn from RNGs seeded by (seed, step, rank) at the start of every step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from timm.data import Mixup, create_transform
+from timm.layers import trunc_normal_
+from timm.loss import SoftTargetCrossEntropy
+from timm.models.vision_transformer import VisionTransformer
+from timm.optim import param_groups_layer_decay
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from torchvision.transforms import v2
+
+import mimkit
+from mimkit import distributed as mdist
+from mimkit.checkpoint import atomic_write_text, checkpoint_path, load_checkpoint, prune_checkpoints, save_checkpoint
+from mimkit.config import ConfigError, to_dict
+from mimkit.data import ResumableBatchSampler, stable_seed
+from mimkit.eval.common import (
+    EvalLog,
+    EvalResult,
+    KeyReport,
+    LabelledDataset,
+    Stopwatch,
+    build_encoder,
+    encoder_source,
+    eval_loader,
+    eval_transform,
+    load_pretrained,
+    machine_description,
+    open_labelled,
+    summarize_keys,
+    topk_correct,
+    write_final_metrics,
+)
+from mimkit.eval.config import FinetuneConfig, dump_eval_yaml
+from mimkit.train import TrainingDiverged, autocast_context, find_resume, lr_at, seed_everything
+
+log = logging.getLogger("mimkit")
+
+
+# ---------------------------------------------------------------- the model
+
+
+def to_classifier(encoder: VisionTransformer, num_classes: int, global_pool: str = "avg",
+                  head_init_std: float = 2e-5) -> VisionTransformer:  # fmt: skip
+    """Give a mimkit encoder (cls-token pooling, no head) a classifier, as timm would build it:
+    avg -> final norm removed, fc_norm LayerNorm on the pooled patch tokens; token -> final norm on the cls."""
+    if global_pool == "avg":
+        encoder.norm = nn.Identity()
+        encoder.fc_norm = nn.LayerNorm(encoder.embed_dim, eps=1e-6)
+    encoder.reset_classifier(num_classes, global_pool)
+    trunc_normal_(encoder.head.weight, std=head_init_std)
+    nn.init.zeros_(encoder.head.bias)
+    return encoder
+
+
+def build_finetune_model(cfg: FinetuneConfig, num_classes: int) -> tuple[VisionTransformer, KeyReport]:
+    """The classifier with the checkpoint's encoder weights loaded (key report logged), all tensors
+    trainable unless model.trainable_blocks restricts them."""
+    m = cfg.model
+    src = encoder_source(cfg.encoder)
+    model = to_classifier(build_encoder(src, m.drop_path_rate, cfg.train.seed), num_classes, m.global_pool,
+                          m.head_init_std)  # fmt: skip
+    report = load_pretrained(model, src)
+    if m.global_pool == "avg" and src.state is not None:
+        report.notes.append("global average pooling: the encoder's final norm is replaced by fc_norm (MAE fine-tuning)")
+    model.requires_grad_(True)  # pos_embed too (fixed during MAE pretraining, learnt when fine-tuning)
+    if m.trainable_blocks is not None:
+        depth = len(model.blocks)
+        if m.trainable_blocks > depth:
+            raise ConfigError(f"model.trainable_blocks {m.trainable_blocks} exceeds the encoder's {depth} blocks")
+        model.requires_grad_(False)
+        for module in [*model.blocks[depth - m.trainable_blocks :], model.norm, model.fc_norm, model.head]:
+            module.requires_grad_(True)
+    if mdist.world_from_env()[0] == 0:
+        log.info("%s", report.text())
+    return model, report
+
+
+def layer_decay_param_groups(model: VisionTransformer, weight_decay: float, layer_decay: float) -> list[dict]:
+    """timm's layer-wise lr decay groups; each has an `lr_scale` the loop multiplies the scheduled lr by."""
+    return param_groups_layer_decay(model, weight_decay=weight_decay, layer_decay=layer_decay,
+                                    no_weight_decay_list=list(model.no_weight_decay()))  # fmt: skip
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def lr_table(model: nn.Module, groups: list[dict], peak_lr: float) -> list[dict]:
+    """One row per lr scale (a layer of the decay), lowest first: which tensors, scale, peak lr, weight decay."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    rows: dict[float, dict] = {}
+    for g in groups:
+        row = rows.setdefault(g["lr_scale"], {"names": [], "weight_decay": set()})
+        row["names"] += [names[id(p)] for p in g["params"]]
+        row["weight_decay"].add(g["weight_decay"])
+    return [{"layer": i, "params": summarize_keys(r["names"]), "tensors": len(r["names"]), "lr_scale": scale,
+             "peak_lr": peak_lr * scale, "weight_decay": sorted(r["weight_decay"])}
+            for i, (scale, r) in enumerate(sorted(rows.items()))]  # fmt: skip
+
+
+def format_lr_table(rows: list[dict]) -> str:
+    lines = ["layer-wise lr decay (peak lr per layer):", f"  {'layer':>5}  {'lr scale':>10}  {'peak lr':>10}  {'wd':>10}  params"]
+    for r in rows:
+        wd = "/".join(f"{w:g}" for w in r["weight_decay"])
+        lines.append(f"  {r['layer']:>5}  {r['lr_scale']:>10.4g}  {r['peak_lr']:>10.4g}  {wd:>10}  {r['params']}")
+    return "\n".join(lines)
+
+
+def finetune_train_transform(img_size: int, cfg: FinetuneConfig):
+    """timm's training transform: RandomResizedCrop (bicubic) + flip + RandAugment + normalise + random erasing."""
+    d, a = cfg.data, cfg.aug
+    timm_tf = create_transform(
+        input_size=img_size, is_training=True, scale=tuple(d.crop_scale), hflip=0.5 if d.hflip else 0.0,
+        color_jitter=None, auto_augment=a.rand_augment, interpolation="bicubic", re_prob=a.re_prob, re_mode="pixel",
+        re_count=1, mean=tuple(d.mean), std=tuple(d.std),
+    )  # fmt: skip
+    return v2.Compose([v2.ToPILImage(), timm_tf])  # timm's ops work on PIL images; PIL input passes through
+
+
+@torch.no_grad()
+def evaluate_classifier(model: nn.Module, loader: DataLoader, device: torch.device, precision: str) -> dict:
+    """Top-1 / top-5 (%) over the val split, summed over processes."""
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(3, dtype=torch.float64)
+    for imgs, y in loader:
+        with autocast_context(device, precision):
+            logits = model(imgs.to(device, non_blocking=True))
+        c1, c5 = topk_correct(logits.float().cpu(), y)
+        counts += torch.tensor([c1, c5, len(y)], dtype=torch.float64)
+    counts = mdist.all_reduce_sum(counts.to(device)).cpu()
+    model.train(was_training)
+    n = max(float(counts[2]), 1.0)
+    return {"top1": 100.0 * float(counts[0]) / n, "top5": 100.0 * float(counts[1]) / n}
+
+
+# ---------------------------------------------------------------- mimkit finetune
+
+
+def run_finetune(cfg: FinetuneConfig) -> EvalResult:
+    # ---- setup: processes, data (checked first), model with the pretrained encoder
+    clock = Stopwatch()
+    dist = mdist.init_distributed(cfg.train.device)
+    device, t, o, a = dist.device, cfg.train, cfg.optim, cfg.aug
+    precision = mdist.resolve_precision(t.precision, device)
+    out_dir = Path(t.out_dir)
+    seed_everything(t.seed)
+    data = open_labelled(cfg.data, t.seed)
+    model, report = build_finetune_model(cfg, data.num_classes)
+    model.to(device)
+    img_size = model.patch_embed.img_size[0]
+
+    train_set = LabelledDataset(data.train, finetune_train_transform(img_size, cfg))
+    sampler = ResumableBatchSampler(len(train_set), t.batch_size, t.accum_steps, dist.rank, dist.world_size, t.seed)
+    workers, pin = cfg.data.num_workers, device.type == "cuda"
+    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=workers, pin_memory=pin,
+                        persistent_workers=workers > 0, generator=torch.Generator())  # fmt: skip
+    val_set = LabelledDataset(data.val, eval_transform(img_size, cfg.data.mean, cfg.data.std, cfg.data.crop_pct))
+    val_loader = eval_loader(val_set, t.batch_size, workers, dist.rank, dist.world_size, pin)
+    steps_per_epoch = sampler.steps_per_epoch
+    total_steps = t.epochs * steps_per_epoch
+    last_step = min(total_steps, t.max_steps or total_steps)
+    effective_batch = sampler.global_step_size
+    peak_lr = o.lr if o.lr is not None else o.blr * effective_batch / 256
+
+    # ---- optimizer on layer-decay groups, loss, Mixup / CutMix, EMA
+    groups = layer_decay_param_groups(model, o.weight_decay, o.layer_decay)
+    table = lr_table(model, groups, peak_lr)
+    optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=o.betas, eps=o.eps)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    mixup = None
+    if a.mixup > 0 or a.cutmix > 0:
+        mixup = Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, prob=a.mixup_prob, switch_prob=a.mixup_switch_prob,
+                      mode="batch", label_smoothing=a.label_smoothing, num_classes=data.num_classes)  # fmt: skip
+        criterion = SoftTargetCrossEntropy()
+    else:
+        criterion = nn.CrossEntropyLoss(label_smoothing=a.label_smoothing)
+    ema = ModelEmaV3(model, decay=cfg.ema.decay) if cfg.ema.enabled else None
+
+    # ---- resume: model, optimizer, scaler, EMA, step (which fixes epoch, data position and lr), evaluations
+    step, evals, elapsed, nonfinite_total = 0, [], 0.0, 0
+    resume_from = find_resume(cfg)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from)
+        if state.get("command") != "finetune" or state["steps_per_epoch"] != steps_per_epoch:
+            raise ValueError(f"cannot resume {resume_from} exactly: not a finetune checkpoint of this setting (data, "
+                             "batch size, processes or accum_steps differ)")  # fmt: skip
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            if "ema" not in state:
+                raise ValueError(f"cannot resume {resume_from} with ema.enabled: it has no EMA weights")
+            ema.module.load_state_dict(state["ema"])
+        step, evals, elapsed, nonfinite_total = state["step"], state["evals"], state["elapsed_s"], state["nonfinite_steps"]
+    clock.already = elapsed
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.enabled else None
+    train_model = ddp or model
+
+    if dist.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "config.yaml", dump_eval_yaml(cfg))
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log.info(
+            "mimkit %s | finetune | %s | %s pool, drop path %g, %s trainable params%s | %d train / %d val images, %d "
+            "classes | effective batch %d (%d x %d x accum %d), peak lr %.3g, layer decay %g | %d steps/epoch, %d steps "
+            "| mixup %g, cutmix %g, smoothing %g, %s, ema %s | %s, %s",
+            mimkit.__version__, cfg.encoder.checkpoint, cfg.model.global_pool, cfg.model.drop_path_rate, f"{trainable:,}",
+            "" if cfg.model.trainable_blocks is None else f" (last {cfg.model.trainable_blocks} blocks)",
+            len(data.train), len(data.val), data.num_classes, effective_batch, t.batch_size, dist.world_size,
+            t.accum_steps, peak_lr, o.layer_decay, steps_per_epoch, total_steps, a.mixup, a.cutmix, a.label_smoothing,
+            a.rand_augment or "no RandAugment", cfg.ema.decay if ema else "off", device, precision,
+        )  # fmt: skip
+        log.info("%s", format_lr_table(table))
+        if resume_from is not None:
+            log.info("resumed from %s at step %d", resume_from, step)
+    metrics = EvalLog(out_dir, dist.is_main, t.tensorboard, "finetune")
+    if resume_from is not None:
+        metrics.write({"event": "resume", "from": str(resume_from), "resumed_step": step})
+
+    def evaluate(done: int) -> dict:
+        record = {"step": done, "epoch": round(done / steps_per_epoch, 4)}
+        record.update(evaluate_classifier(model, val_loader, device, precision))
+        if ema is not None:
+            acc = evaluate_classifier(ema.module, val_loader, device, precision)
+            record.update({"ema_top1": acc["top1"], "ema_top5": acc["top5"]})
+        return record
+
+    def save(done: int) -> Path | None:
+        if not dist.is_main:
+            return None
+        state = {"command": "finetune", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scaler": scaler.state_dict(), "step": done, "epoch": done / steps_per_epoch,
+                 "steps_per_epoch": steps_per_epoch, "evals": evals, "elapsed_s": clock.total(),
+                 "nonfinite_steps": nonfinite_total, "num_classes": data.num_classes, "config": to_dict(cfg),
+                 "key_report": report.to_dict(), "mimkit_version": mimkit.__version__}  # fmt: skip
+        if ema is not None:
+            state["ema"] = ema.module.state_dict()
+        path = save_checkpoint(checkpoint_path(out_dir, done), state)
+        prune_checkpoints(out_dir, t.keep_last)
+        return path
+
+    # ---- the loop
+    progress = None
+    if dist.is_main and t.progress:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=last_step, initial=step, desc="finetune", unit="step", dynamic_ncols=True)
+    last_ckpt, consecutive_nonfinite, loss_value = resume_from, 0, float("nan")
+    window_start, window_steps = time.perf_counter(), 0
+    model.train()
+    done = step
+    while step < last_step:
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch, in_epoch)
+        batches = iter(loader)
+        for step in range(step, min((epoch + 1) * steps_per_epoch, last_step)):
+            seed_everything(stable_seed(t.seed, "finetune-step", step, dist.rank))  # drop path, Mixup / CutMix
+            lr = lr_at(step, steps_per_epoch, cfg, peak_lr)
+            set_lr(optimizer, lr)
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(t.accum_steps):
+                imgs, y = next(batches)
+                imgs, y = imgs.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if mixup is not None:
+                    imgs, y = mixup(imgs, y)
+                sync = ddp is None or micro == t.accum_steps - 1
+                with (nullcontext() if sync else ddp.no_sync()), autocast_context(device, precision):
+                    loss = criterion(train_model(imgs).float(), y)
+                scaler.scale(loss / t.accum_steps).backward()
+                loss_sum += loss.detach().float()
+
+            stats = mdist.all_reduce_sum(torch.stack([loss_sum / t.accum_steps, (~torch.isfinite(loss_sum)).float()]))
+            loss_value = float(stats[0]) / dist.world_size
+            finite, grad_norm = float(stats[1]) == 0, None
+            if finite and o.clip_grad is not None:
+                scaler.unscale_(optimizer)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], o.clip_grad))
+                finite = math.isfinite(grad_norm) or precision == "fp16"
+            if finite:
+                scaler.step(optimizer)
+                scaler.update()
+                if ema is not None:
+                    ema.update(model)
+                consecutive_nonfinite = 0
+            else:
+                nonfinite_total += 1
+                consecutive_nonfinite += 1
+                log.warning("step %d: non-finite loss/gradient, update skipped (%d in a row)", step, consecutive_nonfinite)
+            optimizer.zero_grad(set_to_none=True)
+            window_steps += 1
+            if consecutive_nonfinite >= t.max_nonfinite_steps:
+                if progress is not None:
+                    progress.close()
+                metrics.close()
+                raise TrainingDiverged(f"finetune: non-finite loss or gradients for {consecutive_nonfinite} consecutive "
+                                       f"steps; last checkpoint: {last_ckpt or 'none yet'}. Try a lower optim.blr, "
+                                       "optim.clip_grad, or train.precision=fp32.")  # fmt: skip
+
+            done = step + 1
+            if done % t.log_every == 0 or done == last_step:
+                img_s = window_steps * effective_batch / max(time.perf_counter() - window_start, 1e-9)
+                record = {"step": done, "epoch": round(done / steps_per_epoch, 4), "loss": loss_value, "lr": lr,
+                          "img_per_s": round(img_s, 2), "nonfinite_steps": nonfinite_total, "time": time.time()}  # fmt: skip
+                if grad_norm is not None:
+                    record["grad_norm"] = grad_norm
+                metrics.write(record)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}", refresh=False)
+                window_start, window_steps = time.perf_counter(), 0
+            if progress is not None:
+                progress.update(1)
+            end_of_epoch = done % steps_per_epoch == 0
+            if (end_of_epoch and (done // steps_per_epoch) % t.eval_every_epochs == 0) or done == last_step:
+                record = evaluate(done)
+                evals.append(record)
+                metrics.write({**record, "time": time.time()})
+                if dist.is_main:
+                    log.info("epoch %.2f: top-1 %.2f%%%s", record["epoch"], record["top1"],
+                             f", EMA top-1 {record['ema_top1']:.2f}%" if ema is not None else "")  # fmt: skip
+            periodic = (t.save_every_steps and done % t.save_every_steps == 0) or (
+                end_of_epoch and (done // steps_per_epoch) % t.save_every_epochs == 0
+            )
+            if (periodic and consecutive_nonfinite == 0) or done == last_step:
+                last_ckpt = save(done) or last_ckpt
+        step = done
+    if progress is not None:
+        progress.close()
+    metrics.close()
+
+    final = evals[-1] if evals and evals[-1]["step"] == done else evaluate(done)
+    best = max(evals or [final], key=lambda r: r["top1"])
+    result = {
+        "command": "finetune", "top1": final["top1"], "top5": final["top5"], "best_top1": best["top1"],
+        "best_epoch": best["epoch"], "epochs": t.epochs, "steps": done, "effective_batch": effective_batch,
+        "peak_lr": peak_lr, "layer_decay": o.layer_decay, "lr_table": table, "trainable_blocks": cfg.model.trainable_blocks,
+        "encoder": cfg.encoder.checkpoint, "key_report": report.to_dict(), "train_images": len(data.train),
+        "val_images": len(data.val), "num_classes": data.num_classes, "wall_clock_s": round(clock.total(), 2),
+        "machine": machine_description(device), "nonfinite_steps": nonfinite_total, "mimkit_version": mimkit.__version__,
+    }  # fmt: skip
+    if ema is not None:
+        result.update({"ema_top1": final["ema_top1"], "ema_top5": final["ema_top5"],
+                       "best_ema_top1": max(r["ema_top1"] for r in evals or [final])})  # fmt: skip
+    path = out_dir / "metrics.json"
+    if dist.is_main:
+        path = write_final_metrics(out_dir, result)
+    mdist.barrier()
+    return EvalResult(out_dir, result, path, last_ckpt)

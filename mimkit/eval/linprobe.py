@@ -1,0 +1,300 @@
+"""`mimkit linprobe`: linear probing of a frozen encoder, the MAE protocol.
+
+The encoder is frozen (no gradient) and stays in eval mode; the head is BatchNorm1d(affine=False, eps 1e-6)
++ Linear (trunc_normal 0.01), trained with LARS (timm's; trust ratio on the weight matrix, none on the bias,
+MAE's setting), SGD or AdamW, linear warmup then cosine (per iteration), lr = blr x effective batch / 256.
+
+Two modes: `augment` (MAE: RandomResizedCrop + flip through the encoder every epoch) and `cached` (the fast
+path: the features are extracted once, without augmentation, and the head trains on them). With
+`probe.scan_blocks` one head per block trains simultaneously from a single encoder pass, and the best block
+is reported (BEiT, BootMAE). Validation features are always extracted once (the encoder is fixed).
+
+Resume is exact: the head, the optimizer and the step are checkpointed; batches come from
+mimkit.data.ResumableBatchSampler and augmentations from per-sample seeds.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from timm.optim import Lars
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+import mimkit
+from mimkit import distributed as mdist
+from mimkit.checkpoint import atomic_write_text, checkpoint_path, load_checkpoint, prune_checkpoints, save_checkpoint
+from mimkit.config import to_dict
+from mimkit.data import ResumableBatchSampler
+from mimkit.eval.common import (
+    EvalLog,
+    EvalResult,
+    LabelledDataset,
+    Stopwatch,
+    cache_meta,
+    encoder_features,
+    eval_transform,
+    extract_features,
+    feature_blocks,
+    feature_dim,
+    frozen,
+    load_encoder,
+    machine_description,
+    open_labelled,
+    probe_train_transform,
+    topk_correct,
+    write_final_metrics,
+)
+from mimkit.eval.config import LinprobeConfig, dump_eval_yaml
+from mimkit.train import TrainingDiverged, autocast_context, find_resume, lr_at, seed_everything
+
+log = logging.getLogger("mimkit")
+
+
+class ProbeHeads(nn.Module):
+    """One BatchNorm1d(affine=False) + Linear per probed block; (B, H, D) features -> (B, H, C) logits."""
+
+    def __init__(self, num_heads: int, dim: int, num_classes: int, init_std: float = 0.01):
+        super().__init__()
+        self.heads = nn.ModuleList(
+            nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes)) for _ in range(num_heads)
+        )
+        for head in self.heads:
+            trunc_normal_(head[1].weight, std=init_std)
+            nn.init.zeros_(head[1].bias)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return torch.stack([head(feats[:, i]) for i, head in enumerate(self.heads)], dim=1)
+
+
+def probe_optimizer(heads: nn.Module, o, lr: float) -> torch.optim.Optimizer:
+    """Weight matrices get weight decay (and, for LARS, the trust-ratio adaptation); biases neither."""
+    weights = [p for p in heads.parameters() if p.ndim > 1]
+    biases = [p for p in heads.parameters() if p.ndim <= 1]
+    if o.name == "lars":
+        groups = [{"params": weights, "weight_decay": o.weight_decay, "always_adapt": True},
+                  {"params": biases, "weight_decay": 0.0, "always_adapt": False}]  # fmt: skip
+        return Lars(groups, lr=lr, momentum=o.momentum, trust_coeff=o.trust_coeff)
+    groups = [{"params": weights, "weight_decay": o.weight_decay}, {"params": biases, "weight_decay": 0.0}]
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=o.momentum)
+    return torch.optim.AdamW(groups, lr=lr, betas=o.betas)
+
+
+@torch.no_grad()
+def probe_accuracy(heads: nn.Module, feats: torch.Tensor, labels: torch.Tensor, device: torch.device,
+                   chunk: int = 4096) -> list[dict]:  # fmt: skip
+    """Top-1 / top-5 (%) of every head on (N, H, D) features."""
+    was_training = heads.training
+    heads.eval()
+    hits = torch.zeros(feats.shape[1], 2, dtype=torch.int64)
+    for lo in range(0, len(feats), chunk):
+        logits = heads(feats[lo : lo + chunk].to(device)).float().cpu()
+        y = labels[lo : lo + chunk]
+        for h in range(logits.shape[1]):
+            hits[h] += torch.tensor(topk_correct(logits[:, h], y))
+    heads.train(was_training)
+    n = max(len(labels), 1)
+    return [{"top1": 100.0 * int(a) / n, "top5": 100.0 * int(b) / n} for a, b in hits.tolist()]
+
+
+def run_linprobe(cfg: LinprobeConfig) -> EvalResult:
+    # ---- setup: processes, data (checked first), frozen encoder, heads
+    clock = Stopwatch()
+    dist = mdist.init_distributed(cfg.train.device)
+    device, t, o, p = dist.device, cfg.train, cfg.optim, cfg.probe
+    precision = mdist.resolve_precision(t.precision, device)
+    out_dir = Path(t.out_dir)
+    seed_everything(t.seed)
+    data = open_labelled(cfg.data, t.seed)
+    encoder, report = load_encoder(cfg.encoder, t.seed)
+    frozen(encoder).to(device)
+    img_size = encoder.patch_embed.img_size[0]
+    indices = feature_blocks(encoder, p.block, p.scan_blocks)
+    blocks = [i + 1 for i in indices]  # 1-based, as reported
+    conf = (len(blocks) - 1 if p.block == -1 else p.block - 1) if p.scan_blocks else 0  # the configured block's head
+    heads = ProbeHeads(len(indices), feature_dim(encoder, p.pool), data.num_classes, p.head_init_std).to(device)
+    if dist.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    mdist.barrier()
+
+    # ---- features: val always once (fixed encoder, fixed transform); train once in cached mode
+    extract = dict(indices=indices, pool=p.pool, batch_size=t.batch_size, device=device, precision=precision,
+                   num_workers=cfg.data.num_workers)  # fmt: skip
+    plain = eval_transform(img_size, cfg.data.mean, cfg.data.std, cfg.data.crop_pct)
+    f_val, y_val = extract_features(
+        encoder, LabelledDataset(data.val, plain), cache=out_dir / "features-val.pt",
+        meta=cache_meta(cfg.encoder, cfg.data, cfg.data.val_split, cfg.data.val_samples, img_size, t.seed),
+        desc="features (val)" if t.progress else None, **extract,
+    )  # fmt: skip
+    sampler = ResumableBatchSampler(len(data.train), t.batch_size, t.accum_steps, dist.rank, dist.world_size, t.seed)
+    loader = None
+    if p.mode == "cached":
+        f_train, y_train = extract_features(
+            encoder, LabelledDataset(data.train, plain), cache=out_dir / "features-train.pt",
+            meta=cache_meta(cfg.encoder, cfg.data, cfg.data.train_split, cfg.data.train_samples, img_size, t.seed),
+            desc="features (train)" if t.progress else None, **extract,
+        )  # fmt: skip
+    else:
+        workers = cfg.data.num_workers
+        loader = DataLoader(LabelledDataset(data.train, probe_train_transform(img_size, cfg.data)), batch_sampler=sampler,
+                            num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                            generator=torch.Generator())  # fmt: skip
+    steps_per_epoch = sampler.steps_per_epoch
+    total_steps = t.epochs * steps_per_epoch
+    last_step = min(total_steps, t.max_steps or total_steps)
+    effective_batch = sampler.global_step_size
+    peak_lr = o.lr if o.lr is not None else o.blr * effective_batch / 256
+    optimizer = probe_optimizer(heads, o, peak_lr)
+
+    # ---- resume: heads, optimizer, step (which fixes epoch, data position and lr), evaluations so far
+    step, evals, elapsed, nonfinite_total = 0, [], 0.0, 0
+    resume_from = find_resume(cfg)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from)
+        if state.get("command") != "linprobe" or state["steps_per_epoch"] != steps_per_epoch or state["blocks"] != blocks:
+            raise ValueError(f"cannot resume {resume_from} exactly: it is not a linprobe checkpoint of this setting "
+                             "(command, blocks, data, batch size, processes or accum_steps differ)")  # fmt: skip
+        heads.load_state_dict(state["heads"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, evals, elapsed = state["step"], state["evals"], state["elapsed_s"]
+        nonfinite_total = state["nonfinite_steps"]
+    clock.already = elapsed
+    ddp = DistributedDataParallel(heads, device_ids=[device.index] if device.type == "cuda" else None) if dist.enabled else None
+    train_heads = ddp or heads
+
+    if dist.is_main:
+        atomic_write_text(out_dir / "config.yaml", dump_eval_yaml(cfg))
+        log.info(
+            "mimkit %s | linprobe (%s) | %s | blocks %s, %s features, dim %d | %d train / %d val images, %d classes | "
+            "%s, effective batch %d, peak lr %.3g, %d steps/epoch, %d steps | %d processes on %s, %s",
+            mimkit.__version__, p.mode, cfg.encoder.checkpoint, blocks if len(blocks) < 6 else f"1-{blocks[-1]}", p.pool,
+            feature_dim(encoder, p.pool), len(data.train), len(data.val), data.num_classes, o.name, effective_batch,
+            peak_lr, steps_per_epoch, total_steps, dist.world_size, device, precision,
+        )  # fmt: skip
+        if resume_from is not None:
+            log.info("resumed from %s at step %d", resume_from, step)
+    metrics = EvalLog(out_dir, dist.is_main, t.tensorboard, "linprobe")
+
+    def evaluate(done: int) -> dict:
+        accs = probe_accuracy(heads, f_val, y_val, device)
+        best = max(range(len(accs)), key=lambda h: accs[h]["top1"])
+        record = {"step": done, "epoch": round(done / steps_per_epoch, 4), "top1": accs[conf]["top1"], "top5": accs[conf]["top5"],
+                  "best_block": blocks[best], "best_top1": accs[best]["top1"],
+                  "per_block_top1": {str(b): a["top1"] for b, a in zip(blocks, accs)},
+                  "per_block_top5": {str(b): a["top5"] for b, a in zip(blocks, accs)}}  # fmt: skip
+        return record
+
+    def save(done: int) -> Path | None:
+        if not dist.is_main:
+            return None
+        path = save_checkpoint(checkpoint_path(out_dir, done), {
+            "command": "linprobe", "heads": heads.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
+            "epoch": done / steps_per_epoch, "steps_per_epoch": steps_per_epoch, "blocks": blocks, "evals": evals,
+            "elapsed_s": clock.total(), "nonfinite_steps": nonfinite_total, "config": to_dict(cfg),
+            "key_report": report.to_dict(), "mimkit_version": mimkit.__version__,
+        })  # fmt: skip
+        prune_checkpoints(out_dir, t.keep_last)
+        return path
+
+    # ---- the loop
+    progress = None
+    if dist.is_main and t.progress:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=last_step, initial=step, desc="linprobe", unit="step", dynamic_ncols=True)
+    last_ckpt, consecutive_nonfinite, loss_value = resume_from, 0, float("nan")
+    window_start, window_steps = time.perf_counter(), 0
+    heads.train()  # the encoder is never put in train mode
+    done = step
+    while step < last_step:
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch, in_epoch)
+        batches = iter(loader) if loader is not None else iter(sampler)
+        for step in range(step, min((epoch + 1) * steps_per_epoch, last_step)):
+            lr = lr_at(step, steps_per_epoch, cfg, peak_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(t.accum_steps):
+                if loader is None:  # cached features: the sampler's (index, seed) pairs index them directly
+                    idx = torch.tensor([i for i, _ in next(batches)])
+                    feats, y = f_train[idx].to(device, non_blocking=True), y_train[idx].to(device, non_blocking=True)
+                else:
+                    imgs, y = next(batches)
+                    imgs, y = imgs.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    with torch.no_grad(), autocast_context(device, precision):
+                        feats = encoder_features(encoder, imgs, indices, p.pool)
+                sync = ddp is None or micro == t.accum_steps - 1
+                with nullcontext() if sync else ddp.no_sync():
+                    logits = train_heads(feats).float()
+                    loss = sum(F.cross_entropy(logits[:, h], y) for h in range(logits.shape[1]))
+                    (loss / t.accum_steps).backward()
+                loss_sum += loss.detach() / logits.shape[1]
+            stats = mdist.all_reduce_sum(torch.stack([loss_sum / t.accum_steps, (~torch.isfinite(loss_sum)).float()]))
+            loss_value = float(stats[0]) / dist.world_size
+            if float(stats[1]) == 0:
+                optimizer.step()
+                consecutive_nonfinite = 0
+            else:
+                nonfinite_total += 1
+                consecutive_nonfinite += 1
+                log.warning("step %d: non-finite loss, update skipped (%d in a row)", step, consecutive_nonfinite)
+            optimizer.zero_grad(set_to_none=True)
+            window_steps += 1
+            if consecutive_nonfinite >= t.max_nonfinite_steps:
+                metrics.close()
+                raise TrainingDiverged(f"linprobe: non-finite loss for {consecutive_nonfinite} consecutive steps; last "
+                                       f"checkpoint: {last_ckpt or 'none yet'}. Try a lower optim.blr.")  # fmt: skip
+
+            done = step + 1
+            if done % t.log_every == 0 or done == last_step:
+                elapsed_w = time.perf_counter() - window_start
+                img_s = window_steps * effective_batch / max(elapsed_w, 1e-9)
+                metrics.write({"step": done, "epoch": round(done / steps_per_epoch, 4), "loss": loss_value, "lr": lr,
+                               "img_per_s": round(img_s, 2), "time": time.time()})  # fmt: skip
+                if progress is not None:
+                    progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
+                window_start, window_steps = time.perf_counter(), 0
+            if progress is not None:
+                progress.update(1)
+            end_of_epoch = done % steps_per_epoch == 0
+            if (end_of_epoch and (done // steps_per_epoch) % t.eval_every_epochs == 0) or done == last_step:
+                record = evaluate(done)
+                evals.append(record)
+                metrics.write({**record, "time": time.time()})
+                if dist.is_main:
+                    log.info("epoch %.2f: top-1 %.2f%% (best block %d: %.2f%%)", record["epoch"], record["top1"],
+                             record["best_block"], record["best_top1"])  # fmt: skip
+            periodic = (t.save_every_steps and done % t.save_every_steps == 0) or (
+                end_of_epoch and (done // steps_per_epoch) % t.save_every_epochs == 0
+            )
+            if (periodic and consecutive_nonfinite == 0) or done == last_step:
+                last_ckpt = save(done) or last_ckpt
+        step = done
+    if progress is not None:
+        progress.close()
+    metrics.close()
+
+    final = evals[-1] if evals and evals[-1]["step"] == done else evaluate(done)
+    result = {
+        "command": "linprobe", "top1": final["top1"], "top5": final["top5"], "best_block": final["best_block"],
+        "best_top1": final["best_top1"], "per_block_top1": final["per_block_top1"], "block": blocks[conf],
+        "pool": p.pool, "mode": p.mode, "optimizer": o.name, "peak_lr": peak_lr, "effective_batch": effective_batch,
+        "epochs": t.epochs, "steps": done, "encoder": cfg.encoder.checkpoint, "key_report": report.to_dict(),
+        "train_images": len(data.train), "val_images": len(data.val), "num_classes": data.num_classes,
+        "wall_clock_s": round(clock.total(), 2), "machine": machine_description(device),
+        "nonfinite_steps": nonfinite_total, "mimkit_version": mimkit.__version__,
+    }  # fmt: skip
+    path = out_dir / "metrics.json"
+    if dist.is_main:
+        path = write_final_metrics(out_dir, result)
+    mdist.barrier()
+    return EvalResult(out_dir, result, path, last_ckpt)

@@ -1,0 +1,400 @@
+"""BootMAE (Dong et al., ECCV 2022), written from the project's methods notes (section 5); the official code
+carries no licence and was not used.
+
+Two targets, two target-aware decoders, one encoder (a stock timm ViT run on the visible patches only):
+- pixels: each patch normalised per channel, (x - mean) / sqrt(biased var + 1e-5), predicted by the pixel
+  decoder, which cross-attends to the output of encoder block 0 (low-level features) of the visible tokens;
+- features: the last-block tokens (before the final norm) of a momentum (EMA) copy of the encoder run on the
+  full image, in eval mode and without gradient, predicted by the feature decoder, which cross-attends to the
+  student's last-block tokens (before the final norm); both sides go through a LayerNorm without affine.
+Both losses are masked-token MSEs with larger weights at the centre of masked regions (1 + the masked fraction
+of the 3x3 neighbourhood), normalised by the number of masked tokens. L = R + lambda(e) * P, lambda ramped
+linearly over the first 25% of epochs. Masks: a BEiT block mask (120/196 patches) topped up at random to 75%.
+
+Every ingredient is a switch in the `bootmae:` config section (see mimkit.config.BootMAEConfig). The pixel
+decoder takes its size from `mae.decoder_*`. With `mask.type: parallel` the EMAE parallel masks are used: K
+disjoint visible parts per image in one batched forward (the momentum target is computed once per image), the
+losses are averaged over parts and EMAE's self-consistency term (`emae.*`) is added on the pixel predictions.
+
+The training loop calls `set_progress(step, steps_per_epoch, total_steps)` before each step (the loss-weight
+ramp and the momentum are set once per epoch, as in the official schedule) and `after_step(step)` after each
+optimizer step (the EMA update). The EMA encoder is a submodule with requires_grad=False: it is in the
+state_dict (saved and resumed exactly) and never in the optimizer.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from functools import partial
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Mlp
+from timm.models.vision_transformer import Attention, VisionTransformer
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mimkit.masking import block_mask, hybrid_mask, mask_to_ids, num_visible, parallel_masks, parts_for_ratio, random_mask
+from mimkit.methods.emae import consistency_loss
+from mimkit.methods.mae import per_patch_normalize
+from mimkit.models import patchify, sincos_2d_pos_embed
+
+PIXEL_EPS = 1e-5  # BootMAE's pixel target: eps added to the biased variance
+FEATURE_EPS = 1e-6  # the affine-free LayerNorm on feature target and prediction
+
+
+class BootMAEOutput(NamedTuple):
+    loss: torch.Tensor  # reconstruction + feature_weight * feature (+ consistency weight * consistency)
+    pred: torch.Tensor  # (B, L, p*p*3) pixel predictions in the target's normalised space; (B, K, L, .) parallel
+    mask: torch.Tensor  # (B, L), 1 = masked; (B, K, L) with parallel masks
+    reconstruction: torch.Tensor  # R, the centre-weighted pixel loss (detached)
+    feature: torch.Tensor  # P, the centre-weighted feature loss (detached; 0 without a feature target)
+    consistency: torch.Tensor  # EMAE self-consistency (parallel masks only, else 0; detached)
+    feature_weight: float  # lambda(e) of this step (0 without a feature target)
+    momentum: float  # EMA decay after_step applies after this step
+    feature_pred: torch.Tensor | None  # (B[*K], L, D) feature-decoder output, before the affine-free LayerNorm
+
+
+def pixel_target(imgs: torch.Tensor, patch_size: int, norm: str = "patch_channel") -> torch.Tensor:
+    """(B, L, p*p*3) in patchify layout. patch_channel: each patch and RGB channel by its own mean and biased
+    std (eps 1e-5 inside the root); patch: MAE's norm_pix; none: raw pixels."""
+    target = patchify(imgs.float(), patch_size)
+    if norm == "patch":
+        return per_patch_normalize(target)
+    if norm == "patch_channel":
+        b, num, _ = target.shape
+        t = target.view(b, num, patch_size * patch_size, 3)
+        mean, var = t.mean(dim=2, keepdim=True), t.var(dim=2, unbiased=False, keepdim=True)
+        return ((t - mean) / (var + PIXEL_EPS).sqrt()).view(b, num, -1)
+    return target
+
+
+def center_weights(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """w = m + m * AvgPool3x3(m) (stride 1, zero padding counted): 1 + the masked fraction of a masked token's
+    3x3 neighbourhood, in (1, 2]; 0 for visible tokens. mask: (N, L), 1 = masked."""
+    m = mask.float().view(-1, 1, *grid)
+    pooled = F.avg_pool2d(m, 3, stride=1, padding=1, count_include_pad=True)
+    return (m + m * pooled).view(mask.shape)
+
+
+def feature_weight_at(epoch: int, epochs: float, weight: float, ramp: float) -> float:
+    """lambda(e) = min(weight * (e + 1) / (ramp * E), weight); ramp 0.25 gives min(4 weight (e+1) / E, weight)."""
+    return weight if ramp <= 0 else min(weight * (epoch + 1) / (ramp * epochs), weight)
+
+
+def momentum_at(epoch: int, start: float, mid: float, mid_epoch: float, final: float | None, final_epoch: float) -> float:
+    """EMA decay for epoch e: linear start -> mid over [0, mid_epoch); then mid (ViT-L), or (`final` set, ViT-B's
+    dynamic schedule) linear mid -> final over [mid_epoch, final_epoch] and final after."""
+    if epoch < mid_epoch:
+        return start + epoch / mid_epoch * (mid - start)
+    if final is None:
+        return mid
+    span = final_epoch - mid_epoch
+    return mid + min(span, epoch - mid_epoch) / span * (final - mid)
+
+
+class CrossAttention(nn.Module):
+    """Queries from the decoder tokens; keys and values from the context (encoder features of the visible
+    tokens, cls included). Key bias is zero, as in BootMAE (it cannot change a softmax over keys anyway).
+    The head width is dim // heads (BootMAE's 512-wide decoder with 12 heads: 42, inner width 504)."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        inner = self.heads * self.head_dim
+        self.q = nn.Linear(dim, inner)
+        self.k = nn.Linear(context_dim, inner, bias=False)
+        self.v = nn.Linear(context_dim, inner)
+        self.proj = nn.Linear(inner, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        split = lambda t: t.view(b, t.shape[1], self.heads, self.head_dim).transpose(1, 2)  # noqa: E731
+        out = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(context)), split(self.v(context)))
+        return self.proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class DecoderBlock(nn.Module):
+    """x += SelfAttn(LN x); x += CrossAttn(LN x, LN context) (when context_dim is set); x += MLP(LN x)."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None):
+        super().__init__()
+        norm = partial(nn.LayerNorm, eps=1e-6)
+        self.norm1 = norm(dim)
+        self.attn = Attention(dim, heads, attn_head_dim=dim // heads, qkv_bias=True)
+        self.cross_attn = CrossAttention(dim, context_dim, heads) if context_dim else None
+        if self.cross_attn is not None:
+            self.norm_q, self.norm_context = norm(dim), norm(context_dim)
+        self.norm2 = norm(dim)
+        self.mlp = Mlp(dim, 4 * dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(self.norm_q(x), self.norm_context(context))
+        return x + self.mlp(self.norm2(x))
+
+
+class TargetAwareDecoder(nn.Module):
+    """Linear embed of the final-LN encoder tokens (cls + visible), learned mask tokens appended and un-shuffled;
+    fixed sin-cos position embeddings on the mask tokens only (on every patch token with mask_pos_only=False);
+    blocks with cross-attention to `context`; LN; per-token linear head. Cls is dropped from the output."""
+
+    def __init__(self, encoder_dim: int, context_dim: int | None, grid: int, dim: int, depth: int, heads: int,
+                 out_dim: int, mask_pos_only: bool = True):  # fmt: skip
+        super().__init__()
+        self.embed = nn.Linear(encoder_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(sincos_2d_pos_embed(dim, grid), requires_grad=False)
+        self.blocks = nn.ModuleList([DecoderBlock(dim, heads, context_dim) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, out_dim)
+        self.mask_pos_only, self.grad_checkpointing = mask_pos_only, False
+
+    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor, mask: torch.Tensor,
+                context: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+        x = self.embed(latent)
+        n, num = ids_restore.shape
+        tokens = torch.cat([x[:, 1:], self.mask_token.to(x.dtype).expand(n, num + 1 - x.shape[1], -1)], dim=1)
+        tokens = torch.gather(tokens, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        pos = self.pos_embed[:, 1:]
+        tokens = tokens + (pos * mask.unsqueeze(-1).to(pos.dtype) if self.mask_pos_only else pos)
+        x = torch.cat([x[:, :1], tokens], dim=1)
+        for blk in self.blocks:
+            x = checkpoint(blk, x, context, use_reentrant=False) if self.grad_checkpointing and torch.is_grad_enabled() else blk(x, context)
+        return self.head(self.norm(x))[:, 1:]
+
+
+class BootMAE(nn.Module):
+    def __init__(self, encoder: VisionTransformer, *, decoder_dim: int = 512, decoder_depth: int = 2,
+                 decoder_heads: int = 16, feature_decoder_dim: int | None = None, feature_decoder_depth: int | None = None,
+                 feature_decoder_heads: int | None = None, mask_ratio: float = 0.75, mask_type: str = "hybrid",
+                 hybrid_block_ratio: float = 120 / 196, hybrid_max_block_ratio: float = 60 / 196,
+                 feature_target: str = "ema", feature_weight: float = 1.0, feature_weight_ramp: float = 0.25,
+                 cross_attention: bool = True, pixel_context_layer: int = 0, feature_context_layer: int = -1,
+                 pixel_norm: str = "patch_channel", center_weight: bool = True, mask_pos_only: bool = True,
+                 momentum: float = 0.999, momentum_mid: float = 0.9999, momentum_mid_epoch: float = 100,
+                 momentum_final: float | None = None, momentum_final_epoch: float = 400,
+                 consistency_weight: float = 1.0, stop_gradient: bool = True, distance: str = "mse"):  # fmt: skip
+        super().__init__()
+        self.encoder = encoder
+        dim, depth = encoder.embed_dim, len(encoder.blocks)
+        self.patch_size = encoder.patch_embed.patch_size[0]
+        self.grid = tuple(encoder.patch_embed.grid_size)
+        self.num_patches = encoder.patch_embed.num_patches
+        self.mask_ratio, self.mask_type = mask_ratio, mask_type
+        self.num_block = max(1, round(hybrid_block_ratio * self.num_patches))
+        self.max_block = max(1, round(hybrid_max_block_ratio * self.num_patches))
+        self.parts = parts_for_ratio(mask_ratio) if mask_type == "parallel" else 1
+        self.pixel_norm, self.center_weight = pixel_norm, center_weight
+        self.norm_pix_loss = pixel_norm != "none"  # for reconstruction captions
+        self.feature_weight, self.feature_weight_ramp = feature_weight, feature_weight_ramp
+        self.momentum_schedule = (momentum, momentum_mid, momentum_mid_epoch, momentum_final, momentum_final_epoch)
+        self.consistency_weight, self.stop_gradient, self.distance = consistency_weight, stop_gradient, distance
+        self.pixel_layer, self.feature_layer = pixel_context_layer % depth, feature_context_layer % depth
+        context = dim if cross_attention else None
+        self.pixel_decoder = TargetAwareDecoder(dim, context, self.grid[0], decoder_dim, decoder_depth, decoder_heads,
+                                                self.patch_size**2 * 3, mask_pos_only)  # fmt: skip
+        self.feature_decoder = self.ema_encoder = None
+        if feature_target == "ema":
+            fdim = feature_decoder_dim or dim
+            heads = feature_decoder_heads or encoder.blocks[0].attn.num_heads
+            self.feature_decoder = TargetAwareDecoder(dim, context, self.grid[0], fdim, feature_decoder_depth or decoder_depth,
+                                                      heads, dim, mask_pos_only)  # fmt: skip
+        self.initialize_weights()
+        if feature_target == "ema":  # the momentum copy starts equal to the student
+            self.ema_encoder = copy.deepcopy(encoder).requires_grad_(False).eval()
+        self.set_progress(0, 1, 1)
+
+    def initialize_weights(self) -> None:
+        """Section 5.3: frozen sin-cos pos-embed; xavier-uniform Linears, with the fused qkv as three matrices
+        (and the cross-attention k, v as BootMAE's one fused kv matrix); zero biases; cls ~ N(0, 1e-6);
+        mask tokens ~ trunc-normal(0.02); patch embedding xavier on its flattened view."""
+        enc = self.encoder
+        enc.pos_embed.data.copy_(sincos_2d_pos_embed(enc.embed_dim, self.grid[0]))
+        enc.pos_embed.requires_grad_(False)  # frozen in pretraining; timm makes it learnable at fine-tune
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear):
+                fan_out, fan_in = m.weight.shape
+                if name.endswith("qkv"):
+                    nn.init.uniform_(m.weight, -math.sqrt(6 / (fan_out / 3 + fan_in)), math.sqrt(6 / (fan_out / 3 + fan_in)))
+                elif name.endswith(("cross_attn.k", "cross_attn.v")):
+                    nn.init.uniform_(m.weight, -math.sqrt(6 / (2 * fan_out + fan_in)), math.sqrt(6 / (2 * fan_out + fan_in)))
+                else:
+                    nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = enc.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(enc.cls_token, std=1e-6)
+        for decoder in (self.pixel_decoder, self.feature_decoder):
+            if decoder is not None:
+                nn.init.trunc_normal_(decoder.mask_token, std=0.02)
+
+    # ---------------------------------------------------------------- schedule and momentum encoder
+
+    def set_progress(self, step: int, steps_per_epoch: int, total_steps: int) -> None:
+        """Where training is: the epoch fixes the feature-loss weight and the EMA momentum."""
+        self.step, self.steps_per_epoch, self.epochs = step, steps_per_epoch, total_steps / steps_per_epoch
+
+    def current_feature_weight(self) -> float:
+        if self.ema_encoder is None:
+            return 0.0
+        return feature_weight_at(self.step // self.steps_per_epoch, self.epochs, self.feature_weight, self.feature_weight_ramp)
+
+    def current_momentum(self, step: int | None = None) -> float:
+        return momentum_at((self.step if step is None else step) // self.steps_per_epoch, *self.momentum_schedule)
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        """EMA update after optimizer step `step`: ema <- d * ema + (1 - d) * student, for every floating
+        parameter and buffer the student trains (frozen ones, e.g. the sin-cos pos-embed, stay equal)."""
+        if self.ema_encoder is None:
+            return
+        d = self.current_momentum(step)
+        pairs = [(e, s) for e, s in zip(self.ema_encoder.parameters(), self.encoder.parameters()) if s.requires_grad]
+        pairs += [(e, s) for e, s in zip(self.ema_encoder.buffers(), self.encoder.buffers()) if s.is_floating_point()]
+        ema, student = [e for e, _ in pairs], [s.detach() for _, s in pairs]
+        torch._foreach_mul_(ema, d)
+        torch._foreach_add_(ema, torch._foreach_mul(student, 1.0 - d))
+
+    def train(self, mode: bool = True) -> BootMAE:
+        super().train(mode)
+        if self.ema_encoder is not None:
+            self.ema_encoder.eval()  # the momentum encoder always runs in eval mode (no drop path)
+        return self
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.encoder.set_grad_checkpointing(enable)
+        for decoder in (self.pixel_decoder, self.feature_decoder):
+            if decoder is not None:
+                decoder.grad_checkpointing = enable
+
+    @torch.no_grad()
+    def momentum_features(self, imgs: torch.Tensor) -> torch.Tensor:
+        """The EMA encoder on the full image: last-block patch tokens before the final norm, (B, L, D)."""
+        enc = self.ema_encoder
+        x = enc.patch_embed(imgs) + enc.pos_embed[:, 1:]
+        cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        return enc.blocks(torch.cat([cls, x], dim=1))[:, 1:]
+
+    # ---------------------------------------------------------------- masks, targets, forward
+
+    def mask_inputs(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Per-sample masking input drawn in the data pipeline (see MAE.mask_inputs)."""
+        num_masked = self.num_patches - num_visible(self.num_patches, self.mask_ratio)
+        if self.mask_type == "hybrid":
+            mask = hybrid_mask(self.grid, num_masked, min(self.num_block, num_masked), max_block=self.max_block,
+                               generator=generator)  # fmt: skip
+            return {"mask": mask.flatten()}
+        if self.mask_type == "block":
+            return {"mask": block_mask(self.grid, num_masked, generator=generator).flatten()}
+        return {"noise": torch.rand(self.num_patches, generator=generator)}  # random, parallel
+
+    def target(self, imgs: torch.Tensor) -> torch.Tensor:
+        return pixel_target(imgs, self.patch_size, self.pixel_norm)
+
+    def pixels_from_pred(self, pred: torch.Tensor, imgs: torch.Tensor) -> torch.Tensor:
+        """Undo the target normalisation with the ground-truth statistics (for reconstruction pictures)."""
+        raw = patchify(imgs.float(), self.patch_size)
+        if self.pixel_norm == "patch":
+            return pred * (raw.var(-1, keepdim=True) + 1e-6).sqrt() + raw.mean(-1, keepdim=True)
+        if self.pixel_norm == "patch_channel":
+            b, num, _ = raw.shape
+            t, p = raw.view(b, num, -1, 3), pred.reshape(b, num, -1, 3)
+            std = (t.var(2, unbiased=False, keepdim=True) + PIXEL_EPS).sqrt()
+            return (p * std + t.mean(2, keepdim=True)).view(pred.shape)
+        return pred
+
+    def encode(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """The student on the visible patches ((B, keep) or (B, K, keep) indices): final-LN tokens and the
+        outputs (before the final norm) of the blocks the decoders cross-attend to."""
+        enc = self.encoder
+        x = enc.patch_embed(imgs) + enc.pos_embed[:, 1:]
+        if ids_keep.dim() == 3:  # parallel parts: each image's patches embedded once, B*K sequences
+            x = x.unsqueeze(1).expand(-1, ids_keep.shape[1], -1, -1).flatten(0, 1)
+            ids_keep = ids_keep.flatten(0, 1)
+        x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        x = torch.cat([(enc.cls_token + enc.pos_embed[:, :1]).expand(x.shape[0], -1, -1), x], dim=1)
+        features = {}
+        for i, blk in enumerate(enc.blocks):
+            x = checkpoint(blk, x, use_reentrant=False) if enc.grad_checkpointing and torch.is_grad_enabled() else blk(x)
+            if i in (self.pixel_layer, self.feature_layer):
+                features[i] = x
+        return enc.norm(x), features
+
+    def forward(self, imgs: torch.Tensor, noise: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> BootMAEOutput:  # fmt: skip
+        """`mask` (B, L, 1 = masked) from hybrid/block masking, or `noise` (B, L) for random/parallel masks."""
+        b, num, parts = imgs.shape[0], self.num_patches, self.parts
+        if mask is not None:
+            ids_keep, ids_restore, masks = mask_to_ids(mask)
+        elif parts > 1:
+            ids_keep, ids_restore, masks = parallel_masks(b, num, parts, noise=noise, device=imgs.device)
+            ids_restore, masks = ids_restore.flatten(0, 1), masks.flatten(0, 1)
+        else:
+            ids_keep, ids_restore, masks = random_mask(b, num, self.mask_ratio, noise=noise, device=imgs.device)
+        per_part = (lambda t: t.repeat_interleave(parts, dim=0)) if parts > 1 else (lambda t: t)  # noqa: E731
+        latent, features = self.encode(imgs, ids_keep)
+        weights = center_weights(masks, self.grid) if self.center_weight else masks
+        count = masks.sum()
+
+        pred = self.pixel_decoder(latent, ids_restore, masks, features[self.pixel_layer])
+        err = (pred.float() - per_part(self.target(imgs))).pow(2).mean(-1)
+        reconstruction = (err * weights).sum() / count
+        loss, feature, feature_pred = reconstruction, reconstruction.new_zeros(()), None
+        lam = self.current_feature_weight()
+        if self.feature_decoder is not None:
+            feature_pred = self.feature_decoder(latent, ids_restore, masks, features[self.feature_layer])
+            target = per_part(self.momentum_features(imgs)).float()
+            t = F.layer_norm(target, target.shape[-1:], eps=FEATURE_EPS)
+            q = F.layer_norm(feature_pred.float(), target.shape[-1:], eps=FEATURE_EPS)
+            feature = ((q - t).pow(2).mean(-1) * weights).sum() / count
+            loss = loss + lam * feature
+        consistency = reconstruction.new_zeros(())
+        if parts > 1:
+            pred, masks = pred.view(b, parts, num, -1), masks.view(b, parts, num)
+            if self.consistency_weight > 0:
+                consistency = consistency_loss(pred, masks, self.stop_gradient, self.distance)
+                loss = loss + self.consistency_weight * consistency
+        return BootMAEOutput(loss, pred, masks, reconstruction.detach(), feature.detach(), consistency.detach(), lam,
+                             self.current_momentum() if self.ema_encoder is not None else 0.0, feature_pred)  # fmt: skip
+
+
+def build(cfg, encoder: VisionTransformer) -> BootMAE:
+    m, bm, e = cfg.mae, cfg.bootmae, cfg.emae
+    return BootMAE(
+        encoder,
+        decoder_dim=m.decoder_dim,
+        decoder_depth=m.decoder_depth,
+        decoder_heads=m.decoder_heads,
+        feature_decoder_dim=bm.feature_decoder_dim,
+        feature_decoder_depth=bm.feature_decoder_depth,
+        feature_decoder_heads=bm.feature_decoder_heads,
+        mask_ratio=cfg.mask.ratio,
+        mask_type=cfg.mask.type,
+        hybrid_block_ratio=cfg.mask.hybrid_block_ratio,
+        hybrid_max_block_ratio=cfg.mask.hybrid_max_block_ratio,
+        feature_target=bm.feature_target,
+        feature_weight=bm.feature_weight,
+        feature_weight_ramp=bm.feature_weight_ramp,
+        cross_attention=bm.cross_attention,
+        pixel_context_layer=bm.pixel_context_layer,
+        feature_context_layer=bm.feature_context_layer,
+        pixel_norm=bm.pixel_norm,
+        center_weight=bm.center_weight,
+        mask_pos_only=bm.mask_pos_only,
+        momentum=bm.momentum,
+        momentum_mid=bm.momentum_mid,
+        momentum_mid_epoch=bm.momentum_mid_epoch,
+        momentum_final=bm.momentum_final,
+        momentum_final_epoch=bm.momentum_final_epoch,
+        consistency_weight=e.consistency_weight,
+        stop_gradient=e.stop_gradient,
+        distance=e.distance,
+    )
