@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
+from pathlib import Path
 
 from mimkit.config import ConfigError, dump_yaml, load_config
 from mimkit.data import DataError
@@ -13,13 +15,26 @@ from mimkit.eval.cli import register_eval_commands
 
 def _pretrain(args: argparse.Namespace) -> int:
     from mimkit import distributed as mdist
+    from mimkit.checkpoint import load_checkpoint
     from mimkit.train import pretrain
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.dry_run:  # one step and one checkpoint save on every rank, in a scratch folder
+        base = load_config(args.config, overrides)
+        overrides += ["train.max_steps=1", "train.resume=none", f"train.out_dir={Path(base.train.out_dir) / 'dry-run'}"]
+    cfg = load_config(args.config, overrides)
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
     result = pretrain(cfg)
+    if args.dry_run:
+        if mdist.world_from_env()[0] == 0:
+            load_checkpoint(result.checkpoint)  # the checkpoint every rank wrote reads back
+            shutil.rmtree(cfg.train.out_dir, ignore_errors=True)
+            print(f"dry run OK: 1 step on {mdist.world_from_env()[1]} process(es), loss {result.loss:.4f}, "
+                  "checkpoint written and read back (scratch folder removed)")  # fmt: skip
+        mdist.cleanup()
+        return 0
     if mdist.world_from_env()[0] == 0:
         print(f"\ndone: step {result.step}, loss {result.loss:.4f}")
         print(f"  checkpoint: {result.checkpoint}")
@@ -152,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="YAML recipe, e.g. configs/quickstart.yaml (default: built-in defaults)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.epochs=5 optim.blr=1e-3")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="run one step and one checkpoint save on every rank (in OUT_DIR/dry-run), then exit")
     p.set_defaults(func=_pretrain)
     _add_tool_parsers(sub)
     register_eval_commands(sub)  # knn, linprobe, finetune (mimkit/eval/cli.py)

@@ -119,3 +119,11 @@ def test_resume_on_another_world_size(tmp_path, npz_data, tiny_cfg):
             dim = v.shape[0] // 3
             v, got = torch.cat([v[:dim], v[2 * dim :]]), torch.cat([got[:dim], got[2 * dim :]])
         torch.testing.assert_close(got, v, rtol=1e-4, atol=5e-6, msg=k)
+
+
+def test_dry_run_on_every_rank(tmp_path, npz_data):
+    proc = torchrun(ddp_overrides(npz_data, tmp_path / "dry", "distributed.strategy=fsdp") + ["--dry-run"])
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "dry run OK: 1 step on 2 process(es)" in out
+    assert not (tmp_path / "dry" / "dry-run").exists()
