@@ -149,3 +149,12 @@ def test_tensorboard_reconstruction_grids_do_not_change_training(tiny_cfg):
     events = EventAccumulator(str(with_grids.out_dir / "tb")).Reload()
     assert events.Tags()["images"], "a reconstruction grid was logged at the end of epoch 1"
     assert "pretrain/loss" in events.Tags()["scalars"]
+
+
+def test_knn_trend_monitor_during_pretraining(tiny_cfg):
+    result = pretrain(tiny_cfg("train.knn_every_epochs=1", "train.knn_val_split=train", "train.knn_samples=[32,16]"))
+    records = [json.loads(line) for line in result.metrics.read_text().splitlines()]
+    knn = [r for r in records if any(k.startswith("knn") for k in r)]
+    assert [r["epoch"] for r in knn] == [1, 2]
+    value = next(v for k, v in knn[-1].items() if k.startswith("knn") and isinstance(v, float))
+    assert 0.0 <= value <= 100.0
