@@ -11,6 +11,7 @@ from pathlib import Path
 from mimkit.config import ConfigError, dump_yaml, load_config
 from mimkit.data import DataError
 from mimkit.eval.cli import register_eval_commands
+from mimkit.tokenizers import register_tokenizer_commands
 
 
 def _pretrain(args: argparse.Namespace) -> int:
@@ -172,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_pretrain)
     _add_tool_parsers(sub)
     register_eval_commands(sub)  # knn, linprobe, finetune (mimkit/eval/cli.py)
+    register_tokenizer_commands(sub)  # tokenizer train (mimkit/tokenizers.py)
     return parser
 
 

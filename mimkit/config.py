@@ -85,6 +85,42 @@ class BootMAEConfig:
 
 
 @dataclass
+class BEiTConfig:
+    # BEiT / mc-BEiT backbone (timm Beit: shared relative position bias, layer scale, no absolute position
+    # embedding) and mc-BEiT's soft targets (methods notes sections 3-4). Masking is mask.*: BEiT block 0.4,
+    # mc-BEiT's released recipe random 0.75.
+    layer_scale_init: float = 0.1  # gamma init (BEiT: 0.1 Base, 1e-5 Large)
+    shared_rel_pos_bias: bool = True
+    abs_pos_emb: bool = False
+    temperature: float = 4.0  # mcbeit: p = softmax(tokenizer logits / temperature)
+    omega: float = 0.2  # mcbeit: target = omega * W p + (1 - omega) p
+    sim_temperature: float = 1.0  # mcbeit: W = row-softmax(cosine similarities / sim_temperature)
+    stop_gradient: bool = False  # mcbeit: detach W (the official code does not; mimkit follows the code)
+
+
+@dataclass
+class TokenizerConfig:
+    # BEiT / mc-BEiT visual tokenizer (mimkit/tokenizers.py). mimkit: written by `mimkit tokenizer train`;
+    # dalle: DALL-E dVAE encoder state dict; vqgan: taming Gumbel-VQGAN last.ckpt; random: untrained mimkit dVAE.
+    kind: Literal["mimkit", "dalle", "vqgan", "random"] = "mimkit"
+    path: str | None = None  # weights to read (pretraining) / to write (mimkit tokenizer train)
+    size: int | None = None  # side of the tokenizer's view; default: ViT grid x the tokenizer's downsampling
+    interpolation: Literal["default", "bicubic", "bilinear", "lanczos"] = "default"  # default: the tokenizer's
+    # mimkit dVAE architecture (kind mimkit at training time / kind random)
+    vocab_size: int = 512
+    hidden: int = 64
+    downsample: int = 4
+    code_dim: int = 64
+    # mimkit tokenizer train (batch and seed from here and train.seed; data from data.*)
+    train_steps: int = 2000
+    batch_size: int = 128
+    lr: float = 1.0e-3
+    kl_weight: float = 1.0e-3
+    tau_start: float = 1.0
+    tau_end: float = 0.0625
+
+
+@dataclass
 class DataConfig:
     # "skimage" = the embedded default (scikit-image's bundled photos); otherwise a path to an
     # ImageFolder tree / flat image folder, a .npz with x_train, or WebDataset shards (.tar, brace
@@ -133,6 +169,11 @@ class TrainConfig:
     max_nonfinite_steps: int = 10  # consecutive skipped non-finite steps before the run stops
     vis_every_epochs: int = 10  # TensorBoard reconstruction grids every N epochs (0 = never)
     vis_images: int = 4  # fixed images shown in those grids
+    # k-NN trend monitor on labelled data every N epochs (0 = never); MIM features score low on k-NN
+    knn_every_epochs: int = 0
+    knn_data: str | None = None  # labelled .npz / ImageFolder with train and val splits; default data.path
+    knn_val_split: str = "test"
+    knn_samples: tuple[int, int] = (10000, 2000)  # train / val images used
 
 
 @dataclass
@@ -145,12 +186,14 @@ class DistributedConfig:
 
 @dataclass
 class Config:
-    method: Literal["mae", "emae", "bootmae"] = "mae"
+    method: Literal["mae", "emae", "bootmae", "beit", "mcbeit"] = "mae"
     model: ModelConfig = field(default_factory=ModelConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     mae: MAEConfig = field(default_factory=MAEConfig)
     emae: EMAEConfig = field(default_factory=EMAEConfig)
     bootmae: BootMAEConfig = field(default_factory=BootMAEConfig)
+    beit: BEiTConfig = field(default_factory=BEiTConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -279,6 +322,9 @@ def validate(cfg: Config) -> Config:
                  f"mask.hybrid_block_ratio must be in (0, mask.ratio {cfg.mask.ratio}], got {cfg.mask.hybrid_block_ratio}")  # fmt: skip
         _require(0.0 < cfg.mask.hybrid_max_block_ratio <= 1.0,
                  f"mask.hybrid_max_block_ratio must be in (0, 1], got {cfg.mask.hybrid_max_block_ratio}")  # fmt: skip
+    _validate_tokenizer(cfg.tokenizer)
+    if cfg.method in ("beit", "mcbeit"):
+        _validate_beit(cfg)
     if cfg.method == "bootmae":
         _validate_bootmae(cfg, depth=cfg.model.depth or preset.depth, dim=dim, heads=heads)
     d = cfg.data
@@ -306,6 +352,8 @@ def validate(cfg: Config) -> Config:
     _require(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
     _require(t.save_every_epochs >= 1, f"train.save_every_epochs must be >= 1, got {t.save_every_epochs}")
     _require(t.save_every_steps is None or t.save_every_steps >= 1, "train.save_every_steps must be >= 1 or null")
+    _require(t.knn_every_epochs >= 0, f"train.knn_every_epochs must be >= 0, got {t.knn_every_epochs}")
+    _require(min(t.knn_samples) >= 1, f"train.knn_samples must be positive, got {t.knn_samples}")
     _require(t.vis_every_epochs >= 0 and t.vis_images >= 1, "train.vis_every_epochs must be >= 0 and train.vis_images >= 1")
     _require(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")
     _require(
@@ -339,6 +387,28 @@ def _validate_bootmae(cfg: Config, depth: int, dim: int, heads: int) -> None:
         _require(value is None or value > 0, f"bootmae.{name} must be positive or null, got {value}")
     _require(fdim % 4 == 0 and fdim >= fheads,
              f"bootmae.feature_decoder_dim {fdim} must be divisible by 4 and >= feature_decoder_heads {fheads}")  # fmt: skip
+
+
+def _validate_beit(cfg: Config) -> None:
+    b, t = cfg.beit, cfg.tokenizer
+    _require(b.layer_scale_init > 0, f"beit.layer_scale_init must be positive, got {b.layer_scale_init}")
+    _require(b.temperature > 0, f"beit.temperature must be positive, got {b.temperature}")
+    _require(b.sim_temperature > 0, f"beit.sim_temperature must be positive, got {b.sim_temperature}")
+    _require(0.0 <= b.omega <= 1.0, f"beit.omega must be in [0, 1], got {b.omega}")
+    _require(t.kind == "random" or t.path is not None,
+             f"tokenizer.path is required with tokenizer.kind {t.kind} (method {cfg.method}); "
+             "train one with `mimkit tokenizer train configs/tokenizer_cifar10.yaml`")  # fmt: skip
+
+
+def _validate_tokenizer(t: TokenizerConfig) -> None:
+    _require(t.size is None or t.size > 0, f"tokenizer.size must be positive or null, got {t.size}")
+    for name in ("vocab_size", "hidden", "code_dim", "train_steps", "batch_size"):
+        _require(getattr(t, name) >= 1, f"tokenizer.{name} must be >= 1, got {getattr(t, name)}")
+    _require(t.downsample >= 2 and t.downsample & (t.downsample - 1) == 0,
+             f"tokenizer.downsample must be a power of two >= 2, got {t.downsample}")  # fmt: skip
+    for name in ("lr", "tau_start", "tau_end"):
+        _require(getattr(t, name) > 0, f"tokenizer.{name} must be positive, got {getattr(t, name)}")
+    _require(t.kl_weight >= 0, f"tokenizer.kl_weight must be >= 0, got {t.kl_weight}")
 
 
 def parse_overrides(overrides: list[str]) -> dict:

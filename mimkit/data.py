@@ -16,6 +16,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -233,11 +234,55 @@ def pretrain_transform(img_size: int, cfg) -> v2.Compose:
     return v2.Compose(ops)
 
 
+class ViewSpec(NamedTuple):
+    """A second view of the same crop (BEiT's tokenizer view): its side, resampling and normalisation."""
+
+    size: int
+    interpolation: str  # bicubic | bilinear | lanczos
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    key: str = "tokenizer_image"
+
+
+_INTERPOLATION = {"bicubic": v2.InterpolationMode.BICUBIC, "bilinear": v2.InterpolationMode.BILINEAR,
+                  "lanczos": v2.InterpolationMode.LANCZOS}  # fmt: skip
+
+
+class TwoViewTransform:
+    """One RandomResizedCrop (+ flip) of the image resized twice: the ViT view (img_size, bicubic, data.mean /
+    std, key 'image') and `second` (its own size, resampling and normalisation), as BEiT's two-picture crop.
+    Lanczos resamples through PIL (torchvision supports it for PIL images only)."""
+
+    def __init__(self, img_size: int, cfg, second: ViewSpec):
+        from torchvision.transforms import RandomResizedCrop
+
+        self.img_size, self.second, self.hflip = img_size, second, cfg.hflip
+        self.scale, self.get_params = tuple(cfg.crop_scale), RandomResizedCrop.get_params
+        self.norm = v2.Normalize(list(cfg.mean), list(cfg.std))
+        self.norm2 = v2.Normalize(list(second.mean), list(second.std))
+
+    def _view(self, img, box, size: int, interpolation: str) -> torch.Tensor:
+        if interpolation == "lanczos" and not isinstance(img, Image.Image):
+            img = v2.functional.to_pil_image(img)
+        out = v2.functional.resized_crop(img, *box, [size, size], interpolation=_INTERPOLATION[interpolation],
+                                         antialias=True)  # fmt: skip
+        return v2.functional.to_dtype(v2.functional.to_image(out), torch.float32, scale=True)
+
+    def __call__(self, image) -> dict[str, torch.Tensor]:
+        img = image if isinstance(image, Image.Image) else v2.functional.to_image(image)
+        box = self.get_params(img, self.scale, (3 / 4, 4 / 3))
+        flip = self.hflip and bool(torch.rand(1) < 0.5)
+        views = {"image": self.norm(self._view(img, box, self.img_size, "bicubic")),
+                 self.second.key: self.norm2(self._view(img, box, self.second.size, self.second.interpolation))}  # fmt: skip
+        return {k: v.flip(-1) if flip else v for k, v in views.items()}
+
+
 def seeded_sample(image, seed: int, transform: Callable, mask_inputs: MaskInputs | None) -> dict:
     """Augment and draw mask inputs from the sample's own seed, leaving the process RNG untouched."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        out = {"image": transform(image)}
+        view = transform(image)  # a tensor, or a dict of views with 'image' (TwoViewTransform)
+        out = dict(view) if isinstance(view, dict) else {"image": view}
     if mask_inputs is not None:
         out.update(mask_inputs(torch.Generator().manual_seed(seed ^ 0x5DEECE66D)))
     return out
@@ -380,10 +425,11 @@ class PretrainData:
     micro-batches from the given optimizer step of the epoch on."""
 
     def __init__(self, cfg, img_size: int, mask_inputs: MaskInputs | None, batch_size: int, accum_steps: int,
-                 rank: int = 0, world_size: int = 1, seed: int = 0, pin_memory: bool = False):  # fmt: skip
+                 rank: int = 0, world_size: int = 1, seed: int = 0, pin_memory: bool = False,
+                 second_view: ViewSpec | None = None):  # fmt: skip
         d = cfg.data if hasattr(cfg, "data") else cfg
         self.fmt = resolve_format(d.path, d.format)
-        self.transform = pretrain_transform(img_size, d)
+        self.transform = pretrain_transform(img_size, d) if second_view is None else TwoViewTransform(img_size, d, second_view)
         self.mask_inputs, self.num_workers, self.pin_memory = mask_inputs, d.num_workers, pin_memory
         self.batch_size, self.accum_steps, self.rank, self.world_size, self.seed = (
             batch_size, accum_steps, rank, world_size, seed)  # fmt: skip

@@ -52,7 +52,7 @@ from mimkit.visualize import log_reconstruction_grid, preview_images
 log = logging.getLogger("mimkit")
 
 
-LOSS_TERMS = {"reconstruction", "consistency", "feature", "feature_weight", "momentum"}  # scalar output fields logged beside the loss
+LOSS_TERMS = {"reconstruction", "consistency", "feature", "feature_weight", "momentum", "mlm_acc"}  # scalar output fields logged beside the loss
 
 
 class TrainingDiverged(RuntimeError):
@@ -149,7 +149,14 @@ def pretrain(cfg: Config) -> RunResult:
     seed_everything(t.seed + dist.rank)
     # data problems surface here, before any compute
     data = PretrainData(cfg, model.encoder.patch_embed.img_size[0], model.mask_inputs, t.batch_size, t.accum_steps,
-                        dist.rank, dist.world_size, t.seed, pin_memory=device.type == "cuda")  # fmt: skip
+                        dist.rank, dist.world_size, t.seed, pin_memory=device.type == "cuda",
+                        second_view=getattr(model, "second_view", None))  # fmt: skip
+    knn_sources = None  # labelled train / val splits for the k-NN trend monitor
+    if t.knn_every_epochs:
+        from mimkit.eval import open_labelled_split
+
+        knn_path = t.knn_data or cfg.data.path
+        knn_sources = (open_labelled_split(knn_path, "train"), open_labelled_split(knn_path, t.knn_val_split))
     model.to(device)
     if cfg.distributed.activation_checkpointing:
         model.set_grad_checkpointing(True)
@@ -215,7 +222,7 @@ def pretrain(cfg: Config) -> RunResult:
             log.info("resumed from %s at step %d", resume_from, step)
     metrics = MetricsLog(out_dir, dist.is_main, t.tensorboard)
     vis_images = None  # fixed images for TensorBoard reconstruction grids (rank 0, indexable sources only)
-    if metrics.tb is not None and t.vis_every_epochs and getattr(data, "dataset", None) is not None:
+    if metrics.tb is not None and t.vis_every_epochs and getattr(data, "dataset", None) is not None and hasattr(model, "patch_size"):
         vis_images = preview_images(data.dataset.source, model.encoder.patch_embed.img_size[0], t.vis_images)
     if resume_from is not None:
         metrics.write({"event": "resume", "from": str(resume_from), "resumed_step": step})
@@ -347,6 +354,19 @@ def pretrain(cfg: Config) -> RunResult:
             )
             if (periodic and consecutive_nonfinite == 0) or done == last_step:
                 last_ckpt = save(done) or last_ckpt
+            if knn_sources is not None and end_of_epoch and (done // steps_per_epoch) % t.knn_every_epochs == 0:
+                from mimkit.eval import knn_monitor
+
+                if fsdp:
+                    model.unshard()  # the root's own parameters (embeddings, norm) are sharded
+                # on every rank: the images are split across processes and the features gathered
+                stats = knn_monitor(model.encoder, *knn_sources, mean=cfg.data.mean, std=cfg.data.std, device=device,
+                                    precision=precision, max_train=t.knn_samples[0], max_val=t.knn_samples[1],
+                                    seed=t.seed)  # fmt: skip
+                if fsdp:
+                    model.reshard()
+                metrics.write({"step": done, "epoch": done // steps_per_epoch, **stats})
+                window_start = time.perf_counter()
             if vis_images is not None and end_of_epoch and (done // steps_per_epoch) % t.vis_every_epochs == 0:
                 log_reconstruction_grid(metrics.tb, model, vis_images, done, seed=t.seed, mean=cfg.data.mean,
                                         std=cfg.data.std)  # fmt: skip

@@ -36,7 +36,15 @@ from timm.models.vision_transformer import Attention, VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mimkit.masking import block_mask, hybrid_mask, mask_to_ids, num_visible, parallel_masks, parts_for_ratio, random_mask
+from mimkit.masking import (
+    block_mask,
+    hybrid_mask,
+    mask_to_ids,
+    num_visible,
+    parallel_masks,
+    parts_for_ratio,
+    random_mask,
+)
 from mimkit.methods.emae import consistency_loss
 from mimkit.methods.mae import per_patch_normalize
 from mimkit.models import patchify, sincos_2d_pos_embed
@@ -84,7 +92,8 @@ def feature_weight_at(epoch: int, epochs: float, weight: float, ramp: float) -> 
     return weight if ramp <= 0 else min(weight * (epoch + 1) / (ramp * epochs), weight)
 
 
-def momentum_at(epoch: int, start: float, mid: float, mid_epoch: float, final: float | None, final_epoch: float) -> float:
+def momentum_at(epoch: int, start: float, mid: float, mid_epoch: float, final: float | None,
+                final_epoch: float) -> float:  # fmt: skip
     """EMA decay for epoch e: linear start -> mid over [0, mid_epoch); then mid (ViT-L), or (`final` set, ViT-B's
     dynamic schedule) linear mid -> final over [mid_epoch, final_epoch] and final after."""
     if epoch < mid_epoch:
@@ -162,15 +171,20 @@ class TargetAwareDecoder(nn.Module):
         pos = self.pos_embed[:, 1:]
         tokens = tokens + (pos * mask.unsqueeze(-1).to(pos.dtype) if self.mask_pos_only else pos)
         x = torch.cat([x[:, :1], tokens], dim=1)
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
         for blk in self.blocks:
-            x = checkpoint(blk, x, context, use_reentrant=False) if self.grad_checkpointing and torch.is_grad_enabled() else blk(x, context)
+            x = checkpoint(blk, x, context, use_reentrant=False) if recompute else blk(x, context)
         return self.head(self.norm(x))[:, 1:]
 
 
 class BootMAE(nn.Module):
+    """`encoder` (the student, a stock timm ViT), `pixel_decoder`, `feature_decoder` and `ema_encoder` (the
+    momentum copy of the encoder, requires_grad False) are its submodules; the last two only with an EMA target."""
+
     def __init__(self, encoder: VisionTransformer, *, decoder_dim: int = 512, decoder_depth: int = 2,
-                 decoder_heads: int = 16, feature_decoder_dim: int | None = None, feature_decoder_depth: int | None = None,
-                 feature_decoder_heads: int | None = None, mask_ratio: float = 0.75, mask_type: str = "hybrid",
+                 decoder_heads: int = 16, feature_decoder_dim: int | None = None,
+                 feature_decoder_depth: int | None = None, feature_decoder_heads: int | None = None,
+                 mask_ratio: float = 0.75, mask_type: str = "hybrid",
                  hybrid_block_ratio: float = 120 / 196, hybrid_max_block_ratio: float = 60 / 196,
                  feature_target: str = "ema", feature_weight: float = 1.0, feature_weight_ramp: float = 0.25,
                  cross_attention: bool = True, pixel_context_layer: int = 0, feature_context_layer: int = -1,
@@ -201,8 +215,9 @@ class BootMAE(nn.Module):
         if feature_target == "ema":
             fdim = feature_decoder_dim or dim
             heads = feature_decoder_heads or encoder.blocks[0].attn.num_heads
-            self.feature_decoder = TargetAwareDecoder(dim, context, self.grid[0], fdim, feature_decoder_depth or decoder_depth,
-                                                      heads, dim, mask_pos_only)  # fmt: skip
+            fdepth = feature_decoder_depth or decoder_depth
+            self.feature_decoder = TargetAwareDecoder(dim, context, self.grid[0], fdim, fdepth, heads, dim,
+                                                      mask_pos_only)  # fmt: skip
         self.initialize_weights()
         if feature_target == "ema":  # the momentum copy starts equal to the student
             self.ema_encoder = copy.deepcopy(encoder).requires_grad_(False).eval()
@@ -219,9 +234,11 @@ class BootMAE(nn.Module):
             if isinstance(m, nn.Linear):
                 fan_out, fan_in = m.weight.shape
                 if name.endswith("qkv"):
-                    nn.init.uniform_(m.weight, -math.sqrt(6 / (fan_out / 3 + fan_in)), math.sqrt(6 / (fan_out / 3 + fan_in)))
+                    bound = math.sqrt(6 / (fan_out / 3 + fan_in))
+                    nn.init.uniform_(m.weight, -bound, bound)
                 elif name.endswith(("cross_attn.k", "cross_attn.v")):
-                    nn.init.uniform_(m.weight, -math.sqrt(6 / (2 * fan_out + fan_in)), math.sqrt(6 / (2 * fan_out + fan_in)))
+                    bound = math.sqrt(6 / (2 * fan_out + fan_in))
+                    nn.init.uniform_(m.weight, -bound, bound)
                 else:
                     nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
@@ -245,7 +262,8 @@ class BootMAE(nn.Module):
     def current_feature_weight(self) -> float:
         if self.ema_encoder is None:
             return 0.0
-        return feature_weight_at(self.step // self.steps_per_epoch, self.epochs, self.feature_weight, self.feature_weight_ramp)
+        epoch = self.step // self.steps_per_epoch
+        return feature_weight_at(epoch, self.epochs, self.feature_weight, self.feature_weight_ramp)
 
     def current_momentum(self, step: int | None = None) -> float:
         return momentum_at((self.step if step is None else step) // self.steps_per_epoch, *self.momentum_schedule)
@@ -321,9 +339,9 @@ class BootMAE(nn.Module):
             ids_keep = ids_keep.flatten(0, 1)
         x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         x = torch.cat([(enc.cls_token + enc.pos_embed[:, :1]).expand(x.shape[0], -1, -1), x], dim=1)
-        features = {}
+        features, recompute = {}, enc.grad_checkpointing and torch.is_grad_enabled()
         for i, blk in enumerate(enc.blocks):
-            x = checkpoint(blk, x, use_reentrant=False) if enc.grad_checkpointing and torch.is_grad_enabled() else blk(x)
+            x = checkpoint(blk, x, use_reentrant=False) if recompute else blk(x)
             if i in (self.pixel_layer, self.feature_layer):
                 features[i] = x
         return enc.norm(x), features
@@ -331,7 +349,7 @@ class BootMAE(nn.Module):
     def forward(self, imgs: torch.Tensor, noise: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> BootMAEOutput:  # fmt: skip
         """`mask` (B, L, 1 = masked) from hybrid/block masking, or `noise` (B, L) for random/parallel masks."""
-        b, num, parts = imgs.shape[0], self.num_patches, self.parts
+        b, num, parts = imgs.shape[0], self.num_patches, self.parts if mask is None else 1
         if mask is not None:
             ids_keep, ids_restore, masks = mask_to_ids(mask)
         elif parts > 1:
@@ -362,8 +380,9 @@ class BootMAE(nn.Module):
             if self.consistency_weight > 0:
                 consistency = consistency_loss(pred, masks, self.stop_gradient, self.distance)
                 loss = loss + self.consistency_weight * consistency
+        momentum = self.current_momentum() if self.ema_encoder is not None else 0.0
         return BootMAEOutput(loss, pred, masks, reconstruction.detach(), feature.detach(), consistency.detach(), lam,
-                             self.current_momentum() if self.ema_encoder is not None else 0.0, feature_pred)  # fmt: skip
+                             momentum, feature_pred)  # fmt: skip
 
 
 def build(cfg, encoder: VisionTransformer) -> BootMAE:

@@ -1,0 +1,231 @@
+"""BEiT (Bao et al., ICLR 2022) and mc-BEiT (Li et al., ECCV 2022): BERT-style masked image modeling with a
+frozen visual tokenizer (mimkit/tokenizers.py). Methods notes sections 3 and 4.
+
+Backbone: timm's ``Beit`` (shared relative position bias, layer scale, no absolute position embedding, q/v
+bias), so ``model.encoder.state_dict()`` loads into ``timm.models.beit.Beit(..., use_shared_rel_pos_bias=True,
+use_abs_pos_emb=False, init_values=..., num_classes=0, global_pool='')`` unchanged. Corruption: the patch
+embeddings of masked patches are *replaced* by a learned ``mask_token`` before the blocks; the encoder runs on
+all patches plus cls; ``lm_head`` (after the final LN) predicts the tokenizer's code at masked positions only.
+Init: trunc_normal(0.02) for Linear weights, cls / mask tokens and lm_head, then attn.proj and mlp.fc2 of block
+l (1-indexed) divided by sqrt(2l) (timm's Beit init is exactly this).
+
+- ``beit``: hard targets argmax(tokenizer logits), cross-entropy on masked patches (block masking, 40%).
+- ``mcbeit``: soft targets. p_j = softmax(z_j / tau) (tau 4) for every patch j; W = row-softmax(cos-sim of the
+  model's own final-LN patch features on the masked input / tau_s) (tau_s 1); target y_i = omega sum_j W_ij p_j
+  + (1 - omega) p_i (omega 0.2); loss = mean over masked patches of -sum_k y_ik log softmax(o_i)_k.
+  Released recipe: random masking at 75%.
+
+Stop-gradient through W (``beit.stop_gradient``, default **false**): the official mc-BEiT code does not detach W
+(nor the features it is built from), so the gradient of the loss also flows into the features through the
+affinity. mimkit's default reproduces the code, because the published mc-BEiT numbers were produced that way
+and a reimplementation that silently changes the objective cannot be compared to them; with omega = 0.2 the
+affinity part of the target is a fifth of it and (1 - omega) p_i anchors it to the tokenizer, so the
+"move the target toward the prediction" shortcut a gradient through the target opens is limited. Set
+``beit.stop_gradient=true`` for the cleaner "the target is a constant" variant (an ablation knob).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from timm.models import checkpoint
+from timm.models.beit import Beit
+from torch import nn
+
+from mimkit.data import ViewSpec
+from mimkit.masking import block_mask, num_visible
+from mimkit.tokenizers import DVAESpec, Tokenizer, load_tokenizer
+
+
+class BEiTOutput(NamedTuple):
+    loss: torch.Tensor  # scalar, fp32
+    logits: torch.Tensor  # (M, vocab) lm_head logits at the masked patches (batch-major order)
+    mask: torch.Tensor  # (B, L) 1 = masked
+    mlm_acc: torch.Tensor  # accuracy of argmax(logits) against the tokenizer's hard ids (monitoring only)
+
+
+# ---------------------------------------------------------------- targets and losses (pure functions)
+
+
+def tokenizer_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(..., V) tokenizer logits -> softmax(logits / temperature), in fp32."""
+    return F.softmax(logits.float() / temperature, dim=-1)
+
+
+def affinity(features: torch.Tensor, sim_temperature: float = 1.0) -> torch.Tensor:
+    """(B, L, D) features -> W (B, L, L) = row-softmax(cosine similarity / sim_temperature); rows sum to 1."""
+    f = F.normalize(features.float(), dim=-1)
+    return F.softmax(f @ f.transpose(1, 2) / sim_temperature, dim=-1)
+
+
+def soft_targets(probs: torch.Tensor, weights: torch.Tensor, omega: float) -> torch.Tensor:
+    """mc-BEiT's refined target: omega * W p + (1 - omega) p, over every patch. probs (B, L, V), W (B, L, L)."""
+    return omega * torch.bmm(weights, probs) + (1.0 - omega) * probs
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over masked patches (mask (B, L), 1 = masked) of -sum_k target_k log softmax(logits)_k."""
+    m = mask.bool()
+    per_patch = -(targets[m] * F.log_softmax(logits[m].float(), dim=-1)).sum(-1)
+    return per_patch.mean()
+
+
+# ---------------------------------------------------------------- the model
+
+
+def create_beit_encoder(cfg) -> Beit:
+    from mimkit.models import get_preset
+
+    m, b = cfg.model, cfg.beit
+    p = get_preset(m.arch)
+    return Beit(
+        img_size=m.img_size or p.img_size, patch_size=m.patch_size or p.patch_size, num_classes=0, global_pool="",
+        embed_dim=m.embed_dim or p.embed_dim, depth=m.depth or p.depth, num_heads=m.num_heads or p.num_heads,
+        mlp_ratio=4.0, qkv_bias=True, drop_path_rate=m.drop_path_rate, init_values=b.layer_scale_init,
+        use_abs_pos_emb=b.abs_pos_emb, use_rel_pos_bias=not b.shared_rel_pos_bias,
+        use_shared_rel_pos_bias=b.shared_rel_pos_bias,
+    )  # fmt: skip
+
+
+def timm_beit_kwargs(cfg) -> dict:
+    """Arguments of timm's ``Beit`` that ``model.encoder.state_dict()`` loads into unchanged."""
+    enc = create_beit_encoder(cfg)
+    return dict(img_size=enc.patch_embed.img_size, patch_size=enc.patch_embed.patch_size, num_classes=0,
+                global_pool="", embed_dim=enc.embed_dim, depth=len(enc.blocks),
+                num_heads=enc.blocks[0].attn.num_heads, init_values=cfg.beit.layer_scale_init,
+                use_abs_pos_emb=cfg.beit.abs_pos_emb, use_rel_pos_bias=not cfg.beit.shared_rel_pos_bias,
+                use_shared_rel_pos_bias=cfg.beit.shared_rel_pos_bias)  # fmt: skip
+
+
+class BEiT(nn.Module):
+    """Keys: encoder.* (timm Beit), mask_token, lm_head.*, tokenizer.* (frozen, saved so a run resumes alone)."""
+
+    soft = False
+
+    def __init__(self, encoder: Beit, tokenizer: Tokenizer, *, mask_ratio: float = 0.4, mask_type: str = "block",
+                 tokenizer_size: int | None = None, tokenizer_interpolation: str | None = None):  # fmt: skip
+        super().__init__()
+        self.encoder, self.tokenizer = encoder, tokenizer
+        self.num_patches = encoder.patch_embed.num_patches
+        self.grid = tuple(encoder.patch_embed.grid_size)
+        self.mask_ratio, self.mask_type = mask_ratio, mask_type
+        self.num_masked = self.num_patches - num_visible(self.num_patches, mask_ratio)
+        dim = encoder.embed_dim
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.lm_head = nn.Linear(dim, tokenizer.vocab_size)
+        trunc_normal_(self.mask_token, std=0.02)
+        trunc_normal_(self.lm_head.weight, std=0.02)
+        nn.init.zeros_(self.lm_head.bias)
+        size = tokenizer_size or self.grid[0] * tokenizer.downsample
+        if size // tokenizer.downsample != self.grid[0] or self.grid[0] != self.grid[1]:
+            raise ValueError(
+                f"tokenizer grid {size}/{tokenizer.downsample} does not match the ViT patch grid {self.grid}: set "
+                f"tokenizer.size to {self.grid[0] * tokenizer.downsample} (or leave it unset)"
+            )
+        interp = tokenizer_interpolation if tokenizer_interpolation not in (None, "default") else tokenizer.interpolation
+        self.second_view = ViewSpec(size, interp, tuple(tokenizer.mean), tuple(tokenizer.std))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.encoder.set_grad_checkpointing(enable)
+
+    def mask_inputs(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Per-sample mask (L,) bool, 1 = masked, drawn in the data pipeline from the sample's generator."""
+        if self.mask_type == "block":
+            return {"mask": block_mask(self.grid, self.num_masked, generator=generator).flatten()}
+        mask = torch.zeros(self.num_patches, dtype=torch.bool)
+        mask[torch.randperm(self.num_patches, generator=generator)[: self.num_masked]] = True
+        return {"mask": mask}
+
+    def features(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Final-LN tokens (B, 1+L, D) of the corrupted input: masked patch embeddings replaced by mask_token."""
+        enc = self.encoder
+        x = enc.patch_embed(imgs)
+        w = mask.flatten(1).unsqueeze(-1).to(x.dtype)
+        x = x * (1 - w) + self.mask_token.to(x.dtype) * w
+        x = torch.cat([enc.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        if enc.pos_embed is not None:
+            x = x + enc.pos_embed
+        x = enc.pos_drop(x)
+        rel = enc.rel_pos_bias() if enc.rel_pos_bias is not None else None
+        for blk in enc.blocks:
+            if enc.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, shared_rel_pos_bias=rel)
+            else:
+                x = blk(x, shared_rel_pos_bias=rel)
+        return enc.norm(x)
+
+    @torch.no_grad()
+    def tokenizer_logits(self, tokenizer_image: torch.Tensor) -> torch.Tensor:
+        """(B, L, V) fp32 tokenizer logits on the patch grid (row-major, as the ViT's patches)."""
+        z = self.tokenizer(tokenizer_image)
+        if tuple(z.shape[-2:]) != self.grid:
+            raise ValueError(f"tokenizer output grid {tuple(z.shape[-2:])} != ViT patch grid {self.grid}")
+        return z.float().flatten(2).transpose(1, 2)
+
+    def loss_terms(self, feats, z, mask):
+        m = mask.bool()
+        logits = self.lm_head(feats[m])
+        targets = z.argmax(-1)[m]
+        return F.cross_entropy(logits.float(), targets), logits, targets
+
+    def forward(self, imgs: torch.Tensor, mask: torch.Tensor | None = None,
+                tokenizer_image: torch.Tensor | None = None) -> BEiTOutput:  # fmt: skip
+        """imgs: the ViT view; tokenizer_image: the same crop in the tokenizer's size and normalisation (the data
+        pipeline's second view); mask (B, L), 1 = masked (default: drawn from the global RNG)."""
+        if tokenizer_image is None:
+            raise ValueError("BEiT needs `tokenizer_image`, the tokenizer's view of the same crop")
+        if mask is None:
+            mask = torch.stack([self.mask_inputs(None)["mask"] for _ in range(imgs.shape[0])]).to(imgs.device)
+        mask = mask.flatten(1)
+        z = self.tokenizer_logits(tokenizer_image)
+        feats = self.features(imgs, mask)[:, 1:]
+        loss, logits, targets = self.loss_terms(feats, z, mask)
+        acc = (logits.detach().argmax(-1) == targets).float().mean()
+        return BEiTOutput(loss, logits, mask.float(), acc)
+
+
+class McBEiT(BEiT):
+    """BEiT with mc-BEiT's soft, affinity-refined targets (see the module docstring)."""
+
+    soft = True
+
+    def __init__(self, encoder, tokenizer, *, temperature: float = 4.0, omega: float = 0.2,
+                 sim_temperature: float = 1.0, stop_gradient: bool = False, **kwargs):  # fmt: skip
+        super().__init__(encoder, tokenizer, **kwargs)
+        self.temperature, self.omega, self.sim_temperature, self.stop_gradient = (
+            temperature, omega, sim_temperature, stop_gradient)  # fmt: skip
+
+    def targets(self, feats: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """(B, L, V) refined soft targets over every patch (before selecting the masked ones)."""
+        probs = tokenizer_probs(z, self.temperature)
+        if self.omega == 0:
+            return probs
+        weights = affinity(feats, self.sim_temperature)
+        if self.stop_gradient:
+            weights = weights.detach()
+        return soft_targets(probs, weights, self.omega)
+
+    def loss_terms(self, feats, z, mask):
+        m = mask.bool()
+        logits_all = self.lm_head(feats)
+        loss = soft_cross_entropy(logits_all, self.targets(feats, z), mask)
+        return loss, logits_all[m], z.argmax(-1)[m]
+
+
+def build(cfg, encoder=None) -> BEiT:
+    """`encoder` is ignored: BEiT builds timm's Beit (build_model's ViT is for the MAE family)."""
+    t, b = cfg.tokenizer, cfg.beit
+    tokenizer = load_tokenizer(t.kind, t.path, DVAESpec(t.vocab_size, t.hidden, t.downsample, t.code_dim), seed=cfg.train.seed)
+    kwargs = dict(mask_ratio=cfg.mask.ratio, mask_type=cfg.mask.type, tokenizer_size=t.size,
+                  tokenizer_interpolation=t.interpolation)  # fmt: skip
+    if cfg.method == "mcbeit":
+        return McBEiT(create_beit_encoder(cfg), tokenizer, temperature=b.temperature, omega=b.omega,
+                      sim_temperature=b.sim_temperature, stop_gradient=b.stop_gradient, **kwargs)  # fmt: skip
+    return BEiT(create_beit_encoder(cfg), tokenizer, **kwargs)
+
+
+__all__ = ["BEiT", "McBEiT", "BEiTOutput", "affinity", "soft_targets", "tokenizer_probs", "soft_cross_entropy",
+           "create_beit_encoder", "timm_beit_kwargs", "build"]  # fmt: skip

@@ -1,0 +1,281 @@
+"""BEiT / mc-BEiT: soft targets, affinity, masked-only loss, tokenizer loaders, timm Beit compatibility,
+two views of one crop, tiny pretraining runs that resume exactly, mimkit's own tokenizer training."""
+
+import json
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.models.beit import Beit
+
+from mimkit.checkpoint import load_checkpoint
+from mimkit.config import ConfigError, load_config
+from mimkit.data import TwoViewTransform, ViewSpec
+from mimkit.methods import build_model
+from mimkit.methods.beit import (McBEiT, affinity, soft_cross_entropy, soft_targets, timm_beit_kwargs,
+                                 tokenizer_probs)  # fmt: skip
+from mimkit.tokenizers import (DalleEncoder, TamingGumbelTokenizer, TokenizerError, load_tokenizer,
+                               train_tokenizer)  # fmt: skip
+from mimkit.train import pretrain
+
+from conftest import TINY_MODEL, make_images
+
+TINY_TOKENIZER = ["tokenizer.kind=random", "tokenizer.vocab_size=32", "tokenizer.hidden=8", "tokenizer.code_dim=8",
+                  "tokenizer.downsample=2"]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small convolutions on a shared, oversubscribed CPU run many times faster on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(method: str, *overrides):
+    return build_model(load_config(None, TINY_MODEL + [f"method={method}", *TINY_TOKENIZER, *overrides]))
+
+
+# ---------------------------------------------------------------- targets
+
+
+def test_soft_targets_equal_the_formula_on_a_hand_made_case():
+    z = torch.tensor([[[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]]])  # (B=1, L=2, V=3)
+    p = tokenizer_probs(z, 4.0)
+    manual = torch.exp(z / 4) / torch.exp(z / 4).sum(-1, keepdim=True)
+    torch.testing.assert_close(p, manual)
+    w = torch.tensor([[[0.75, 0.25], [0.5, 0.5]]])
+    y = soft_targets(p, w, 0.2)
+    for i in range(2):
+        expected = 0.2 * (w[0, i, 0] * p[0, 0] + w[0, i, 1] * p[0, 1]) + 0.8 * p[0, i]
+        torch.testing.assert_close(y[0, i], expected)
+    torch.testing.assert_close(y.sum(-1), torch.ones(1, 2))  # still distributions
+    torch.testing.assert_close(soft_targets(p, w, 0.0), p)  # omega = 0: the tokenizer's probabilities
+    hard = tokenizer_probs(z, 1e-4)  # tau -> 0: one-hot at the argmax
+    torch.testing.assert_close(hard, F.one_hot(z.argmax(-1), 3).float())
+
+
+def test_affinity_rows_sum_to_one_and_follow_cosine_similarity():
+    feats = torch.randn(3, 5, 7)
+    w = affinity(feats, 1.0)
+    torch.testing.assert_close(w.sum(-1), torch.ones(3, 5))
+    assert bool((w.argmax(-1) == torch.arange(5)).all())  # self-similarity 1 is the largest cosine
+    e = torch.eye(3).unsqueeze(0) * torch.tensor([1.0, 5.0, 0.1]).view(1, 3, 1)  # orthogonal, any norm
+    row = torch.softmax(torch.tensor([1.0, 0.0, 0.0]) / 0.5, 0)
+    torch.testing.assert_close(affinity(e, 0.5)[0, 0], row)
+
+
+def test_model_targets_omega_zero_and_stop_gradient():
+    model = tiny("mcbeit", "beit.omega=0")
+    feats, z = torch.randn(2, 16, 32, requires_grad=True), torch.randn(2, 16, 32)
+    torch.testing.assert_close(model.targets(feats, z), torch.softmax(z / 4.0, -1))
+    for sg, grad_expected in [(False, True), (True, False)]:
+        m = tiny("mcbeit", f"beit.stop_gradient={str(sg).lower()}")
+        assert m.targets(feats, z).requires_grad == grad_expected
+
+
+def test_only_masked_tokens_enter_the_loss():
+    logits, targets = torch.randn(2, 6, 5), torch.softmax(torch.randn(2, 6, 5), -1)
+    mask = torch.tensor([[1, 0, 1, 0, 0, 1], [0, 1, 1, 0, 0, 0]], dtype=torch.float)
+    loss = soft_cross_entropy(logits, targets, mask)
+    manual = [-(targets[b, i] * F.log_softmax(logits[b, i], -1)).sum() for b in range(2) for i in range(6) if mask[b, i]]
+    torch.testing.assert_close(loss, torch.stack(manual).mean())
+    changed = logits.clone()
+    changed[mask == 0] += 100 * torch.randn_like(changed[mask == 0])
+    torch.testing.assert_close(soft_cross_entropy(changed, targets, mask), loss)
+    # in the models: perturbing the lm_head output at visible positions changes nothing
+    for method in ("beit", "mcbeit"):
+        model = tiny(method, "mask.type=block", "mask.ratio=0.4").eval()
+        imgs, tok = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 8, 8)
+        m = torch.stack([model.mask_inputs(torch.Generator().manual_seed(i))["mask"] for i in range(2)])
+        base = model(imgs, mask=m, tokenizer_image=tok).loss
+
+        def perturb(module, inputs, out):
+            if out.dim() == 3:  # mc-BEiT: all positions
+                return out + 100 * (~m).unsqueeze(-1).float() * torch.randn_like(out)
+            return out  # BEiT: lm_head only ever sees masked positions
+
+        handle = model.lm_head.register_forward_hook(perturb)
+        torch.testing.assert_close(model(imgs, mask=m, tokenizer_image=tok).loss, base)
+        handle.remove()
+        assert model(imgs, mask=m, tokenizer_image=tok).logits.shape[0] == int(m.sum())
+
+
+# ---------------------------------------------------------------- backbone
+
+
+def test_encoder_loads_into_timm_beit_unchanged():
+    cfg = load_config(None, TINY_MODEL + ["method=beit", *TINY_TOKENIZER])
+    model = build_model(cfg).eval()
+    timm_model = Beit(**timm_beit_kwargs(cfg)).eval()
+    timm_model.load_state_dict(model.encoder.state_dict(), strict=True)
+    assert timm_model.rel_pos_bias is not None and timm_model.pos_embed is None
+    assert timm_model.blocks[0].gamma_1 is not None
+    x = torch.randn(2, 3, 16, 16)
+    no_mask = torch.zeros(2, 16, dtype=torch.bool)
+    torch.testing.assert_close(model.features(x, no_mask), timm_model.forward_features(x))
+    # masked patches get the mask token's embedding, visible ones their own
+    masked = torch.zeros(2, 16, dtype=torch.bool)
+    masked[:, 3] = True
+    assert not torch.allclose(model.features(x, masked), model.features(x, no_mask))
+    # BEiT init: attn.proj / mlp.fc2 of deeper blocks are scaled down by sqrt(2l)
+    s0, s1 = (model.encoder.blocks[i].mlp.fc2.weight.detach().std() for i in (0, 1))
+    assert 0.5 < float(s0 / s1) / (2**0.5) < 2.0
+    assert {"mask_token", "lm_head.weight"} <= set(model.state_dict())
+
+
+def test_tokenizer_is_frozen_and_stays_in_eval():
+    model = tiny("beit")
+    model.train()
+    assert not model.tokenizer.training
+    assert not any(p.requires_grad for p in model.tokenizer.parameters())
+
+
+# ---------------------------------------------------------------- tokenizer loaders (exact published layouts)
+
+
+def test_dalle_encoder_state_dict_round_trip(tmp_path):
+    torch.manual_seed(0)
+    enc = DalleEncoder(n_hid=16, n_blk_per_group=2, vocab_size=64).eval()
+    sd = enc.state_dict()
+    for key in ["blocks.input.w", "blocks.input.b", "blocks.group_1.block_1.res_path.conv_1.w",
+                "blocks.group_1.block_2.res_path.conv_4.b", "blocks.group_2.block_1.id_path.w",
+                "blocks.group_4.block_2.res_path.conv_3.w", "blocks.output.conv.w", "blocks.output.conv.b"]:  # fmt: skip
+        assert key in sd, key
+    assert sd["blocks.input.w"].shape == (16, 3, 7, 7) and sd["blocks.output.conv.w"].shape == (64, 128, 1, 1)
+    assert "blocks.group_1.block_1.id_path.w" not in sd  # identity when widths match
+    x = torch.rand(2, 3, 32, 32) * 0.8 + 0.1  # map_pixels range
+    expected = enc(x)
+    assert expected.shape == (2, 64, 4, 4)  # downsample 8
+    torch.save(sd, tmp_path / "dalle_encoder.pth")
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "dalle_encoder.safetensors")
+    for name in ("dalle_encoder.pth", "dalle_encoder.safetensors"):
+        tok = load_tokenizer("dalle", str(tmp_path / name))
+        torch.testing.assert_close(tok(x), expected)
+        assert tok.vocab_size == 64 and tok.downsample == 8 and tok.interpolation == "lanczos"
+    # map_pixels as a normalisation: (x - mean) / std == 0.8 x + 0.1
+    mean, std = torch.tensor(tok.mean), torch.tensor(tok.std)
+    torch.testing.assert_close((torch.tensor(0.3) - mean) / std, torch.full((3,), 0.8 * 0.3 + 0.1))
+    # a pickled module (what encoder.pkl is) is refused, never unpickled
+    torch.save(enc, tmp_path / "encoder.pkl")
+    with pytest.raises(TokenizerError, match="refused"):
+        load_tokenizer("dalle", str(tmp_path / "encoder.pkl"))
+
+
+class _Callback:  # stands for the non-tensor objects real Lightning checkpoints may pickle
+    pass
+
+
+def test_taming_gumbel_vqgan_lightning_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    tok = TamingGumbelTokenizer(ch=32, ch_mult=(1, 1, 2), num_res_blocks=2, attn_levels={2}, z_channels=32,
+                                embed_dim=32, n_embed=64).eval()  # fmt: skip
+    own = tok.state_dict()
+    for key in ["encoder.conv_in.weight", "encoder.down.0.block.0.norm1.weight", "encoder.down.0.block.1.conv2.bias",
+                "encoder.down.0.downsample.conv.weight", "encoder.down.2.block.0.nin_shortcut.weight",
+                "encoder.down.2.attn.1.proj_out.weight", "encoder.mid.block_1.conv1.weight", "encoder.mid.attn_1.q.weight",
+                "encoder.norm_out.weight", "encoder.conv_out.weight", "quant_conv.weight", "quantize.proj.weight"]:  # fmt: skip
+        assert key in own, key
+    assert "encoder.down.2.downsample.conv.weight" not in own  # the last level does not downsample
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    expected = tok(x)
+    assert expected.shape == (2, 64, 4, 4)
+    state = OrderedDict(own)  # the rest of a GumbelVQ: decoder, codebook, discriminator (ignored by the loader)
+    state["decoder.conv_in.weight"] = torch.randn(4, 4, 3, 3)
+    state["quantize.embed.weight"] = torch.randn(64, 32)
+    state["loss.discriminator.main.0.weight"] = torch.randn(4, 3, 4, 4)
+    ckpt = {"epoch": 3, "global_step": 1000, "pytorch-lightning_version": "1.0.8", "state_dict": state,
+            "optimizer_states": [{"state": {}, "param_groups": [{"lr": 1e-4, "params": [0]}]}], "lr_schedulers": []}  # fmt: skip
+    torch.save(ckpt, tmp_path / "last.ckpt")
+    loaded = load_tokenizer("vqgan", str(tmp_path / "last.ckpt"))
+    torch.testing.assert_close(loaded(x), expected)
+    assert loaded.vocab_size == 64 and loaded.downsample == 4
+    ckpt["callbacks"] = {"cb": _Callback()}
+    torch.save(ckpt, tmp_path / "unsafe.ckpt")
+    with pytest.raises(TokenizerError, match="refused"):
+        load_tokenizer("vqgan", str(tmp_path / "unsafe.ckpt"))
+    with pytest.raises(TokenizerError, match="taming"):
+        load_tokenizer("vqgan", _save(tmp_path, {"x": torch.zeros(1)}))
+
+
+def _save(tmp_path, obj) -> str:
+    path = tmp_path / "other.pth"
+    torch.save(obj, path)
+    return str(path)
+
+
+# ---------------------------------------------------------------- two views of one crop
+
+
+def test_two_views_come_from_the_same_crop(tiny_cfg):
+    d = tiny_cfg().data
+    same = TwoViewTransform(16, d, ViewSpec(16, "bicubic", tuple(d.mean), tuple(d.std)))
+    image = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 40, 40), dtype=np.uint8))
+    for seed in range(4):
+        torch.manual_seed(seed)
+        views = same(image)
+        torch.testing.assert_close(views["image"], views["tokenizer_image"])
+    other = TwoViewTransform(16, d, ViewSpec(8, "lanczos", (0.5,) * 3, (0.5,) * 3))
+    torch.manual_seed(0)
+    views = other(image)
+    assert views["image"].shape == (3, 16, 16) and views["tokenizer_image"].shape == (3, 8, 8)
+    vit01 = views["image"] * torch.tensor(d.std).view(3, 1, 1) + torch.tensor(d.mean).view(3, 1, 1)
+    tok01 = views["tokenizer_image"] * 0.5 + 0.5
+    assert float((F.avg_pool2d(vit01[None], 2)[0] - tok01).abs().mean()) < 0.05  # same crop, other size
+
+
+# ---------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize("method,mask", [("beit", "block"), ("mcbeit", "random")])
+def test_pretrains_and_resumes_bit_identically(tiny_cfg, method, mask):
+    args = [f"method={method}", f"mask.type={mask}", "mask.ratio=0.4", *TINY_TOKENIZER]
+    straight = pretrain(tiny_cfg(*args, "train.max_steps=4", out="a"))
+    pretrain(tiny_cfg(*args, "train.max_steps=2", out="b"))
+    resumed = pretrain(tiny_cfg(*args, "train.max_steps=4", out="b"))
+    a, b = load_checkpoint(straight.checkpoint)["model"], load_checkpoint(resumed.checkpoint)["model"]
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.startswith("tokenizer.") for k in a)
+    last = json.loads(straight.metrics.read_text().splitlines()[-1])
+    assert "mlm_acc" in last and np.isfinite(last["loss"])
+
+
+def test_config_requires_a_tokenizer_file():
+    with pytest.raises(ConfigError, match="tokenizer.path is required"):
+        load_config(None, ["method=beit"])
+    with pytest.raises(ConfigError, match="beit.omega"):
+        load_config(None, ["method=mcbeit", "tokenizer.kind=random", "beit.omega=1.5"])
+
+
+def test_mimkit_tokenizer_trains_and_loads(tiny_cfg, tmp_path):
+    path = tmp_path / "tok" / "tokenizer.pt"
+    few = tmp_path / "few.npz"  # 8 images: a few dozen steps visibly lower the reconstruction error
+    np.savez(few, x_train=make_images(8, size=16))
+    cfg = tiny_cfg(f"data.path={few}", "data.hflip=false", "tokenizer.vocab_size=64", "tokenizer.hidden=8", "tokenizer.code_dim=8", "tokenizer.downsample=4",
+                   "tokenizer.train_steps=50", "tokenizer.batch_size=8", "tokenizer.lr=1e-2", "tokenizer.kl_weight=0",
+                   "data.crop_scale=[1.0,1.0]", f"tokenizer.path={path}")  # fmt: skip
+    result = train_tokenizer(cfg, log_every=1000)
+    rec = [h["reconstruction"] for h in result["history"]]
+    assert np.mean(rec[-5:]) < 0.85 * np.mean(rec[:5])
+    obj = torch.load(path, weights_only=True)
+    assert obj["kind"] == "mimkit"
+    tok = load_tokenizer("mimkit", str(path))
+    assert tok(torch.zeros(1, 3, 16, 16)).shape == (1, 64, 4, 4)
+    # and a BEiT run reads it (16 px, patch 4 -> 4x4 grid = 16 px / downsample 4)
+    model = build_model(load_config(None, TINY_MODEL + ["method=beit", f"tokenizer.path={path}"]))
+    assert model.second_view.size == 16 and model.tokenizer.vocab_size == 64
+
+
+def test_cli_tokenizer_train(tiny_cfg, tmp_path, npz_data):
+    from mimkit.cli import main
+
+    path = tmp_path / "cli_tok.pt"
+    rc = main(["tokenizer", "train", f"data.path={npz_data}", "data.num_workers=0", "model.img_size=16",
+               "model.patch_size=4", "tokenizer.hidden=8", "tokenizer.code_dim=8", "tokenizer.vocab_size=16",
+               "tokenizer.train_steps=2", "tokenizer.batch_size=4", f"tokenizer.path={path}"])  # fmt: skip
+    assert rc == 0 and path.is_file() and path.with_suffix(".jsonl").is_file()
