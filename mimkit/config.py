@@ -440,6 +440,11 @@ def _merge(base: dict, update: dict) -> dict:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **sections: Any) -> Config:
     """Defaults <- YAML recipe <- keyword sections (Python API) <- `key=value` overrides."""
+    return validate(_from_dict(Config, read_recipe(path, overrides, sections)))
+
+
+def read_recipe(path: str | Path | None, overrides: list[str] | None, sections: dict) -> dict:
+    """The raw nested dict of a YAML recipe, merged with keyword sections and `key=value` overrides."""
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -453,8 +458,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {path} must contain a mapping at the top level")
         data = loaded
     data = _merge(data, sections)
-    data = _merge(data, parse_overrides(overrides or []))
-    return validate(_from_dict(Config, data))
+    return _merge(data, parse_overrides(overrides or []))
 
 
 def to_dict(cfg: Config) -> dict:

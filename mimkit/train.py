@@ -110,9 +110,9 @@ def find_resume(cfg: Config) -> Path | None:
 class MetricsLog:
     """JSONL on rank 0 (always), TensorBoard alongside when enabled."""
 
-    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool):
+    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, prefix: str = "pretrain"):
         self.path = out_dir / "metrics.jsonl"
-        self.enabled, self.tb = enabled, None
+        self.enabled, self.tb, self.prefix = enabled, None, prefix
         if enabled and self.path.exists():  # a kill mid-write can leave a torn last line: drop just that
             data = self.path.read_bytes()
             if data and not data.endswith(b"\n"):
@@ -130,8 +130,13 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None and "step" in record:
             for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(f"pretrain/{k}", v, record["step"])
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(f"{self.prefix}/{k}", v, record["step"])
+                elif isinstance(v, dict):  # e.g. per-block accuracies: one curve per entry
+                    for name, x in v.items():
+                        if isinstance(x, (int, float)) and not isinstance(x, bool):
+                            self.tb.add_scalar(f"{self.prefix}/{k}/{name}", x, record["step"])
+            self.tb.flush()
 
     def close(self) -> None:
         if self.tb is not None:

@@ -480,27 +480,7 @@ def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...
     return [int(hit[..., : min(k, logits.shape[-1])].any(dim=-1).sum()) for k in ks]
 
 
-class EvalLog(MetricsLog):
-    """mimkit.train.MetricsLog (JSONL, TensorBoard) with the command's name as the TensorBoard prefix."""
-
-    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, prefix: str):
-        super().__init__(out_dir, enabled, tensorboard)
-        self.prefix = prefix
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None and "step" in record:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.tb.add_scalar(f"{self.prefix}/{k}", v, record["step"])
-                elif isinstance(v, dict):  # e.g. per-block accuracies: one curve per entry
-                    for name, x in v.items():
-                        if isinstance(x, (int, float)):
-                            self.tb.add_scalar(f"{self.prefix}/{k}/{name}", x, record["step"])
-            self.tb.flush()
+EvalLog = MetricsLog  # JSONL + TensorBoard, with the command's name as the TensorBoard prefix
 
 
 def write_final_metrics(out_dir: Path, metrics: dict) -> Path:

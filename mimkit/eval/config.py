@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from mimkit.config import ConfigError, _from_dict, _merge, _require, parse_overrides, to_dict
+from mimkit.config import ConfigError, _from_dict, _require, read_recipe, to_dict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -326,20 +326,7 @@ def load_eval_config(command: str, path: str | Path | None = None, overrides: li
     """Defaults <- YAML recipe <- keyword sections (Python API) <- `key=value` overrides, for one command."""
     if command not in COMMANDS:
         raise ConfigError(f"unknown evaluation command '{command}'; allowed: {', '.join(COMMANDS)}")
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must contain a mapping at the top level")
-        data = loaded
-    data = _merge(data, sections)
-    data = _merge(data, parse_overrides(overrides or []))
+    data = read_recipe(path, overrides, sections)
     return validate(_from_dict(COMMANDS[command], data))
 
 
