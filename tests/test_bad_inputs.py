@@ -79,3 +79,20 @@ def test_npz_that_is_not_an_archive(tmp_path):
     path.write_text("nope")
     with pytest.raises(DataError, match="cannot read .*fake.npz as .npz"):
         load_npz(path)
+
+
+@pytest.mark.parametrize(
+    "y_test,message",
+    [(np.array([0, 1, 2, -1]), "labels must be >= 0, found -1"),
+     (np.array([0, 1, 7, 2]), "'test' has labels absent from 'train': \\[7\\]")],
+)  # fmt: skip
+def test_labels_out_of_range_stop_evaluation_before_it_starts(tmp_path, y_test, message):
+    from mimkit.eval import load_eval_config
+    from mimkit.eval.common import open_labelled
+
+    path = tmp_path / "labelled.npz"
+    images = make_images(12, 16)
+    np.savez(path, x_train=images[:8], y_train=np.array([0, 1, 2, 0, 1, 2, 0, 1]), x_test=images[8:], y_test=y_test)
+    cfg = load_eval_config("knn", None, [f"data.path={path}", "encoder.arch=vit_tiny_patch4_32"])
+    with pytest.raises(DataError, match=message):
+        open_labelled(cfg.data)

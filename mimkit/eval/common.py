@@ -309,7 +309,11 @@ def open_labelled(d, seed: int = 0) -> LabelledData:
         raise DataError(f"data.path: the class folders of '{d.train_split}' and '{d.val_split}' differ")
     num_classes = max(int(max(train.targets.max(), val.targets.max())) + 1, len(getattr(train, "classes", None) or []))
     if min(train.targets.min(), val.targets.min()) < 0:
-        raise DataError("data.path: labels must be >= 0")
+        raise DataError(f"data.path: {d.path}: labels must be >= 0, found {int(min(train.targets.min(), val.targets.min()))}")
+    unseen = sorted(set(np.unique(val.targets).tolist()) - set(np.unique(train.targets).tolist()))
+    if unseen:
+        raise DataError(f"data.path: {d.path}: '{d.val_split}' has labels absent from '{d.train_split}': "
+                        f"{unseen[:10]} (out of range for a classifier trained on that split)")  # fmt: skip
     return LabelledData(subset(train, d.train_samples, seed), subset(val, d.val_samples, seed + 1), num_classes)
 
 
