@@ -268,6 +268,7 @@ def pretrain(cfg: Config) -> RunResult:
     last_ckpt = resume_from if resume_from is not None else None
     consecutive_nonfinite, loss_value = 0, float("nan")
     window_start, window_steps = time.perf_counter(), 0
+    run_start = window_start
     model.train()
     while step < last_step:
         epoch, in_epoch = divmod(step, steps_per_epoch)
@@ -296,8 +297,10 @@ def pretrain(cfg: Config) -> RunResult:
                     terms[name] = terms.get(name, 0.0) + float(getattr(out, name)) / t.accum_steps
 
             # one all-reduce per step: loss, non-finite flag, skipped images, summed over processes
+            out_of_time = t.max_minutes is not None and time.perf_counter() - run_start > 60 * t.max_minutes
             stats = torch.stack([loss_sum / t.accum_steps, (~torch.isfinite(loss_sum)).float(),
-                                 torch.tensor(float(skipped), device=device)])  # fmt: skip
+                                 torch.tensor(float(skipped), device=device),
+                                 torch.tensor(float(out_of_time), device=device)])  # fmt: skip
             stats = mdist.all_reduce_sum(stats)
             loss_value = float(stats[0]) / dist.world_size
             skipped_total += int(stats[2])
@@ -334,6 +337,10 @@ def pretrain(cfg: Config) -> RunResult:
                 )
 
             done = step + 1
+            if float(stats[3]) > 0 and done < last_step:  # train.max_minutes reached (on any rank): stop here
+                last_step = done
+                if progress is not None:
+                    progress.total = done
             if done % t.log_every == 0 or done == last_step:
                 elapsed = time.perf_counter() - window_start
                 img_s = window_steps * effective_batch / max(elapsed, 1e-9)
@@ -365,16 +372,18 @@ def pretrain(cfg: Config) -> RunResult:
                 if fsdp:
                     model.unshard()  # the root's own parameters (embeddings, norm) are sharded
                 # on every rank: the images are split across processes and the features gathered
-                stats = knn_monitor(model.encoder, *knn_sources, mean=cfg.data.mean, std=cfg.data.std, device=device,
+                knn_stats = knn_monitor(model.encoder, *knn_sources, mean=cfg.data.mean, std=cfg.data.std, device=device,
                                     precision=precision, max_train=t.knn_samples[0], max_val=t.knn_samples[1],
                                     seed=t.seed)  # fmt: skip
                 if fsdp:
                     model.reshard()
-                metrics.write({"step": done, "epoch": done // steps_per_epoch, **stats})
+                metrics.write({"step": done, "epoch": done // steps_per_epoch, **knn_stats})
                 window_start = time.perf_counter()
             if vis_images is not None and end_of_epoch and (done // steps_per_epoch) % t.vis_every_epochs == 0:
                 log_reconstruction_grid(metrics.tb, model, vis_images, done, seed=t.seed, mean=cfg.data.mean,
                                         std=cfg.data.std)  # fmt: skip
+            if done >= last_step:  # max_steps / max_minutes reached mid-epoch
+                break
         step = done
     if progress is not None:
         progress.close()

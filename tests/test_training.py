@@ -158,3 +158,10 @@ def test_knn_trend_monitor_during_pretraining(tiny_cfg):
     assert [r["epoch"] for r in knn] == [1, 2]
     value = next(v for k, v in knn[-1].items() if k.startswith("knn") and isinstance(v, float))
     assert 0.0 <= value <= 100.0
+
+
+def test_max_minutes_stops_and_saves(tiny_cfg):
+    result = pretrain(tiny_cfg("train.max_minutes=0.0001", "train.epochs=50"))
+    assert result.step == 1 and result.checkpoint.name == "checkpoint-00000001.pt"
+    resumed = pretrain(tiny_cfg("train.max_steps=3", "train.epochs=50"))  # resumes from there, no time limit
+    assert resumed.step == 3
