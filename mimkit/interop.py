@@ -438,8 +438,13 @@ def _require_transformers():
 def hf_vit_config(model, cfg: Config):
     from transformers import ViTConfig
 
-    spec = encoder_spec(model.encoder)
-    return ViTConfig(
+    return ViTConfig(**hf_encoder_kwargs(model.encoder))
+
+
+def hf_encoder_kwargs(encoder) -> dict:
+    """The HF (ViT / ViTMAE) config fields that describe a mimkit encoder."""
+    spec = encoder_spec(encoder)
+    return dict(
         hidden_size=spec["embed_dim"],
         num_hidden_layers=spec["depth"],
         num_attention_heads=spec["num_heads"],
@@ -458,28 +463,16 @@ def hf_vit_config(model, cfg: Config):
 def hf_vit_mae_config(model, cfg: Config):
     from transformers import ViTMAEConfig
 
-    spec = encoder_spec(model.encoder)
     dec = model.decoder
     block = dec.decoder_blocks[0] if len(dec.decoder_blocks) else None
     return ViTMAEConfig(
-        hidden_size=spec["embed_dim"],
-        num_hidden_layers=spec["depth"],
-        num_attention_heads=spec["num_heads"],
-        intermediate_size=spec["mlp_hidden"],
+        **hf_encoder_kwargs(model.encoder),
         decoder_hidden_size=dec.decoder_embed.out_features,
         decoder_num_hidden_layers=len(dec.decoder_blocks),
         decoder_num_attention_heads=block.attn.num_heads if block is not None else cfg.mae.decoder_heads,
         decoder_intermediate_size=block.mlp.fc1.out_features
         if block is not None
         else 4 * dec.decoder_embed.out_features,
-        image_size=spec["img_size"],
-        patch_size=spec["patch_size"],
-        num_channels=3,
-        qkv_bias=True,
-        layer_norm_eps=1e-6,
-        hidden_act="gelu",
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
         mask_ratio=float(model.mask_ratio),
         norm_pix_loss=bool(model.norm_pix_loss),
     )
