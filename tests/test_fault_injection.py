@@ -34,19 +34,20 @@ def test_sigkill_and_resume_loses_nothing(tmp_path, npz_data, tiny_cfg):
         runs += 1
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         if kills < 3:
-            # wait until this run has written at least one new checkpoint, then kill at a random moment
-            before = newest_step(out)
-            deadline = time.time() + 60
-            while proc.poll() is None and time.time() < deadline and newest_step(out) <= before:
-                time.sleep(0.05)
-            time.sleep(rng.uniform(0.0, 0.5))
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-                kills += 1
-                for ckpt in list_checkpoints(out):  # nothing half-written is ever visible
-                    load_checkpoint(ckpt)
-                continue
+            # kill a few steps after this run's first new checkpoint, at a random moment (often mid-write);
+            # the target is counted in steps, not seconds, so a fast machine cannot finish the run first
+            target = newest_step(out) + rng.randint(1, 3)
+            deadline = time.time() + 120
+            while proc.poll() is None and time.time() < deadline and newest_step(out) < target:
+                time.sleep(0.002)
+            time.sleep(rng.uniform(0.0, 0.02))
+            assert proc.poll() is None, "the run ended before it could be killed"
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+            for ckpt in list_checkpoints(out):  # nothing half-written is ever visible
+                load_checkpoint(ckpt)
+            continue
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err.decode()[-2000:]
         break
