@@ -1,23 +1,32 @@
-"""CIFAR-10 results table: random-init vs MAE-pretrained ViT-T/4@32 under k-NN, linear probe and fine-tuning,
-top-1 on the 10,000 test images, each row with its budget (epochs, wall-clock, machine).
+"""CIFAR-10 results table: random init vs pretrained ViT-T/4@32 encoders (MAE, and BootMAE / BEiT / mc-BEiT /
+EMAE at an equal wall-clock budget) under k-NN, linear probe and fine-tuning, top-1 on the test split, each
+row with its budget (epochs, wall-clock, machine).
 
-    python benchmarks/cifar10_eval.py                                   # pretrain (recipe), then the 6 evaluations
+    python benchmarks/cifar10_eval.py                                   # MAE: pretrain (recipe), then 6 evaluations
     python benchmarks/cifar10_eval.py --checkpoint runs/mae_vit_tiny_cifar10/checkpoint-00001950.pt   # reuse a run
-    python benchmarks/cifar10_eval.py --pretrain-epochs 60 --finetune-epochs 10
+    python benchmarks/cifar10_eval.py --methods mae,bootmae,beit,mcbeit --minutes 20   # equal wall-clock budgets
     python benchmarks/cifar10_eval.py --set finetune:optim.blr=2e-3 --set linprobe:probe.pool=cls
     python benchmarks/cifar10_eval.py --quick                           # smoke test: a few hundred images, ~2 min
 
-Recipes: configs/mae_vit_tiny_cifar10.yaml (pretraining) and configs/eval/{knn,linprobe,finetune}_vit_tiny_cifar10.yaml.
+Recipes: configs/<method>_vit_tiny_cifar10.yaml (pretraining; BEiT / mc-BEiT need the tokenizer of
+configs/tokenizer_cifar10.yaml) and configs/eval/{knn,linprobe,finetune}_vit_tiny_cifar10.yaml.
+With --minutes M every method gets the same budget: a short timed run measures its seconds per step on this
+machine, then the recipe runs for M minutes' worth of steps (train.schedule_steps) with the lr / method
+schedules compressed to fit, warmup 10% of it (train.max_minutes = 1.5 M is a safety stop).
 Writes <out>.md (the table), <out>.log (everything logged) and <out>.json (every metric); runs go to --work.
 Every step is resumable: run the same command again after an interruption and finished rows are read back
 from <out>.json, an interrupted pretraining / fine-tuning continues from its last checkpoint (exactly), and
-feature extraction from its partial cache. A full run is hours on 2 CPU cores (see the recipes' comments).
+feature extraction from its partial cache. `--only pretrain` and `--only eval --wait` split the work between
+two processes (e.g. each pinned to its own cores): the eval process picks up each encoder as it is pretrained.
+A full run is hours on 2 CPU cores (see the recipes' comments).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import fcntl
 import json
 import logging
 import sys
@@ -30,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from mimkit import distributed as mdist  # noqa: E402
+from mimkit.checkpoint import atomic_write_text, load_checkpoint  # noqa: E402
 from mimkit.config import load_config  # noqa: E402
 from mimkit.eval import evaluate  # noqa: E402
 from mimkit.eval.common import machine_description  # noqa: E402
@@ -37,13 +47,17 @@ from mimkit.train import pretrain  # noqa: E402
 
 log = logging.getLogger("mimkit")
 
-RECIPES = {
-    "pretrain": ROOT / "configs" / "mae_vit_tiny_cifar10.yaml",
-    "knn": ROOT / "configs" / "eval" / "knn_vit_tiny_cifar10.yaml",
-    "linprobe": ROOT / "configs" / "eval" / "linprobe_vit_tiny_cifar10.yaml",
-    "finetune": ROOT / "configs" / "eval" / "finetune_vit_tiny_cifar10.yaml",
-}
-EVALS = ("knn", "linprobe", "finetune")
+METHODS = ("mae", "bootmae", "beit", "mcbeit", "emae")
+NAMES = {"random": "random init", "mae": "MAE", "bootmae": "BootMAE", "beit": "BEiT", "mcbeit": "mc-BEiT", "emae": "EMAE"}
+EVAL_RECIPES = {c: ROOT / "configs" / "eval" / f"{c}_vit_tiny_cifar10.yaml" for c in ("knn", "linprobe", "finetune")}
+EVALS = tuple(EVAL_RECIPES)
+WARMUP_FRACTION = 0.1  # of a budgeted schedule (the recipes: 1 of 10 epochs)
+CALIBRATION_STEPS = 3
+
+
+def recipe(method: str) -> Path:
+    return ROOT / "configs" / f"{method}_vit_tiny_cifar10.yaml"
+
 
 # --quick: the same models and code paths on a few hundred images, one short epoch each
 QUICK = {
@@ -71,35 +85,56 @@ def setup_logging(path: Path) -> None:
 
 
 def parse_sets(items: list[str]) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {k: [] for k in RECIPES}
+    out: dict[str, list[str]] = {k: [] for k in ("pretrain", *EVALS)}
     for item in items:
         command, _, override = item.partition(":")
         if command not in out or "=" not in override:
-            raise SystemExit(f"--set {item!r}: expected COMMAND:section.key=value with COMMAND in {', '.join(RECIPES)}")
+            raise SystemExit(f"--set {item!r}: expected COMMAND:section.key=value with COMMAND in {', '.join(out)}")
         out[command].append(override)
     return out
 
 
-def run_pretraining(args, sets, work: Path) -> dict:
-    overrides = [f"data.path={args.data}", f"train.out_dir={work / 'pretrain'}", "train.progress=false"]
+def seconds_per_step(method: str, base: list[str], work: Path) -> tuple[float, int]:
+    """(seconds per optimizer step, steps per epoch) of `method`'s recipe here, from a short timed run."""
+    out = work / f"{method}_calibration"
+    cfg = load_config(recipe(method), base + [f"train.out_dir={out}", f"train.max_steps={CALIBRATION_STEPS}",
+                                              "train.log_every=1", "train.resume=none", "train.save_every_steps=null",
+                                              "train.tensorboard=false", "train.knn_every_epochs=0"])  # fmt: skip
+    result = pretrain(cfg)
+    times = {r["step"]: r["time"] for r in map(json.loads, result.metrics.read_text().splitlines()) if "loss" in r}
+    first, last = min(times), max(times)  # step 1 includes start-up; time the steps after it
+    per_step = (times[last] - times[first]) / (last - first)
+    return per_step, load_checkpoint(result.checkpoint)["steps_per_epoch"]
+
+
+def run_pretraining(method: str, args, sets, work: Path) -> dict:
+    overrides = [f"data.path={args.data}", f"train.out_dir={work / f'{method}_pretrain'}", "train.progress=false"]
     if args.pretrain_epochs is not None:
         overrides.append(f"train.epochs={args.pretrain_epochs}")
     overrides += (QUICK["pretrain"] if args.quick else []) + sets["pretrain"]
-    cfg = load_config(RECIPES["pretrain"], overrides)
-    log.info("== pretraining: MAE %s, %d epochs (%s %s)", cfg.model.arch, cfg.train.epochs, RECIPES["pretrain"].name,
-             " ".join(overrides))  # fmt: skip
+    budget = {}
+    if args.minutes is not None:
+        per_step, steps_per_epoch = seconds_per_step(method, overrides, work)
+        steps = max(1, int(args.minutes * 60 / per_step))
+        overrides += [f"train.schedule_steps={steps}", f"optim.warmup_epochs={WARMUP_FRACTION * steps / steps_per_epoch:.4f}",
+                      f"train.max_minutes={1.5 * args.minutes}"]  # fmt: skip
+        budget = {"budget_minutes": args.minutes, "calibrated_s_per_step": round(per_step, 3), "schedule_steps": steps}
+        log.info("== %s: %.2f s/step here -> %d steps (%.2f epochs) in %.1f min", method, per_step, steps,
+                 steps / steps_per_epoch, args.minutes)  # fmt: skip
+    cfg = load_config(recipe(method), overrides)
+    log.info("== pretraining: %s %s (%s %s)", NAMES[method], cfg.model.arch, recipe(method).name, " ".join(overrides))
     start = time.perf_counter()
     result = pretrain(cfg)
-    return {"checkpoint": str(result.checkpoint), "epochs": cfg.train.epochs, "steps": result.step,
-            "final_loss": result.loss, "wall_clock_s": round(time.perf_counter() - start, 1),
-            "overrides": overrides, "note": "wall-clock of this invocation (a resumed run counts only its own part)"}  # fmt: skip
+    state = load_checkpoint(result.checkpoint)
+    return {"checkpoint": str(result.checkpoint), "epochs": round(float(state["epoch"]), 2), "steps": result.step,
+            "final_loss": result.loss, "wall_clock_s": round(time.perf_counter() - start, 1), **budget,
+            "threads": torch.get_num_threads(), "overrides": overrides,
+            "note": "wall-clock of this invocation (a resumed run counts only its own part)"}  # fmt: skip
 
 
 def describe_checkpoint(path: Path) -> dict:
     """Budget of a given pretraining run: epochs from the checkpoint, wall-clock (approximate: first to last
     record of its metrics.jsonl, pauses between resumes included) when its log is beside it."""
-    from mimkit.checkpoint import load_checkpoint
-
     state = load_checkpoint(path)
     info = {"checkpoint": str(path), "epochs": round(float(state["epoch"]), 2), "steps": state["step"]}
     records = path.parent / "metrics.jsonl"
@@ -115,29 +150,39 @@ def run_eval(command: str, encoder: str, checkpoint: str, args, sets, work: Path
     run_section = "run" if command == "knn" else "train"
     overrides = [f"encoder.checkpoint={checkpoint}", f"data.path={args.data}",
                  f"{run_section}.out_dir={work / f'{encoder}_{command}'}", f"{run_section}.progress=false"]  # fmt: skip
+    if checkpoint != "none":
+        overrides.append("encoder.arch=null")  # the checkpoint's own architecture
+    if args.train_samples is not None:
+        overrides.append(f"data.train_samples={args.train_samples}")
+    if args.val_samples is not None:
+        overrides.append(f"data.val_samples={args.val_samples}")
     if command == "linprobe" and args.linprobe_epochs is not None:
         overrides.append(f"train.epochs={args.linprobe_epochs}")
     if command == "finetune" and args.finetune_epochs is not None:
         overrides.append(f"train.epochs={args.finetune_epochs}")
     overrides += (QUICK[command] if args.quick else []) + sets[command]
-    log.info("== %s, %s encoder (%s %s)", command, encoder, RECIPES[command].name, " ".join(overrides))
-    result = evaluate(command, str(RECIPES[command]), overrides)
-    return {**result.metrics, "overrides": overrides}
+    log.info("== %s, %s encoder (%s %s)", command, NAMES[encoder], EVAL_RECIPES[command].name, " ".join(overrides))
+    result = evaluate(command, str(EVAL_RECIPES[command]), overrides)
+    return {**result.metrics, "threads": torch.get_num_threads(), "overrides": overrides}
+
+
+def pretrain_text(pre: dict | None) -> str:
+    if not pre:
+        return "–"
+    approx = "≈" if "approximate" in pre.get("note", "") else ""
+    clock = f", {approx}{minutes(pre['wall_clock_s'])}" if "wall_clock_s" in pre else ""
+    threads = f" on {pre['threads']} thread{'s' if pre['threads'] > 1 else ''}" if "threads" in pre else ""
+    return f"{pre['epochs']} ep / {pre['steps']} steps{clock}{threads}"
 
 
 def table(state: dict) -> str:
-    pre = state.get("pretrain")
-    pre_text = "–"
-    if pre:
-        clock = f", {'≈' if 'note' in pre and 'approximate' in pre['note'] else ''}{minutes(pre['wall_clock_s'])}" if "wall_clock_s" in pre else ""
-        pre_text = f"{pre['epochs']} ep{clock}"
     lines = [
         "| encoder | evaluation | top-1 (%) | evaluation budget | pretraining budget |",
         "|---|---|---|---|---|",
     ]
-    names = {"random": "random init", "mae": "MAE"}
+    encoders = ["random", *[m for m in METHODS if m in state.get("pretrain", {})]]
     for command in EVALS:
-        for encoder in ("random", "mae"):
+        for encoder in encoders:
             m = state["rows"].get(f"{encoder}_{command}")
             if m is None:
                 continue
@@ -154,10 +199,14 @@ def table(state: dict) -> str:
                 top1 = f"{m['top1']:.2f}" + (f" (EMA {m['ema_top1']:.2f})" if "ema_top1" in m else "")
                 budget = f"{m['epochs']} ep, {budget}"
             images = f"; {m['train_images']} train / {m['val_images']} test images"
-            lines.append(f"| {names[encoder]} | {what} | {top1} | {budget}{images} | {'–' if encoder == 'random' else pre_text} |")
+            pre = None if encoder == "random" else state["pretrain"].get(encoder)
+            lines.append(f"| {NAMES[encoder]} | {what} | {top1} | {budget}{images} | {pretrain_text(pre)} |")
     lines.append("")
     lines.append(f"Machine: {state['machine']}. Data: {state['data']} (test split). Wall-clock includes feature "
                  "extraction and every test-set evaluation.")  # fmt: skip
+    if state.get("minutes"):
+        lines.append(f"Pretraining: every method the same budget, {state['minutes']} min of wall-clock here (its steps "
+                     "set from a timed calibration run, lr / method schedules compressed to fit, 10% warmup).")  # fmt: skip
     rows = state["rows"]
     checks = []
     if "mae_linprobe" in rows:
@@ -174,15 +223,62 @@ def table(state: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+class State:
+    """<out>.json, shared safely by processes that split the work (--only): every save merges this process's
+    new entries into the file's current content under a lock, then replaces it atomically."""
+
+    def __init__(self, path: Path, fresh: dict):
+        self.path, self.lock = path, path.with_suffix(".lock")
+        self.data = {"rows": {}, "pretrain": {}}
+        with self._locked():
+            self.data.update(self._read())
+        self.data.update(fresh)
+
+    @contextlib.contextmanager
+    def _locked(self):
+        with open(self.lock, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _read(self) -> dict:
+        return json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def refresh(self) -> dict:
+        with self._locked():
+            disk = self._read()
+        for section in ("rows", "pretrain"):
+            self.data[section] = {**disk.get(section, {}), **self.data[section]}
+        return self.data
+
+    def save(self, section: str | None = None, key: str | None = None, value: dict | None = None) -> None:
+        with self._locked():
+            disk = self._read()
+            for name in ("rows", "pretrain"):
+                self.data[name] = {**disk.get(name, {}), **self.data[name]}
+            if section is not None:
+                self.data[section][key] = value
+            atomic_write_text(self.path, json.dumps(self.data, indent=2) + "\n")
+            atomic_write_text(self.path.with_suffix(".md"), table(self.data))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "cifar10.npz"))
-    parser.add_argument("--checkpoint", default=None, help="a MAE pretraining checkpoint: skip pretraining")
+    parser.add_argument("--methods", default="mae", help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument("--checkpoint", default=None, help="a pretraining checkpoint of the (single) method: skip pretraining")
+    parser.add_argument("--minutes", type=float, default=None, help="pretraining budget per method (default: the recipe's epochs)")
     parser.add_argument("--pretrain-epochs", type=int, default=None, help="default: the recipe's")
     parser.add_argument("--linprobe-epochs", type=int, default=None, help="default: the recipe's")
     parser.add_argument("--finetune-epochs", type=int, default=None, help="default: the recipe's")
+    parser.add_argument("--train-samples", type=int, default=None, help="evaluate on a seeded subset of the train split")
+    parser.add_argument("--val-samples", type=int, default=None, help="evaluate on a seeded subset of the test split")
     parser.add_argument("--evals", default=",".join(EVALS), help="comma-separated subset of knn,linprobe,finetune")
-    parser.add_argument("--encoders", default="random,mae", help="comma-separated subset of random,mae")
+    parser.add_argument("--no-random", action="store_true", help="skip the random-init rows")
+    parser.add_argument("--only", choices=("pretrain", "eval"), default=None, help="do one half of the work")
+    parser.add_argument("--wait", action="store_true", help="with --only eval: wait for encoders still being pretrained")
     parser.add_argument("--set", action="append", default=[], metavar="COMMAND:KEY=VALUE",
                         help="extra override for one command (pretrain, knn, linprobe, finetune); repeatable")
     parser.add_argument("--quick", action="store_true", help="smoke test: a few hundred images, one short epoch each")
@@ -192,47 +288,56 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="recompute rows already in <out>.json")
     args = parser.parse_args(argv)
 
+    methods = [m for m in args.methods.split(",") if m]
+    evals = [e for e in args.evals.split(",") if e]
+    if not set(evals) <= set(EVALS) or not set(methods) <= set(METHODS):
+        raise SystemExit(f"--evals takes knn,linprobe,finetune; --methods takes {','.join(METHODS)}")
+    if args.checkpoint and len(methods) != 1:
+        raise SystemExit("--checkpoint goes with exactly one method (--methods)")
     suffix = "_quick" if args.quick else ""
     work = Path(args.work or ROOT / "runs" / f"cifar10_eval{suffix}")
     out = Path(args.out or (work / "results" if args.quick else ROOT / "benchmarks" / "cifar10_eval"))
     out.parent.mkdir(parents=True, exist_ok=True)
     setup_logging(out.with_suffix(".log"))
     sets = parse_sets(args.set)
-    evals = [e for e in args.evals.split(",") if e]
-    encoders = [e for e in args.encoders.split(",") if e]
-    if not set(evals) <= set(EVALS) or not set(encoders) <= {"random", "mae"}:
-        raise SystemExit("--evals takes knn,linprobe,finetune; --encoders takes random,mae")
-    state_path = out.with_suffix(".json")
-    state = json.loads(state_path.read_text()) if state_path.is_file() and not args.force else {}
-    state.setdefault("rows", {})
-    state.update({"data": args.data, "machine": machine_description(mdist.resolve_device("auto")),
-                  "quick": args.quick, "updated": datetime.datetime.now().isoformat(timespec="seconds"),
-                  "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])})  # fmt: skip
-    log.info("cifar10_eval: %s | torch %s, %d threads | work %s | results %s", state["machine"], torch.__version__,
-             torch.get_num_threads(), work, out)  # fmt: skip
+    fresh = {"data": args.data, "machine": machine_description(mdist.resolve_device("auto")), "quick": args.quick,
+             "updated": datetime.datetime.now().isoformat(timespec="seconds")}  # fmt: skip
+    if args.minutes is not None:
+        fresh["minutes"] = args.minutes
+    state = State(out.with_suffix(".json"), fresh)
+    if args.force:
+        state.data["rows"], state.data["pretrain"] = {}, {}
+    log.info("cifar10_eval: %s | torch %s, %d threads | methods %s | work %s | results %s", fresh["machine"],
+             torch.__version__, torch.get_num_threads(), ",".join(methods), work, out)  # fmt: skip
 
-    def save() -> None:
-        state_path.write_text(json.dumps(state, indent=2) + "\n")
-        out.with_suffix(".md").write_text(table(state))
-
-    if "mae" in encoders:
-        if args.checkpoint:
-            state["pretrain"] = describe_checkpoint(Path(args.checkpoint))
-        elif "epochs" not in state.get("pretrain", {}) or args.force:
-            state["pretrain"] = run_pretraining(args, sets, work)
-            save()
-        log.info("pretrained encoder: %s", state["pretrain"]["checkpoint"])
-    for command in evals:
-        for encoder in encoders:
-            key = f"{encoder}_{command}"
-            if key in state["rows"] and not args.force:
-                log.info("== %s: already measured (top-1 %.2f%%), kept; --force recomputes", key, state["rows"][key]["top1"])
+    if args.only != "eval":
+        for method in methods:
+            if args.checkpoint:
+                state.save("pretrain", method, describe_checkpoint(Path(args.checkpoint)))
+            elif method not in state.refresh()["pretrain"]:
+                state.save("pretrain", method, run_pretraining(method, args, sets, work))
+            log.info("pretrained %s encoder: %s", NAMES[method], state.data["pretrain"][method]["checkpoint"])
+    if args.only != "pretrain":
+        encoders = ([] if args.no_random else ["random"]) + methods
+        while encoders:
+            ready = [e for e in encoders if e == "random" or e in state.refresh()["pretrain"]]
+            if not ready:
+                if not args.wait:
+                    raise SystemExit(f"not pretrained yet: {', '.join(encoders)} (run with --only pretrain first, or --wait)")
+                time.sleep(30)
                 continue
-            checkpoint = "none" if encoder == "random" else state["pretrain"]["checkpoint"]
-            state["rows"][key] = run_eval(command, encoder, checkpoint, args, sets, work)
-            save()
-    save()
-    print(table(state))
+            encoder = ready[0]
+            for command in evals:
+                key = f"{encoder}_{command}"
+                if key in state.refresh()["rows"]:
+                    log.info("== %s: already measured (top-1 %.2f%%), kept; --force recomputes", key,
+                             state.data["rows"][key]["top1"])  # fmt: skip
+                    continue
+                checkpoint = "none" if encoder == "random" else state.data["pretrain"][encoder]["checkpoint"]
+                state.save("rows", key, run_eval(command, encoder, checkpoint, args, sets, work))
+            encoders.remove(encoder)
+    state.save()
+    print(table(state.data))
     log.info("wrote %s, %s, %s", out.with_suffix(".md"), out.with_suffix(".json"), out.with_suffix(".log"))
     return 0
 

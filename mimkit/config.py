@@ -155,6 +155,9 @@ class TrainConfig:
     accum_steps: int = 1  # micro-steps per optimizer step
     max_steps: int | None = None  # stop after this many optimizer steps (schedule still uses epochs)
     max_minutes: float | None = None  # stop (and save) after this much wall-clock training, e.g. a job's time limit
+    # length of the run and of its lr / method schedules in optimizer steps, instead of `epochs` (runs sized to a
+    # compute budget; may end mid-epoch)
+    schedule_steps: int | None = None
     # auto = bf16 autocast on GPUs and on CPUs with native bf16 (AVX512-BF16 / AMX), else fp32
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -350,6 +353,8 @@ def validate(cfg: Config) -> Config:
     _require(t.accum_steps >= 1, f"train.accum_steps must be >= 1, got {t.accum_steps}")
     _require(t.max_minutes is None or t.max_minutes > 0, f"train.max_minutes must be positive or null, got {t.max_minutes}")
     _require(t.max_steps is None or t.max_steps >= 1, f"train.max_steps must be >= 1 or null, got {t.max_steps}")
+    _require(t.schedule_steps is None or t.schedule_steps >= 1,
+             f"train.schedule_steps must be >= 1 or null, got {t.schedule_steps}")
     _require(t.keep_last >= 1, f"train.keep_last must be >= 1, got {t.keep_last}")
     _require(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
     _require(t.save_every_epochs >= 1, f"train.save_every_epochs must be >= 1, got {t.save_every_epochs}")

@@ -253,6 +253,8 @@ def encoder_spec(encoder) -> dict:
 
 
 def _timm_name(cfg: Config) -> str:
+    if cfg.method in ("beit", "mcbeit"):  # the sizes travel in model_args; any Beit entry point builds it
+        return "beit_base_patch16_224"
     return PRESETS[cfg.model.arch].timm_name
 
 
@@ -353,22 +355,28 @@ def export_timm(ckpt: str | Path, out: str | Path) -> dict[str, Path]:
     save_file(tensors, str(weights), metadata={"format": "pt", "producer": f"mimkit {mimkit.__version__}"})
     mean, std = _data_stats(cfg)
     size = spec["img_size"]
-    model_args = {
-        "img_size": size,
-        "patch_size": spec["patch_size"],
-        "embed_dim": spec["embed_dim"],
-        "depth": spec["depth"],
-        "num_heads": spec["num_heads"],
-        "mlp_ratio": 4.0,
-        "qkv_bias": True,
-        "num_classes": 0,
-        "global_pool": "token",
-    }
+    if cfg.method in ("beit", "mcbeit"):  # timm's Beit: relative position bias, layer scale, no abs. pos-embed
+        from mimkit.methods.beit import timm_beit_kwargs
+
+        model_args = {**timm_beit_kwargs(cfg), "img_size": size, "patch_size": spec["patch_size"], "mlp_ratio": 4.0,
+                      "qkv_bias": True}  # fmt: skip
+    else:
+        model_args = {
+            "img_size": size,
+            "patch_size": spec["patch_size"],
+            "embed_dim": spec["embed_dim"],
+            "depth": spec["depth"],
+            "num_heads": spec["num_heads"],
+            "mlp_ratio": 4.0,
+            "qkv_bias": True,
+            "num_classes": 0,
+            "global_pool": "token",
+        }
     config = {
         "architecture": _timm_name(cfg),
         "num_classes": 0,
         "num_features": spec["embed_dim"],
-        "global_pool": "token",
+        "global_pool": model_args["global_pool"],
         "model_args": model_args,
         "pretrained_cfg": {
             "tag": "mimkit",
@@ -500,6 +508,9 @@ def export_hf(ckpt: str | Path, out: str | Path) -> dict[str, Path]:
     from mimkit.methods.mae import MAEDecoder
 
     model, cfg, _ = load_mimkit_checkpoint(ckpt)
+    if cfg.method in ("beit", "mcbeit"):
+        raise InteropError(f"{ckpt}: Hugging Face export covers ViT / ViTMAE encoders; this {cfg.method} encoder is a "
+                           "timm Beit (shared relative position bias, layer scale): export it with --to timm")  # fmt: skip
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()

@@ -279,3 +279,24 @@ def test_cli_tokenizer_train(tiny_cfg, tmp_path, npz_data):
                "model.patch_size=4", "tokenizer.hidden=8", "tokenizer.code_dim=8", "tokenizer.vocab_size=16",
                "tokenizer.train_steps=2", "tokenizer.batch_size=4", f"tokenizer.path={path}"])  # fmt: skip
     assert rc == 0 and path.is_file() and path.with_suffix(".jsonl").is_file()
+
+
+def test_beit_checkpoint_exports_to_timm_beit_with_identical_features(tiny_cfg, tmp_path):
+    import timm
+
+    from mimkit.interop import InteropError, export_hf, export_timm, load_mimkit_checkpoint, timm_create_kwargs
+
+    args = ["method=mcbeit", "mask.type=random", "mask.ratio=0.4", *TINY_TOKENIZER]
+    ckpt = pretrain(tiny_cfg(*args, "train.max_steps=2", out="mc")).checkpoint
+    model, _, _ = load_mimkit_checkpoint(ckpt)
+    export_timm(ckpt, tmp_path / "timm")
+    name, kwargs = timm_create_kwargs(tmp_path / "timm")
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = model.encoder.forward_features(x)
+        for loaded in (timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True),
+                       timm.create_model(name, **kwargs)):  # fmt: skip
+            assert isinstance(loaded, Beit)
+            torch.testing.assert_close(loaded.eval().forward_features(x), ref, rtol=0, atol=0)
+    with pytest.raises(InteropError, match="--to timm"):
+        export_hf(ckpt, tmp_path / "hf")

@@ -339,3 +339,28 @@ def test_image_folder_splits_work_for_knn_and_finetune(tmp_path, eval_cfg):
     fine = ft.run_finetune(eval_cfg("finetune", *data, "train.epochs=1", "train.max_steps=1", out="ft_folder"))
     assert fine.metrics["steps"] == 1 and 0 <= fine.metrics["top1"] <= 100
 
+
+
+def test_beit_checkpoints_are_evaluated_with_their_timm_beit_encoder(eval_cfg, tiny_cfg, caplog):
+    """BEiT / mc-BEiT pretrain a timm Beit (relative position bias, layer scale): k-NN, the probe and
+    fine-tuning rebuild that encoder from the checkpoint, every encoder tensor matched."""
+    from timm.models.beit import Beit
+
+    beit = ["method=beit", "mask.type=block", "mask.ratio=0.4", "tokenizer.kind=random", "tokenizer.vocab_size=32",
+            "tokenizer.hidden=8", "tokenizer.code_dim=8", "tokenizer.downsample=2"]  # fmt: skip
+    ckpt = pretrain(tiny_cfg(*beit, "train.max_steps=2", out="beit")).checkpoint
+    saved = {k[len("encoder."):]: v for k, v in load_checkpoint(ckpt)["model"].items() if k.startswith("encoder.")}
+    assert "rel_pos_bias.relative_position_bias_table" in saved and "blocks.0.gamma_1" in saved
+
+    model, report = ft.build_finetune_model(eval_cfg("finetune", f"encoder.checkpoint={ckpt}", encoder=[]), 3)
+    assert isinstance(model, Beit)
+    assert report.missing == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
+    assert report.unexpected == ["norm.bias", "norm.weight"] and len(report.matched) == len(saved) - 2
+    for k in ("rel_pos_bias.relative_position_bias_table", "blocks.1.gamma_2", "patch_embed.proj.weight"):
+        assert torch.equal(model.state_dict()[k], saved[k])
+
+    knn = run_knn(eval_cfg("knn", f"encoder.checkpoint={ckpt}", "features.pool=mean", encoder=[]))
+    assert 0.0 <= knn.metrics["top1"] <= 100.0
+    probe = lp.run_linprobe(eval_cfg("linprobe", f"encoder.checkpoint={ckpt}", "probe.scan_blocks=true", out="probe",
+                                  encoder=[]))  # fmt: skip
+    assert sorted(int(b) for b in probe.metrics["per_block_top1"]) == [1, 2]

@@ -83,6 +83,17 @@ def test_lr_schedule_warmup_then_cosine(tiny_cfg):
     assert lr_at(30, 10, cfg, 1.0) == pytest.approx(0.1)
 
 
+def test_schedule_steps_sizes_the_run_and_its_schedule(tiny_cfg):
+    # a compute-budgeted run: 13 steps (not a whole number of epochs), cosine reaching min_lr at the last one
+    cfg = tiny_cfg("optim.lr=1.0", "optim.min_lr=0.1", "optim.warmup_epochs=0.5", "train.epochs=100",
+                   "train.schedule_steps=13")  # fmt: skip
+    assert lr_at(5, 10, cfg, 1.0) == pytest.approx(1.0)
+    assert lr_at(9, 10, cfg, 1.0) == pytest.approx(0.55)  # half way from step 5 to 13
+    assert lr_at(13, 10, cfg, 1.0) == pytest.approx(0.1)
+    result = pretrain(tiny_cfg("train.schedule_steps=13", "train.epochs=100"))
+    assert result.step == 13  # 8 steps per epoch here: it ends mid-way through the second epoch
+
+
 def test_lr_scales_with_effective_batch(tiny_cfg, caplog):
     caplog.set_level("INFO", logger="mimkit")
     pretrain(tiny_cfg("train.batch_size=4", "train.accum_steps=2", "optim.blr=2.56e-2", "train.max_steps=1"))

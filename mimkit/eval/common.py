@@ -100,6 +100,7 @@ class EncoderSource:
     state: dict[str, torch.Tensor] | None
     source: str
     checkpoint_img_size: int | None = None
+    beit_kwargs: dict | None = None  # a BEiT / mc-BEiT checkpoint: timm Beit's arguments (else a timm ViT)
 
 
 def _resolved(model: dict) -> dict:
@@ -153,7 +154,17 @@ def encoder_source(ecfg) -> EncoderSource:
     if ecfg.img_size is not None:
         model["img_size"] = ecfg.img_size
     step = state.get("step")
-    return EncoderSource(model, enc, f"{path}" + (f" (step {step})" if step is not None else ""), ckpt["img_size"])
+    beit_kwargs = None
+    if pcfg.method in ("beit", "mcbeit"):  # the encoder is timm's Beit (relative position bias, layer scale)
+        from mimkit.methods.beit import timm_beit_kwargs
+
+        beit_kwargs = timm_beit_kwargs(pcfg)
+        if model["img_size"] != ckpt["img_size"]:
+            raise ConfigError(f"encoder.img_size: {model['img_size']} differs from the BEiT checkpoint {path} "
+                              f"({ckpt['img_size']}); resampling relative position tables is not supported, "
+                              "leave encoder.img_size unset")  # fmt: skip
+    return EncoderSource(model, enc, f"{path}" + (f" (step {step})" if step is not None else ""), ckpt["img_size"],
+                         beit_kwargs)  # fmt: skip
 
 
 def build_encoder(src: EncoderSource, drop_path_rate: float = 0.0, seed: int = 0) -> VisionTransformer:
@@ -161,6 +172,10 @@ def build_encoder(src: EncoderSource, drop_path_rate: float = 0.0, seed: int = 0
     without one, the MAE initialisation pretraining starts from (xavier, sin-cos position table), drawn from
     `seed` alone, the global RNG left as it was."""
     m = src.model
+    if src.beit_kwargs is not None:
+        from timm.models.beit import Beit
+
+        return Beit(**{**src.beit_kwargs, "drop_path_rate": drop_path_rate})
     if src.state is not None:
         return create_encoder(m["arch"], m["img_size"], m["patch_size"], drop_path_rate, m["embed_dim"], m["depth"],
                               m["num_heads"])  # fmt: skip
@@ -184,7 +199,7 @@ def load_pretrained(model: VisionTransformer, src: EncoderSource) -> KeyReport:
     state = dict(src.state)
     own = model.state_dict()
     pe = state.get("pos_embed")
-    if pe is not None and "pos_embed" in own and pe.shape != own["pos_embed"].shape:
+    if pe is not None and own.get("pos_embed") is not None and pe.shape != own["pos_embed"].shape:
         from timm.layers import resample_abs_pos_embed
 
         prefix = 0 if model.no_embed_class else model.num_prefix_tokens
