@@ -1,11 +1,34 @@
-"""MAE pretraining-step throughput: img/s, achieved TFLOP/s (analytic count), MFU, peak memory.
+"""MAE pretraining-step throughput, mimkit side by side with Hugging Face ViTMAE: img/s, achieved TFLOP/s
+(analytic count), MFU, peak memory; and, with --data-only, the input pipeline alone.
 
-    python benchmarks/throughput.py                      # tiny + base, bf16 + fp32, auto device
-    python benchmarks/throughput.py --models base --precisions fp32 --steps 5 --json out.json
+    python benchmarks/throughput.py                      # tiny + small + base, bf16 + fp32, mimkit + HF sdpa/eager
+    python benchmarks/throughput.py --models base --precisions fp32 --impls mimkit,hf-sdpa --steps 5 --json out.json
+    python benchmarks/throughput.py --models tiny --precisions fp32 --steps 1 --warmup 0 --batch 16   # smoke run
+    python benchmarks/throughput.py --data-only [--data cifar10.npz] [--step-json out.json]
 
-A step is forward (under autocast for bf16) + backward + AdamW step + zero_grad on random images;
-masks are fresh every step. FLOPs are counted analytically (matmuls only, training = 3x forward),
-and the MFU column divides by a matmul ceiling measured in the same run at the model's MLP shapes.
+Step: forward (under autocast for bf16) + backward + AdamW(lr 1.5e-4, betas (0.9, 0.95), wd 0.05) step +
+zero_grad on random images; masks are fresh every step. Every implementation (--impls) runs in the same
+process at the same sizes, batch, mask ratio 0.75, norm-pix loss and precision:
+  mimkit     mimkit's MAE (timm ViT encoder);
+  hf-sdpa    transformers' ViTMAEForPreTraining, attn_implementation="sdpa";
+  hf-eager   the same with attn_implementation="eager".
+HF's (a test-only dependency) is configured with qkv bias, LayerNorm eps 1e-6, exact GELU, no dropout and
+MLPs 4x wide, so both have the same parameters (their counts are printed). "× fastest baseline" is
+mimkit's img/s over the best HF row of the same model and precision.
+
+FLOPs are counted analytically (matmuls only, training = 3x forward). The MFU column divides by a matmul
+ceiling measured in the same run at the step's own GEMM shapes: every distinct nn.Linear of the step
+(encoder qkv/proj/fc1/fc2 and decoder_embed on batch*(visible+1) rows; decoder qkv/proj/fc1/fc2 and
+decoder_pred on batch*(patches+1) rows), each in the forward layout (x @ W^T) and both backward layouts
+(grad_x = g @ W, grad_W = g^T @ x). Rates are cached per shape and layout, and combined time-weighted:
+total FLOPs / sum(FLOPs / rate). The ceiling leaves out attention's batched small matmuls (QK^T, AV) and
+the patch-embedding convolution, so a step whose attention runs faster than its linears can exceed 100%.
+
+--data-only times the input pipeline alone: mimkit's PretrainData as `mimkit pretrain` builds it (file
+decode + RandomResizedCrop/flip/normalise + per-sample mask noise, data.num_workers DataLoader workers),
+iterated with epoch_batches(), for (a) a CIFAR-10 .npz at ViT-T/4@32 and (b) a generated JPEG
+ImageFolder at ViT-B/16@224. The first batch of each worker (its start-up) is never timed. The JPEGs
+were just written, so they are read from the page cache: disk reads are not part of the figure.
 """
 
 from __future__ import annotations
@@ -14,24 +37,35 @@ import argparse
 import contextlib
 import ctypes
 import datetime
+import functools
 import gc
+import importlib.util
+import itertools
 import json
 import os
 import platform
 import re
 import resource
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import timm
 import torch
+from PIL import Image
 
 from mimkit.config import load_config
+from mimkit.data import PretrainData
 from mimkit.masking import num_visible
 from mimkit.methods import build_model
 from mimkit.models import get_preset
 
 MASK_RATIO = 0.75
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "cifar10.npz"
+IMPLS = ("mimkit", "hf-sdpa", "hf-eager")
 
 
 @dataclass(frozen=True)
@@ -42,11 +76,12 @@ class ModelSpec:
     decoder_depth: int
     decoder_heads: int
     batch: int
-    reference_gflop_per_image: float  # fwd+bwd, quoted in the issue, for the sanity check
+    reference_gflop_per_image: float | None  # fwd+bwd, quoted in the issue, for the sanity check
 
 
 MODELS = {
     "tiny": ModelSpec("ViT-T/4@32", "vit_tiny_patch4_32", 128, 4, 4, 256, 0.89),
+    "small": ModelSpec("ViT-S/16@224", "vit_small_patch16_224", 512, 8, 16, 16, None),
     "base": ModelSpec("ViT-B/16@224", "vit_base_patch16_224", 512, 8, 16, 16, 58.7),
 }
 
@@ -77,6 +112,48 @@ def mae_flops_per_image(spec: ModelSpec) -> dict[str, float]:
     parts["forward"] = sum(parts.values())
     parts["train_step"] = 3 * parts["forward"]
     return parts
+
+
+@dataclass(frozen=True)
+class LinearLayer:
+    name: str
+    rows: int  # batch * tokens it is applied to
+    in_features: int
+    out_features: int
+    count: int  # how many such layers the step runs (block depth)
+
+
+def step_linear_layers(spec: ModelSpec, batch: int) -> list[LinearLayer]:
+    """Every nn.Linear of an MAE step with the rows it sees: the GEMMs behind the analytic count."""
+    p = get_preset(spec.arch)
+    num_patches = p.grid**2
+    encoder_rows = batch * (num_visible(num_patches, MASK_RATIO) + 1)
+    decoder_rows = batch * (num_patches + 1)
+
+    def block(prefix: str, rows: int, dim: int, depth: int) -> list[LinearLayer]:
+        return [
+            LinearLayer(f"{prefix} qkv", rows, dim, 3 * dim, depth),
+            LinearLayer(f"{prefix} proj", rows, dim, dim, depth),
+            LinearLayer(f"{prefix} fc1", rows, dim, 4 * dim, depth),
+            LinearLayer(f"{prefix} fc2", rows, 4 * dim, dim, depth),
+        ]
+
+    return [
+        *block("encoder", encoder_rows, p.embed_dim, p.depth),
+        LinearLayer("decoder_embed", encoder_rows, p.embed_dim, spec.decoder_dim, 1),
+        *block("decoder", decoder_rows, spec.decoder_dim, spec.decoder_depth),
+        LinearLayer("decoder_pred", decoder_rows, spec.decoder_dim, p.patch_size**2 * 3, 1),
+    ]
+
+
+def linear_gemms(layer: LinearLayer) -> list[tuple[int, int, int, str]]:
+    """(m, k, n, layout) of the three GEMMs of one nn.Linear: forward and the two backward products."""
+    rows, fan_in, fan_out = layer.rows, layer.in_features, layer.out_features
+    return [
+        (rows, fan_in, fan_out, "x@W^T"),  # y = x @ W^T
+        (rows, fan_out, fan_in, "g@W"),  # grad_x = g @ W
+        (fan_out, rows, fan_in, "g^T@x"),  # grad_W = g^T @ x
+    ]
 
 
 # ---------------------------------------------------------------- measurement helpers
@@ -113,6 +190,8 @@ class PeakMemory:
 
     def __enter__(self):
         if self.device.type == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
             self.start = torch.cuda.memory_allocated(self.device)
             return self
@@ -141,51 +220,124 @@ class PeakMemory:
             self.mib = (peak - self.start) / 1024
 
 
-def matmul_gflops(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device, trials: int = 3) -> float:
-    """torch.matmul rate for activations (m, k) times a weight (n, k) transposed, the layout nn.Linear
-    uses, in `dtype`. Best of `trials` runs of >= 0.3 s each, so a busy shared CPU affects it less."""
-    activations = torch.randn(m, k, device=device).to(dtype)
-    weight = torch.randn(n, k, device=device).to(dtype)
+@functools.cache
+def gemm_gflops(m: int, k: int, n: int, layout: str, dtype: torch.dtype, device: torch.device,
+                min_seconds: float = 0.3, trials: int = 3) -> float:  # fmt: skip
+    """torch.matmul rate of an (m, k) @ (k, n) product in `dtype`, its operands laid out as in `layout`
+    (see linear_gemms). Best of `trials` runs of >= min_seconds each, so a busy shared CPU affects it
+    less. Cached: a shape and layout shared by several layers or rows is measured once."""
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=device).to(dtype)
+
+    if layout == "x@W^T":  # activations times a weight (n, k) transposed, as nn.Linear's forward
+        a, b = randn(m, k), randn(n, k).t()
+    elif layout == "g@W":  # row-major times row-major
+        a, b = randn(m, k), randn(k, n)
+    elif layout == "g^T@x":  # a transposed (k, m) gradient times row-major activations
+        a, b = randn(k, m).t(), randn(k, n)
+    else:
+        raise ValueError(f"unknown GEMM layout {layout}")
+    sync_every = 4 if device.type == "cuda" else 1  # GPU: keep launches queued between the clock checks
     for _ in range(2):
-        torch.matmul(activations, weight.t())
+        torch.matmul(a, b)
     best = 0.0
     for _ in range(trials):
         synchronize(device)
-        repeats, start = 0, time.perf_counter()
-        while repeats % 4 or time.perf_counter() - start < 0.3:
-            torch.matmul(activations, weight.t())
-            repeats += 1
-            if repeats % 4 == 0:
+        calls, start = 0, time.perf_counter()
+        while calls % sync_every or time.perf_counter() - start < min_seconds:
+            torch.matmul(a, b)
+            calls += 1
+            if calls % sync_every == 0:
                 synchronize(device)
-        best = max(best, 2 * m * k * n * repeats / (time.perf_counter() - start) / 1e9)
+        best = max(best, 2 * m * k * n * calls / (time.perf_counter() - start) / 1e9)
     return best
 
 
-def gemm_ceiling_gflops(spec: ModelSpec, precision: str, device: torch.device) -> float:
-    """Matmul rate at the encoder and decoder MLP shapes (batch*tokens x D x 4D), combined by each
-    stack's share of the model's FLOPs (time-weighted: total FLOPs / total time at those rates)."""
-    p, flops = get_preset(spec.arch), mae_flops_per_image(spec)
+def gemm_ceiling_gflops(spec: ModelSpec, batch: int, precision: str, device: torch.device,
+                        min_seconds: float) -> float:  # fmt: skip
+    """Matmul rate at every linear-layer GEMM of the step (forward and both backward layouts), combined
+    time-weighted: total FLOPs / total time at the measured rates."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    encoder_rows = spec.batch * (num_visible(p.grid**2, MASK_RATIO) + 1)
-    decoder_rows = spec.batch * (p.grid**2 + 1)
-    encoder_rate = matmul_gflops(encoder_rows, p.embed_dim, 4 * p.embed_dim, dtype, device)
-    decoder_rate = matmul_gflops(decoder_rows, spec.decoder_dim, 4 * spec.decoder_dim, dtype, device)
-    seconds = flops["encoder"] / encoder_rate + flops["decoder"] / decoder_rate
-    return (flops["encoder"] + flops["decoder"]) / seconds
+    total_flops = total_seconds = 0.0
+    for layer in step_linear_layers(spec, batch):
+        for m, k, n, layout in linear_gemms(layer):
+            flops = 2 * m * k * n * layer.count
+            total_flops += flops
+            total_seconds += flops / (gemm_gflops(m, k, n, layout, dtype, device, min_seconds) * 1e9)
+    return total_flops / total_seconds / 1e9
 
 
-def time_training_steps(spec: ModelSpec, precision: str, device: torch.device, steps: int, warmup: int) -> dict:
-    torch.manual_seed(0)
-    with PeakMemory(device) as memory:
+# ---------------------------------------------------------------- the models
+
+
+def hf_vit_mae():
+    """transformers' ViTMAE classes, imported only when an hf-* implementation is asked for."""
+    try:
+        from transformers import ViTMAEConfig, ViTMAEForPreTraining
+    except ImportError as e:
+        raise SystemExit(
+            f"the hf-* baselines need Hugging Face transformers >= 5 (a test-only dependency: "
+            f"pip install -e '.[dev]'), or leave them out with --impls mimkit ({e})"
+        ) from e
+    return ViTMAEConfig, ViTMAEForPreTraining
+
+
+def hf_mae_config(spec: ModelSpec, attn_implementation: str):
+    """An HF ViTMAE config with mimkit's sizes and MAE settings for `spec`."""
+    ViTMAEConfig, _ = hf_vit_mae()
+    p = get_preset(spec.arch)
+    return ViTMAEConfig(
+        hidden_size=p.embed_dim,
+        num_hidden_layers=p.depth,
+        num_attention_heads=p.num_heads,
+        intermediate_size=4 * p.embed_dim,
+        decoder_hidden_size=spec.decoder_dim,
+        decoder_num_hidden_layers=spec.decoder_depth,
+        decoder_num_attention_heads=spec.decoder_heads,
+        decoder_intermediate_size=4 * spec.decoder_dim,
+        image_size=p.img_size,
+        patch_size=p.patch_size,
+        num_channels=3,
+        qkv_bias=True,
+        layer_norm_eps=1e-6,  # HF's default is 1e-12; MAE / timm use 1e-6
+        hidden_act="gelu",  # exact (erf) GELU, as timm's nn.GELU
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        mask_ratio=MASK_RATIO,
+        norm_pix_loss=True,
+        attn_implementation=attn_implementation,
+    )
+
+
+def build_mae(impl: str, spec: ModelSpec) -> torch.nn.Module:
+    """The MAE of `impl` at `spec`'s sizes. For both kinds `model(imgs).loss` is the training loss,
+    with masking noise drawn inside the forward on the images' device."""
+    if impl == "mimkit":
         cfg = load_config(None, [
             f"model.arch={spec.arch}", f"mae.decoder_dim={spec.decoder_dim}",
             f"mae.decoder_depth={spec.decoder_depth}", f"mae.decoder_heads={spec.decoder_heads}",
             "mae.norm_pix_loss=true", f"mask.ratio={MASK_RATIO}",
         ])  # fmt: skip
-        model = build_model(cfg).to(device).train()
+        return build_model(cfg)
+    _, ViTMAEForPreTraining = hf_vit_mae()
+    return ViTMAEForPreTraining(hf_mae_config(spec, attn_implementation=impl.removeprefix("hf-")))
+
+
+def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
+    params = list(model.parameters())
+    return {"trainable": sum(p.numel() for p in params if p.requires_grad), "total": sum(p.numel() for p in params)}
+
+
+def time_training_steps(spec: ModelSpec, impl: str, precision: str, device: torch.device, batch: int,
+                        steps: int, warmup: int) -> dict:  # fmt: skip
+    torch.manual_seed(0)
+    with PeakMemory(device) as memory:
+        model = build_mae(impl, spec).to(device).train()
+        params = parameter_counts(model)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
         img_size = get_preset(spec.arch).img_size
-        imgs = torch.randn(spec.batch, 3, img_size, img_size, device=device)
+        imgs = torch.randn(batch, 3, img_size, img_size, device=device)
 
         def step() -> None:
             with autocast_for(precision, device):
@@ -203,7 +355,110 @@ def time_training_steps(spec: ModelSpec, precision: str, device: torch.device, s
         synchronize(device)
         seconds_per_step = (time.perf_counter() - start) / steps
         del model, optimizer, imgs
-    return {"seconds_per_step": seconds_per_step, "peak_memory_mib": memory.mib}
+    return {"seconds_per_step": seconds_per_step, "peak_memory_mib": memory.mib, "parameters": params}
+
+
+# ---------------------------------------------------------------- input pipeline (--data-only)
+
+
+def random_npz(directory: Path, count: int, size: int = 32) -> Path:
+    """A CIFAR-10-layout .npz (x_train uint8 NHWC) of random pixels: stands in when no CIFAR file is here
+    (an array source does no decoding, so content does not change the cost)."""
+    path = directory / "random_cifar.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, x_train=rng.integers(0, 256, (count, size, size, 3), dtype=np.uint8))
+    return path
+
+
+def random_jpeg_folder(directory: Path, count: int, size: tuple[int, int] = (500, 375)) -> Path:
+    """An ImageFolder of `count` ImageNet-sized JPEGs in 4 classes: smooth colour fields plus grain, so
+    files are photo-sized (tens of KB) rather than the ~1 KB of flat images or ~400 KB of white noise."""
+    root = directory / "jpeg_folder"
+    rng = np.random.default_rng(0)
+    width, height = size
+    for i in range(count):
+        coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+        smooth = np.asarray(Image.fromarray(coarse).resize(size, Image.BICUBIC), dtype=np.float32)
+        pixels = np.clip(smooth + rng.normal(0, 6, (height, width, 3)), 0, 255).astype(np.uint8)
+        folder = root / f"class{i % 4}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(folder / f"{i:05d}.jpg", quality=90)
+    return root
+
+
+def time_input_pipeline(data_path: Path, spec: ModelSpec, batch: int, batches: int, warmup: int,
+                        device: torch.device) -> dict:  # fmt: skip
+    """img/s of mimkit's pretraining input pipeline alone, built and iterated as `mimkit pretrain` does."""
+    cfg = load_config(None, [f"model.arch={spec.arch}", f"data.path={data_path}", f"mask.ratio={MASK_RATIO}"])
+    with torch.device("meta"):  # the model is needed only for its mask_inputs, which touch no weights
+        model = build_model(cfg)
+    img_size = get_preset(spec.arch).img_size
+    data = PretrainData(cfg, img_size, model.mask_inputs, batch, accum_steps=1, rank=0, world_size=1, seed=0,
+                        pin_memory=device.type == "cuda")  # fmt: skip
+
+    def all_batches():  # epochs back to back, as the training loop runs them
+        for epoch in itertools.count():
+            yield from data.epoch_batches(epoch)
+
+    stream = all_batches()
+    # each worker's first batch includes its start-up, and the workers deliver their first batches together
+    untimed = max(warmup, data.num_workers, 1)
+    for _ in range(untimed):
+        next(stream)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(stream)
+    seconds = time.perf_counter() - start
+    result = {"images_per_second": batches * batch / seconds, "seconds_per_batch": seconds / batches,
+              "num_workers": data.num_workers, "steps_per_epoch": data.steps_per_epoch}  # fmt: skip
+    del stream, data  # shuts the persistent workers down
+    gc.collect()
+    return result
+
+
+def best_step_rate(step_json: str | None, label: str) -> tuple[float, str] | None:
+    """The fastest mimkit row for model `label` in an earlier --json output: (img/s, precision)."""
+    if not step_json:
+        return None
+    with open(step_json) as f:
+        rows = [r for r in json.load(f).get("rows", []) if r["model"] == label and r.get("impl", "mimkit") == "mimkit"]
+    if not rows:
+        return None
+    best = max(rows, key=lambda r: r["images_per_second"])
+    return best["images_per_second"], best["precision"]
+
+
+def run_data_only(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    rows = []
+    print("| input pipeline | model | batch | workers | timed batches | s/batch | img/s | mimkit step img/s | "
+          "pipeline / step |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    with tempfile.TemporaryDirectory(prefix="mimkit-throughput-") as tmp:
+
+        def cifar_source() -> tuple[Path, str]:
+            if Path(args.data).exists():
+                return Path(args.data), f"npz {Path(args.data).name}"
+            return random_npz(Path(tmp), 4096), "npz of random pixels (no CIFAR file)"
+
+        def jpeg_source() -> tuple[Path, str]:
+            root = random_jpeg_folder(Path(tmp), args.jpeg_images)
+            kib = sum(f.stat().st_size for f in root.rglob("*.jpg")) / args.jpeg_images / 1024
+            return root, f"JPEG folder, {args.jpeg_images} x 500x375 ({kib:.0f} KiB avg)"
+
+        for spec, make_source in ((MODELS["tiny"], cifar_source), (MODELS["base"], jpeg_source)):
+            path, label = make_source()
+            batch = args.batch or spec.batch
+            timing = time_input_pipeline(path, spec, batch, args.data_batches, args.warmup, device)
+            step = best_step_rate(args.step_json, spec.label)
+            rows.append({"pipeline": label, "model": spec.label, "batch": batch, **timing,
+                         "step_images_per_second": step[0] if step else None,
+                         "step_precision": step[1] if step else None})  # fmt: skip
+            step_cell = f"{step[0]:.1f} ({step[1]})" if step else ""
+            ratio_cell = f"{timing['images_per_second'] / step[0]:.1f}×" if step else ""
+            print(f"| {label} | {spec.label} | {batch} | {timing['num_workers']} | {args.data_batches} | "
+                  f"{timing['seconds_per_batch']:.3f} | {timing['images_per_second']:.0f} | {step_cell} | "
+                  f"{ratio_cell} |", flush=True)  # fmt: skip
+    return rows
 
 
 # ---------------------------------------------------------------- CLI
@@ -224,26 +479,102 @@ def machine_info(device: torch.device) -> str:
         with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
             match = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.MULTILINE)
             hardware = match.group(1).strip() if match else hardware
+    versions = f"torch {torch.__version__} | timm {timm.__version__}"
+    if importlib.util.find_spec("transformers") is not None:
+        import transformers
+
+        versions += f" | transformers {transformers.__version__}"
     return (
-        f"# {hardware} | device {device} | {torch.get_num_threads()} threads{load_average()} | "
-        f"torch {torch.__version__} | timm {timm.__version__} | {datetime.datetime.now().isoformat(timespec='seconds')}"
+        f"# {hardware} | device {device} | {torch.get_num_threads()} threads | {os.cpu_count()} CPUs{load_average()} | "
+        f"{versions} | {datetime.datetime.now().isoformat(timespec='seconds')}"
     )
+
+
+def print_row(row: dict) -> None:
+    speedup = f"{row['vs_fastest_baseline']:.2f}×" if row["vs_fastest_baseline"] is not None else ""
+    cells = [row["model"], row["impl"], row["precision"], row["batch"], f"{row['seconds_per_step']:.3f}",
+             f"{row['images_per_second']:.1f}", speedup, f"{row['achieved_tflops']:.3f}",
+             f"{row['matmul_ceiling_tflops']:.3f}", f"{row['mfu']:.0%}", f"{row['peak_memory_mib']:.0f}"]  # fmt: skip
+    print("| " + " | ".join(map(str, cells)) + " |", flush=True)
+
+
+def run_model_steps(args: argparse.Namespace, models: list[ModelSpec], precisions: list[str], impls: list[str],
+                    device: torch.device) -> list[dict]:  # fmt: skip
+    for spec in models:
+        flops = mae_flops_per_image(spec)
+        reference = f"~{spec.reference_gflop_per_image}" if spec.reference_gflop_per_image else "n/a"
+        print(f"# analytic MAE step {spec.label} (dec {spec.decoder_dim}x{spec.decoder_depth}): "
+              f"{flops['train_step'] / 1e9:.2f} GFLOP/img fwd+bwd (reference {reference}); "
+              f"forward {flops['forward'] / 1e9:.3f} = encoder {flops['encoder'] / 1e9:.3f} + decoder "
+              f"{flops['decoder'] / 1e9:.3f} + patch/embed/pred "
+              f"{(flops['patch_embed'] + flops['decoder_embed'] + flops['decoder_pred']) / 1e9:.3f}")  # fmt: skip
+    print()
+    print("| model | impl | precision | batch | s/step | img/s | × fastest baseline | TFLOP/s | "
+          "matmul ceiling TFLOP/s | MFU | peak mem MiB |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    rows = []
+    for spec in models:
+        batch = args.batch or spec.batch
+        for precision in precisions:
+            group = []  # one model + precision: printed together, once the baselines are known
+            for impl in impls:
+                timing = time_training_steps(spec, impl, precision, device, batch, args.steps, args.warmup)
+                images_per_second = batch / timing["seconds_per_step"]
+                group.append({
+                    "model": spec.label, "impl": impl, "precision": precision, "batch": batch,
+                    "device": str(device), "seconds_per_step": timing["seconds_per_step"],
+                    "images_per_second": images_per_second,
+                    "achieved_tflops": images_per_second * mae_flops_per_image(spec)["train_step"] / 1e12,
+                    "peak_memory_mib": timing["peak_memory_mib"], "parameters": timing["parameters"],
+                    "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+                })  # fmt: skip
+            ceiling_tflops = gemm_ceiling_gflops(spec, batch, precision, device, args.gemm_seconds) / 1e3
+            baseline_rates = [r["images_per_second"] for r in group if r["impl"] != "mimkit"]
+            fastest_baseline = max(baseline_rates, default=None)
+            for row in group:
+                row["matmul_ceiling_tflops"] = ceiling_tflops
+                row["mfu"] = row["achieved_tflops"] / ceiling_tflops
+                compare = row["impl"] == "mimkit" and fastest_baseline is not None
+                row["vs_fastest_baseline"] = row["images_per_second"] / fastest_baseline if compare else None
+                print_row(row)
+            rows += group
+    print()
+    for spec in models:  # both sides must build the same network for the comparison to mean anything
+        counts = {r["impl"]: r["parameters"] for r in rows if r["model"] == spec.label}
+        distinct = {(c["trainable"], c["total"]) for c in counts.values()}
+        listing = ", ".join(f"{impl} {c['trainable'] / 1e6:.3f}M / {c['total'] / 1e6:.3f}M"
+                            for impl, c in counts.items())  # fmt: skip
+        verdict = "equal" if len(distinct) == 1 else "MISMATCH"
+        print(f"# parameters (trainable / total) {spec.label}: {listing} -> {verdict}")
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="tiny,base", help=f"comma list of {','.join(MODELS)}")
+    parser.add_argument("--models", default="tiny,small,base", help=f"comma list of {','.join(MODELS)}")
     parser.add_argument("--precisions", default="bf16,fp32", help="comma list of bf16,fp32")
+    parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {','.join(IMPLS)}")
+    parser.add_argument("--batch", type=int, default=0, help="override every model's batch (0: the model's own)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per row (CPU: ViT-B bf16 is ~1 min/step)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per row")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps (batches with --data-only) per row")
+    parser.add_argument("--gemm-seconds", type=float, default=0.3, help="min seconds per GEMM ceiling trial")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--json", metavar="OUT", help="also write the rows to this JSON file")
+    data = parser.add_argument_group("input pipeline (--data-only)")
+    data.add_argument("--data-only", action="store_true", help="time the input pipeline alone, no model")
+    data.add_argument("--data", default=str(DEFAULT_DATA), help="CIFAR-10 .npz (random pixels if missing)")
+    data.add_argument("--data-batches", type=int, default=20, help="timed batches per pipeline")
+    data.add_argument("--jpeg-images", type=int, default=256, help="JPEGs generated for the ImageFolder case")
+    data.add_argument("--step-json", help="a --json file of a model-step run, to compare img/s with")
     args = parser.parse_args()
 
-    model_names, precisions = args.models.split(","), args.precisions.split(",")
-    if unknown := (set(model_names) - set(MODELS)) | (set(precisions) - {"bf16", "fp32"}):
-        parser.error(f"unknown model(s) / precision(s): {', '.join(sorted(unknown))}")
+    model_names, precisions, impls = args.models.split(","), args.precisions.split(","), args.impls.split(",")
+    unknown = (set(model_names) - set(MODELS)) | (set(precisions) - {"bf16", "fp32"}) | (set(impls) - set(IMPLS))
+    if unknown:
+        parser.error(f"unknown model(s) / precision(s) / impl(s): {', '.join(sorted(unknown))}")
+    if not args.data_only and any(i.startswith("hf-") for i in impls):
+        hf_vit_mae()  # a missing transformers fails here, before any timing
     models = [MODELS[name] for name in model_names]
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -251,37 +582,18 @@ def main() -> None:
 
     started = time.perf_counter()
     print(machine_info(device))
-    for spec in models:
-        flops = mae_flops_per_image(spec)
-        print(f"# analytic MAE step {spec.label} (dec {spec.decoder_dim}x{spec.decoder_depth}): "
-              f"{flops['train_step'] / 1e9:.2f} GFLOP/img fwd+bwd (reference ~{spec.reference_gflop_per_image}); "
-              f"forward {flops['forward'] / 1e9:.3f} = encoder {flops['encoder'] / 1e9:.3f} + decoder "
-              f"{flops['decoder'] / 1e9:.3f} + patch/embed/pred "
-              f"{(flops['patch_embed'] + flops['decoder_embed'] + flops['decoder_pred']) / 1e9:.3f}")  # fmt: skip
-    print()
-    print("| model | precision | batch | s/step | img/s | TFLOP/s | matmul ceiling TFLOP/s | MFU | peak mem MiB |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    rows = []
-    for spec in models:
-        for precision in precisions:
-            timing = time_training_steps(spec, precision, device, args.steps, args.warmup)
-            ceiling_tflops = gemm_ceiling_gflops(spec, precision, device) / 1e3
-            images_per_second = spec.batch / timing["seconds_per_step"]
-            achieved_tflops = images_per_second * mae_flops_per_image(spec)["train_step"] / 1e12
-            row = {
-                "model": spec.label, "precision": precision, "batch": spec.batch, "device": str(device),
-                "seconds_per_step": timing["seconds_per_step"], "images_per_second": images_per_second,
-                "achieved_tflops": achieved_tflops, "matmul_ceiling_tflops": ceiling_tflops,
-                "mfu": achieved_tflops / ceiling_tflops, "peak_memory_mib": timing["peak_memory_mib"],
-            }  # fmt: skip
-            rows.append(row)
-            print(f"| {spec.label} | {precision} | {spec.batch} | {row['seconds_per_step']:.2f} | "
-                  f"{images_per_second:.1f} | {achieved_tflops:.3f} | {ceiling_tflops:.3f} | "
-                  f"{row['mfu']:.0%} | {row['peak_memory_mib']:.0f} |", flush=True)  # fmt: skip
+    if args.data_only:
+        rows = run_data_only(args, device)
+        unit = f"{args.data_batches} timed batches per pipeline after max(warmup, workers) untimed ones"
+    else:
+        rows = run_model_steps(args, models, precisions, impls, device)
+        unit = f"{args.warmup} warmup + {args.steps} timed steps per row"
     elapsed = time.perf_counter() - started
-    print(f"\n# total {elapsed:.0f} s, {args.warmup} warmup + {args.steps} timed steps per row{load_average('now')}")
+    print(f"\n# total {elapsed:.0f} s, {unit}{load_average('now')}")
     if args.json:
-        summary = {"machine": machine_info(device), "steps": args.steps, "warmup": args.warmup, "rows": rows}
+        counts = {"data_batches": args.data_batches} if args.data_only else {"steps": args.steps}
+        summary = {"machine": machine_info(device), "mode": "data" if args.data_only else "step",
+                   "warmup": args.warmup, **counts, "rows": rows}  # fmt: skip
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=2)
 

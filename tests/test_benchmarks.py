@@ -1,0 +1,57 @@
+"""benchmarks/throughput.py: its GEMM list matches its FLOP count, the HF baseline builds the same network
+as mimkit, and the input-pipeline timer runs. Small shapes only: no timing is checked."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "throughput.py"
+_spec = importlib.util.spec_from_file_location("throughput", SCRIPT)
+throughput = importlib.util.module_from_spec(_spec)
+sys.modules["throughput"] = throughput  # its dataclasses look their module up there
+_spec.loader.exec_module(throughput)
+
+
+@pytest.mark.parametrize("name", list(throughput.MODELS))
+def test_gemm_list_matches_the_analytic_linear_flops(name):
+    spec, batch = throughput.MODELS[name], 3
+    flops = throughput.mae_flops_per_image(spec)
+    p = throughput.get_preset(spec.arch)
+    enc_tokens = throughput.num_visible(p.grid**2, throughput.MASK_RATIO) + 1
+    dec_tokens = p.grid**2 + 1
+    attention = p.depth * 4 * enc_tokens**2 * p.embed_dim + spec.decoder_depth * 4 * dec_tokens**2 * spec.decoder_dim
+    expected = flops["forward"] - flops["patch_embed"] - attention  # what the ceiling's GEMMs cover
+    layers = throughput.step_linear_layers(spec, batch)
+    assert sum(2 * x.rows * x.in_features * x.out_features * x.count for x in layers) == pytest.approx(batch * expected)
+    for layer in layers:  # the two backward products have the forward's FLOPs
+        sizes = {m * k * n for m, k, n, _ in throughput.linear_gemms(layer)}
+        assert sizes == {layer.rows * layer.in_features * layer.out_features}
+
+
+@pytest.mark.parametrize("layout", ["x@W^T", "g@W", "g^T@x"])
+def test_gemm_rate_runs_every_layout(layout):
+    rate = throughput.gemm_gflops(8, 16, 24, layout, torch.float32, torch.device("cpu"), min_seconds=0.001, trials=1)
+    assert rate > 0
+
+
+@pytest.mark.parametrize("name", list(throughput.MODELS))
+def test_hf_baseline_has_mimkit_parameters(name):
+    spec = throughput.MODELS[name]
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        counts = {impl: throughput.parameter_counts(throughput.build_mae(impl, spec)) for impl in throughput.IMPLS}
+    assert counts["hf-sdpa"] == counts["mimkit"] == counts["hf-eager"]
+
+
+def test_input_pipeline_timer(tmp_path):
+    path = tmp_path / "tiny.npz"
+    np.savez(path, x_train=np.random.default_rng(0).integers(0, 256, (24, 32, 32, 3), dtype=np.uint8))
+    spec = throughput.MODELS["tiny"]
+    # 24 images / batch 4 = 6 batches an epoch: 2 untimed + 5 timed crosses an epoch boundary
+    result = throughput.time_input_pipeline(path, spec, batch=4, batches=5, warmup=0, device=torch.device("cpu"))
+    assert result["images_per_second"] > 0 and result["num_workers"] == 2 and result["steps_per_epoch"] == 6
