@@ -146,6 +146,9 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     clip_grad: float | None = None  # max global grad norm; None = no clipping
+    # AdamW kernel: auto = fused (one kernel over all tensors; ~3-4x faster steps on CPU) unless FSDP shards the
+    # parameters (then foreach); fused, foreach and for_loop force one
+    implementation: Literal["auto", "fused", "foreach", "for_loop"] = "auto"
 
 
 @dataclass

@@ -84,6 +84,14 @@ def lr_at(step: int, steps_per_epoch: int, cfg: Config, peak_lr: float) -> float
     return o.min_lr + (peak_lr - o.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def adamw_kernel(implementation: str, sharded: bool) -> dict:
+    """torch.optim.AdamW keyword for the chosen kernel. The fused kernel updates every tensor in one pass
+    (CPU and CUDA); parameters sharded by FSDP2 (DTensors) take the foreach path."""
+    if implementation == "auto":
+        implementation = "foreach" if sharded else "fused"
+    return {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}[implementation]
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -179,7 +187,8 @@ def pretrain(cfg: Config) -> RunResult:
     # ---- optimizer: AdamW, no weight decay on 1-D params, biases, position embeddings and tokens
     no_decay = {n for n, p in model.named_parameters() if n.endswith(("pos_embed", "cls_token", "mask_token"))}
     param_groups = param_groups_weight_decay(model, cfg.optim.weight_decay, no_weight_decay_list=no_decay)
-    optimizer = torch.optim.AdamW(param_groups, lr=peak_lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
+    optimizer = torch.optim.AdamW(param_groups, lr=peak_lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
+                                  **adamw_kernel(cfg.optim.implementation, fsdp))  # fmt: skip
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     # ---- resume: model, optimizer, scaler, step (which fixes epoch, data position and lr), RNG

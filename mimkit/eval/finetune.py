@@ -58,7 +58,7 @@ from mimkit.eval.common import (
     write_final_metrics,
 )
 from mimkit.eval.config import FinetuneConfig, dump_eval_yaml
-from mimkit.train import TrainingDiverged, autocast_context, find_resume, lr_at, seed_everything
+from mimkit.train import TrainingDiverged, adamw_kernel, autocast_context, find_resume, lr_at, seed_everything
 
 log = logging.getLogger("mimkit")
 
@@ -194,7 +194,7 @@ def run_finetune(cfg: FinetuneConfig) -> EvalResult:
     # ---- optimizer on layer-decay groups, loss, Mixup / CutMix, EMA
     groups = layer_decay_param_groups(model, o.weight_decay, o.layer_decay)
     table = lr_table(model, groups, peak_lr)
-    optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=o.betas, eps=o.eps)
+    optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=o.betas, eps=o.eps, **adamw_kernel("auto", sharded=False))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     mixup = None
     if a.mixup > 0 or a.cutmix > 0:
