@@ -364,3 +364,20 @@ def test_beit_checkpoints_are_evaluated_with_their_timm_beit_encoder(eval_cfg, t
     probe = lp.run_linprobe(eval_cfg("linprobe", f"encoder.checkpoint={ckpt}", "probe.scan_blocks=true", out="probe",
                                   encoder=[]))  # fmt: skip
     assert sorted(int(b) for b in probe.metrics["per_block_top1"]) == [1, 2]
+
+
+def test_randaugment_posterize_to_zero_bits_does_not_kill_the_loader(eval_cfg):
+    """timm's PosterizeIncreasing keeps 0 bits at magnitude 10 (mstd > 0 reaches it); Pillow >= 11 raises on
+    0 bits. The fine-tuning transform keeps timm's intended op: an all-black image."""
+    from PIL import Image
+
+    cfg = eval_cfg("finetune", "aug.rand_augment=rand-m10-n1-inc1")
+    tf = ft.finetune_train_transform(16, cfg)
+    ops = [op for t in tf.transforms[1].transforms for op in getattr(t, "ops", [])]
+    posterize = next(op for op in ops if op.name == "PosterizeIncreasing")
+    img = Image.fromarray(np.full((16, 16, 3), 200, dtype=np.uint8))
+    assert np.asarray(posterize.aug_fn(img, 0)).max() == 0
+    assert np.asarray(posterize.aug_fn(img, 4)).max() == 192  # 200 keeps its top 4 bits
+    for op in ops:  # every op at magnitude 10 runs
+        op.prob, op.magnitude_std = 1.0, 0.0
+        op(img)

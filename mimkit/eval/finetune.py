@@ -24,7 +24,9 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from PIL import Image
 from timm.data import Mixup, create_transform
+from timm.data.auto_augment import posterize as timm_posterize
 from timm.layers import trunc_normal_
 from timm.loss import SoftTargetCrossEntropy
 from timm.models.vision_transformer import VisionTransformer
@@ -142,7 +144,23 @@ def finetune_train_transform(img_size: int, cfg: FinetuneConfig):
         color_jitter=None, auto_augment=a.rand_augment, interpolation="bicubic", re_prob=a.re_prob, re_mode="pixel",
         re_count=1, mean=tuple(d.mean), std=tuple(d.std),
     )  # fmt: skip
+    _posterize_zero_bits_as_black(timm_tf)
     return v2.Compose([v2.ToPILImage(), timm_tf])  # timm's ops work on PIL images; PIL input passes through
+
+
+def _posterize_to_black(img, bits_to_keep, **kwargs):
+    if bits_to_keep < 1:  # what Pillow < 11 returned for 0 bits (a mask of 0); Pillow >= 11 raises instead
+        return Image.new(img.mode, img.size)
+    return timm_posterize(img, bits_to_keep, **kwargs)
+
+
+def _posterize_zero_bits_as_black(transform) -> None:
+    """timm's RandAugment 'PosterizeIncreasing' keeps 4 - int(4 * m / 10) bits, i.e. 0 at magnitude 10 (reached
+    with mstd > 0); Pillow >= 11 refuses 0 bits and the DataLoader worker dies. Keep timm's intended op."""
+    for t in getattr(transform, "transforms", []):
+        for op in getattr(t, "ops", []):
+            if getattr(op, "aug_fn", None) is timm_posterize:
+                op.aug_fn = _posterize_to_black
 
 
 @torch.no_grad()
