@@ -347,7 +347,8 @@ def test_beit_checkpoints_are_evaluated_with_their_timm_beit_encoder(eval_cfg, t
     from timm.models.beit import Beit
 
     beit = ["method=beit", "mask.type=block", "mask.ratio=0.4", "tokenizer.kind=random", "tokenizer.vocab_size=32",
-            "tokenizer.hidden=8", "tokenizer.code_dim=8", "tokenizer.downsample=2"]  # fmt: skip
+            "tokenizer.hidden=8", "tokenizer.code_dim=8", "tokenizer.downsample=4",
+            "model.img_size=null"]  # the preset's 32 px, as the recipes leave it  # fmt: skip
     ckpt = pretrain(tiny_cfg(*beit, "train.max_steps=2", out="beit")).checkpoint
     saved = {k[len("encoder."):]: v for k, v in load_checkpoint(ckpt)["model"].items() if k.startswith("encoder.")}
     assert "rel_pos_bias.relative_position_bias_table" in saved and "blocks.0.gamma_1" in saved
@@ -364,6 +365,8 @@ def test_beit_checkpoints_are_evaluated_with_their_timm_beit_encoder(eval_cfg, t
     probe = lp.run_linprobe(eval_cfg("linprobe", f"encoder.checkpoint={ckpt}", "probe.scan_blocks=true", out="probe",
                                   encoder=[]))  # fmt: skip
     assert sorted(int(b) for b in probe.metrics["per_block_top1"]) == [1, 2]
+    with pytest.raises(ConfigError, match="encoder.img_size: 16 differs from the BEiT checkpoint"):
+        ft.build_finetune_model(eval_cfg("finetune", f"encoder.checkpoint={ckpt}", "encoder.img_size=16", encoder=[]), 3)
 
 
 def test_randaugment_posterize_to_zero_bits_does_not_kill_the_loader(eval_cfg):

@@ -159,8 +159,8 @@ def encoder_source(ecfg) -> EncoderSource:
         from mimkit.methods.beit import timm_beit_kwargs
 
         beit_kwargs = timm_beit_kwargs(pcfg)
-        if model["img_size"] != ckpt["img_size"]:
-            raise ConfigError(f"encoder.img_size: {model['img_size']} differs from the BEiT checkpoint {path} "
+        if ecfg.img_size is not None and ecfg.img_size != ckpt["img_size"]:
+            raise ConfigError(f"encoder.img_size: {ecfg.img_size} differs from the BEiT checkpoint {path} "
                               f"({ckpt['img_size']}); resampling relative position tables is not supported, "
                               "leave encoder.img_size unset")  # fmt: skip
     return EncoderSource(model, enc, f"{path}" + (f" (step {step})" if step is not None else ""), ckpt["img_size"],
