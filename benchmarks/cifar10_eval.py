@@ -206,7 +206,9 @@ def table(state: dict) -> str:
                  "extraction and every test-set evaluation.")  # fmt: skip
     if state.get("minutes"):
         lines.append(f"Pretraining: every method the same budget, {state['minutes']} min of wall-clock here (its steps "
-                     "set from a timed calibration run, lr / method schedules compressed to fit, 10% warmup).")  # fmt: skip
+                     "set from a timed calibration run, lr / method schedules compressed to fit, 10% warmup). The wall-clock in "
+                     "the table is each run's own: other work sharing the machine, or a calibration that ran on a busier "
+                     "machine, stretches or shrinks it; the step counts are the budget.")  # fmt: skip
     rows = state["rows"]
     checks = []
     if "mae_linprobe" in rows:

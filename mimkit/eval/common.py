@@ -540,7 +540,8 @@ def machine_description(device: torch.device) -> str:
                     break
     except OSError:
         pass
-    return f"{os.cpu_count()} x {name} (torch {torch.__version__}, {torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"{os.cpu_count()} x {name} (torch {torch.__version__}, {threads} thread{'s' if threads != 1 else ''})"
 
 
 def frozen(module: nn.Module) -> nn.Module:
