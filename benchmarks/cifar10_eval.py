@@ -107,14 +107,20 @@ def seconds_per_step(method: str, base: list[str], work: Path) -> tuple[float, i
     return per_step, load_checkpoint(result.checkpoint)["steps_per_epoch"]
 
 
-def run_pretraining(method: str, args, sets, work: Path) -> dict:
+def run_pretraining(method: str, args, sets, work: Path, state: "State") -> dict:
     overrides = [f"data.path={args.data}", f"train.out_dir={work / f'{method}_pretrain'}", "train.progress=false"]
     if args.pretrain_epochs is not None:
         overrides.append(f"train.epochs={args.pretrain_epochs}")
     overrides += (QUICK["pretrain"] if args.quick else []) + sets["pretrain"]
     budget = {}
     if args.minutes is not None:
-        per_step, steps_per_epoch = seconds_per_step(method, overrides, work)
+        # measured once and kept: a resumed run (another session) keeps the schedule it started with
+        calibration = state.refresh()["calibration"].get(method)
+        if calibration is None or calibration["minutes"] != args.minutes:
+            per_step, steps_per_epoch = seconds_per_step(method, overrides, work)
+            calibration = {"minutes": args.minutes, "s_per_step": per_step, "steps_per_epoch": steps_per_epoch}
+            state.save("calibration", method, calibration)
+        per_step, steps_per_epoch = calibration["s_per_step"], calibration["steps_per_epoch"]
         steps = max(1, int(args.minutes * 60 / per_step))
         overrides += [f"train.schedule_steps={steps}", f"optim.warmup_epochs={WARMUP_FRACTION * steps / steps_per_epoch:.4f}",
                       f"train.max_minutes={1.5 * args.minutes}"]  # fmt: skip
@@ -225,13 +231,16 @@ def table(state: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+SECTIONS = ("rows", "pretrain", "calibration")  # merged entry by entry between processes
+
+
 class State:
     """<out>.json, shared safely by processes that split the work (--only): every save merges this process's
     new entries into the file's current content under a lock, then replaces it atomically."""
 
     def __init__(self, path: Path, fresh: dict):
         self.path, self.lock = path, path.with_suffix(".lock")
-        self.data = {"rows": {}, "pretrain": {}}
+        self.data = {name: {} for name in SECTIONS}
         with self._locked():
             self.data.update(self._read())
         self.data.update(fresh)
@@ -251,14 +260,14 @@ class State:
     def refresh(self) -> dict:
         with self._locked():
             disk = self._read()
-        for section in ("rows", "pretrain"):
+        for section in SECTIONS:
             self.data[section] = {**disk.get(section, {}), **self.data[section]}
         return self.data
 
     def save(self, section: str | None = None, key: str | None = None, value: dict | None = None) -> None:
         with self._locked():
             disk = self._read()
-            for name in ("rows", "pretrain"):
+            for name in SECTIONS:
                 self.data[name] = {**disk.get(name, {}), **self.data[name]}
             if section is not None:
                 self.data[section][key] = value
@@ -306,9 +315,9 @@ def main(argv: list[str] | None = None) -> int:
              "updated": datetime.datetime.now().isoformat(timespec="seconds")}  # fmt: skip
     if args.minutes is not None:
         fresh["minutes"] = args.minutes
+    if args.force:  # start the results file afresh (the runs' own checkpoints are kept)
+        out.with_suffix(".json").unlink(missing_ok=True)
     state = State(out.with_suffix(".json"), fresh)
-    if args.force:
-        state.data["rows"], state.data["pretrain"] = {}, {}
     log.info("cifar10_eval: %s | torch %s, %d threads | methods %s | work %s | results %s", fresh["machine"],
              torch.__version__, torch.get_num_threads(), ",".join(methods), work, out)  # fmt: skip
 
@@ -317,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.checkpoint:
                 state.save("pretrain", method, describe_checkpoint(Path(args.checkpoint)))
             elif method not in state.refresh()["pretrain"]:
-                state.save("pretrain", method, run_pretraining(method, args, sets, work))
+                state.save("pretrain", method, run_pretraining(method, args, sets, work, state))
             log.info("pretrained %s encoder: %s", NAMES[method], state.data["pretrain"][method]["checkpoint"])
     if args.only != "pretrain":
         encoders = ([] if args.no_random else ["random"]) + methods
