@@ -321,9 +321,12 @@ def visualize(
     scale: int | None = None,
 ) -> list[Visualization]:
     """One PNG grid per image (files, or folders searched recursively): OUT/<image stem>_reconstruction.png."""
-    from mimkit.interop import load_mimkit_checkpoint
+    from mimkit.interop import InteropError, load_mimkit_checkpoint
 
     model, cfg, state = load_mimkit_checkpoint(ckpt)
+    if cfg.method in ("beit", "mcbeit"):
+        raise InteropError(f"{ckpt}: a {cfg.method} model predicts visual-token ids, not pixels, so it has no "
+                         "reconstruction to draw; `mimkit visualize` takes MAE, EMAE and BootMAE checkpoints")  # fmt: skip
     size = model.encoder.patch_embed.img_size[0]
     out_dir = Path(out_dir)
     done = []
@@ -467,9 +470,12 @@ def attention_grid(maps: AttentionMaps, title: str = "", scale: int | None = Non
 def attention_figure(
     ckpt: str | Path, image: str | Path, out: str | Path | None = None, scale: int | None = None
 ) -> tuple[Path, AttentionMaps]:
-    from mimkit.interop import load_mimkit_checkpoint
+    from mimkit.interop import InteropError, load_mimkit_checkpoint
 
     model, cfg, state = load_mimkit_checkpoint(ckpt)
+    if cfg.method in ("beit", "mcbeit"):  # its attention adds a relative position bias the maps would leave out
+        raise InteropError(f"{ckpt}: attention maps of timm Beit encoders ({cfg.method}) are not supported yet; "
+                         "they cover timm VisionTransformer encoders (MAE, EMAE, BootMAE)")  # fmt: skip
     encoder = model.encoder
     size = encoder.patch_embed.img_size[0]
     if not Path(image).is_file():

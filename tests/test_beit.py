@@ -300,3 +300,18 @@ def test_beit_checkpoint_exports_to_timm_beit_with_identical_features(tiny_cfg, 
             torch.testing.assert_close(loaded.eval().forward_features(x), ref, rtol=0, atol=0)
     with pytest.raises(InteropError, match="--to timm"):
         export_hf(ckpt, tmp_path / "hf")
+
+
+def test_visualize_and_attention_refuse_beit_checkpoints_with_a_message(tiny_cfg, tmp_path, capsys):
+    from PIL import Image
+
+    from mimkit.cli import main
+
+    args = ["method=beit", "mask.type=block", "mask.ratio=0.4", *TINY_TOKENIZER]
+    ckpt = pretrain(tiny_cfg(*args, "train.max_steps=1", out="b")).checkpoint
+    image = tmp_path / "img.png"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(image)
+    assert main(["visualize", str(ckpt), str(image), "--out", str(tmp_path / "vis")]) == 2
+    assert "predicts visual-token ids, not pixels" in capsys.readouterr().err
+    assert main(["attention", str(ckpt), str(image)]) == 2
+    assert "not supported yet" in capsys.readouterr().err
