@@ -241,8 +241,7 @@ class State:
     def __init__(self, path: Path, fresh: dict):
         self.path, self.lock = path, path.with_suffix(".lock")
         self.data = {name: {} for name in SECTIONS}
-        with self._locked():
-            self.data.update(self._read())
+        self.refresh()
         self.data.update(fresh)
 
     @contextlib.contextmanager
@@ -254,21 +253,20 @@ class State:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
-    def _read(self) -> dict:
-        return json.loads(self.path.read_text()) if self.path.is_file() else {}
+    def _merge_from_disk(self) -> None:
+        """Entries other processes wrote join this process's (its own win); the caller holds the lock."""
+        disk = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        for name, value in disk.items():
+            self.data[name] = {**value, **self.data[name]} if name in SECTIONS else self.data.get(name, value)
 
     def refresh(self) -> dict:
         with self._locked():
-            disk = self._read()
-        for section in SECTIONS:
-            self.data[section] = {**disk.get(section, {}), **self.data[section]}
+            self._merge_from_disk()
         return self.data
 
     def save(self, section: str | None = None, key: str | None = None, value: dict | None = None) -> None:
         with self._locked():
-            disk = self._read()
-            for name in SECTIONS:
-                self.data[name] = {**disk.get(name, {}), **self.data[name]}
+            self._merge_from_disk()
             if section is not None:
                 self.data[section][key] = value
             atomic_write_text(self.path, json.dumps(self.data, indent=2) + "\n")

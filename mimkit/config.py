@@ -21,6 +21,9 @@ class ConfigError(ValueError):
     """A configuration problem, always naming the offending key."""
 
 
+
+BEIT_METHODS = ("beit", "mcbeit")  # methods whose encoder is timm's Beit (token targets, relative position bias)
+
 @dataclass
 class ModelConfig:
     arch: str = "vit_tiny_patch4_32"  # one of mimkit.models.PRESETS
@@ -146,7 +149,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     clip_grad: float | None = None  # max global grad norm; None = no clipping
-    # AdamW kernel: auto = fused (one kernel over all tensors; ~3-4x faster steps on CPU) unless FSDP shards the
+    # AdamW kernel: auto = fused (one kernel over all tensors) unless FSDP shards the
     # parameters (then foreach); fused, foreach and for_loop force one
     implementation: Literal["auto", "fused", "foreach", "for_loop"] = "auto"
 
@@ -330,7 +333,7 @@ def validate(cfg: Config) -> Config:
         _require(0.0 < cfg.mask.hybrid_max_block_ratio <= 1.0,
                  f"mask.hybrid_max_block_ratio must be in (0, 1], got {cfg.mask.hybrid_max_block_ratio}")  # fmt: skip
     _validate_tokenizer(cfg.tokenizer)
-    if cfg.method in ("beit", "mcbeit"):
+    if cfg.method in BEIT_METHODS:
         _validate_beit(cfg)
     if cfg.method == "bootmae":
         _validate_bootmae(cfg, depth=cfg.model.depth or preset.depth, dim=dim, heads=heads)

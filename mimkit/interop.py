@@ -44,7 +44,7 @@ from torch import nn
 
 import mimkit
 from mimkit.checkpoint import load_checkpoint, save_checkpoint
-from mimkit.config import Config, ConfigError, config_from_dict, load_config, to_dict
+from mimkit.config import BEIT_METHODS, Config, ConfigError, config_from_dict, load_config, to_dict
 from mimkit.models import PRESETS, sincos_2d_pos_embed
 
 FORMATS = ("auto", "mimkit", "mae", "beit", "bootmae", "hf")
@@ -253,7 +253,7 @@ def encoder_spec(encoder) -> dict:
 
 
 def _timm_name(cfg: Config) -> str:
-    if cfg.method in ("beit", "mcbeit"):  # the sizes travel in model_args; any Beit entry point builds it
+    if cfg.method in BEIT_METHODS:  # the sizes travel in model_args; any Beit entry point builds it
         return "beit_base_patch16_224"
     return PRESETS[cfg.model.arch].timm_name
 
@@ -355,11 +355,10 @@ def export_timm(ckpt: str | Path, out: str | Path) -> dict[str, Path]:
     save_file(tensors, str(weights), metadata={"format": "pt", "producer": f"mimkit {mimkit.__version__}"})
     mean, std = _data_stats(cfg)
     size = spec["img_size"]
-    if cfg.method in ("beit", "mcbeit"):  # timm's Beit: relative position bias, layer scale, no abs. pos-embed
+    if cfg.method in BEIT_METHODS:  # timm's Beit: relative position bias, layer scale, no abs. pos-embed
         from mimkit.methods.beit import timm_beit_kwargs
 
-        model_args = {**timm_beit_kwargs(cfg), "img_size": size, "patch_size": spec["patch_size"], "mlp_ratio": 4.0,
-                      "qkv_bias": True}  # fmt: skip
+        model_args = timm_beit_kwargs(cfg)
     else:
         model_args = {
             "img_size": size,
@@ -508,7 +507,7 @@ def export_hf(ckpt: str | Path, out: str | Path) -> dict[str, Path]:
     from mimkit.methods.mae import MAEDecoder
 
     model, cfg, _ = load_mimkit_checkpoint(ckpt)
-    if cfg.method in ("beit", "mcbeit"):
+    if cfg.method in BEIT_METHODS:
         raise InteropError(f"{ckpt}: Hugging Face export covers ViT / ViTMAE encoders; this {cfg.method} encoder is a "
                            "timm Beit (shared relative position bias, layer scale): export it with --to timm")  # fmt: skip
     out = Path(out)

@@ -77,11 +77,14 @@ def lr_at(step: int, steps_per_epoch: int, cfg: Config, peak_lr: float) -> float
     o = cfg.optim
     if epoch < o.warmup_epochs:
         return peak_lr * epoch / o.warmup_epochs
-    schedule_steps = getattr(cfg.train, "schedule_steps", None)
-    epochs = schedule_steps / steps_per_epoch if schedule_steps else cfg.train.epochs
-    span = max(epochs - o.warmup_epochs, 1e-12)
+    span = max(schedule_length(cfg.train, steps_per_epoch) / steps_per_epoch - o.warmup_epochs, 1e-12)
     progress = min((epoch - o.warmup_epochs) / span, 1.0)
     return o.min_lr + (peak_lr - o.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def schedule_length(t, steps_per_epoch: int) -> int:
+    """Optimizer steps of the whole schedule: train.schedule_steps when set (pretraining), else epochs' worth."""
+    return getattr(t, "schedule_steps", None) or t.epochs * steps_per_epoch
 
 
 def adamw_kernel(implementation: str, sharded: bool) -> dict:
@@ -179,7 +182,7 @@ def pretrain(cfg: Config) -> RunResult:
     if fsdp:
         mdist.shard_model(model, precision)  # before the optimizer: it must see the sharded parameters
     steps_per_epoch = data.steps_per_epoch
-    total_steps = t.schedule_steps or t.epochs * steps_per_epoch
+    total_steps = schedule_length(t, steps_per_epoch)
     last_step = min(total_steps, t.max_steps or total_steps)
     effective_batch = data.global_step_size
     peak_lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * effective_batch / 256

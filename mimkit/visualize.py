@@ -321,10 +321,11 @@ def visualize(
     scale: int | None = None,
 ) -> list[Visualization]:
     """One PNG grid per image (files, or folders searched recursively): OUT/<image stem>_reconstruction.png."""
+    from mimkit.config import BEIT_METHODS
     from mimkit.interop import InteropError, load_mimkit_checkpoint
 
     model, cfg, state = load_mimkit_checkpoint(ckpt)
-    if cfg.method in ("beit", "mcbeit"):
+    if cfg.method in BEIT_METHODS:
         raise InteropError(f"{ckpt}: a {cfg.method} model predicts visual-token ids, not pixels, so it has no "
                          "reconstruction to draw; `mimkit visualize` takes MAE, EMAE and BootMAE checkpoints")  # fmt: skip
     size = model.encoder.patch_embed.img_size[0]
@@ -470,10 +471,11 @@ def attention_grid(maps: AttentionMaps, title: str = "", scale: int | None = Non
 def attention_figure(
     ckpt: str | Path, image: str | Path, out: str | Path | None = None, scale: int | None = None
 ) -> tuple[Path, AttentionMaps]:
+    from mimkit.config import BEIT_METHODS
     from mimkit.interop import InteropError, load_mimkit_checkpoint
 
     model, cfg, state = load_mimkit_checkpoint(ckpt)
-    if cfg.method in ("beit", "mcbeit"):  # its attention adds a relative position bias the maps would leave out
+    if cfg.method in BEIT_METHODS:  # its attention adds a relative position bias the maps would leave out
         raise InteropError(f"{ckpt}: attention maps of timm Beit encoders ({cfg.method}) are not supported yet; "
                          "they cover timm VisionTransformer encoders (MAE, EMAE, BootMAE)")  # fmt: skip
     encoder = model.encoder

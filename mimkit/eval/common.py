@@ -28,7 +28,7 @@ from torchvision.transforms import v2
 
 from mimkit import distributed as mdist
 from mimkit.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
-from mimkit.config import ConfigError, config_from_dict
+from mimkit.config import BEIT_METHODS, ConfigError, config_from_dict
 from mimkit.data import CorruptImage, DataError, FolderImages, load_npz, pretrain_transform
 from mimkit.models import create_encoder, get_preset
 from mimkit.train import MetricsLog, autocast_context
@@ -155,7 +155,7 @@ def encoder_source(ecfg) -> EncoderSource:
         model["img_size"] = ecfg.img_size
     step = state.get("step")
     beit_kwargs = None
-    if pcfg.method in ("beit", "mcbeit"):  # the encoder is timm's Beit (relative position bias, layer scale)
+    if pcfg.method in BEIT_METHODS:  # the encoder is timm's Beit (relative position bias, layer scale)
         from mimkit.methods.beit import timm_beit_kwargs
 
         beit_kwargs = timm_beit_kwargs(pcfg)

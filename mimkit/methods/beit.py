@@ -76,28 +76,22 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.
 # ---------------------------------------------------------------- the model
 
 
-def create_beit_encoder(cfg) -> Beit:
+def timm_beit_kwargs(cfg) -> dict:
+    """Arguments of timm's ``Beit`` that ``model.encoder.state_dict()`` loads into unchanged."""
     from mimkit.models import get_preset
 
     m, b = cfg.model, cfg.beit
     p = get_preset(m.arch)
-    return Beit(
+    return dict(
         img_size=m.img_size or p.img_size, patch_size=m.patch_size or p.patch_size, num_classes=0, global_pool="",
         embed_dim=m.embed_dim or p.embed_dim, depth=m.depth or p.depth, num_heads=m.num_heads or p.num_heads,
-        mlp_ratio=4.0, qkv_bias=True, drop_path_rate=m.drop_path_rate, init_values=b.layer_scale_init,
-        use_abs_pos_emb=b.abs_pos_emb, use_rel_pos_bias=not b.shared_rel_pos_bias,
-        use_shared_rel_pos_bias=b.shared_rel_pos_bias,
+        mlp_ratio=4.0, qkv_bias=True, init_values=b.layer_scale_init, use_abs_pos_emb=b.abs_pos_emb,
+        use_rel_pos_bias=not b.shared_rel_pos_bias, use_shared_rel_pos_bias=b.shared_rel_pos_bias,
     )  # fmt: skip
 
 
-def timm_beit_kwargs(cfg) -> dict:
-    """Arguments of timm's ``Beit`` that ``model.encoder.state_dict()`` loads into unchanged."""
-    enc = create_beit_encoder(cfg)
-    return dict(img_size=enc.patch_embed.img_size, patch_size=enc.patch_embed.patch_size, num_classes=0,
-                global_pool="", embed_dim=enc.embed_dim, depth=len(enc.blocks),
-                num_heads=enc.blocks[0].attn.num_heads, init_values=cfg.beit.layer_scale_init,
-                use_abs_pos_emb=cfg.beit.abs_pos_emb, use_rel_pos_bias=not cfg.beit.shared_rel_pos_bias,
-                use_shared_rel_pos_bias=cfg.beit.shared_rel_pos_bias)  # fmt: skip
+def create_beit_encoder(cfg) -> Beit:
+    return Beit(**timm_beit_kwargs(cfg), drop_path_rate=cfg.model.drop_path_rate)
 
 
 class BEiT(nn.Module):
