@@ -60,13 +60,14 @@ from mimkit.config import load_config
 from mimkit.data import PretrainData
 from mimkit.masking import num_visible
 from mimkit.methods import build_model
-from mimkit.models import get_preset
+from mimkit.models import compile_blocks, get_preset
 from mimkit.train import adamw_kernel
 
 MASK_RATIO = 0.75
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "cifar10.npz"
 IMPLS = ("mimkit", "hf-sdpa", "hf-eager")
+OPTIONAL_IMPLS = ("mimkit-compiled",)  # train.compile=on: every block torch.compile'd (warmup includes compiling)
 
 
 @dataclass(frozen=True)
@@ -314,13 +315,16 @@ def hf_mae_config(spec: ModelSpec, attn_implementation: str):
 def build_mae(impl: str, spec: ModelSpec) -> torch.nn.Module:
     """The MAE of `impl` at `spec`'s sizes. For both kinds `model(imgs).loss` is the training loss,
     with masking noise drawn inside the forward on the images' device."""
-    if impl == "mimkit":
+    if impl.startswith("mimkit"):
         cfg = load_config(None, [
             f"model.arch={spec.arch}", f"mae.decoder_dim={spec.decoder_dim}",
             f"mae.decoder_depth={spec.decoder_depth}", f"mae.decoder_heads={spec.decoder_heads}",
             "mae.norm_pix_loss=true", f"mask.ratio={MASK_RATIO}",
         ])  # fmt: skip
-        return build_model(cfg)
+        model = build_model(cfg)
+        if impl == "mimkit-compiled":
+            compile_blocks(model)
+        return model
     _, ViTMAEForPreTraining = hf_vit_mae()
     return ViTMAEForPreTraining(hf_mae_config(spec, attn_implementation=impl.removeprefix("hf-")))
 
@@ -337,7 +341,7 @@ def time_training_steps(spec: ModelSpec, impl: str, precision: str, device: torc
         model = build_mae(impl, spec).to(device).train()
         params = parameter_counts(model)
         # mimkit's row uses the kernel `mimkit pretrain` picks (fused); the baselines torch's default AdamW
-        kernel = adamw_kernel("auto", sharded=False) if impl == "mimkit" else {}
+        kernel = adamw_kernel("auto", sharded=False) if impl.startswith("mimkit") else {}
         optimizer = torch.optim.AdamW(model.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05, **kernel)
         img_size = get_preset(spec.arch).img_size
         imgs = torch.randn(batch, 3, img_size, img_size, device=device)
@@ -532,12 +536,12 @@ def run_model_steps(args: argparse.Namespace, models: list[ModelSpec], precision
                     "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
                 })  # fmt: skip
             ceiling_tflops = gemm_ceiling_gflops(spec, batch, precision, device, args.gemm_seconds) / 1e3
-            baseline_rates = [r["images_per_second"] for r in group if r["impl"] != "mimkit"]
+            baseline_rates = [r["images_per_second"] for r in group if not r["impl"].startswith("mimkit")]
             fastest_baseline = max(baseline_rates, default=None)
             for row in group:
                 row["matmul_ceiling_tflops"] = ceiling_tflops
                 row["mfu"] = row["achieved_tflops"] / ceiling_tflops
-                compare = row["impl"] == "mimkit" and fastest_baseline is not None
+                compare = row["impl"].startswith("mimkit") and fastest_baseline is not None
                 row["vs_fastest_baseline"] = row["images_per_second"] / fastest_baseline if compare else None
                 print_row(row)
             rows += group
@@ -556,7 +560,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tiny,small,base", help=f"comma list of {','.join(MODELS)}")
     parser.add_argument("--precisions", default="bf16,fp32", help="comma list of bf16,fp32")
-    parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {','.join(IMPLS)}")
+    parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {','.join(IMPLS + OPTIONAL_IMPLS)}")
     parser.add_argument("--batch", type=int, default=0, help="override every model's batch (0: the model's own)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per row (CPU: ViT-B bf16 is ~1 min/step)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps (batches with --data-only) per row")
@@ -573,7 +577,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model_names, precisions, impls = args.models.split(","), args.precisions.split(","), args.impls.split(",")
-    unknown = (set(model_names) - set(MODELS)) | (set(precisions) - {"bf16", "fp32"}) | (set(impls) - set(IMPLS))
+    unknown = (set(model_names) - set(MODELS)) | (set(precisions) - {"bf16", "fp32"}) | (set(impls) - set(IMPLS + OPTIONAL_IMPLS))
     if unknown:
         parser.error(f"unknown model(s) / precision(s) / impl(s): {', '.join(sorted(unknown))}")
     if not args.data_only and any(i.startswith("hf-") for i in impls):

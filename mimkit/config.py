@@ -167,6 +167,9 @@ class TrainConfig:
     # auto = bf16 autocast on GPUs and on CPUs with native bf16 (AVX512-BF16 / AMX), else fp32
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # torch.compile every transformer block: auto = on CUDA only (on CPU it needs a C++ compiler and pays
+    # off per machine: benchmarks/throughput.py --impls mimkit,mimkit-compiled measures it)
+    compile: bool | Literal["auto"] = "auto"
     seed: int = 0
     out_dir: str = "runs/mae"
     resume: str = "auto"  # auto (newest checkpoint in out_dir, if any) | none | path to a checkpoint

@@ -130,3 +130,32 @@ def unpatchify(x: torch.Tensor, patch_size: int, grid: tuple[int, int] | None = 
     x = x.reshape(n, gh, gw, patch_size, patch_size, channels)
     x = torch.einsum("nhwpqc->nchpwq", x)
     return x.reshape(n, channels, gh * patch_size, gw * patch_size)
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """Every transformer block of a method (encoder, decoders, EMA / target encoders): timm ViT and BEiT
+    blocks and BootMAE's cross-attention decoder blocks."""
+    from timm.models.beit import Block as BeitBlock
+    from timm.models.vision_transformer import Block
+
+    from mimkit.methods.bootmae import DecoderBlock
+
+    return [m for m in model.modules() if isinstance(m, (Block, BeitBlock, DecoderBlock))]
+
+
+def resolve_compile(setting: bool | str, device: torch.device) -> bool:
+    """`train.compile`: auto compiles on CUDA only. On CPU inductor needs a C++ compiler and spends a minute
+    or more compiling, for a gain benchmarks/throughput.py (impl mimkit-compiled) measures per machine."""
+    if setting == "auto":
+        return device.type == "cuda"
+    return bool(setting)
+
+
+def compile_blocks(model: nn.Module) -> int:
+    """torch.compile each transformer block in place (`Module.compile`: state-dict keys, FSDP2 sharding and
+    DDP wrapping see the same modules). The gathers of masking stay eager; the blocks are where the
+    element-wise work (LayerNorm, GELU, residual adds, softmax) is that fusion removes."""
+    blocks = transformer_blocks(model)
+    for block in blocks:
+        block.compile()
+    return len(blocks)

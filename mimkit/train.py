@@ -47,6 +47,7 @@ from mimkit.checkpoint import (
 from mimkit.config import Config, config_from_dict, dump_yaml, to_dict
 from mimkit.data import PretrainData
 from mimkit.methods import build_model
+from mimkit.models import compile_blocks, resolve_compile
 from mimkit.visualize import log_reconstruction_grid, preview_images
 
 log = logging.getLogger("mimkit")
@@ -181,6 +182,9 @@ def pretrain(cfg: Config) -> RunResult:
     fsdp = cfg.distributed.strategy == "fsdp" and dist.enabled
     if fsdp:
         mdist.shard_model(model, precision)  # before the optimizer: it must see the sharded parameters
+    compiled = resolve_compile(t.compile, device)
+    if compiled:
+        compile_blocks(model)  # in place: same parameters and state-dict keys
     steps_per_epoch = data.steps_per_epoch
     total_steps = schedule_length(t, steps_per_epoch)
     last_step = min(total_steps, t.max_steps or total_steps)
@@ -233,9 +237,10 @@ def pretrain(cfg: Config) -> RunResult:
         atomic_write_text(out_dir / "config.yaml", dump_yaml(cfg))
         log.info(
             "mimkit %s | %s %s | %d processes on %s | effective batch %d (%d x %d x accum %d) | peak lr %.3g | "
-            "%d steps/epoch, %d steps total | precision %s",
+            "%d steps/epoch, %d steps total | precision %s%s",
             mimkit.__version__, cfg.method, cfg.model.arch, dist.world_size, device, effective_batch, t.batch_size,
             dist.world_size, t.accum_steps, peak_lr, steps_per_epoch, total_steps, precision,
+            " | compiled blocks" if compiled else "",
         )  # fmt: skip
         if resume_from is not None:
             log.info("resumed from %s at step %d", resume_from, step)
