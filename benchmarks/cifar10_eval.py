@@ -43,6 +43,7 @@ from mimkit.checkpoint import atomic_write_text, load_checkpoint  # noqa: E402
 from mimkit.config import load_config  # noqa: E402
 from mimkit.eval import evaluate  # noqa: E402
 from mimkit.eval.common import machine_description  # noqa: E402
+from mimkit.eval.config import load_eval_config  # noqa: E402
 from mimkit.train import pretrain  # noqa: E402
 
 log = logging.getLogger("mimkit")
@@ -84,13 +85,17 @@ def setup_logging(path: Path) -> None:
         root.addHandler(handler)
 
 
-def parse_sets(items: list[str]) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {k: [] for k in ("pretrain", *EVALS)}
-    for item in items:
-        command, _, override = item.partition(":")
-        if command not in out or "=" not in override:
-            raise SystemExit(f"--set {item!r}: expected COMMAND:section.key=value with COMMAND in {', '.join(out)}")
-        out[command].append(override)
+def parse_sets(items: list[str], random_items: list[str] = ()) -> dict[str, list[str]]:
+    """--set COMMAND:override per command; --random-set COMMAND:override (an evaluation's, random-init rows only)
+    under 'random:COMMAND'."""
+    out: dict[str, list[str]] = {k: [] for k in ("pretrain", *EVALS, *(f"random:{c}" for c in EVALS))}
+    for prefix, flag, allowed, entries in (("", "--set", ("pretrain", *EVALS), items),
+                                           ("random:", "--random-set", EVALS, random_items)):  # fmt: skip
+        for item in entries:
+            command, _, override = item.partition(":")
+            if command not in allowed or "=" not in override:
+                raise SystemExit(f"{flag} {item!r}: expected COMMAND:section.key=value with COMMAND in {', '.join(allowed)}")
+            out[prefix + command].append(override)
     return out
 
 
@@ -152,7 +157,7 @@ def describe_checkpoint(path: Path) -> dict:
     return info
 
 
-def run_eval(command: str, encoder: str, checkpoint: str, args, sets, work: Path) -> dict:
+def eval_overrides(command: str, encoder: str, checkpoint: str, args, sets, work: Path) -> list[str]:
     run_section = "run" if command == "knn" else "train"
     overrides = [f"encoder.checkpoint={checkpoint}", f"data.path={args.data}",
                  f"{run_section}.out_dir={work / f'{encoder}_{command}'}", f"{run_section}.progress=false"]  # fmt: skip
@@ -167,6 +172,31 @@ def run_eval(command: str, encoder: str, checkpoint: str, args, sets, work: Path
     if command == "finetune" and args.finetune_epochs is not None:
         overrides.append(f"train.epochs={args.finetune_epochs}")
     overrides += (QUICK[command] if args.quick else []) + sets[command]
+    if encoder == "random":
+        overrides += sets[f"random:{command}"]
+    return overrides
+
+
+def same_evaluation(a: list[str], b: list[str]) -> bool:
+    """Two rows' overrides describe the same evaluation (their run folders aside)."""
+    def key(overrides: list[str]) -> list[str]:
+        return [o for o in overrides if not o.startswith(("train.out_dir=", "run.out_dir="))]
+    return key(a) == key(b)
+
+
+def baseline_row(path: str | None, key: str, overrides: list[str]) -> dict | None:
+    """The row `key` of another results file, if it was measured with these settings."""
+    if path is None or not key.startswith("random_"):
+        return None
+    row = json.loads(Path(path).read_text())["rows"].get(key)
+    if row is None or not same_evaluation(row["overrides"], overrides):
+        log.info("== %s: not reused from %s (%s)", key, path, "absent" if row is None else "other settings")
+        return None
+    return {**row, "reused_from": str(path)}
+
+
+def run_eval(command: str, encoder: str, checkpoint: str, args, sets, work: Path) -> dict:
+    overrides = eval_overrides(command, encoder, checkpoint, args, sets, work)
     log.info("== %s, %s encoder (%s %s)", command, NAMES[encoder], EVAL_RECIPES[command].name, " ".join(overrides))
     result = evaluate(command, str(EVAL_RECIPES[command]), overrides)
     return {**result.metrics, "threads": torch.get_num_threads(), "overrides": overrides}
@@ -179,6 +209,20 @@ def pretrain_text(pre: dict | None) -> str:
     clock = f", {approx}{minutes(pre['wall_clock_s'])}" if "wall_clock_s" in pre else ""
     threads = f" on {pre['threads']} thread{'s' if pre['threads'] > 1 else ''}" if "threads" in pre else ""
     return f"{pre['epochs']} ep / {pre['steps']} steps{clock}{threads}"
+
+
+def finetune_recipe(row: dict) -> str:
+    """What a fine-tune row's config turned on, read back from its recipe and overrides."""
+    cfg = load_eval_config("finetune", EVAL_RECIPES["finetune"], row["overrides"])
+    parts = [f"LLRD {cfg.optim.layer_decay:g}" if cfg.optim.layer_decay < 1 else "no LLRD",
+             f"batch {cfg.train.batch_size}, blr {cfg.optim.blr:g}" if cfg.optim.lr is None else f"lr {cfg.optim.lr:g}"]
+    if cfg.aug.rand_augment:
+        parts.append("RandAug")
+    if cfg.aug.mixup > 0 or cfg.aug.cutmix > 0:
+        parts.append("Mixup/CutMix")
+    if "ema_top1" in row:
+        parts.append("EMA")
+    return ", ".join(parts)
 
 
 def table(state: dict) -> str:
@@ -201,7 +245,7 @@ def table(state: dict) -> str:
                 top1 = f"{m['top1']:.2f} / {m['best_top1']:.2f}"
                 budget = f"{m['epochs']} ep, {budget}"
             else:
-                what = "fine-tune (LLRD, RandAug, Mixup/CutMix" + (", EMA" if "ema_top1" in m else "") + ")"
+                what = f"fine-tune ({finetune_recipe(m)})"
                 top1 = f"{m['top1']:.2f}" + (f" (EMA {m['ema_top1']:.2f})" if "ema_top1" in m else "")
                 budget = f"{m['epochs']} ep, {budget}"
             images = f"; {m['train_images']} train / {m['val_images']} test images"
@@ -290,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait", action="store_true", help="with --only eval: wait for encoders still being pretrained")
     parser.add_argument("--set", action="append", default=[], metavar="COMMAND:KEY=VALUE",
                         help="extra override for one command (pretrain, knn, linprobe, finetune); repeatable")
+    parser.add_argument("--random-set", action="append", default=[], metavar="COMMAND:KEY=VALUE",
+                        help="extra override for the random-init rows only (e.g. finetune:optim.layer_decay=1.0)")
+    parser.add_argument("--baseline-from", default=None, metavar="JSON",
+                        help="reuse the random-init rows of another results file measured with the same settings")
     parser.add_argument("--quick", action="store_true", help="smoke test: a few hundred images, one short epoch each")
     parser.add_argument("--work", default=None, help="run folders (default: runs/cifar10_eval[_quick])")
     parser.add_argument("--out", default=None, help="results stem: <out>.md, .log, .json "
@@ -308,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or (work / "results" if args.quick else ROOT / "benchmarks" / "cifar10_eval"))
     out.parent.mkdir(parents=True, exist_ok=True)
     setup_logging(out.with_suffix(".log"))
-    sets = parse_sets(args.set)
+    sets = parse_sets(args.set, args.random_set)
     fresh = {"data": args.data, "machine": machine_description(mdist.resolve_device("auto")), "quick": args.quick,
              "updated": datetime.datetime.now().isoformat(timespec="seconds")}  # fmt: skip
     if args.minutes is not None:
@@ -343,6 +391,11 @@ def main(argv: list[str] | None = None) -> int:
                              state.data["rows"][key]["top1"])  # fmt: skip
                     continue
                 checkpoint = "none" if encoder == "random" else state.data["pretrain"][encoder]["checkpoint"]
+                reused = baseline_row(args.baseline_from, key, eval_overrides(command, encoder, checkpoint, args, sets, work))
+                if encoder == "random" and reused is not None:
+                    log.info("== %s: reused from %s (top-1 %.2f%%, same settings)", key, args.baseline_from, reused["top1"])
+                    state.save("rows", key, reused)
+                    continue
                 state.save("rows", key, run_eval(command, encoder, checkpoint, args, sets, work))
             encoders.remove(encoder)
     state.save()
