@@ -60,14 +60,16 @@ from mimkit.config import load_config
 from mimkit.data import PretrainData
 from mimkit.masking import num_visible
 from mimkit.methods import build_model
-from mimkit.models import compile_blocks, get_preset
+from mimkit.models import compile_blocks, get_preset, resolve_attention, set_attention_kernel
 from mimkit.train import adamw_kernel
 
 MASK_RATIO = 0.75
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "cifar10.npz"
 IMPLS = ("mimkit", "hf-sdpa", "hf-eager")
-OPTIONAL_IMPLS = ("mimkit-compiled",)  # train.compile=on: every block torch.compile'd (warmup includes compiling)
+# ablations: train.compile=true (every block torch.compile'd; the warmup steps include compiling), and each
+# attention kernel forced (the mimkit row uses train.attention=auto, as `mimkit pretrain` does)
+OPTIONAL_IMPLS = ("mimkit-compiled", "mimkit-sdpa", "mimkit-eager")
 
 
 @dataclass(frozen=True)
@@ -312,7 +314,7 @@ def hf_mae_config(spec: ModelSpec, attn_implementation: str):
     )
 
 
-def build_mae(impl: str, spec: ModelSpec) -> torch.nn.Module:
+def build_mae(impl: str, spec: ModelSpec, precision: str = "fp32", device: torch.device = torch.device("cpu")) -> torch.nn.Module:
     """The MAE of `impl` at `spec`'s sizes. For both kinds `model(imgs).loss` is the training loss,
     with masking noise drawn inside the forward on the images' device."""
     if impl.startswith("mimkit"):
@@ -322,6 +324,8 @@ def build_mae(impl: str, spec: ModelSpec) -> torch.nn.Module:
             "mae.norm_pix_loss=true", f"mask.ratio={MASK_RATIO}",
         ])  # fmt: skip
         model = build_model(cfg)
+        forced = impl.removeprefix("mimkit-") if impl in ("mimkit-sdpa", "mimkit-eager") else "auto"
+        set_attention_kernel(model, resolve_attention(forced, device, precision))
         if impl == "mimkit-compiled":
             compile_blocks(model)
         return model
@@ -338,7 +342,7 @@ def time_training_steps(spec: ModelSpec, impl: str, precision: str, device: torc
                         steps: int, warmup: int) -> dict:  # fmt: skip
     torch.manual_seed(0)
     with PeakMemory(device) as memory:
-        model = build_mae(impl, spec).to(device).train()
+        model = build_mae(impl, spec, precision, device).to(device).train()
         params = parameter_counts(model)
         # mimkit's row uses the kernel `mimkit pretrain` picks (fused); the baselines torch's default AdamW
         kernel = adamw_kernel("auto", sharded=False) if impl.startswith("mimkit") else {}

@@ -170,6 +170,9 @@ class TrainConfig:
     # torch.compile every transformer block: auto = on CUDA only (on CPU it needs a C++ compiler and pays
     # off per machine: benchmarks/throughput.py --impls mimkit,mimkit-compiled measures it)
     compile: bool | Literal["auto"] = "auto"
+    # attention kernel: auto = torch's fused SDPA, except plain matmul-softmax-matmul ("eager") under CPU
+    # bf16 / fp16 autocast, where the fused CPU kernels are several times slower at ViT head widths
+    attention: Literal["auto", "sdpa", "eager"] = "auto"
     seed: int = 0
     out_dir: str = "runs/mae"
     resume: str = "auto"  # auto (newest checkpoint in out_dir, if any) | none | path to a checkpoint

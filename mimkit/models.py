@@ -151,6 +151,24 @@ def resolve_compile(setting: bool | str, device: torch.device) -> bool:
     return bool(setting)
 
 
+def resolve_attention(setting: str, device: torch.device, precision: str) -> str:
+    """`train.attention`: auto = torch's fused scaled_dot_product_attention, except under CPU autocast (bf16 /
+    fp16), where its CPU kernels run several times slower than plain matmul-softmax-matmul at ViT head widths
+    (benchmarks/throughput.py --impls mimkit-sdpa,mimkit-eager measures both)."""
+    if setting == "auto":
+        return "eager" if device.type == "cpu" and precision in ("bf16", "fp16") else "sdpa"
+    return setting
+
+
+def set_attention_kernel(model: nn.Module, kernel: str) -> int:
+    """Point every attention module (timm ViT / BEiT Attention, BootMAE's cross-attention) at `kernel`
+    ('sdpa' or 'eager'); returns how many were set."""
+    modules = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    for m in modules:
+        m.fused_attn = kernel == "sdpa"
+    return len(modules)
+
+
 def compile_blocks(model: nn.Module) -> int:
     """torch.compile each transformer block in place (`Module.compile`: state-dict keys, FSDP2 sharding and
     DDP wrapping see the same modules). The gathers of masking stay eager; the blocks are where the

@@ -47,7 +47,7 @@ from mimkit.checkpoint import (
 from mimkit.config import Config, config_from_dict, dump_yaml, to_dict
 from mimkit.data import PretrainData
 from mimkit.methods import build_model
-from mimkit.models import compile_blocks, resolve_compile
+from mimkit.models import compile_blocks, resolve_attention, resolve_compile, set_attention_kernel
 from mimkit.visualize import log_reconstruction_grid, preview_images
 
 log = logging.getLogger("mimkit")
@@ -182,6 +182,8 @@ def pretrain(cfg: Config) -> RunResult:
     fsdp = cfg.distributed.strategy == "fsdp" and dist.enabled
     if fsdp:
         mdist.shard_model(model, precision)  # before the optimizer: it must see the sharded parameters
+    attention = resolve_attention(t.attention, device, precision)
+    set_attention_kernel(model, attention)
     compiled = resolve_compile(t.compile, device)
     if compiled:
         compile_blocks(model)  # in place: same parameters and state-dict keys
@@ -237,9 +239,9 @@ def pretrain(cfg: Config) -> RunResult:
         atomic_write_text(out_dir / "config.yaml", dump_yaml(cfg))
         log.info(
             "mimkit %s | %s %s | %d processes on %s | effective batch %d (%d x %d x accum %d) | peak lr %.3g | "
-            "%d steps/epoch, %d steps total | precision %s%s",
+            "%d steps/epoch, %d steps total | precision %s, %s attention%s",
             mimkit.__version__, cfg.method, cfg.model.arch, dist.world_size, device, effective_batch, t.batch_size,
-            dist.world_size, t.accum_steps, peak_lr, steps_per_epoch, total_steps, precision,
+            dist.world_size, t.accum_steps, peak_lr, steps_per_epoch, total_steps, precision, attention,
             " | compiled blocks" if compiled else "",
         )  # fmt: skip
         if resume_from is not None:

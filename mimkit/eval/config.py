@@ -219,6 +219,7 @@ class FinetuneRun(RunConfig):
     epochs: int = 100
     batch_size: int = 64
     out_dir: str = "runs/finetune"
+    attention: Literal["auto", "sdpa", "eager"] = "auto"  # as pretraining's train.attention
 
 
 @dataclass

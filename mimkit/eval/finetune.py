@@ -60,6 +60,7 @@ from mimkit.eval.common import (
     write_final_metrics,
 )
 from mimkit.eval.config import FinetuneConfig, dump_eval_yaml
+from mimkit.models import resolve_attention, set_attention_kernel
 from mimkit.train import TrainingDiverged, adamw_kernel, autocast_context, find_resume, lr_at, seed_everything
 
 log = logging.getLogger("mimkit")
@@ -194,6 +195,7 @@ def run_finetune(cfg: FinetuneConfig) -> EvalResult:
     data = open_labelled(cfg.data, t.seed)
     model, report = build_finetune_model(cfg, data.num_classes)
     model.to(device)
+    set_attention_kernel(model, resolve_attention(t.attention, device, precision))
     img_size = model.patch_embed.img_size[0]
 
     train_set = LabelledDataset(data.train, finetune_train_transform(img_size, cfg))

@@ -117,11 +117,16 @@ class CrossAttention(nn.Module):
         self.k = nn.Linear(context_dim, inner, bias=False)
         self.v = nn.Linear(context_dim, inner)
         self.proj = nn.Linear(inner, dim)
+        self.fused_attn = True  # the kernel switch timm's Attention has (mimkit.models.set_attention_kernel)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
         split = lambda t: t.view(b, t.shape[1], self.heads, self.head_dim).transpose(1, 2)  # noqa: E731
-        out = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(context)), split(self.v(context)))
+        q, k, v = split(self.q(x)), split(self.k(context)), split(self.v(context))
+        if self.fused_attn:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            out = ((q * self.head_dim**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
 
 

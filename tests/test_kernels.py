@@ -1,4 +1,5 @@
-"""train.compile: blocks compiled in place train the same numbers as eager, under the same names."""
+"""Kernel choices of the training loop change speed, never the numbers: train.attention (fused SDPA or plain
+matmul-softmax-matmul) and train.compile (blocks compiled in place, same names)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,47 @@ import pytest
 import torch
 
 from mimkit.methods import build_model
-from mimkit.models import compile_blocks, resolve_compile, transformer_blocks
+from mimkit.models import (
+    compile_blocks,
+    resolve_attention,
+    resolve_compile,
+    set_attention_kernel,
+    transformer_blocks,
+)
 from mimkit.train import pretrain
+
+
+def test_attention_policy():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_attention("auto", cpu, "bf16") == "eager" and resolve_attention("auto", cpu, "fp16") == "eager"
+    assert resolve_attention("auto", cpu, "fp32") == "sdpa" and resolve_attention("auto", cuda, "bf16") == "sdpa"
+    assert resolve_attention("sdpa", cpu, "bf16") == "sdpa"
+
+
+@pytest.mark.parametrize("method", ["mae", "bootmae"])
+def test_attention_kernels_give_the_same_step(tiny_cfg, method):
+    torch.manual_seed(0)
+    fused = build_model(tiny_cfg(f"method={method}"))
+    eager = copy.deepcopy(fused)
+    blocks = transformer_blocks(eager)
+    count = set_attention_kernel(eager, "eager")
+    assert count >= len(blocks)  # every block's attention (BootMAE: its cross-attention too)
+    if method == "bootmae":
+        assert any(type(m).__name__ == "CrossAttention" and not m.fused_attn for m in eager.modules())
+    assert not any(m.fused_attn for m in eager.modules() if hasattr(m, "fused_attn"))
+    assert set_attention_kernel(fused, "sdpa") == count
+    imgs = torch.randn(4, 3, 16, 16)
+    noise = torch.rand(4, 16)
+    losses = []
+    for model in (fused, eager):
+        torch.manual_seed(1)
+        out = model(imgs, noise=noise)
+        out.loss.backward()
+        losses.append(out.loss)
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for (name, p_f), (_, p_e) in zip(fused.named_parameters(), eager.named_parameters()):
+        if p_f.grad is not None:
+            torch.testing.assert_close(p_e.grad, p_f.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_compile_policy():
