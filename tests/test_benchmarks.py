@@ -46,8 +46,19 @@ def test_gemm_rate_runs_every_layout(layout):
 def test_hf_baseline_has_mimkit_parameters(name):
     spec = throughput.MODELS[name]
     with torch.device("meta"):  # shapes only: no memory, no init cost
-        counts = {impl: throughput.parameter_counts(throughput.build_mae(impl, spec)) for impl in throughput.IMPLS}
-    assert counts["hf-sdpa"] == counts["mimkit"] == counts["hf-eager"]
+        counts = {impl: throughput.parameter_counts(throughput.build_mae(impl, spec))
+                  for impl in throughput.IMPLS + throughput.OPTIONAL_IMPLS}  # fmt: skip
+    assert all(c == counts["mimkit"] for c in counts.values()), counts
+
+
+def test_ablation_impls_set_their_kernel():
+    spec = throughput.MODELS["tiny"]
+    with torch.device("meta"):
+        eager = throughput.build_mae("mimkit-eager", spec, "fp32")
+        auto_bf16 = throughput.build_mae("mimkit", spec, "bf16")
+        sdpa = throughput.build_mae("mimkit-sdpa", spec, "bf16")
+    fused = lambda m: {a.fused_attn for a in m.modules() if hasattr(a, "fused_attn")}  # noqa: E731
+    assert fused(eager) == {False} and fused(auto_bf16) == {False} and fused(sdpa) == {True}
 
 
 def test_input_pipeline_timer(tmp_path):
