@@ -339,25 +339,31 @@ def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
     return {"trainable": sum(p.numel() for p in params if p.requires_grad), "total": sum(p.numel() for p in params)}
 
 
+def training_step(spec: ModelSpec, impl: str, precision: str, device: torch.device, batch: int):
+    """(model, step): one full MAE training step of `impl` on fixed random images."""
+    model = build_mae(impl, spec, precision, device).to(device).train()
+    # mimkit's row uses the kernel `mimkit pretrain` picks (fused); the baselines torch's default AdamW
+    kernel = adamw_kernel("auto", sharded=False) if impl.startswith("mimkit") and impl != "mimkit-default-adamw" else {}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05, **kernel)
+    img_size = get_preset(spec.arch).img_size
+    imgs = torch.randn(batch, 3, img_size, img_size, device=device)
+
+    def step() -> None:
+        with autocast_for(precision, device):
+            loss = model(imgs).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return model, step
+
+
 def time_training_steps(spec: ModelSpec, impl: str, precision: str, device: torch.device, batch: int,
                         steps: int, warmup: int) -> dict:  # fmt: skip
     torch.manual_seed(0)
     with PeakMemory(device) as memory:
-        model = build_mae(impl, spec, precision, device).to(device).train()
+        model, step = training_step(spec, impl, precision, device, batch)
         params = parameter_counts(model)
-        # mimkit's row uses the kernel `mimkit pretrain` picks (fused); the baselines torch's default AdamW
-        kernel = adamw_kernel("auto", sharded=False) if impl.startswith("mimkit") and impl != "mimkit-default-adamw" else {}
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05, **kernel)
-        img_size = get_preset(spec.arch).img_size
-        imgs = torch.randn(batch, 3, img_size, img_size, device=device)
-
-        def step() -> None:
-            with autocast_for(precision, device):
-                loss = model(imgs).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
         for _ in range(warmup):
             step()
         synchronize(device)
@@ -366,8 +372,26 @@ def time_training_steps(spec: ModelSpec, impl: str, precision: str, device: torc
             step()
         synchronize(device)
         seconds_per_step = (time.perf_counter() - start) / steps
-        del model, optimizer, imgs
+        del model, step
     return {"seconds_per_step": seconds_per_step, "peak_memory_mib": memory.mib, "parameters": params}
+
+
+def profile_training_step(spec: ModelSpec, impl: str, precision: str, device: torch.device, batch: int,
+                          warmup: int, rows: int = 15) -> None:  # fmt: skip
+    """torch.profiler over one step after `warmup` steps: the ops that take the time, by self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    _, step = training_step(spec, impl, precision, device, batch)
+    for _ in range(max(1, warmup)):
+        step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        synchronize(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\n# torch.profiler, one training step of {impl} {spec.label} {precision} batch {batch}, top {rows} by self time")
+    print(prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=40))
 
 
 # ---------------------------------------------------------------- input pipeline (--data-only)
@@ -573,6 +597,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--json", metavar="OUT", help="also write the rows to this JSON file")
+    parser.add_argument("--profile", metavar="IMPL", help="after the table, profile one step of IMPL per model / precision")
     data = parser.add_argument_group("input pipeline (--data-only)")
     data.add_argument("--data-only", action="store_true", help="time the input pipeline alone, no model")
     data.add_argument("--data", default=str(DEFAULT_DATA), help="CIFAR-10 .npz (random pixels if missing)")
@@ -582,7 +607,9 @@ def main() -> None:
     args = parser.parse_args()
 
     model_names, precisions, impls = args.models.split(","), args.precisions.split(","), args.impls.split(",")
-    unknown = (set(model_names) - set(MODELS)) | (set(precisions) - {"bf16", "fp32"}) | (set(impls) - set(IMPLS + OPTIONAL_IMPLS))
+    known_impls = set(IMPLS + OPTIONAL_IMPLS)
+    unknown = ((set(model_names) - set(MODELS)) | (set(precisions) - {"bf16", "fp32"})
+               | (set(impls) - known_impls - {""}) | ({args.profile} - known_impls - {None}))  # fmt: skip
     if unknown:
         parser.error(f"unknown model(s) / precision(s) / impl(s): {', '.join(sorted(unknown))}")
     if not args.data_only and any(i.startswith("hf-") for i in impls):
@@ -598,8 +625,12 @@ def main() -> None:
         rows = run_data_only(args, device)
         unit = f"{args.data_batches} timed batches per pipeline after max(warmup, workers) untimed ones"
     else:
-        rows = run_model_steps(args, models, precisions, impls, device)
+        rows = run_model_steps(args, models, precisions, impls, device) if impls != [""] else []
         unit = f"{args.warmup} warmup + {args.steps} timed steps per row"
+        if args.profile:
+            for spec in models:
+                for precision in precisions:
+                    profile_training_step(spec, args.profile, precision, device, args.batch or spec.batch, args.warmup)
     elapsed = time.perf_counter() - started
     print(f"\n# total {elapsed:.0f} s, {unit}{load_average('now')}")
     if args.json:

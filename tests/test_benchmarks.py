@@ -99,3 +99,10 @@ def test_cifar10_eval_random_only_overrides_and_baseline_reuse(tmp_path):
     longer = cifar10_eval.eval_overrides("finetune", "random", "none", args, sets, tmp_path / "b")
     assert cifar10_eval.baseline_row(str(other), "random_finetune", longer) is None
     assert cifar10_eval.baseline_row(str(other), "mae_finetune", mae_ft) is None
+
+
+def test_profile_prints_the_ops_of_a_step(capsys):
+    throughput.profile_training_step(throughput.MODELS["tiny"], "mimkit", "fp32", torch.device("cpu"), batch=2,
+                                     warmup=1, rows=5)  # fmt: skip
+    out = capsys.readouterr().out
+    assert "one training step of mimkit ViT-T/4@32" in out and "aten::" in out
