@@ -328,7 +328,7 @@ def build_mae(impl: str, spec: ModelSpec, precision: str = "fp32", device: torch
         forced = impl.removeprefix("mimkit-") if impl in ("mimkit-sdpa", "mimkit-eager") else "auto"
         set_attention_kernel(model, resolve_attention(forced, device, precision))
         if impl == "mimkit-compiled":
-            compile_blocks(model)
+            compile_blocks(model, device)
         return model
     _, ViTMAEForPreTraining = hf_vit_mae()
     return ViTMAEForPreTraining(hf_mae_config(spec, attn_implementation=impl.removeprefix("hf-")))

@@ -169,10 +169,28 @@ def set_attention_kernel(model: nn.Module, kernel: str) -> int:
     return len(modules)
 
 
-def compile_blocks(model: nn.Module) -> int:
+def cpu_compiler() -> str | None:
+    """The C++ compiler inductor would use for CPU kernels, if it is installed."""
+    import shutil
+
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        name = get_cpp_compiler()
+    except Exception:  # a torch without this helper: inductor's default
+        name = "g++"
+    return shutil.which(name.split()[0])
+
+
+def compile_blocks(model: nn.Module, device: torch.device | None = None) -> int:
     """torch.compile each transformer block in place (`Module.compile`: state-dict keys, FSDP2 sharding and
     DDP wrapping see the same modules). The gathers of masking stay eager; the blocks are where the
-    element-wise work (LayerNorm, GELU, residual adds, softmax) is that fusion removes."""
+    element-wise work (LayerNorm, GELU, residual adds, softmax) is that fusion removes. On CPU, a missing
+    C++ compiler is reported here, before any compute, instead of at the first step."""
+    device = device or next(model.parameters()).device
+    if device.type == "cpu" and cpu_compiler() is None:
+        raise RuntimeError("train.compile=true on CPU needs a C++ compiler for torch.compile's CPU kernels (g++, "
+                           "or $CXX); install one, or set train.compile=false")  # fmt: skip
     blocks = transformer_blocks(model)
     for block in blocks:
         block.compile()

@@ -186,7 +186,7 @@ def pretrain(cfg: Config) -> RunResult:
     set_attention_kernel(model, attention)
     compiled = resolve_compile(t.compile, device)
     if compiled:
-        compile_blocks(model)  # in place: same parameters and state-dict keys
+        compile_blocks(model, device)  # in place: same parameters and state-dict keys
     steps_per_epoch = data.steps_per_epoch
     total_steps = schedule_length(t, steps_per_epoch)
     last_step = min(total_steps, t.max_steps or total_steps)

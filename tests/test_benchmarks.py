@@ -46,7 +46,7 @@ def test_gemm_rate_runs_every_layout(layout):
 def test_hf_baseline_has_mimkit_parameters(name):
     spec = throughput.MODELS[name]
     with torch.device("meta"):  # shapes only: no memory, no init cost
-        counts = {impl: throughput.parameter_counts(throughput.build_mae(impl, spec))
+        counts = {impl: throughput.parameter_counts(throughput.build_mae(impl, spec, "fp32", torch.device("meta")))
                   for impl in throughput.IMPLS + throughput.OPTIONAL_IMPLS}  # fmt: skip
     assert all(c == counts["mimkit"] for c in counts.values()), counts
 

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
+import mimkit.models
 from mimkit.methods import build_model
 from mimkit.models import (
     compile_blocks,
+    cpu_compiler,
     resolve_attention,
     resolve_compile,
     set_attention_kernel,
@@ -61,7 +64,8 @@ def test_compile_policy():
 
 
 @pytest.mark.parametrize("method", ["mae", "bootmae"])
-def test_compiled_blocks_cover_every_block_and_keep_names(tiny_cfg, method):
+def test_compiled_blocks_cover_every_block_and_keep_names(tiny_cfg, method, monkeypatch):
+    monkeypatch.setattr(mimkit.models, "cpu_compiler", lambda: "/usr/bin/g++")  # names only: nothing is run
     model = build_model(tiny_cfg(f"method={method}"))
     names = list(model.state_dict())
     blocks = transformer_blocks(model)
@@ -77,6 +81,10 @@ def test_compiled_step_matches_eager(tiny_cfg):
     torch.manual_seed(0)
     eager = build_model(tiny_cfg())
     compiled = copy.deepcopy(eager)
+    if cpu_compiler() is None:  # this machine cannot compile: the user hears it up front
+        with pytest.raises(RuntimeError, match="needs a C\\+\\+ compiler"):
+            compile_blocks(compiled)
+        return
     compile_blocks(compiled)
     imgs = torch.randn(4, 3, 16, 16)
     noise = torch.rand(4, 16)
@@ -89,8 +97,20 @@ def test_compiled_step_matches_eager(tiny_cfg):
             torch.testing.assert_close(p_c.grad, p_e.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_compile_without_a_compiler_fails_before_training(tiny_cfg, monkeypatch):
+    monkeypatch.setattr(mimkit.models, "cpu_compiler", lambda: None)
+    cfg = tiny_cfg("train.compile=true", "train.epochs=1")
+    with pytest.raises(RuntimeError, match="train.compile=false"):
+        pretrain(cfg)
+    assert not list(Path(cfg.train.out_dir).glob("checkpoint-*"))
+
+
 def test_pretrain_with_compile_on(tiny_cfg):
     cfg = tiny_cfg("train.compile=true", "train.epochs=1")
+    if cpu_compiler() is None:  # as above, on a machine that really has none
+        with pytest.raises(RuntimeError, match="train.compile=false"):
+            pretrain(cfg)
+        return
     result = pretrain(cfg)
     records = [json.loads(line) for line in open(f"{cfg.train.out_dir}/metrics.jsonl")]
     losses = [r["loss"] for r in records if "loss" in r]
