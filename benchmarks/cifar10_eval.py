@@ -186,7 +186,7 @@ def same_evaluation(a: list[str], b: list[str]) -> bool:
 
 def baseline_row(path: str | None, key: str, overrides: list[str]) -> dict | None:
     """The row `key` of another results file, if it was measured with these settings."""
-    if path is None or not key.startswith("random_"):
+    if path is None:
         return None
     row = json.loads(Path(path).read_text())["rows"].get(key)
     if row is None or not same_evaluation(row["overrides"], overrides):
@@ -391,8 +391,10 @@ def main(argv: list[str] | None = None) -> int:
                              state.data["rows"][key]["top1"])  # fmt: skip
                     continue
                 checkpoint = "none" if encoder == "random" else state.data["pretrain"][encoder]["checkpoint"]
-                reused = baseline_row(args.baseline_from, key, eval_overrides(command, encoder, checkpoint, args, sets, work))
-                if encoder == "random" and reused is not None:
+                reused = None
+                if encoder == "random":  # the pretrained rows are this run's own by definition
+                    reused = baseline_row(args.baseline_from, key, eval_overrides(command, encoder, checkpoint, args, sets, work))
+                if reused is not None:
                     log.info("== %s: reused from %s (top-1 %.2f%%, same settings)", key, args.baseline_from, reused["top1"])
                     state.save("rows", key, reused)
                     continue

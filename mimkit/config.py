@@ -22,7 +22,8 @@ class ConfigError(ValueError):
 
 
 
-BEIT_METHODS = ("beit", "mcbeit")  # methods whose encoder is timm's Beit (token targets, relative position bias)
+BEIT_METHODS = ("beit", "mcbeit")
+AttentionKernel = Literal["auto", "sdpa", "eager"]  # train.attention of pretraining and fine-tuning  # methods whose encoder is timm's Beit (token targets, relative position bias)
 
 @dataclass
 class ModelConfig:
@@ -172,7 +173,7 @@ class TrainConfig:
     compile: bool | Literal["auto"] = "auto"
     # attention kernel: auto = torch's fused SDPA, except plain matmul-softmax-matmul ("eager") under CPU
     # bf16 / fp16 autocast, where the fused CPU kernels are several times slower at ViT head widths
-    attention: Literal["auto", "sdpa", "eager"] = "auto"
+    attention: AttentionKernel = "auto"
     seed: int = 0
     out_dir: str = "runs/mae"
     resume: str = "auto"  # auto (newest checkpoint in out_dir, if any) | none | path to a checkpoint

@@ -99,6 +99,7 @@ def test_cifar10_eval_random_only_overrides_and_baseline_reuse(tmp_path):
     longer = cifar10_eval.eval_overrides("finetune", "random", "none", args, sets, tmp_path / "b")
     assert cifar10_eval.baseline_row(str(other), "random_finetune", longer) is None
     assert cifar10_eval.baseline_row(str(other), "mae_finetune", mae_ft) is None
+    assert cifar10_eval.baseline_row(str(other), "random_linprobe", elsewhere) is None  # absent there
 
 
 def test_profile_prints_the_ops_of_a_step(capsys):

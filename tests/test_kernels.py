@@ -23,6 +23,21 @@ from mimkit.models import (
 from mimkit.train import pretrain
 
 
+def assert_same_training_step(reference: torch.nn.Module, other: torch.nn.Module) -> None:
+    """Same loss and gradients for one forward / backward on the same images and masking noise."""
+    imgs, noise = torch.randn(4, 3, 16, 16), torch.rand(4, 16)
+    losses = []
+    for model in (reference, other):
+        torch.manual_seed(1)
+        out = model(imgs, noise=noise)
+        out.loss.backward()
+        losses.append(out.loss)
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for (name, p_ref), (_, p_other) in zip(reference.named_parameters(), other.named_parameters()):
+        if p_ref.grad is not None:
+            torch.testing.assert_close(p_other.grad, p_ref.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_attention_policy():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_attention("auto", cpu, "bf16") == "eager" and resolve_attention("auto", cpu, "fp16") == "eager"
@@ -42,18 +57,7 @@ def test_attention_kernels_give_the_same_step(tiny_cfg, method):
         assert any(type(m).__name__ == "CrossAttention" and not m.fused_attn for m in eager.modules())
     assert not any(m.fused_attn for m in eager.modules() if hasattr(m, "fused_attn"))
     assert set_attention_kernel(fused, "sdpa") == count
-    imgs = torch.randn(4, 3, 16, 16)
-    noise = torch.rand(4, 16)
-    losses = []
-    for model in (fused, eager):
-        torch.manual_seed(1)
-        out = model(imgs, noise=noise)
-        out.loss.backward()
-        losses.append(out.loss)
-    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
-    for (name, p_f), (_, p_e) in zip(fused.named_parameters(), eager.named_parameters()):
-        if p_f.grad is not None:
-            torch.testing.assert_close(p_e.grad, p_f.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_training_step(fused, eager)
 
 
 def test_compile_policy():
@@ -86,15 +90,7 @@ def test_compiled_step_matches_eager(tiny_cfg):
             compile_blocks(compiled)
         return
     compile_blocks(compiled)
-    imgs = torch.randn(4, 3, 16, 16)
-    noise = torch.rand(4, 16)
-    out_e, out_c = eager(imgs, noise=noise), compiled(imgs, noise=noise)
-    out_e.loss.backward()
-    out_c.loss.backward()
-    torch.testing.assert_close(out_c.loss, out_e.loss, rtol=1e-5, atol=1e-6)
-    for (name, p_e), (_, p_c) in zip(eager.named_parameters(), compiled.named_parameters()):
-        if p_e.grad is not None:
-            torch.testing.assert_close(p_c.grad, p_e.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_training_step(eager, compiled)
 
 
 def test_compile_without_a_compiler_fails_before_training(tiny_cfg, monkeypatch):

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from mimkit.config import ConfigError, _from_dict, _require, read_recipe, to_dict
+from mimkit.config import AttentionKernel, ConfigError, _from_dict, _require, read_recipe, to_dict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -219,7 +219,7 @@ class FinetuneRun(RunConfig):
     epochs: int = 100
     batch_size: int = 64
     out_dir: str = "runs/finetune"
-    attention: Literal["auto", "sdpa", "eager"] = "auto"  # as pretraining's train.attention
+    attention: AttentionKernel = "auto"  # as pretraining's train.attention
 
 
 @dataclass
