@@ -3,8 +3,12 @@
 - ddp / single process: one torch file `checkpoint-N.pt`, loaded with `torch.load(weights_only=True)`.
 - fsdp: a folder `checkpoint-N/` written by every rank through torch.distributed.checkpoint (DCP), plus
   `meta.pt` (step, RNG states, config). It is written as `.checkpoint-N.tmp/` and renamed only after every
-  rank has finished, so it counts once all shards exist. DCP pickles its `.metadata`: we unpickle it
-  first with an allow-list of DCP's own metadata types and refuse anything else.
+  rank has finished, so it counts once all shards exist. DCP pickles its `.metadata` and stores
+  non-tensor entries (the optimizer's param_groups) as pickled bytes, both read by DCP with plain
+  pickle; mimkit reads the first with an allow-list of DCP's own metadata types and the second with
+  `torch.load(weights_only=True)`, so a crafted folder cannot run code.
+
+Every failure to read a checkpoint is a `CheckpointError` naming the file and what is wrong with it.
 
 Optimizer state is stored keyed by parameter name (torch.distributed.checkpoint.state_dict), so a
 checkpoint moves between ddp and fsdp and between world sizes.
@@ -12,6 +16,7 @@ checkpoint moves between ddp and fsdp and between world sizes.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import random
@@ -23,7 +28,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mimkit.errors import MimkitError
+
+log = logging.getLogger("mimkit")
+
 CKPT_PATTERN = re.compile(r"^checkpoint-(\d+)(\.pt)?$")
+
+
+class CheckpointError(MimkitError, ValueError):
+    """A checkpoint that cannot be used: missing, truncated, not a checkpoint, refused, or of another run."""
 
 
 def checkpoint_path(out_dir: str | Path, step: int, sharded: bool = False) -> Path:
@@ -70,14 +83,105 @@ def save_checkpoint(path: str | Path, state: dict) -> Path:
     return path
 
 
+def step_in_name(path: str | Path) -> int | None:
+    m = CKPT_PATTERN.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
 def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint as one dict of plain tensors (a sharded folder is consolidated in memory)."""
+    """A checkpoint as one dict of plain tensors (a sharded folder is consolidated in memory).
+    Raises CheckpointError (naming the file) for anything that is not a readable checkpoint."""
     path = Path(path)
     if path.is_dir():
-        return load_sharded_full(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+        state = load_sharded_full(path)
+    elif not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist (a checkpoint-N.pt file or a sharded checkpoint-N folder)")
+    else:
+        state = _torch_load(path, what="checkpoint")
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path}: not a mimkit checkpoint (it holds a {type(state).__name__}, not a dict)")
+    check_step_matches_name(path, state)
+    return state
+
+
+def _torch_load(path: Path | str, what: str, source=None):
+    """torch.load with weights_only=True; every way it can fail becomes one CheckpointError line."""
+    try:
+        return torch.load(source if source is not None else path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"(?:unsupported|Unsupported) (?:GLOBAL|global|operand)[^\n]*?(?=\.?\n|\.?$| whose)", str(e))
+        detail = f" ({found.group(0).strip()})" if found else ""
+        raise CheckpointError(
+            f"{path}: refused to load {what}: it pickles Python objects outside the allow-list{detail}; nothing from it was run"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as e:
+        size = Path(path).stat().st_size if Path(path).is_file() else None
+        reason = "the file is empty" if size == 0 else (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path}: cannot read {what} (truncated or not a PyTorch checkpoint: {reason})") from None
+
+
+def check_step_matches_name(path: Path, state) -> None:
+    """checkpoint-N must hold step N: a renamed or mixed-up file would otherwise resume at the wrong place."""
+    named = step_in_name(path)
+    if named is not None and isinstance(state, dict) and isinstance(state.get("step"), int) and state["step"] != named:
+        raise CheckpointError(f"{path}: its name says step {named} but it holds step {state['step']}")
+
+
+def verify_checkpoint(path: Path) -> dict:
+    """Read a checkpoint's metadata completely enough to trust it for a resume; returns what was read
+    (the full state for a file, meta.pt for a sharded folder whose shard files are all present)."""
+    path = Path(path)
+    if path.is_file():
+        return load_checkpoint(path)
+    meta = _read_sharded_meta(path)
+    metadata = read_dcp_metadata(path)
+    sizes: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        rel = str(getattr(info, "relative_path", ""))
+        end = int(getattr(info, "offset", 0)) + int(getattr(info, "length", 0))
+        sizes[rel] = max(sizes.get(rel, 0), end)
+    for rel, end in sizes.items():
+        shard = path / rel
+        if not shard.is_file() or shard.stat().st_size < end:
+            raise CheckpointError(f"{path}: shard file {rel} is missing or truncated")
+    return meta
+
+
+def resume_point(out_dir: str | Path, resume: str, key: str = "train.resume") -> tuple[Path | None, dict | None]:
+    """The checkpoint to resume from and what was read of it (the whole state for a file, meta.pt for a
+    sharded folder), or (None, None) for a fresh start. `auto` takes the newest checkpoint that reads back
+    completely and says which unreadable ones (a copy cut short, a full disk) it passed over."""
+    if resume == "none":
+        return None, None
+    if resume != "auto":
+        path = Path(resume)
+        if not (path.is_file() or (path.is_dir() and (path / "meta.pt").exists())):
+            raise CheckpointError(f"{key}: {path} is neither a checkpoint file nor a sharded checkpoint folder")
+        return path, verify_checkpoint(path)
+    found = list_checkpoints(out_dir)
+    for path in reversed(found):
+        try:
+            return path, verify_checkpoint(path)
+        except CheckpointError as e:
+            log.warning("%s: skipping an unreadable checkpoint (%s); trying the one before", key, e)
+    if found:
+        raise CheckpointError(
+            f"{key}=auto: none of the {len(found)} checkpoints in {out_dir} is readable (newest: {found[-1].name}); "
+            f"move them aside or set {key}=none to start over"
+        )
+    return None, None
+
+
+def check_out_dir(path: str | Path, key: str = "train.out_dir") -> Path:
+    """Refuse an output folder that is a file or lies under one, before any compute is spent."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "is a file" if p == path else f"lies under {p}, which is a file"
+                raise CheckpointError(f"{key}: {path} {what}; give a folder")
+            break
+    return path
 
 
 def prune_checkpoints(out_dir: str | Path, keep_last: int) -> None:
@@ -105,13 +209,71 @@ class _DCPMetadataUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def check_dcp_metadata(folder: Path) -> None:
-    """Unpickle DCP's .metadata with an allow-list before DCP itself (which uses plain pickle) reads it."""
-    meta = folder / ".metadata"
+def read_dcp_metadata(folder: Path):
+    """DCP's .metadata, unpickled with the allow-list above."""
+    meta = Path(folder) / ".metadata"
     if not meta.is_file():
-        raise FileNotFoundError(f"sharded checkpoint {folder} has no .metadata (incomplete or not a DCP folder)")
-    with open(meta, "rb") as f:
-        _DCPMetadataUnpickler(f).load()
+        raise CheckpointError(f"sharded checkpoint {folder} has no .metadata (incomplete or not a DCP folder)")
+    try:
+        with open(meta, "rb") as f:
+            return _DCPMetadataUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{meta}: refused: {e}; nothing from it was run") from None
+    except (EOFError, OSError, ValueError, AttributeError, TypeError, IndexError) as e:
+        raise CheckpointError(f"{meta}: cannot read (truncated or not DCP metadata: {type(e).__name__})") from None
+
+
+def check_dcp_metadata(folder: Path) -> None:
+    read_dcp_metadata(folder)
+
+
+def _safe_dcp_classes():
+    """A FileSystemReader whose metadata goes through the allow-list, and load planners that read DCP's
+    pickled non-tensor entries with weights_only=True (DCP's own use plain torch.load)."""
+    import io
+
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint._traverse import set_element
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.metadata import StorageMeta
+    from torch.distributed.checkpoint.planner import ReadItem
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            if kwargs.get("rank") is not None:
+                raise CheckpointError(f"{self.path}: per-rank DCP metadata is not supported")
+            metadata = read_dcp_metadata(Path(self.path))
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    def safe_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        fqn = read_item.dest_index.fqn
+        obj = _torch_load(f"{self._folder} (entry {fqn})", what="a sharded-checkpoint entry", source=value)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], obj)
+        else:
+            self.state_dict[fqn] = obj
+
+    class SafeLoadPlanner(DefaultLoadPlanner):
+        load_bytes = safe_bytes
+
+    class SafeEmptyLoadPlanner(_EmptyStateDictLoadPlanner):
+        load_bytes = safe_bytes
+
+    return SafeReader, SafeLoadPlanner, SafeEmptyLoadPlanner
+
+
+def _read_sharded_meta(folder: Path) -> dict:
+    meta_path = folder / "meta.pt"
+    if not meta_path.is_file():
+        raise CheckpointError(f"sharded checkpoint {folder} has no meta.pt (incomplete or not a mimkit checkpoint)")
+    meta = _torch_load(meta_path, what="checkpoint metadata")
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path}: not mimkit checkpoint metadata (expected a dict)")
+    check_step_matches_name(folder, meta)
+    return meta
 
 
 def save_sharded(folder: Path, model_state: dict, optim_state: dict, meta: dict | None, is_main: bool) -> Path:
@@ -140,27 +302,59 @@ def save_sharded(folder: Path, model_state: dict, optim_state: dict, meta: dict 
     return folder
 
 
+def _dcp_read(folder: Path, state: dict, planner) -> None:
+    """DCP's own read loop with the safe reader and planner; every failure becomes a CheckpointError."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    planner._folder = folder
+    no_dist = not (dist.is_available() and dist.is_initialized())
+    try:
+        _load_state_dict(state, storage_reader=_safe_dcp_classes()[0](str(folder)), planner=planner, no_dist=no_dist)
+    except Exception as e:  # DCP wraps reader errors (a CheckpointError among them) in its own exception
+        inner = next((x for x in _causes(e) if isinstance(x, CheckpointError)), None)
+        if inner is not None:
+            raise inner from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{folder}: cannot read sharded checkpoint ({first[:300]})") from None
+
+
+def _causes(e: BaseException):
+    seen = set()
+    stack = [e]
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        yield x
+        stack += [x.__cause__, x.__context__]
+        for arg in getattr(x, "args", ()):
+            if isinstance(arg, BaseException):
+                stack.append(arg)
+            elif isinstance(arg, dict):  # DCP's CheckpointException: {rank: exception}
+                stack += [v for v in arg.values() if isinstance(v, BaseException)]
+        failures = getattr(x, "failures", None)
+        if isinstance(failures, dict):
+            stack += [v for v in failures.values() if isinstance(v, BaseException)]
+
+
 def load_sharded_into(folder: Path, model_state: dict, optim_state: dict) -> dict:
     """Fill (possibly sharded) state dicts in place from a DCP folder, resharding to this world size.
     Returns the meta dict."""
-    import torch.distributed.checkpoint as dcp
-
-    check_dcp_metadata(folder)
-    dcp.load({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(folder))
-    return torch.load(folder / "meta.pt", map_location="cpu", weights_only=True)
+    meta = _read_sharded_meta(folder)
+    _dcp_read(folder, {"model": model_state, "optimizer": optim_state}, _safe_dcp_classes()[1]())
+    return meta
 
 
 def load_sharded_full(folder: Path) -> dict:
     """Consolidate a sharded checkpoint into one dict of plain tensors (for export, evaluation, or a
-    single-file copy), without a process group."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    check_dcp_metadata(folder)
-    with tempfile.TemporaryDirectory() as tmp:
-        full_path = Path(tmp) / "full.pt"
-        dcp_to_torch_save(str(folder), str(full_path))
-        full = torch.load(full_path, map_location="cpu", weights_only=True)
-    meta = torch.load(folder / "meta.pt", map_location="cpu", weights_only=True)
+    single-file copy), in this process alone."""
+    meta = _read_sharded_meta(folder)
+    full: dict = {}
+    _dcp_read(folder, full, _safe_dcp_classes()[2]())
+    if "model" not in full or "optimizer" not in full:
+        raise CheckpointError(f"{folder}: not a mimkit sharded checkpoint (no 'model' / 'optimizer' entries)")
     return {**meta, "model": full["model"], "optimizer": full["optimizer"]}
 
 

@@ -8,8 +8,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from mimkit.config import ConfigError, dump_yaml, load_config
-from mimkit.data import DataError
+from mimkit.config import dump_yaml, load_config
+from mimkit.errors import MimkitError
 from mimkit.eval.cli import register_eval_commands
 from mimkit.tokenizers import register_tokenizer_commands
 
@@ -50,25 +50,6 @@ def _pretrain(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- visualize / export / import / attention
 
 
-def _reported(func):
-    """Errors about the files given (bad checkpoint, unreadable image, unknown key layout) -> exit 2."""
-    import functools
-
-    @functools.wraps(func)
-    def wrapper(args: argparse.Namespace) -> int:
-        from mimkit.data import CorruptImage
-        from mimkit.interop import InteropError
-
-        try:
-            return func(args)
-        except (InteropError, CorruptImage) as e:
-            print(f"mimkit: error: {e}", file=sys.stderr)
-            return 2
-
-    return wrapper
-
-
-@_reported
 def _visualize(args: argparse.Namespace) -> int:
     from mimkit.visualize import visualize
 
@@ -77,7 +58,6 @@ def _visualize(args: argparse.Namespace) -> int:
     return 0
 
 
-@_reported
 def _export(args: argparse.Namespace) -> int:
     from mimkit.interop import export_hf, export_timm, timm_usage
 
@@ -94,7 +74,6 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-@_reported
 def _import(args: argparse.Namespace) -> int:
     from mimkit.interop import ImportOptions, import_checkpoint
 
@@ -109,7 +88,6 @@ def _import(args: argparse.Namespace) -> int:
     return 0
 
 
-@_reported
 def _attention(args: argparse.Namespace) -> int:
     from mimkit.visualize import attention_figure
 
@@ -185,8 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         return args.func(args)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except MimkitError as e:  # a problem with the user's files, config or machine: one line, no traceback
         print(f"mimkit: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a missing file, a full disk, no permission: name the file
+        where = f": {e.filename}" if e.filename else ""
+        print(f"mimkit: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
 
 

@@ -16,8 +16,10 @@ from typing import Any, Literal
 
 import yaml
 
+from mimkit.errors import MimkitError
 
-class ConfigError(ValueError):
+
+class ConfigError(MimkitError, ValueError):
     """A configuration problem, always naming the offending key."""
 
 

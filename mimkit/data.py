@@ -8,6 +8,7 @@ processes, and a run resumed in the middle of an epoch sees exactly the batches 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import itertools
@@ -25,16 +26,18 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
+from mimkit.errors import MimkitError
+
 log = logging.getLogger("mimkit")
 
 MaskInputs = Callable[[torch.Generator], dict[str, torch.Tensor]]
 
 
-class DataError(ValueError):
+class DataError(MimkitError, ValueError):
     """A problem with the configured data, naming the file or field."""
 
 
-class CorruptImage(Exception):
+class CorruptImage(MimkitError):
     pass
 
 
@@ -420,6 +423,29 @@ class WebDatasetStream(IterableDataset):
             passes += 1
 
 
+def die_with_parent(parent_pid: int, _worker_id: int = 0) -> None:
+    """DataLoader worker init: the kernel kills the worker the moment its parent dies (a SIGKILLed run),
+    instead of torch's watchdog noticing seconds later (Linux; a no-op elsewhere)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def loader_rng_and_workers(seed: int, rank: int = 0, epoch: int = 0) -> dict:
+    """DataLoader keywords: a private generator, so that starting an iterator (which draws the workers' base
+    seed) never consumes the global torch RNG that drop path and the methods use, which would shift their
+    streams after a mid-epoch resume; and workers that die with their parent. Samples are seeded per sample,
+    so the base seed does not affect them."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + rank * 7_919 + epoch) % 2**63)
+    return {"generator": g, "worker_init_fn": functools.partial(die_with_parent, os.getpid())}
+
+
 class PretrainData:
     """Batches for the training loop: `epoch_batches(epoch, start_step)` yields this rank's
     micro-batches from the given optimizer step of the epoch on."""
@@ -449,6 +475,7 @@ class PretrainData:
             self.loader = DataLoader(
                 self.dataset, batch_sampler=self.sampler, num_workers=self.num_workers, pin_memory=pin_memory,
                 persistent_workers=self.num_workers > 0, prefetch_factor=4 if self.num_workers > 0 else None,
+                **loader_rng_and_workers(seed, rank),
             )  # fmt: skip
 
     def epoch_batches(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
@@ -458,6 +485,6 @@ class PretrainData:
         stream = WebDatasetStream(self.urls, self.transform, self.mask_inputs, self.seed, epoch, self.rank,
                                   self.world_size)  # fmt: skip
         loader = DataLoader(stream, batch_size=self.batch_size, num_workers=self.num_workers,
-                            pin_memory=self.pin_memory)  # fmt: skip
+                            pin_memory=self.pin_memory, **loader_rng_and_workers(self.seed, self.rank, epoch))  # fmt: skip
         # streams cannot seek: replay and drop the micro-batches already consumed (exact, costs decoding)
         return itertools.islice(iter(loader), start_step * self.accum_steps, None)

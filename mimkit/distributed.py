@@ -9,6 +9,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from mimkit.config import ConfigError
+
 
 @dataclass
 class DistInfo:
@@ -44,7 +46,8 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"train.device is '{name}' but CUDA is not available; use train.device=cpu")
+            raise ConfigError(f"train.device: '{name}' asked for, but CUDA is not available here; use train.device=cpu "
+                              "or auto")  # fmt: skip
         torch.cuda.set_device(device)
     return device
 
@@ -72,7 +75,7 @@ def init_distributed(device_name: str = "auto", timeout_minutes: float = 30.0) -
     device = resolve_device(device_name, local_rank)
     if world > 1 and not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
-            raise RuntimeError("multi-process run needs MASTER_ADDR and MASTER_PORT (torchrun sets them; with srun export them)")
+            raise ConfigError("multi-process run needs MASTER_ADDR and MASTER_PORT (torchrun sets them; with srun export them)")
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(minutes=timeout_minutes))
     return DistInfo(rank, world, local_rank, device)

@@ -43,14 +43,15 @@ import torch
 from torch import nn
 
 import mimkit
-from mimkit.checkpoint import load_checkpoint, save_checkpoint
+from mimkit.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from mimkit.config import BEIT_METHODS, Config, ConfigError, config_from_dict, load_config, to_dict
+from mimkit.errors import MimkitError
 from mimkit.models import PRESETS, sincos_2d_pos_embed
 
 FORMATS = ("auto", "mimkit", "mae", "beit", "bootmae", "hf")
 
 
-class InteropError(ValueError):
+class InteropError(MimkitError, ValueError):
     """A problem with a file to import or export, naming the file and, where there is one, the key."""
 
 
@@ -215,10 +216,8 @@ def load_mimkit_checkpoint(path: str | Path) -> tuple[nn.Module, Config, dict]:
     path = Path(path)
     try:
         state = load_checkpoint(path)
-    except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
-        raise InteropError(
-            f"{path}: cannot read as a mimkit checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})"
-        ) from None
+    except CheckpointError as e:
+        raise InteropError(str(e)) from None
     if not isinstance(state, dict):
         raise InteropError(f"{path}: not a mimkit checkpoint (expected a dict, got {type(state).__name__})")
     for key in ("model", "config"):

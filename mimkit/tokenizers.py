@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mimkit.errors import MimkitError
+
 log = logging.getLogger("mimkit")
 
 MINUS_ONE_ONE = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # [0, 1] -> [-1, 1]
@@ -47,7 +49,7 @@ DALLE_EPS = 0.1  # map_pixels: x -> (1 - 2 eps) x + eps, written as (x - mean) /
 DALLE_NORM = ((-DALLE_EPS / (1 - 2 * DALLE_EPS),) * 3, (1 / (1 - 2 * DALLE_EPS),) * 3)
 
 
-class TokenizerError(ValueError):
+class TokenizerError(MimkitError, ValueError):
     """A tokenizer file that cannot be used, naming the file."""
 
 

@@ -33,12 +33,16 @@ from torch.nn.parallel import DistributedDataParallel
 import mimkit
 from mimkit import distributed as mdist
 from mimkit.checkpoint import (
+    CheckpointError,
+    atomic_write_bytes,
     atomic_write_text,
+    check_out_dir,
     checkpoint_path,
-    list_checkpoints,
     load_checkpoint,
     load_sharded_into,
     prune_checkpoints,
+    read_dcp_metadata,
+    resume_point,
     rng_state,
     save_checkpoint,
     save_sharded,
@@ -46,6 +50,7 @@ from mimkit.checkpoint import (
 )
 from mimkit.config import Config, config_from_dict, dump_yaml, to_dict
 from mimkit.data import PretrainData
+from mimkit.errors import MimkitError
 from mimkit.methods import build_model
 from mimkit.models import compile_blocks, resolve_attention, resolve_compile, set_attention_kernel
 from mimkit.visualize import log_reconstruction_grid, preview_images
@@ -56,7 +61,7 @@ log = logging.getLogger("mimkit")
 LOSS_TERMS = {"reconstruction", "consistency", "feature", "feature_weight", "momentum", "mlm_acc"}  # scalar output fields logged beside the loss
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(MimkitError, RuntimeError):
     """Too many consecutive non-finite steps."""
 
 
@@ -109,33 +114,69 @@ def autocast_context(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def find_resume(cfg: Config) -> Path | None:
-    if cfg.train.resume == "none":
-        return None
-    if cfg.train.resume == "auto":
-        found = list_checkpoints(cfg.train.out_dir)
-        return found[-1] if found else None
-    path = Path(cfg.train.resume)
-    if not path.is_file():
-        raise FileNotFoundError(f"train.resume: checkpoint {path} does not exist")
-    return path
+def find_resume(cfg) -> tuple[Path | None, dict | None]:
+    """(checkpoint, what was read of it) to resume from per train.resume, or (None, None)."""
+    return resume_point(cfg.train.out_dir, cfg.train.resume)
+
+
+def check_resumable(path: Path, state: dict, model: torch.nn.Module, method: str) -> None:
+    """The checkpoint must be this method's and hold tensors of this model's shapes: say which key differs
+    instead of failing inside load_state_dict."""
+    if not isinstance(state, dict) or not {"step", "steps_per_epoch", "rng", "scaler"} <= state.keys():
+        raise CheckpointError(f"{path}: not a mimkit pretraining checkpoint (no step / RNG state); to start from its "
+                              "weights, convert it with `mimkit import` and evaluate or fine-tune it instead")  # fmt: skip
+    if state.get("method", method) != method:
+        raise CheckpointError(f"{path}: a '{state['method']}' checkpoint cannot resume a '{method}' run (method: "
+                              f"{method}); resume it with its own config ({path.parent / 'config.yaml'})")  # fmt: skip
+    if path.is_dir():  # shapes from DCP's metadata, without reading the shards
+        saved = {k[len("model."):]: tuple(v.size) for k, v in read_dcp_metadata(path).state_dict_metadata.items()
+                 if k.startswith("model.") and hasattr(v, "size")}  # fmt: skip
+    else:
+        saved = {k: tuple(v.shape) for k, v in state.get("model", {}).items()}
+    for key, value in model.state_dict().items():
+        if key not in saved:
+            raise CheckpointError(f"{path}: has no '{key}': it was written by another model (check model.* / the method)")
+        if saved[key] != tuple(value.shape):
+            raise CheckpointError(f"{path}: '{key}' has shape {list(saved[key])}, this model's is {list(value.shape)} "
+                                  "(another model size: check model.* against the checkpoint's config.yaml)")  # fmt: skip
+    extra = sorted(saved.keys() - model.state_dict().keys())
+    if extra:
+        raise CheckpointError(f"{path}: holds '{extra[0]}', which this model does not have (another model or method)")
+
+
+def _step_of(line: bytes) -> int:
+    try:
+        step = json.loads(line).get("step")
+    except (ValueError, AttributeError):
+        return 0
+    return step if isinstance(step, int) else 0
 
 
 class MetricsLog:
     """JSONL on rank 0 (always), TensorBoard alongside when enabled."""
 
-    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, prefix: str = "pretrain"):
+    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, prefix: str = "pretrain",
+                 resumed_step: int | None = None):  # fmt: skip
         self.path = out_dir / "metrics.jsonl"
         self.enabled, self.tb, self.prefix = enabled, None, prefix
-        if enabled and self.path.exists():  # a kill mid-write can leave a torn last line: drop just that
-            data = self.path.read_bytes()
-            if data and not data.endswith(b"\n"):
-                with open(self.path, "r+b") as f:
-                    f.truncate(data.rfind(b"\n") + 1)
+        if enabled and self.path.exists():
+            self._keep_until(resumed_step)
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(out_dir / "tb"))
+
+    def _keep_until(self, resumed_step: int | None) -> None:
+        """Drop a torn last line (a kill mid-write) and, on resume, every record past the step resumed from: those
+        steps are about to run again, and the log keeps one record per step."""
+        data = self.path.read_bytes()
+        lines = data.split(b"\n")
+        kept = lines[:-1]  # the last element is b"" or a torn line
+        if resumed_step is not None:
+            kept = [x for x in kept if _step_of(x) <= resumed_step]
+        new = b"".join(x + b"\n" for x in kept)
+        if new != data:
+            atomic_write_bytes(self.path, lambda f: f.write(new))
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -162,7 +203,7 @@ def pretrain(cfg: Config) -> RunResult:
     dist = mdist.init_distributed(cfg.train.device, cfg.distributed.timeout_minutes)
     device, t = dist.device, cfg.train
     precision = mdist.resolve_precision(t.precision, device)
-    out_dir = Path(t.out_dir)
+    out_dir = check_out_dir(t.out_dir)
     seed_everything(t.seed)  # the same initial weights on every rank (FSDP shards them without a broadcast)
     model = build_model(cfg)
     seed_everything(t.seed + dist.rank)
@@ -202,19 +243,19 @@ def pretrain(cfg: Config) -> RunResult:
 
     # ---- resume: model, optimizer, scaler, step (which fixes epoch, data position and lr), RNG
     step, nonfinite_total, skipped_total = 0, 0, 0
-    resume_from = find_resume(cfg)
+    resume_from, state = find_resume(cfg)
     if resume_from is not None:
+        check_resumable(resume_from, state, model, cfg.method)
         if resume_from.is_dir():  # sharded (fsdp) checkpoint: every rank reads its part, resharded to this world
             model_state, optim_state = get_state_dict(model, optimizer)
-            state = load_sharded_into(resume_from, model_state, optim_state)
+            load_sharded_into(resume_from, model_state, optim_state)
             set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
         else:  # one file with full tensors (fsdp shards them on load)
-            state = load_checkpoint(resume_from)
             full = StateDictOptions(full_state_dict=True)
             set_model_state_dict(model, state["model"], options=full)
             set_optimizer_state_dict(model, optimizer, state["optimizer"], options=full)
         if state["steps_per_epoch"] != steps_per_epoch:
-            raise ValueError(
+            raise CheckpointError(
                 f"cannot resume {resume_from} exactly: it ran {state['steps_per_epoch']} steps per epoch, this config "
                 f"gives {steps_per_epoch} (data, batch size, processes or accum_steps changed)"
             )
@@ -246,7 +287,7 @@ def pretrain(cfg: Config) -> RunResult:
         )  # fmt: skip
         if resume_from is not None:
             log.info("resumed from %s at step %d", resume_from, step)
-    metrics = MetricsLog(out_dir, dist.is_main, t.tensorboard)
+    metrics = MetricsLog(out_dir, dist.is_main, t.tensorboard, resumed_step=step if resume_from is not None else None)
     vis_images = None  # fixed images for TensorBoard reconstruction grids (rank 0, indexable sources only)
     if metrics.tb is not None and t.vis_every_epochs and getattr(data, "dataset", None) is not None and hasattr(model, "patch_size"):
         vis_images = preview_images(data.dataset.source, model.encoder.patch_embed.img_size[0], t.vis_images)
@@ -267,15 +308,20 @@ def pretrain(cfg: Config) -> RunResult:
             "mimkit_version": mimkit.__version__,
             "method": cfg.method,
         }
-        if fsdp:  # every rank writes its shards; the folder appears once all are done
-            path = save_sharded(checkpoint_path(out_dir, step, sharded=True), get_model_state_dict(model),
-                                get_optimizer_state_dict(model, optimizer), meta, dist.is_main)  # fmt: skip
-        else:
-            optim_state = get_optimizer_state_dict(model, optimizer)  # keyed by parameter name: portable
-            if not dist.is_main:
-                return None
-            state = {"model": model.state_dict(), "optimizer": optim_state, **meta}
-            path = save_checkpoint(checkpoint_path(out_dir, step), state)
+        path = checkpoint_path(out_dir, step, sharded=fsdp)
+        try:
+            if fsdp:  # every rank writes its shards; the folder appears once all are done
+                save_sharded(path, get_model_state_dict(model), get_optimizer_state_dict(model, optimizer), meta,
+                             dist.is_main)  # fmt: skip
+            else:
+                optim_state = get_optimizer_state_dict(model, optimizer)  # keyed by parameter name: portable
+                if not dist.is_main:
+                    return None
+                save_checkpoint(path, {"model": model.state_dict(), "optimizer": optim_state, **meta})
+        except OSError as e:  # e.g. a full disk: the write was atomic, so the previous checkpoint is untouched
+            raise CheckpointError(f"could not write checkpoint {path} ({e.strerror or e}); the last complete "
+                                  f"checkpoint, {last_ckpt or 'none yet'}, is intact: free space and rerun to resume "
+                                  "from it") from None  # fmt: skip
         if dist.is_main:
             prune_checkpoints(out_dir, t.keep_last)
         return path if dist.is_main else None

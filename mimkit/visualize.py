@@ -74,7 +74,7 @@ def prepare_image(image, size: int) -> torch.Tensor:
 def preview_images(source, img_size: int, count: int = 4) -> torch.Tensor:
     """``count`` images of a mimkit data source (``mimkit.data.open_source``), spread evenly over
     it, as a fixed (B, 3, S, S) batch in [0, 1] for TensorBoard grids. Corrupt images are skipped."""
-    from mimkit.data import CorruptImage
+    from mimkit.data import CorruptImage, DataError
 
     n = len(source)
     images = []
@@ -86,7 +86,8 @@ def preview_images(source, img_size: int, count: int = 4) -> torch.Tensor:
             except CorruptImage:
                 continue
     if not images:
-        raise ValueError("no readable image in the data source")
+        raise DataError(f"no readable image in the data source ({getattr(source, 'name', None) or type(source).__name__}): "
+                        f"all {n} failed to decode")
     return torch.stack(images)
 
 

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from mimkit import distributed as mdist
-from mimkit.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from mimkit.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
 from mimkit.config import BEIT_METHODS, ConfigError, config_from_dict
 from mimkit.data import CorruptImage, DataError, FolderImages, load_npz, pretrain_transform
 from mimkit.models import create_encoder, get_preset
@@ -121,13 +121,13 @@ def encoder_source(ecfg) -> EncoderSource:
         model = {"arch": ecfg.arch, "img_size": ecfg.img_size, **{k: getattr(ecfg, k) for k in sizes}}
         return EncoderSource(model, None, "random init (no checkpoint)")
     path = Path(ecfg.checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"encoder.checkpoint: {path} does not exist")
+    if not path.exists():
+        raise ConfigError(f"encoder.checkpoint: {path} does not exist (a checkpoint-N.pt file, a sharded checkpoint-N "
+                          "folder, or 'none' for random init)")  # fmt: skip
     try:
         state = load_checkpoint(path)
-    except Exception as e:  # an unpicklable / foreign file
-        raise ConfigError(f"encoder.checkpoint: cannot read {path} as a mimkit checkpoint ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''})") from None  # fmt: skip
+    except CheckpointError as e:
+        raise ConfigError(f"encoder.checkpoint: {e}") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ConfigError(f"encoder.checkpoint: {path} is not a mimkit pretraining checkpoint (no 'model' / 'config'); "
                           "convert official MAE / BEiT / BootMAE / Hugging Face weights with `mimkit import`")  # fmt: skip
@@ -483,6 +483,8 @@ def extract_features(encoder: VisionTransformer, dataset: Dataset, *, indices: l
 def cache_meta(ecfg, d, split: str, samples: int | None, img_size: int, seed: int) -> dict:
     """What a feature cache depends on (a changed checkpoint file is detected by size and mtime)."""
     ckpt = Path(ecfg.checkpoint)
+    if ckpt.is_dir():  # a sharded checkpoint: its meta.pt is written last, with the folder
+        ckpt = ckpt / "meta.pt"
     stamp = [ckpt.stat().st_size, ckpt.stat().st_mtime_ns] if ecfg.checkpoint != "none" and ckpt.is_file() else None
     return {"encoder": {k: v for k, v in asdict(ecfg).items()}, "checkpoint_stamp": stamp, "seed": seed,
             "data": [d.path, d.format, split, samples, list(d.mean), list(d.std), d.crop_pct], "img_size": img_size}  # fmt: skip

@@ -39,7 +39,7 @@ from torchvision.transforms import v2
 
 import mimkit
 from mimkit import distributed as mdist
-from mimkit.checkpoint import atomic_write_text, checkpoint_path, load_checkpoint, prune_checkpoints, save_checkpoint
+from mimkit.checkpoint import CheckpointError, atomic_write_text, checkpoint_path, prune_checkpoints, save_checkpoint
 from mimkit.config import ConfigError, to_dict
 from mimkit.data import ResumableBatchSampler, stable_seed
 from mimkit.eval.common import (
@@ -227,18 +227,17 @@ def run_finetune(cfg: FinetuneConfig) -> EvalResult:
 
     # ---- resume: model, optimizer, scaler, EMA, step (which fixes epoch, data position and lr), evaluations
     step, evals, elapsed, nonfinite_total = 0, [], 0.0, 0
-    resume_from = find_resume(cfg)
+    resume_from, state = find_resume(cfg)
     if resume_from is not None:
-        state = load_checkpoint(resume_from)
         if state.get("command") != "finetune" or state["steps_per_epoch"] != steps_per_epoch:
-            raise ValueError(f"cannot resume {resume_from} exactly: not a finetune checkpoint of this setting (data, "
+            raise CheckpointError(f"cannot resume {resume_from} exactly: not a finetune checkpoint of this setting (data, "
                              "batch size, processes or accum_steps differ)")  # fmt: skip
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         if ema is not None:
             if "ema" not in state:
-                raise ValueError(f"cannot resume {resume_from} with ema.enabled: it has no EMA weights")
+                raise CheckpointError(f"cannot resume {resume_from} with ema.enabled: it has no EMA weights")
             ema.module.load_state_dict(state["ema"])
         step, evals, elapsed, nonfinite_total = state["step"], state["evals"], state["elapsed_s"], state["nonfinite_steps"]
     clock.already = elapsed
@@ -262,7 +261,7 @@ def run_finetune(cfg: FinetuneConfig) -> EvalResult:
         log.info("%s", format_lr_table(table))
         if resume_from is not None:
             log.info("resumed from %s at step %d", resume_from, step)
-    metrics = EvalLog(out_dir, dist.is_main, t.tensorboard, "finetune")
+    metrics = EvalLog(out_dir, dist.is_main, t.tensorboard, "finetune", resumed_step=step if resume_from else None)
     if resume_from is not None:
         metrics.write({"event": "resume", "from": str(resume_from), "resumed_step": step})
 

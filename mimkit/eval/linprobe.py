@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 import mimkit
 from mimkit import distributed as mdist
-from mimkit.checkpoint import atomic_write_text, checkpoint_path, load_checkpoint, prune_checkpoints, save_checkpoint
+from mimkit.checkpoint import CheckpointError, atomic_write_text, checkpoint_path, prune_checkpoints, save_checkpoint
 from mimkit.config import to_dict
 from mimkit.data import ResumableBatchSampler
 from mimkit.eval.common import (
@@ -156,11 +156,10 @@ def run_linprobe(cfg: LinprobeConfig) -> EvalResult:
 
     # ---- resume: heads, optimizer, step (which fixes epoch, data position and lr), evaluations so far
     step, evals, elapsed, nonfinite_total = 0, [], 0.0, 0
-    resume_from = find_resume(cfg)
+    resume_from, state = find_resume(cfg)
     if resume_from is not None:
-        state = load_checkpoint(resume_from)
         if state.get("command") != "linprobe" or state["steps_per_epoch"] != steps_per_epoch or state["blocks"] != blocks:
-            raise ValueError(f"cannot resume {resume_from} exactly: it is not a linprobe checkpoint of this setting "
+            raise CheckpointError(f"cannot resume {resume_from} exactly: it is not a linprobe checkpoint of this setting "
                              "(command, blocks, data, batch size, processes or accum_steps differ)")  # fmt: skip
         heads.load_state_dict(state["heads"])
         optimizer.load_state_dict(state["optimizer"])
@@ -181,7 +180,7 @@ def run_linprobe(cfg: LinprobeConfig) -> EvalResult:
         )  # fmt: skip
         if resume_from is not None:
             log.info("resumed from %s at step %d", resume_from, step)
-    metrics = EvalLog(out_dir, dist.is_main, t.tensorboard, "linprobe")
+    metrics = EvalLog(out_dir, dist.is_main, t.tensorboard, "linprobe", resumed_step=step if resume_from else None)
 
     def evaluate(done: int) -> dict:
         accs = probe_accuracy(heads, f_val, y_val, device)
