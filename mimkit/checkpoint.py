@@ -158,15 +158,16 @@ def resume_point(out_dir: str | Path, resume: str, key: str = "train.resume") ->
         if not (path.is_file() or (path.is_dir() and (path / "meta.pt").exists())):
             raise CheckpointError(f"{key}: {path} is neither a checkpoint file nor a sharded checkpoint folder")
         return path, verify_checkpoint(path)
-    found = list_checkpoints(out_dir)
+    found, newest_error = list_checkpoints(out_dir), None
     for path in reversed(found):
         try:
             return path, verify_checkpoint(path)
         except CheckpointError as e:
+            newest_error = newest_error or e
             log.warning("%s: skipping an unreadable checkpoint (%s); trying the one before", key, e)
     if found:
         raise CheckpointError(
-            f"{key}=auto: none of the {len(found)} checkpoints in {out_dir} is readable (newest: {found[-1].name}); "
+            f"{key}=auto: none of the {len(found)} checkpoints in {out_dir} is readable (newest: {newest_error}); "
             f"move them aside or set {key}=none to start over"
         )
     return None, None
@@ -309,9 +310,11 @@ def _dcp_read(folder: Path, state: dict, planner) -> None:
 
     planner._folder = folder
     no_dist = not (dist.is_available() and dist.is_initialized())
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
     try:
         _load_state_dict(state, storage_reader=_safe_dcp_classes()[0](str(folder)), planner=planner, no_dist=no_dist)
-    except Exception as e:  # DCP wraps reader errors (a CheckpointError among them) in its own exception
+    except (Exception, CheckpointException) as e:  # DCP wraps reader errors (ours among them) in its own
         inner = next((x for x in _causes(e) if isinstance(x, CheckpointError)), None)
         if inner is not None:
             raise inner from None
@@ -320,23 +323,18 @@ def _dcp_read(folder: Path, state: dict, planner) -> None:
 
 
 def _causes(e: BaseException):
-    seen = set()
-    stack = [e]
+    """e and every exception it wraps: causes, contexts, and the per-rank failures of DCP's CheckpointException."""
+    seen, stack = set(), [e]
     while stack:
         x = stack.pop()
-        if x is None or id(x) in seen:
+        if not isinstance(x, BaseException) or id(x) in seen:
             continue
         seen.add(id(x))
         yield x
         stack += [x.__cause__, x.__context__]
-        for arg in getattr(x, "args", ()):
-            if isinstance(arg, BaseException):
-                stack.append(arg)
-            elif isinstance(arg, dict):  # DCP's CheckpointException: {rank: exception}
-                stack += [v for v in arg.values() if isinstance(v, BaseException)]
         failures = getattr(x, "failures", None)
-        if isinstance(failures, dict):
-            stack += [v for v in failures.values() if isinstance(v, BaseException)]
+        if isinstance(failures, dict):  # {rank: (exception, traceback)}
+            stack += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
 
 
 def load_sharded_into(folder: Path, model_state: dict, optim_state: dict) -> dict:
