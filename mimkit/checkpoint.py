@@ -63,8 +63,10 @@ def atomic_write_bytes(path: Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:  # e.g. ENOSPC from write(): say which file
+            e.filename = str(path)
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
