@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -18,14 +19,15 @@ from conftest import TINY_MODEL
 
 def test_sigkill_and_resume_loses_nothing(tmp_path, npz_data, tiny_cfg):
     steps = 16
-    reference = pretrain(tiny_cfg(f"train.max_steps={steps}", "train.save_every_steps=1", out="reference"))
+    reference = pretrain(tiny_cfg(f"train.max_steps={steps}", "train.save_every_steps=1", "model.drop_path_rate=0.1",
+                                  out="reference"))  # fmt: skip
 
     out = tmp_path / "killed"
     overrides = TINY_MODEL + [
         f"data.path={npz_data}", "data.num_workers=0", "train.batch_size=8", "train.epochs=2",
         f"train.max_steps={steps}", "train.precision=fp32", "train.progress=false", "train.tensorboard=false",
         "train.log_every=1", "optim.blr=1e-3", "optim.warmup_epochs=1", "train.save_every_steps=1",
-        f"train.out_dir={out}",
+        f"train.out_dir={out}", "model.drop_path_rate=0.1",
     ]  # fmt: skip
     cmd = [sys.executable, "-m", "mimkit.cli", "pretrain", *overrides]
     rng = random.Random(0)
@@ -57,12 +59,56 @@ def test_sigkill_and_resume_loses_nothing(tmp_path, npz_data, tiny_cfg):
     assert final["step"] == steps
     for k, v in ref["model"].items():
         assert torch.equal(final["model"][k], v), k
+    assert all(torch.equal(final["rng"][0][k], ref["rng"][0][k]) for k in ("torch",))
     # every metrics line is valid JSON (a torn line from a kill is dropped on resume)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert sum(1 for r in records if r.get("event") == "resume") >= 3
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, steps + 1))  # one record per step
     assert not list(out.glob(".checkpoint-*.tmp"))  # temporaries of killed writes are cleaned up on resume
 
 
 def newest_step(out) -> int:
     ckpts = list_checkpoints(out)
     return int(ckpts[-1].stem.split("-")[1]) if ckpts else 0
+
+
+def test_loader_workers_die_with_a_killed_run(tmp_path, npz_data):
+    """A SIGKILLed run leaves no DataLoader worker behind (torch's own watchdog takes seconds)."""
+    overrides = TINY_MODEL + [
+        f"data.path={npz_data}", "data.num_workers=2", "train.batch_size=8", "train.epochs=50",
+        "train.precision=fp32", "train.progress=false", "train.tensorboard=false", f"train.out_dir={tmp_path / 'o'}",
+    ]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "mimkit.cli", "pretrain", *overrides], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 120
+    workers = []
+    while time.time() < deadline and len(workers) < 2 and proc.poll() is None:
+        workers = children(proc.pid)
+        time.sleep(0.05)
+    assert len(workers) == 2, "the run did not start its workers"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = time.time()
+    while time.time() - killed_at < 1 and any(alive(w) for w in workers):
+        time.sleep(0.01)
+    assert not any(alive(w) for w in workers), "a DataLoader worker outlived its killed parent by 1 s"
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, IndexError):
+                continue
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
