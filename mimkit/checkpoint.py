@@ -305,13 +305,14 @@ def save_sharded(folder: Path, model_state: dict, optim_state: dict, meta: dict 
     return folder
 
 
-def _dcp_read(folder: Path, state: dict, planner) -> None:
+def _dcp_read(folder: Path, state: dict, planner, collective: bool) -> None:
     """DCP's own read loop with the safe reader and planner; every failure becomes a CheckpointError."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+    read_dcp_metadata(folder)  # refused here with its own message (inside DCP it would be wrapped twice)
     planner._folder = folder
-    no_dist = not (dist.is_available() and dist.is_initialized())
+    no_dist = not (collective and dist.is_available() and dist.is_initialized())
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
     try:
@@ -343,7 +344,7 @@ def load_sharded_into(folder: Path, model_state: dict, optim_state: dict) -> dic
     """Fill (possibly sharded) state dicts in place from a DCP folder, resharding to this world size.
     Returns the meta dict."""
     meta = _read_sharded_meta(folder)
-    _dcp_read(folder, {"model": model_state, "optimizer": optim_state}, _safe_dcp_classes()[1]())
+    _dcp_read(folder, {"model": model_state, "optimizer": optim_state}, _safe_dcp_classes()[1](), collective=True)
     return meta
 
 
@@ -352,7 +353,7 @@ def load_sharded_full(folder: Path) -> dict:
     single-file copy), in this process alone."""
     meta = _read_sharded_meta(folder)
     full: dict = {}
-    _dcp_read(folder, full, _safe_dcp_classes()[2]())
+    _dcp_read(folder, full, _safe_dcp_classes()[2](), collective=False)
     if "model" not in full or "optimizer" not in full:
         raise CheckpointError(f"{folder}: not a mimkit sharded checkpoint (no 'model' / 'optimizer' entries)")
     return {**meta, "model": full["model"], "optimizer": full["optimizer"]}
