@@ -44,6 +44,10 @@ class MaskConfig:
     ratio: float = 0.75  # fraction of patches removed
     hybrid_block_ratio: float = 0.6122449  # hybrid: fraction of patches masked by blocks first (BootMAE 120 / 196)
     hybrid_max_block_ratio: float = 0.3061224  # hybrid: largest block, as a fraction of the patches (60 / 196)
+    # block / hybrid rectangles: beit = BEiT's own generator (stops when a round places nothing, so the count can
+    # fall short of the target, as in the official code); exact = always the target count. auto: beit for beit /
+    # mcbeit and BootMAE's hybrid mask, exact for block masks of MAE-style encoders (they need equal counts).
+    block_generator: Literal["auto", "beit", "exact"] = "auto"
 
 
 @dataclass
@@ -339,6 +343,9 @@ def validate(cfg: Config) -> Config:
                  f"mask.hybrid_block_ratio must be in (0, mask.ratio {cfg.mask.ratio}], got {cfg.mask.hybrid_block_ratio}")  # fmt: skip
         _require(0.0 < cfg.mask.hybrid_max_block_ratio <= 1.0,
                  f"mask.hybrid_max_block_ratio must be in (0, 1], got {cfg.mask.hybrid_max_block_ratio}")  # fmt: skip
+    _require(cfg.mask.block_generator != "beit" or cfg.mask.type != "block" or cfg.method in BEIT_METHODS,
+             f"mask.block_generator beit varies the masked count per image, which method {cfg.method}'s "
+             "visible-token encoder cannot batch with mask.type block; use exact (or auto)")  # fmt: skip
     _validate_tokenizer(cfg.tokenizer)
     if cfg.method in BEIT_METHODS:
         _validate_beit(cfg)
@@ -381,6 +388,14 @@ def validate(cfg: Config) -> Config:
         f"train.device: '{t.device}' is not allowed; allowed: auto, cpu, cuda, cuda:N",
     )
     return cfg
+
+
+def block_generator(cfg: Config) -> str:
+    """`mask.block_generator` resolved: auto = beit where the model takes a varying masked count (BEiT / mc-BEiT
+    corrupt every token in place; BootMAE's hybrid mask tops up to an exact total), exact otherwise."""
+    if cfg.mask.block_generator != "auto":
+        return cfg.mask.block_generator
+    return "beit" if cfg.method in BEIT_METHODS or cfg.mask.type == "hybrid" else "exact"
 
 
 def _validate_bootmae(cfg: Config, depth: int, dim: int, heads: int) -> None:

@@ -104,6 +104,44 @@ def test_only_masked_tokens_enter_the_loss():
         assert model(imgs, mask=m, tokenizer_image=tok).logits.shape[0] == int(m.sum())
 
 
+def test_block_masks_default_to_beits_generator_and_the_count_can_fall_short():
+    grid14 = ["model.img_size=56", "model.depth=1", "mask.type=block", "mask.ratio=0.4"]  # 14 x 14, 79 targeted
+    for method in ("beit", "mcbeit"):
+        model = tiny(method, *grid14)
+        counts = [int(model.mask_inputs(torch.Generator().manual_seed(s))["mask"].sum()) for s in range(60)]
+        assert model.block_generator == "beit" and max(counts) <= model.num_masked and min(counts) < model.num_masked
+        exact = tiny(method, *grid14, "mask.block_generator=exact")
+        assert {int(exact.mask_inputs(torch.Generator().manual_seed(s))["mask"].sum()) for s in range(20)} == {79}
+    # MAE-style encoders keep exact counts; BootMAE's hybrid blocks are BEiT's (its total stays exact)
+    assert tiny("mae", "mask.type=block").block_generator == "exact"
+    assert tiny("bootmae", "mask.type=hybrid").block_generator == "beit"
+    with pytest.raises(ConfigError, match="mask.block_generator beit .* method mae"):
+        load_config(None, TINY_MODEL + ["method=mae", "mask.type=block", "mask.block_generator=beit"])
+
+
+def test_losses_average_over_the_masked_patches_actually_in_the_batch():
+    imgs, tok = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 8, 8)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[0, [1, 2, 5]] = True  # 3 masked in one image, 9 in the other: as BEiT's generator can give
+    mask[1, [0, 3, 4, 6, 8, 9, 10, 12, 15]] = True
+    for method in ("beit", "mcbeit"):
+        model = tiny(method, "mask.type=block", "mask.ratio=0.4").eval()
+        with torch.no_grad():
+            out = model(imgs, mask=mask, tokenizer_image=tok)
+            feats, z = model.features(imgs, mask)[:, 1:], model.tokenizer_logits(tok)
+            logits = model.lm_head(feats).float()
+            if method == "beit":
+                per_patch = F.cross_entropy(logits.transpose(1, 2), z.argmax(-1), reduction="none")
+            else:
+                per_patch = -(model.targets(feats, z) * F.log_softmax(logits, -1)).sum(-1)
+        pooled = per_patch[mask].sum() / mask.sum()
+        per_image = torch.stack([per_patch[b][mask[b]].mean() for b in range(2)]).mean()
+        torch.testing.assert_close(out.loss, pooled)
+        assert not torch.allclose(pooled, per_image)  # the two averages differ here, so the check has teeth
+        empty = model(imgs, mask=torch.zeros_like(mask), tokenizer_image=tok).loss  # nothing masked: 0, not NaN
+        assert float(empty.detach()) == 0.0
+
+
 # ---------------------------------------------------------------- backbone
 
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from mimkit.checkpoint import load_checkpoint
 from mimkit.config import ConfigError, load_config
-from mimkit.masking import block_mask, hybrid_mask, parallel_masks
+from mimkit.masking import block_mask_for, hybrid_mask, parallel_masks
 from mimkit.methods import build_model
 from mimkit.methods.bootmae import BootMAE
 from mimkit.models import patchify
@@ -196,11 +196,13 @@ def test_centre_weights_on_known_masks():
     assert torch.allclose(full[1, 1], torch.tensor(2.0)) and torch.allclose(full[0, 0], torch.tensor(1 + 4 / 9))
 
 
-def test_hybrid_mask_is_blocks_topped_up_at_random():
+@pytest.mark.parametrize("kind", ["beit", "exact"])
+def test_hybrid_mask_is_blocks_topped_up_at_random(kind):
     rolls = set()
     for seed in range(12):  # the paper's numbers: 14 x 14 patches, 120 in blocks of <= 60, 147 masked
-        mask = hybrid_mask((14, 14), 147, 120, max_block=60, generator=torch.Generator().manual_seed(seed))
-        blocks = block_mask((14, 14), 120, max_block=60, generator=torch.Generator().manual_seed(seed))
+        mask = hybrid_mask((14, 14), 147, 120, max_block=60, generator=torch.Generator().manual_seed(seed),
+                           block_generator=kind)  # fmt: skip
+        blocks = block_mask_for(kind, (14, 14), 120, max_block=60, generator=torch.Generator().manual_seed(seed))
         assert int(mask.sum()) == 147
         revealed = int((blocks & ~mask).sum())  # block patches the roll made visible
         assert 0 <= revealed <= 3

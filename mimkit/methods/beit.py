@@ -36,7 +36,7 @@ from timm.models.beit import Beit
 from torch import nn
 
 from mimkit.data import ViewSpec
-from mimkit.masking import block_mask, num_visible
+from mimkit.masking import block_mask_for, num_visible
 from mimkit.tokenizers import DVAESpec, Tokenizer, load_tokenizer
 
 
@@ -100,12 +100,13 @@ class BEiT(nn.Module):
     soft = False
 
     def __init__(self, encoder: Beit, tokenizer: Tokenizer, *, mask_ratio: float = 0.4, mask_type: str = "block",
-                 tokenizer_size: int | None = None, tokenizer_interpolation: str | None = None):  # fmt: skip
+                 tokenizer_size: int | None = None, tokenizer_interpolation: str | None = None,
+                 block_generator: str = "beit"):  # fmt: skip
         super().__init__()
         self.encoder, self.tokenizer = encoder, tokenizer
         self.num_patches = encoder.patch_embed.num_patches
         self.grid = tuple(encoder.patch_embed.grid_size)
-        self.mask_ratio, self.mask_type = mask_ratio, mask_type
+        self.mask_ratio, self.mask_type, self.block_generator = mask_ratio, mask_type, block_generator
         self.num_masked = self.num_patches - num_visible(self.num_patches, mask_ratio)
         dim = encoder.embed_dim
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -126,9 +127,12 @@ class BEiT(nn.Module):
         self.encoder.set_grad_checkpointing(enable)
 
     def mask_inputs(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """Per-sample mask (L,) bool, 1 = masked, drawn in the data pipeline from the sample's generator."""
+        """Per-sample mask (L,) bool, 1 = masked, drawn in the data pipeline from the sample's generator. Block
+        masks come from BEiT's generator by default, whose count can fall short of num_masked (the losses average
+        over the masked patches actually in the batch)."""
         if self.mask_type == "block":
-            return {"mask": block_mask(self.grid, self.num_masked, generator=generator).flatten()}
+            mask = block_mask_for(self.block_generator, self.grid, self.num_masked, generator=generator)
+            return {"mask": mask.flatten()}
         mask = torch.zeros(self.num_patches, dtype=torch.bool)
         mask[torch.randperm(self.num_patches, generator=generator)[: self.num_masked]] = True
         return {"mask": mask}
@@ -163,6 +167,8 @@ class BEiT(nn.Module):
         m = mask.bool()
         logits = self.lm_head(feats[m])
         targets = z.argmax(-1)[m]
+        if not m.any():  # a batch of masks that all fell short to nothing: no masked patch, no loss (not NaN)
+            return logits.sum() * 0.0, logits, targets
         return F.cross_entropy(logits.float(), targets), logits, targets
 
     def forward(self, imgs: torch.Tensor, mask: torch.Tensor | None = None,
@@ -205,16 +211,20 @@ class McBEiT(BEiT):
     def loss_terms(self, feats, z, mask):
         m = mask.bool()
         logits_all = self.lm_head(feats)
+        if not m.any():
+            return logits_all.sum() * 0.0, logits_all[m], z.argmax(-1)[m]
         loss = soft_cross_entropy(logits_all, self.targets(feats, z), mask)
         return loss, logits_all[m], z.argmax(-1)[m]
 
 
 def build(cfg, encoder=None) -> BEiT:
     """`encoder` is ignored: BEiT builds timm's Beit (build_model's ViT is for the MAE family)."""
+    from mimkit.config import block_generator
+
     t, b = cfg.tokenizer, cfg.beit
     tokenizer = load_tokenizer(t.kind, t.path, DVAESpec(t.vocab_size, t.hidden, t.downsample, t.code_dim), seed=cfg.train.seed)
     kwargs = dict(mask_ratio=cfg.mask.ratio, mask_type=cfg.mask.type, tokenizer_size=t.size,
-                  tokenizer_interpolation=t.interpolation)  # fmt: skip
+                  tokenizer_interpolation=t.interpolation, block_generator=block_generator(cfg))  # fmt: skip
     if cfg.method == "mcbeit":
         return McBEiT(create_beit_encoder(cfg), tokenizer, temperature=b.temperature, omega=b.omega,
                       sim_temperature=b.sim_temperature, stop_gradient=b.stop_gradient, **kwargs)  # fmt: skip

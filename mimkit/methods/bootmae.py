@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mimkit.masking import (
-    block_mask,
+    block_mask_for,
     hybrid_mask,
     mask_to_ids,
     num_visible,
@@ -189,7 +189,7 @@ class BootMAE(nn.Module):
     def __init__(self, encoder: VisionTransformer, *, decoder_dim: int = 512, decoder_depth: int = 2,
                  decoder_heads: int = 16, feature_decoder_dim: int | None = None,
                  feature_decoder_depth: int | None = None, feature_decoder_heads: int | None = None,
-                 mask_ratio: float = 0.75, mask_type: str = "hybrid",
+                 mask_ratio: float = 0.75, mask_type: str = "hybrid", block_generator: str = "beit",
                  hybrid_block_ratio: float = 120 / 196, hybrid_max_block_ratio: float = 60 / 196,
                  feature_target: str = "ema", feature_weight: float = 1.0, feature_weight_ramp: float = 0.25,
                  cross_attention: bool = True, pixel_context_layer: int = 0, feature_context_layer: int = -1,
@@ -203,7 +203,7 @@ class BootMAE(nn.Module):
         self.patch_size = encoder.patch_embed.patch_size[0]
         self.grid = tuple(encoder.patch_embed.grid_size)
         self.num_patches = encoder.patch_embed.num_patches
-        self.mask_ratio, self.mask_type = mask_ratio, mask_type
+        self.mask_ratio, self.mask_type, self.block_generator = mask_ratio, mask_type, block_generator
         self.num_block = max(1, round(hybrid_block_ratio * self.num_patches))
         self.max_block = max(1, round(hybrid_max_block_ratio * self.num_patches))
         self.parts = parts_for_ratio(mask_ratio) if mask_type == "parallel" else 1
@@ -313,10 +313,11 @@ class BootMAE(nn.Module):
         num_masked = self.num_patches - num_visible(self.num_patches, self.mask_ratio)
         if self.mask_type == "hybrid":
             mask = hybrid_mask(self.grid, num_masked, min(self.num_block, num_masked), max_block=self.max_block,
-                               generator=generator)  # fmt: skip
+                               generator=generator, block_generator=self.block_generator)  # fmt: skip
             return {"mask": mask.flatten()}
         if self.mask_type == "block":
-            return {"mask": block_mask(self.grid, num_masked, generator=generator).flatten()}
+            # the visible-token encoder batches equal counts only: exact (validation refuses beit here)
+            return {"mask": block_mask_for("exact", self.grid, num_masked, generator=generator).flatten()}
         return {"noise": torch.rand(self.num_patches, generator=generator)}  # random, parallel
 
     def target(self, imgs: torch.Tensor) -> torch.Tensor:
@@ -391,6 +392,8 @@ class BootMAE(nn.Module):
 
 
 def build(cfg, encoder: VisionTransformer) -> BootMAE:
+    from mimkit.config import block_generator
+
     m, bm, e = cfg.mae, cfg.bootmae, cfg.emae
     return BootMAE(
         encoder,
@@ -402,6 +405,7 @@ def build(cfg, encoder: VisionTransformer) -> BootMAE:
         feature_decoder_heads=bm.feature_decoder_heads,
         mask_ratio=cfg.mask.ratio,
         mask_type=cfg.mask.type,
+        block_generator=block_generator(cfg),
         hybrid_block_ratio=cfg.mask.hybrid_block_ratio,
         hybrid_max_block_ratio=cfg.mask.hybrid_max_block_ratio,
         feature_target=bm.feature_target,
