@@ -689,6 +689,75 @@ def convert_official(sd: dict[str, torch.Tensor], family: str) -> Converted:
     return conv
 
 
+_BOOTMAE_DECODERS = {  # official decoder prefix -> (mimkit decoder, its mask token, the table its mask tokens get)
+    "": ("pixel_decoder", "mask_token", "de_pos_embed"),
+    "_1": ("feature_decoder", "mask_token_1", "pos_embed"),  # the feature decoder reuses the encoder's table
+}
+_BOOTMAE_BLOCK = {  # official Decode_Block sub-module -> mimkit DecoderBlock sub-module (weights and biases)
+    "norm1": "norm1", "attn.proj": "attn.proj", "norm3": "norm_q", "norm4": "norm_context",
+    "c_attn.proj": "cross_attn.proj", "norm2": "norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+}  # fmt: skip
+
+
+def convert_bootmae_official(sd: dict[str, torch.Tensor], patch_size: int) -> Converted:
+    """A whole official BootMAE pretraining model (``modeling_pretrain_bootmae.py`` names) -> mimkit ``BootMAE``
+    keys: the encoder as :func:`convert_official` maps it, both cross-attention decoders, and the momentum
+    encoder as a copy of the encoder (load ``model_ema`` the same way for the EMA one). Exact: BEiT-style
+    q / v biases become fused biases with a zero k part; the cross-attention's fused ``kv`` splits into ``k`` /
+    ``v``; the pixel head ``ConvTranspose2d(dim, 3, p, p)`` becomes mimkit's Linear(dim, p*p*3) in patchify
+    order, its per-channel bias repeated over the p*p pixels."""
+    decoder_side = ("decode_", "down", "lm_head", "mask_token", "de_pos_embed")
+    encoder = convert_official({k: v for k, v in sd.items() if not k.startswith(decoder_side)}, "bootmae")
+    conv = Converted(notes=list(encoder.notes), unexpected=dict(encoder.unexpected))
+    for key, tensor in encoder.tensors.items():
+        conv.put(key, tensor, encoder.origin[key])
+        conv.put("ema_encoder." + key[len("encoder.") :], tensor, encoder.origin[key])
+    taken: set[str] = set()
+
+    def take(src: str) -> torch.Tensor:
+        if src not in sd:
+            raise InteropError(f"official BootMAE state dict: no '{src}'")
+        taken.add(src)
+        return sd[src]
+
+    for suffix, (name, token, table) in _BOOTMAE_DECODERS.items():
+        conv.put(f"{name}.mask_token", take(token), token)
+        conv.put(f"{name}.pos_embed", take(table), table)
+        for wb in ("weight", "bias"):
+            conv.put(f"{name}.embed.{wb}", take(f"down{suffix}.{wb}"), f"down{suffix}.{wb}")
+            conv.put(f"{name}.norm.{wb}", take(f"decode_norm{suffix}.{wb}"), f"decode_norm{suffix}.{wb}")
+        depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(rf"^decode_blocks{suffix}\.(\d+)\.", k)))
+        for i in range(depth):
+            src, dst = f"decode_blocks{suffix}.{i}", f"{name}.blocks.{i}"
+            for official, ours in _BOOTMAE_BLOCK.items():
+                for wb in ("weight", "bias"):
+                    conv.put(f"{dst}.{ours}.{wb}", take(f"{src}.{official}.{wb}"), f"{src}.{official}.{wb}")
+            q, v = take(f"{src}.attn.q_bias"), take(f"{src}.attn.v_bias")
+            conv.put(f"{dst}.attn.qkv.weight", take(f"{src}.attn.qkv.weight"), f"{src}.attn.qkv.weight")
+            conv.put(f"{dst}.attn.qkv.bias", torch.cat([q, torch.zeros_like(q), v]),
+                     f"cat({src}.attn.q_bias, zeros, {src}.attn.v_bias)")  # fmt: skip
+            k_w, v_w = take(f"{src}.c_attn.kv.weight").chunk(2, dim=0)
+            conv.put(f"{dst}.cross_attn.q.weight", take(f"{src}.c_attn.q.weight"), f"{src}.c_attn.q.weight")
+            conv.put(f"{dst}.cross_attn.q.bias", take(f"{src}.c_attn.q_bias"), f"{src}.c_attn.q_bias")
+            conv.put(f"{dst}.cross_attn.k.weight", k_w, f"{src}.c_attn.kv.weight[:half]")
+            conv.put(f"{dst}.cross_attn.v.weight", v_w, f"{src}.c_attn.kv.weight[half:]")
+            conv.put(f"{dst}.cross_attn.v.bias", take(f"{src}.c_attn.v_bias"), f"{src}.c_attn.v_bias")
+    conv.put("feature_decoder.head.weight", take("lm_head_1.weight"), "lm_head_1.weight")
+    conv.put("feature_decoder.head.bias", take("lm_head_1.bias"), "lm_head_1.bias")
+    deconv_w, deconv_b = take("lm_head.proj.weight"), take("lm_head.proj.bias")  # (dim, 3, p, p), (3,)
+    if tuple(deconv_w.shape[1:]) != (3, patch_size, patch_size):
+        raise InteropError(f"official BootMAE 'lm_head.proj.weight' has shape {tuple(deconv_w.shape)}; expected "
+                           f"(dim, 3, {patch_size}, {patch_size})")  # fmt: skip
+    # output pixel (i, j) of channel c of a patch = sum_d x_d W[d, c, i, j] + b[c]; patchify order is (i, j, c)
+    conv.put("pixel_decoder.head.weight", deconv_w.permute(2, 3, 1, 0).reshape(-1, deconv_w.shape[0]),
+             "lm_head.proj.weight (ConvTranspose2d -> Linear)")  # fmt: skip
+    conv.put("pixel_decoder.head.bias", deconv_b.repeat(patch_size * patch_size), "lm_head.proj.bias (per channel)")
+    for k in sd:
+        if k.startswith(decoder_side) and k not in taken:
+            conv.unexpected[k] = "not part of mimkit's BootMAE decoders"
+    return conv
+
+
 def convert_hf(sd: dict[str, torch.Tensor]) -> Converted:
     """Hugging Face ViTMAEForPreTraining / ViTMAEModel / ViTModel (any name vintage) -> mimkit keys."""
     conv = Converted()

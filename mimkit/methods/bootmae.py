@@ -161,7 +161,7 @@ class TargetAwareDecoder(nn.Module):
         super().__init__()
         self.embed = nn.Linear(encoder_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(sincos_2d_pos_embed(dim, grid), requires_grad=False)
+        self.pos_embed = nn.Parameter(sincos_2d_pos_embed(dim, grid, row_first=True), requires_grad=False)
         self.blocks = nn.ModuleList([DecoderBlock(dim, heads, context_dim) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, out_dim)
@@ -229,11 +229,15 @@ class BootMAE(nn.Module):
         self.set_progress(0, 1, 1)
 
     def initialize_weights(self) -> None:
-        """Section 5.3: frozen sin-cos pos-embed; xavier-uniform Linears, with the fused qkv as three matrices
-        (and the cross-attention k, v as BootMAE's one fused kv matrix); zero biases; cls ~ N(0, 1e-6);
-        mask tokens ~ trunc-normal(0.02); patch embedding xavier on its flattened view."""
+        """Section 5.3: frozen sin-cos pos-embed (MoCo v3's row-first table, as BootMAE); xavier-uniform Linears,
+        with the fused qkv as three matrices (and the cross-attention k, v as BootMAE's one fused kv matrix); zero
+        biases; cls ~ N(0, 1e-6); mask tokens ~ N(0, 0.02) truncated at +-1 sigma (BootMAE's trunc_normal_);
+        patch embedding xavier on its flattened view. The pixel head is BootMAE's ConvTranspose2d(dim, 3, p, p)
+        written as a Linear(dim, p*p*3) in patchify order: PyTorch's default ConvTranspose2d init (which BootMAE
+        keeps), U(+-1/sqrt(3 p^2)) for the weights and one such bias per colour channel, repeated over the p*p
+        pixels. The Linear keeps p*p*3 biases (tied at init, free in training; official weights load exactly)."""
         enc = self.encoder
-        enc.pos_embed.data.copy_(sincos_2d_pos_embed(enc.embed_dim, self.grid[0]))
+        enc.pos_embed.data.copy_(sincos_2d_pos_embed(enc.embed_dim, self.grid[0], row_first=True))
         enc.pos_embed.requires_grad_(False)  # frozen in pretraining; timm makes it learnable at fine-tune
         for name, m in self.named_modules():
             if isinstance(m, nn.Linear):
@@ -256,7 +260,11 @@ class BootMAE(nn.Module):
         nn.init.normal_(enc.cls_token, std=1e-6)
         for decoder in (self.pixel_decoder, self.feature_decoder):
             if decoder is not None:
-                nn.init.trunc_normal_(decoder.mask_token, std=0.02)
+                nn.init.trunc_normal_(decoder.mask_token, std=0.02, a=-0.02, b=0.02)
+        head, pixels = self.pixel_decoder.head, self.patch_size**2
+        bound = 1 / math.sqrt(3 * pixels)  # ConvTranspose2d's default: fan_in = out channels (3) x kernel area
+        nn.init.uniform_(head.weight, -bound, bound)
+        head.bias.data.copy_(torch.empty(3).uniform_(-bound, bound).repeat(pixels))
 
     # ---------------------------------------------------------------- schedule and momentum encoder
 
