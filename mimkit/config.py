@@ -151,6 +151,11 @@ class OptimConfig:
     min_lr: float = 0.0
     warmup_epochs: float = 40.0
     weight_decay: float = 0.05
+    # parameters exempt from weight decay besides 1-D ones and biases (never decayed; frozen ones are never
+    # optimised): names or fnmatch patterns of the model's parameters, e.g. [encoder.cls_token, "*mask_token"].
+    # null = the method's official set (mimkit.methods.OFFICIAL_NO_WEIGHT_DECAY): none for MAE / EMAE (their cls
+    # and mask tokens are decayed), encoder.pos_embed and encoder.cls_token for BootMAE, BEiT and mc-BEiT.
+    no_weight_decay: tuple[str, ...] | None = None
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     clip_grad: float | None = None  # max global grad norm; None = no clipping
@@ -243,6 +248,10 @@ def _check_value(name: str, value: Any, tp: Any) -> Any:
         if value not in args:
             raise ConfigError(f"{name}: {value!r} is not allowed; allowed: {', '.join(map(repr, args))}")
         return value
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]: a list of any length
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        return tuple(_check_value(f"{name}[{i}]", v, args[0]) for i, v in enumerate(value))
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{name}: expected a list of {len(args)} values, got {value!r}")
@@ -363,6 +372,8 @@ def validate(cfg: Config) -> Config:
     _require(o.min_lr >= 0, f"optim.min_lr must be >= 0, got {o.min_lr}")
     _require(o.warmup_epochs >= 0, f"optim.warmup_epochs must be >= 0, got {o.warmup_epochs}")
     _require(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+    _require(o.no_weight_decay is None or all(p.strip() == p and p for p in o.no_weight_decay),
+             f"optim.no_weight_decay: names must be non-empty, without spaces; got {o.no_weight_decay}")  # fmt: skip
     _require(all(0.0 <= b < 1.0 for b in o.betas), f"optim.betas must be in [0, 1), got {o.betas}")
     _require(o.clip_grad is None or o.clip_grad > 0, f"optim.clip_grad must be positive or null, got {o.clip_grad}")
     t = cfg.train

@@ -5,7 +5,8 @@ import pytest
 import torch
 from scipy import ndimage
 
-from mimkit.masking import BLOCK_GENERATORS, beit_block_mask, block_mask, hybrid_mask, mask_to_ids, num_visible, random_mask
+from mimkit.masking import (BLOCK_GENERATORS, beit_block_mask, block_mask, hybrid_mask, mask_to_ids, num_visible,
+                            random_mask)  # fmt: skip
 
 
 def test_random_mask_keeps_exact_count_per_image():
