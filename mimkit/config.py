@@ -101,6 +101,11 @@ class BEiTConfig:
     shared_rel_pos_bias: bool = True
     abs_pos_emb: bool = False
     temperature: float = 4.0  # mcbeit: p = softmax(tokenizer logits / temperature)
+    # mcbeit: the official warm-up of that temperature, linear from temperature_warmup at epoch 0 to temperature at
+    # epoch temperature_warmup_epochs - 1 (np.linspace), then constant; null = no ramp (the released recipe sets
+    # both to 4.0)
+    temperature_warmup: float | None = None
+    temperature_warmup_epochs: int = 30
     omega: float = 0.2  # mcbeit: target = omega * W p + (1 - omega) p
     sim_temperature: float = 1.0  # mcbeit: W = row-softmax(cosine similarities / sim_temperature)
     stop_gradient: bool = False  # mcbeit: detach W (the official code does not; mimkit follows the code)
@@ -439,6 +444,10 @@ def _validate_beit(cfg: Config) -> None:
     b, t = cfg.beit, cfg.tokenizer
     _require(b.layer_scale_init > 0, f"beit.layer_scale_init must be positive, got {b.layer_scale_init}")
     _require(b.temperature > 0, f"beit.temperature must be positive, got {b.temperature}")
+    _require(b.temperature_warmup is None or b.temperature_warmup > 0,
+             f"beit.temperature_warmup must be positive or null, got {b.temperature_warmup}")  # fmt: skip
+    _require(b.temperature_warmup_epochs >= 1,
+             f"beit.temperature_warmup_epochs must be >= 1, got {b.temperature_warmup_epochs}")  # fmt: skip
     _require(b.sim_temperature > 0, f"beit.sim_temperature must be positive, got {b.sim_temperature}")
     _require(0.0 <= b.omega <= 1.0, f"beit.omega must be in [0, 1], got {b.omega}")
     _require(t.kind == "random" or t.path is not None,

@@ -142,6 +142,25 @@ def test_losses_average_over_the_masked_patches_actually_in_the_batch():
         assert float(empty.detach()) == 0.0
 
 
+def test_mcbeit_temperature_warms_up_as_the_official_schedule():
+    model = tiny("mcbeit", "beit.omega=0", "beit.temperature=4.0", "beit.temperature_warmup=1.0",
+                 "beit.temperature_warmup_epochs=30")  # fmt: skip
+    # run_mcbeit_pretraining.py: concatenate(linspace(temp_warmup, temp, 30), ones(epochs - 30) * temp), per epoch
+    official = np.concatenate([np.linspace(1.0, 4.0, 30), np.full(20, 4.0)])
+    steps_per_epoch, z = 7, torch.randn(1, 16, 32)
+    for epoch, expected in enumerate(official):
+        for step in (epoch * steps_per_epoch, epoch * steps_per_epoch + steps_per_epoch - 1):  # first / last step
+            model.set_progress(step, steps_per_epoch, 50 * steps_per_epoch)
+            assert model.current_temperature() == pytest.approx(expected, rel=1e-12), (epoch, step)
+        torch.testing.assert_close(model.targets(torch.randn(1, 16, 32), z), torch.softmax(z / expected, -1))
+    # no warm-up value: constant, as the released recipe (temp_warmup = temp = 4.0)
+    flat = tiny("mcbeit")
+    flat.set_progress(0, 1, 100)
+    assert flat.current_temperature() == 4.0 and flat.temperature_warmup is None
+    with pytest.raises(ConfigError, match="beit.temperature_warmup_epochs must be >= 1"):
+        load_config(None, TINY_MODEL + ["method=mcbeit", *TINY_TOKENIZER, "beit.temperature_warmup_epochs=0"])
+
+
 # ---------------------------------------------------------------- backbone
 
 

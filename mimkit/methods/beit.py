@@ -66,6 +66,16 @@ def soft_targets(probs: torch.Tensor, weights: torch.Tensor, omega: float) -> to
     return omega * torch.bmm(weights, probs) + (1.0 - omega) * probs
 
 
+def temperature_at(epoch: int, final: float, warmup: float | None, warmup_epochs: int) -> float:
+    """mc-BEiT's tokenizer temperature for an epoch: np.linspace(warmup, final, warmup_epochs)[epoch] during the
+    warm-up, `final` after (and always, when warmup is None)."""
+    if warmup is None or epoch >= warmup_epochs:
+        return final
+    if warmup_epochs == 1:
+        return warmup
+    return epoch * ((final - warmup) / (warmup_epochs - 1)) + warmup  # linspace's own arithmetic
+
+
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over masked patches (mask (B, L), 1 = masked) of -sum_k target_k log softmax(logits)_k."""
     m = mask.bool()
@@ -193,14 +203,26 @@ class McBEiT(BEiT):
     soft = True
 
     def __init__(self, encoder, tokenizer, *, temperature: float = 4.0, omega: float = 0.2,
-                 sim_temperature: float = 1.0, stop_gradient: bool = False, **kwargs):  # fmt: skip
+                 sim_temperature: float = 1.0, stop_gradient: bool = False, temperature_warmup: float | None = None,
+                 temperature_warmup_epochs: int = 30, **kwargs):  # fmt: skip
         super().__init__(encoder, tokenizer, **kwargs)
         self.temperature, self.omega, self.sim_temperature, self.stop_gradient = (
             temperature, omega, sim_temperature, stop_gradient)  # fmt: skip
+        self.temperature_warmup, self.temperature_warmup_epochs = temperature_warmup, temperature_warmup_epochs
+        self.set_progress(0, 1, 1)
+
+    def set_progress(self, step: int, steps_per_epoch: int, total_steps: int) -> None:
+        """Called by the training loop before each step: the epoch fixes the tokenizer temperature (set once per
+        epoch, as the official schedule), so a resumed run gets the same value from its step."""
+        self.step, self.steps_per_epoch = step, steps_per_epoch
+
+    def current_temperature(self) -> float:
+        epoch = self.step // self.steps_per_epoch
+        return temperature_at(epoch, self.temperature, self.temperature_warmup, self.temperature_warmup_epochs)
 
     def targets(self, feats: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """(B, L, V) refined soft targets over every patch (before selecting the masked ones)."""
-        probs = tokenizer_probs(z, self.temperature)
+        probs = tokenizer_probs(z, self.current_temperature())
         if self.omega == 0:
             return probs
         weights = affinity(feats, self.sim_temperature)
@@ -227,9 +249,11 @@ def build(cfg, encoder=None) -> BEiT:
                   tokenizer_interpolation=t.interpolation, block_generator=block_generator(cfg))  # fmt: skip
     if cfg.method == "mcbeit":
         return McBEiT(create_beit_encoder(cfg), tokenizer, temperature=b.temperature, omega=b.omega,
-                      sim_temperature=b.sim_temperature, stop_gradient=b.stop_gradient, **kwargs)  # fmt: skip
+                      sim_temperature=b.sim_temperature, stop_gradient=b.stop_gradient,
+                      temperature_warmup=b.temperature_warmup, temperature_warmup_epochs=b.temperature_warmup_epochs,
+                      **kwargs)  # fmt: skip
     return BEiT(create_beit_encoder(cfg), tokenizer, **kwargs)
 
 
 __all__ = ["BEiT", "McBEiT", "BEiTOutput", "affinity", "soft_targets", "tokenizer_probs", "soft_cross_entropy",
-           "create_beit_encoder", "timm_beit_kwargs", "build"]  # fmt: skip
+           "temperature_at", "create_beit_encoder", "timm_beit_kwargs", "build"]  # fmt: skip
