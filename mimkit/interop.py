@@ -319,6 +319,73 @@ def hf_key_map(
     return m
 
 
+_HF_BEIT_BLOCK = {  # HF BeitLayer sub-module -> timm Beit Block sub-module
+    "layernorm_before": "norm1",
+    "attention.o_proj": "attn.proj",
+    "layernorm_after": "norm2",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+}
+
+
+def hf_beit_key_map(depth: int, *, shared_rel_pos_bias: bool = True, abs_pos_emb: bool = False,
+                    mim_head: bool = False) -> dict[str, tuple[str, int | None]]:  # fmt: skip
+    """HF ``BeitModel`` (``mim_head=False``: keys without prefix, final LayerNorm ``layernorm``) or
+    ``BeitForMaskedImageModeling`` (``mim_head=True``: ``beit.`` prefix, the final norm is the head's
+    ``layernorm``, plus ``lm_head``) key -> (mimkit BEiT / mc-BEiT key, chunk of timm's fused qkv weight or None).
+    timm's q_bias / v_bias are HF's q_proj / v_proj biases (k has none in both); layer scale gamma_1 / gamma_2 is
+    HF's lambda_1 / lambda_2; the [MASK] embedding (mimkit's top-level mask_token) is HF's embeddings.mask_token."""
+    pre = "beit." if mim_head else ""
+    m: dict[str, tuple[str, int | None]] = {
+        f"{pre}embeddings.cls_token": ("encoder.cls_token", None),
+        f"{pre}embeddings.mask_token": ("mask_token", None),
+    }
+    if abs_pos_emb:
+        m[f"{pre}embeddings.position_embeddings"] = ("encoder.pos_embed", None)
+    if shared_rel_pos_bias:
+        m[f"{pre}shared_position_bias.relative_position_bias_table"] = (
+            "encoder.rel_pos_bias.relative_position_bias_table", None)  # fmt: skip
+    norm = "layernorm" if mim_head else f"{pre}layernorm"
+    for wb in ("weight", "bias"):
+        m[f"{pre}embeddings.patch_embeddings.projection.{wb}"] = (f"encoder.patch_embed.proj.{wb}", None)
+        m[f"{norm}.{wb}"] = (f"encoder.norm.{wb}", None)
+        if mim_head:
+            m[f"lm_head.{wb}"] = (f"lm_head.{wb}", None)
+    for i in range(depth):
+        hf, mk = f"{pre}layers.{i}", f"encoder.blocks.{i}"
+        m[f"{hf}.lambda_1"], m[f"{hf}.lambda_2"] = (f"{mk}.gamma_1", None), (f"{mk}.gamma_2", None)
+        for chunk, name in enumerate(_HF_QKV):
+            m[f"{hf}.attention.{name}.weight"] = (f"{mk}.attn.qkv.weight", chunk)
+        m[f"{hf}.attention.q_proj.bias"], m[f"{hf}.attention.v_proj.bias"] = (
+            (f"{mk}.attn.q_bias", None), (f"{mk}.attn.v_bias", None))  # fmt: skip
+        if not shared_rel_pos_bias:
+            m[f"{hf}.relative_position_bias.relative_position_bias_table"] = (
+                f"{mk}.attn.relative_position_bias_table", None)  # fmt: skip
+        for wb in ("weight", "bias"):
+            for hf_name, mk_name in _HF_BEIT_BLOCK.items():
+                m[f"{hf}.{hf_name}.{wb}"] = (f"{mk}.{mk_name}.{wb}", None)
+    return m
+
+
+def hf_beit_config(model, cfg: Config, *, mim_head: bool = False):
+    """A transformers ``BeitConfig`` for a mimkit BEiT / mc-BEiT model (``model.encoder`` a timm ``Beit``)."""
+    from transformers import BeitConfig
+
+    from mimkit.methods.beit import timm_beit_kwargs
+
+    kw = timm_beit_kwargs(cfg)
+    return BeitConfig(
+        vocab_size=int(model.lm_head.out_features), hidden_size=kw["embed_dim"], num_hidden_layers=kw["depth"],
+        num_attention_heads=kw["num_heads"], intermediate_size=int(kw["mlp_ratio"] * kw["embed_dim"]),
+        hidden_act="gelu", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.0,
+        image_size=kw["img_size"], patch_size=kw["patch_size"], num_channels=3, layer_norm_eps=1e-6,
+        use_mask_token=True, use_absolute_position_embeddings=kw["use_abs_pos_emb"],
+        use_relative_position_bias=kw["use_rel_pos_bias"], use_shared_relative_position_bias=kw["use_shared_rel_pos_bias"],
+        layer_scale_init_value=kw["init_values"],
+        use_mean_pooling=mim_head,  # MIM head: BeitModel's own final norm off, the head's layernorm is timm's norm
+    )  # fmt: skip
+
+
 def mimkit_to_hf(state: dict[str, torch.Tensor], mapping: dict[str, tuple[str, int | None]]) -> dict[str, torch.Tensor]:
     out = {}
     for hf_key, (mk_key, chunk) in mapping.items():
@@ -500,21 +567,23 @@ def _load_exact(hf_model, tensors: dict[str, torch.Tensor], what: str) -> None:
 def export_hf(ckpt: str | Path, out: str | Path) -> dict[str, Path]:
     """``OUT``: a ``transformers.ViTModel`` folder (encoder; load with ``add_pooling_layer=False``,
     mimkit has no pooler); ``OUT/vit_mae``: a ``ViTMAEForPreTraining`` folder when the decoder is
-    MAE's. safetensors weights, config.json, preprocessor_config.json (mean/std, size)."""
+    MAE's. BEiT / mc-BEiT: ``OUT`` a ``BeitModel`` folder and ``OUT/beit_mim`` a ``BeitForMaskedImageModeling``
+    one (:func:`hf_beit_key_map`). safetensors weights, config.json, preprocessor_config.json (mean/std, size)."""
     _require_transformers()
     from transformers import ViTMAEForPreTraining, ViTModel
 
     from mimkit.methods.mae import MAEDecoder
 
     model, cfg, _ = load_mimkit_checkpoint(ckpt)
-    if cfg.method in BEIT_METHODS:
-        raise InteropError(f"{ckpt}: Hugging Face export covers ViT / ViTMAE encoders; this {cfg.method} encoder is a "
-                           "timm Beit (shared relative position bias, layer scale): export it with --to timm")  # fmt: skip
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
-    spec = encoder_spec(model.encoder)
     written = {}
+    if cfg.method in BEIT_METHODS:
+        written = _export_hf_beit(model, cfg, state, ckpt, out)
+        _save_image_processor(cfg, written, int(model.encoder.patch_embed.img_size[0]))
+        return written
+    spec = encoder_spec(model.encoder)
 
     vit = ViTModel(hf_vit_config(model, cfg), add_pooling_layer=False)
     vit_map = hf_key_map(spec["depth"], None, prefix="")
@@ -530,13 +599,38 @@ def export_hf(ckpt: str | Path, out: str | Path) -> dict[str, Path]:
         hf.eval().save_pretrained(mae_dir)
         written["vit_mae"] = mae_dir
 
+    _save_image_processor(cfg, written, spec["img_size"])
+    return written
+
+
+def _export_hf_beit(model, cfg: Config, state: dict, ckpt, out: Path) -> dict[str, Path]:
+    """BEiT / mc-BEiT: ``OUT`` a ``BeitModel`` folder (encoder with its [MASK] embedding: pass ``bool_masked_pos``
+    for the pretraining input), ``OUT/beit_mim`` a ``BeitForMaskedImageModeling`` folder (plus the lm_head)."""
+    from transformers import BeitForMaskedImageModeling, BeitModel
+
+    b, depth = cfg.beit, len(model.encoder.blocks)
+    layout = dict(shared_rel_pos_bias=b.shared_rel_pos_bias, abs_pos_emb=b.abs_pos_emb)
+    beit = BeitModel(hf_beit_config(model, cfg), add_pooling_layer=False)
+    _load_exact(beit, mimkit_to_hf(state, hf_beit_key_map(depth, **layout)), f"{ckpt} -> BeitModel")
+    beit.eval().save_pretrained(out)
+    mim_dir = out / "beit_mim"
+    mim = BeitForMaskedImageModeling(hf_beit_config(model, cfg, mim_head=True))
+    _load_exact(mim, mimkit_to_hf(state, hf_beit_key_map(depth, **layout, mim_head=True)),
+                f"{ckpt} -> BeitForMaskedImageModeling")  # fmt: skip
+    mim.eval().save_pretrained(mim_dir)
+    # "vit": the encoder folder under the key the CLI prints (its config says model_type beit: load it with
+    # BeitModel or AutoModel)
+    return {"vit": out, "beit": out, "beit_mim": mim_dir}
+
+
+def _save_image_processor(cfg: Config, written: dict[str, Path], img_size: int) -> None:
     try:
         from transformers import ViTImageProcessor
 
         mean, std = _data_stats(cfg)
         proc = ViTImageProcessor(
             do_resize=True,
-            size={"height": spec["img_size"], "width": spec["img_size"]},
+            size={"height": img_size, "width": img_size},
             resample=3,
             do_rescale=True,
             do_normalize=True,
@@ -547,7 +641,6 @@ def export_hf(ckpt: str | Path, out: str | Path) -> dict[str, Path]:
             proc.save_pretrained(folder)
     except Exception:  # an image processor is a convenience; the weights and config are what matter
         pass
-    return written
 
 
 # =============================================================================================

@@ -338,10 +338,10 @@ def test_cli_tokenizer_train(tiny_cfg, tmp_path, npz_data):
     assert rc == 0 and path.is_file() and path.with_suffix(".jsonl").is_file()
 
 
-def test_beit_checkpoint_exports_to_timm_beit_with_identical_features(tiny_cfg, tmp_path):
+def test_beit_checkpoint_exports_to_timm_beit_and_hf_beit_with_identical_features(tiny_cfg, tmp_path):
     import timm
 
-    from mimkit.interop import InteropError, export_hf, export_timm, load_mimkit_checkpoint, timm_create_kwargs
+    from mimkit.interop import export_hf, export_timm, load_mimkit_checkpoint, timm_create_kwargs
 
     args = ["method=mcbeit", "mask.type=random", "mask.ratio=0.4", *TINY_TOKENIZER]
     ckpt = pretrain(tiny_cfg(*args, "train.max_steps=2", out="mc")).checkpoint
@@ -355,8 +355,23 @@ def test_beit_checkpoint_exports_to_timm_beit_with_identical_features(tiny_cfg, 
                        timm.create_model(name, **kwargs)):  # fmt: skip
             assert isinstance(loaded, Beit)
             torch.testing.assert_close(loaded.eval().forward_features(x), ref, rtol=0, atol=0)
-    with pytest.raises(InteropError, match="--to timm"):
-        export_hf(ckpt, tmp_path / "hf")
+    # --to hf: a transformers BeitModel folder (features identical) and a BeitForMaskedImageModeling one
+    from transformers import AutoModel, BeitForMaskedImageModeling, BeitModel
+
+    written = export_hf(ckpt, tmp_path / "hf")
+    assert written["beit"] == tmp_path / "hf" and written["beit_mim"] == tmp_path / "hf" / "beit_mim"
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, [0, 5, 6, 9]] = True
+    with torch.no_grad():
+        for loader in (BeitModel, AutoModel):
+            hf = loader.from_pretrained(written["beit"]).eval()
+            assert isinstance(hf, BeitModel)
+            torch.testing.assert_close(hf(pixel_values=x).last_hidden_state, ref, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(hf(pixel_values=x, bool_masked_pos=mask).last_hidden_state,
+                                       model.features(x, mask), rtol=1e-5, atol=1e-5)  # fmt: skip
+        mim = BeitForMaskedImageModeling.from_pretrained(written["beit_mim"]).eval()
+        torch.testing.assert_close(mim(pixel_values=x, bool_masked_pos=mask).logits,
+                                   model.lm_head(model.features(x, mask)[:, 1:]), rtol=1e-5, atol=1e-5)  # fmt: skip
 
 
 def test_visualize_and_attention_refuse_beit_checkpoints_with_a_message(tiny_cfg, tmp_path, capsys):
