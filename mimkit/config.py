@@ -406,7 +406,7 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def block_generator(cfg: Config) -> str:
+def resolve_block_generator(cfg: Config) -> str:
     """`mask.block_generator` resolved: auto = beit where the model takes a varying masked count (BEiT / mc-BEiT
     corrupt every token in place; BootMAE's hybrid mask tops up to an exact total), exact otherwise."""
     if cfg.mask.block_generator != "auto":

@@ -20,7 +20,9 @@ Key layouts handled (names only; the conversions are written from the published 
   reported as unexpected.
 * BootMAE: the BEiT-style encoder with a fixed sin-cos ``pos_embed``; its two cross-attention
   decoders (``decode_blocks*``, ``down*``, ``lm_head*``, ``de_pos_embed``, ``mask_token*``) are not
-  MAE's decoder and are reported as unexpected.
+  MAE's decoder and are reported as unexpected by ``import``; ``convert_bootmae_official`` maps the whole
+  model onto mimkit's BootMAE (decoders included).
+* Hugging Face ``BeitModel`` / ``BeitForMaskedImageModeling`` (export of BEiT / mc-BEiT): ``hf_beit_key_map``.
 * Hugging Face ``ViTMAEForPreTraining`` / ``ViTModel``: 5.x module names (``layers.N.attention.q_proj``)
   and the on-disk names ``save_pretrained`` writes (``encoder.layer.N.attention.attention.query``,
   ``decoder.decoder_encoder.layer.N``, and 4.x ``decoder.decoder_layers.N`` ...).
@@ -380,8 +382,8 @@ def hf_beit_config(model, cfg: Config, *, mim_head: bool = False):
         hidden_act="gelu", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.0,
         image_size=kw["img_size"], patch_size=kw["patch_size"], num_channels=3, layer_norm_eps=1e-6,
         use_mask_token=True, use_absolute_position_embeddings=kw["use_abs_pos_emb"],
-        use_relative_position_bias=kw["use_rel_pos_bias"], use_shared_relative_position_bias=kw["use_shared_rel_pos_bias"],
-        layer_scale_init_value=kw["init_values"],
+        use_relative_position_bias=kw["use_rel_pos_bias"],
+        use_shared_relative_position_bias=kw["use_shared_rel_pos_bias"], layer_scale_init_value=kw["init_values"],
         use_mean_pooling=mim_head,  # MIM head: BeitModel's own final norm off, the head's layernorm is timm's norm
     )  # fmt: skip
 

@@ -35,6 +35,7 @@ from timm.models import checkpoint
 from timm.models.beit import Beit
 from torch import nn
 
+from mimkit.config import resolve_block_generator
 from mimkit.data import ViewSpec
 from mimkit.masking import block_mask_for, num_visible
 from mimkit.tokenizers import DVAESpec, Tokenizer, load_tokenizer
@@ -241,12 +242,10 @@ class McBEiT(BEiT):
 
 def build(cfg, encoder=None) -> BEiT:
     """`encoder` is ignored: BEiT builds timm's Beit (build_model's ViT is for the MAE family)."""
-    from mimkit.config import block_generator
-
     t, b = cfg.tokenizer, cfg.beit
     tokenizer = load_tokenizer(t.kind, t.path, DVAESpec(t.vocab_size, t.hidden, t.downsample, t.code_dim), seed=cfg.train.seed)
     kwargs = dict(mask_ratio=cfg.mask.ratio, mask_type=cfg.mask.type, tokenizer_size=t.size,
-                  tokenizer_interpolation=t.interpolation, block_generator=block_generator(cfg))  # fmt: skip
+                  tokenizer_interpolation=t.interpolation, block_generator=resolve_block_generator(cfg))  # fmt: skip
     if cfg.method == "mcbeit":
         return McBEiT(create_beit_encoder(cfg), tokenizer, temperature=b.temperature, omega=b.omega,
                       sim_temperature=b.sim_temperature, stop_gradient=b.stop_gradient,

@@ -36,6 +36,7 @@ from timm.models.vision_transformer import Attention, VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from mimkit.config import resolve_block_generator
 from mimkit.masking import (
     block_mask_for,
     hybrid_mask,
@@ -400,8 +401,6 @@ class BootMAE(nn.Module):
 
 
 def build(cfg, encoder: VisionTransformer) -> BootMAE:
-    from mimkit.config import block_generator
-
     m, bm, e = cfg.mae, cfg.bootmae, cfg.emae
     return BootMAE(
         encoder,
@@ -413,7 +412,7 @@ def build(cfg, encoder: VisionTransformer) -> BootMAE:
         feature_decoder_heads=bm.feature_decoder_heads,
         mask_ratio=cfg.mask.ratio,
         mask_type=cfg.mask.type,
-        block_generator=block_generator(cfg),
+        block_generator=resolve_block_generator(cfg),
         hybrid_block_ratio=cfg.mask.hybrid_block_ratio,
         hybrid_max_block_ratio=cfg.mask.hybrid_max_block_ratio,
         feature_target=bm.feature_target,

@@ -12,6 +12,7 @@ from timm.models import checkpoint_seq
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+from mimkit.config import resolve_block_generator
 from mimkit.masking import block_mask_for, mask_to_ids, num_visible, random_mask
 from mimkit.models import init_weights_mae, patchify, sincos_2d_pos_embed
 
@@ -161,8 +162,6 @@ class MAE(nn.Module):
 
 
 def build(cfg, encoder: VisionTransformer) -> MAE:
-    from mimkit.config import block_generator
-
     return MAE(
         encoder,
         decoder_dim=cfg.mae.decoder_dim,
@@ -171,5 +170,5 @@ def build(cfg, encoder: VisionTransformer) -> MAE:
         mask_ratio=cfg.mask.ratio,
         norm_pix_loss=cfg.mae.norm_pix_loss,
         mask_type=cfg.mask.type,
-        block_generator=block_generator(cfg),
+        block_generator=resolve_block_generator(cfg),
     )
