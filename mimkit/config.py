@@ -46,6 +46,10 @@ class MaskConfig:
     ratio: float = 0.75  # fraction of patches removed
     hybrid_block_ratio: float = 0.6122449  # hybrid: fraction of patches masked by blocks first (BootMAE 120 / 196)
     hybrid_max_block_ratio: float = 0.3061224  # hybrid: largest block, as a fraction of the patches (60 / 196)
+    # block / hybrid rectangles: beit = BEiT's own generator (stops when a round places nothing, so the count can
+    # fall short of the target, as in the official code); exact = always the target count. auto: beit for beit /
+    # mcbeit and BootMAE's hybrid mask, exact for block masks of MAE-style encoders (they need equal counts).
+    block_generator: Literal["auto", "beit", "exact"] = "auto"
 
 
 @dataclass
@@ -99,6 +103,11 @@ class BEiTConfig:
     shared_rel_pos_bias: bool = True
     abs_pos_emb: bool = False
     temperature: float = 4.0  # mcbeit: p = softmax(tokenizer logits / temperature)
+    # mcbeit: the official warm-up of that temperature, linear from temperature_warmup at epoch 0 to temperature at
+    # epoch temperature_warmup_epochs - 1 (np.linspace), then constant; null = no ramp (the released recipe sets
+    # both to 4.0)
+    temperature_warmup: float | None = None
+    temperature_warmup_epochs: int = 30
     omega: float = 0.2  # mcbeit: target = omega * W p + (1 - omega) p
     sim_temperature: float = 1.0  # mcbeit: W = row-softmax(cosine similarities / sim_temperature)
     stop_gradient: bool = False  # mcbeit: detach W (the official code does not; mimkit follows the code)
@@ -149,6 +158,11 @@ class OptimConfig:
     min_lr: float = 0.0
     warmup_epochs: float = 40.0
     weight_decay: float = 0.05
+    # parameters exempt from weight decay besides 1-D ones and biases (never decayed; frozen ones are never
+    # optimised): names or fnmatch patterns of the model's parameters, e.g. [encoder.cls_token, "*mask_token"].
+    # null = the method's official set (mimkit.methods.OFFICIAL_NO_WEIGHT_DECAY): none for MAE / EMAE (their cls
+    # and mask tokens are decayed), encoder.pos_embed and encoder.cls_token for BootMAE, BEiT and mc-BEiT.
+    no_weight_decay: tuple[str, ...] | None = None
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     clip_grad: float | None = None  # max global grad norm; None = no clipping
@@ -241,6 +255,10 @@ def _check_value(name: str, value: Any, tp: Any) -> Any:
         if value not in args:
             raise ConfigError(f"{name}: {value!r} is not allowed; allowed: {', '.join(map(repr, args))}")
         return value
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]: a list of any length
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        return tuple(_check_value(f"{name}[{i}]", v, args[0]) for i, v in enumerate(value))
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{name}: expected a list of {len(args)} values, got {value!r}")
@@ -341,6 +359,9 @@ def validate(cfg: Config) -> Config:
                  f"mask.hybrid_block_ratio must be in (0, mask.ratio {cfg.mask.ratio}], got {cfg.mask.hybrid_block_ratio}")  # fmt: skip
         _require(0.0 < cfg.mask.hybrid_max_block_ratio <= 1.0,
                  f"mask.hybrid_max_block_ratio must be in (0, 1], got {cfg.mask.hybrid_max_block_ratio}")  # fmt: skip
+    _require(cfg.mask.block_generator != "beit" or cfg.mask.type != "block" or cfg.method in BEIT_METHODS,
+             f"mask.block_generator beit varies the masked count per image, which method {cfg.method}'s "
+             "visible-token encoder cannot batch with mask.type block; use exact (or auto)")  # fmt: skip
     _validate_tokenizer(cfg.tokenizer)
     if cfg.method in BEIT_METHODS:
         _validate_beit(cfg)
@@ -358,6 +379,8 @@ def validate(cfg: Config) -> Config:
     _require(o.min_lr >= 0, f"optim.min_lr must be >= 0, got {o.min_lr}")
     _require(o.warmup_epochs >= 0, f"optim.warmup_epochs must be >= 0, got {o.warmup_epochs}")
     _require(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+    _require(o.no_weight_decay is None or all(p.strip() == p and p for p in o.no_weight_decay),
+             f"optim.no_weight_decay: names must be non-empty, without spaces; got {o.no_weight_decay}")  # fmt: skip
     _require(all(0.0 <= b < 1.0 for b in o.betas), f"optim.betas must be in [0, 1), got {o.betas}")
     _require(o.clip_grad is None or o.clip_grad > 0, f"optim.clip_grad must be positive or null, got {o.clip_grad}")
     t = cfg.train
@@ -383,6 +406,14 @@ def validate(cfg: Config) -> Config:
         f"train.device: '{t.device}' is not allowed; allowed: auto, cpu, cuda, cuda:N",
     )
     return cfg
+
+
+def resolve_block_generator(cfg: Config) -> str:
+    """`mask.block_generator` resolved: auto = beit where the model takes a varying masked count (BEiT / mc-BEiT
+    corrupt every token in place; BootMAE's hybrid mask tops up to an exact total), exact otherwise."""
+    if cfg.mask.block_generator != "auto":
+        return cfg.mask.block_generator
+    return "beit" if cfg.method in BEIT_METHODS or cfg.mask.type == "hybrid" else "exact"
 
 
 def _validate_bootmae(cfg: Config, depth: int, dim: int, heads: int) -> None:
@@ -415,6 +446,10 @@ def _validate_beit(cfg: Config) -> None:
     b, t = cfg.beit, cfg.tokenizer
     _require(b.layer_scale_init > 0, f"beit.layer_scale_init must be positive, got {b.layer_scale_init}")
     _require(b.temperature > 0, f"beit.temperature must be positive, got {b.temperature}")
+    _require(b.temperature_warmup is None or b.temperature_warmup > 0,
+             f"beit.temperature_warmup must be positive or null, got {b.temperature_warmup}")  # fmt: skip
+    _require(b.temperature_warmup_epochs >= 1,
+             f"beit.temperature_warmup_epochs must be >= 1, got {b.temperature_warmup_epochs}")  # fmt: skip
     _require(b.sim_temperature > 0, f"beit.sim_temperature must be positive, got {b.sim_temperature}")
     _require(0.0 <= b.omega <= 1.0, f"beit.omega must be in [0, 1], got {b.omega}")
     _require(t.kind == "random" or t.path is not None,

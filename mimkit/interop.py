@@ -20,7 +20,9 @@ Key layouts handled (names only; the conversions are written from the published 
   reported as unexpected.
 * BootMAE: the BEiT-style encoder with a fixed sin-cos ``pos_embed``; its two cross-attention
   decoders (``decode_blocks*``, ``down*``, ``lm_head*``, ``de_pos_embed``, ``mask_token*``) are not
-  MAE's decoder and are reported as unexpected.
+  MAE's decoder and are reported as unexpected by ``import``; ``convert_bootmae_official`` maps the whole
+  model onto mimkit's BootMAE (decoders included).
+* Hugging Face ``BeitModel`` / ``BeitForMaskedImageModeling`` (export of BEiT / mc-BEiT): ``hf_beit_key_map``.
 * Hugging Face ``ViTMAEForPreTraining`` / ``ViTModel``: 5.x module names (``layers.N.attention.q_proj``)
   and the on-disk names ``save_pretrained`` writes (``encoder.layer.N.attention.attention.query``,
   ``decoder.decoder_encoder.layer.N``, and 4.x ``decoder.decoder_layers.N`` ...).
@@ -318,6 +320,73 @@ def hf_key_map(
     return m
 
 
+_HF_BEIT_BLOCK = {  # HF BeitLayer sub-module -> timm Beit Block sub-module
+    "layernorm_before": "norm1",
+    "attention.o_proj": "attn.proj",
+    "layernorm_after": "norm2",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+}
+
+
+def hf_beit_key_map(depth: int, *, shared_rel_pos_bias: bool = True, abs_pos_emb: bool = False,
+                    mim_head: bool = False) -> dict[str, tuple[str, int | None]]:  # fmt: skip
+    """HF ``BeitModel`` (``mim_head=False``: keys without prefix, final LayerNorm ``layernorm``) or
+    ``BeitForMaskedImageModeling`` (``mim_head=True``: ``beit.`` prefix, the final norm is the head's
+    ``layernorm``, plus ``lm_head``) key -> (mimkit BEiT / mc-BEiT key, chunk of timm's fused qkv weight or None).
+    timm's q_bias / v_bias are HF's q_proj / v_proj biases (k has none in both); layer scale gamma_1 / gamma_2 is
+    HF's lambda_1 / lambda_2; the [MASK] embedding (mimkit's top-level mask_token) is HF's embeddings.mask_token."""
+    pre = "beit." if mim_head else ""
+    m: dict[str, tuple[str, int | None]] = {
+        f"{pre}embeddings.cls_token": ("encoder.cls_token", None),
+        f"{pre}embeddings.mask_token": ("mask_token", None),
+    }
+    if abs_pos_emb:
+        m[f"{pre}embeddings.position_embeddings"] = ("encoder.pos_embed", None)
+    if shared_rel_pos_bias:
+        m[f"{pre}shared_position_bias.relative_position_bias_table"] = (
+            "encoder.rel_pos_bias.relative_position_bias_table", None)  # fmt: skip
+    norm = "layernorm" if mim_head else f"{pre}layernorm"
+    for wb in ("weight", "bias"):
+        m[f"{pre}embeddings.patch_embeddings.projection.{wb}"] = (f"encoder.patch_embed.proj.{wb}", None)
+        m[f"{norm}.{wb}"] = (f"encoder.norm.{wb}", None)
+        if mim_head:
+            m[f"lm_head.{wb}"] = (f"lm_head.{wb}", None)
+    for i in range(depth):
+        hf, mk = f"{pre}layers.{i}", f"encoder.blocks.{i}"
+        m[f"{hf}.lambda_1"], m[f"{hf}.lambda_2"] = (f"{mk}.gamma_1", None), (f"{mk}.gamma_2", None)
+        for chunk, name in enumerate(_HF_QKV):
+            m[f"{hf}.attention.{name}.weight"] = (f"{mk}.attn.qkv.weight", chunk)
+        m[f"{hf}.attention.q_proj.bias"], m[f"{hf}.attention.v_proj.bias"] = (
+            (f"{mk}.attn.q_bias", None), (f"{mk}.attn.v_bias", None))  # fmt: skip
+        if not shared_rel_pos_bias:
+            m[f"{hf}.relative_position_bias.relative_position_bias_table"] = (
+                f"{mk}.attn.relative_position_bias_table", None)  # fmt: skip
+        for wb in ("weight", "bias"):
+            for hf_name, mk_name in _HF_BEIT_BLOCK.items():
+                m[f"{hf}.{hf_name}.{wb}"] = (f"{mk}.{mk_name}.{wb}", None)
+    return m
+
+
+def hf_beit_config(model, cfg: Config, *, mim_head: bool = False):
+    """A transformers ``BeitConfig`` for a mimkit BEiT / mc-BEiT model (``model.encoder`` a timm ``Beit``)."""
+    from transformers import BeitConfig
+
+    from mimkit.methods.beit import timm_beit_kwargs
+
+    kw = timm_beit_kwargs(cfg)
+    return BeitConfig(
+        vocab_size=int(model.lm_head.out_features), hidden_size=kw["embed_dim"], num_hidden_layers=kw["depth"],
+        num_attention_heads=kw["num_heads"], intermediate_size=int(kw["mlp_ratio"] * kw["embed_dim"]),
+        hidden_act="gelu", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.0,
+        image_size=kw["img_size"], patch_size=kw["patch_size"], num_channels=3, layer_norm_eps=1e-6,
+        use_mask_token=True, use_absolute_position_embeddings=kw["use_abs_pos_emb"],
+        use_relative_position_bias=kw["use_rel_pos_bias"],
+        use_shared_relative_position_bias=kw["use_shared_rel_pos_bias"], layer_scale_init_value=kw["init_values"],
+        use_mean_pooling=mim_head,  # MIM head: BeitModel's own final norm off, the head's layernorm is timm's norm
+    )  # fmt: skip
+
+
 def mimkit_to_hf(state: dict[str, torch.Tensor], mapping: dict[str, tuple[str, int | None]]) -> dict[str, torch.Tensor]:
     out = {}
     for hf_key, (mk_key, chunk) in mapping.items():
@@ -499,21 +568,23 @@ def _load_exact(hf_model, tensors: dict[str, torch.Tensor], what: str) -> None:
 def export_hf(ckpt: str | Path, out: str | Path) -> dict[str, Path]:
     """``OUT``: a ``transformers.ViTModel`` folder (encoder; load with ``add_pooling_layer=False``,
     mimkit has no pooler); ``OUT/vit_mae``: a ``ViTMAEForPreTraining`` folder when the decoder is
-    MAE's. safetensors weights, config.json, preprocessor_config.json (mean/std, size)."""
+    MAE's. BEiT / mc-BEiT: ``OUT`` a ``BeitModel`` folder and ``OUT/beit_mim`` a ``BeitForMaskedImageModeling``
+    one (:func:`hf_beit_key_map`). safetensors weights, config.json, preprocessor_config.json (mean/std, size)."""
     _require_transformers()
     from transformers import ViTMAEForPreTraining, ViTModel
 
     from mimkit.methods.mae import MAEDecoder
 
     model, cfg, _ = load_mimkit_checkpoint(ckpt)
-    if cfg.method in BEIT_METHODS:
-        raise InteropError(f"{ckpt}: Hugging Face export covers ViT / ViTMAE encoders; this {cfg.method} encoder is a "
-                           "timm Beit (shared relative position bias, layer scale): export it with --to timm")  # fmt: skip
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
-    spec = encoder_spec(model.encoder)
     written = {}
+    if cfg.method in BEIT_METHODS:
+        written = _export_hf_beit(model, cfg, state, ckpt, out)
+        _save_image_processor(cfg, written, int(model.encoder.patch_embed.img_size[0]))
+        return written
+    spec = encoder_spec(model.encoder)
 
     vit = ViTModel(hf_vit_config(model, cfg), add_pooling_layer=False)
     vit_map = hf_key_map(spec["depth"], None, prefix="")
@@ -529,13 +600,38 @@ def export_hf(ckpt: str | Path, out: str | Path) -> dict[str, Path]:
         hf.eval().save_pretrained(mae_dir)
         written["vit_mae"] = mae_dir
 
+    _save_image_processor(cfg, written, spec["img_size"])
+    return written
+
+
+def _export_hf_beit(model, cfg: Config, state: dict, ckpt, out: Path) -> dict[str, Path]:
+    """BEiT / mc-BEiT: ``OUT`` a ``BeitModel`` folder (encoder with its [MASK] embedding: pass ``bool_masked_pos``
+    for the pretraining input), ``OUT/beit_mim`` a ``BeitForMaskedImageModeling`` folder (plus the lm_head)."""
+    from transformers import BeitForMaskedImageModeling, BeitModel
+
+    b, depth = cfg.beit, len(model.encoder.blocks)
+    layout = dict(shared_rel_pos_bias=b.shared_rel_pos_bias, abs_pos_emb=b.abs_pos_emb)
+    beit = BeitModel(hf_beit_config(model, cfg), add_pooling_layer=False)
+    _load_exact(beit, mimkit_to_hf(state, hf_beit_key_map(depth, **layout)), f"{ckpt} -> BeitModel")
+    beit.eval().save_pretrained(out)
+    mim_dir = out / "beit_mim"
+    mim = BeitForMaskedImageModeling(hf_beit_config(model, cfg, mim_head=True))
+    _load_exact(mim, mimkit_to_hf(state, hf_beit_key_map(depth, **layout, mim_head=True)),
+                f"{ckpt} -> BeitForMaskedImageModeling")  # fmt: skip
+    mim.eval().save_pretrained(mim_dir)
+    # "vit": the encoder folder under the key the CLI prints (its config says model_type beit: load it with
+    # BeitModel or AutoModel)
+    return {"vit": out, "beit": out, "beit_mim": mim_dir}
+
+
+def _save_image_processor(cfg: Config, written: dict[str, Path], img_size: int) -> None:
     try:
         from transformers import ViTImageProcessor
 
         mean, std = _data_stats(cfg)
         proc = ViTImageProcessor(
             do_resize=True,
-            size={"height": spec["img_size"], "width": spec["img_size"]},
+            size={"height": img_size, "width": img_size},
             resample=3,
             do_rescale=True,
             do_normalize=True,
@@ -546,7 +642,6 @@ def export_hf(ckpt: str | Path, out: str | Path) -> dict[str, Path]:
             proc.save_pretrained(folder)
     except Exception:  # an image processor is a convenience; the weights and config are what matter
         pass
-    return written
 
 
 # =============================================================================================
@@ -685,6 +780,75 @@ def convert_official(sd: dict[str, torch.Tensor], family: str) -> Converted:
         conv.notes.append("fused BEiT-style attn.q_bias / attn.v_bias (k bias zero) into attn.qkv.bias")
     if folded:
         conv.notes.append(f"folded {folded} layer-scale vectors (gamma_1 / gamma_2) exactly into attn.proj / mlp.fc2")
+    return conv
+
+
+_BOOTMAE_DECODERS = {  # official decoder prefix -> (mimkit decoder, its mask token, the table its mask tokens get)
+    "": ("pixel_decoder", "mask_token", "de_pos_embed"),
+    "_1": ("feature_decoder", "mask_token_1", "pos_embed"),  # the feature decoder reuses the encoder's table
+}
+_BOOTMAE_BLOCK = {  # official Decode_Block sub-module -> mimkit DecoderBlock sub-module (weights and biases)
+    "norm1": "norm1", "attn.proj": "attn.proj", "norm3": "norm_q", "norm4": "norm_context",
+    "c_attn.proj": "cross_attn.proj", "norm2": "norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+}  # fmt: skip
+
+
+def convert_bootmae_official(sd: dict[str, torch.Tensor], patch_size: int) -> Converted:
+    """A whole official BootMAE pretraining model (``modeling_pretrain_bootmae.py`` names) -> mimkit ``BootMAE``
+    keys: the encoder as :func:`convert_official` maps it, both cross-attention decoders, and the momentum
+    encoder as a copy of the encoder (load ``model_ema`` the same way for the EMA one). Exact: BEiT-style
+    q / v biases become fused biases with a zero k part; the cross-attention's fused ``kv`` splits into ``k`` /
+    ``v``; the pixel head ``ConvTranspose2d(dim, 3, p, p)`` becomes mimkit's Linear(dim, p*p*3) in patchify
+    order, its per-channel bias repeated over the p*p pixels."""
+    decoder_side = ("decode_", "down", "lm_head", "mask_token", "de_pos_embed")
+    encoder = convert_official({k: v for k, v in sd.items() if not k.startswith(decoder_side)}, "bootmae")
+    conv = Converted(notes=list(encoder.notes), unexpected=dict(encoder.unexpected))
+    for key, tensor in encoder.tensors.items():
+        conv.put(key, tensor, encoder.origin[key])
+        conv.put("ema_encoder." + key[len("encoder.") :], tensor, encoder.origin[key])
+    taken: set[str] = set()
+
+    def take(src: str) -> torch.Tensor:
+        if src not in sd:
+            raise InteropError(f"official BootMAE state dict: no '{src}'")
+        taken.add(src)
+        return sd[src]
+
+    for suffix, (name, token, table) in _BOOTMAE_DECODERS.items():
+        conv.put(f"{name}.mask_token", take(token), token)
+        conv.put(f"{name}.pos_embed", take(table), table)
+        for wb in ("weight", "bias"):
+            conv.put(f"{name}.embed.{wb}", take(f"down{suffix}.{wb}"), f"down{suffix}.{wb}")
+            conv.put(f"{name}.norm.{wb}", take(f"decode_norm{suffix}.{wb}"), f"decode_norm{suffix}.{wb}")
+        depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(rf"^decode_blocks{suffix}\.(\d+)\.", k)))
+        for i in range(depth):
+            src, dst = f"decode_blocks{suffix}.{i}", f"{name}.blocks.{i}"
+            for official, ours in _BOOTMAE_BLOCK.items():
+                for wb in ("weight", "bias"):
+                    conv.put(f"{dst}.{ours}.{wb}", take(f"{src}.{official}.{wb}"), f"{src}.{official}.{wb}")
+            q, v = take(f"{src}.attn.q_bias"), take(f"{src}.attn.v_bias")
+            conv.put(f"{dst}.attn.qkv.weight", take(f"{src}.attn.qkv.weight"), f"{src}.attn.qkv.weight")
+            conv.put(f"{dst}.attn.qkv.bias", torch.cat([q, torch.zeros_like(q), v]),
+                     f"cat({src}.attn.q_bias, zeros, {src}.attn.v_bias)")  # fmt: skip
+            k_w, v_w = take(f"{src}.c_attn.kv.weight").chunk(2, dim=0)
+            conv.put(f"{dst}.cross_attn.q.weight", take(f"{src}.c_attn.q.weight"), f"{src}.c_attn.q.weight")
+            conv.put(f"{dst}.cross_attn.q.bias", take(f"{src}.c_attn.q_bias"), f"{src}.c_attn.q_bias")
+            conv.put(f"{dst}.cross_attn.k.weight", k_w, f"{src}.c_attn.kv.weight[:half]")
+            conv.put(f"{dst}.cross_attn.v.weight", v_w, f"{src}.c_attn.kv.weight[half:]")
+            conv.put(f"{dst}.cross_attn.v.bias", take(f"{src}.c_attn.v_bias"), f"{src}.c_attn.v_bias")
+    conv.put("feature_decoder.head.weight", take("lm_head_1.weight"), "lm_head_1.weight")
+    conv.put("feature_decoder.head.bias", take("lm_head_1.bias"), "lm_head_1.bias")
+    deconv_w, deconv_b = take("lm_head.proj.weight"), take("lm_head.proj.bias")  # (dim, 3, p, p), (3,)
+    if tuple(deconv_w.shape[1:]) != (3, patch_size, patch_size):
+        raise InteropError(f"official BootMAE 'lm_head.proj.weight' has shape {tuple(deconv_w.shape)}; expected "
+                           f"(dim, 3, {patch_size}, {patch_size})")  # fmt: skip
+    # output pixel (i, j) of channel c of a patch = sum_d x_d W[d, c, i, j] + b[c]; patchify order is (i, j, c)
+    conv.put("pixel_decoder.head.weight", deconv_w.permute(2, 3, 1, 0).reshape(-1, deconv_w.shape[0]),
+             "lm_head.proj.weight (ConvTranspose2d -> Linear)")  # fmt: skip
+    conv.put("pixel_decoder.head.bias", deconv_b.repeat(patch_size * patch_size), "lm_head.proj.bias (per channel)")
+    for k in sd:
+        if k.startswith(decoder_side) and k not in taken:
+            conv.unexpected[k] = "not part of mimkit's BootMAE decoders"
     return conv
 
 

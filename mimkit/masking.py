@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 
@@ -63,7 +64,8 @@ def block_mask(
     generator: torch.Generator | None = None,
     max_attempts: int = 10_000,
 ) -> torch.Tensor:
-    """BEiT blockwise masking for one image: (H, W) bool mask with exactly `num_masked` ones.
+    """Exact-count blockwise masking for one image: (H, W) bool mask with exactly `num_masked` ones
+    (`mask.block_generator: exact`; MAE-style visible-token encoders need the same count in every image).
 
     Rectangles of log-uniform aspect ratio and area in [min_block, budget] are added until the
     count is reached; a rectangle is accepted only if it adds between 1 and `budget` new cells.
@@ -106,6 +108,64 @@ def block_mask(
     return mask
 
 
+def beit_block_mask(
+    grid: tuple[int, int],
+    num_masked: int,
+    *,
+    min_block: int = 16,
+    max_block: int | None = None,
+    aspect: tuple[float, float] = (0.3, 1 / 0.3),
+    generator: torch.Generator | None = None,
+    tries: int = 10,
+) -> torch.Tensor:
+    """BEiT's own blockwise generator for one image: (H, W) bool mask with *at most* `num_masked` ones.
+
+    Rounds place one rectangle each: budget = min(remaining, max_block); up to `tries` draws of area
+    U(min_block, budget) (either order of the bounds, so a budget below min_block draws in [budget, min_block]),
+    log-aspect U(log lo, log hi), and a position; the first rectangle adding between 1 and `budget` new cells is
+    kept. A round that keeps none ends the mask, so the count can fall short of the target (what the
+    official code does; see `block_mask` for the exact-count variant). Each round draws its random numbers in
+    one call, so the mask is a pure function of the generator's state.
+    """
+    h_grid, w_grid = grid
+    if not 0 < num_masked <= h_grid * w_grid:
+        raise ValueError(f"num_masked must be in [1, {h_grid * w_grid}], got {num_masked}")
+    max_block = num_masked if max_block is None else max_block
+    log_lo, log_hi = math.log(aspect[0]), math.log(aspect[1])
+    mask = np.zeros((h_grid, w_grid), dtype=bool)
+    count = 0
+    while count < num_masked:
+        budget = min(num_masked - count, max_block)
+        added = 0
+        for u_area, u_aspect, u_top, u_left in torch.rand(tries, 4, generator=generator, dtype=torch.float64).tolist():
+            area = min_block + (budget - min_block) * u_area
+            ratio = math.exp(log_lo + (log_hi - log_lo) * u_aspect)
+            h, w = int(round(math.sqrt(area * ratio))), int(round(math.sqrt(area / ratio)))
+            if not (h < h_grid and w < w_grid):
+                continue
+            top, left = int(u_top * (h_grid - h + 1)), int(u_left * (w_grid - w + 1))
+            window = mask[top : top + h, left : left + w]
+            new = h * w - int(window.sum())
+            if 0 < new <= budget:
+                window[...] = True
+                added = new
+                break
+        if added == 0:  # no rectangle fitted in this round: the official generator stops here
+            break
+        count += added
+    return torch.from_numpy(mask)
+
+
+BLOCK_GENERATORS = ("beit", "exact")
+
+
+def block_mask_for(generator_kind: str, grid: tuple[int, int], num_masked: int, **kwargs) -> torch.Tensor:
+    """`mask.block_generator` dispatch: "beit" (official, count may fall short) or "exact" (always `num_masked`)."""
+    if generator_kind not in BLOCK_GENERATORS:
+        raise ValueError(f"block generator must be one of {BLOCK_GENERATORS}, got {generator_kind!r}")
+    return (beit_block_mask if generator_kind == "beit" else block_mask)(grid, num_masked, **kwargs)
+
+
 def hybrid_mask(
     grid: tuple[int, int],
     num_masked: int,
@@ -115,19 +175,22 @@ def hybrid_mask(
     min_block: int = 16,
     max_roll: int = 3,
     generator: torch.Generator | None = None,
+    block_generator: str = "beit",
 ) -> torch.Tensor:
     """BootMAE's hybrid masking for one image: (H, W) bool mask with exactly `num_masked` ones.
 
-    A BEiT block mask of `num_block` patches is drawn first; the visible set is then r random
-    block-masked patches plus (keep - r) random patches outside the blocks, r ~ U{0..max_roll}: what
-    BootMAE's "visible-by-block first, block-masked last, roll right by r, keep the first `keep`"
-    permutation gives. So about num_block patches are masked in blocks and the rest at random.
+    A BEiT block mask of (at most, with the official "beit" generator) `num_block` patches is drawn first; the
+    visible set is then r random block-masked patches plus (keep - r) random patches outside the blocks,
+    r ~ U{0..max_roll}: what BootMAE's "visible-by-block first, block-masked last, roll right by r, keep the first
+    `keep`" permutation gives. So about num_block patches are masked in blocks and the rest at random; the total
+    is exactly `num_masked` whatever the block count.
     """
     h_grid, w_grid = grid
     keep = h_grid * w_grid - num_masked
     if not 0 < num_block <= num_masked < h_grid * w_grid:
         raise ValueError(f"need 0 < num_block ({num_block}) <= num_masked ({num_masked}) < {h_grid * w_grid}")
-    blocks = block_mask(grid, num_block, min_block=min_block, max_block=max_block, generator=generator).flatten()
+    blocks = block_mask_for(block_generator, grid, num_block, min_block=min_block, max_block=max_block,
+                            generator=generator).flatten()  # fmt: skip
     inside, outside = blocks.nonzero().squeeze(1), (~blocks).nonzero().squeeze(1)
     roll = min(int(torch.randint(0, max_roll + 1, (), generator=generator)), keep, inside.numel())
     visible = torch.cat([

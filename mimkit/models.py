@@ -85,9 +85,10 @@ def create_encoder(
     )
 
 
-def sincos_2d_pos_embed(dim: int, grid: int, cls_token: bool = True) -> torch.Tensor:
+def sincos_2d_pos_embed(dim: int, grid: int, cls_token: bool = True, row_first: bool = False) -> torch.Tensor:
     """MAE's fixed 2-D sin-cos table, (1, grid*grid [+1], dim): first half of the channels encodes
-    the column (w) coordinate, second half the row (h); each half is [sin, cos]; cls row is zero."""
+    the column (w) coordinate, second half the row (h); each half is [sin, cos]; cls row is zero.
+    row_first: the MoCo v3 table BootMAE uses, the same channels with the row coordinate first (the transpose)."""
     if dim % 4:
         raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
     omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0))
@@ -97,7 +98,7 @@ def sincos_2d_pos_embed(dim: int, grid: int, cls_token: bool = True) -> torch.Te
         out = np.einsum("m,d->md", pos.reshape(-1), omega)
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
-    emb = np.concatenate([encode(cols), encode(rows)], axis=1)
+    emb = np.concatenate([encode(rows), encode(cols)] if row_first else [encode(cols), encode(rows)], axis=1)
     if cls_token:
         emb = np.concatenate([np.zeros((1, dim)), emb], axis=0)
     return torch.from_numpy(emb).float().unsqueeze(0)

@@ -234,8 +234,10 @@ def pretrain(cfg: Config) -> RunResult:
     effective_batch = data.global_step_size
     peak_lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * effective_batch / 256
 
-    # ---- optimizer: AdamW, no weight decay on 1-D params, biases, position embeddings and tokens
-    no_decay = {n for n, p in model.named_parameters() if n.endswith(("pos_embed", "cls_token", "mask_token"))}
+    # ---- optimizer: AdamW, no weight decay on 1-D params, biases and optim.no_weight_decay (default: the official set)
+    from mimkit.methods import no_weight_decay_names
+
+    no_decay = no_weight_decay_names(model, cfg)
     param_groups = param_groups_weight_decay(model, cfg.optim.weight_decay, no_weight_decay_list=no_decay)
     optimizer = torch.optim.AdamW(param_groups, lr=peak_lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
                                   **adamw_kernel(cfg.optim.implementation, fsdp))  # fmt: skip

@@ -104,6 +104,63 @@ def test_only_masked_tokens_enter_the_loss():
         assert model(imgs, mask=m, tokenizer_image=tok).logits.shape[0] == int(m.sum())
 
 
+def test_block_masks_default_to_beits_generator_and_the_count_can_fall_short():
+    grid14 = ["model.img_size=56", "model.depth=1", "mask.type=block", "mask.ratio=0.4"]  # 14 x 14, 79 targeted
+    for method in ("beit", "mcbeit"):
+        model = tiny(method, *grid14)
+        counts = [int(model.mask_inputs(torch.Generator().manual_seed(s))["mask"].sum()) for s in range(60)]
+        assert model.block_generator == "beit" and max(counts) <= model.num_masked and min(counts) < model.num_masked
+        exact = tiny(method, *grid14, "mask.block_generator=exact")
+        assert {int(exact.mask_inputs(torch.Generator().manual_seed(s))["mask"].sum()) for s in range(20)} == {79}
+    # MAE-style encoders keep exact counts; BootMAE's hybrid blocks are BEiT's (its total stays exact)
+    assert tiny("mae", "mask.type=block").block_generator == "exact"
+    assert tiny("bootmae", "mask.type=hybrid").block_generator == "beit"
+    with pytest.raises(ConfigError, match="mask.block_generator beit .* method mae"):
+        load_config(None, TINY_MODEL + ["method=mae", "mask.type=block", "mask.block_generator=beit"])
+
+
+def test_losses_average_over_the_masked_patches_actually_in_the_batch():
+    imgs, tok = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 8, 8)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[0, [1, 2, 5]] = True  # 3 masked in one image, 9 in the other: as BEiT's generator can give
+    mask[1, [0, 3, 4, 6, 8, 9, 10, 12, 15]] = True
+    for method in ("beit", "mcbeit"):
+        model = tiny(method, "mask.type=block", "mask.ratio=0.4").eval()
+        with torch.no_grad():
+            out = model(imgs, mask=mask, tokenizer_image=tok)
+            feats, z = model.features(imgs, mask)[:, 1:], model.tokenizer_logits(tok)
+            logits = model.lm_head(feats).float()
+            if method == "beit":
+                per_patch = F.cross_entropy(logits.transpose(1, 2), z.argmax(-1), reduction="none")
+            else:
+                per_patch = -(model.targets(feats, z) * F.log_softmax(logits, -1)).sum(-1)
+        pooled = per_patch[mask].sum() / mask.sum()
+        per_image = torch.stack([per_patch[b][mask[b]].mean() for b in range(2)]).mean()
+        torch.testing.assert_close(out.loss, pooled)
+        assert not torch.allclose(pooled, per_image)  # the two averages differ here, so the check has teeth
+        empty = model(imgs, mask=torch.zeros_like(mask), tokenizer_image=tok).loss  # nothing masked: 0, not NaN
+        assert float(empty.detach()) == 0.0
+
+
+def test_mcbeit_temperature_warms_up_as_the_official_schedule():
+    model = tiny("mcbeit", "beit.omega=0", "beit.temperature=4.0", "beit.temperature_warmup=1.0",
+                 "beit.temperature_warmup_epochs=30")  # fmt: skip
+    # run_mcbeit_pretraining.py: concatenate(linspace(temp_warmup, temp, 30), ones(epochs - 30) * temp), per epoch
+    official = np.concatenate([np.linspace(1.0, 4.0, 30), np.full(20, 4.0)])
+    steps_per_epoch, z = 7, torch.randn(1, 16, 32)
+    for epoch, expected in enumerate(official):
+        for step in (epoch * steps_per_epoch, epoch * steps_per_epoch + steps_per_epoch - 1):  # first / last step
+            model.set_progress(step, steps_per_epoch, 50 * steps_per_epoch)
+            assert model.current_temperature() == pytest.approx(expected, rel=1e-12), (epoch, step)
+        torch.testing.assert_close(model.targets(torch.randn(1, 16, 32), z), torch.softmax(z / expected, -1))
+    # no warm-up value: constant, as the released recipe (temp_warmup = temp = 4.0)
+    flat = tiny("mcbeit")
+    flat.set_progress(0, 1, 100)
+    assert flat.current_temperature() == 4.0 and flat.temperature_warmup is None
+    with pytest.raises(ConfigError, match="beit.temperature_warmup_epochs must be >= 1"):
+        load_config(None, TINY_MODEL + ["method=mcbeit", *TINY_TOKENIZER, "beit.temperature_warmup_epochs=0"])
+
+
 # ---------------------------------------------------------------- backbone
 
 
@@ -281,10 +338,10 @@ def test_cli_tokenizer_train(tiny_cfg, tmp_path, npz_data):
     assert rc == 0 and path.is_file() and path.with_suffix(".jsonl").is_file()
 
 
-def test_beit_checkpoint_exports_to_timm_beit_with_identical_features(tiny_cfg, tmp_path):
+def test_beit_checkpoint_exports_to_timm_beit_and_hf_beit_with_identical_features(tiny_cfg, tmp_path):
     import timm
 
-    from mimkit.interop import InteropError, export_hf, export_timm, load_mimkit_checkpoint, timm_create_kwargs
+    from mimkit.interop import export_hf, export_timm, load_mimkit_checkpoint, timm_create_kwargs
 
     args = ["method=mcbeit", "mask.type=random", "mask.ratio=0.4", *TINY_TOKENIZER]
     ckpt = pretrain(tiny_cfg(*args, "train.max_steps=2", out="mc")).checkpoint
@@ -298,8 +355,23 @@ def test_beit_checkpoint_exports_to_timm_beit_with_identical_features(tiny_cfg, 
                        timm.create_model(name, **kwargs)):  # fmt: skip
             assert isinstance(loaded, Beit)
             torch.testing.assert_close(loaded.eval().forward_features(x), ref, rtol=0, atol=0)
-    with pytest.raises(InteropError, match="--to timm"):
-        export_hf(ckpt, tmp_path / "hf")
+    # --to hf: a transformers BeitModel folder (features identical) and a BeitForMaskedImageModeling one
+    from transformers import AutoModel, BeitForMaskedImageModeling, BeitModel
+
+    written = export_hf(ckpt, tmp_path / "hf")
+    assert written["beit"] == tmp_path / "hf" and written["beit_mim"] == tmp_path / "hf" / "beit_mim"
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, [0, 5, 6, 9]] = True
+    with torch.no_grad():
+        for loader in (BeitModel, AutoModel):
+            hf = loader.from_pretrained(written["beit"]).eval()
+            assert isinstance(hf, BeitModel)
+            torch.testing.assert_close(hf(pixel_values=x).last_hidden_state, ref, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(hf(pixel_values=x, bool_masked_pos=mask).last_hidden_state,
+                                       model.features(x, mask), rtol=1e-5, atol=1e-5)  # fmt: skip
+        mim = BeitForMaskedImageModeling.from_pretrained(written["beit_mim"]).eval()
+        torch.testing.assert_close(mim(pixel_values=x, bool_masked_pos=mask).logits,
+                                   model.lm_head(model.features(x, mask)[:, 1:]), rtol=1e-5, atol=1e-5)  # fmt: skip
 
 
 def test_visualize_and_attention_refuse_beit_checkpoints_with_a_message(tiny_cfg, tmp_path, capsys):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from mimkit.checkpoint import load_checkpoint
 from mimkit.config import ConfigError, load_config
-from mimkit.masking import block_mask, hybrid_mask, parallel_masks
+from mimkit.masking import block_mask_for, hybrid_mask, parallel_masks
 from mimkit.methods import build_model
 from mimkit.methods.bootmae import BootMAE
 from mimkit.models import patchify
@@ -196,11 +196,13 @@ def test_centre_weights_on_known_masks():
     assert torch.allclose(full[1, 1], torch.tensor(2.0)) and torch.allclose(full[0, 0], torch.tensor(1 + 4 / 9))
 
 
-def test_hybrid_mask_is_blocks_topped_up_at_random():
+@pytest.mark.parametrize("kind", ["beit", "exact"])
+def test_hybrid_mask_is_blocks_topped_up_at_random(kind):
     rolls = set()
     for seed in range(12):  # the paper's numbers: 14 x 14 patches, 120 in blocks of <= 60, 147 masked
-        mask = hybrid_mask((14, 14), 147, 120, max_block=60, generator=torch.Generator().manual_seed(seed))
-        blocks = block_mask((14, 14), 120, max_block=60, generator=torch.Generator().manual_seed(seed))
+        mask = hybrid_mask((14, 14), 147, 120, max_block=60, generator=torch.Generator().manual_seed(seed),
+                           block_generator=kind)  # fmt: skip
+        blocks = block_mask_for(kind, (14, 14), 120, max_block=60, generator=torch.Generator().manual_seed(seed))
         assert int(mask.sum()) == 147
         revealed = int((blocks & ~mask).sum())  # block patches the roll made visible
         assert 0 <= revealed <= 3
@@ -275,3 +277,110 @@ def test_bootmae_trains_and_resumes_bit_identically(tiny_cfg):
         assert r["momentum"] == pytest.approx(0.999 + epoch / 100 * (0.9999 - 0.999))
         assert {"reconstruction", "feature"} <= set(r)
     assert {r["feature_weight"] for r in records} == {0.5, 1.0}
+
+
+# ---------------------------------------------------------------- fidelity to the official code (issue 16)
+
+D, DEPTH, HEADS, DEC = 32, 2, 2, 32  # TINY_MODEL: encoder 32 x 2 blocks x 2 heads, decoders 32 wide, 1 block
+
+
+def official_sincos(dim: int, grid: int) -> torch.Tensor:
+    """MoCo v3's table as BootMAE builds it, written here from its description: meshgrid(w, h) with ij indexing
+    (so the flattened 'w' coordinate is the row), four channel groups sin(w o), cos(w o), sin(h o), cos(h o),
+    o_k = 1 / 10000^(k / (dim/4)), computed in float32; the cls row is zero."""
+    a, b = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
+                          indexing="ij")  # fmt: skip
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    out_a, out_b = a.flatten()[:, None] * omega, b.flatten()[:, None] * omega
+    table = torch.cat([out_a.sin(), out_a.cos(), out_b.sin(), out_b.cos()], dim=1)
+    return torch.cat([torch.zeros(1, dim), table])[None]
+
+
+def official_bootmae_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    """The parameter names and shapes of the released ``VisionTransformerForMaskedImageModeling``
+    (modeling_pretrain_bootmae.py) at the tiny size: BEiT-style q / v biases, Decode_Block with norm3 / norm4 and
+    c_attn (q, fused kv, q_bias, v_bias), ``down`` / ``decode_norm`` / ``lm_head`` (ConvTranspose2d) and their
+    ``_1`` feature-decoder twins; the fixed tables as the official code computes them."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: 0.2 * torch.randn(*shape, generator=g)  # noqa: E731
+    norm = lambda prefix, dim: {f"{prefix}.weight": 1 + r(dim), f"{prefix}.bias": r(dim)}  # noqa: E731
+    linear = lambda prefix, o, i: {f"{prefix}.weight": r(o, i), f"{prefix}.bias": r(o)}  # noqa: E731
+
+    def attention(prefix, dim, inner):
+        return {f"{prefix}.qkv.weight": r(3 * inner, dim), f"{prefix}.q_bias": r(inner), f"{prefix}.v_bias": r(inner),
+                **linear(f"{prefix}.proj", dim, inner)}  # fmt: skip
+
+    def decode_block(prefix, dim, context):
+        inner = dim // HEADS * HEADS
+        return {**norm(f"{prefix}.norm1", dim), **attention(f"{prefix}.attn", dim, inner),
+                **norm(f"{prefix}.norm3", dim), **norm(f"{prefix}.norm4", context),
+                f"{prefix}.c_attn.q.weight": r(inner, dim), f"{prefix}.c_attn.kv.weight": r(2 * inner, context),
+                f"{prefix}.c_attn.q_bias": r(inner), f"{prefix}.c_attn.v_bias": r(inner),
+                **linear(f"{prefix}.c_attn.proj", dim, inner), **norm(f"{prefix}.norm2", dim),
+                **linear(f"{prefix}.mlp.fc1", 4 * dim, dim), **linear(f"{prefix}.mlp.fc2", dim, 4 * dim)}  # fmt: skip
+
+    sd = {"cls_token": r(1, 1, D), "pos_embed": official_sincos(D, S // P), "patch_embed.proj.weight": r(D, 3, P, P),
+          "patch_embed.proj.bias": r(D), **norm("norm", D)}  # fmt: skip
+    for i in range(DEPTH):
+        b = f"blocks.{i}"
+        sd.update({**norm(f"{b}.norm1", D), **attention(f"{b}.attn", D, D), **norm(f"{b}.norm2", D),
+                   **linear(f"{b}.mlp.fc1", 4 * D, D), **linear(f"{b}.mlp.fc2", D, 4 * D)})  # fmt: skip
+    sd.update({**decode_block("decode_blocks.0", DEC, D), **norm("decode_norm", DEC), **linear("down", DEC, D),
+               "mask_token": r(1, 1, DEC), "de_pos_embed": official_sincos(DEC, S // P),
+               "lm_head.proj.weight": r(DEC, 3, P, P), "lm_head.proj.bias": r(3)})  # fmt: skip
+    sd.update({**decode_block("decode_blocks_1.0", D, D), **norm("decode_norm_1", D), **linear("down_1", D, D),
+               "mask_token_1": r(1, 1, D), **linear("lm_head_1", D, D)})  # fmt: skip
+    return sd
+
+
+def test_official_bootmae_weights_give_the_same_loss_with_mimkits_own_tables():
+    from mimkit.interop import convert_bootmae_official
+
+    sd = official_bootmae_state_dict()
+    conv = convert_bootmae_official(sd, P)
+    model = tiny_bootmae("mask.type=hybrid").eval()
+    assert set(conv.tensors) == set(model.state_dict()) and not conv.unexpected
+    model.load_state_dict(conv.tensors, strict=True)
+    fresh = tiny_bootmae("mask.type=hybrid")  # what mimkit builds from scratch beside imported weights
+    tables = ["encoder.pos_embed", "ema_encoder.pos_embed", "pixel_decoder.pos_embed", "feature_decoder.pos_embed"]
+    for name in tables:  # the official tables are row-first (MoCo v3); mimkit's fixed tables now are too
+        torch.testing.assert_close(fresh.state_dict()[name], model.state_dict()[name], rtol=0, atol=1e-6)
+    imgs, inputs = torch.randn(2, 3, S, S), batch_inputs(model, 2)
+    with torch.no_grad():
+        imported = model(imgs, **inputs)
+        for name in tables:
+            model.state_dict()[name].copy_(fresh.state_dict()[name])
+        rebuilt = model(imgs, **inputs)
+    torch.testing.assert_close(rebuilt.loss, imported.loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(rebuilt.feature, imported.feature, rtol=1e-6, atol=0)
+    torch.testing.assert_close(rebuilt.pred, imported.pred, rtol=1e-5, atol=1e-5)
+
+
+def test_official_pixel_head_maps_exactly_onto_the_linear_head():
+    from mimkit.interop import convert_bootmae_official
+    from mimkit.models import unpatchify
+
+    sd = official_bootmae_state_dict(seed=1)
+    conv = convert_bootmae_official(sd, P)
+    deconv = torch.nn.ConvTranspose2d(DEC, 3, kernel_size=P, stride=P)
+    deconv.load_state_dict({"weight": sd["lm_head.proj.weight"], "bias": sd["lm_head.proj.bias"]})
+    tokens = torch.randn(2, L, DEC)
+    with torch.no_grad():
+        official = deconv(tokens.transpose(1, 2).reshape(2, DEC, S // P, S // P))
+        ours = unpatchify(F.linear(tokens, conv.tensors["pixel_decoder.head.weight"],
+                                   conv.tensors["pixel_decoder.head.bias"]), P)  # fmt: skip
+    torch.testing.assert_close(ours, official, rtol=1e-5, atol=1e-6)
+
+
+def test_initialisation_follows_the_official_code():
+    torch.manual_seed(0)
+    model = tiny_bootmae("mae.decoder_dim=256", "bootmae.feature_decoder_dim=256")
+    tokens = torch.cat([model.pixel_decoder.mask_token.flatten(), model.feature_decoder.mask_token.flatten()]).detach()
+    # N(0, 0.02) truncated at +-1 sigma: all within 0.02, std 0.02 * 0.5376 (the truncated normal's)
+    assert float(tokens.abs().max()) <= 0.02 and 0.009 < float(tokens.std()) < 0.0125
+    # pixel head: ConvTranspose2d's default init, one bias per colour channel repeated over the patch's pixels
+    head, bound = model.pixel_decoder.head, 1 / (3 * P * P) ** 0.5
+    assert 0.9 * bound < float(head.weight.abs().max()) <= bound
+    per_pixel = head.bias.detach().view(P * P, 3)
+    assert torch.equal(per_pixel, per_pixel[:1].expand(P * P, 3))
+    assert 0 < float(per_pixel.abs().min()) and float(per_pixel.abs().max()) <= bound

@@ -1,7 +1,13 @@
 import pytest
+import torch
 import yaml
 
 from mimkit.config import ConfigError, load_config, parse_overrides, to_dict
+
+from conftest import TINY_MODEL
+
+TINY_TOKENIZER = ["tokenizer.kind=random", "tokenizer.vocab_size=32", "tokenizer.hidden=8", "tokenizer.code_dim=8",
+                  "tokenizer.downsample=2"]  # fmt: skip
 
 
 def test_defaults_follow_the_mae_paper():
@@ -73,3 +79,65 @@ def test_override_syntax():
     assert parse_overrides(["a.b=1", "a.c=[1, 2]", "d=x"]) == {"a": {"b": 1, "c": [1, 2]}, "d": "x"}
     with pytest.raises(ConfigError, match="must look like section.key=value"):
         parse_overrides(["train.epochs"])
+
+
+# ---------------------------------------------------------------- weight-decay sets (issue 16, item 3)
+
+
+def _decay_groups(*overrides: str) -> tuple[set[str], set[str], set[str]]:
+    """(decayed, not decayed, not optimised) parameter names of a tiny model, as the training loop groups them."""
+    from timm.optim import param_groups_weight_decay
+
+    from mimkit.methods import build_model, no_weight_decay_names
+
+    torch.manual_seed(0)
+    cfg = load_config(None, TINY_MODEL + TINY_TOKENIZER + list(overrides))
+    model = build_model(cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = param_groups_weight_decay(model, 0.05, no_weight_decay_list=no_weight_decay_names(model, cfg))
+    decayed = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    exempt = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    return decayed, exempt, set(names.values()) - decayed - exempt
+
+
+def test_weight_decay_sets_default_to_the_official_ones():
+    # MAE: only 1-D params and biases are exempt; its cls and mask tokens are decayed, the fixed tables frozen
+    decayed, exempt, frozen = _decay_groups("method=mae")
+    assert {"encoder.cls_token", "decoder.mask_token"} <= decayed and frozen == {"encoder.pos_embed",
+                                                                                "decoder.decoder_pos_embed"}
+    assert all(n.endswith("bias") or "norm" in n for n in exempt) and "encoder.blocks.0.attn.qkv.weight" in decayed
+    # BootMAE: pos_embed and cls_token exempt (the former frozen anyway); both decoders' mask tokens decayed
+    decayed, exempt, frozen = _decay_groups("method=bootmae")
+    assert "encoder.cls_token" in exempt and {"pixel_decoder.mask_token", "feature_decoder.mask_token"} <= decayed
+    assert "encoder.pos_embed" in frozen and not any(n.startswith("ema_encoder.") for n in decayed | exempt)
+    # BEiT / mc-BEiT: cls exempt; the [MASK] embedding and the shared relative position bias table decayed
+    for method in ("beit", "mcbeit"):
+        decayed, exempt, _ = _decay_groups(f"method={method}")
+        assert "encoder.cls_token" in exempt and "encoder.blocks.0.gamma_1" in exempt
+        assert {"mask_token", "encoder.rel_pos_bias.relative_position_bias_table", "lm_head.weight"} <= decayed
+
+
+def test_weight_decay_exempt_set_is_a_config_key():
+    # the pre-issue-16 mimkit behaviour, spelled as patterns
+    old = "optim.no_weight_decay=['*pos_embed','*cls_token','*mask_token']"
+    decayed, exempt, _ = _decay_groups("method=bootmae", old)
+    assert {"encoder.cls_token", "pixel_decoder.mask_token", "feature_decoder.mask_token"} <= exempt
+    decayed, exempt, _ = _decay_groups("method=mae", "optim.no_weight_decay=[decoder.mask_token]")
+    assert "decoder.mask_token" in exempt and "encoder.cls_token" in decayed
+    with pytest.raises(ConfigError, match=r"optim.no_weight_decay: 'decoder.mask_tokn' matches no parameter"):
+        _decay_groups("method=mae", "optim.no_weight_decay=[decoder.mask_tokn]")
+    for bad, message in [("optim.no_weight_decay=cls_token", "optim.no_weight_decay: expected a list"),
+                         ("optim.no_weight_decay=[1]", r"optim.no_weight_decay\[0\]: expected a string"),
+                         ("optim.no_weight_decay=['']", "optim.no_weight_decay: names must be non-empty")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, TINY_MODEL + [bad])
+    assert load_config(None, TINY_MODEL + ["optim.no_weight_decay=[]"]).optim.no_weight_decay == ()
+
+
+def test_training_loop_uses_the_method_weight_decay_set(tiny_cfg):
+    from mimkit.train import pretrain
+
+    result = pretrain(tiny_cfg("method=mae", "train.max_steps=1", "train.epochs=1"))
+    groups = torch.load(result.checkpoint, weights_only=True)["optimizer"]["param_groups"]  # keyed by names
+    decayed = {n for g in groups if g["weight_decay"] > 0 for n in g["params"]}
+    assert {"encoder.cls_token", "decoder.mask_token"} <= decayed

@@ -1,7 +1,12 @@
+import math
+
+import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
-from mimkit.masking import block_mask, mask_to_ids, num_visible, random_mask
+from mimkit.masking import (BLOCK_GENERATORS, beit_block_mask, block_mask, hybrid_mask, mask_to_ids, num_visible,
+                            random_mask)  # fmt: skip
 
 
 def test_random_mask_keeps_exact_count_per_image():
@@ -67,3 +72,68 @@ def test_mask_to_ids_round_trip():
     assert torch.equal(ids.ids_keep.sort(1).values, m.ids_keep.sort(1).values)
     with pytest.raises(ValueError, match="same number of visible"):
         mask_to_ids(torch.tensor([[1.0, 0, 0, 0], [1, 1, 0, 0]]))
+
+
+# ---------------------------------------------------------------- BEiT's own block generator (issue 16, item 1)
+
+# Measured with the official BEiT generator on a 14 x 14 grid, 75 patches targeted, 2,000 masks (issue 16): mean
+# masked count, share of masks short of 75, 4-connected components per mask, mean component size (cells per
+# component, pooled). Rounded as published; the tolerance below adds half a unit of the last digit.
+OFFICIAL = {"count": (74.5, 0.05), "short": (0.31, 0.005), "components": (1.44, 0.005), "size": (52.0, 0.5)}
+OFFICIAL_MASKS = 2000
+
+
+def block_mask_statistics(masks: np.ndarray) -> dict[str, tuple[float, float]]:
+    """(estimate, standard deviation of one mask's contribution) per statistic; the ratio estimator's by the delta
+    method, so estimate +- sd / sqrt(n) is its sampling error."""
+    counts = masks.reshape(len(masks), -1).sum(1).astype(float)
+    comps = np.array([ndimage.label(m)[1] for m in masks], dtype=float)  # 4-connectivity (scipy's default)
+    short = (counts < 75).astype(float)
+    size = counts.sum() / comps.sum()
+    return {
+        "count": (counts.mean(), counts.std()),
+        "short": (short.mean(), short.std()),
+        "components": (comps.mean(), comps.std()),
+        "size": (size, (counts - size * comps).std() / comps.mean()),
+    }
+
+
+def official_statistics_match(masks: np.ndarray, sigmas: float = 4.0) -> dict[str, bool]:
+    """Each statistic within `sigmas` standard errors of the published value: our sample's error and the
+    reference's (2,000 masks from the same distribution, so the same per-mask spread), plus its rounding."""
+    n, result = len(masks), {}
+    for name, (estimate, sd) in block_mask_statistics(masks).items():
+        reference, rounding = OFFICIAL[name]
+        se = sd * math.sqrt(1 / n + 1 / OFFICIAL_MASKS)
+        result[name] = abs(estimate - reference) <= sigmas * se + rounding
+    return result
+
+
+def test_beit_block_generator_reproduces_the_official_distribution():
+    masks = np.stack([beit_block_mask((14, 14), 75, generator=torch.Generator().manual_seed(s)).numpy()
+                      for s in range(OFFICIAL_MASKS)])  # fmt: skip
+    assert masks.reshape(len(masks), -1).sum(1).max() <= 75  # never over the target, sometimes under
+    assert official_statistics_match(masks) == dict.fromkeys(OFFICIAL, True), block_mask_statistics(masks)
+    # the exact-count variant (the old default: 75.0, 0% short, 2.13 components of ~35 cells) fails every statistic
+    exact = np.stack([block_mask((14, 14), 75, generator=torch.Generator().manual_seed(s)).numpy()
+                      for s in range(OFFICIAL_MASKS)])  # fmt: skip
+    assert official_statistics_match(exact) == dict.fromkeys(OFFICIAL, False), block_mask_statistics(exact)
+
+
+def test_beit_block_generator_is_a_pure_function_of_the_generator():
+    g = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
+    for seed in range(20):
+        a, b = beit_block_mask((14, 14), 75, generator=g(seed)), beit_block_mask((14, 14), 75, generator=g(seed))
+        assert torch.equal(a, b) and a.dtype == torch.bool and a.shape == (14, 14)
+    assert not torch.equal(beit_block_mask((14, 14), 75, generator=g(0)), beit_block_mask((14, 14), 75, generator=g(1)))
+    # the generator's state moves on, so the next mask drawn from it differs
+    gen = g(5)
+    assert not torch.equal(beit_block_mask((14, 14), 75, generator=gen), beit_block_mask((14, 14), 75, generator=gen))
+
+
+def test_hybrid_mask_total_is_exact_with_either_block_generator():
+    for kind in BLOCK_GENERATORS:
+        for seed in range(30):
+            m = hybrid_mask((14, 14), 147, 120, max_block=60, generator=torch.Generator().manual_seed(seed),
+                            block_generator=kind)  # fmt: skip
+            assert int(m.sum()) == 147, (kind, seed)

@@ -35,8 +35,9 @@ from timm.models import checkpoint
 from timm.models.beit import Beit
 from torch import nn
 
+from mimkit.config import resolve_block_generator
 from mimkit.data import ViewSpec
-from mimkit.masking import block_mask, num_visible
+from mimkit.masking import block_mask_for, num_visible
 from mimkit.tokenizers import DVAESpec, Tokenizer, load_tokenizer
 
 
@@ -64,6 +65,16 @@ def affinity(features: torch.Tensor, sim_temperature: float = 1.0) -> torch.Tens
 def soft_targets(probs: torch.Tensor, weights: torch.Tensor, omega: float) -> torch.Tensor:
     """mc-BEiT's refined target: omega * W p + (1 - omega) p, over every patch. probs (B, L, V), W (B, L, L)."""
     return omega * torch.bmm(weights, probs) + (1.0 - omega) * probs
+
+
+def temperature_at(epoch: int, final: float, warmup: float | None, warmup_epochs: int) -> float:
+    """mc-BEiT's tokenizer temperature for an epoch: np.linspace(warmup, final, warmup_epochs)[epoch] during the
+    warm-up, `final` after (and always, when warmup is None)."""
+    if warmup is None or epoch >= warmup_epochs:
+        return final
+    if warmup_epochs == 1:
+        return warmup
+    return epoch * ((final - warmup) / (warmup_epochs - 1)) + warmup  # linspace's own arithmetic
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -100,12 +111,13 @@ class BEiT(nn.Module):
     soft = False
 
     def __init__(self, encoder: Beit, tokenizer: Tokenizer, *, mask_ratio: float = 0.4, mask_type: str = "block",
-                 tokenizer_size: int | None = None, tokenizer_interpolation: str | None = None):  # fmt: skip
+                 tokenizer_size: int | None = None, tokenizer_interpolation: str | None = None,
+                 block_generator: str = "beit"):  # fmt: skip
         super().__init__()
         self.encoder, self.tokenizer = encoder, tokenizer
         self.num_patches = encoder.patch_embed.num_patches
         self.grid = tuple(encoder.patch_embed.grid_size)
-        self.mask_ratio, self.mask_type = mask_ratio, mask_type
+        self.mask_ratio, self.mask_type, self.block_generator = mask_ratio, mask_type, block_generator
         self.num_masked = self.num_patches - num_visible(self.num_patches, mask_ratio)
         dim = encoder.embed_dim
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -126,9 +138,12 @@ class BEiT(nn.Module):
         self.encoder.set_grad_checkpointing(enable)
 
     def mask_inputs(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """Per-sample mask (L,) bool, 1 = masked, drawn in the data pipeline from the sample's generator."""
+        """Per-sample mask (L,) bool, 1 = masked, drawn in the data pipeline from the sample's generator. Block
+        masks come from BEiT's generator by default, whose count can fall short of num_masked (the losses average
+        over the masked patches actually in the batch)."""
         if self.mask_type == "block":
-            return {"mask": block_mask(self.grid, self.num_masked, generator=generator).flatten()}
+            mask = block_mask_for(self.block_generator, self.grid, self.num_masked, generator=generator)
+            return {"mask": mask.flatten()}
         mask = torch.zeros(self.num_patches, dtype=torch.bool)
         mask[torch.randperm(self.num_patches, generator=generator)[: self.num_masked]] = True
         return {"mask": mask}
@@ -163,6 +178,8 @@ class BEiT(nn.Module):
         m = mask.bool()
         logits = self.lm_head(feats[m])
         targets = z.argmax(-1)[m]
+        if not m.any():  # a batch of masks that all fell short to nothing: no masked patch, no loss (not NaN)
+            return logits.sum() * 0.0, logits, targets
         return F.cross_entropy(logits.float(), targets), logits, targets
 
     def forward(self, imgs: torch.Tensor, mask: torch.Tensor | None = None,
@@ -187,14 +204,26 @@ class McBEiT(BEiT):
     soft = True
 
     def __init__(self, encoder, tokenizer, *, temperature: float = 4.0, omega: float = 0.2,
-                 sim_temperature: float = 1.0, stop_gradient: bool = False, **kwargs):  # fmt: skip
+                 sim_temperature: float = 1.0, stop_gradient: bool = False, temperature_warmup: float | None = None,
+                 temperature_warmup_epochs: int = 30, **kwargs):  # fmt: skip
         super().__init__(encoder, tokenizer, **kwargs)
         self.temperature, self.omega, self.sim_temperature, self.stop_gradient = (
             temperature, omega, sim_temperature, stop_gradient)  # fmt: skip
+        self.temperature_warmup, self.temperature_warmup_epochs = temperature_warmup, temperature_warmup_epochs
+        self.set_progress(0, 1, 1)
+
+    def set_progress(self, step: int, steps_per_epoch: int, total_steps: int) -> None:
+        """Called by the training loop before each step: the epoch fixes the tokenizer temperature (set once per
+        epoch, as the official schedule), so a resumed run gets the same value from its step."""
+        self.step, self.steps_per_epoch = step, steps_per_epoch
+
+    def current_temperature(self) -> float:
+        epoch = self.step // self.steps_per_epoch
+        return temperature_at(epoch, self.temperature, self.temperature_warmup, self.temperature_warmup_epochs)
 
     def targets(self, feats: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """(B, L, V) refined soft targets over every patch (before selecting the masked ones)."""
-        probs = tokenizer_probs(z, self.temperature)
+        probs = tokenizer_probs(z, self.current_temperature())
         if self.omega == 0:
             return probs
         weights = affinity(feats, self.sim_temperature)
@@ -205,6 +234,8 @@ class McBEiT(BEiT):
     def loss_terms(self, feats, z, mask):
         m = mask.bool()
         logits_all = self.lm_head(feats)
+        if not m.any():
+            return logits_all.sum() * 0.0, logits_all[m], z.argmax(-1)[m]
         loss = soft_cross_entropy(logits_all, self.targets(feats, z), mask)
         return loss, logits_all[m], z.argmax(-1)[m]
 
@@ -214,12 +245,14 @@ def build(cfg, encoder=None) -> BEiT:
     t, b = cfg.tokenizer, cfg.beit
     tokenizer = load_tokenizer(t.kind, t.path, DVAESpec(t.vocab_size, t.hidden, t.downsample, t.code_dim), seed=cfg.train.seed)
     kwargs = dict(mask_ratio=cfg.mask.ratio, mask_type=cfg.mask.type, tokenizer_size=t.size,
-                  tokenizer_interpolation=t.interpolation)  # fmt: skip
+                  tokenizer_interpolation=t.interpolation, block_generator=resolve_block_generator(cfg))  # fmt: skip
     if cfg.method == "mcbeit":
         return McBEiT(create_beit_encoder(cfg), tokenizer, temperature=b.temperature, omega=b.omega,
-                      sim_temperature=b.sim_temperature, stop_gradient=b.stop_gradient, **kwargs)  # fmt: skip
+                      sim_temperature=b.sim_temperature, stop_gradient=b.stop_gradient,
+                      temperature_warmup=b.temperature_warmup, temperature_warmup_epochs=b.temperature_warmup_epochs,
+                      **kwargs)  # fmt: skip
     return BEiT(create_beit_encoder(cfg), tokenizer, **kwargs)
 
 
 __all__ = ["BEiT", "McBEiT", "BEiTOutput", "affinity", "soft_targets", "tokenizer_probs", "soft_cross_entropy",
-           "create_beit_encoder", "timm_beit_kwargs", "build"]  # fmt: skip
+           "temperature_at", "create_beit_encoder", "timm_beit_kwargs", "build"]  # fmt: skip

@@ -36,8 +36,9 @@ from timm.models.vision_transformer import Attention, VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from mimkit.config import resolve_block_generator
 from mimkit.masking import (
-    block_mask,
+    block_mask_for,
     hybrid_mask,
     mask_to_ids,
     num_visible,
@@ -161,7 +162,7 @@ class TargetAwareDecoder(nn.Module):
         super().__init__()
         self.embed = nn.Linear(encoder_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(sincos_2d_pos_embed(dim, grid), requires_grad=False)
+        self.pos_embed = nn.Parameter(sincos_2d_pos_embed(dim, grid, row_first=True), requires_grad=False)
         self.blocks = nn.ModuleList([DecoderBlock(dim, heads, context_dim) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, out_dim)
@@ -189,7 +190,7 @@ class BootMAE(nn.Module):
     def __init__(self, encoder: VisionTransformer, *, decoder_dim: int = 512, decoder_depth: int = 2,
                  decoder_heads: int = 16, feature_decoder_dim: int | None = None,
                  feature_decoder_depth: int | None = None, feature_decoder_heads: int | None = None,
-                 mask_ratio: float = 0.75, mask_type: str = "hybrid",
+                 mask_ratio: float = 0.75, mask_type: str = "hybrid", block_generator: str = "beit",
                  hybrid_block_ratio: float = 120 / 196, hybrid_max_block_ratio: float = 60 / 196,
                  feature_target: str = "ema", feature_weight: float = 1.0, feature_weight_ramp: float = 0.25,
                  cross_attention: bool = True, pixel_context_layer: int = 0, feature_context_layer: int = -1,
@@ -203,7 +204,7 @@ class BootMAE(nn.Module):
         self.patch_size = encoder.patch_embed.patch_size[0]
         self.grid = tuple(encoder.patch_embed.grid_size)
         self.num_patches = encoder.patch_embed.num_patches
-        self.mask_ratio, self.mask_type = mask_ratio, mask_type
+        self.mask_ratio, self.mask_type, self.block_generator = mask_ratio, mask_type, block_generator
         self.num_block = max(1, round(hybrid_block_ratio * self.num_patches))
         self.max_block = max(1, round(hybrid_max_block_ratio * self.num_patches))
         self.parts = parts_for_ratio(mask_ratio) if mask_type == "parallel" else 1
@@ -229,11 +230,15 @@ class BootMAE(nn.Module):
         self.set_progress(0, 1, 1)
 
     def initialize_weights(self) -> None:
-        """Section 5.3: frozen sin-cos pos-embed; xavier-uniform Linears, with the fused qkv as three matrices
-        (and the cross-attention k, v as BootMAE's one fused kv matrix); zero biases; cls ~ N(0, 1e-6);
-        mask tokens ~ trunc-normal(0.02); patch embedding xavier on its flattened view."""
+        """Section 5.3: frozen sin-cos pos-embed (MoCo v3's row-first table, as BootMAE); xavier-uniform Linears,
+        with the fused qkv as three matrices (and the cross-attention k, v as BootMAE's one fused kv matrix); zero
+        biases; cls ~ N(0, 1e-6); mask tokens ~ N(0, 0.02) truncated at +-1 sigma (BootMAE's trunc_normal_);
+        patch embedding xavier on its flattened view. The pixel head is BootMAE's ConvTranspose2d(dim, 3, p, p)
+        written as a Linear(dim, p*p*3) in patchify order: PyTorch's default ConvTranspose2d init (which BootMAE
+        keeps), U(+-1/sqrt(3 p^2)) for the weights and one such bias per colour channel, repeated over the p*p
+        pixels. The Linear keeps p*p*3 biases (tied at init, free in training; official weights load exactly)."""
         enc = self.encoder
-        enc.pos_embed.data.copy_(sincos_2d_pos_embed(enc.embed_dim, self.grid[0]))
+        enc.pos_embed.data.copy_(sincos_2d_pos_embed(enc.embed_dim, self.grid[0], row_first=True))
         enc.pos_embed.requires_grad_(False)  # frozen in pretraining; timm makes it learnable at fine-tune
         for name, m in self.named_modules():
             if isinstance(m, nn.Linear):
@@ -256,7 +261,11 @@ class BootMAE(nn.Module):
         nn.init.normal_(enc.cls_token, std=1e-6)
         for decoder in (self.pixel_decoder, self.feature_decoder):
             if decoder is not None:
-                nn.init.trunc_normal_(decoder.mask_token, std=0.02)
+                nn.init.trunc_normal_(decoder.mask_token, std=0.02, a=-0.02, b=0.02)
+        head, pixels = self.pixel_decoder.head, self.patch_size**2
+        bound = 1 / math.sqrt(3 * pixels)  # ConvTranspose2d's default: fan_in = out channels (3) x kernel area
+        nn.init.uniform_(head.weight, -bound, bound)
+        head.bias.data.copy_(torch.empty(3).uniform_(-bound, bound).repeat(pixels))
 
     # ---------------------------------------------------------------- schedule and momentum encoder
 
@@ -313,10 +322,11 @@ class BootMAE(nn.Module):
         num_masked = self.num_patches - num_visible(self.num_patches, self.mask_ratio)
         if self.mask_type == "hybrid":
             mask = hybrid_mask(self.grid, num_masked, min(self.num_block, num_masked), max_block=self.max_block,
-                               generator=generator)  # fmt: skip
+                               generator=generator, block_generator=self.block_generator)  # fmt: skip
             return {"mask": mask.flatten()}
         if self.mask_type == "block":
-            return {"mask": block_mask(self.grid, num_masked, generator=generator).flatten()}
+            # the visible-token encoder batches equal counts only: exact (validation refuses beit here)
+            return {"mask": block_mask_for("exact", self.grid, num_masked, generator=generator).flatten()}
         return {"noise": torch.rand(self.num_patches, generator=generator)}  # random, parallel
 
     def target(self, imgs: torch.Tensor) -> torch.Tensor:
@@ -402,6 +412,7 @@ def build(cfg, encoder: VisionTransformer) -> BootMAE:
         feature_decoder_heads=bm.feature_decoder_heads,
         mask_ratio=cfg.mask.ratio,
         mask_type=cfg.mask.type,
+        block_generator=resolve_block_generator(cfg),
         hybrid_block_ratio=cfg.mask.hybrid_block_ratio,
         hybrid_max_block_ratio=cfg.mask.hybrid_max_block_ratio,
         feature_target=bm.feature_target,

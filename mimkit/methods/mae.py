@@ -12,7 +12,8 @@ from timm.models import checkpoint_seq
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from mimkit.masking import block_mask, mask_to_ids, num_visible, random_mask
+from mimkit.config import resolve_block_generator
+from mimkit.masking import block_mask_for, mask_to_ids, num_visible, random_mask
 from mimkit.models import init_weights_mae, patchify, sincos_2d_pos_embed
 
 
@@ -104,13 +105,14 @@ class MAE(nn.Module):
         mask_ratio: float = 0.75,
         norm_pix_loss: bool = True,
         mask_type: str = "random",
+        block_generator: str = "exact",
     ):
         super().__init__()
         self.encoder = encoder
         self.patch_size = encoder.patch_embed.patch_size[0]
         self.num_patches = encoder.patch_embed.num_patches
         self.mask_ratio = mask_ratio
-        self.mask_type = mask_type
+        self.mask_type, self.block_generator = mask_type, block_generator
         self.norm_pix_loss = norm_pix_loss
         self.decoder = MAEDecoder(
             encoder.embed_dim, self.num_patches, self.patch_size, decoder_dim, decoder_depth, decoder_heads
@@ -137,7 +139,7 @@ class MAE(nn.Module):
         if self.mask_type == "block":
             grid = self.encoder.patch_embed.grid_size
             num_masked = self.num_patches - num_visible(self.num_patches, self.mask_ratio)
-            return {"mask": block_mask(grid, num_masked, generator=generator).flatten()}
+            return {"mask": block_mask_for(self.block_generator, grid, num_masked, generator=generator).flatten()}
         return {"noise": torch.rand(self.num_patches, generator=generator)}
 
     def target(self, imgs: torch.Tensor) -> torch.Tensor:
@@ -168,4 +170,5 @@ def build(cfg, encoder: VisionTransformer) -> MAE:
         mask_ratio=cfg.mask.ratio,
         norm_pix_loss=cfg.mae.norm_pix_loss,
         mask_type=cfg.mask.type,
+        block_generator=resolve_block_generator(cfg),
     )
