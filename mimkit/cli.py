@@ -66,6 +66,12 @@ def _export(args: argparse.Namespace) -> int:
         print(f"wrote {written['weights']} and {written['config']}\nload with:\n{timm_usage(args.out)}")
     else:
         written = export_hf(args.checkpoint, args.out)
+        if "beit" in written:  # BEiT / mc-BEiT: transformers' Beit classes
+            print(f"wrote transformers.BeitModel folder {written['beit']} "
+                  f"(BeitModel.from_pretrained('{written['beit']}', add_pooling_layer=False))")
+            print(f"wrote transformers.BeitForMaskedImageModeling folder {written['beit_mim']} "
+                  f"(BeitForMaskedImageModeling.from_pretrained('{written['beit_mim']}'))")
+            return 0
         print(f"wrote transformers.ViTModel folder {written['vit']} "
               f"(ViTModel.from_pretrained('{written['vit']}', add_pooling_layer=False))")
         if "vit_mae" in written:

@@ -338,7 +338,7 @@ def test_cli_tokenizer_train(tiny_cfg, tmp_path, npz_data):
     assert rc == 0 and path.is_file() and path.with_suffix(".jsonl").is_file()
 
 
-def test_beit_checkpoint_exports_to_timm_beit_and_hf_beit_with_identical_features(tiny_cfg, tmp_path):
+def test_beit_checkpoint_exports_to_timm_beit_and_hf_beit_with_identical_features(tiny_cfg, tmp_path, capsys):
     import timm
 
     from mimkit.interop import export_hf, export_timm, load_mimkit_checkpoint, timm_create_kwargs
@@ -372,6 +372,13 @@ def test_beit_checkpoint_exports_to_timm_beit_and_hf_beit_with_identical_feature
         mim = BeitForMaskedImageModeling.from_pretrained(written["beit_mim"]).eval()
         torch.testing.assert_close(mim(pixel_values=x, bool_masked_pos=mask).logits,
                                    model.lm_head(model.features(x, mask)[:, 1:]), rtol=1e-5, atol=1e-5)  # fmt: skip
+    # the command line names the classes to load the folders with
+    from mimkit.cli import main
+
+    assert main(["export", str(ckpt), "--to", "hf", str(tmp_path / "hf_cli")]) == 0
+    printed = capsys.readouterr().out
+    assert "BeitModel.from_pretrained" in printed and "BeitForMaskedImageModeling.from_pretrained" in printed
+    assert "ViTModel" not in printed
 
 
 def test_visualize_and_attention_refuse_beit_checkpoints_with_a_message(tiny_cfg, tmp_path, capsys):
