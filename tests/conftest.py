@@ -21,6 +21,19 @@ TINY_MODEL = [
 ]
 
 
+TINY_TOKENIZER = ["tokenizer.kind=random", "tokenizer.vocab_size=32", "tokenizer.hidden=8", "tokenizer.code_dim=8",
+                  "tokenizer.downsample=2"]  # fmt: skip
+
+
+@pytest.fixture
+def one_thread():
+    """Small convolutions on a shared, oversubscribed CPU run many times faster on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_images(n: int, size: int = 20, seed: int = 0) -> np.ndarray:
     """Smooth random images (low-frequency patterns), uint8 NHWC: learnable, unlike white noise."""
     g = np.random.default_rng(seed)

@@ -14,25 +14,15 @@ from mimkit.checkpoint import load_checkpoint
 from mimkit.config import ConfigError, load_config
 from mimkit.data import TwoViewTransform, ViewSpec
 from mimkit.methods import build_model
-from mimkit.methods.beit import (McBEiT, affinity, soft_cross_entropy, soft_targets, timm_beit_kwargs,
+from mimkit.methods.beit import (affinity, soft_cross_entropy, soft_targets, timm_beit_kwargs,
                                  tokenizer_probs)  # fmt: skip
 from mimkit.tokenizers import (DalleEncoder, TamingGumbelTokenizer, TokenizerError, load_tokenizer,
                                train_tokenizer)  # fmt: skip
 from mimkit.train import pretrain
 
-from conftest import TINY_MODEL, make_images
+from conftest import TINY_MODEL, TINY_TOKENIZER, make_images
 
-TINY_TOKENIZER = ["tokenizer.kind=random", "tokenizer.vocab_size=32", "tokenizer.hidden=8", "tokenizer.code_dim=8",
-                  "tokenizer.downsample=2"]  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small convolutions on a shared, oversubscribed CPU run many times faster on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(method: str, *overrides):

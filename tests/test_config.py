@@ -4,10 +4,7 @@ import yaml
 
 from mimkit.config import ConfigError, load_config, parse_overrides, to_dict
 
-from conftest import TINY_MODEL
-
-TINY_TOKENIZER = ["tokenizer.kind=random", "tokenizer.vocab_size=32", "tokenizer.hidden=8", "tokenizer.code_dim=8",
-                  "tokenizer.downsample=2"]  # fmt: skip
+from conftest import TINY_MODEL, TINY_TOKENIZER
 
 
 def test_defaults_follow_the_mae_paper():

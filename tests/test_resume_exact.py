@@ -10,8 +10,8 @@ import torch
 from mimkit.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_sharded
 from mimkit.train import pretrain
 
-TINY_TOKENIZER = ["tokenizer.kind=random", "tokenizer.vocab_size=32", "tokenizer.hidden=8", "tokenizer.code_dim=8",
-                  "tokenizer.downsample=2"]  # fmt: skip
+from conftest import TINY_TOKENIZER
+
 METHODS = {
     "mae": [],
     "emae": ["method=emae"],
@@ -34,12 +34,7 @@ def assert_same_rng(a: list, b: list):
         assert ra["python"] == rb["python"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("method", list(METHODS))
