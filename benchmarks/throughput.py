@@ -61,7 +61,7 @@ from mimkit.data import PretrainData
 from mimkit.masking import num_visible
 from mimkit.methods import build_model
 from mimkit.models import compile_blocks, get_preset, resolve_attention, set_attention_kernel
-from mimkit.train import adamw_kernel
+from mimkit.engine import adamw_kernel
 
 MASK_RATIO = 0.75
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -1,4 +1,5 @@
-"""Command line: `mimkit pretrain CONFIG [key=value ...]`."""
+"""The command line, all of its argument parsing: `mimkit pretrain | knn | linprobe | finetune | visualize |
+attention | export | import | tokenizer train`, each `CONFIG [section.key=value ...]` where it takes a config."""
 
 from __future__ import annotations
 
@@ -8,17 +9,19 @@ import shutil
 import sys
 from pathlib import Path
 
+from mimkit import distributed as mdist
+from mimkit.checkpoint import load_checkpoint
 from mimkit.config import dump_yaml, load_config
 from mimkit.errors import MimkitError
-from mimkit.eval.cli import register_eval_commands
-from mimkit.tokenizers import register_tokenizer_commands
+from mimkit.eval import RUNNERS, dump_eval_yaml, load_eval_config
+from mimkit.interop import ImportOptions, export_hf, export_timm, import_checkpoint, timm_usage
+from mimkit.tokenizer_training import train_tokenizer
+from mimkit.tokenizers import TokenizerError
+from mimkit.train import pretrain
+from mimkit.visualize import attention_figure, visualize
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from mimkit import distributed as mdist
-    from mimkit.checkpoint import load_checkpoint
-    from mimkit.train import pretrain
-
     overrides = list(args.overrides)
     if args.dry_run:  # one step and one checkpoint save on every rank, in a scratch folder
         base = load_config(args.config, overrides)
@@ -51,16 +54,12 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 
 def _visualize(args: argparse.Namespace) -> int:
-    from mimkit.visualize import visualize
-
     for done in visualize(args.checkpoint, args.images, args.out, seed=args.seed, scale=args.scale):
         print(done.path)
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
-    from mimkit.interop import export_hf, export_timm, timm_usage
-
     if args.to == "timm":
         written = export_timm(args.checkpoint, args.out)
         print(f"wrote {written['weights']} and {written['config']}\nload with:\n{timm_usage(args.out)}")
@@ -81,8 +80,6 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from mimkit.interop import ImportOptions, import_checkpoint
-
     opts = ImportOptions(
         fmt=args.format, key=args.key, img_size=args.img_size, num_heads=args.num_heads, decoder_dim=args.decoder_dim,
         decoder_depth=args.decoder_depth, decoder_heads=args.decoder_heads, mask_ratio=args.mask_ratio,
@@ -95,8 +92,6 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _attention(args: argparse.Namespace) -> int:
-    from mimkit.visualize import attention_figure
-
     path, _ = attention_figure(args.checkpoint, args.image, args.out, scale=args.scale)
     print(path)
     return 0
@@ -145,6 +140,81 @@ def _add_tool_parsers(sub) -> None:
     p.set_defaults(func=_attention)
 
 
+# ---------------------------------------------------------------- knn / linprobe / finetune
+
+
+EVAL_HELP = {
+    "knn": "k-NN top-1 of frozen encoder features (cosine, k=20, T=0.07); a trend monitor for MIM encoders",
+    "linprobe": "linear probe of a frozen encoder (MAE protocol: BN + Linear, LARS, cosine); cached-feature fast "
+                "path and block scan",
+    "finetune": "fine-tune an encoder end to end (layer-wise lr decay, drop path, Mixup/CutMix, RandAugment, EMA)",
+}  # fmt: skip
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    if args.config and "=" in args.config:  # `mimkit knn key=value ...` without a recipe
+        args.overrides.insert(0, args.config)
+        args.config = None
+    cfg = load_eval_config(args.command, args.config, args.overrides)
+    if args.print_config:
+        print(dump_eval_yaml(cfg), end="")
+        return 0
+    result = RUNNERS[args.command](cfg)
+    if mdist.world_from_env()[0] == 0:
+        m = result.metrics
+        line = f"\ndone: {args.command} top-1 {m['top1']:.2f}%"
+        if m.get("best_block") is not None and m.get("best_block") != m.get("block"):
+            line += f" (best block {m['best_block']}: {m['best_top1']:.2f}%)"
+        if m.get("ema_top1") is not None:
+            line += f", EMA top-1 {m['ema_top1']:.2f}%"
+        print(line + f" on {m['val_images']} val images, {m['wall_clock_s']:.0f} s")
+        print(f"  metrics:    {result.metrics_path} (JSONL: {result.out_dir / 'metrics.jsonl'}, TensorBoard: {result.out_dir / 'tb'})")
+        if result.checkpoint is not None:
+            print(f"  checkpoint: {result.checkpoint}")
+    mdist.cleanup()
+    return 0
+
+
+def register_eval_commands(sub) -> None:
+    """Add `mimkit knn | linprobe | finetune CONFIG [section.key=value ...] [--print-config]`."""
+    for name, text in EVAL_HELP.items():
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("config", nargs="?", help=f"YAML recipe, e.g. configs/eval/{name}_vit_tiny_cifar10.yaml")
+        p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. encoder.checkpoint=runs/x/checkpoint-00001000.pt")
+        p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        p.set_defaults(func=_evaluate)
+
+
+# ---------------------------------------------------------------- tokenizer train
+
+
+def register_tokenizer_commands(sub) -> None:
+    """`mimkit tokenizer train CONFIG [section.key=value ...]`."""
+    p = sub.add_parser("tokenizer", help="visual tokenizers for BEiT / mc-BEiT (train mimkit's own dVAE)")
+    tsub = p.add_subparsers(dest="tokenizer_command", required=True)
+    q = tsub.add_parser("train", help="train mimkit's dVAE tokenizer on data.path; writes tokenizer.path")
+    q.add_argument("config", nargs="?", help="YAML recipe, e.g. configs/tokenizer_cifar10.yaml")
+    q.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. tokenizer.train_steps=100")
+    q.set_defaults(func=_train_command)
+
+
+def _train_command(args) -> int:
+    overrides = list(args.overrides)
+    if args.config and "=" in args.config:
+        overrides.insert(0, args.config)
+        args.config = None
+    cfg = load_config(args.config, overrides)
+    try:
+        result = train_tokenizer(cfg)
+    except TokenizerError as e:
+        print(f"mimkit: error: {e}")
+        return 2
+    last = result["history"][-1]
+    print(f"\ndone: {last['step']} steps, loss {last['loss']:.4f} (reconstruction {last['reconstruction']:.4f})\n"
+          f"  tokenizer: {result['path']}\n  metrics:   {result['path'].with_suffix('.jsonl')}")  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mimkit", description="Masked-image-modeling pretraining for timm ViTs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -156,8 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run one step and one checkpoint save on every rank (in OUT_DIR/dry-run), then exit")
     p.set_defaults(func=_pretrain)
     _add_tool_parsers(sub)
-    register_eval_commands(sub)  # knn, linprobe, finetune (mimkit/eval/cli.py)
-    register_tokenizer_commands(sub)  # tokenizer train (mimkit/tokenizers.py)
+    register_eval_commands(sub)  # knn, linprobe, finetune
+    register_tokenizer_commands(sub)  # tokenizer train
     return parser
 
 

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from mimkit.errors import MimkitError
+from mimkit.presets import PRESETS, get_preset
 
 
 class ConfigError(MimkitError, ValueError):
@@ -317,8 +318,6 @@ def _require(ok: bool, message: str) -> None:
 
 def validate(cfg: Config) -> Config:
     """Range checks that types alone cannot express."""
-    from mimkit.models import PRESETS, get_preset
-
     _require(cfg.model.arch in PRESETS, f"model.arch: unknown '{cfg.model.arch}'; allowed: {', '.join(sorted(PRESETS))}")
     preset = get_preset(cfg.model.arch)
     img, patch = cfg.model.img_size or preset.img_size, cfg.model.patch_size or preset.patch_size

@@ -81,16 +81,15 @@ def init_distributed(device_name: str = "auto", timeout_minutes: float = 30.0) -
     return DistInfo(rank, world, local_rank, device)
 
 
-def shard_model(model: torch.nn.Module, precision: str) -> None:
-    """FSDP2: shard every transformer block (encoder and decoders), then the rest at the root.
+def shard_model(model: torch.nn.Module, blocks: list[torch.nn.Module], precision: str) -> None:
+    """FSDP2: shard each of `blocks` (every transformer block of the method: encoder, decoders, momentum
+    encoder — mimkit.models.transformer_blocks, the list compile uses too), then the rest at the root.
     bf16 runs keep fp32 master weights and gather parameters in bf16 (reduce in fp32)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    from timm.models.vision_transformer import Block
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" else MixedPrecisionPolicy()
-    for module in model.modules():
-        if isinstance(module, Block):
-            fully_shard(module, mp_policy=policy)
+    for block in blocks:
+        fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
 
 
@@ -116,3 +115,7 @@ def barrier() -> None:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

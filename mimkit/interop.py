@@ -30,11 +30,8 @@ Key layouts handled (names only; the conversions are written from the published 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import pathlib
-import pickle
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -47,82 +44,13 @@ from torch import nn
 import mimkit
 from mimkit.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from mimkit.config import BEIT_METHODS, Config, ConfigError, config_from_dict, load_config, to_dict
-from mimkit.errors import MimkitError
+from mimkit.files import InteropError, load_torch_file, load_weights_file  # noqa: F401 (public here too)
+from mimkit.methods import build_model
+from mimkit.methods.beit import timm_beit_kwargs
+from mimkit.methods.mae import MAEDecoder
 from mimkit.models import PRESETS, sincos_2d_pos_embed
 
 FORMATS = ("auto", "mimkit", "mae", "beit", "bootmae", "hf")
-
-
-class InteropError(MimkitError, ValueError):
-    """A problem with a file to import or export, naming the file and, where there is one, the key."""
-
-
-# =============================================================================================
-# Reading files without running code
-
-
-def _inert_globals() -> list:
-    """Classes official training checkpoints pickle beside their tensors, none of which runs code
-    when rebuilt: the argparse Namespace of the run's arguments, paths, numpy scalars and dtypes."""
-    import numpy as np
-
-    allowed: list = [
-        argparse.Namespace,
-        pathlib.PosixPath,
-        pathlib.WindowsPath,
-        pathlib.PurePosixPath,
-        pathlib.PureWindowsPath,
-        np.dtype,
-    ]
-    try:
-        from numpy._core.multiarray import scalar
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import scalar  # type: ignore[no-redef]
-    allowed += [scalar, (scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar")]
-    dtypes = getattr(np, "dtypes", None)
-    if dtypes is not None:
-        allowed += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")]
-    return allowed
-
-
-def load_torch_file(path: str | Path) -> Any:
-    """``torch.load(weights_only=True)`` plus the inert allowlist; clear errors naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        with torch.serialization.safe_globals(_inert_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        try:
-            found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-        except Exception:
-            found = []
-        inert = {f"{g.__module__}.{g.__qualname__}" if not isinstance(g, tuple) else g[1] for g in _inert_globals()}
-        blocked = [g for g in found if g not in inert]
-        what = ", ".join(blocked) if blocked else str(e).splitlines()[0]
-        raise InteropError(
-            f"{path}: refused to load: it pickles Python objects that weights-only loading does not allow ({what}). "
-            "Nothing from the file was run. If you trust it, re-save only its tensors (e.g. "
-            "torch.save({'model': ckpt['model']}, 'weights.pth') in an environment you control) and import that."
-        ) from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise InteropError(f"{path}: cannot read as a PyTorch checkpoint ({type(e).__name__}: {e})") from None
-
-
-def load_weights_file(path: str | Path) -> Any:
-    """A .safetensors file (tensors only) or a PyTorch file (see :func:`load_torch_file`)."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        if not path.is_file():
-            raise FileNotFoundError(f"weights not found: {path}")
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device="cpu")
-        except Exception as e:
-            raise InteropError(f"{path}: cannot read as safetensors ({type(e).__name__}: {e})") from None
-    return load_torch_file(path)
 
 
 def _read_json(path: Path) -> dict:
@@ -213,8 +141,6 @@ def unwrap_state_dict(obj: Any, path: Path, key: str | None = None) -> tuple[dic
 
 def load_mimkit_checkpoint(path: str | Path) -> tuple[nn.Module, Config, dict]:
     """Rebuild the model of a mimkit checkpoint (training or imported): (model in eval mode, config, raw dict)."""
-    from mimkit.methods import build_model
-
     path = Path(path)
     try:
         state = load_checkpoint(path)
@@ -372,7 +298,6 @@ def hf_beit_config(model, cfg: Config, *, mim_head: bool = False):
     """A transformers ``BeitConfig`` for a mimkit BEiT / mc-BEiT model (``model.encoder`` a timm ``Beit``)."""
     from transformers import BeitConfig
 
-    from mimkit.methods.beit import timm_beit_kwargs
 
     kw = timm_beit_kwargs(cfg)
     return BeitConfig(
@@ -424,7 +349,6 @@ def export_timm(ckpt: str | Path, out: str | Path) -> dict[str, Path]:
     mean, std = _data_stats(cfg)
     size = spec["img_size"]
     if cfg.method in BEIT_METHODS:  # timm's Beit: relative position bias, layer scale, no abs. pos-embed
-        from mimkit.methods.beit import timm_beit_kwargs
 
         model_args = timm_beit_kwargs(cfg)
     else:
@@ -573,7 +497,6 @@ def export_hf(ckpt: str | Path, out: str | Path) -> dict[str, Path]:
     _require_transformers()
     from transformers import ViTMAEForPreTraining, ViTModel
 
-    from mimkit.methods.mae import MAEDecoder
 
     model, cfg, _ = load_mimkit_checkpoint(ckpt)
     out = Path(out)
@@ -1201,8 +1124,6 @@ def read_source(src: str | Path, key: str | None = None) -> tuple[dict[str, torc
 def import_checkpoint(src: str | Path, out: str | Path | None, opts: ImportOptions | None = None) -> ImportReport:
     """Convert ``src`` into a mimkit checkpoint at ``out`` (same dict layout as a training checkpoint:
     model, config, step, mimkit_version, method; plus ``imported_from``). Returns the key report."""
-    from mimkit.methods import build_model
-
     opts = opts or ImportOptions()
     if opts.fmt not in FORMATS:
         raise InteropError(f"--format '{opts.fmt}' is not allowed; allowed: {', '.join(FORMATS)}")

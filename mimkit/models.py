@@ -6,49 +6,16 @@ The state dict of every encoder built here loads unchanged into
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
 import torch
+from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-
-@dataclass(frozen=True)
-class VitPreset:
-    embed_dim: int
-    depth: int
-    num_heads: int
-    patch_size: int
-    img_size: int
-    timm_name: str  # a timm architecture with the same widths, for export / create_model
-
-    @property
-    def grid(self) -> int:
-        return self.img_size // self.patch_size
-
-
-_SIZES = {  # name: (width, depth, heads, timm base name)
-    "tiny": (192, 12, 3, "vit_tiny_patch16_224"),
-    "small": (384, 12, 6, "vit_small_patch16_224"),
-    "base": (768, 12, 12, "vit_base_patch16_224"),
-    "large": (1024, 24, 16, "vit_large_patch16_224"),
-    "huge": (1280, 32, 16, "vit_huge_patch14_224"),
-}
-
-PRESETS: dict[str, VitPreset] = {}
-for _size, (_d, _depth, _h, _timm) in _SIZES.items():
-    _patch = 14 if _size == "huge" else 16
-    PRESETS[f"vit_{_size}_patch{_patch}_224"] = VitPreset(_d, _depth, _h, _patch, 224, _timm)
-    for _p in (2, 4):  # small-image presets (CIFAR-sized inputs)
-        PRESETS[f"vit_{_size}_patch{_p}_32"] = VitPreset(_d, _depth, _h, _p, 32, _timm)
-
-
-def get_preset(arch: str) -> VitPreset:
-    if arch not in PRESETS:
-        raise ValueError(f"unknown model.arch '{arch}'; allowed: {', '.join(sorted(PRESETS))}")
-    return PRESETS[arch]
+from mimkit.errors import MimkitError
+from mimkit.presets import PRESETS, VitPreset, get_preset  # noqa: F401 (mimkit.models.PRESETS, as before)
 
 
 def create_encoder(
@@ -139,9 +106,7 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     from timm.models.beit import Block as BeitBlock
     from timm.models.vision_transformer import Block
 
-    from mimkit.methods.bootmae import DecoderBlock
-
-    return [m for m in model.modules() if isinstance(m, (Block, BeitBlock, DecoderBlock))]
+    return [m for m in model.modules() if isinstance(m, (Block, BeitBlock)) or getattr(m, "IS_TRANSFORMER_BLOCK", False)]
 
 
 def resolve_compile(setting: bool | str, device: torch.device) -> bool:
@@ -183,6 +148,10 @@ def cpu_compiler() -> str | None:
     return shutil.which(name.split()[0])
 
 
+class CompileUnavailable(MimkitError, RuntimeError):
+    """torch.compile asked for where it cannot run."""
+
+
 def compile_blocks(model: nn.Module, device: torch.device | None = None) -> int:
     """torch.compile each transformer block in place (`Module.compile`: state-dict keys, FSDP2 sharding and
     DDP wrapping see the same modules). The gathers of masking stay eager; the blocks are where the
@@ -190,9 +159,37 @@ def compile_blocks(model: nn.Module, device: torch.device | None = None) -> int:
     C++ compiler is reported here, before any compute, instead of at the first step."""
     device = device or next(model.parameters()).device
     if device.type == "cpu" and cpu_compiler() is None:
-        raise RuntimeError("train.compile=true on CPU needs a C++ compiler for torch.compile's CPU kernels (g++, "
+        raise CompileUnavailable("train.compile=true on CPU needs a C++ compiler for torch.compile's CPU kernels (g++, "
                            "or $CXX); install one, or set train.compile=false")  # fmt: skip
     blocks = transformer_blocks(model)
     for block in blocks:
         block.compile()
     return len(blocks)
+
+
+def encode_visible(encoder: VisionTransformer, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+    """Run a timm ViT on the visible patches only: pos-embed is added before masking, the cls
+    token (with its own pos-embed) is prepended after. Returns final-LN tokens (B, 1+keep, D).
+    `ids_keep` of shape (B, K, keep) encodes K views of each image as B*K sequences (EMAE's parts),
+    embedding each image's patches once."""
+    x = encoder.patch_embed(imgs)
+    x = x + encoder.pos_embed[:, 1:, :]
+    if ids_keep.dim() == 3:
+        b, parts, keep = ids_keep.shape
+        x = torch.gather(x.unsqueeze(1).expand(-1, parts, -1, -1), 2,
+                         ids_keep.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))  # fmt: skip
+        x = x.reshape(b * parts, keep, x.shape[-1])
+    else:
+        x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    cls = (encoder.cls_token + encoder.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+    x = torch.cat([cls, x], dim=1)
+    x = run_blocks(encoder.blocks, x, encoder.grad_checkpointing)
+    return encoder.norm(x)
+
+
+def run_blocks(blocks: nn.Sequential, x: torch.Tensor, grad_checkpointing: bool = False) -> torch.Tensor:
+    """A stack of blocks, recomputing activations in backward when grad_checkpointing is on (timm's
+    `set_grad_checkpointing` flag), trading compute for memory."""
+    if grad_checkpointing and torch.is_grad_enabled():
+        return checkpoint_seq(blocks, x)
+    return blocks(x)

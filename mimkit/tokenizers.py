@@ -27,10 +27,8 @@ of the same layout.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimkit.errors import MimkitError
+from mimkit.files import InteropError, load_weights_file
 
 log = logging.getLogger("mimkit")
 
@@ -389,8 +388,6 @@ def _load_exact(model: nn.Module, sd: dict[str, torch.Tensor], path: str, what: 
 
 
 def _read(path: str | Path) -> Any:
-    from mimkit.interop import InteropError, load_weights_file
-
     try:
         return load_weights_file(path)
     except InteropError as e:
@@ -429,108 +426,3 @@ def _state_dict_of(obj: Any, path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise TokenizerError(f"{path}: expected a state dict of tensors (or a Lightning checkpoint with 'state_dict')")
     return dict(obj)
-
-
-# =============================================================================================
-# training mimkit's tokenizer: `mimkit tokenizer train CONFIG [key=value ...]`
-
-
-def _tokenizer_batches(cfg, size: int, batch_size: int, seed: int):
-    """Endless seeded batches of random crops (+ flip) of the configured data, in [-1, 1]."""
-    from torchvision.transforms import v2
-
-    from mimkit.data import open_source, resolve_format
-
-    d = cfg.data
-    if resolve_format(d.path, d.format) == "webdataset":
-        raise TokenizerError("mimkit tokenizer train reads indexable data (folder, .npz, skimage), not WebDataset")
-    source = open_source(d.path, d.format)
-    ops = [v2.ToImage(), v2.RandomResizedCrop(size, scale=tuple(d.crop_scale),
-                                              interpolation=v2.InterpolationMode.BICUBIC, antialias=True)]  # fmt: skip
-    if d.hflip:
-        ops.append(v2.RandomHorizontalFlip())
-    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(MINUS_ONE_ONE[0]), list(MINUS_ONE_ONE[1]))]
-    transform = v2.Compose(ops)
-    g = torch.Generator().manual_seed(seed)
-    n = len(source)
-    while True:
-        idx = torch.randint(0, n, (batch_size,), generator=g)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(torch.randint(0, 2**62, (), generator=g)))
-            yield torch.stack([transform(source.load(int(i))) for i in idx])
-
-
-def train_tokenizer(cfg, log_every: int = 50) -> dict:
-    """Train the mimkit dVAE on cfg.data; write tokenizer.path (a weights_only-loadable dict).
-    Gumbel temperature anneals exponentially tau_start -> tau_end; Adam with cosine lr decay."""
-    from mimkit.models import get_preset
-
-    t = cfg.tokenizer
-    preset = get_preset(cfg.model.arch)
-    img, patch = cfg.model.img_size or preset.img_size, cfg.model.patch_size or preset.patch_size
-    size = t.size or (img // patch) * t.downsample
-    spec = DVAESpec(t.vocab_size, t.hidden, t.downsample, t.code_dim)
-    if t.path is None:
-        raise TokenizerError("tokenizer.path: where to write the trained tokenizer is required")
-    device = torch.device("cuda" if cfg.train.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if cfg.train.device == "auto" else cfg.train.device))  # fmt: skip
-    torch.manual_seed(cfg.train.seed)
-    model = DVAE(spec).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=t.lr)
-    batches = _tokenizer_batches(cfg, size, t.batch_size, cfg.train.seed)
-    gumbel = torch.Generator().manual_seed(cfg.train.seed + 1)
-    history, start = [], time.perf_counter()
-    for step in range(t.train_steps):
-        frac = step / max(t.train_steps - 1, 1)
-        tau = t.tau_start * (t.tau_end / t.tau_start) ** frac
-        for group in opt.param_groups:
-            group["lr"] = t.lr * 0.5 * (1 + math.cos(math.pi * frac))
-        x = next(batches).to(device)
-        loss, rec, kl, logits = model.loss(x, tau, t.kl_weight, gumbel)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        used = int(logits.argmax(1).unique().numel())
-        history.append({"step": step + 1, "loss": float(loss.detach()), "reconstruction": float(rec), "kl": float(kl),
-                        "tau": tau, "codes_used": used})  # fmt: skip
-        if (step + 1) % log_every == 0 or step + 1 == t.train_steps:
-            log.info("tokenizer step %d/%d loss %.4f rec %.4f kl %.3f tau %.3f codes in batch %d (%.1fs)", step + 1,
-                     t.train_steps, history[-1]["loss"], float(rec), float(kl), tau, used, time.perf_counter() - start)  # fmt: skip
-    out = Path(t.path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    state = {"kind": "mimkit", "spec": dict(spec.__dict__), "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
-             "image_size": size, "steps": t.train_steps, "final_loss": history[-1]["loss"]}  # fmt: skip
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(out)
-    (out.with_suffix(".jsonl")).write_text("".join(json.dumps(h) + "\n" for h in history))
-    return {"path": out, "history": history}
-
-
-def register_tokenizer_commands(sub) -> None:
-    """`mimkit tokenizer train CONFIG [section.key=value ...]`."""
-    p = sub.add_parser("tokenizer", help="visual tokenizers for BEiT / mc-BEiT (train mimkit's own dVAE)")
-    tsub = p.add_subparsers(dest="tokenizer_command", required=True)
-    q = tsub.add_parser("train", help="train mimkit's dVAE tokenizer on data.path; writes tokenizer.path")
-    q.add_argument("config", nargs="?", help="YAML recipe, e.g. configs/tokenizer_cifar10.yaml")
-    q.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. tokenizer.train_steps=100")
-    q.set_defaults(func=_train_command)
-
-
-def _train_command(args) -> int:
-    from mimkit.config import load_config
-
-    overrides = list(args.overrides)
-    if args.config and "=" in args.config:
-        overrides.insert(0, args.config)
-        args.config = None
-    cfg = load_config(args.config, overrides)
-    try:
-        result = train_tokenizer(cfg)
-    except TokenizerError as e:
-        print(f"mimkit: error: {e}")
-        return 2
-    last = result["history"][-1]
-    print(f"\ndone: {last['step']} steps, loss {last['loss']:.4f} (reconstruction {last['reconstruction']:.4f})\n"
-          f"  tokenizer: {result['path']}\n  metrics:   {result['path'].with_suffix('.jsonl')}")  # fmt: skip
-    return 0

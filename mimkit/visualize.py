@@ -22,7 +22,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from mimkit.models import patchify, unpatchify
+from mimkit.config import BEIT_METHODS
+from mimkit.data import CorruptImage, DataError, load_image
+from mimkit.interop import InteropError, load_mimkit_checkpoint
+from mimkit.models import unpatchify
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -48,7 +51,6 @@ def prepare_image(image, size: int) -> torch.Tensor:
     to uint8), centre-cropped. Values are exactly k / 255, so a panel converts back to the same bytes."""
     from torchvision.transforms.v2 import functional as F
 
-    from mimkit.data import load_image
 
     if isinstance(image, (str, os.PathLike)):
         image = load_image(image)  # CorruptImage names the file
@@ -74,8 +76,6 @@ def prepare_image(image, size: int) -> torch.Tensor:
 def preview_images(source, img_size: int, count: int = 4) -> torch.Tensor:
     """``count`` images of a mimkit data source (``mimkit.data.open_source``), spread evenly over
     it, as a fixed (B, 3, S, S) batch in [0, 1] for TensorBoard grids. Corrupt images are skipped."""
-    from mimkit.data import CorruptImage, DataError
-
     n = len(source)
     images = []
     for i in np.linspace(0, n - 1, num=min(count, n)).round().astype(int):
@@ -148,15 +148,8 @@ def reconstruct(
     raw_pred, out_mask = out.pred.float(), out.mask
     if raw_pred.dim() == 4:  # EMAE: (B, K, L, P) parts; show part 0 (MAE's random mask for the same noise)
         raw_pred, out_mask = raw_pred[:, 0], out_mask[:, 0]
-    pred = raw_pred
-    norm_pix = bool(getattr(model, "norm_pix_loss", False))
-    if hasattr(model, "pixels_from_pred"):  # a method's own target normalisation (BootMAE: per patch and channel)
-        pred = model.pixels_from_pred(raw_pred, x)
-    elif norm_pix:
-        target = patchify(x, p)
-        mu = target.mean(dim=-1, keepdim=True)
-        sigma = (target.var(dim=-1, keepdim=True) + NORM_PIX_EPS) ** 0.5
-        pred = pred * sigma + mu
+    norm_pix = model.norm_pix_loss
+    pred = model.pixels_from_pred(raw_pred, x)  # undoes the method's target normalisation with the ground truth's
     rec01 = (unpatchify(pred, p, grid) * s + m).clamp(0.0, 1.0)
     patch_mask = out_mask.float()
     pix = patch_mask.view(-1, *grid).repeat_interleave(p, dim=1).repeat_interleave(p, dim=2).bool()  # (B, S, S)
@@ -182,7 +175,7 @@ def reconstruct(
 
 def _per_image_loss(model, x, pred, mask) -> torch.Tensor:
     """MSE over masked patches, per image, in the space the model predicts (as its loss)."""
-    target = model.target(x) if hasattr(model, "target") else patchify(x, int(model.patch_size))
+    target = model.target(x)
     per_patch = (pred - target.float()).pow(2).mean(dim=-1)
     return (per_patch * mask).sum(1) / mask.sum(1).clamp_min(1)
 
@@ -322,9 +315,6 @@ def visualize(
     scale: int | None = None,
 ) -> list[Visualization]:
     """One PNG grid per image (files, or folders searched recursively): OUT/<image stem>_reconstruction.png."""
-    from mimkit.config import BEIT_METHODS
-    from mimkit.interop import InteropError, load_mimkit_checkpoint
-
     model, cfg, state = load_mimkit_checkpoint(ckpt)
     if cfg.method in BEIT_METHODS:
         raise InteropError(f"{ckpt}: a {cfg.method} model predicts visual-token ids, not pixels, so it has no "
@@ -472,9 +462,6 @@ def attention_grid(maps: AttentionMaps, title: str = "", scale: int | None = Non
 def attention_figure(
     ckpt: str | Path, image: str | Path, out: str | Path | None = None, scale: int | None = None
 ) -> tuple[Path, AttentionMaps]:
-    from mimkit.config import BEIT_METHODS
-    from mimkit.interop import InteropError, load_mimkit_checkpoint
-
     model, cfg, state = load_mimkit_checkpoint(ckpt)
     if cfg.method in BEIT_METHODS:  # its attention adds a relative position bias the maps would leave out
         raise InteropError(f"{ckpt}: attention maps of timm Beit encoders ({cfg.method}) are not supported yet; "

@@ -7,7 +7,9 @@ import torch
 
 import mimkit.methods.mae as mae_module
 from mimkit.checkpoint import list_checkpoints, load_checkpoint
-from mimkit.train import TrainingDiverged, lr_at, pretrain
+from mimkit.engine import TrainingDiverged
+from mimkit.schedules import lr_at
+from mimkit.train import pretrain
 
 
 def final_state(result):

@@ -135,6 +135,9 @@ class Oracle(nn.Module):
     def target(self, imgs):
         return self.mae.target(imgs)
 
+    def pixels_from_pred(self, pred, imgs):
+        return self.mae.pixels_from_pred(pred, imgs)
+
     def forward(self, imgs, **mask_inputs):
         out = self.mae(imgs, **mask_inputs)
         return MAEOutput(out.loss, self.mae.target(imgs), out.mask)

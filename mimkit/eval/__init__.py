@@ -8,23 +8,11 @@ trend monitor for pretraining loops.
 
 from __future__ import annotations
 
-from mimkit.eval.cli import register_eval_commands
 from mimkit.eval.common import EvalResult, KeyReport, load_encoder, open_labelled_split
-from mimkit.eval.config import FinetuneConfig, KnnConfig, LinprobeConfig, load_eval_config
+from mimkit.eval.config import FinetuneConfig, KnnConfig, LinprobeConfig, dump_eval_yaml, load_eval_config
+from mimkit.eval.finetune import run_finetune
 from mimkit.eval.knn import knn_accuracy, knn_monitor, knn_scores, run_knn
-
-
-def run_linprobe(cfg: LinprobeConfig) -> EvalResult:
-    from mimkit.eval.linprobe import run_linprobe as run
-
-    return run(cfg)
-
-
-def run_finetune(cfg: FinetuneConfig) -> EvalResult:
-    from mimkit.eval.finetune import run_finetune as run
-
-    return run(cfg)
-
+from mimkit.eval.linprobe import run_linprobe
 
 RUNNERS = {"knn": run_knn, "linprobe": run_linprobe, "finetune": run_finetune}
 
@@ -36,6 +24,6 @@ def evaluate(command: str, config_path: str | None = None, overrides: list[str] 
 
 __all__ = [
     "EvalResult", "FinetuneConfig", "KeyReport", "KnnConfig", "LinprobeConfig", "evaluate", "knn_accuracy",
-    "knn_monitor", "knn_scores", "load_encoder", "load_eval_config", "open_labelled_split", "register_eval_commands",
+    "knn_monitor", "knn_scores", "load_encoder", "dump_eval_yaml", "load_eval_config", "open_labelled_split",
     "run_finetune", "run_knn", "run_linprobe",
 ]  # fmt: skip

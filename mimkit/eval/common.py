@@ -30,8 +30,11 @@ from mimkit import distributed as mdist
 from mimkit.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
 from mimkit.config import BEIT_METHODS, ConfigError, config_from_dict
 from mimkit.data import CorruptImage, DataError, FolderImages, load_npz, pretrain_transform
+from mimkit.engine import autocast_context
+from mimkit.methods import build_model
+from mimkit.methods.beit import timm_beit_kwargs
+from mimkit.metrics import MetricsLog
 from mimkit.models import create_encoder, get_preset
-from mimkit.train import MetricsLog, autocast_context
 
 log = logging.getLogger("mimkit")
 
@@ -156,7 +159,6 @@ def encoder_source(ecfg) -> EncoderSource:
     step = state.get("step")
     beit_kwargs = None
     if pcfg.method in BEIT_METHODS:  # the encoder is timm's Beit (relative position bias, layer scale)
-        from mimkit.methods.beit import timm_beit_kwargs
 
         beit_kwargs = timm_beit_kwargs(pcfg)
         if ecfg.img_size is not None and ecfg.img_size != ckpt["img_size"]:
@@ -179,7 +181,6 @@ def build_encoder(src: EncoderSource, drop_path_rate: float = 0.0, seed: int = 0
     if src.state is not None:
         return create_encoder(m["arch"], m["img_size"], m["patch_size"], drop_path_rate, m["embed_dim"], m["depth"],
                               m["num_heads"])  # fmt: skip
-    from mimkit.methods import build_model
 
     cfg = config_from_dict({"model": {**m, "drop_path_rate": drop_path_rate}})
     with torch.random.fork_rng(devices=[]):

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from mimkit.config import AttentionKernel, ConfigError, _from_dict, _require, read_recipe, to_dict
+from mimkit.models import PRESETS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -240,8 +241,6 @@ COMMANDS: dict[str, type] = {"knn": KnnConfig, "linprobe": LinprobeConfig, "fine
 
 
 def _validate_common(cfg: Any) -> None:
-    from mimkit.models import PRESETS
-
     e, d = cfg.encoder, cfg.data
     _require(bool(e.checkpoint), "encoder.checkpoint must be a path or 'none'")
     if e.checkpoint == "none":

@@ -18,9 +18,7 @@ mimkit.data.ResumableBatchSampler with per-sample augmentation seeds, and the st
 from __future__ import annotations
 
 import logging
-import math
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -39,9 +37,17 @@ from torchvision.transforms import v2
 
 import mimkit
 from mimkit import distributed as mdist
-from mimkit.checkpoint import CheckpointError, atomic_write_text, checkpoint_path, prune_checkpoints, save_checkpoint
+from mimkit.checkpoint import (
+    CheckpointError,
+    atomic_write_text,
+    checkpoint_path,
+    prune_checkpoints,
+    resume_point,
+    save_checkpoint,
+)
 from mimkit.config import ConfigError, to_dict
 from mimkit.data import ResumableBatchSampler, stable_seed
+from mimkit.engine import StepEngine, TrainingDiverged, adamw_kernel, autocast_context, seed_everything
 from mimkit.eval.common import (
     EvalLog,
     EvalResult,
@@ -61,7 +67,7 @@ from mimkit.eval.common import (
 )
 from mimkit.eval.config import FinetuneConfig, dump_eval_yaml
 from mimkit.models import resolve_attention, set_attention_kernel
-from mimkit.train import TrainingDiverged, adamw_kernel, autocast_context, find_resume, lr_at, seed_everything
+from mimkit.schedules import lr_at
 
 log = logging.getLogger("mimkit")
 
@@ -215,7 +221,9 @@ def run_finetune(cfg: FinetuneConfig) -> EvalResult:
     groups = layer_decay_param_groups(model, o.weight_decay, o.layer_decay)
     table = lr_table(model, groups, peak_lr)
     optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=o.betas, eps=o.eps, **adamw_kernel("auto", sharded=False))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    engine = StepEngine(model, optimizer, device=device, precision=precision, accum_steps=t.accum_steps,
+                        clip_grad=o.clip_grad, max_nonfinite_steps=t.max_nonfinite_steps, name="finetune",
+                        hint="Try a lower optim.blr, optim.clip_grad, or train.precision=fp32.")
     mixup = None
     if a.mixup > 0 or a.cutmix > 0:
         mixup = Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, prob=a.mixup_prob, switch_prob=a.mixup_switch_prob,
@@ -226,23 +234,24 @@ def run_finetune(cfg: FinetuneConfig) -> EvalResult:
     ema = ModelEmaV3(model, decay=cfg.ema.decay) if cfg.ema.enabled else None
 
     # ---- resume: model, optimizer, scaler, EMA, step (which fixes epoch, data position and lr), evaluations
-    step, evals, elapsed, nonfinite_total = 0, [], 0.0, 0
-    resume_from, state = find_resume(cfg)
+    step, evals, elapsed = 0, [], 0.0
+    resume_from, state = resume_point(t.out_dir, t.resume)
     if resume_from is not None:
         if state.get("command") != "finetune" or state["steps_per_epoch"] != steps_per_epoch:
             raise CheckpointError(f"cannot resume {resume_from} exactly: not a finetune checkpoint of this setting (data, "
                              "batch size, processes or accum_steps differ)")  # fmt: skip
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        engine.scaler.load_state_dict(state["scaler"])
         if ema is not None:
             if "ema" not in state:
                 raise CheckpointError(f"cannot resume {resume_from} with ema.enabled: it has no EMA weights")
             ema.module.load_state_dict(state["ema"])
-        step, evals, elapsed, nonfinite_total = state["step"], state["evals"], state["elapsed_s"], state["nonfinite_steps"]
+        step, evals, elapsed, engine.nonfinite_total = state["step"], state["evals"], state["elapsed_s"], state["nonfinite_steps"]
     clock.already = elapsed
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.enabled else None
     train_model = ddp or model
+    engine.ddp = ddp
 
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -277,9 +286,9 @@ def run_finetune(cfg: FinetuneConfig) -> EvalResult:
         if not dist.is_main:
             return None
         state = {"command": "finetune", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scaler": scaler.state_dict(), "step": done, "epoch": done / steps_per_epoch,
+                 "scaler": engine.scaler.state_dict(), "step": done, "epoch": done / steps_per_epoch,
                  "steps_per_epoch": steps_per_epoch, "evals": evals, "elapsed_s": clock.total(),
-                 "nonfinite_steps": nonfinite_total, "num_classes": data.num_classes, "config": to_dict(cfg),
+                 "nonfinite_steps": engine.nonfinite_total, "num_classes": data.num_classes, "config": to_dict(cfg),
                  "key_report": report.to_dict(), "mimkit_version": mimkit.__version__}  # fmt: skip
         if ema is not None:
             state["ema"] = ema.module.state_dict()
@@ -293,7 +302,7 @@ def run_finetune(cfg: FinetuneConfig) -> EvalResult:
         from tqdm.auto import tqdm
 
         progress = tqdm(total=last_step, initial=step, desc="finetune", unit="step", dynamic_ncols=True)
-    last_ckpt, consecutive_nonfinite, loss_value = resume_from, 0, float("nan")
+    engine.last_checkpoint, loss_value = resume_from, float("nan")
     window_start, window_steps = time.perf_counter(), 0
     model.train()
     done = step
@@ -305,52 +314,31 @@ def run_finetune(cfg: FinetuneConfig) -> EvalResult:
             seed_everything(stable_seed(t.seed, "finetune-step", step, dist.rank))  # drop path, Mixup / CutMix
             lr = lr_at(step, steps_per_epoch, cfg, peak_lr)
             set_lr(optimizer, lr)
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(t.accum_steps):
+
+            def forward(micro: int):
                 imgs, y = next(batches)
                 imgs, y = imgs.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 if mixup is not None:
                     imgs, y = mixup(imgs, y)
-                sync = ddp is None or micro == t.accum_steps - 1
-                with (nullcontext() if sync else ddp.no_sync()), autocast_context(device, precision):
-                    loss = criterion(train_model(imgs).float(), y)
-                scaler.scale(loss / t.accum_steps).backward()
-                loss_sum += loss.detach().float()
+                return criterion(train_model(imgs).float(), y), {}
 
-            stats = mdist.all_reduce_sum(torch.stack([loss_sum / t.accum_steps, (~torch.isfinite(loss_sum)).float()]))
-            loss_value = float(stats[0]) / dist.world_size
-            finite, grad_norm = float(stats[1]) == 0, None
-            if finite and o.clip_grad is not None:
-                scaler.unscale_(optimizer)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], o.clip_grad))
-                finite = math.isfinite(grad_norm) or precision == "fp16"
-            if finite:
-                scaler.step(optimizer)
-                scaler.update()
-                if ema is not None:
-                    ema.update(model)
-                consecutive_nonfinite = 0
-            else:
-                nonfinite_total += 1
-                consecutive_nonfinite += 1
-                log.warning("step %d: non-finite loss/gradient, update skipped (%d in a row)", step, consecutive_nonfinite)
-            optimizer.zero_grad(set_to_none=True)
-            window_steps += 1
-            if consecutive_nonfinite >= t.max_nonfinite_steps:
+            try:
+                result = engine.step(step, forward, on_update=(lambda: ema.update(model)) if ema is not None else None)
+            except TrainingDiverged:
                 if progress is not None:
                     progress.close()
                 metrics.close()
-                raise TrainingDiverged(f"finetune: non-finite loss or gradients for {consecutive_nonfinite} consecutive "
-                                       f"steps; last checkpoint: {last_ckpt or 'none yet'}. Try a lower optim.blr, "
-                                       "optim.clip_grad, or train.precision=fp32.")  # fmt: skip
+                raise
+            loss_value = result.loss
+            window_steps += 1
 
             done = step + 1
             if done % t.log_every == 0 or done == last_step:
                 img_s = window_steps * effective_batch / max(time.perf_counter() - window_start, 1e-9)
                 record = {"step": done, "epoch": round(done / steps_per_epoch, 4), "loss": loss_value, "lr": lr,
-                          "img_per_s": round(img_s, 2), "nonfinite_steps": nonfinite_total, "time": time.time()}  # fmt: skip
-                if grad_norm is not None:
-                    record["grad_norm"] = grad_norm
+                          "img_per_s": round(img_s, 2), "nonfinite_steps": engine.nonfinite_total, "time": time.time()}  # fmt: skip
+                if result.grad_norm is not None:
+                    record["grad_norm"] = result.grad_norm
                 metrics.write(record)
                 if progress is not None:
                     progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}", refresh=False)
@@ -368,8 +356,8 @@ def run_finetune(cfg: FinetuneConfig) -> EvalResult:
             periodic = (t.save_every_steps and done % t.save_every_steps == 0) or (
                 end_of_epoch and (done // steps_per_epoch) % t.save_every_epochs == 0
             )
-            if (periodic and consecutive_nonfinite == 0) or done == last_step:
-                last_ckpt = save(done) or last_ckpt
+            if (periodic and engine.consecutive_nonfinite == 0) or done == last_step:
+                engine.last_checkpoint = save(done) or engine.last_checkpoint
         step = done
     if progress is not None:
         progress.close()
@@ -377,19 +365,19 @@ def run_finetune(cfg: FinetuneConfig) -> EvalResult:
 
     final = evals[-1] if evals and evals[-1]["step"] == done else evaluate(done)
     best = max(evals or [final], key=lambda r: r["top1"])
-    result = {
+    summary = {
         "command": "finetune", "top1": final["top1"], "top5": final["top5"], "best_top1": best["top1"],
         "best_epoch": best["epoch"], "epochs": t.epochs, "steps": done, "effective_batch": effective_batch,
         "peak_lr": peak_lr, "layer_decay": o.layer_decay, "lr_table": table, "trainable_blocks": cfg.model.trainable_blocks,
         "encoder": cfg.encoder.checkpoint, "key_report": report.to_dict(), "train_images": len(data.train),
         "val_images": len(data.val), "num_classes": data.num_classes, "wall_clock_s": round(clock.total(), 2),
-        "machine": machine_description(device), "nonfinite_steps": nonfinite_total, "mimkit_version": mimkit.__version__,
+        "machine": machine_description(device), "nonfinite_steps": engine.nonfinite_total, "mimkit_version": mimkit.__version__,
     }  # fmt: skip
     if ema is not None:
-        result.update({"ema_top1": final["ema_top1"], "ema_top5": final["ema_top5"],
+        summary.update({"ema_top1": final["ema_top1"], "ema_top5": final["ema_top5"],
                        "best_ema_top1": max(r["ema_top1"] for r in evals or [final])})  # fmt: skip
     path = out_dir / "metrics.json"
     if dist.is_main:
-        path = write_final_metrics(out_dir, result)
+        path = write_final_metrics(out_dir, summary)
     mdist.barrier()
-    return EvalResult(out_dir, result, path, last_ckpt)
+    return EvalResult(out_dir, summary, path, engine.last_checkpoint)

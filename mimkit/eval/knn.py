@@ -18,6 +18,7 @@ from timm.models.vision_transformer import VisionTransformer
 import mimkit
 from mimkit import distributed as mdist
 from mimkit.checkpoint import atomic_write_text
+from mimkit.engine import seed_everything
 from mimkit.eval.common import (
     KNN_NOTE,
     EvalLog,
@@ -36,7 +37,6 @@ from mimkit.eval.common import (
     write_final_metrics,
 )
 from mimkit.eval.config import IMAGENET_MEAN, IMAGENET_STD, KnnConfig, dump_eval_yaml
-from mimkit.train import seed_everything
 
 log = logging.getLogger("mimkit")
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -30,9 +29,17 @@ from torch.utils.data import DataLoader
 
 import mimkit
 from mimkit import distributed as mdist
-from mimkit.checkpoint import CheckpointError, atomic_write_text, checkpoint_path, prune_checkpoints, save_checkpoint
+from mimkit.checkpoint import (
+    CheckpointError,
+    atomic_write_text,
+    checkpoint_path,
+    prune_checkpoints,
+    resume_point,
+    save_checkpoint,
+)
 from mimkit.config import to_dict
 from mimkit.data import ResumableBatchSampler
+from mimkit.engine import StepEngine, TrainingDiverged, autocast_context, seed_everything
 from mimkit.eval.common import (
     EvalLog,
     EvalResult,
@@ -53,7 +60,7 @@ from mimkit.eval.common import (
     write_final_metrics,
 )
 from mimkit.eval.config import LinprobeConfig, dump_eval_yaml
-from mimkit.train import TrainingDiverged, autocast_context, find_resume, lr_at, seed_everything
+from mimkit.schedules import lr_at
 
 log = logging.getLogger("mimkit")
 
@@ -153,10 +160,13 @@ def run_linprobe(cfg: LinprobeConfig) -> EvalResult:
     effective_batch = sampler.global_step_size
     peak_lr = o.lr if o.lr is not None else o.blr * effective_batch / 256
     optimizer = probe_optimizer(heads, o, peak_lr)
+    # the heads train in fp32 (features are extracted under autocast, in forward below)
+    engine = StepEngine(heads, optimizer, device=device, precision="fp32", accum_steps=t.accum_steps,
+                        max_nonfinite_steps=t.max_nonfinite_steps, name="linprobe", hint="Try a lower optim.blr.")
 
     # ---- resume: heads, optimizer, step (which fixes epoch, data position and lr), evaluations so far
-    step, evals, elapsed, nonfinite_total = 0, [], 0.0, 0
-    resume_from, state = find_resume(cfg)
+    step, evals, elapsed = 0, [], 0.0
+    resume_from, state = resume_point(t.out_dir, t.resume)
     if resume_from is not None:
         if state.get("command") != "linprobe" or state["steps_per_epoch"] != steps_per_epoch or state["blocks"] != blocks:
             raise CheckpointError(f"cannot resume {resume_from} exactly: it is not a linprobe checkpoint of this setting "
@@ -164,10 +174,11 @@ def run_linprobe(cfg: LinprobeConfig) -> EvalResult:
         heads.load_state_dict(state["heads"])
         optimizer.load_state_dict(state["optimizer"])
         step, evals, elapsed = state["step"], state["evals"], state["elapsed_s"]
-        nonfinite_total = state["nonfinite_steps"]
+        engine.nonfinite_total = state["nonfinite_steps"]
     clock.already = elapsed
     ddp = DistributedDataParallel(heads, device_ids=[device.index] if device.type == "cuda" else None) if dist.enabled else None
     train_heads = ddp or heads
+    engine.ddp = ddp
 
     if dist.is_main:
         atomic_write_text(out_dir / "config.yaml", dump_eval_yaml(cfg))
@@ -197,7 +208,7 @@ def run_linprobe(cfg: LinprobeConfig) -> EvalResult:
         path = save_checkpoint(checkpoint_path(out_dir, done), {
             "command": "linprobe", "heads": heads.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
             "epoch": done / steps_per_epoch, "steps_per_epoch": steps_per_epoch, "blocks": blocks, "evals": evals,
-            "elapsed_s": clock.total(), "nonfinite_steps": nonfinite_total, "config": to_dict(cfg),
+            "elapsed_s": clock.total(), "nonfinite_steps": engine.nonfinite_total, "config": to_dict(cfg),
             "key_report": report.to_dict(), "mimkit_version": mimkit.__version__,
         })  # fmt: skip
         prune_checkpoints(out_dir, t.keep_last)
@@ -209,7 +220,7 @@ def run_linprobe(cfg: LinprobeConfig) -> EvalResult:
         from tqdm.auto import tqdm
 
         progress = tqdm(total=last_step, initial=step, desc="linprobe", unit="step", dynamic_ncols=True)
-    last_ckpt, consecutive_nonfinite, loss_value = resume_from, 0, float("nan")
+    engine.last_checkpoint, loss_value = resume_from, float("nan")
     window_start, window_steps = time.perf_counter(), 0
     heads.train()  # the encoder is never put in train mode
     done = step
@@ -219,10 +230,9 @@ def run_linprobe(cfg: LinprobeConfig) -> EvalResult:
         batches = iter(loader) if loader is not None else iter(sampler)
         for step in range(step, min((epoch + 1) * steps_per_epoch, last_step)):
             lr = lr_at(step, steps_per_epoch, cfg, peak_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(t.accum_steps):
+            engine.set_lr(lr)
+
+            def forward(micro: int):
                 if loader is None:  # cached features: the sampler's (index, seed) pairs index them directly
                     idx = torch.tensor([i for i, _ in next(batches)])
                     feats, y = f_train[idx].to(device, non_blocking=True), y_train[idx].to(device, non_blocking=True)
@@ -231,27 +241,16 @@ def run_linprobe(cfg: LinprobeConfig) -> EvalResult:
                     imgs, y = imgs.to(device, non_blocking=True), y.to(device, non_blocking=True)
                     with torch.no_grad(), autocast_context(device, precision):
                         feats = encoder_features(encoder, imgs, indices, p.pool)
-                sync = ddp is None or micro == t.accum_steps - 1
-                with nullcontext() if sync else ddp.no_sync():
-                    logits = train_heads(feats).float()
-                    loss = sum(F.cross_entropy(logits[:, h], y) for h in range(logits.shape[1]))
-                    (loss / t.accum_steps).backward()
-                loss_sum += loss.detach() / logits.shape[1]
-            stats = mdist.all_reduce_sum(torch.stack([loss_sum / t.accum_steps, (~torch.isfinite(loss_sum)).float()]))
-            loss_value = float(stats[0]) / dist.world_size
-            if float(stats[1]) == 0:
-                optimizer.step()
-                consecutive_nonfinite = 0
-            else:
-                nonfinite_total += 1
-                consecutive_nonfinite += 1
-                log.warning("step %d: non-finite loss, update skipped (%d in a row)", step, consecutive_nonfinite)
-            optimizer.zero_grad(set_to_none=True)
-            window_steps += 1
-            if consecutive_nonfinite >= t.max_nonfinite_steps:
+                logits = train_heads(feats).float()
+                return sum(F.cross_entropy(logits[:, h], y) for h in range(logits.shape[1])), {}
+
+            try:
+                result = engine.step(step, forward)
+            except TrainingDiverged:
                 metrics.close()
-                raise TrainingDiverged(f"linprobe: non-finite loss for {consecutive_nonfinite} consecutive steps; last "
-                                       f"checkpoint: {last_ckpt or 'none yet'}. Try a lower optim.blr.")  # fmt: skip
+                raise
+            loss_value = result.loss / len(blocks)  # logged: the mean over the heads
+            window_steps += 1
 
             done = step + 1
             if done % t.log_every == 0 or done == last_step:
@@ -275,25 +274,25 @@ def run_linprobe(cfg: LinprobeConfig) -> EvalResult:
             periodic = (t.save_every_steps and done % t.save_every_steps == 0) or (
                 end_of_epoch and (done // steps_per_epoch) % t.save_every_epochs == 0
             )
-            if (periodic and consecutive_nonfinite == 0) or done == last_step:
-                last_ckpt = save(done) or last_ckpt
+            if (periodic and engine.consecutive_nonfinite == 0) or done == last_step:
+                engine.last_checkpoint = save(done) or engine.last_checkpoint
         step = done
     if progress is not None:
         progress.close()
     metrics.close()
 
     final = evals[-1] if evals and evals[-1]["step"] == done else evaluate(done)
-    result = {
+    summary = {
         "command": "linprobe", "top1": final["top1"], "top5": final["top5"], "best_block": final["best_block"],
         "best_top1": final["best_top1"], "per_block_top1": final["per_block_top1"], "block": blocks[conf],
         "pool": p.pool, "mode": p.mode, "optimizer": o.name, "peak_lr": peak_lr, "effective_batch": effective_batch,
         "epochs": t.epochs, "steps": done, "encoder": cfg.encoder.checkpoint, "key_report": report.to_dict(),
         "train_images": len(data.train), "val_images": len(data.val), "num_classes": data.num_classes,
         "wall_clock_s": round(clock.total(), 2), "machine": machine_description(device),
-        "nonfinite_steps": nonfinite_total, "mimkit_version": mimkit.__version__,
+        "nonfinite_steps": engine.nonfinite_total, "mimkit_version": mimkit.__version__,
     }  # fmt: skip
     path = out_dir / "metrics.json"
     if dist.is_main:
-        path = write_final_metrics(out_dir, result)
+        path = write_final_metrics(out_dir, summary)
     mdist.barrier()
-    return EvalResult(out_dir, result, path, last_ckpt)
+    return EvalResult(out_dir, summary, path, engine.last_checkpoint)

@@ -7,13 +7,11 @@ import fnmatch
 from torch import nn
 
 from mimkit.config import BEIT_METHODS, ConfigError
-
 from mimkit.methods import beit, bootmae, emae, mae
+from mimkit.models import create_encoder
 
 
 def build_model(cfg) -> nn.Module:
-    from mimkit.models import create_encoder
-
     if cfg.method in BEIT_METHODS:  # timm Beit backbone, built by the method
         return beit.build(cfg)
     m = cfg.model

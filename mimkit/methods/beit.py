@@ -38,6 +38,8 @@ from torch import nn
 from mimkit.config import resolve_block_generator
 from mimkit.data import ViewSpec
 from mimkit.masking import block_mask_for, num_visible
+from mimkit.methods.base import MIMMethod
+from mimkit.models import get_preset
 from mimkit.tokenizers import DVAESpec, Tokenizer, load_tokenizer
 
 
@@ -89,8 +91,6 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.
 
 def timm_beit_kwargs(cfg) -> dict:
     """Arguments of timm's ``Beit`` that ``model.encoder.state_dict()`` loads into unchanged."""
-    from mimkit.models import get_preset
-
     m, b = cfg.model, cfg.beit
     p = get_preset(m.arch)
     return dict(
@@ -105,8 +105,11 @@ def create_beit_encoder(cfg) -> Beit:
     return Beit(**timm_beit_kwargs(cfg), drop_path_rate=cfg.model.drop_path_rate)
 
 
-class BEiT(nn.Module):
+class BEiT(MIMMethod):
     """Keys: encoder.* (timm Beit), mask_token, lm_head.*, tokenizer.* (frozen, saved so a run resumes alone)."""
+
+    LOSS_TERMS = ("mlm_acc",)
+    PREDICTS_PIXELS = False  # token ids, not pixels
 
     soft = False
 
@@ -133,9 +136,6 @@ class BEiT(nn.Module):
             )
         interp = tokenizer_interpolation if tokenizer_interpolation not in (None, "default") else tokenizer.interpolation
         self.second_view = ViewSpec(size, interp, tuple(tokenizer.mean), tuple(tokenizer.std))
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.encoder.set_grad_checkpointing(enable)
 
     def mask_inputs(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Per-sample mask (L,) bool, 1 = masked, drawn in the data pipeline from the sample's generator. Block

@@ -16,8 +16,11 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+
+from mimkit.losses import consistency_loss, masked_mse
 from mimkit.masking import parallel_masks, parts_for_ratio
-from mimkit.methods.mae import MAE, encode_visible, masked_mse
+from mimkit.methods.mae import MAE
+from mimkit.models import encode_visible
 
 
 class EMAEOutput(NamedTuple):
@@ -28,30 +31,11 @@ class EMAEOutput(NamedTuple):
     consistency: torch.Tensor
 
 
-def consistency_loss(pred: torch.Tensor, mask: torch.Tensor, stop_gradient: bool = True,
-                     distance: str = "mse") -> torch.Tensor:  # fmt: skip
-    """Mean over ordered pairs (i, j), i != j, and over patches masked in both parts, of the distance
-    between part i's prediction and part j's (detached when stop_gradient)."""
-    parts = pred.shape[1]
-    pred = pred.float()
-    total = pred.new_zeros(())
-    count = pred.new_zeros(())
-    for i in range(parts):
-        for j in range(parts):
-            if i == j:
-                continue
-            partner = pred[:, j].detach() if stop_gradient else pred[:, j]
-            diff = pred[:, i] - partner
-            per_patch = diff.pow(2).mean(-1) if distance == "mse" else diff.abs().mean(-1)
-            both = mask[:, i] * mask[:, j]
-            total = total + (per_patch * both).sum()
-            count = count + both.sum()
-    return total / count.clamp(min=1)
-
-
 class EMAE(MAE):
     """MAE's encoder, decoder, target and checkpoint layout, trained with parallel masks. Part 0 of an
     image's K parts has exactly MAE's random mask for the same noise."""
+
+    LOSS_TERMS = ("reconstruction", "consistency")
 
     def __init__(self, encoder, *, consistency_weight: float = 1.0, stop_gradient: bool = True,
                  distance: str = "mse", **mae_kwargs):  # fmt: skip

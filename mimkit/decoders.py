@@ -1,0 +1,124 @@
+"""Decoders: MAE's (mask tokens re-inserted, self-attention blocks, pixel head) and BootMAE's target-aware
+decoder (cross-attention from the decoder tokens to the visible tokens' encoder features)."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Mlp
+from timm.models.vision_transformer import Attention, Block
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mimkit.models import run_blocks, sincos_2d_pos_embed
+
+
+class MAEDecoder(nn.Module):
+    """Linear embed -> mask tokens appended and un-shuffled -> fixed sin-cos pos -> blocks -> LN ->
+    per-patch pixel head. The cls token passes through and is dropped from the output."""
+
+    def __init__(self, encoder_dim: int, num_patches: int, patch_size: int, dim: int, depth: int, heads: int):
+        super().__init__()
+        grid = int(num_patches**0.5)
+        norm = partial(nn.LayerNorm, eps=1e-6)
+        self.decoder_embed = nn.Linear(encoder_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.decoder_pos_embed = nn.Parameter(sincos_2d_pos_embed(dim, grid), requires_grad=False)
+        self.decoder_blocks = nn.Sequential(
+            *[Block(dim, heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=norm) for _ in range(depth)]
+        )
+        self.decoder_norm = norm(dim)
+        self.decoder_pred = nn.Linear(dim, patch_size * patch_size * 3)
+        self.grad_checkpointing = False
+
+    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        x = self.decoder_embed(latent)
+        b, num_patches = ids_restore.shape
+        mask_tokens = self.mask_token.to(x.dtype).expand(b, num_patches + 1 - x.shape[1], -1)
+        patches = torch.cat([x[:, 1:], mask_tokens], dim=1)
+        patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed
+        x = self.decoder_norm(run_blocks(self.decoder_blocks, x, self.grad_checkpointing))
+        return self.decoder_pred(x)[:, 1:]
+
+
+class CrossAttention(nn.Module):
+    """Queries from the decoder tokens; keys and values from the context (encoder features of the visible
+    tokens, cls included). Key bias is zero, as in BootMAE (it cannot change a softmax over keys anyway).
+    The head width is dim // heads (BootMAE's 512-wide decoder with 12 heads: 42, inner width 504)."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        inner = self.heads * self.head_dim
+        self.q = nn.Linear(dim, inner)
+        self.k = nn.Linear(context_dim, inner, bias=False)
+        self.v = nn.Linear(context_dim, inner)
+        self.proj = nn.Linear(inner, dim)
+        self.fused_attn = True  # the kernel switch timm's Attention has (mimkit.models.set_attention_kernel)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        split = lambda t: t.view(b, t.shape[1], self.heads, self.head_dim).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.q(x)), split(self.k(context)), split(self.v(context))
+        if self.fused_attn:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            out = ((q * self.head_dim**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class DecoderBlock(nn.Module):
+    """x += SelfAttn(LN x); x += CrossAttn(LN x, LN context) (when context_dim is set); x += MLP(LN x)."""
+
+    IS_TRANSFORMER_BLOCK = True  # listed by mimkit.models.transformer_blocks (FSDP units, compile)
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None):
+        super().__init__()
+        norm = partial(nn.LayerNorm, eps=1e-6)
+        self.norm1 = norm(dim)
+        self.attn = Attention(dim, heads, attn_head_dim=dim // heads, qkv_bias=True)
+        self.cross_attn = CrossAttention(dim, context_dim, heads) if context_dim else None
+        if self.cross_attn is not None:
+            self.norm_q, self.norm_context = norm(dim), norm(context_dim)
+        self.norm2 = norm(dim)
+        self.mlp = Mlp(dim, 4 * dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(self.norm_q(x), self.norm_context(context))
+        return x + self.mlp(self.norm2(x))
+
+
+class TargetAwareDecoder(nn.Module):
+    """Linear embed of the final-LN encoder tokens (cls + visible), learned mask tokens appended and un-shuffled;
+    fixed sin-cos position embeddings on the mask tokens only (on every patch token with mask_pos_only=False);
+    blocks with cross-attention to `context`; LN; per-token linear head. Cls is dropped from the output."""
+
+    def __init__(self, encoder_dim: int, context_dim: int | None, grid: int, dim: int, depth: int, heads: int,
+                 out_dim: int, mask_pos_only: bool = True):  # fmt: skip
+        super().__init__()
+        self.embed = nn.Linear(encoder_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(sincos_2d_pos_embed(dim, grid, row_first=True), requires_grad=False)
+        self.blocks = nn.ModuleList([DecoderBlock(dim, heads, context_dim) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, out_dim)
+        self.mask_pos_only, self.grad_checkpointing = mask_pos_only, False
+
+    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor, mask: torch.Tensor,
+                context: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+        x = self.embed(latent)
+        n, num = ids_restore.shape
+        tokens = torch.cat([x[:, 1:], self.mask_token.to(x.dtype).expand(n, num + 1 - x.shape[1], -1)], dim=1)
+        tokens = torch.gather(tokens, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        pos = self.pos_embed[:, 1:]
+        tokens = tokens + (pos * mask.unsqueeze(-1).to(pos.dtype) if self.mask_pos_only else pos)
+        x = torch.cat([x[:, :1], tokens], dim=1)
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
+        for blk in self.blocks:
+            x = checkpoint(blk, x, context, use_reentrant=False) if recompute else blk(x, context)
+        return self.head(self.norm(x))[:, 1:]

@@ -1,0 +1,39 @@
+"""Targets and losses shared by the methods (pure functions of tensors)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def per_patch_normalize(target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """MAE norm_pix target: each patch by its own mean and unbiased variance, eps inside sqrt."""
+    mean = target.mean(dim=-1, keepdim=True)
+    var = target.var(dim=-1, keepdim=True)
+    return (target - mean) / (var + eps) ** 0.5
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over masked patches of the per-patch mean squared error (computed in fp32)."""
+    per_patch = (pred.float() - target.float()).pow(2).mean(dim=-1)
+    return (per_patch * mask).sum() / mask.sum()
+
+
+def consistency_loss(pred: torch.Tensor, mask: torch.Tensor, stop_gradient: bool = True,
+                     distance: str = "mse") -> torch.Tensor:  # fmt: skip
+    """Mean over ordered pairs (i, j), i != j, and over patches masked in both parts, of the distance
+    between part i's prediction and part j's (detached when stop_gradient)."""
+    parts = pred.shape[1]
+    pred = pred.float()
+    total = pred.new_zeros(())
+    count = pred.new_zeros(())
+    for i in range(parts):
+        for j in range(parts):
+            if i == j:
+                continue
+            partner = pred[:, j].detach() if stop_gradient else pred[:, j]
+            diff = pred[:, i] - partner
+            per_patch = diff.pow(2).mean(-1) if distance == "mse" else diff.abs().mean(-1)
+            both = mask[:, i] * mask[:, j]
+            total = total + (per_patch * both).sum()
+            count = count + both.sum()
+    return total / count.clamp(min=1)

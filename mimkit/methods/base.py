@@ -1,0 +1,52 @@
+"""The contract between a pretraining method and everything that drives it (the training loop, the
+reconstruction pictures, export). A method is an `nn.Module` holding a stock timm encoder as `encoder`;
+it subclasses `MIMMethod` and overrides what it needs — the defaults are no-ops.
+
+Called by the loop, in this order, every optimizer step:
+  `mask_inputs(generator)` — in the data pipeline, per sample, from the sample's own generator (so masks
+      depend on (seed, epoch, sample) only, not on workers, ranks or resumes);
+  `set_progress(step, steps_per_epoch, total_steps)` — before the step (schedules of the method's own);
+  `forward(images, **mask_inputs)` — returns a NamedTuple with `loss` (a scalar) and the fields named in
+      `LOSS_TERMS`, which are logged beside the loss;
+  `after_step(step)` — after an applied update (e.g. a momentum encoder's EMA).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from mimkit.data import ViewSpec
+from mimkit.models import patchify
+
+
+class MIMMethod(nn.Module):
+    LOSS_TERMS: ClassVar[tuple[str, ...]] = ()  # output fields logged beside the loss
+    PREDICTS_PIXELS: ClassVar[bool] = True  # output `pred` holds per-patch pixels (reconstruction pictures)
+    second_view: ViewSpec | None = None  # a second view of each crop the data pipeline must deliver (BEiT)
+    norm_pix_loss: bool = False  # predictions are per-patch normalised pixels (shown on reconstruction panels)
+    encoder: nn.Module
+    patch_size: int
+
+    def mask_inputs(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def set_progress(self, step: int, steps_per_epoch: int, total_steps: int) -> None:
+        """Where training is, before optimizer step `step` (0-based) of `total_steps`."""
+
+    def after_step(self, step: int) -> None:
+        """After optimizer step `step` was applied."""
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.encoder.set_grad_checkpointing(enable)
+
+    def target(self, imgs: torch.Tensor) -> torch.Tensor:
+        """The per-patch target the loss compares predictions with (pixel methods): raw patches by default."""
+        return patchify(imgs.float(), self.patch_size)
+
+    def pixels_from_pred(self, pred: torch.Tensor, imgs: torch.Tensor) -> torch.Tensor:
+        """Pixel predictions (B, L, p*p*3) back in pixel space, undoing the target's normalisation with the
+        ground truth's statistics (for reconstruction pictures)."""
+        return pred

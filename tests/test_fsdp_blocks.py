@@ -1,0 +1,49 @@
+"""FSDP2 shards every transformer block of every method — the same list compile uses — checked in one process
+(a gloo group of one), and a BootMAE run (decoders and momentum encoder) under FSDP matches DDP on 2 processes."""
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
+
+from mimkit import distributed as mdist
+from mimkit.checkpoint import list_checkpoints, load_checkpoint
+from mimkit.config import load_config
+from mimkit.methods import build_model
+from mimkit.models import transformer_blocks
+
+from conftest import TINY_MODEL, TINY_TOKENIZER
+from test_distributed import ddp_overrides, free_port
+from test_fsdp import assert_close_models, run_torchrun
+
+METHODS = {"mae": [], "emae": ["method=emae"], "bootmae": ["method=bootmae"],
+           "beit": ["method=beit", *TINY_TOKENIZER], "mcbeit": ["method=mcbeit", *TINY_TOKENIZER]}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def group_of_one():
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_transformer_block_is_its_own_fsdp_unit(group_of_one, method):
+    torch.manual_seed(0)
+    model = build_model(load_config(None, TINY_MODEL + METHODS[method]))
+    blocks = transformer_blocks(model)
+    expected = {"mae": 2 + 1, "emae": 2 + 1, "bootmae": 2 + 1 + 1 + 2, "beit": 2, "mcbeit": 2}[method]
+    assert len(blocks) == expected  # encoder 2; MAE decoder 1; BootMAE: pixel + feature decoders, momentum encoder
+    mdist.shard_model(model, blocks, "fp32")
+    assert all(isinstance(b, FSDPModule) for b in blocks) and isinstance(model, FSDPModule)
+
+
+def test_bootmae_under_fsdp_matches_ddp(tmp_path, npz_data):
+    args = ("method=bootmae", "train.max_steps=3")
+    run_torchrun(ddp_overrides(npz_data, tmp_path / "ddp", *args))
+    run_torchrun(ddp_overrides(npz_data, tmp_path / "fsdp", *args, "distributed.strategy=fsdp"))
+    ddp = load_checkpoint(list_checkpoints(tmp_path / "ddp")[-1])["model"]
+    fsdp = load_checkpoint(list_checkpoints(tmp_path / "fsdp")[-1])["model"]
+    assert set(ddp) == set(fsdp) and any(k.startswith("ema_encoder.") for k in fsdp)
+    assert_close_models(fsdp, ddp)
