@@ -16,8 +16,8 @@ from mimkit.data import TwoViewTransform, ViewSpec
 from mimkit.methods import build_model
 from mimkit.methods.beit import (affinity, soft_cross_entropy, soft_targets, timm_beit_kwargs,
                                  tokenizer_probs)  # fmt: skip
-from mimkit.tokenizers import (DalleEncoder, TamingGumbelTokenizer, TokenizerError, load_tokenizer,
-                               train_tokenizer)  # fmt: skip
+from mimkit.tokenizer_training import train_tokenizer
+from mimkit.tokenizers import DalleEncoder, TamingGumbelTokenizer, TokenizerError, load_tokenizer
 from mimkit.train import pretrain
 
 from conftest import TINY_MODEL, TINY_TOKENIZER, make_images
