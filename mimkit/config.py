@@ -62,6 +62,11 @@ class MAEConfig:
 
 
 @dataclass
+class SimMIMConfig:
+    mask_patch_size: int = 32  # side of the square mask cells in pixels: a multiple of the patch size
+
+
+@dataclass
 class EMAEConfig:
     # EMAE's parallel parts: K = 1 / (1 - mask.ratio), e.g. 4 at 0.75. Assumed defaults (no public code).
     consistency_weight: float = 1.0  # lambda; 0 = K independent MAE losses
@@ -220,11 +225,12 @@ class DistributedConfig:
 
 @dataclass
 class Config:
-    method: Literal["mae", "emae", "bootmae", "beit", "mcbeit"] = "mae"
+    method: Literal["mae", "emae", "bootmae", "beit", "mcbeit", "simmim"] = "mae"
     model: ModelConfig = field(default_factory=ModelConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     mae: MAEConfig = field(default_factory=MAEConfig)
     emae: EMAEConfig = field(default_factory=EMAEConfig)
+    simmim: SimMIMConfig = field(default_factory=SimMIMConfig)
     bootmae: BootMAEConfig = field(default_factory=BootMAEConfig)
     beit: BEiTConfig = field(default_factory=BEiTConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -361,6 +367,12 @@ def validate(cfg: Config) -> Config:
     _require(cfg.mask.block_generator != "beit" or cfg.mask.type != "block" or cfg.method in BEIT_METHODS,
              f"mask.block_generator beit varies the masked count per image, which method {cfg.method}'s "
              "visible-token encoder cannot batch with mask.type block; use exact (or auto)")  # fmt: skip
+    if cfg.method == "simmim":
+        cell = cfg.simmim.mask_patch_size
+        _require(cell > 0 and cell % patch == 0 and img % cell == 0,
+                 f"simmim.mask_patch_size {cell} must be a multiple of model.patch_size {patch} that divides "
+                 f"model.img_size {img}")  # fmt: skip
+        _require(cfg.mask.type == "random", "method simmim draws its own coarse random masks: mask.type must be random")
     _validate_tokenizer(cfg.tokenizer)
     if cfg.method in BEIT_METHODS:
         _validate_beit(cfg)

@@ -37,3 +37,11 @@ def consistency_loss(pred: torch.Tensor, mask: torch.Tensor, stop_gradient: bool
             total = total + (per_patch * both).sum()
             count = count + both.sum()
     return total / count.clamp(min=1)
+
+
+def masked_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """SimMIM's loss: L1 over the pixels of masked patches, averaged over those pixels and the channels
+    (as the official `(|x - x_rec| * mask).sum() / (mask.sum() + 1e-5) / in_chans` on the pixel grid)."""
+    per_patch = (pred.float() - target.float()).abs().sum(dim=-1)  # summed over p * p * 3 values
+    pixels_per_patch = pred.shape[-1] // 3
+    return (per_patch * mask).sum() / (mask.sum() * pixels_per_patch + 1e-5) / 3

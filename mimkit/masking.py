@@ -257,3 +257,17 @@ def parallel_masks(
     mask[:, :, :keep] = 0
     mask = torch.gather(mask, 2, ids_restore)
     return ParallelMask(shuffles[:, :, :keep], ids_restore, mask)
+
+
+def coarse_random_mask(grid: tuple[int, int], cell: int, mask_ratio: float,
+                       generator: torch.Generator | None = None) -> torch.Tensor:  # fmt: skip
+    """SimMIM's mask for one image: the patch grid is tiled with `cell` x `cell`-patch squares (a 32-px mask patch
+    over 16-px tokens: cell 2) and round(ratio * squares) of them, drawn uniformly, are masked. (H, W) bool."""
+    h, w = grid
+    if h % cell or w % cell:
+        raise ValueError(f"mask cells of {cell} patches must tile the {h}x{w} patch grid")
+    rows, cols = h // cell, w // cell
+    count = int(math.ceil(rows * cols * mask_ratio))
+    coarse = torch.zeros(rows * cols, dtype=torch.bool)
+    coarse[torch.randperm(rows * cols, generator=generator)[:count]] = True
+    return coarse.view(rows, cols).repeat_interleave(cell, 0).repeat_interleave(cell, 1)

@@ -193,3 +193,15 @@ def run_blocks(blocks: nn.Sequential, x: torch.Tensor, grad_checkpointing: bool 
     if grad_checkpointing and torch.is_grad_enabled():
         return checkpoint_seq(blocks, x)
     return blocks(x)
+
+
+def encode_with_mask_tokens(encoder: VisionTransformer, imgs: torch.Tensor, mask: torch.Tensor,
+                            mask_token: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """Run a timm ViT on every patch, the masked ones replaced by `mask_token` before the position embedding
+    (SimMIM, BEiT). `mask` (B, L), 1 = masked. Returns final-LN tokens (B, 1 + L, D)."""
+    x = encoder.patch_embed(imgs)
+    w = mask.unsqueeze(-1).to(x.dtype)
+    x = x * (1 - w) + mask_token.to(x.dtype) * w
+    x = encoder.norm_pre(encoder.patch_drop(encoder._pos_embed(x)))
+    x = run_blocks(encoder.blocks, x, encoder.grad_checkpointing)
+    return encoder.norm(x)

@@ -7,7 +7,7 @@ import fnmatch
 from torch import nn
 
 from mimkit.config import BEIT_METHODS, ConfigError
-from mimkit.methods import beit, bootmae, emae, mae
+from mimkit.methods import beit, bootmae, emae, mae, simmim
 from mimkit.models import create_encoder
 
 
@@ -16,7 +16,7 @@ def build_model(cfg) -> nn.Module:
         return beit.build(cfg)
     m = cfg.model
     encoder = create_encoder(m.arch, m.img_size, m.patch_size, m.drop_path_rate, m.embed_dim, m.depth, m.num_heads)
-    builders = {"mae": mae.build, "emae": emae.build, "bootmae": bootmae.build}
+    builders = {"mae": mae.build, "emae": emae.build, "bootmae": bootmae.build, "simmim": simmim.build}
     return builders[cfg.method](cfg, encoder)
 
 
@@ -30,6 +30,7 @@ OFFICIAL_NO_WEIGHT_DECAY: dict[str, tuple[str, ...]] = {
     "bootmae": ("encoder.pos_embed", "encoder.cls_token"),
     "beit": ("encoder.pos_embed", "encoder.cls_token"),
     "mcbeit": ("encoder.pos_embed", "encoder.cls_token"),
+    "simmim": ("encoder.pos_embed", "encoder.cls_token", "mask_token"),  # its model's no_weight_decay()
 }
 
 
