@@ -351,14 +351,21 @@ def validate(cfg: Config) -> Config:
     _require(m.decoder_dim % m.decoder_heads == 0 or (cfg.method == "bootmae" and m.decoder_dim >= m.decoder_heads),
              f"mae.decoder_dim {m.decoder_dim} must be divisible by mae.decoder_heads {m.decoder_heads}")  # fmt: skip
     _require(m.decoder_dim % 4 == 0, f"mae.decoder_dim must be divisible by 4 (sin-cos position embedding), got {m.decoder_dim}")
-    if cfg.method == "emae":
+    if cfg.method == "emae" or (cfg.method == "mae" and cfg.mask.type == "parallel"):
         k = 1.0 / (1.0 - cfg.mask.ratio)
         _require(abs(k - round(k)) < 1e-6 and round(k) >= 2,
                  f"mask.ratio {cfg.mask.ratio} must be 1 - 1/K for a whole K >= 2 with method emae (0.5, 0.75, 0.8 ...)")  # fmt: skip
-        _require(cfg.mask.type == "random", "method emae draws its own parallel masks: mask.type must be random")
+        _require(cfg.mask.type in ("random", "parallel"),
+                 "method emae draws its own parallel masks: mask.type must be random (or parallel)")
         _require(cfg.emae.consistency_weight >= 0, f"emae.consistency_weight must be >= 0, got {cfg.emae.consistency_weight}")
-    _require(cfg.mask.type in ("random", "block") or cfg.method == "bootmae",
-             f"mask.type {cfg.mask.type} needs method bootmae (method {cfg.method}: random or block)")  # fmt: skip
+    # parts compose: MAE and BootMAE take every visible-token mask; BEiT / mc-BEiT corrupt tokens in place (random
+    # or block); SimMIM draws its own coarse cells
+    allowed = {"mae": ("random", "block", "hybrid", "parallel"), "bootmae": ("random", "block", "hybrid", "parallel"),
+               "emae": ("random", "parallel"), "beit": ("random", "block"), "mcbeit": ("random", "block"),
+               "simmim": ("random",)}[cfg.method]  # fmt: skip
+    _require(cfg.mask.type in allowed, f"mask.type {cfg.mask.type} does not compose with method {cfg.method}: "
+             f"allowed {', '.join(allowed)} (BEiT's in-place corruption has no parallel parts; hybrid / parallel "
+             "masks need a visible-token encoder)")  # fmt: skip
     if cfg.mask.type == "hybrid":
         _require(0.0 < cfg.mask.hybrid_block_ratio <= cfg.mask.ratio,
                  f"mask.hybrid_block_ratio must be in (0, mask.ratio {cfg.mask.ratio}], got {cfg.mask.hybrid_block_ratio}")  # fmt: skip
@@ -372,7 +379,6 @@ def validate(cfg: Config) -> Config:
         _require(cell > 0 and cell % patch == 0 and img % cell == 0,
                  f"simmim.mask_patch_size {cell} must be a multiple of model.patch_size {patch} that divides "
                  f"model.img_size {img}")  # fmt: skip
-        _require(cfg.mask.type == "random", "method simmim draws its own coarse random masks: mask.type must be random")
     _validate_tokenizer(cfg.tokenizer)
     if cfg.method in BEIT_METHODS:
         _validate_beit(cfg)

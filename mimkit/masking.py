@@ -271,3 +271,27 @@ def coarse_random_mask(grid: tuple[int, int], cell: int, mask_ratio: float,
     coarse = torch.zeros(rows * cols, dtype=torch.bool)
     coarse[torch.randperm(rows * cols, generator=generator)[:count]] = True
     return coarse.view(rows, cols).repeat_interleave(cell, 0).repeat_interleave(cell, 1)
+
+
+class VisibleTokenMasks:
+    """Per-sample mask inputs (drawn in the data pipeline from the sample's own generator) for encoders that see
+    the visible patches only, so every image keeps the same count: `random` and `parallel` (EMAE's disjoint
+    parts, split in the forward pass) give noise (L,); `block` (exact count) and `hybrid` (BootMAE's blocks
+    topped up at random to the exact total) give the mask (L,), 1 = masked."""
+
+    def __init__(self, kind: str, grid: tuple[int, int], mask_ratio: float, *, block_generator: str = "exact",
+                 hybrid_block_ratio: float = 120 / 196, hybrid_max_block_ratio: float = 60 / 196):  # fmt: skip
+        self.kind, self.grid, self.block_generator = kind, tuple(grid), block_generator
+        self.num_patches = grid[0] * grid[1]
+        self.num_masked = self.num_patches - num_visible(self.num_patches, mask_ratio)
+        self.num_block = max(1, round(hybrid_block_ratio * self.num_patches))
+        self.max_block = max(1, round(hybrid_max_block_ratio * self.num_patches))
+
+    def __call__(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        if self.kind == "hybrid":
+            mask = hybrid_mask(self.grid, self.num_masked, min(self.num_block, self.num_masked),
+                               max_block=self.max_block, generator=generator, block_generator=self.block_generator)  # fmt: skip
+            return {"mask": mask.flatten()}
+        if self.kind == "block":  # equal counts only: exact (validation refuses beit here)
+            return {"mask": block_mask_for("exact", self.grid, self.num_masked, generator=generator).flatten()}
+        return {"noise": torch.rand(self.num_patches, generator=generator)}

@@ -64,7 +64,7 @@ def test_masked_patches_enter_the_encoder_as_the_mask_token_and_the_loss_is_l1_o
 def test_config_checks_the_mask_cell():
     with pytest.raises(ConfigError, match="simmim.mask_patch_size 6 must be a multiple"):
         load_config(None, TINY_MODEL + ["method=simmim", "simmim.mask_patch_size=6"])
-    with pytest.raises(ConfigError, match="mask.type must be random"):
+    with pytest.raises(ConfigError, match="mask.type block does not compose with method simmim"):
         load_config(None, TINY_MODEL + SIMMIM + ["mask.type=block"])
 
 

@@ -17,6 +17,8 @@ def build_model(cfg) -> nn.Module:
     m = cfg.model
     encoder = create_encoder(m.arch, m.img_size, m.patch_size, m.drop_path_rate, m.embed_dim, m.depth, m.num_heads)
     builders = {"mae": mae.build, "emae": emae.build, "bootmae": bootmae.build, "simmim": simmim.build}
+    if cfg.method == "mae" and cfg.mask.type == "parallel":  # MAE's parts + parallel masks + consistency = EMAE
+        return emae.build(cfg, encoder)
     return builders[cfg.method](cfg, encoder)
 
 

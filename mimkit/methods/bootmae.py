@@ -38,10 +38,8 @@ from mimkit.config import resolve_block_generator
 from mimkit.decoders import TargetAwareDecoder
 from mimkit.losses import consistency_loss, per_patch_normalize
 from mimkit.masking import (
-    block_mask_for,
-    hybrid_mask,
+    VisibleTokenMasks,
     mask_to_ids,
-    num_visible,
     parallel_masks,
     parts_for_ratio,
     random_mask,
@@ -128,8 +126,9 @@ class BootMAE(MIMMethod):
         self.grid = tuple(encoder.patch_embed.grid_size)
         self.num_patches = encoder.patch_embed.num_patches
         self.mask_ratio, self.mask_type, self.block_generator = mask_ratio, mask_type, block_generator
-        self.num_block = max(1, round(hybrid_block_ratio * self.num_patches))
-        self.max_block = max(1, round(hybrid_max_block_ratio * self.num_patches))
+        self.masks = VisibleTokenMasks(mask_type, self.grid, mask_ratio, block_generator=block_generator,
+                                       hybrid_block_ratio=hybrid_block_ratio,
+                                       hybrid_max_block_ratio=hybrid_max_block_ratio)  # fmt: skip
         self.parts = parts_for_ratio(mask_ratio) if mask_type == "parallel" else 1
         self.pixel_norm, self.center_weight = pixel_norm, center_weight
         self.norm_pix_loss = pixel_norm != "none"  # for reconstruction captions
@@ -242,15 +241,7 @@ class BootMAE(MIMMethod):
 
     def mask_inputs(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Per-sample masking input drawn in the data pipeline (see MAE.mask_inputs)."""
-        num_masked = self.num_patches - num_visible(self.num_patches, self.mask_ratio)
-        if self.mask_type == "hybrid":
-            mask = hybrid_mask(self.grid, num_masked, min(self.num_block, num_masked), max_block=self.max_block,
-                               generator=generator, block_generator=self.block_generator)  # fmt: skip
-            return {"mask": mask.flatten()}
-        if self.mask_type == "block":
-            # the visible-token encoder batches equal counts only: exact (validation refuses beit here)
-            return {"mask": block_mask_for("exact", self.grid, num_masked, generator=generator).flatten()}
-        return {"noise": torch.rand(self.num_patches, generator=generator)}  # random, parallel
+        return self.masks(generator)
 
     def target(self, imgs: torch.Tensor) -> torch.Tensor:
         return pixel_target(imgs, self.patch_size, self.pixel_norm)

@@ -13,7 +13,7 @@ from torch import nn
 from mimkit.config import resolve_block_generator
 from mimkit.decoders import MAEDecoder
 from mimkit.losses import masked_mse, per_patch_normalize
-from mimkit.masking import block_mask_for, mask_to_ids, num_visible, random_mask
+from mimkit.masking import VisibleTokenMasks, mask_to_ids, random_mask
 from mimkit.methods.base import MIMMethod
 from mimkit.models import encode_visible, init_weights_mae, patchify, sincos_2d_pos_embed
 
@@ -37,6 +37,8 @@ class MAE(MIMMethod):
         norm_pix_loss: bool = True,
         mask_type: str = "random",
         block_generator: str = "exact",
+        hybrid_block_ratio: float = 120 / 196,
+        hybrid_max_block_ratio: float = 60 / 196,
     ):
         super().__init__()
         self.encoder = encoder
@@ -44,6 +46,9 @@ class MAE(MIMMethod):
         self.num_patches = encoder.patch_embed.num_patches
         self.mask_ratio = mask_ratio
         self.mask_type, self.block_generator = mask_type, block_generator
+        self.masks = VisibleTokenMasks(mask_type, tuple(encoder.patch_embed.grid_size), mask_ratio,
+                                       block_generator=block_generator, hybrid_block_ratio=hybrid_block_ratio,
+                                       hybrid_max_block_ratio=hybrid_max_block_ratio)  # fmt: skip
         self.norm_pix_loss = norm_pix_loss
         self.decoder = MAEDecoder(
             encoder.embed_dim, self.num_patches, self.patch_size, decoder_dim, decoder_depth, decoder_heads
@@ -67,11 +72,7 @@ class MAE(MIMMethod):
     def mask_inputs(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Per-sample masking input, drawn in the data pipeline from the sample's own generator,
         so masks depend only on (seed, epoch, sample index): not on workers, ranks or resumes."""
-        if self.mask_type == "block":
-            grid = self.encoder.patch_embed.grid_size
-            num_masked = self.num_patches - num_visible(self.num_patches, self.mask_ratio)
-            return {"mask": block_mask_for(self.block_generator, grid, num_masked, generator=generator).flatten()}
-        return {"noise": torch.rand(self.num_patches, generator=generator)}
+        return self.masks(generator)
 
     def target(self, imgs: torch.Tensor) -> torch.Tensor:
         target = patchify(imgs.float(), self.patch_size)
@@ -108,4 +109,6 @@ def build(cfg, encoder: VisionTransformer) -> MAE:
         norm_pix_loss=cfg.mae.norm_pix_loss,
         mask_type=cfg.mask.type,
         block_generator=resolve_block_generator(cfg),
+        hybrid_block_ratio=cfg.mask.hybrid_block_ratio,
+        hybrid_max_block_ratio=cfg.mask.hybrid_max_block_ratio,
     )
