@@ -1,0 +1,262 @@
+"""Export of a mimkit checkpoint to timm (safetensors + config) and to Hugging Face transformers folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+import mimkit
+from mimkit.config import BEIT_METHODS, Config
+from mimkit.files import InteropError
+from mimkit.interop.common import _read_json, _timm_name, encoder_spec, load_mimkit_checkpoint
+from mimkit.interop.hf_keys import hf_beit_config, hf_beit_key_map, hf_key_map, mimkit_to_hf
+from mimkit.methods.beit import timm_beit_kwargs
+from mimkit.methods.mae import MAEDecoder
+
+# =============================================================================================
+# Export
+
+
+def _data_stats(cfg: Config) -> tuple[list[float], list[float]]:
+    return [float(v) for v in cfg.data.mean], [float(v) for v in cfg.data.std]
+
+
+def export_timm(ckpt: str | Path, out: str | Path) -> dict[str, Path]:
+    """``OUT/model.safetensors`` (the encoder state dict, timm names) + ``OUT/config.json`` (timm's
+    hub layout: architecture, model_args, pretrained_cfg with mean/std, input size, num_classes 0).
+    Load with ``timm.create_model("local-dir:OUT", pretrained=True)`` or ``timm.create_model(
+    architecture, pretrained=True, pretrained_cfg_overlay=dict(file="OUT/model.safetensors",
+    mean=..., std=...), num_classes=0, **model_args)`` (see :func:`timm_create_kwargs`)."""
+    from safetensors.torch import save_file
+
+    model, cfg, state = load_mimkit_checkpoint(ckpt)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    enc = model.encoder
+    spec = encoder_spec(enc)
+    if spec["mlp_hidden"] != 4 * spec["embed_dim"]:
+        raise InteropError(f"{ckpt}: encoder MLP width {spec['mlp_hidden']} is not 4 x {spec['embed_dim']}")
+    tensors = {k: v.detach().clone().contiguous() for k, v in enc.state_dict().items()}
+    weights = out / "model.safetensors"
+    save_file(tensors, str(weights), metadata={"format": "pt", "producer": f"mimkit {mimkit.__version__}"})
+    mean, std = _data_stats(cfg)
+    size = spec["img_size"]
+    if cfg.method in BEIT_METHODS:  # timm's Beit: relative position bias, layer scale, no abs. pos-embed
+
+        model_args = timm_beit_kwargs(cfg)
+    else:
+        model_args = {
+            "img_size": size,
+            "patch_size": spec["patch_size"],
+            "embed_dim": spec["embed_dim"],
+            "depth": spec["depth"],
+            "num_heads": spec["num_heads"],
+            "mlp_ratio": 4.0,
+            "qkv_bias": True,
+            "num_classes": 0,
+            "global_pool": "token",
+        }
+    config = {
+        "architecture": _timm_name(cfg),
+        "num_classes": 0,
+        "num_features": spec["embed_dim"],
+        "global_pool": model_args["global_pool"],
+        "model_args": model_args,
+        "pretrained_cfg": {
+            "tag": "mimkit",
+            "custom_load": False,
+            "input_size": [3, size, size],
+            "fixed_input_size": True,
+            "interpolation": "bicubic",
+            "crop_pct": 0.875,
+            "crop_mode": "center",
+            "mean": mean,
+            "std": std,
+            "num_classes": 0,
+            "pool_size": None,
+            "first_conv": "patch_embed.proj",
+            "classifier": "head",
+        },
+        "mimkit": {
+            "version": mimkit.__version__,
+            "method": cfg.method,
+            "step": state.get("step"),
+            "source": str(ckpt),
+            "pretraining": "encoder after masked-image-modeling pretraining; no head",
+        },
+    }
+    config_path = out / "config.json"
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    return {"weights": weights, "config": config_path}
+
+
+def timm_create_kwargs(out: str | Path) -> tuple[str, dict]:
+    """(architecture, kwargs) for ``timm.create_model`` from a timm export folder, without the
+    local-dir scheme: the weights file and the preprocessing (mean/std, input size) go in
+    ``pretrained_cfg_overlay``, the sizes in the model arguments."""
+    out = Path(out)
+    cfg = _read_json(out / "config.json")
+    pre = cfg["pretrained_cfg"]
+    overlay = {
+        "file": str(out / "model.safetensors"),
+        "num_classes": 0,
+        "mean": tuple(pre["mean"]),
+        "std": tuple(pre["std"]),
+        "input_size": tuple(pre["input_size"]),
+        "crop_pct": pre["crop_pct"],
+    }
+    return cfg["architecture"], {"pretrained": True, "pretrained_cfg_overlay": overlay, **cfg["model_args"]}
+
+
+def timm_usage(out: str | Path) -> str:
+    name, kwargs = timm_create_kwargs(out)
+    args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    return (
+        f"timm.create_model('local-dir:{out}', pretrained=True)\n"
+        f"# or, equivalently:\ntimm.create_model('{name}', {args})"
+    )
+
+
+def _require_transformers():
+    try:
+        import transformers
+    except ImportError as e:
+        raise InteropError("Hugging Face export/import needs transformers >= 5: pip install 'transformers>=5'") from e
+    if int(transformers.__version__.split(".")[0]) < 5:
+        raise InteropError(f"Hugging Face export needs transformers >= 5 (found {transformers.__version__})")
+    return transformers
+
+
+def hf_vit_config(model, cfg: Config):
+    from transformers import ViTConfig
+
+    return ViTConfig(**hf_encoder_kwargs(model.encoder))
+
+
+def hf_encoder_kwargs(encoder) -> dict:
+    """The HF (ViT / ViTMAE) config fields that describe a mimkit encoder."""
+    spec = encoder_spec(encoder)
+    return dict(
+        hidden_size=spec["embed_dim"],
+        num_hidden_layers=spec["depth"],
+        num_attention_heads=spec["num_heads"],
+        intermediate_size=spec["mlp_hidden"],
+        image_size=spec["img_size"],
+        patch_size=spec["patch_size"],
+        num_channels=3,
+        qkv_bias=True,
+        layer_norm_eps=1e-6,
+        hidden_act="gelu",
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+
+
+def hf_vit_mae_config(model, cfg: Config):
+    from transformers import ViTMAEConfig
+
+    dec = model.decoder
+    block = dec.decoder_blocks[0] if len(dec.decoder_blocks) else None
+    return ViTMAEConfig(
+        **hf_encoder_kwargs(model.encoder),
+        decoder_hidden_size=dec.decoder_embed.out_features,
+        decoder_num_hidden_layers=len(dec.decoder_blocks),
+        decoder_num_attention_heads=block.attn.num_heads if block is not None else cfg.mae.decoder_heads,
+        decoder_intermediate_size=block.mlp.fc1.out_features
+        if block is not None
+        else 4 * dec.decoder_embed.out_features,
+        mask_ratio=float(model.mask_ratio),
+        norm_pix_loss=bool(model.norm_pix_loss),
+    )
+
+
+def _load_exact(hf_model, tensors: dict[str, torch.Tensor], what: str) -> None:
+    expected = set(hf_model.state_dict())
+    if set(tensors) != expected:
+        extra, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))
+        raise InteropError(
+            f"{what}: the mimkit -> transformers key map does not fit this transformers version "
+            f"(unmapped HF keys: {', '.join(missing[:5]) or 'none'}; unknown: {', '.join(extra[:5]) or 'none'})"
+        )
+    result = hf_model.load_state_dict(tensors, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+
+
+def export_hf(ckpt: str | Path, out: str | Path) -> dict[str, Path]:
+    """``OUT``: a ``transformers.ViTModel`` folder (encoder; load with ``add_pooling_layer=False``,
+    mimkit has no pooler); ``OUT/vit_mae``: a ``ViTMAEForPreTraining`` folder when the decoder is
+    MAE's. BEiT / mc-BEiT: ``OUT`` a ``BeitModel`` folder and ``OUT/beit_mim`` a ``BeitForMaskedImageModeling``
+    one (:func:`hf_beit_key_map`). safetensors weights, config.json, preprocessor_config.json (mean/std, size)."""
+    _require_transformers()
+    from transformers import ViTMAEForPreTraining, ViTModel
+
+
+    model, cfg, _ = load_mimkit_checkpoint(ckpt)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    written = {}
+    if cfg.method in BEIT_METHODS:
+        written = _export_hf_beit(model, cfg, state, ckpt, out)
+        _save_image_processor(cfg, written, int(model.encoder.patch_embed.img_size[0]))
+        return written
+    spec = encoder_spec(model.encoder)
+
+    vit = ViTModel(hf_vit_config(model, cfg), add_pooling_layer=False)
+    vit_map = hf_key_map(spec["depth"], None, prefix="")
+    _load_exact(vit, mimkit_to_hf(state, vit_map), f"{ckpt} -> ViTModel")
+    vit.eval().save_pretrained(out)
+    written["vit"] = out
+
+    if isinstance(getattr(model, "decoder", None), MAEDecoder):
+        mae_dir = out / "vit_mae"
+        hf = ViTMAEForPreTraining(hf_vit_mae_config(model, cfg))
+        mae_map = hf_key_map(spec["depth"], len(model.decoder.decoder_blocks), prefix="vit.")
+        _load_exact(hf, mimkit_to_hf(state, mae_map), f"{ckpt} -> ViTMAEForPreTraining")
+        hf.eval().save_pretrained(mae_dir)
+        written["vit_mae"] = mae_dir
+
+    _save_image_processor(cfg, written, spec["img_size"])
+    return written
+
+
+def _export_hf_beit(model, cfg: Config, state: dict, ckpt, out: Path) -> dict[str, Path]:
+    """BEiT / mc-BEiT: ``OUT`` a ``BeitModel`` folder (encoder with its [MASK] embedding: pass ``bool_masked_pos``
+    for the pretraining input), ``OUT/beit_mim`` a ``BeitForMaskedImageModeling`` folder (plus the lm_head)."""
+    from transformers import BeitForMaskedImageModeling, BeitModel
+
+    b, depth = cfg.beit, len(model.encoder.blocks)
+    layout = dict(shared_rel_pos_bias=b.shared_rel_pos_bias, abs_pos_emb=b.abs_pos_emb)
+    beit = BeitModel(hf_beit_config(model, cfg), add_pooling_layer=False)
+    _load_exact(beit, mimkit_to_hf(state, hf_beit_key_map(depth, **layout)), f"{ckpt} -> BeitModel")
+    beit.eval().save_pretrained(out)
+    mim_dir = out / "beit_mim"
+    mim = BeitForMaskedImageModeling(hf_beit_config(model, cfg, mim_head=True))
+    _load_exact(mim, mimkit_to_hf(state, hf_beit_key_map(depth, **layout, mim_head=True)),
+                f"{ckpt} -> BeitForMaskedImageModeling")  # fmt: skip
+    mim.eval().save_pretrained(mim_dir)
+    # "vit": the encoder folder under the key the CLI prints (its config says model_type beit: load it with
+    # BeitModel or AutoModel)
+    return {"vit": out, "beit": out, "beit_mim": mim_dir}
+
+
+def _save_image_processor(cfg: Config, written: dict[str, Path], img_size: int) -> None:
+    try:
+        from transformers import ViTImageProcessor
+
+        mean, std = _data_stats(cfg)
+        proc = ViTImageProcessor(
+            do_resize=True,
+            size={"height": img_size, "width": img_size},
+            resample=3,
+            do_rescale=True,
+            do_normalize=True,
+            image_mean=mean,
+            image_std=std,
+        )
+        for folder in written.values():
+            proc.save_pretrained(folder)
+    except Exception:  # an image processor is a convenience; the weights and config are what matter
+        pass
