@@ -10,6 +10,7 @@ from functools import partial
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -167,9 +168,11 @@ def compile_blocks(model: nn.Module, device: torch.device | None = None) -> int:
     return len(blocks)
 
 
-def encode_visible(encoder: VisionTransformer, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+def encode_visible(encoder: VisionTransformer, imgs: torch.Tensor, ids_keep: torch.Tensor,
+                   keep_blocks: tuple[int, ...] = ()):  # fmt: skip
     """Run a timm ViT on the visible patches only: pos-embed is added before masking, the cls
-    token (with its own pos-embed) is prepended after. Returns final-LN tokens (B, 1+keep, D).
+    token (with its own pos-embed) is prepended after. Returns final-LN tokens (B, 1+keep, D), and with
+    `keep_blocks` also {block index: that block's output, before the final norm} (BootMAE's decoder context).
     `ids_keep` of shape (B, K, keep) encodes K views of each image as B*K sequences (EMAE's parts),
     embedding each image's patches once."""
     x = encoder.patch_embed(imgs)
@@ -183,8 +186,14 @@ def encode_visible(encoder: VisionTransformer, imgs: torch.Tensor, ids_keep: tor
         x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
     cls = (encoder.cls_token + encoder.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
     x = torch.cat([cls, x], dim=1)
-    x = run_blocks(encoder.blocks, x, encoder.grad_checkpointing)
-    return encoder.norm(x)
+    if not keep_blocks:
+        return encoder.norm(run_blocks(encoder.blocks, x, encoder.grad_checkpointing))
+    features, recompute = {}, encoder.grad_checkpointing and torch.is_grad_enabled()
+    for i, blk in enumerate(encoder.blocks):
+        x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False) if recompute else blk(x)
+        if i in keep_blocks:
+            features[i] = x
+    return encoder.norm(x), features
 
 
 def run_blocks(blocks: nn.Sequential, x: torch.Tensor, grad_checkpointing: bool = False) -> torch.Tensor:

@@ -229,7 +229,7 @@ def test_each_ablation_is_one_override():
     # reconstruction pictures: the prediction of the exact target maps back to the pixels
     torch.testing.assert_close(flat.pixels_from_pred(flat.target(imgs), imgs), patchify(imgs, P), atol=1e-5, rtol=0)
     for bad, message in [
-        (["mask.type=hybrid"], "needs method bootmae"),
+        (["method=simmim", "mask.type=hybrid"], "does not compose with method simmim"),
         (["method=bootmae", "bootmae.momentum=1.5"], "bootmae.momentum"),
         (["method=bootmae", "mask.type=parallel", "mask.ratio=0.7"], "whole K"),
     ]:

@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from mimkit.config import resolve_block_generator
 from mimkit.decoders import TargetAwareDecoder
@@ -45,7 +44,7 @@ from mimkit.masking import (
     random_mask,
 )
 from mimkit.methods.base import MIMMethod
-from mimkit.models import patchify, sincos_2d_pos_embed
+from mimkit.models import encode_visible, patchify, sincos_2d_pos_embed
 
 PIXEL_EPS = 1e-5  # BootMAE's pixel target: eps added to the biased variance
 FEATURE_EPS = 1e-6  # the affine-free LayerNorm on feature target and prediction
@@ -258,23 +257,6 @@ class BootMAE(MIMMethod):
             return (p * std + t.mean(2, keepdim=True)).view(pred.shape)
         return pred
 
-    def encode(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """The student on the visible patches ((B, keep) or (B, K, keep) indices): final-LN tokens and the
-        outputs (before the final norm) of the blocks the decoders cross-attend to."""
-        enc = self.encoder
-        x = enc.patch_embed(imgs) + enc.pos_embed[:, 1:]
-        if ids_keep.dim() == 3:  # parallel parts: each image's patches embedded once, B*K sequences
-            x = x.unsqueeze(1).expand(-1, ids_keep.shape[1], -1, -1).flatten(0, 1)
-            ids_keep = ids_keep.flatten(0, 1)
-        x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        x = torch.cat([(enc.cls_token + enc.pos_embed[:, :1]).expand(x.shape[0], -1, -1), x], dim=1)
-        features, recompute = {}, enc.grad_checkpointing and torch.is_grad_enabled()
-        for i, blk in enumerate(enc.blocks):
-            x = checkpoint(blk, x, use_reentrant=False) if recompute else blk(x)
-            if i in (self.pixel_layer, self.feature_layer):
-                features[i] = x
-        return enc.norm(x), features
-
     def forward(self, imgs: torch.Tensor, noise: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> BootMAEOutput:  # fmt: skip
         """`mask` (B, L, 1 = masked) from hybrid/block masking, or `noise` (B, L) for random/parallel masks."""
@@ -287,7 +269,7 @@ class BootMAE(MIMMethod):
         else:
             ids_keep, ids_restore, masks = random_mask(b, num, self.mask_ratio, noise=noise, device=imgs.device)
         per_part = (lambda t: t.repeat_interleave(parts, dim=0)) if parts > 1 else (lambda t: t)  # noqa: E731
-        latent, features = self.encode(imgs, ids_keep)
+        latent, features = encode_visible(self.encoder, imgs, ids_keep, (self.pixel_layer, self.feature_layer))
         weights = center_weights(masks, self.grid) if self.center_weight else masks
         count = masks.sum()
 
