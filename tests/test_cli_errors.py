@@ -138,7 +138,8 @@ def test_a_full_disk_during_a_checkpoint_write(run_args, tmp_path, capsys, monke
             if reported_as == "OSError":
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             # what torch.save raises when the disk fills under it (seen on a full tmpfs)
-            monkeypatch.setattr(checkpoint_module.shutil, "disk_usage", lambda _: shutil.disk_usage("/")._replace(free=0))
+            full = shutil.disk_usage("/")._replace(free=0)
+            monkeypatch.setattr(checkpoint_module.shutil, "disk_usage", lambda _: full)
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 35503296 vs 35503188")
 
         return real(path, partial_then_full)
