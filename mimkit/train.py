@@ -169,7 +169,7 @@ def pretrain(cfg: Config) -> RunResult:
     # data problems surface here, before any compute
     data = PretrainData(cfg, model.encoder.patch_embed.img_size[0], model.mask_inputs, t.batch_size, t.accum_steps,
                         dist.rank, dist.world_size, t.seed, pin_memory=device.type == "cuda",
-                        second_view=getattr(model, "second_view", None))  # fmt: skip
+                        second_view=getattr(model, "second_view", None), device=device)  # fmt: skip
     knn_sources = None  # labelled train / val splits for the k-NN trend monitor
     if t.knn_every_epochs:
         from mimkit.eval import open_labelled_split
