@@ -208,6 +208,15 @@ def open_source(path: str, fmt: str = "auto"):
 
 
 def webdataset_urls(path: str) -> list[str]:
+    missing = []
+    for name in ("webdataset", "braceexpand"):
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
+    if missing:  # optional at import time: npz / folder training runs without them
+        raise DataError(f"data.path: {path} is WebDataset shards, which need the {' and '.join(missing)} package(s) "
+                        "(pip install webdataset braceexpand)")  # fmt: skip
     import braceexpand
 
     p = Path(path)
