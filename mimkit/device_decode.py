@@ -17,6 +17,7 @@ counted in 'skipped'), since the batch is already fixed by then.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import queue
@@ -55,8 +56,8 @@ def resolve_decode(setting: str, fmt: str, device: torch.device | None, transfor
     supported, why = device_transform_supported(transform)
     if setting == "device":
         if fmt not in DEVICE_FORMATS:
-            raise DataError(f"data.decode: 'device' needs encoded files (data.format folder or webdataset); "
-                            f"data.path is format '{fmt}', which is decoded already: use data.decode=auto or cpu")  # fmt: skip
+            raise DataError(f"data.decode: 'device' needs encoded files (data.format folder or webdataset); data.path "
+                            f"is format '{fmt}', which is decoded already: use data.decode=auto or cpu")
         if not supported:
             raise DataError(f"data.decode: 'device' cannot {why}; use data.decode=auto or cpu")
         return "device"
@@ -181,8 +182,14 @@ class DeviceAugment:
     with torchvision's resized_crop (the CPU transform's own kernel), flip, to float, normalise. Outputs live
     on `device`; mask inputs stay where they are (the training loop moves them)."""
 
-    def __init__(self, transform, device: torch.device):
+    def __init__(self, transform, device: torch.device, decode_threads: int | None = None):
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        # nvJPEG does part of its work (Huffman decoding of small images) on the host: several threads, each
+        # decoding a share of the batch, keep more of it in flight (torch releases the GIL inside ops)
+        self.decode_threads = decode_threads or (4 if self.device.type == "cuda" else 1)
+        self.pool = None
         if isinstance(transform, TwoViewTransform):
             self.views = [("image", transform.img_size, "bicubic", transform.norm.mean, transform.norm.std),
                           (transform.second.key, transform.second.size, transform.second.interpolation,
@@ -207,7 +214,7 @@ class DeviceAugment:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torchvision >= 0.29 flags its image decoders as deprecated
                 try:
-                    images = _decode_jpegs(list(chunks), self.device)
+                    images = self._decode_all(list(chunks))
                     decoded.update(zip(jpeg_at, images))
                 except RuntimeError:  # no partial results from a batch: decode one at a time
                     for i, data in zip(jpeg_at, chunks):
@@ -221,6 +228,26 @@ class DeviceAugment:
         if len(failed) == len(images):
             raise DataError(f"data.path: no image of a batch could be decoded (first: {batch['names'][0]})")
         return images, failed
+
+    def _decode_all(self, chunks: list[torch.Tensor]) -> list[torch.Tensor]:
+        threads = min(self.decode_threads, len(chunks))
+        if threads <= 1:
+            return _decode_jpegs(chunks, self.device)
+        if self.pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="mimkit-decode")
+        share = (len(chunks) + threads - 1) // threads
+        parts = [chunks[i : i + share] for i in range(0, len(chunks), share)]
+        return [img for part in self.pool.map(self._decode_part, parts) for img in part]
+
+    def _decode_part(self, chunks: list[torch.Tensor]) -> list[torch.Tensor]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            images = _decode_jpegs(chunks, self.device)
+        if self.device.type == "cuda":  # decoded on this thread's stream: done before another stream reads them
+            torch.cuda.current_stream(self.device).synchronize()
+        return images
 
     def _decode_one(self, data: torch.Tensor, name: str) -> torch.Tensor | None:
         try:
@@ -266,60 +293,76 @@ def _decode_jpegs(chunks: list[torch.Tensor], device: torch.device) -> list[torc
     return list(out) if isinstance(out, (list, tuple)) else [out]
 
 
-def augmented(batches: Iterator[dict], augment: DeviceAugment, prefetch: int = 2) -> Iterator[dict]:
-    """`augment` applied to each batch. On CUDA a background thread decodes ahead on its own stream, so nvJPEG's
-    host-side work and the crops overlap the training step; elsewhere (tests) it runs inline."""
-    if augment.device.type != "cuda" or prefetch < 1:
+def augmented(batches: Iterator[dict], augment: DeviceAugment, prefetch: int | None = None) -> Iterator[dict]:
+    """`augment` applied to each batch. On CUDA (prefetch default 2) a background thread decodes ahead on its own
+    stream, so nvJPEG's host-side work and the crops overlap the training step; elsewhere it runs inline unless
+    `prefetch` asks for the thread (tests)."""
+    if prefetch is None:
+        prefetch = 2 if augment.device.type == "cuda" else 0
+    if prefetch < 1:
         return (augment(b) for b in batches)
     return _Prefetcher(batches, augment, prefetch)
+
+
+def _put(q: queue.Queue, stop: threading.Event, item) -> bool:
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _produce(batches: Iterator[dict], augment: DeviceAugment, stream, q: queue.Queue, stop: threading.Event) -> None:
+    """The prefetch thread. It holds no reference to its _Prefetcher, so an abandoned one (an endless WebDataset
+    epoch, max_steps mid-epoch) is collected, sets `stop`, and this thread lets go of the DataLoader and its workers."""
+    try:
+        if stream is not None:
+            torch.cuda.set_device(augment.device)  # the current device is per thread
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for batch in batches:
+                out = augment(batch)
+                event = None
+                if stream is not None:
+                    event = torch.cuda.Event()
+                    event.record(stream)
+                if not _put(q, stop, ("batch", out, event)):
+                    return
+    except BaseException as e:  # handed to the consumer, raised there
+        _put(q, stop, ("error", e, None))
+        return
+    _put(q, stop, ("end", None, None))
 
 
 class _Prefetcher:
     def __init__(self, batches: Iterator[dict], augment: DeviceAugment, depth: int):
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
-        self.stop = threading.Event()
-        self.stream = torch.cuda.Stream(device=augment.device)
-        self.thread = threading.Thread(target=self._run, args=(batches, augment), daemon=True)
+        self.stop, self.device = threading.Event(), augment.device
+        stream = torch.cuda.Stream(device=augment.device) if augment.device.type == "cuda" else None
+        self.thread = threading.Thread(target=_produce, args=(batches, augment, stream, self.queue, self.stop),
+                                       daemon=True, name="mimkit-device-decode")  # fmt: skip
         self.thread.start()
-
-    def _put(self, item) -> bool:
-        while not self.stop.is_set():
-            try:
-                self.queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self, batches: Iterator[dict], augment: DeviceAugment) -> None:
-        try:
-            with torch.cuda.stream(self.stream):
-                for batch in batches:
-                    out = augment(batch)
-                    event = torch.cuda.Event()
-                    event.record(self.stream)
-                    if not self._put((out, event)):
-                        return
-        except BaseException as e:  # handed to the consumer, raised there
-            self._put((e, None))
-            return
-        self._put((StopIteration(), None))
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
-        out, event = self.queue.get()
-        if event is None:
+        if self.stop.is_set():
+            raise StopIteration
+        kind, out, event = self.queue.get()
+        if kind != "batch":
             self.stop.set()
-            raise out
-        current = torch.cuda.current_stream()
-        current.wait_event(event)
-        for value in out.values():
-            if isinstance(value, torch.Tensor) and value.is_cuda:
-                value.record_stream(current)  # the side stream's allocator must not reuse it too early
+            if kind == "error":
+                raise out
+            raise StopIteration
+        if event is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(event)
+            for value in out.values():
+                if isinstance(value, torch.Tensor) and value.is_cuda:
+                    value.record_stream(current)  # the side stream's allocator must not reuse it too early
         return out
 
     def __del__(self):
         self.stop.set()
-
