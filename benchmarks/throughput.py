@@ -466,7 +466,8 @@ def time_input_pipeline(data_path: Path | str, spec: ModelSpec, batch: int, batc
                         num_samples: int | None = None) -> dict:  # fmt: skip
     """img/s of mimkit's pretraining input pipeline alone, built and iterated as `mimkit pretrain` does; `decode`
     is data.decode (device: batches decoded and augmented on `device`)."""
-    overrides = [f"model.arch={spec.arch}", f"data.path={data_path}", f"mask.ratio={MASK_RATIO}", f"data.decode={decode}"]
+    overrides = [f"model.arch={spec.arch}", f"data.path={data_path}", f"mask.ratio={MASK_RATIO}",
+                 f"data.decode={decode}"]
     overrides += [f"data.num_workers={workers}"] if workers is not None else []
     overrides += [f"data.num_samples={num_samples}"] if num_samples is not None else []
     cfg = load_config(None, overrides)
@@ -637,30 +638,34 @@ def run_model_steps(args: argparse.Namespace, models: list[ModelSpec], precision
         batch = args.batch or default_batch(spec, device)
         for precision in precisions:
             group = []  # one model + precision: printed together, once the baselines are known
-            for impl in impls:
-                timing = time_training_steps(spec, impl, precision, device, batch, args.steps, args.warmup)
-                images_per_second = batch / timing["seconds_per_step"]
-                group.append({
-                    "model": spec.label, "impl": impl, "precision": precision, "batch": batch,
-                    "device": str(device), "seconds_per_step": timing["seconds_per_step"],
-                    "images_per_second": images_per_second,
-                    "achieved_tflops": images_per_second * mae_flops_per_image(spec)["train_step"] / 1e12,
-                    "peak_memory_mib": timing["peak_memory_mib"], "parameters": timing["parameters"],
-                    "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-                })  # fmt: skip
             ceiling_tflops = gemm_ceiling_gflops(spec, batch, precision, device, args.gemm_seconds) / 1e3
-            baseline_rates = [r["images_per_second"] for r in group if not r["impl"].startswith("mimkit")]
-            fastest_baseline = max(baseline_rates, default=None)
             if extra and precision not in square:
                 size = args.square or (8192 if device.type == "cuda" else 1024)
                 square[precision] = square_matmul_tflops(size, precision, device, args.gemm_seconds)
-            for row in group:
-                row["matmul_ceiling_tflops"] = ceiling_tflops
-                row["mfu"] = row["achieved_tflops"] / ceiling_tflops
+            for impl in impls:
+                timing = time_training_steps(spec, impl, precision, device, batch, args.steps, args.warmup)
+                images_per_second = batch / timing["seconds_per_step"]
+                achieved_tflops = images_per_second * mae_flops_per_image(spec)["train_step"] / 1e12
+                row = {
+                    "model": spec.label, "impl": impl, "precision": precision, "batch": batch,
+                    "device": str(device), "seconds_per_step": timing["seconds_per_step"],
+                    "images_per_second": images_per_second, "achieved_tflops": achieved_tflops,
+                    "peak_memory_mib": timing["peak_memory_mib"], "parameters": timing["parameters"],
+                    "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+                    "matmul_ceiling_tflops": ceiling_tflops, "mfu": achieved_tflops / ceiling_tflops,
+                }  # fmt: skip
                 if extra:
                     row["peak_tflops"] = peak if precision == "bf16" else None
                     row["mfu_vs_peak"] = row["achieved_tflops"] / peak if row["peak_tflops"] else None
                     row["square_matmul_tflops"] = square[precision]
+                group.append(row)
+                if args.json:  # rows so far, in case a time limit stops the run before the end
+                    with open(args.json, "w") as f:
+                        json.dump({"machine": machine_info(device), "mode": "step", "partial": True,
+                                   "rows": rows + group}, f, indent=2)  # fmt: skip
+            baseline_rates = [r["images_per_second"] for r in group if not r["impl"].startswith("mimkit")]
+            fastest_baseline = max(baseline_rates, default=None)
+            for row in group:
                 compare = row["impl"].startswith("mimkit") and fastest_baseline is not None
                 row["vs_fastest_baseline"] = row["images_per_second"] / fastest_baseline if compare else None
                 print_row(row)

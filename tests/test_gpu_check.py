@@ -82,3 +82,45 @@ print('OK', sorted(m for m in sys.modules if m.split('.')[0] in ('webdataset', '
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("OK []")
     assert "WebDataset shards, which need the webdataset and braceexpand package(s)" in proc.stderr
+
+
+def load_gpu_check():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def step_row(model: str, impl: str, img_s: float, mfu_peak: float | None) -> dict:
+    return {"model": model, "impl": impl, "precision": "bf16", "images_per_second": img_s, "mfu": 0.8,
+            "mfu_vs_peak": mfu_peak, "peak_memory_mib": 2048.0}  # fmt: skip
+
+
+def test_gpu_mode_reports_targets_and_keeps_the_rows_of_a_timed_out_model(tmp_path, monkeypatch):
+    """The GPU-only branches of gpu_check.py (the dry run takes the CPU ones): the issue's targets from the fastest
+    mimkit and HF rows, and a model whose run hit its time limit keeps the rows it wrote."""
+    gc = load_gpu_check()
+    r = gc.Runner(tmp_path, tmp_path, dry=False)
+    rows = [step_row("ViT-B/16@224", "mimkit", 3000, 0.45), step_row("ViT-B/16@224", "mimkit-compiled", 3900, 0.58),
+            step_row("ViT-B/16@224", "hf-sdpa", 2800, 0.42), step_row("ViT-B/16@224", "hf-sdpa-compiled", 2900, 0.43)]
+    gc.targets(r, rows)
+    assert r.rows[-1]["status"] == "met" and "mimkit-compiled: 58.0%" in r.rows[-1]["detail"]
+    assert "1.34x the fastest HF row (hf-sdpa-compiled)" in r.rows[-1]["detail"]
+    gc.targets(r, rows[:1] + rows[2:])  # without the compiled row: 45% of peak, 1.03x
+    assert r.rows[-1]["status"] == "missed"
+
+    def timed_out(name, cmd, timeout, env=None):  # wrote two rows, then its limit stopped it
+        out = Path(cmd[cmd.index("--json") + 1])
+        out.write_text(json.dumps({"machine": "# H200", "rows": [step_row("ViT-L/16@224", "mimkit", 900, 0.5),
+                                                                  step_row("ViT-L/16@224", "hf-sdpa", 700, 0.4)]}))
+        assert "--device" in cmd and cmd[cmd.index("--device") + 1] == "cuda"
+        return None, "partial output", timeout
+
+    monkeypatch.setattr(r, "run", timed_out)
+    kept = gc.step_throughput(r, ["large"], {"large": 100}, {"large": 0}, [])
+    assert len(kept) == 2 and r.rows[-1]["status"] == "TIMEOUT" and "partial: stopped after" in r.rows[-1]["detail"]
+    assert "best mimkit / best HF 1.29×" in r.rows[-1]["detail"]
+    assert len(json.loads((tmp_path / "throughput.json").read_text())["rows"]) == 2
+    assert gc.summary(r) == 1  # a timeout fails the run
