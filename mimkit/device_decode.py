@@ -239,7 +239,12 @@ class DeviceAugment:
             self.pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="mimkit-decode")
         share = (len(chunks) + threads - 1) // threads
         parts = [chunks[i : i + share] for i in range(0, len(chunks), share)]
-        return [img for part in self.pool.map(self._decode_part, parts) for img in part]
+        images = [img for part in self.pool.map(self._decode_part, parts) for img in part]
+        if self.device.type == "cuda":  # allocated on the decode threads' streams, read on this one's
+            current = torch.cuda.current_stream(self.device)
+            for img in images:
+                img.record_stream(current)
+        return images
 
     def _decode_part(self, chunks: list[torch.Tensor]) -> list[torch.Tensor]:
         with warnings.catch_warnings():
