@@ -5,13 +5,16 @@
     python benchmarks/throughput.py --models base --precisions fp32 --impls mimkit,hf-sdpa --steps 5 --json out.json
     python benchmarks/throughput.py --models tiny --precisions fp32 --steps 1 --warmup 0 --batch 16   # smoke run
     python benchmarks/throughput.py --data-only [--data cifar10.npz] [--step-json out.json]
+    python benchmarks/throughput.py --device cuda --models tiny,base,large --precisions bf16 \
+        --impls mimkit,mimkit-compiled,hf-sdpa,hf-sdpa-compiled --steps 10 --warmup 3   # one GPU (gpu_check.sh)
 
 Step: forward (under autocast for bf16) + backward + AdamW(lr 1.5e-4, betas (0.9, 0.95), wd 0.05) step +
 zero_grad on random images (mimkit: the fused AdamW kernel its training loop uses; HF: torch's default); masks are fresh every step. Every implementation (--impls) runs in the same
 process at the same sizes, batch, mask ratio 0.75, norm-pix loss and precision:
   mimkit     mimkit's MAE (timm ViT encoder);
   hf-sdpa    transformers' ViTMAEForPreTraining, attn_implementation="sdpa";
-  hf-eager   the same with attn_implementation="eager".
+  hf-eager   the same with attn_implementation="eager";
+  hf-sdpa-compiled  hf-sdpa with every ViTMAELayer torch.compile'd in place, as mimkit-compiled does its blocks.
 HF's (a test-only dependency) is configured with qkv bias, LayerNorm eps 1e-6, exact GELU, no dropout and
 MLPs 4x wide, so both have the same parameters (their counts are printed). "× fastest baseline" is
 mimkit's img/s over the best HF row of the same model and precision.
@@ -23,11 +26,17 @@ decoder_pred on batch*(patches+1) rows), each in the forward layout (x @ W^T) an
 (grad_x = g @ W, grad_W = g^T @ x). Rates are cached per shape and layout, and combined time-weighted:
 total FLOPs / sum(FLOPs / rate). The ceiling leaves out attention's batched small matmuls (QK^T, AV) and
 the patch-embedding convolution, so a step whose attention runs faster than its linears can exceed 100%.
+On CUDA two more references are printed: "MFU (peak)" against the GPU's dense bf16 datasheet peak
+(GPU_BF16_PEAK_TFLOPS, H100 / H200 / A100) and "square matmul" TFLOP/s, one large square bf16 product
+(--square, 8192 on CUDA) measured in the same run.
 
 --data-only times the input pipeline alone: mimkit's PretrainData as `mimkit pretrain` builds it (file
 decode + RandomResizedCrop/flip/normalise + per-sample mask noise, data.num_workers DataLoader workers),
 iterated with epoch_batches(), for (a) a CIFAR-10 .npz at ViT-T/4@32 and (b) a generated JPEG
-ImageFolder at ViT-B/16@224. The first batch of each worker (its start-up) is never timed. The JPEGs
+ImageFolder at ViT-B/16@224 (and the same JPEGs as WebDataset shards, where webdataset is installed), each
+JPEG source with data.decode=cpu (PIL in the workers) and data.decode=device (nvJPEG in batches + crops on
+--decode-device, CUDA by default when present; cpu runs the same code on the CPU). Device batches are
+synchronised before the clock stops. The first batch of each worker (its start-up) is never timed. The JPEGs
 were just written, so they are read from the page cache: disk reads are not part of the figure.
 """
 
@@ -67,10 +76,14 @@ MASK_RATIO = 0.75
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "cifar10.npz"
 IMPLS = ("mimkit", "hf-sdpa", "hf-eager")
+# dense bf16 tensor-core peaks from the vendors' datasheets (no sparsity), TFLOP/s; matched on the device name,
+# most specific first. The H200 SXM has the H100 SXM's arithmetic (its memory differs).
+GPU_BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0), ("H100", 989.4),
+                        ("H200", 989.4), ("A100", 312.0))  # fmt: skip
 # ablations: train.compile=true (every block torch.compile'd; the warmup steps include compiling), each
 # attention kernel forced (the mimkit row uses train.attention=auto, as `mimkit pretrain` does), and torch's
 # default AdamW (foreach) in place of the fused kernel the training loop picks
-OPTIONAL_IMPLS = ("mimkit-compiled", "mimkit-sdpa", "mimkit-eager", "mimkit-default-adamw")
+OPTIONAL_IMPLS = ("mimkit-compiled", "mimkit-sdpa", "mimkit-eager", "mimkit-default-adamw", "hf-sdpa-compiled")
 
 
 @dataclass(frozen=True)
@@ -82,12 +95,14 @@ class ModelSpec:
     decoder_heads: int
     batch: int
     reference_gflop_per_image: float | None  # fwd+bwd, quoted in the issue, for the sanity check
+    gpu_batch: int = 256  # per-GPU batch on CUDA (fills an H100 / H200 without running out of memory)
 
 
 MODELS = {
-    "tiny": ModelSpec("ViT-T/4@32", "vit_tiny_patch4_32", 128, 4, 4, 256, 0.89),
+    "tiny": ModelSpec("ViT-T/4@32", "vit_tiny_patch4_32", 128, 4, 4, 256, 0.89, gpu_batch=1024),
     "small": ModelSpec("ViT-S/16@224", "vit_small_patch16_224", 512, 8, 16, 16, None),
     "base": ModelSpec("ViT-B/16@224", "vit_base_patch16_224", 512, 8, 16, 16, 58.7),
+    "large": ModelSpec("ViT-L/16@224", "vit_large_patch16_224", 512, 8, 16, 4, None),
 }
 
 
@@ -259,6 +274,20 @@ def gemm_gflops(m: int, k: int, n: int, layout: str, dtype: torch.dtype, device:
     return best
 
 
+def gpu_bf16_peak_tflops(device: torch.device) -> float | None:
+    """The datasheet dense bf16 peak of a known GPU (GPU_BF16_PEAK_TFLOPS), else None."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in GPU_BF16_PEAK_TFLOPS if key in name), None)
+
+
+def square_matmul_tflops(size: int, precision: str, device: torch.device, min_seconds: float) -> float:
+    """One large square product (size^3, row-major operands): the matrix units' practical ceiling."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    return gemm_gflops(size, size, size, "g@W", dtype, device, min_seconds) / 1e3
+
+
 def gemm_ceiling_gflops(spec: ModelSpec, batch: int, precision: str, device: torch.device,
                         min_seconds: float) -> float:  # fmt: skip
     """Matmul rate at every linear-layer GEMM of the step (forward and both backward layouts), combined
@@ -331,7 +360,17 @@ def build_mae(impl: str, spec: ModelSpec, precision: str = "fp32", device: torch
             compile_blocks(model, device)
         return model
     _, ViTMAEForPreTraining = hf_vit_mae()
-    return ViTMAEForPreTraining(hf_mae_config(spec, attn_implementation=impl.removeprefix("hf-")))
+    attn = impl.removeprefix("hf-").removesuffix("-compiled")
+    model = ViTMAEForPreTraining(hf_mae_config(spec, attn_implementation=attn))
+    if impl.endswith("-compiled"):
+        for layer in hf_layers(model):
+            layer.compile()
+    return model
+
+
+def hf_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """HF ViTMAE's transformer layers (encoder and decoder), the counterpart of mimkit's transformer_blocks."""
+    return [m for m in model.modules() if type(m).__name__ == "ViTMAELayer"]
 
 
 def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
@@ -422,15 +461,21 @@ def random_jpeg_folder(directory: Path, count: int, size: tuple[int, int] = (500
     return root
 
 
-def time_input_pipeline(data_path: Path, spec: ModelSpec, batch: int, batches: int, warmup: int,
-                        device: torch.device) -> dict:  # fmt: skip
-    """img/s of mimkit's pretraining input pipeline alone, built and iterated as `mimkit pretrain` does."""
-    cfg = load_config(None, [f"model.arch={spec.arch}", f"data.path={data_path}", f"mask.ratio={MASK_RATIO}"])
+def time_input_pipeline(data_path: Path | str, spec: ModelSpec, batch: int, batches: int, warmup: int,
+                        device: torch.device, decode: str = "auto", workers: int | None = None,
+                        num_samples: int | None = None) -> dict:  # fmt: skip
+    """img/s of mimkit's pretraining input pipeline alone, built and iterated as `mimkit pretrain` does; `decode`
+    is data.decode (device: batches decoded and augmented on `device`)."""
+    overrides = [f"model.arch={spec.arch}", f"data.path={data_path}", f"mask.ratio={MASK_RATIO}",
+                 f"data.decode={decode}"]
+    overrides += [f"data.num_workers={workers}"] if workers is not None else []
+    overrides += [f"data.num_samples={num_samples}"] if num_samples is not None else []
+    cfg = load_config(None, overrides)
     with torch.device("meta"):  # the model is needed only for its mask_inputs, which touch no weights
         model = build_model(cfg)
     img_size = get_preset(spec.arch).img_size
     data = PretrainData(cfg, img_size, model.mask_inputs, batch, accum_steps=1, rank=0, world_size=1, seed=0,
-                        pin_memory=device.type == "cuda")  # fmt: skip
+                        pin_memory=device.type == "cuda", device=device)  # fmt: skip
 
     def all_batches():  # epochs back to back, as the training loop runs them
         for epoch in itertools.count():
@@ -441,12 +486,15 @@ def time_input_pipeline(data_path: Path, spec: ModelSpec, batch: int, batches: i
     untimed = max(warmup, data.num_workers, 1)
     for _ in range(untimed):
         next(stream)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(batches):
-        next(stream)
+        last = next(stream)
+    synchronize(device)  # device-decoded batches are produced asynchronously
     seconds = time.perf_counter() - start
     result = {"images_per_second": batches * batch / seconds, "seconds_per_batch": seconds / batches,
-              "num_workers": data.num_workers, "steps_per_epoch": data.steps_per_epoch}  # fmt: skip
+              "num_workers": data.num_workers, "steps_per_epoch": data.steps_per_epoch, "decode": data.decode,
+              "output_device": str(last["image"].device)}  # fmt: skip
     del stream, data  # shuts the persistent workers down
     gc.collect()
     return result
@@ -464,34 +512,62 @@ def best_step_rate(step_json: str | None, label: str) -> tuple[float, str] | Non
     return best["images_per_second"], best["precision"]
 
 
+def webdataset_shards(folder: Path, directory: Path, per_shard: int = 256) -> str:
+    """The JPEGs of `folder` as WebDataset tar shards (key.jpg members, written with the standard library);
+    returns the brace pattern."""
+    import tarfile
+
+    files = sorted(folder.rglob("*.jpg"))
+    root = directory / "shards"
+    root.mkdir(exist_ok=True)
+    count = (len(files) + per_shard - 1) // per_shard
+    for s in range(count):
+        with tarfile.open(root / f"train-{s:04d}.tar", "w") as tar:
+            for i, f in enumerate(files[s * per_shard : (s + 1) * per_shard]):
+                tar.add(f, arcname=f"{s * per_shard + i:08d}.jpg")
+    return f"{root}/train-{{0000..{count - 1:04d}}}.tar"
+
+
+def default_batch(spec: ModelSpec, device: torch.device) -> int:
+    return spec.gpu_batch if device.type == "cuda" else spec.batch
+
+
 def run_data_only(args: argparse.Namespace, device: torch.device) -> list[dict]:
     rows = []
-    print("| input pipeline | model | batch | workers | timed batches | s/batch | img/s | mimkit step img/s | "
-          "pipeline / step |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    decode_device = torch.device(args.decode_device or device.type)
+    print("| input pipeline | decode | model | batch | workers | timed batches | s/batch | img/s | "
+          "mimkit step img/s | pipeline / step |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory(prefix="mimkit-throughput-") as tmp:
-
-        def cifar_source() -> tuple[Path, str]:
-            if Path(args.data).exists():
-                return Path(args.data), f"npz {Path(args.data).name}"
-            return random_npz(Path(tmp), 4096), "npz of random pixels (no CIFAR file)"
-
-        def jpeg_source() -> tuple[Path, str]:
-            root = random_jpeg_folder(Path(tmp), args.jpeg_images)
-            kib = sum(f.stat().st_size for f in root.rglob("*.jpg")) / args.jpeg_images / 1024
-            return root, f"JPEG folder, {args.jpeg_images} x 500x375 ({kib:.0f} KiB avg)"
-
-        for spec, make_source in ((MODELS["tiny"], cifar_source), (MODELS["base"], jpeg_source)):
-            path, label = make_source()
-            batch = args.batch or spec.batch
-            timing = time_input_pipeline(path, spec, batch, args.data_batches, args.warmup, device)
+        cases = []
+        if Path(args.data).exists():
+            cases.append((MODELS["tiny"], Path(args.data), f"npz {Path(args.data).name}", "cpu", None))
+        else:
+            cases.append((MODELS["tiny"], random_npz(Path(tmp), 4096), "npz of random pixels (no CIFAR file)", "cpu", None))
+        root = random_jpeg_folder(Path(tmp), args.jpeg_images)
+        kib = sum(f.stat().st_size for f in root.rglob("*.jpg")) / args.jpeg_images / 1024
+        label = f"JPEG folder, {args.jpeg_images} x 500x375 ({kib:.0f} KiB avg)"
+        cases += [(MODELS["base"], root, label, "cpu", None), (MODELS["base"], root, label, "device", None)]
+        if importlib.util.find_spec("webdataset") is not None and importlib.util.find_spec("braceexpand") is not None:
+            shards = webdataset_shards(root, Path(tmp))
+            label = f"WebDataset shards of the same {args.jpeg_images} JPEGs"
+            cases += [(MODELS["base"], shards, label, "cpu", args.jpeg_images),
+                      (MODELS["base"], shards, label, "device", args.jpeg_images)]  # fmt: skip
+        else:
+            print("# WebDataset rows skipped: webdataset / braceexpand are not installed here", flush=True)
+        for spec, path, label, decode, num_samples in cases:
+            batch = args.batch or default_batch(spec, device)
+            run_on = decode_device if decode == "device" else device
+            timing = time_input_pipeline(path, spec, batch, args.data_batches, args.warmup, run_on, decode=decode,
+                                         workers=args.workers, num_samples=num_samples)  # fmt: skip
             step = best_step_rate(args.step_json, spec.label)
-            rows.append({"pipeline": label, "model": spec.label, "batch": batch, **timing,
+            where = f"device ({run_on.type})" if decode == "device" else "cpu (workers)"
+            rows.append({"pipeline": label, "model": spec.label, "batch": batch, **timing, "decode_on": where,
                          "step_images_per_second": step[0] if step else None,
                          "step_precision": step[1] if step else None})  # fmt: skip
             step_cell = f"{step[0]:.1f} ({step[1]})" if step else ""
-            ratio_cell = f"{timing['images_per_second'] / step[0]:.1f}×" if step else ""
-            print(f"| {label} | {spec.label} | {batch} | {timing['num_workers']} | {args.data_batches} | "
+            ratio_cell = f"{timing['images_per_second'] / step[0]:.2f}×" if step else ""
+            print(f"| {label} | {where} | {spec.label} | {batch} | {timing['num_workers']} | {args.data_batches} | "
                   f"{timing['seconds_per_batch']:.3f} | {timing['images_per_second']:.0f} | {step_cell} | "
                   f"{ratio_cell} |", flush=True)  # fmt: skip
     return rows
@@ -531,6 +607,9 @@ def print_row(row: dict) -> None:
     cells = [row["model"], row["impl"], row["precision"], row["batch"], f"{row['seconds_per_step']:.3f}",
              f"{row['images_per_second']:.1f}", speedup, f"{row['achieved_tflops']:.3f}",
              f"{row['matmul_ceiling_tflops']:.3f}", f"{row['mfu']:.0%}", f"{row['peak_memory_mib']:.0f}"]  # fmt: skip
+    if row.get("peak_tflops") is not None or row.get("square_matmul_tflops") is not None:  # CUDA columns
+        peak = f"{row['mfu_vs_peak']:.1%}" if row.get("mfu_vs_peak") is not None else "n/a"
+        cells += [peak, f"{row['square_matmul_tflops']:.1f}"]
     print("| " + " | ".join(map(str, cells)) + " |", flush=True)
 
 
@@ -545,31 +624,48 @@ def run_model_steps(args: argparse.Namespace, models: list[ModelSpec], precision
               f"{flops['decoder'] / 1e9:.3f} + patch/embed/pred "
               f"{(flops['patch_embed'] + flops['decoder_embed'] + flops['decoder_pred']) / 1e9:.3f}")  # fmt: skip
     print()
+    peak = gpu_bf16_peak_tflops(device)
+    extra = device.type == "cuda" or args.square > 0
+    if device.type == "cuda":
+        print(f"# {torch.cuda.get_device_name(device)}: dense bf16 datasheet peak "
+              f"{f'{peak:.1f} TFLOP/s' if peak else 'unknown (not in GPU_BF16_PEAK_TFLOPS)'}")
     print("| model | impl | precision | batch | s/step | img/s | × fastest baseline | TFLOP/s | "
-          "matmul ceiling TFLOP/s | MFU | peak mem MiB |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "matmul ceiling TFLOP/s | MFU | peak mem MiB |" + (" MFU (peak) | square matmul TFLOP/s |" if extra else ""))
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if extra else ""))
     rows = []
+    square = {}  # precision -> TFLOP/s of one large square product
     for spec in models:
-        batch = args.batch or spec.batch
+        batch = args.batch or default_batch(spec, device)
         for precision in precisions:
             group = []  # one model + precision: printed together, once the baselines are known
+            ceiling_tflops = gemm_ceiling_gflops(spec, batch, precision, device, args.gemm_seconds) / 1e3
+            if extra and precision not in square:
+                size = args.square or (8192 if device.type == "cuda" else 1024)
+                square[precision] = square_matmul_tflops(size, precision, device, args.gemm_seconds)
             for impl in impls:
                 timing = time_training_steps(spec, impl, precision, device, batch, args.steps, args.warmup)
                 images_per_second = batch / timing["seconds_per_step"]
-                group.append({
+                achieved_tflops = images_per_second * mae_flops_per_image(spec)["train_step"] / 1e12
+                row = {
                     "model": spec.label, "impl": impl, "precision": precision, "batch": batch,
                     "device": str(device), "seconds_per_step": timing["seconds_per_step"],
-                    "images_per_second": images_per_second,
-                    "achieved_tflops": images_per_second * mae_flops_per_image(spec)["train_step"] / 1e12,
+                    "images_per_second": images_per_second, "achieved_tflops": achieved_tflops,
                     "peak_memory_mib": timing["peak_memory_mib"], "parameters": timing["parameters"],
                     "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-                })  # fmt: skip
-            ceiling_tflops = gemm_ceiling_gflops(spec, batch, precision, device, args.gemm_seconds) / 1e3
+                    "matmul_ceiling_tflops": ceiling_tflops, "mfu": achieved_tflops / ceiling_tflops,
+                }  # fmt: skip
+                if extra:
+                    row["peak_tflops"] = peak if precision == "bf16" else None
+                    row["mfu_vs_peak"] = row["achieved_tflops"] / peak if row["peak_tflops"] else None
+                    row["square_matmul_tflops"] = square[precision]
+                group.append(row)
+                if args.json:  # rows so far, in case a time limit stops the run before the end
+                    with open(args.json, "w") as f:
+                        json.dump({"machine": machine_info(device), "mode": "step", "partial": True,
+                                   "rows": rows + group}, f, indent=2)  # fmt: skip
             baseline_rates = [r["images_per_second"] for r in group if not r["impl"].startswith("mimkit")]
             fastest_baseline = max(baseline_rates, default=None)
             for row in group:
-                row["matmul_ceiling_tflops"] = ceiling_tflops
-                row["mfu"] = row["achieved_tflops"] / ceiling_tflops
                 compare = row["impl"].startswith("mimkit") and fastest_baseline is not None
                 row["vs_fastest_baseline"] = row["images_per_second"] / fastest_baseline if compare else None
                 print_row(row)
@@ -594,6 +690,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="timed steps per row (CPU: ViT-B bf16 is ~1 min/step)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps (batches with --data-only) per row")
     parser.add_argument("--gemm-seconds", type=float, default=0.3, help="min seconds per GEMM ceiling trial")
+    parser.add_argument("--square", type=int, default=0,
+                        help="side of the square matmul ceiling (0: 8192 on CUDA, none on CPU; >0 forces it)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--json", metavar="OUT", help="also write the rows to this JSON file")
@@ -604,6 +702,9 @@ def main() -> None:
     data.add_argument("--data-batches", type=int, default=20, help="timed batches per pipeline")
     data.add_argument("--jpeg-images", type=int, default=256, help="JPEGs generated for the ImageFolder case")
     data.add_argument("--step-json", help="a --json file of a model-step run, to compare img/s with")
+    data.add_argument("--workers", type=int, default=None, help="data.num_workers (default: the config's, 2)")
+    data.add_argument("--decode-device", choices=["cpu", "cuda"], default=None,
+                      help="where data.decode=device rows decode (default: --device)")
     args = parser.parse_args()
 
     model_names, precisions, impls = args.models.split(","), args.precisions.split(","), args.impls.split(",")
@@ -630,7 +731,8 @@ def main() -> None:
         if args.profile:
             for spec in models:
                 for precision in precisions:
-                    profile_training_step(spec, args.profile, precision, device, args.batch or spec.batch, args.warmup)
+                    profile_training_step(spec, args.profile, precision, device, args.batch or default_batch(spec, device),
+                                          args.warmup)  # fmt: skip
     elapsed = time.perf_counter() - started
     print(f"\n# total {elapsed:.0f} s, {unit}{load_average('now')}")
     if args.json:

@@ -16,6 +16,7 @@ checkpoint moves between ddp and fsdp and between world sizes.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pickle
@@ -64,6 +65,7 @@ def atomic_write_bytes(path: Path, write) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
+        e.partial_bytes = Path(tmp).stat().st_size if Path(tmp).exists() else 0  # written before the failure
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError) and e.filename is None:  # e.g. ENOSPC from write(): say which file
             e.filename = str(path)
@@ -81,7 +83,15 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def save_checkpoint(path: str | Path, state: dict) -> Path:
     path = Path(path)
-    atomic_write_bytes(path, lambda f: torch.save(state, f))
+    try:
+        atomic_write_bytes(path, lambda f: torch.save(state, f))
+    except RuntimeError as e:
+        # torch's zip writer reports a failed write (a full disk, a vanished mount) as a RuntimeError
+        if not re.search(r"inline_container|PytorchStreamWriter|unexpected pos", str(e)):
+            raise
+        free = shutil.disk_usage(path.parent).free  # after the partial file was removed
+        code = errno.ENOSPC if free <= getattr(e, "partial_bytes", 0) + (64 << 20) else errno.EIO
+        raise OSError(code, f"{os.strerror(code)} ({free // 1024} KiB free)", str(path)) from None
     return path
 
 

@@ -155,6 +155,9 @@ class DataConfig:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     num_workers: int = 2
     repeats: int = 1  # virtual epoch = dataset repeated; useful for tiny sets like the quickstart
+    # where JPEGs are decoded and augmented: auto = on the GPU (nvJPEG, batched) for folder / WebDataset sources
+    # when training on CUDA, else in the DataLoader workers (PIL); device / cpu force one (mimkit/device_decode.py)
+    decode: Literal["auto", "cpu", "device"] = "auto"
 
 
 @dataclass

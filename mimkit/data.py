@@ -211,6 +211,15 @@ def open_source(path: str, fmt: str = "auto"):
 
 
 def webdataset_urls(path: str) -> list[str]:
+    missing = []
+    for name in ("webdataset", "braceexpand"):
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
+    if missing:  # optional at import time: npz / folder training runs without them
+        raise DataError(f"data.path: {path} is WebDataset shards, which need the {' and '.join(missing)} package(s) "
+                        "(pip install webdataset braceexpand)")  # fmt: skip
     import braceexpand
 
     p = Path(path)
@@ -409,18 +418,24 @@ class WebDatasetStream(IterableDataset):
                 try:
                     if data is None:
                         raise CorruptImage(f"{name}: no image entry ({', '.join(self.IMAGE_KEYS)})")
-                    with Image.open(io.BytesIO(data)) as img:
-                        img.load()
-                        image = to_rgb(img)
-                except Exception as e:
+                    out = self.make_sample(name, data, stable_seed(self.seed, self.epoch, passes, name))
+                except CorruptImage as e:
                     log.warning("skipping corrupt image %s: %s", name, e)
                     skipped += 1
                     continue
-                out = seeded_sample(image, stable_seed(self.seed, self.epoch, passes, name), self.transform,
-                                    self.mask_inputs)  # fmt: skip
                 out["skipped"], skipped = skipped, 0
                 yield out
             passes += 1
+
+    def make_sample(self, name: str, data: bytes, seed: int) -> dict:
+        """One training sample from an entry's image bytes (mimkit.device_decode overrides this)."""
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+                image = to_rgb(img)
+        except Exception as e:
+            raise CorruptImage(f"{name}: {type(e).__name__}: {e}") from e
+        return seeded_sample(image, seed, self.transform, self.mask_inputs)
 
 
 def die_with_parent(parent_pid: int, _worker_id: int = 0) -> None:
@@ -452,7 +467,7 @@ class PretrainData:
 
     def __init__(self, cfg, img_size: int, mask_inputs: MaskInputs | None, batch_size: int, accum_steps: int,
                  rank: int = 0, world_size: int = 1, seed: int = 0, pin_memory: bool = False,
-                 second_view: ViewSpec | None = None):  # fmt: skip
+                 second_view: ViewSpec | None = None, device: torch.device | None = None):  # fmt: skip
         d = cfg.data if hasattr(cfg, "data") else cfg
         self.fmt = resolve_format(d.path, d.format)
         self.transform = pretrain_transform(img_size, d) if second_view is None else TwoViewTransform(img_size, d, second_view)
@@ -477,8 +492,31 @@ class PretrainData:
                 persistent_workers=self.num_workers > 0, prefetch_factor=4 if self.num_workers > 0 else None,
                 **loader_rng_and_workers(seed, rank),
             )  # fmt: skip
+        self.device_augment = None  # data.decode: JPEGs decoded and augmented on the training device
+        from mimkit.device_decode import resolve_decode
+
+        self.decode = resolve_decode(getattr(d, "decode", "auto"), self.fmt, device, self.transform)
+        if self.decode == "device":
+            self._use_device_decode(device or torch.device("cpu"))
+
+    def _use_device_decode(self, device: torch.device) -> None:
+        from mimkit.device_decode import DeviceAugment, EncodedFolderDataset, collate_encoded
+
+        self.device_augment = DeviceAugment(self.transform, device)
+        if self.fmt == "folder":
+            encoded = EncodedFolderDataset(self.dataset.source, self.transform, self.mask_inputs)
+            encoded.length = self.dataset.length  # data.repeats / data.num_samples as resolved above
+            self.dataset = encoded
+            self.loader = DataLoader(
+                self.dataset, batch_sampler=self.sampler, num_workers=self.num_workers, collate_fn=collate_encoded,
+                persistent_workers=self.num_workers > 0, prefetch_factor=4 if self.num_workers > 0 else None,
+            )  # fmt: skip
 
     def epoch_batches(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
+        if self.device_augment is not None:
+            from mimkit.device_decode import augmented
+
+            return augmented(self._encoded_batches(epoch, start_step), self.device_augment)
         if self.fmt != "webdataset":
             self.sampler.set_epoch(epoch, start_step)
             return iter(self.loader)
@@ -487,4 +525,17 @@ class PretrainData:
         loader = DataLoader(stream, batch_size=self.batch_size, num_workers=self.num_workers,
                             pin_memory=self.pin_memory, **loader_rng_and_workers(self.seed, self.rank, epoch))  # fmt: skip
         # streams cannot seek: replay and drop the micro-batches already consumed (exact, costs decoding)
+        return itertools.islice(iter(loader), start_step * self.accum_steps, None)
+
+    def _encoded_batches(self, epoch: int, start_step: int) -> Iterator[dict]:
+        """The device path's worker batches: the same samples, order and seeds as the CPU path's."""
+        from mimkit.device_decode import EncodedWebDatasetStream, collate_encoded
+
+        if self.fmt != "webdataset":
+            self.sampler.set_epoch(epoch, start_step)
+            return iter(self.loader)
+        stream = EncodedWebDatasetStream(self.urls, self.transform, self.mask_inputs, self.seed, epoch, self.rank,
+                                         self.world_size)  # fmt: skip
+        loader = DataLoader(stream, batch_size=self.batch_size, num_workers=self.num_workers,
+                            collate_fn=collate_encoded)  # fmt: skip
         return itertools.islice(iter(loader), start_step * self.accum_steps, None)

@@ -25,7 +25,8 @@ class DistInfo:
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        """DDP / FSDP wrap the model: several processes, or one under torchrun (a process group of one)."""
+        return self.world_size > 1 or (dist.is_available() and dist.is_initialized())
 
 
 def world_from_env() -> tuple[int, int, int]:
@@ -73,7 +74,10 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def init_distributed(device_name: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
     rank, world, local_rank = world_from_env()
     device = resolve_device(device_name, local_rank)
-    if world > 1 and not dist.is_initialized():
+    # torchrun --nproc_per_node 1 starts a process group of one, so DDP / FSDP2 run exactly as they do on more
+    # (the single-GPU check of benchmarks/gpu_check.sh relies on it); a plain `python` launch starts none
+    launched = "RANK" in os.environ and "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ
+    if (world > 1 or launched) and not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
             raise ConfigError("multi-process run needs MASTER_ADDR and MASTER_PORT (torchrun sets them; with srun export them)")
         backend = "nccl" if device.type == "cuda" else "gloo"

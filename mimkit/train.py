@@ -108,7 +108,7 @@ def pretrain(cfg: Config) -> RunResult:
     # data problems surface here, before any compute
     data = PretrainData(cfg, model.encoder.patch_embed.img_size[0], model.mask_inputs, t.batch_size, t.accum_steps,
                         dist.rank, dist.world_size, t.seed, pin_memory=device.type == "cuda",
-                        second_view=model.second_view)  # fmt: skip
+                        second_view=model.second_view, device=device)  # fmt: skip
     knn_sources = None  # labelled train / val splits for the k-NN trend monitor
     if t.knn_every_epochs:
         knn_path = t.knn_data or cfg.data.path
@@ -180,10 +180,10 @@ def pretrain(cfg: Config) -> RunResult:
         atomic_write_text(out_dir / "config.yaml", dump_yaml(cfg))
         log.info(
             "mimkit %s | %s %s | %d processes on %s | effective batch %d (%d x %d x accum %d) | peak lr %.3g | "
-            "%d steps/epoch, %d steps total | precision %s, %s attention%s",
+            "%d steps/epoch, %d steps total | precision %s, %s attention%s%s",
             mimkit.__version__, cfg.method, cfg.model.arch, dist.world_size, device, effective_batch, t.batch_size,
             dist.world_size, t.accum_steps, peak_lr, steps_per_epoch, total_steps, precision, attention,
-            " | compiled blocks" if compiled else "",
+            " | compiled blocks" if compiled else "", " | FSDP2" if fsdp else " | DDP" if ddp is not None else "",
         )  # fmt: skip
         if resume_from is not None:
             log.info("resumed from %s at step %d", resume_from, step)

@@ -69,3 +69,12 @@ def tiny_cfg(tmp_path, npz_data):
         return load_config(None, base + list(overrides))
 
     return build
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def device(request) -> torch.device:
+    """Tests that take `device` run on the CPU and, where CUDA is present, on the GPU too (benchmarks/gpu_check.sh
+    runs them there)."""
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("CUDA is not available")
+    return torch.device(request.param)

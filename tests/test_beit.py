@@ -117,6 +117,7 @@ def test_losses_average_over_the_masked_patches_actually_in_the_batch():
     for method in ("beit", "mcbeit"):
         model = tiny(method, "mask.type=block", "mask.ratio=0.4").eval()
         with torch.no_grad():
+            model.lm_head.weight.mul_(50)  # confident predictions: per-patch losses that differ between images
             out = model(imgs, mask=mask, tokenizer_image=tok)
             feats, z = model.features(imgs, mask)[:, 1:], model.tokenizer_logits(tok)
             logits = model.lm_head(feats).float()
