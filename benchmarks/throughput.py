@@ -66,7 +66,7 @@ import torch
 from PIL import Image
 
 from mimkit.config import load_config
-from mimkit.data import PretrainData
+from mimkit.pipeline import PretrainData
 from mimkit.masking import num_visible
 from mimkit.methods import build_model
 from mimkit.models import compile_blocks, get_preset, resolve_attention, set_attention_kernel

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
-import itertools
 import logging
 import os
 import warnings
@@ -22,7 +21,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from PIL import Image, ImageFile
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+from torch.utils.data import Dataset, IterableDataset, Sampler
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
@@ -459,83 +458,3 @@ def loader_rng_and_workers(seed: int, rank: int = 0, epoch: int = 0) -> dict:
     so the base seed does not affect them."""
     g = torch.Generator().manual_seed((seed * 1_000_003 + rank * 7_919 + epoch) % 2**63)
     return {"generator": g, "worker_init_fn": functools.partial(die_with_parent, os.getpid())}
-
-
-class PretrainData:
-    """Batches for the training loop: `epoch_batches(epoch, start_step)` yields this rank's
-    micro-batches from the given optimizer step of the epoch on."""
-
-    def __init__(self, cfg, img_size: int, mask_inputs: MaskInputs | None, batch_size: int, accum_steps: int,
-                 rank: int = 0, world_size: int = 1, seed: int = 0, pin_memory: bool = False,
-                 second_view: ViewSpec | None = None, device: torch.device | None = None):  # fmt: skip
-        d = cfg.data if hasattr(cfg, "data") else cfg
-        self.fmt = resolve_format(d.path, d.format)
-        self.transform = pretrain_transform(img_size, d) if second_view is None else TwoViewTransform(img_size, d, second_view)
-        self.mask_inputs, self.num_workers, self.pin_memory = mask_inputs, d.num_workers, pin_memory
-        self.batch_size, self.accum_steps, self.rank, self.world_size, self.seed = (
-            batch_size, accum_steps, rank, world_size, seed)  # fmt: skip
-        self.global_step_size = batch_size * world_size * accum_steps
-        if self.fmt == "webdataset":
-            if d.num_samples is None:
-                raise DataError("data.num_samples is required for WebDataset shards (it sets the epoch length)")
-            self.urls = webdataset_urls(d.path)
-            if d.num_samples < self.global_step_size:
-                raise DataError(f"data.num_samples {d.num_samples} cannot fill one optimizer step of {self.global_step_size}")
-            self.steps_per_epoch = d.num_samples // self.global_step_size
-        else:
-            source = open_source(d.path, self.fmt)
-            self.dataset = PretrainDataset(source, self.transform, mask_inputs, d.repeats, d.num_samples)
-            self.sampler = ResumableBatchSampler(len(self.dataset), batch_size, accum_steps, rank, world_size, seed)
-            self.steps_per_epoch = self.sampler.steps_per_epoch
-            self.loader = DataLoader(
-                self.dataset, batch_sampler=self.sampler, num_workers=self.num_workers, pin_memory=pin_memory,
-                persistent_workers=self.num_workers > 0, prefetch_factor=4 if self.num_workers > 0 else None,
-                **loader_rng_and_workers(seed, rank),
-            )  # fmt: skip
-        self.device_augment = None  # data.decode: JPEGs decoded and augmented on the training device
-        from mimkit.device_decode import resolve_decode
-
-        self.decode = resolve_decode(getattr(d, "decode", "auto"), self.fmt, device, self.transform)
-        if self.decode == "device":
-            self._use_device_decode(device or torch.device("cpu"))
-
-    def _use_device_decode(self, device: torch.device) -> None:
-        from mimkit.device_decode import DeviceAugment, EncodedFolderDataset, collate_encoded
-
-        self.device_augment = DeviceAugment(self.transform, device)
-        if self.fmt == "folder":
-            encoded = EncodedFolderDataset(self.dataset.source, self.transform, self.mask_inputs)
-            encoded.length = self.dataset.length  # data.repeats / data.num_samples as resolved above
-            self.dataset = encoded
-            self.loader = DataLoader(
-                self.dataset, batch_sampler=self.sampler, num_workers=self.num_workers, collate_fn=collate_encoded,
-                persistent_workers=self.num_workers > 0, prefetch_factor=4 if self.num_workers > 0 else None,
-            )  # fmt: skip
-
-    def epoch_batches(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
-        if self.device_augment is not None:
-            from mimkit.device_decode import augmented
-
-            return augmented(self._encoded_batches(epoch, start_step), self.device_augment)
-        if self.fmt != "webdataset":
-            self.sampler.set_epoch(epoch, start_step)
-            return iter(self.loader)
-        stream = WebDatasetStream(self.urls, self.transform, self.mask_inputs, self.seed, epoch, self.rank,
-                                  self.world_size)  # fmt: skip
-        loader = DataLoader(stream, batch_size=self.batch_size, num_workers=self.num_workers,
-                            pin_memory=self.pin_memory, **loader_rng_and_workers(self.seed, self.rank, epoch))  # fmt: skip
-        # streams cannot seek: replay and drop the micro-batches already consumed (exact, costs decoding)
-        return itertools.islice(iter(loader), start_step * self.accum_steps, None)
-
-    def _encoded_batches(self, epoch: int, start_step: int) -> Iterator[dict]:
-        """The device path's worker batches: the same samples, order and seeds as the CPU path's."""
-        from mimkit.device_decode import EncodedWebDatasetStream, collate_encoded
-
-        if self.fmt != "webdataset":
-            self.sampler.set_epoch(epoch, start_step)
-            return iter(self.loader)
-        stream = EncodedWebDatasetStream(self.urls, self.transform, self.mask_inputs, self.seed, epoch, self.rank,
-                                         self.world_size)  # fmt: skip
-        loader = DataLoader(stream, batch_size=self.batch_size, num_workers=self.num_workers,
-                            collate_fn=collate_encoded)  # fmt: skip
-        return itertools.islice(iter(loader), start_step * self.accum_steps, None)

@@ -31,13 +31,13 @@ from torch.utils.data import default_collate
 from torchvision.transforms import v2
 
 from mimkit.data import (
+    _INTERPOLATION,
     CorruptImage,
     DataError,
     MaskInputs,
     PretrainDataset,
     TwoViewTransform,
     WebDatasetStream,
-    _INTERPOLATION,
     to_rgb,
 )
 

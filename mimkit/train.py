@@ -42,12 +42,12 @@ from mimkit.checkpoint import (
     set_rng_state,
 )
 from mimkit.config import Config, config_from_dict, dump_yaml, load_config, to_dict
-from mimkit.data import PretrainData
 from mimkit.engine import StepEngine, TrainingDiverged, adamw_kernel, seed_everything
 from mimkit.eval import knn_monitor, open_labelled_split
 from mimkit.methods import build_model, no_weight_decay_names
 from mimkit.metrics import MetricsLog
 from mimkit.models import compile_blocks, resolve_attention, resolve_compile, set_attention_kernel, transformer_blocks
+from mimkit.pipeline import PretrainData
 from mimkit.schedules import lr_at, schedule_length
 from mimkit.visualize import log_reconstruction_grid, preview_images
 

@@ -17,17 +17,17 @@ import io
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_MODEL, make_images
 from PIL import Image
 from torchvision.transforms import v2
 
 from mimkit import device_decode
 from mimkit.checkpoint import load_checkpoint
 from mimkit.config import ConfigError, load_config
-from mimkit.data import DataError, PretrainData, ViewSpec, pretrain_transform
+from mimkit.data import DataError, ViewSpec, pretrain_transform
 from mimkit.device_decode import draw_crop_and_flip, resolve_decode
+from mimkit.pipeline import PretrainData
 from mimkit.train import pretrain
-
-from conftest import TINY_MODEL, make_images
 
 LEVEL = 1 / 255
 
