@@ -102,6 +102,37 @@ def _attention(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from mimkit.report import build_report
+
+    rep = build_report(args.run_dir, args.out, images=args.images, checkpoints=args.checkpoints,
+                       num_images=args.num_images, evals=args.evals)  # fmt: skip
+    print(f"wrote {rep.html} and {rep.png} ({rep.steps_plotted} steps, {len(rep.evals)} evaluation runs, "
+          f"reconstructions by {', '.join(rep.checkpoints_drawn) or 'none'})")
+    for note in rep.notes:
+        print(f"  note: {note}")
+    return 0
+
+
+def _add_report_parser(sub) -> None:
+    p = sub.add_parser("report", help="one self-contained HTML page + PNG summary of a pretraining run",
+                       description="Curves (loss and its terms, lr, img/s, skipped; resumes marked), reconstructions of "
+                       "fixed images by the initial model and several checkpoints, the k-NN trend, every evaluation "
+                       "run of the run's checkpoints (metrics.json of mimkit knn / linprobe / finetune under RUN_DIR, "
+                       "in RUN_DIR's sibling folders and their sub-folders, and under --evals), the resolved config "
+                       "and the machine. Needs matplotlib: pip install 'mimkit[report]'.")  # fmt: skip
+    p.add_argument("run_dir", help="a pretraining run's folder (train.out_dir: config.yaml, metrics.jsonl, checkpoints)")
+    p.add_argument("--out", default=None, help="the HTML page to write (default RUN_DIR/report.html); the PNG summary "
+                   "goes beside it with the suffix .png")
+    p.add_argument("--images", nargs="+", default=None, help="images (files or folders) to reconstruct (default: "
+                   "train.vis_images images spread over the run's data)")
+    p.add_argument("--num-images", type=int, default=None, help="how many images (default: the run's train.vis_images)")
+    p.add_argument("--checkpoints", type=int, default=3, help="checkpoints drawn besides the initial model, spread "
+                   "from the oldest kept to the newest (default 3)")
+    p.add_argument("--evals", nargs="+", default=[], help="more folders to search for evaluation runs (any depth)")
+    p.set_defaults(func=_report)
+
+
 def _add_tool_parsers(sub) -> None:
     p = sub.add_parser("visualize", help="reconstruction grids (original, masked, reconstruction, pasted) as PNGs")
     p.add_argument("checkpoint", help="a mimkit checkpoint (.pt)")
@@ -156,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run one step and one checkpoint save on every rank (in OUT_DIR/dry-run), then exit")
     p.set_defaults(func=_pretrain)
     _add_tool_parsers(sub)
+    _add_report_parser(sub)
     register_eval_commands(sub)  # knn, linprobe, finetune (mimkit/eval/cli.py)
     register_tokenizer_commands(sub)  # tokenizer train (mimkit/tokenizers.py)
     return parser
