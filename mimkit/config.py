@@ -137,11 +137,14 @@ class TokenizerConfig:
 
 @dataclass
 class DataConfig:
-    # "skimage" = the embedded default (scikit-image's bundled photos); otherwise a path to an
-    # ImageFolder tree / flat image folder, a .npz with x_train, or WebDataset shards (.tar, brace
-    # patterns allowed).
+    # "skimage" = the embedded default (scikit-image's bundled photos); "torchvision:NAME[:SPLIT]" = a torchvision
+    # dataset class (CIFAR10, CIFAR100, STL10 (default split unlabeled), Flowers102, ImageNet, ...) under data.root;
+    # otherwise a path to an ImageFolder tree / flat image folder, a .npz with x_train, or WebDataset shards (.tar,
+    # brace patterns allowed).
     path: str = "skimage"
-    format: Literal["auto", "folder", "npz", "webdataset", "skimage"] = "auto"
+    format: Literal["auto", "folder", "npz", "webdataset", "skimage", "torchvision"] = "auto"
+    root: str = "data"  # torchvision datasets: the folder holding torchvision's layout (e.g. data/cifar-10-batches-py)
+    download: bool = False  # torchvision datasets: download into data.root if missing
     num_samples: int | None = None  # required for webdataset (epoch length); optional cap otherwise
     crop_scale: tuple[float, float] = (0.2, 1.0)
     hflip: bool = True

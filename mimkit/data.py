@@ -184,6 +184,8 @@ def resolve_format(path: str, fmt: str) -> str:
         return fmt
     if path == "skimage":
         return "skimage"
+    if path.startswith("torchvision:"):
+        return "torchvision"
     if path.endswith(".npz"):
         return "npz"
     if path.endswith(".tar") or "{" in path or "::" in path:
@@ -194,11 +196,15 @@ def resolve_format(path: str, fmt: str) -> str:
     return "folder"
 
 
-def open_source(path: str, fmt: str = "auto"):
+def open_source(path: str, fmt: str = "auto", root: str = "data", download: bool = False):
     """Check the configured data exists and is usable, before any model is built."""
     fmt = resolve_format(path, fmt)
     if fmt == "skimage":
         return skimage_photos()
+    if fmt == "torchvision":  # torchvision:NAME[:SPLIT] under root (mimkit/datasets.py)
+        from mimkit.datasets import open_torchvision
+
+        return open_torchvision(path, None, root, download)
     if fmt == "webdataset":
         return None  # streamed; checked by webdataset_urls
     if not Path(path).exists():
@@ -468,7 +474,7 @@ class PretrainData:
                 raise DataError(f"data.num_samples {d.num_samples} cannot fill one optimizer step of {self.global_step_size}")
             self.steps_per_epoch = d.num_samples // self.global_step_size
         else:
-            source = open_source(d.path, self.fmt)
+            source = open_source(d.path, self.fmt, d.root, d.download)
             self.dataset = PretrainDataset(source, self.transform, mask_inputs, d.repeats, d.num_samples)
             self.sampler = ResumableBatchSampler(len(self.dataset), batch_size, accum_steps, rank, world_size, seed)
             self.steps_per_epoch = self.sampler.steps_per_epoch

@@ -314,7 +314,7 @@ def fixed_images(cfg, size: int, images: list[str | Path] | None, count: int) ->
         return torch.stack([prepare_image(p, size) for p in _expand_images(images)[:count]])
     from mimkit.data import open_source
 
-    source = open_source(cfg.data.path, cfg.data.format)
+    source = open_source(cfg.data.path, cfg.data.format, cfg.data.root)
     if source is None:
         raise ReportError(f"data.path {cfg.data.path} is streamed (WebDataset): give images with --images")
     return preview_images(source, size, count)

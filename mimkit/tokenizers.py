@@ -444,7 +444,7 @@ def _tokenizer_batches(cfg, size: int, batch_size: int, seed: int):
     d = cfg.data
     if resolve_format(d.path, d.format) == "webdataset":
         raise TokenizerError("mimkit tokenizer train reads indexable data (folder, .npz, skimage), not WebDataset")
-    source = open_source(d.path, d.format)
+    source = open_source(d.path, d.format, d.root, d.download)
     ops = [v2.ToImage(), v2.RandomResizedCrop(size, scale=tuple(d.crop_scale),
                                               interpolation=v2.InterpolationMode.BICUBIC, antialias=True)]  # fmt: skip
     if d.hflip:

@@ -216,7 +216,8 @@ def pretrain(cfg: Config) -> RunResult:
         from mimkit.eval import open_labelled_split
 
         knn_path = t.knn_data or cfg.data.path
-        knn_sources = (open_labelled_split(knn_path, "train"), open_labelled_split(knn_path, t.knn_val_split))
+        knn_sources = (open_labelled_split(knn_path, "train", root=cfg.data.root, download=cfg.data.download),
+                       open_labelled_split(knn_path, t.knn_val_split, root=cfg.data.root, download=cfg.data.download))
     model.to(device)
     if cfg.distributed.activation_checkpointing:
         model.set_grad_checkpointing(True)

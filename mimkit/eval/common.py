@@ -283,11 +283,16 @@ def subset(source, count: int | None, seed: int = 0):
     return SubsetImages(source, np.sort(g.permutation(len(source))[:count]))
 
 
-def open_labelled_split(path: str, split: str, fmt: str = "auto"):
-    """A labelled image source: `x_{split}` / `y_{split}` of a .npz, or the ImageFolder tree path/split.
-    The result has `.targets` (one int per image) and `.load(i)` / `.describe(i)` like mimkit.data's sources."""
+def open_labelled_split(path: str, split: str, fmt: str = "auto", root: str = "data", download: bool = False):
+    """A labelled image source: `x_{split}` / `y_{split}` of a .npz, the ImageFolder tree path/split, or the split of
+    a torchvision dataset (`torchvision:NAME` under `root`). The result has `.targets` (one int per image) and
+    `.load(i)` / `.describe(i)` like mimkit.data's sources."""
     if fmt == "auto":
-        fmt = "npz" if str(path).endswith(".npz") else "folder"
+        fmt = "torchvision" if str(path).startswith("torchvision:") else "npz" if str(path).endswith(".npz") else "folder"
+    if fmt == "torchvision":
+        from mimkit.datasets import open_torchvision
+
+        return open_torchvision(path, split, root, download, purpose="labelled")
     if not Path(path).exists():
         raise DataError(f"data.path: {path} does not exist")
     if fmt == "npz":
@@ -318,8 +323,8 @@ class LabelledData:
 
 def open_labelled(d, seed: int = 0) -> LabelledData:
     """The train and val splits of `data` (checked before any model is built), subsets applied."""
-    train = open_labelled_split(d.path, d.train_split, d.format)
-    val = open_labelled_split(d.path, d.val_split, d.format)
+    train = open_labelled_split(d.path, d.train_split, d.format, d.root, d.download)
+    val = open_labelled_split(d.path, d.val_split, d.format, d.root, d.download)
     if getattr(train, "classes", None) and getattr(val, "classes", None) and train.classes != val.classes:
         raise DataError(f"data.path: the class folders of '{d.train_split}' and '{d.val_split}' differ")
     num_classes = max(int(max(train.targets.max(), val.targets.max())) + 1, len(getattr(train, "classes", None) or []))
@@ -487,7 +492,8 @@ def cache_meta(ecfg, d, split: str, samples: int | None, img_size: int, seed: in
         ckpt = ckpt / "meta.pt"
     stamp = [ckpt.stat().st_size, ckpt.stat().st_mtime_ns] if ecfg.checkpoint != "none" and ckpt.is_file() else None
     return {"encoder": {k: v for k, v in asdict(ecfg).items()}, "checkpoint_stamp": stamp, "seed": seed,
-            "data": [d.path, d.format, split, samples, list(d.mean), list(d.std), d.crop_pct], "img_size": img_size}  # fmt: skip
+            "data": [d.path, d.format, split, samples, list(d.mean), list(d.std), d.crop_pct]
+            + ([d.root] if str(d.path).startswith("torchvision:") else []), "img_size": img_size}  # fmt: skip
 
 
 # =============================================================================================
