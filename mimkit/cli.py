@@ -8,7 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from mimkit.config import dump_yaml, load_config
+from mimkit.config import dump_yaml, load_config, resolved
 from mimkit.errors import MimkitError
 from mimkit.eval.cli import register_eval_commands
 from mimkit.tokenizers import register_tokenizer_commands
@@ -25,7 +25,7 @@ def _pretrain(args: argparse.Namespace) -> int:
         overrides += ["train.max_steps=1", "train.resume=none", f"train.out_dir={Path(base.train.out_dir) / 'dry-run'}"]
     cfg = load_config(args.config, overrides)
     if args.print_config:
-        print(dump_yaml(cfg), end="")
+        print(dump_yaml(resolved(cfg)), end="")
         return 0
     result = pretrain(cfg)
     if args.dry_run:
@@ -95,10 +95,14 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _attention(args: argparse.Namespace) -> int:
-    from mimkit.visualize import attention_figure
+    from mimkit.visualize import _expand_images, attention_figure
 
-    path, _ = attention_figure(args.checkpoint, args.image, args.out, scale=args.scale)
-    print(path)
+    images = _expand_images(args.images)
+    single_file = len(images) == 1 and args.out is not None and args.out.lower().endswith(".png")
+    for image in images:
+        out = Path(args.out) if single_file else Path(args.out or ".") / f"{image.stem}_attention.png"
+        path, _ = attention_figure(args.checkpoint, image, out, scale=args.scale)
+        print(path)
     return 0
 
 
@@ -170,16 +174,46 @@ def _add_tool_parsers(sub) -> None:
 
     p = sub.add_parser("attention", help="last-block cls attention per head + PCA of patch features, as a PNG")
     p.add_argument("checkpoint", help="a mimkit checkpoint (.pt)")
-    p.add_argument("image", help="an image file")
-    p.add_argument("--out", default=None, help="output PNG (default: <image stem>_attention.png)")
+    p.add_argument("images", nargs="+", help="image files or folders of images")
+    p.add_argument("--out", default=None, help="output folder for <image stem>_attention.png (default: the current "
+                   "folder); with one image, a path ending in .png names the file")
     p.add_argument("--scale", type=int, default=None, help="integer upscaling of the panels")
     p.set_defaults(func=_attention)
 
 
+def _config_sections() -> str:
+    import dataclasses
+    import textwrap
+
+    from mimkit.config import Config
+
+    lines, defaults = [], Config()
+    for f in dataclasses.fields(Config):
+        section = getattr(defaults, f.name)
+        keys = ", ".join(g.name for g in dataclasses.fields(section)) if dataclasses.is_dataclass(section) else (
+            "mae | emae | bootmae | beit | mcbeit")  # fmt: skip
+        lines.append(textwrap.fill(keys, 100, initial_indent=f"  {f.name:<12} ", subsequent_indent=" " * 15))
+    return "\n".join(lines)
+
+
+PRETRAIN_DESCRIPTION = """Self-supervised pretraining of a timm ViT by masked image modeling: method=mae (default), emae,
+bootmae, beit or mcbeit. A YAML recipe, then section.key=value overrides; --print-config shows every
+resolved value. Several processes: torchrun / srun (distributed.strategy=ddp or fsdp).
+
+config sections and keys (README "Configuration"; mimkit/config.py documents each):
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
+    import mimkit
+
     parser = argparse.ArgumentParser(prog="mimkit", description="Masked-image-modeling pretraining for timm ViTs.")
+    parser.add_argument("--version", action="version", version=f"mimkit {mimkit.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("pretrain", help="pretrain an encoder (MAE); run under torchrun/srun for several processes")
+    p = sub.add_parser("pretrain", help="pretrain an encoder (MAE, EMAE, BootMAE, BEiT, mc-BEiT: method=...); run under "
+                       "torchrun/srun for several processes", description=PRETRAIN_DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.description += _config_sections()
     p.add_argument("config", nargs="?", help="YAML recipe, e.g. configs/quickstart.yaml (default: built-in defaults)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.epochs=5 optim.blr=1e-3")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")

@@ -538,3 +538,21 @@ def config_from_dict(data: dict) -> Config:
 
 def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def resolved(cfg: Config) -> Config:
+    """A copy with the values the model takes from elsewhere written out: model.img_size / patch_size / embed_dim /
+    depth / num_heads from the model.arch preset, bootmae.feature_decoder_* from the encoder and mae.*. Loads back
+    to the same model (`--print-config` shows it)."""
+    from mimkit.models import get_preset
+
+    p = get_preset(cfg.model.arch)
+    m = cfg.model
+    model = dataclasses.replace(m, img_size=m.img_size or p.img_size, patch_size=m.patch_size or p.patch_size,
+                                embed_dim=m.embed_dim or p.embed_dim, depth=m.depth or p.depth,
+                                num_heads=m.num_heads or p.num_heads)  # fmt: skip
+    b = cfg.bootmae
+    bootmae = dataclasses.replace(b, feature_decoder_dim=b.feature_decoder_dim or model.embed_dim,
+                                  feature_decoder_depth=b.feature_decoder_depth or cfg.mae.decoder_depth,
+                                  feature_decoder_heads=b.feature_decoder_heads or model.num_heads)  # fmt: skip
+    return dataclasses.replace(cfg, model=model, bootmae=bootmae)

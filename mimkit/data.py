@@ -304,6 +304,7 @@ class PretrainDataset(Dataset):
     def __init__(self, source, transform: Callable, mask_inputs: MaskInputs | None = None, repeats: int = 1,
                  num_samples: int | None = None):  # fmt: skip
         self.source, self.transform, self.mask_inputs = source, transform, mask_inputs
+        self.warned: set[int] = set()  # corrupt images already reported (by this process / loader worker)
         self.length = len(source) * repeats
         if num_samples is not None:
             self.length = min(self.length, num_samples)
@@ -319,7 +320,9 @@ class PretrainDataset(Dataset):
             try:
                 image = self.source.load(i)
             except CorruptImage as e:
-                log.warning("skipping corrupt image %s", e)
+                if i not in self.warned:  # once per run, not every epoch
+                    self.warned.add(i)
+                    log.warning("skipping corrupt image %s (skipped every epoch; reported once)", e)
                 continue
             sample = seeded_sample(image, seed, self.transform, self.mask_inputs)
             sample["skipped"] = skipped
@@ -333,15 +336,22 @@ class ResumableBatchSampler(Sampler):
     An optimizer step consumes a global chunk of batch_size * world_size * accum_steps indices of the
     epoch's permutation; micro-step a takes the a-th slice of batch_size * world_size, and rank r
     takes every world_size-th element of it. So 2 ranks x B equals 1 rank x 2B, and 2 micro-steps
-    of B/2 equal one of B. Incomplete final steps are dropped (static shapes).
+    of B/2 equal one of B. Incomplete final steps are dropped (static shapes), unless `keep_partial`: then the
+    epoch's remainder is one more, smaller step, split equally over micro-steps and ranks with at least
+    `min_per_rank` images each (only the few images such an equal split cannot place are left out).
     """
 
     def __init__(self, num_samples: int, batch_size: int, accum_steps: int = 1, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, shuffle: bool = True):  # fmt: skip
+                 world_size: int = 1, seed: int = 0, shuffle: bool = True, keep_partial: bool = False,
+                 min_per_rank: int = 2):  # fmt: skip
         self.n, self.batch_size, self.accum_steps = num_samples, batch_size, accum_steps
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self.global_step_size = batch_size * world_size * accum_steps
-        if num_samples < self.global_step_size:
+        # images per rank and micro-step in the final partial step (0: none)
+        self.partial_per_rank = (num_samples % self.global_step_size) // (accum_steps * world_size) if keep_partial else 0
+        if self.partial_per_rank < min_per_rank:
+            self.partial_per_rank = 0
+        if num_samples < self.global_step_size and not self.partial_per_rank:
             raise DataError(
                 f"data: {num_samples} samples cannot fill one optimizer step of {self.global_step_size} "
                 f"(train.batch_size {batch_size} x {world_size} processes x train.accum_steps {accum_steps}); "
@@ -351,7 +361,7 @@ class ResumableBatchSampler(Sampler):
 
     @property
     def steps_per_epoch(self) -> int:
-        return self.n // self.global_step_size
+        return self.n // self.global_step_size + (1 if self.partial_per_rank else 0)
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self.epoch, self.start_step = epoch, start_step
@@ -367,8 +377,9 @@ class ResumableBatchSampler(Sampler):
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         order, seeds = self.epoch_order(self.epoch)
-        micro = self.batch_size * self.world_size
         for step in range(self.start_step, self.steps_per_epoch):
+            full = step < self.n // self.global_step_size
+            micro = (self.batch_size if full else self.partial_per_rank) * self.world_size
             for a in range(self.accum_steps):
                 lo = step * self.global_step_size + a * micro
                 chunk = order[lo : lo + micro][self.rank :: self.world_size]

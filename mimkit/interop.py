@@ -504,7 +504,8 @@ def _require_transformers():
     try:
         import transformers
     except ImportError as e:
-        raise InteropError("Hugging Face export/import needs transformers >= 5: pip install 'transformers>=5'") from e
+        raise InteropError("Hugging Face export/import needs transformers >= 5, which is not installed: "
+                           "pip install 'mimkit[hf]' (or pip install 'transformers>=5')") from e
     if int(transformers.__version__.split(".")[0]) < 5:
         raise InteropError(f"Hugging Face export needs transformers >= 5 (found {transformers.__version__})")
     return transformers

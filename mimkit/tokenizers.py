@@ -407,7 +407,9 @@ def load_tokenizer(kind: str, path: str | None = None, spec: DVAESpec | None = N
     if path is None:
         raise TokenizerError(f"tokenizer.path is required for tokenizer.kind {kind}")
     if not Path(path).is_file():
-        raise FileNotFoundError(f"tokenizer.path: {path} does not exist")
+        hint = ("; train one with `mimkit tokenizer train configs/tokenizer_cifar10.yaml` (it writes tokenizer.path)"
+                if kind == "mimkit" else "")  # fmt: skip
+        raise FileNotFoundError(f"tokenizer.path: {path} does not exist{hint}")
     obj = _read(path)
     if kind == "mimkit":
         if not (isinstance(obj, dict) and obj.get("kind") == "mimkit" and "state_dict" in obj):
@@ -480,6 +482,11 @@ def train_tokenizer(cfg, log_every: int = 50) -> dict:
     batches = _tokenizer_batches(cfg, size, t.batch_size, cfg.train.seed)
     gumbel = torch.Generator().manual_seed(cfg.train.seed + 1)
     history, start = [], time.perf_counter()
+    bar = None
+    if cfg.train.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=t.train_steps, desc="tokenizer", unit="step", dynamic_ncols=True)
     for step in range(t.train_steps):
         frac = step / max(t.train_steps - 1, 1)
         tau = t.tau_start * (t.tau_end / t.tau_start) ** frac
@@ -493,9 +500,14 @@ def train_tokenizer(cfg, log_every: int = 50) -> dict:
         used = int(logits.argmax(1).unique().numel())
         history.append({"step": step + 1, "loss": float(loss.detach()), "reconstruction": float(rec), "kl": float(kl),
                         "tau": tau, "codes_used": used})  # fmt: skip
+        if bar is not None:
+            bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", codes=used, refresh=False)
+            bar.update(1)
         if (step + 1) % log_every == 0 or step + 1 == t.train_steps:
             log.info("tokenizer step %d/%d loss %.4f rec %.4f kl %.3f tau %.3f codes in batch %d (%.1fs)", step + 1,
                      t.train_steps, history[-1]["loss"], float(rec), float(kl), tau, used, time.perf_counter() - start)  # fmt: skip
+    if bar is not None:
+        bar.close()
     out = Path(t.path)
     out.parent.mkdir(parents=True, exist_ok=True)
     state = {"kind": "mimkit", "spec": dict(spec.__dict__), "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},

@@ -198,7 +198,24 @@ class MetricsLog:
             self.tb.close()
 
 
+def questionable_settings(cfg: Config, peak_lr: float, steps_per_epoch: int) -> list[str]:
+    """Settings that are allowed but almost certainly not meant: said as warnings, the run goes on."""
+    o, notes = cfg.optim, []
+    if peak_lr > 0.01:  # AdamW on ViTs: the papers' peaks are 1e-4 .. 3e-3
+        source = f"optim.lr {o.lr:g}" if o.lr is not None else f"optim.blr {o.blr:g} x effective batch / 256"
+        notes.append(f"peak lr {peak_lr:.3g} ({source}) is implausibly high for AdamW on a ViT (MAE: blr 1.5e-4, "
+                     "lr 2.4e-3 at batch 4096); expect divergence")  # fmt: skip
+    epochs = schedule_length(cfg.train, steps_per_epoch) / steps_per_epoch
+    if o.warmup_epochs >= epochs:
+        notes.append(f"optim.warmup_epochs {o.warmup_epochs:g} >= the run's {epochs:g} epochs: the lr never reaches "
+                     f"its peak {peak_lr:.3g} (it ends at {peak_lr * epochs / o.warmup_epochs:.3g})")  # fmt: skip
+    return notes
+
+
 def pretrain(cfg: Config) -> RunResult:
+    from mimkit.logs import ensure_logging
+
+    ensure_logging()
     # ---- setup: processes, model, data (checked before any compute)
     dist = mdist.init_distributed(cfg.train.device, cfg.distributed.timeout_minutes)
     device, t = dist.device, cfg.train
@@ -290,6 +307,8 @@ def pretrain(cfg: Config) -> RunResult:
         )  # fmt: skip
         if resume_from is not None:
             log.info("resumed from %s at step %d", resume_from, step)
+        for note in questionable_settings(cfg, peak_lr, steps_per_epoch):
+            log.warning("%s", note)
     metrics = MetricsLog(out_dir, dist.is_main, t.tensorboard, resumed_step=step if resume_from is not None else None)
     vis_images = None  # fixed images for TensorBoard reconstruction grids (rank 0, indexable sources only)
     if metrics.tb is not None and t.vis_every_epochs and getattr(data, "dataset", None) is not None and hasattr(model, "patch_size"):
@@ -464,7 +483,8 @@ def pretrain(cfg: Config) -> RunResult:
 
 
 def run(config_path: str | None = None, overrides: list[str] | None = None, **sections) -> RunResult:
-    """Python entry point: `mimkit.pretrain("configs/quickstart.yaml", ["train.epochs=1"])`."""
+    """Python entry point: `mimkit.run("configs/quickstart.yaml", ["train.epochs=1"])`, the same as
+    `mimkit.pretrain(mimkit.load_config("configs/quickstart.yaml", ["train.epochs=1"]))`."""
     from mimkit.config import load_config
 
     return pretrain(load_config(config_path, overrides, **sections))

@@ -30,7 +30,17 @@ RUNNERS = {"knn": run_knn, "linprobe": run_linprobe, "finetune": run_finetune}
 
 
 def evaluate(command: str, config_path: str | None = None, overrides: list[str] | None = None, **sections) -> EvalResult:
-    """Python entry point: defaults <- YAML recipe <- keyword sections <- `key=value` overrides, then run."""
+    """Run `mimkit knn | linprobe | finetune` from Python: command "knn", "linprobe" or "finetune"; the config is
+    defaults <- YAML recipe <- keyword sections (e.g. data={"path": "torchvision:CIFAR10"}) <- `key=value`
+    overrides, as on the command line. Returns an EvalResult: `.metrics` (what metrics.json holds: top1, top5, ...),
+    `.metrics_path`, `.out_dir`, `.checkpoint`."""
+    from mimkit.logs import ensure_logging
+
+    if command not in RUNNERS:
+        from mimkit.config import ConfigError
+
+        raise ConfigError(f"evaluate: unknown command {command!r}; allowed: {', '.join(RUNNERS)}")
+    ensure_logging()
     return RUNNERS[command](load_eval_config(command, config_path, overrides, **sections))
 
 
