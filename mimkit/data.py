@@ -348,7 +348,8 @@ class ResumableBatchSampler(Sampler):
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self.global_step_size = batch_size * world_size * accum_steps
         # images per rank and micro-step in the final partial step (0: none)
-        self.partial_per_rank = (num_samples % self.global_step_size) // (accum_steps * world_size) if keep_partial else 0
+        remainder = num_samples % self.global_step_size
+        self.partial_per_rank = remainder // (accum_steps * world_size) if keep_partial else 0
         if self.partial_per_rank < min_per_rank:
             self.partial_per_rank = 0
         if num_samples < self.global_step_size and not self.partial_per_rank:

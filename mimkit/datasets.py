@@ -45,8 +45,8 @@ def dataset_class(name: str, path: str):
     import torchvision.datasets as tvd
 
     cls = getattr(tvd, name, None)
-    if not (inspect.isclass(cls) and issubclass(cls, tvd.VisionDataset)) or name in ("VisionDataset", "ImageFolder",
-                                                                                       "DatasetFolder", "FakeData"):  # fmt: skip
+    generic = ("VisionDataset", "ImageFolder", "DatasetFolder", "FakeData")
+    if not (inspect.isclass(cls) and issubclass(cls, tvd.VisionDataset)) or name in generic:
         known = ", ".join(["CIFAR10", "CIFAR100", "STL10", "Flowers102", "ImageNet", "SVHN", "Food101", "..."])
         raise DataError(f"data.path: {path}: torchvision has no dataset class '{name}' (e.g. {known}; names are "
                         "torchvision.datasets class names, case-sensitive)")  # fmt: skip

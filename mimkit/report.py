@@ -232,7 +232,8 @@ def curves_figure(runlog: RunLog, evals: list[EvalRun]) -> bytes:
     flat = axes.ravel()
 
     def series(key):
-        pts = [(r["step"], r[key]) for r in recs if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
+        pts = [(r["step"], r[key]) for r in recs
+               if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]  # fmt: skip
         return [p[0] for p in pts], [p[1] for p in pts]
 
     def mark_resumes(ax):
@@ -261,7 +262,8 @@ def curves_figure(runlog: RunLog, evals: list[EvalRun]) -> bytes:
     if "k-NN" in panels:
         ax = flat[4]
         if runlog.knn:
-            ax.plot([r["step"] for r in runlog.knn], [r["knn_top1"] for r in runlog.knn], marker="o", label="monitor top-1")
+            ax.plot([r["step"] for r in runlog.knn], [r["knn_top1"] for r in runlog.knn], marker="o",
+                    label="monitor top-1")  # fmt: skip
         if knn_evals:
             ax.plot([e.step for e in knn_evals], [e.metrics.get("top1") for e in knn_evals], "s",
                     label="mimkit knn top-1")  # fmt: skip

@@ -482,8 +482,8 @@ def attention_grid(maps: AttentionMaps, title: str = "", scale: int | None = Non
     ramp = np.repeat(np.linspace(1.0, 0.0, size)[:, None], size, axis=1)
     scale_panel = colormap(ramp)
     scale_panel[:, : size // 2] = 255  # a bar on the right half, white left of it
-    panels.append(("scale", f"colour scale: bottom 0, top the map's max (uniform = {1 / heads.shape[-1] / heads.shape[-2]:.3f})",
-                   scale_panel))  # fmt: skip
+    uniform = 1 / (heads.shape[-1] * heads.shape[-2])
+    panels.append(("scale", f"colour scale: bottom 0, top the map's max (uniform = {uniform:.3f})", scale_panel))
     ex = ", ".join(f"{100 * float(e):.0f}%" for e in maps.explained)
     pca = _upsample(maps.pca.permute(1, 2, 0).numpy(), size)
     panels.append(("pca", f"PCA of patch features -> RGB ({ex} var.)", (pca * 255).round().astype(np.uint8)))

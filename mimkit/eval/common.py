@@ -288,7 +288,8 @@ def open_labelled_split(path: str, split: str, fmt: str = "auto", root: str = "d
     a torchvision dataset (`torchvision:NAME` under `root`). The result has `.targets` (one int per image) and
     `.load(i)` / `.describe(i)` like mimkit.data's sources."""
     if fmt == "auto":
-        fmt = "torchvision" if str(path).startswith("torchvision:") else "npz" if str(path).endswith(".npz") else "folder"
+        fmt = ("torchvision" if str(path).startswith("torchvision:")
+               else "npz" if str(path).endswith(".npz") else "folder")  # fmt: skip
     if fmt == "torchvision":
         from mimkit.datasets import open_torchvision
 
