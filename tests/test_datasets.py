@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -173,3 +174,23 @@ def test_cifar_recipes_work_from_a_fresh_clone_given_torchvision_cifar10(tmp_pat
     for command in ("linprobe", "finetune"):
         assert main([command, str(REPO / f"configs/eval/{command}_vit_tiny_cifar10.yaml"), "--print-config"]) == 0
         assert "path: torchvision:CIFAR10" in capsys.readouterr().out
+
+
+def test_the_readme_python_evaluate_example(tmp_path, monkeypatch, npz_data, one_thread):
+    """README "The same from Python": the evaluate lines, on a tiny run's checkpoint and torchvision CIFAR-10 in data/."""
+    import re
+
+    write_cifar(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs" / "eval").mkdir(parents=True)
+    shutil.copy(REPO / "configs/eval/knn_vit_tiny_cifar10.yaml", tmp_path / "configs/eval")
+    result = pretrain(load_config(None, TINY_MODEL + [f"data.path={npz_data}", "data.num_workers=0", "train.max_steps=1",
+                                                      "train.precision=fp32", "train.progress=false",
+                                                      "train.tensorboard=false", "train.out_dir=run"]))  # fmt: skip
+    readme = (REPO / "README.md").read_text()
+    lines = re.search(r"\nfrom mimkit\.eval import evaluate.*?\nprint\(ev\.metrics.*?\n", readme, re.S).group(0)
+    lines = lines.replace('checkpoint={result.checkpoint}"]', 'checkpoint={result.checkpoint}", *quiet]')
+    quiet = ["run.progress=false", "run.tensorboard=false", "data.num_workers=0"]
+    scope = {"result": result, "quiet": quiet}
+    exec(lines, scope)  # noqa: S102 - the README's own example
+    assert scope["ev"].metrics["val_images"] == 8 and scope["ev"].metrics_path.is_file()
