@@ -37,6 +37,9 @@ class ModelConfig:
     depth: int | None = None
     num_heads: int | None = None
     drop_path_rate: float = 0.0
+    # LayerNorm eps of the encoder and the decoder: 1e-6 as MAE / timm; an imported Hugging Face ViTMAE keeps its own
+    # (its config's layer_norm_eps, 1e-12 by default)
+    layer_norm_eps: float = 1e-6
 
 
 @dataclass
@@ -337,6 +340,7 @@ def validate(cfg: Config) -> Config:
     dim, heads = cfg.model.embed_dim or preset.embed_dim, cfg.model.num_heads or preset.num_heads
     _require(dim % heads == 0, f"model.embed_dim {dim} must be divisible by model.num_heads {heads}")
     _require(dim % 4 == 0, f"model.embed_dim must be divisible by 4 (sin-cos position embedding), got {dim}")
+    _require(0.0 < cfg.model.layer_norm_eps < 1.0, f"model.layer_norm_eps must be in (0, 1), got {cfg.model.layer_norm_eps}")
     _require(0.0 <= cfg.model.drop_path_rate < 1.0, f"model.drop_path_rate must be in [0, 1), got {cfg.model.drop_path_rate}")
     _require(0.0 < cfg.mask.ratio < 1.0, f"mask.ratio must be in (0, 1) (exclusive), got {cfg.mask.ratio}")
     _require(

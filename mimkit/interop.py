@@ -418,6 +418,13 @@ def export_timm(ckpt: str | Path, out: str | Path) -> dict[str, Path]:
     spec = encoder_spec(enc)
     if spec["mlp_hidden"] != 4 * spec["embed_dim"]:
         raise InteropError(f"{ckpt}: encoder MLP width {spec['mlp_hidden']} is not 4 x {spec['embed_dim']}")
+    if cfg.model.layer_norm_eps != 1e-6:  # timm's JSON model_args cannot carry a norm layer
+        import logging
+
+        logging.getLogger("mimkit").warning(
+            "%s: LayerNorm eps %g (model.layer_norm_eps); timm builds 1e-6: after timm.create_model, set it with "
+            "`for m in model.modules(): isinstance(m, torch.nn.LayerNorm) and setattr(m, 'eps', %g)`",
+            ckpt, cfg.model.layer_norm_eps, cfg.model.layer_norm_eps)  # fmt: skip
     tensors = {k: v.detach().clone().contiguous() for k, v in enc.state_dict().items()}
     weights = out / "model.safetensors"
     save_file(tensors, str(weights), metadata={"format": "pt", "producer": f"mimkit {mimkit.__version__}"})
@@ -529,7 +536,7 @@ def hf_encoder_kwargs(encoder) -> dict:
         patch_size=spec["patch_size"],
         num_channels=3,
         qkv_bias=True,
-        layer_norm_eps=1e-6,
+        layer_norm_eps=encoder.norm.eps,
         hidden_act="gelu",
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
@@ -1014,6 +1021,7 @@ def _infer_sections(conv: Converted, src: Path, fmt: str, opts: ImportOptions, h
             "embed_dim": embed_dim,
             "depth": depth,
             "num_heads": heads,
+            **({"layer_norm_eps": hints["layer_norm_eps"]} if "layer_norm_eps" in hints else {}),
         },
         "mae": mae,
     }
@@ -1173,9 +1181,10 @@ def read_source(src: str | Path, key: str | None = None) -> tuple[dict[str, torc
             )
         if not config.get("qkv_bias", True):
             notes.append("the source has no qkv bias: zeros used")
-        eps = config.get("layer_norm_eps", 1e-12)
-        if abs(eps - 1e-6) > 1e-12:
-            notes.append(f"the source's LayerNorm eps is {eps:g}; mimkit's ViT uses 1e-6 (outputs may differ slightly)")
+        hints["layer_norm_eps"] = float(config.get("layer_norm_eps", 1e-12))
+        if hints["layer_norm_eps"] != 1e-6:
+            notes.append(f"LayerNorm eps {hints['layer_norm_eps']:g} from the source's config (model.layer_norm_eps); "
+                         "a timm export of this model needs it set after loading (timm builds 1e-6)")  # fmt: skip
         if config.get("intermediate_size", 0) not in (0, 4 * config.get("hidden_size", 0)):
             raise InteropError(
                 f"{src / 'config.json'}: intermediate_size {config['intermediate_size']} is not 4 x hidden_size"

@@ -7,6 +7,7 @@ and the `hf` extra named when transformers is missing."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import subprocess
@@ -54,8 +55,8 @@ def test_print_config_shows_the_values_the_preset_resolves(capsys, tmp_path):
     assert main(["pretrain", "method=bootmae", "model.arch=vit_small_patch16_224", "--print-config"]) == 0
     printed = capsys.readouterr().out
     data = yaml.safe_load(printed)
-    assert data["model"] | {} == {"arch": "vit_small_patch16_224", "img_size": 224, "patch_size": 16, "embed_dim": 384,
-                                  "depth": 12, "num_heads": 6, "drop_path_rate": 0.0}  # fmt: skip
+    assert data["model"] == {"arch": "vit_small_patch16_224", "img_size": 224, "patch_size": 16, "embed_dim": 384,
+                                  "depth": 12, "num_heads": 6, "drop_path_rate": 0.0, "layer_norm_eps": 1e-6}  # fmt: skip
     b = data["bootmae"]
     assert (b["feature_decoder_dim"], b["feature_decoder_depth"], b["feature_decoder_heads"]) == (384, 8, 6)
     # the printed config is a valid recipe for the same model
@@ -235,3 +236,41 @@ def test_export_hf_without_transformers_names_the_extra(tmp_path, monkeypatch, c
     assert main(["export", str(tmp_path / "ck.pt"), "--to", "hf", str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "pip install 'mimkit[hf]'" in err
+
+
+def test_hf_vitmae_import_keeps_its_layer_norm_eps(tmp_path):
+    """HF ViTMAE's default LayerNorm eps is 1e-12; with tokens of tiny variance (weak patch embedding) eps 1e-6
+    would change every output. The import carries the config's eps into model.layer_norm_eps, and back out."""
+    pytest.importorskip("transformers", minversion="5.0")
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    from mimkit.interop import export_hf, import_checkpoint, load_mimkit_checkpoint
+
+    config = ViTMAEConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128,
+                          decoder_hidden_size=32, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
+                          decoder_intermediate_size=128, image_size=16, patch_size=4, mask_ratio=0.75)  # fmt: skip
+    assert config.layer_norm_eps == 1e-12
+    torch.manual_seed(0)
+    hf = ViTMAEForPreTraining(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.copy_((1.0 if "norm" in name and name.endswith("weight") else 0.0) + 0.2 * torch.randn_like(p))
+        for name, p in hf.named_parameters():  # tokens of variance ~1e-10: far below 1e-6
+            if name.startswith("vit.embeddings"):
+                p.mul_(1e-5)
+    hf.save_pretrained(tmp_path / "hf")
+    report = import_checkpoint(tmp_path / "hf", tmp_path / "imported.pt")
+    assert any("eps 1e-12" in n for n in report.notes)
+    model, cfg, _ = load_mimkit_checkpoint(tmp_path / "imported.pt")
+    assert cfg.model.layer_norm_eps == 1e-12 and model.encoder.norm.eps == 1e-12
+    g = torch.Generator().manual_seed(1)
+    x, noise = torch.randn(2, 3, 16, 16, generator=g), torch.rand(2, 16, generator=g)
+    with torch.no_grad():
+        ours, ref = model(x, noise=noise), hf(pixel_values=x, noise=noise)
+        torch.testing.assert_close(ours.pred, ref.logits, rtol=1e-5, atol=1e-5)
+        from mimkit.methods import set_layer_norm_eps
+
+        set_layer_norm_eps(model, 1e-6 + 1e-9)  # what mimkit did before: LayerNorm eps about 1e-6
+        assert (model(x, noise=noise).pred - ref.logits).abs().max() > 1e-2
+    written = export_hf(tmp_path / "imported.pt", tmp_path / "back")
+    assert json.loads((written["vit_mae"] / "config.json").read_text())["layer_norm_eps"] == 1e-12

@@ -138,7 +138,8 @@ def encoder_source(ecfg) -> EncoderSource:
         pcfg = config_from_dict(state["config"])
     except ConfigError as e:
         raise ConfigError(f"encoder.checkpoint: {path} has an invalid config: {e}") from None
-    model = {k: getattr(pcfg.model, k) for k in ("arch", "img_size", "patch_size", "embed_dim", "depth", "num_heads")}
+    model = {k: getattr(pcfg.model, k) for k in ("arch", "img_size", "patch_size", "embed_dim", "depth", "num_heads",
+                                                 "layer_norm_eps")}  # fmt: skip
     ckpt = _resolved(model)
     asked = {"arch": ecfg.arch, **{k: getattr(ecfg, k) for k in sizes}}
     have = {"arch": model["arch"], **{k: ckpt[k] for k in sizes}}
@@ -177,8 +178,11 @@ def build_encoder(src: EncoderSource, drop_path_rate: float = 0.0, seed: int = 0
 
         return Beit(**{**src.beit_kwargs, "drop_path_rate": drop_path_rate})
     if src.state is not None:
-        return create_encoder(m["arch"], m["img_size"], m["patch_size"], drop_path_rate, m["embed_dim"], m["depth"],
-                              m["num_heads"])  # fmt: skip
+        from mimkit.methods import set_layer_norm_eps
+
+        return set_layer_norm_eps(create_encoder(m["arch"], m["img_size"], m["patch_size"], drop_path_rate,
+                                                 m["embed_dim"], m["depth"], m["num_heads"]),
+                                  m.get("layer_norm_eps", 1e-6))  # fmt: skip
     from mimkit.methods import build_model
 
     cfg = config_from_dict({"model": {**m, "drop_path_rate": drop_path_rate}})
