@@ -4,21 +4,25 @@ attention | export | import | tokenizer train`, each `CONFIG [section.key=value 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import shutil
 import sys
+import textwrap
 from pathlib import Path
 
+import mimkit
 from mimkit import distributed as mdist
 from mimkit.checkpoint import load_checkpoint
-from mimkit.config import dump_yaml, load_config
+from mimkit.config import Config, dump_yaml, load_config, resolved
 from mimkit.errors import MimkitError
 from mimkit.eval import RUNNERS, dump_eval_yaml, load_eval_config
 from mimkit.interop import ImportOptions, export_hf, export_timm, import_checkpoint, timm_usage
+from mimkit.report import build_report
 from mimkit.tokenizer_training import train_tokenizer
 from mimkit.tokenizers import TokenizerError
 from mimkit.train import pretrain
-from mimkit.visualize import attention_figure, visualize
+from mimkit.visualize import _expand_images, attention_figure, visualize
 
 
 def _pretrain(args: argparse.Namespace) -> int:
@@ -28,7 +32,7 @@ def _pretrain(args: argparse.Namespace) -> int:
         overrides += ["train.max_steps=1", "train.resume=none", f"train.out_dir={Path(base.train.out_dir) / 'dry-run'}"]
     cfg = load_config(args.config, overrides)
     if args.print_config:
-        print(dump_yaml(cfg), end="")
+        print(dump_yaml(resolved(cfg)), end="")
         return 0
     result = pretrain(cfg)
     if args.dry_run:
@@ -92,9 +96,42 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _attention(args: argparse.Namespace) -> int:
-    path, _ = attention_figure(args.checkpoint, args.image, args.out, scale=args.scale)
-    print(path)
+    images = _expand_images(args.images)
+    single_file = len(images) == 1 and args.out is not None and args.out.lower().endswith(".png")
+    for image in images:
+        out = Path(args.out) if single_file else Path(args.out or ".") / f"{image.stem}_attention.png"
+        path, _ = attention_figure(args.checkpoint, image, out, scale=args.scale)
+        print(path)
     return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    rep = build_report(args.run_dir, args.out, images=args.images, checkpoints=args.checkpoints,
+                       num_images=args.num_images, evals=args.evals)  # fmt: skip
+    print(f"wrote {rep.html} and {rep.png} ({rep.steps_plotted} steps, {len(rep.evals)} evaluation runs, "
+          f"reconstructions by {', '.join(rep.checkpoints_drawn) or 'none'})")
+    for note in rep.notes:
+        print(f"  note: {note}")
+    return 0
+
+
+def _add_report_parser(sub) -> None:
+    p = sub.add_parser("report", help="one self-contained HTML page + PNG summary of a pretraining run",
+                       description="Curves (loss and its terms, lr, img/s, skipped; resumes marked), reconstructions of "
+                       "fixed images by the initial model and several checkpoints, the k-NN trend, every evaluation "
+                       "run of the run's checkpoints (metrics.json of mimkit knn / linprobe / finetune under RUN_DIR, "
+                       "in RUN_DIR's sibling folders and their sub-folders, and under --evals), the resolved config "
+                       "and the machine. Needs matplotlib: pip install 'mimkit[report]'.")  # fmt: skip
+    p.add_argument("run_dir", help="a pretraining run's folder (train.out_dir: config.yaml, metrics.jsonl, checkpoints)")
+    p.add_argument("--out", default=None, help="the HTML page to write (default RUN_DIR/report.html); the PNG summary "
+                   "goes beside it with the suffix .png")
+    p.add_argument("--images", nargs="+", default=None, help="images (files or folders) to reconstruct (default: "
+                   "train.vis_images images spread over the run's data)")
+    p.add_argument("--num-images", type=int, default=None, help="how many images (default: the run's train.vis_images)")
+    p.add_argument("--checkpoints", type=int, default=3, help="checkpoints drawn besides the initial model, spread "
+                   "from the oldest kept to the newest (default 3)")
+    p.add_argument("--evals", nargs="+", default=[], help="more folders to search for evaluation runs (any depth)")
+    p.set_defaults(func=_report)
 
 
 def _add_tool_parsers(sub) -> None:
@@ -134,8 +171,9 @@ def _add_tool_parsers(sub) -> None:
 
     p = sub.add_parser("attention", help="last-block cls attention per head + PCA of patch features, as a PNG")
     p.add_argument("checkpoint", help="a mimkit checkpoint (.pt)")
-    p.add_argument("image", help="an image file")
-    p.add_argument("--out", default=None, help="output PNG (default: <image stem>_attention.png)")
+    p.add_argument("images", nargs="+", help="image files or folders of images")
+    p.add_argument("--out", default=None, help="output folder for <image stem>_attention.png (default: the current "
+                   "folder); with one image, a path ending in .png names the file")
     p.add_argument("--scale", type=int, default=None, help="integer upscaling of the panels")
     p.set_defaults(func=_attention)
 
@@ -213,12 +251,32 @@ def _train_command(args) -> int:
     print(f"\ndone: {last['step']} steps, loss {last['loss']:.4f} (reconstruction {last['reconstruction']:.4f})\n"
           f"  tokenizer: {result['path']}\n  metrics:   {result['path'].with_suffix('.jsonl')}")  # fmt: skip
     return 0
+def _config_sections() -> str:
+    lines, defaults = [], Config()
+    for f in dataclasses.fields(Config):
+        section = getattr(defaults, f.name)
+        keys = ", ".join(g.name for g in dataclasses.fields(section)) if dataclasses.is_dataclass(section) else (
+            "mae | emae | bootmae | beit | mcbeit | simmim")  # fmt: skip
+        lines.append(textwrap.fill(keys, 100, initial_indent=f"  {f.name:<12} ", subsequent_indent=" " * 15))
+    return "\n".join(lines)
+
+
+PRETRAIN_DESCRIPTION = """Self-supervised pretraining of a timm ViT by masked image modeling: method=mae (default), emae,
+bootmae, beit, mcbeit or simmim. A YAML recipe, then section.key=value overrides; --print-config shows every
+resolved value. Several processes: torchrun / srun (distributed.strategy=ddp or fsdp).
+
+config sections and keys (README "Configuration"; mimkit/config.py documents each):
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mimkit", description="Masked-image-modeling pretraining for timm ViTs.")
+    parser.add_argument("--version", action="version", version=f"mimkit {mimkit.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("pretrain", help="pretrain an encoder (MAE); run under torchrun/srun for several processes")
+    p = sub.add_parser("pretrain", help="pretrain an encoder (MAE, EMAE, BootMAE, BEiT, mc-BEiT: method=...); run under "
+                       "torchrun/srun for several processes", description=PRETRAIN_DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.description += _config_sections()
     p.add_argument("config", nargs="?", help="YAML recipe, e.g. configs/quickstart.yaml (default: built-in defaults)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.epochs=5 optim.blr=1e-3")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -226,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run one step and one checkpoint save on every rank (in OUT_DIR/dry-run), then exit")
     p.set_defaults(func=_pretrain)
     _add_tool_parsers(sub)
+    _add_report_parser(sub)
     register_eval_commands(sub)  # knn, linprobe, finetune
     register_tokenizer_commands(sub)  # tokenizer train
     return parser

@@ -38,6 +38,9 @@ class ModelConfig:
     depth: int | None = None
     num_heads: int | None = None
     drop_path_rate: float = 0.0
+    # LayerNorm eps of the encoder and the decoder: 1e-6 as MAE / timm; an imported Hugging Face ViTMAE keeps its own
+    # (its config's layer_norm_eps, 1e-12 by default)
+    layer_norm_eps: float = 1e-6
 
 
 @dataclass
@@ -143,11 +146,14 @@ class TokenizerConfig:
 
 @dataclass
 class DataConfig:
-    # "skimage" = the embedded default (scikit-image's bundled photos); otherwise a path to an
-    # ImageFolder tree / flat image folder, a .npz with x_train, or WebDataset shards (.tar, brace
-    # patterns allowed).
+    # "skimage" = the embedded default (scikit-image's bundled photos); "torchvision:NAME[:SPLIT]" = a torchvision
+    # dataset class (CIFAR10, CIFAR100, STL10 (default split unlabeled), Flowers102, ImageNet, ...) under data.root;
+    # otherwise a path to an ImageFolder tree / flat image folder, a .npz with x_train, or WebDataset shards (.tar,
+    # brace patterns allowed).
     path: str = "skimage"
-    format: Literal["auto", "folder", "npz", "webdataset", "skimage"] = "auto"
+    format: Literal["auto", "folder", "npz", "webdataset", "skimage", "torchvision"] = "auto"
+    root: str = "data"  # torchvision datasets: the folder holding torchvision's layout (e.g. data/cifar-10-batches-py)
+    download: bool = False  # torchvision datasets: download into data.root if missing
     num_samples: int | None = None  # required for webdataset (epoch length); optional cap otherwise
     crop_scale: tuple[float, float] = (0.2, 1.0)
     hflip: bool = True
@@ -342,6 +348,7 @@ def validate(cfg: Config) -> Config:
     dim, heads = cfg.model.embed_dim or preset.embed_dim, cfg.model.num_heads or preset.num_heads
     _require(dim % heads == 0, f"model.embed_dim {dim} must be divisible by model.num_heads {heads}")
     _require(dim % 4 == 0, f"model.embed_dim must be divisible by 4 (sin-cos position embedding), got {dim}")
+    _require(0.0 < cfg.model.layer_norm_eps < 1.0, f"model.layer_norm_eps must be in (0, 1), got {cfg.model.layer_norm_eps}")
     _require(0.0 <= cfg.model.drop_path_rate < 1.0, f"model.drop_path_rate must be in [0, 1), got {cfg.model.drop_path_rate}")
     _require(0.0 < cfg.mask.ratio < 1.0, f"mask.ratio must be in (0, 1) (exclusive), got {cfg.mask.ratio}")
     _require(
@@ -555,3 +562,19 @@ def config_from_dict(data: dict) -> Config:
 
 def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def resolved(cfg: Config) -> Config:
+    """A copy with the values the model takes from elsewhere written out: model.img_size / patch_size / embed_dim /
+    depth / num_heads from the model.arch preset, bootmae.feature_decoder_* from the encoder and mae.*. Loads back
+    to the same model (`--print-config` shows it)."""
+    p = get_preset(cfg.model.arch)
+    m = cfg.model
+    model = dataclasses.replace(m, img_size=m.img_size or p.img_size, patch_size=m.patch_size or p.patch_size,
+                                embed_dim=m.embed_dim or p.embed_dim, depth=m.depth or p.depth,
+                                num_heads=m.num_heads or p.num_heads)  # fmt: skip
+    b = cfg.bootmae
+    bootmae = dataclasses.replace(b, feature_decoder_dim=b.feature_decoder_dim or model.embed_dim,
+                                  feature_decoder_depth=b.feature_decoder_depth or cfg.mae.decoder_depth,
+                                  feature_decoder_heads=b.feature_decoder_heads or model.num_heads)  # fmt: skip
+    return dataclasses.replace(cfg, model=model, bootmae=bootmae)

@@ -13,169 +13,31 @@ import hashlib
 import io
 import logging
 import os
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
-from PIL import Image, ImageFile
+from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, Sampler
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
-from mimkit.errors import MimkitError
+from mimkit.datasets import open_torchvision
+from mimkit.sources import (  # noqa: F401 (mimkit.data's names, as before)
+    ArrayImages,
+    CorruptImage,
+    DataError,
+    FolderImages,
+    load_image,
+    load_npz,
+    skimage_photos,
+    to_rgb,
+)
 
 log = logging.getLogger("mimkit")
 
 MaskInputs = Callable[[torch.Generator], dict[str, torch.Tensor]]
-
-
-class DataError(MimkitError, ValueError):
-    """A problem with the configured data, naming the file or field."""
-
-
-class CorruptImage(MimkitError):
-    pass
-
-
-# ---------------------------------------------------------------- decoding
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Grayscale, RGBA, palette, CMYK and 16-bit images become 8-bit RGB."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-        if img.mode == "F":
-            arr, top = arr - arr.min(), max(float(arr.max() - arr.min()), 1e-12)
-        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
-    if img.mode == "P":
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA"):  # composite on white rather than exposing undefined colour under alpha 0
-        background = Image.new("RGB", img.size, (255, 255, 255))
-        background.paste(img.convert("RGBA"), mask=img.convert("RGBA").split()[-1])
-        return background
-    return img.convert("RGB") if img.mode != "RGB" else img
-
-
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Fully decode an image file, raising CorruptImage on any decoding problem (truncation included)."""
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return to_rgb(img)
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... depending on the codec
-        raise CorruptImage(f"{path}: {type(e).__name__}: {e}") from e
-
-
-# ---------------------------------------------------------------- sources: index -> image
-
-
-class FolderImages(Dataset):
-    """An ImageFolder tree (class sub-folders) or a flat folder of images, found recursively."""
-
-    def __init__(self, root: str | os.PathLike):
-        root = Path(root)
-        exts = tuple(IMG_EXTENSIONS)
-        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in exts)
-        if not files:
-            raise DataError(f"data.path: folder {root} contains no images (extensions: {', '.join(exts)})")
-        classes = sorted({p.parent.relative_to(root).parts[0] for p in files if p.parent != root})
-        self.classes = classes
-        class_index = {c: i for i, c in enumerate(classes)}
-        self.files = files
-        self.targets = [class_index.get(p.relative_to(root).parts[0], -1) if p.parent != root else -1 for p in files]
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def load(self, index: int) -> Image.Image:
-        return load_image(self.files[index])
-
-    def describe(self, index: int) -> str:
-        return str(self.files[index])
-
-
-class ArrayImages(Dataset):
-    """uint8 images in an (N, H, W, C) array, C in {1, 3, 4}; labels optional."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray | None = None, name: str = "array"):
-        self.images, self.targets, self.name = images, labels, name
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def load(self, index: int) -> torch.Tensor:
-        img = torch.from_numpy(np.ascontiguousarray(self.images[index])).permute(2, 0, 1)
-        if img.shape[0] == 1:
-            img = img.expand(3, -1, -1)
-        return img[:3]
-
-    def describe(self, index: int) -> str:
-        return f"{self.name}[{index}]"
-
-
-def load_npz(path: str | os.PathLike, split: str = "train") -> ArrayImages:
-    """The layout of CIFAR-10 as .npz: x_{split} uint8 (N, H, W, C), optional y_{split}."""
-    key = f"x_{split}"
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except Exception as e:
-        raise DataError(f"data.path: cannot read {path} as .npz: {e}") from e
-    with archive:
-        if key not in archive.files:
-            raise DataError(f"data.path: {path} has no array '{key}' (found: {', '.join(archive.files) or 'none'})")
-        try:
-            x = archive[key]
-            y = archive[f"y_{split}"] if f"y_{split}" in archive.files else None
-        except ValueError as e:  # object arrays (e.g. images of mixed sizes) need pickle: refused
-            raise DataError(
-                f"data.path: {path} '{key}' is not a plain array ({e}); store uint8 images of one size as "
-                "(N, H, W, C), or put images of mixed sizes in a folder"
-            ) from e
-    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3, 4):
-        raise DataError(
-            f"data.path: {path} '{key}' must be uint8 with shape (N, H, W, C), C in 1/3/4; "
-            f"got {x.dtype} {x.shape}"
-        )
-    if len(x) == 0:
-        raise DataError(f"data.path: {path} '{key}' holds no images")
-    return ArrayImages(x, y, name=f"{path}:{key}")
-
-
-def skimage_photos() -> ArrayImages:
-    """The embedded default dataset: scikit-image's bundled natural photos, square-cropped to 256 px.
-    Real images, shipped inside a dependency, so the quickstart needs no download."""
-    from skimage import data as skdata
-    from skimage.transform import resize
-
-    names = ["astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "moon", "page", "text",
-             "clock", "grass", "gravel", "brick", "hubble_deep_field", "immunohistochemistry", "retina",
-             "colorwheel", "cell", "microaneurysms"]  # fmt: skip
-    images = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for name in names:
-            try:
-                img = getattr(skdata, name)()
-            except Exception:  # photos not shipped in this scikit-image version (some need a download)
-                continue
-            img = np.asarray(img)
-            if img.ndim == 2:
-                img = np.stack([img] * 3, axis=-1)
-            if img.dtype != np.uint8:
-                img = (np.clip(img.astype(np.float64) / max(float(img.max()), 1e-12), 0, 1) * 255).astype(np.uint8)
-            h, w = img.shape[:2]
-            s = min(h, w)
-            img = img[(h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s, :3]
-            img = (resize(img, (256, 256), anti_aliasing=True, preserve_range=True) + 0.5).astype(np.uint8)
-            images.append(img)
-    if len(images) < 4:
-        raise DataError("data.path: skimage: scikit-image's bundled photos were not found; install scikit-image")
-    return ArrayImages(np.stack(images), None, name="skimage")
 
 
 def resolve_format(path: str, fmt: str) -> str:
@@ -183,6 +45,8 @@ def resolve_format(path: str, fmt: str) -> str:
         return fmt
     if path == "skimage":
         return "skimage"
+    if path.startswith("torchvision:"):
+        return "torchvision"
     if path.endswith(".npz"):
         return "npz"
     if path.endswith(".tar") or "{" in path or "::" in path:
@@ -193,11 +57,13 @@ def resolve_format(path: str, fmt: str) -> str:
     return "folder"
 
 
-def open_source(path: str, fmt: str = "auto"):
+def open_source(path: str, fmt: str = "auto", root: str = "data", download: bool = False):
     """Check the configured data exists and is usable, before any model is built."""
     fmt = resolve_format(path, fmt)
     if fmt == "skimage":
         return skimage_photos()
+    if fmt == "torchvision":  # torchvision:NAME[:SPLIT] under root (mimkit/datasets.py)
+        return open_torchvision(path, None, root, download)
     if fmt == "webdataset":
         return None  # streamed; checked by webdataset_urls
     if not Path(path).exists():
@@ -306,6 +172,7 @@ class PretrainDataset(Dataset):
     def __init__(self, source, transform: Callable, mask_inputs: MaskInputs | None = None, repeats: int = 1,
                  num_samples: int | None = None):  # fmt: skip
         self.source, self.transform, self.mask_inputs = source, transform, mask_inputs
+        self.warned: set[int] = set()  # corrupt images already reported (by this process / loader worker)
         self.length = len(source) * repeats
         if num_samples is not None:
             self.length = min(self.length, num_samples)
@@ -321,7 +188,9 @@ class PretrainDataset(Dataset):
             try:
                 image = self.source.load(i)
             except CorruptImage as e:
-                log.warning("skipping corrupt image %s", e)
+                if i not in self.warned:  # once per run, not every epoch
+                    self.warned.add(i)
+                    log.warning("skipping corrupt image %s (skipped every epoch; reported once)", e)
                 continue
             sample = seeded_sample(image, seed, self.transform, self.mask_inputs)
             sample["skipped"] = skipped
@@ -335,15 +204,23 @@ class ResumableBatchSampler(Sampler):
     An optimizer step consumes a global chunk of batch_size * world_size * accum_steps indices of the
     epoch's permutation; micro-step a takes the a-th slice of batch_size * world_size, and rank r
     takes every world_size-th element of it. So 2 ranks x B equals 1 rank x 2B, and 2 micro-steps
-    of B/2 equal one of B. Incomplete final steps are dropped (static shapes).
+    of B/2 equal one of B. Incomplete final steps are dropped (static shapes), unless `keep_partial`: then the
+    epoch's remainder is one more, smaller step, split equally over micro-steps and ranks with at least
+    `min_per_rank` images each (only the few images such an equal split cannot place are left out).
     """
 
     def __init__(self, num_samples: int, batch_size: int, accum_steps: int = 1, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, shuffle: bool = True):  # fmt: skip
+                 world_size: int = 1, seed: int = 0, shuffle: bool = True, keep_partial: bool = False,
+                 min_per_rank: int = 2):  # fmt: skip
         self.n, self.batch_size, self.accum_steps = num_samples, batch_size, accum_steps
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self.global_step_size = batch_size * world_size * accum_steps
-        if num_samples < self.global_step_size:
+        # images per rank and micro-step in the final partial step (0: none)
+        remainder = num_samples % self.global_step_size
+        self.partial_per_rank = remainder // (accum_steps * world_size) if keep_partial else 0
+        if self.partial_per_rank < min_per_rank:
+            self.partial_per_rank = 0
+        if num_samples < self.global_step_size and not self.partial_per_rank:
             raise DataError(
                 f"data: {num_samples} samples cannot fill one optimizer step of {self.global_step_size} "
                 f"(train.batch_size {batch_size} x {world_size} processes x train.accum_steps {accum_steps}); "
@@ -353,7 +230,7 @@ class ResumableBatchSampler(Sampler):
 
     @property
     def steps_per_epoch(self) -> int:
-        return self.n // self.global_step_size
+        return self.n // self.global_step_size + (1 if self.partial_per_rank else 0)
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self.epoch, self.start_step = epoch, start_step
@@ -369,8 +246,9 @@ class ResumableBatchSampler(Sampler):
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         order, seeds = self.epoch_order(self.epoch)
-        micro = self.batch_size * self.world_size
         for step in range(self.start_step, self.steps_per_epoch):
+            full = step < self.n // self.global_step_size
+            micro = (self.batch_size if full else self.partial_per_rank) * self.world_size
             for a in range(self.accum_steps):
                 lo = step * self.global_step_size + a * micro
                 chunk = order[lo : lo + micro][self.rank :: self.world_size]

@@ -55,7 +55,7 @@ class PretrainData:
                 raise DataError(f"data.num_samples {d.num_samples} cannot fill one optimizer step of {self.global_step_size}")
             self.steps_per_epoch = d.num_samples // self.global_step_size
         else:
-            source = open_source(d.path, self.fmt)
+            source = open_source(d.path, self.fmt, d.root, d.download)
             self.dataset = PretrainDataset(source, self.transform, mask_inputs, d.repeats, d.num_samples)
             self.sampler = ResumableBatchSampler(len(self.dataset), batch_size, accum_steps, rank, world_size, seed)
             self.steps_per_epoch = self.sampler.steps_per_epoch

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from torchvision.transforms import v2
+from tqdm.auto import tqdm
 
 from mimkit.checkpoint import save_checkpoint
 from mimkit.data import open_source, resolve_format
@@ -24,7 +25,7 @@ def _tokenizer_batches(cfg, size: int, batch_size: int, seed: int):
     d = cfg.data
     if resolve_format(d.path, d.format) == "webdataset":
         raise TokenizerError("mimkit tokenizer train reads indexable data (folder, .npz, skimage), not WebDataset")
-    source = open_source(d.path, d.format)
+    source = open_source(d.path, d.format, d.root, d.download)
     ops = [v2.ToImage(), v2.RandomResizedCrop(size, scale=tuple(d.crop_scale),
                                               interpolation=v2.InterpolationMode.BICUBIC, antialias=True)]  # fmt: skip
     if d.hflip:
@@ -58,6 +59,7 @@ def train_tokenizer(cfg, log_every: int = 50) -> dict:
     batches = _tokenizer_batches(cfg, size, t.batch_size, cfg.train.seed)
     gumbel = torch.Generator().manual_seed(cfg.train.seed + 1)
     history, start = [], time.perf_counter()
+    bar = tqdm(total=t.train_steps, desc="tokenizer", unit="step", dynamic_ncols=True) if cfg.train.progress else None
     for step in range(t.train_steps):
         frac = step / max(t.train_steps - 1, 1)
         tau = t.tau_start * (t.tau_end / t.tau_start) ** frac
@@ -71,9 +73,14 @@ def train_tokenizer(cfg, log_every: int = 50) -> dict:
         used = int(logits.argmax(1).unique().numel())
         history.append({"step": step + 1, "loss": float(loss.detach()), "reconstruction": float(rec), "kl": float(kl),
                         "tau": tau, "codes_used": used})  # fmt: skip
+        if bar is not None:
+            bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", codes=used, refresh=False)
+            bar.update(1)
         if (step + 1) % log_every == 0 or step + 1 == t.train_steps:
             log.info("tokenizer step %d/%d loss %.4f rec %.4f kl %.3f tau %.3f codes in batch %d (%.1fs)", step + 1,
                      t.train_steps, history[-1]["loss"], float(rec), float(kl), tau, used, time.perf_counter() - start)  # fmt: skip
+    if bar is not None:
+        bar.close()
     out = Path(t.path)
     out.parent.mkdir(parents=True, exist_ok=True)
     state = {"kind": "mimkit", "spec": dict(spec.__dict__), "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},

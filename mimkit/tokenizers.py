@@ -404,7 +404,9 @@ def load_tokenizer(kind: str, path: str | None = None, spec: DVAESpec | None = N
     if path is None:
         raise TokenizerError(f"tokenizer.path is required for tokenizer.kind {kind}")
     if not Path(path).is_file():
-        raise FileNotFoundError(f"tokenizer.path: {path} does not exist")
+        hint = ("; train one with `mimkit tokenizer train configs/tokenizer_cifar10.yaml` (it writes tokenizer.path)"
+                if kind == "mimkit" else "")  # fmt: skip
+        raise FileNotFoundError(f"tokenizer.path: {path} does not exist{hint}")
     obj = _read(path)
     if kind == "mimkit":
         if not (isinstance(obj, dict) and obj.get("kind") == "mimkit" and "state_dict" in obj):

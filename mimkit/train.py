@@ -44,6 +44,7 @@ from mimkit.checkpoint import (
 from mimkit.config import Config, config_from_dict, dump_yaml, load_config, to_dict
 from mimkit.engine import StepEngine, TrainingDiverged, adamw_kernel, seed_everything
 from mimkit.eval import knn_monitor, open_labelled_split
+from mimkit.logs import ensure_logging
 from mimkit.methods import build_model, no_weight_decay_names
 from mimkit.metrics import MetricsLog
 from mimkit.models import compile_blocks, resolve_attention, resolve_compile, set_attention_kernel, transformer_blocks
@@ -96,7 +97,22 @@ def check_resumable(path: Path, state: dict, model: torch.nn.Module, method: str
         raise CheckpointError(f"{path}: holds '{extra[0]}', which this model does not have (another model or method)")
 
 
+def questionable_settings(cfg: Config, peak_lr: float, steps_per_epoch: int) -> list[str]:
+    """Settings that are allowed but almost certainly not meant: said as warnings, the run goes on."""
+    o, notes = cfg.optim, []
+    if peak_lr > 0.01:  # AdamW on ViTs: the papers' peaks are 1e-4 .. 3e-3
+        source = f"optim.lr {o.lr:g}" if o.lr is not None else f"optim.blr {o.blr:g} x effective batch / 256"
+        notes.append(f"peak lr {peak_lr:.3g} ({source}) is implausibly high for AdamW on a ViT (MAE: blr 1.5e-4, "
+                     "lr 2.4e-3 at batch 4096); expect divergence")  # fmt: skip
+    epochs = schedule_length(cfg.train, steps_per_epoch) / steps_per_epoch
+    if o.warmup_epochs >= epochs:
+        notes.append(f"optim.warmup_epochs {o.warmup_epochs:g} >= the run's {epochs:g} epochs: the lr never reaches "
+                     f"its peak {peak_lr:.3g} (it ends at {peak_lr * epochs / o.warmup_epochs:.3g})")  # fmt: skip
+    return notes
+
+
 def pretrain(cfg: Config) -> RunResult:
+    ensure_logging()
     # ---- setup: processes, model, data (checked before any compute)
     dist = mdist.init_distributed(cfg.train.device, cfg.distributed.timeout_minutes)
     device, t = dist.device, cfg.train
@@ -112,7 +128,8 @@ def pretrain(cfg: Config) -> RunResult:
     knn_sources = None  # labelled train / val splits for the k-NN trend monitor
     if t.knn_every_epochs:
         knn_path = t.knn_data or cfg.data.path
-        knn_sources = (open_labelled_split(knn_path, "train"), open_labelled_split(knn_path, t.knn_val_split))
+        knn_sources = (open_labelled_split(knn_path, "train", root=cfg.data.root, download=cfg.data.download),
+                       open_labelled_split(knn_path, t.knn_val_split, root=cfg.data.root, download=cfg.data.download))
     model.to(device)
     if cfg.distributed.activation_checkpointing:
         model.set_grad_checkpointing(True)
@@ -187,6 +204,8 @@ def pretrain(cfg: Config) -> RunResult:
         )  # fmt: skip
         if resume_from is not None:
             log.info("resumed from %s at step %d", resume_from, step)
+        for note in questionable_settings(cfg, peak_lr, steps_per_epoch):
+            log.warning("%s", note)
     metrics = MetricsLog(out_dir, dist.is_main, t.tensorboard, resumed_step=step if resume_from is not None else None)
     vis_images = None  # fixed images for TensorBoard reconstruction grids (rank 0, indexable sources only)
     if metrics.tb is not None and t.vis_every_epochs and getattr(data, "dataset", None) is not None and model.PREDICTS_PIXELS:
@@ -325,7 +344,8 @@ def pretrain(cfg: Config) -> RunResult:
 
 
 def run(config_path: str | None = None, overrides: list[str] | None = None, **sections) -> RunResult:
-    """Python entry point: `mimkit.pretrain("configs/quickstart.yaml", ["train.epochs=1"])`."""
+    """Python entry point: `mimkit.run("configs/quickstart.yaml", ["train.epochs=1"])`, the same as
+    `mimkit.pretrain(mimkit.load_config("configs/quickstart.yaml", ["train.epochs=1"]))`."""
     return pretrain(load_config(config_path, overrides, **sections))
 
 

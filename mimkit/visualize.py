@@ -214,9 +214,22 @@ def _font() -> ImageFont.ImageFont:
     return ImageFont.load_default()
 
 
+def _space(draw: ImageDraw.ImageDraw, font) -> float:
+    """Pillow's default font has 2-px spaces that kerning can swallow ("clsattention"): words are placed
+    one by one, a third of the font size apart."""
+    return max(draw.textlength(" ", font=font), 0.35 * getattr(font, "size", 10))
+
+
 def _text_width(draw: ImageDraw.ImageDraw, text: str, font) -> int:
-    left, _, right, _ = draw.textbbox((0, 0), text, font=font)
-    return right - left
+    words = text.split(" ")
+    return round(sum(draw.textlength(w, font=font) for w in words) + _space(draw, font) * (len(words) - 1))
+
+
+def _draw_text(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, font) -> None:
+    x, y = xy
+    for word in text.split(" "):
+        draw.text((x, y), word, fill=(0, 0, 0), font=font)
+        x += draw.textlength(word, font=font) + _space(draw, font)
 
 
 def _wrap(draw, text: str, font, width: int) -> list[str]:
@@ -256,7 +269,7 @@ def render_panels(
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for j, line in enumerate(title_lines):
-        draw.text((pad, pad + j * line_h), line, fill=(0, 0, 0), font=font)
+        _draw_text(draw, (pad, pad + j * line_h), line, font)
     boxes = {}
     for n, ((name, _, pixels), lines) in enumerate(zip(panels, wrapped, strict=True)):
         if pixels.shape[:2] != (h0, w0):
@@ -265,7 +278,7 @@ def render_panels(
         left = pad + c * (pw + pad)
         top = pad + title_h + r * row_h
         for j, line in enumerate(lines):
-            draw.text((left, top + j * line_h), line, fill=(0, 0, 0), font=font)
+            _draw_text(draw, (left, top + j * line_h), line, font)
         big = pixels.repeat(scale, axis=0).repeat(scale, axis=1) if scale > 1 else pixels
         canvas.paste(Image.fromarray(np.ascontiguousarray(big)), (left, top + caption_h))
         boxes[name] = (top + caption_h, left, ph, pw)
@@ -449,14 +462,22 @@ def attention_grid(maps: AttentionMaps, title: str = "", scale: int | None = Non
     heads = maps.cls_attention.numpy()
     for h, a in enumerate(heads):
         panels.append(
-            (f"head{h + 1}", f"head {h + 1}: cls attention", colormap(_upsample(a / max(a.max(), 1e-12), size)))
-        )
+            (f"head{h + 1}", f"head {h + 1}: cls attention, 0 to {a.max():.3f}",
+             colormap(_upsample(a / max(a.max(), 1e-12), size)))
+        )  # fmt: skip
     mean = heads.mean(axis=0)
-    panels.append(("mean", "mean over heads", colormap(_upsample(mean / max(mean.max(), 1e-12), size))))
+    panels.append(("mean", f"mean over heads, 0 to {mean.max():.3f}",
+                   colormap(_upsample(mean / max(mean.max(), 1e-12), size))))  # fmt: skip
+    # the colour scale: bottom = attention 0, top = the map's own maximum (in its caption)
+    ramp = np.repeat(np.linspace(1.0, 0.0, size)[:, None], size, axis=1)
+    scale_panel = colormap(ramp)
+    scale_panel[:, : size // 2] = 255  # a bar on the right half, white left of it
+    uniform = 1 / (heads.shape[-1] * heads.shape[-2])
+    panels.append(("scale", f"colour scale: bottom 0, top the map's max (uniform = {uniform:.3f})", scale_panel))
     ex = ", ".join(f"{100 * float(e):.0f}%" for e in maps.explained)
     pca = _upsample(maps.pca.permute(1, 2, 0).numpy(), size)
     panels.append(("pca", f"PCA of patch features -> RGB ({ex} var.)", (pca * 255).round().astype(np.uint8)))
-    return render_panels(panels, title=title, scale=scale or default_scale(size, 128), max_cols=min(len(panels), 6))
+    return render_panels(panels, title=title, scale=scale or default_scale(size, 128), max_cols=min(len(panels), 7))
 
 
 def attention_figure(

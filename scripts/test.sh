@@ -8,4 +8,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 python -m pip install -q -e ".[dev]"
+# tests/test_report.py renders the report in headless Chromium: install Debian's chromium when missing
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo sudo)
+  { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null; } \
+    || echo "scripts/test.sh: could not install chromium; the Chromium rendering test will be skipped" >&2
+fi
 python -m pytest -q "$@"

@@ -60,7 +60,8 @@ def test_fsdp_matches_ddp_and_its_sharded_checkpoint_round_trips(tmp_path, npz_d
 
 def test_consolidated_copy_of_a_sharded_checkpoint_is_a_normal_checkpoint(tmp_path, npz_data):
     out = tmp_path / "fsdp"
-    run_torchrun(ddp_overrides(npz_data, out, "train.max_steps=2", "distributed.strategy=fsdp"))
+    proc = run_torchrun(ddp_overrides(npz_data, out, "train.max_steps=2", "distributed.strategy=fsdp"))
+    assert "returned a view tensor" not in proc.stderr  # the methods return no views of their outputs (issue 17)
     full = load_checkpoint(list_checkpoints(out)[-1])
     path = save_checkpoint(tmp_path / "single.pt", full)
     again = torch.load(path, weights_only=True)

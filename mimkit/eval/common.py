@@ -30,8 +30,9 @@ from mimkit import distributed as mdist
 from mimkit.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
 from mimkit.config import BEIT_METHODS, ConfigError, config_from_dict
 from mimkit.data import CorruptImage, DataError, FolderImages, load_npz, pretrain_transform
+from mimkit.datasets import open_torchvision
 from mimkit.engine import autocast_context
-from mimkit.methods import build_model
+from mimkit.methods import build_model, set_layer_norm_eps
 from mimkit.methods.beit import timm_beit_kwargs
 from mimkit.metrics import MetricsLog
 from mimkit.models import create_encoder, get_preset
@@ -141,7 +142,8 @@ def encoder_source(ecfg) -> EncoderSource:
         pcfg = config_from_dict(state["config"])
     except ConfigError as e:
         raise ConfigError(f"encoder.checkpoint: {path} has an invalid config: {e}") from None
-    model = {k: getattr(pcfg.model, k) for k in ("arch", "img_size", "patch_size", "embed_dim", "depth", "num_heads")}
+    model = {k: getattr(pcfg.model, k) for k in ("arch", "img_size", "patch_size", "embed_dim", "depth", "num_heads",
+                                                 "layer_norm_eps")}  # fmt: skip
     ckpt = _resolved(model)
     asked = {"arch": ecfg.arch, **{k: getattr(ecfg, k) for k in sizes}}
     have = {"arch": model["arch"], **{k: ckpt[k] for k in sizes}}
@@ -179,8 +181,9 @@ def build_encoder(src: EncoderSource, drop_path_rate: float = 0.0, seed: int = 0
 
         return Beit(**{**src.beit_kwargs, "drop_path_rate": drop_path_rate})
     if src.state is not None:
-        return create_encoder(m["arch"], m["img_size"], m["patch_size"], drop_path_rate, m["embed_dim"], m["depth"],
-                              m["num_heads"])  # fmt: skip
+        return set_layer_norm_eps(create_encoder(m["arch"], m["img_size"], m["patch_size"], drop_path_rate,
+                                                 m["embed_dim"], m["depth"], m["num_heads"]),
+                                  m.get("layer_norm_eps", 1e-6))  # fmt: skip
 
     cfg = config_from_dict({"model": {**m, "drop_path_rate": drop_path_rate}})
     with torch.random.fork_rng(devices=[]):
@@ -284,11 +287,15 @@ def subset(source, count: int | None, seed: int = 0):
     return SubsetImages(source, np.sort(g.permutation(len(source))[:count]))
 
 
-def open_labelled_split(path: str, split: str, fmt: str = "auto"):
-    """A labelled image source: `x_{split}` / `y_{split}` of a .npz, or the ImageFolder tree path/split.
-    The result has `.targets` (one int per image) and `.load(i)` / `.describe(i)` like mimkit.data's sources."""
+def open_labelled_split(path: str, split: str, fmt: str = "auto", root: str = "data", download: bool = False):
+    """A labelled image source: `x_{split}` / `y_{split}` of a .npz, the ImageFolder tree path/split, or the split of
+    a torchvision dataset (`torchvision:NAME` under `root`). The result has `.targets` (one int per image) and
+    `.load(i)` / `.describe(i)` like mimkit.data's sources."""
     if fmt == "auto":
-        fmt = "npz" if str(path).endswith(".npz") else "folder"
+        fmt = ("torchvision" if str(path).startswith("torchvision:")
+               else "npz" if str(path).endswith(".npz") else "folder")  # fmt: skip
+    if fmt == "torchvision":
+        return open_torchvision(path, split, root, download, purpose="labelled")
     if not Path(path).exists():
         raise DataError(f"data.path: {path} does not exist")
     if fmt == "npz":
@@ -319,8 +326,8 @@ class LabelledData:
 
 def open_labelled(d, seed: int = 0) -> LabelledData:
     """The train and val splits of `data` (checked before any model is built), subsets applied."""
-    train = open_labelled_split(d.path, d.train_split, d.format)
-    val = open_labelled_split(d.path, d.val_split, d.format)
+    train = open_labelled_split(d.path, d.train_split, d.format, d.root, d.download)
+    val = open_labelled_split(d.path, d.val_split, d.format, d.root, d.download)
     if getattr(train, "classes", None) and getattr(val, "classes", None) and train.classes != val.classes:
         raise DataError(f"data.path: the class folders of '{d.train_split}' and '{d.val_split}' differ")
     num_classes = max(int(max(train.targets.max(), val.targets.max())) + 1, len(getattr(train, "classes", None) or []))
@@ -488,7 +495,8 @@ def cache_meta(ecfg, d, split: str, samples: int | None, img_size: int, seed: in
         ckpt = ckpt / "meta.pt"
     stamp = [ckpt.stat().st_size, ckpt.stat().st_mtime_ns] if ecfg.checkpoint != "none" and ckpt.is_file() else None
     return {"encoder": {k: v for k, v in asdict(ecfg).items()}, "checkpoint_stamp": stamp, "seed": seed,
-            "data": [d.path, d.format, split, samples, list(d.mean), list(d.std), d.crop_pct], "img_size": img_size}  # fmt: skip
+            "data": [d.path, d.format, split, samples, list(d.mean), list(d.std), d.crop_pct]
+            + ([d.root] if str(d.path).startswith("torchvision:") else []), "img_size": img_size}  # fmt: skip
 
 
 # =============================================================================================

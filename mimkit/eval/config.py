@@ -54,10 +54,13 @@ class FeatureConfig:
 
 @dataclass
 class EvalDataConfig:
-    # A .npz with x_{split} uint8 NHWC and y_{split} labels (CIFAR-10 layout), or a folder holding one
-    # ImageFolder tree per split (path/train/<class>/..., path/val/<class>/...).
+    # A .npz with x_{split} uint8 NHWC and y_{split} labels (CIFAR-10 layout), a folder holding one
+    # ImageFolder tree per split (path/train/<class>/..., path/val/<class>/...), or torchvision:NAME (a
+    # torchvision dataset class, e.g. CIFAR10, under data.root; the splits are its own: train / test ...).
     path: str = ""
-    format: Literal["auto", "npz", "folder"] = "auto"
+    format: Literal["auto", "npz", "folder", "torchvision"] = "auto"
+    root: str = "data"  # torchvision datasets: the folder holding torchvision's layout (e.g. data/cifar-10-batches-py)
+    download: bool = False  # torchvision datasets: download into data.root if missing
     train_split: str = "train"
     val_split: str = "test"
     # Seeded random subsets (quick runs, monitors); null = all images.

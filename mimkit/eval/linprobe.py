@@ -141,7 +141,9 @@ def run_linprobe(cfg: LinprobeConfig) -> EvalResult:
         meta=cache_meta(cfg.encoder, cfg.data, cfg.data.val_split, cfg.data.val_samples, img_size, t.seed),
         desc="features (val)" if t.progress else None, **extract,
     )  # fmt: skip
-    sampler = ResumableBatchSampler(len(data.train), t.batch_size, t.accum_steps, dist.rank, dist.world_size, t.seed)
+    # cached features: the remainder of an epoch is a last, smaller step (no image left out every epoch)
+    sampler = ResumableBatchSampler(len(data.train), t.batch_size, t.accum_steps, dist.rank, dist.world_size, t.seed,
+                                    keep_partial=p.mode == "cached")  # fmt: skip
     loader = None
     if p.mode == "cached":
         f_train, y_train = extract_features(

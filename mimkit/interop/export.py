@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -17,6 +18,8 @@ from mimkit.methods.mae import MAEDecoder
 
 # =============================================================================================
 # Export
+
+log = logging.getLogger("mimkit")
 
 
 def _data_stats(cfg: Config) -> tuple[list[float], list[float]]:
@@ -38,6 +41,11 @@ def export_timm(ckpt: str | Path, out: str | Path) -> dict[str, Path]:
     spec = encoder_spec(enc)
     if spec["mlp_hidden"] != 4 * spec["embed_dim"]:
         raise InteropError(f"{ckpt}: encoder MLP width {spec['mlp_hidden']} is not 4 x {spec['embed_dim']}")
+    if cfg.model.layer_norm_eps != 1e-6:  # timm's JSON model_args cannot carry a norm layer
+        log.warning(
+            "%s: LayerNorm eps %g (model.layer_norm_eps); timm builds 1e-6: after timm.create_model, set it with "
+            "`for m in model.modules(): isinstance(m, torch.nn.LayerNorm) and setattr(m, 'eps', %g)`",
+            ckpt, cfg.model.layer_norm_eps, cfg.model.layer_norm_eps)  # fmt: skip
     tensors = {k: v.detach().clone().contiguous() for k, v in enc.state_dict().items()}
     weights = out / "model.safetensors"
     save_file(tensors, str(weights), metadata={"format": "pt", "producer": f"mimkit {mimkit.__version__}"})
@@ -123,7 +131,8 @@ def _require_transformers():
     try:
         import transformers
     except ImportError as e:
-        raise InteropError("Hugging Face export/import needs transformers >= 5: pip install 'transformers>=5'") from e
+        raise InteropError("Hugging Face export/import needs transformers >= 5, which is not installed: "
+                           "pip install 'mimkit[hf]' (or pip install 'transformers>=5')") from e
     if int(transformers.__version__.split(".")[0]) < 5:
         raise InteropError(f"Hugging Face export needs transformers >= 5 (found {transformers.__version__})")
     return transformers
@@ -147,7 +156,7 @@ def hf_encoder_kwargs(encoder) -> dict:
         patch_size=spec["patch_size"],
         num_channels=3,
         qkv_bias=True,
-        layer_norm_eps=1e-6,
+        layer_norm_eps=encoder.norm.eps,
         hidden_act="gelu",
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,

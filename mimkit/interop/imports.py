@@ -132,6 +132,7 @@ def _infer_sections(conv: Converted, src: Path, fmt: str, opts: ImportOptions, h
             "embed_dim": embed_dim,
             "depth": depth,
             "num_heads": heads,
+            **({"layer_norm_eps": hints["layer_norm_eps"]} if "layer_norm_eps" in hints else {}),
         },
         "mae": mae,
     }
@@ -291,9 +292,10 @@ def read_source(src: str | Path, key: str | None = None) -> tuple[dict[str, torc
             )
         if not config.get("qkv_bias", True):
             notes.append("the source has no qkv bias: zeros used")
-        eps = config.get("layer_norm_eps", 1e-12)
-        if abs(eps - 1e-6) > 1e-12:
-            notes.append(f"the source's LayerNorm eps is {eps:g}; mimkit's ViT uses 1e-6 (outputs may differ slightly)")
+        hints["layer_norm_eps"] = float(config.get("layer_norm_eps", 1e-12))
+        if hints["layer_norm_eps"] != 1e-6:
+            notes.append(f"LayerNorm eps {hints['layer_norm_eps']:g} from the source's config (model.layer_norm_eps); "
+                         "a timm export of this model needs it set after loading (timm builds 1e-6)")  # fmt: skip
         if config.get("intermediate_size", 0) not in (0, 4 * config.get("hidden_size", 0)):
             raise InteropError(
                 f"{src / 'config.json'}: intermediate_size {config['intermediate_size']} is not 4 x hidden_size"

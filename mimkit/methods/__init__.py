@@ -18,8 +18,17 @@ def build_model(cfg) -> nn.Module:
     encoder = create_encoder(m.arch, m.img_size, m.patch_size, m.drop_path_rate, m.embed_dim, m.depth, m.num_heads)
     builders = {"mae": mae.build, "emae": emae.build, "bootmae": bootmae.build, "simmim": simmim.build}
     if cfg.method == "mae" and cfg.mask.type == "parallel":  # MAE's parts + parallel masks + consistency = EMAE
-        return emae.build(cfg, encoder)
-    return builders[cfg.method](cfg, encoder)
+        return set_layer_norm_eps(emae.build(cfg, encoder), m.layer_norm_eps)
+    return set_layer_norm_eps(builders[cfg.method](cfg, encoder), m.layer_norm_eps)
+
+
+def set_layer_norm_eps(module: nn.Module, eps: float) -> nn.Module:
+    """Every LayerNorm module of `module` with this eps (model.layer_norm_eps; 1e-6 is what the builders use)."""
+    if eps != 1e-6:
+        for norm in module.modules():
+            if isinstance(norm, nn.LayerNorm):
+                norm.eps = eps
+    return module
 
 
 # Parameters the official code exempts from weight decay besides 1-D ones and biases (which it never decays) and

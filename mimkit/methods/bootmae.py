@@ -292,8 +292,8 @@ class BootMAE(MIMMethod):
                 consistency = consistency_loss(pred, masks, self.stop_gradient, self.distance)
                 loss = loss + self.consistency_weight * consistency
         momentum = self.current_momentum() if self.ema_encoder is not None else 0.0
-        return BootMAEOutput(loss, pred, masks, reconstruction.detach(), feature.detach(), consistency.detach(), lam,
-                             momentum, feature_pred)  # fmt: skip
+        return BootMAEOutput(loss, pred.clone(), masks, reconstruction.detach(), feature.detach(), consistency.detach(),
+                             lam, momentum, None if feature_pred is None else feature_pred.clone())  # no views (FSDP2)
 
 
 def build(cfg, encoder: VisionTransformer) -> BootMAE:

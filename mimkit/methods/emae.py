@@ -56,7 +56,7 @@ class EMAE(MAE):
         else:
             consistency = reconstruction.new_zeros(())
         loss = reconstruction + self.consistency_weight * consistency
-        return EMAEOutput(loss, pred, masks.mask, reconstruction.detach(), consistency.detach())
+        return EMAEOutput(loss, pred.clone(), masks.mask, reconstruction.detach(), consistency.detach())  # no view: FSDP2
 
 
 def build(cfg, encoder) -> EMAE:

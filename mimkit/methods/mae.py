@@ -96,7 +96,7 @@ class MAE(MIMMethod):
         latent = encode_visible(self.encoder, imgs, masking.ids_keep)
         pred = self.decoder(latent, masking.ids_restore)
         loss = masked_mse(pred, self.target(imgs), masking.mask)
-        return MAEOutput(loss, pred, masking.mask)
+        return MAEOutput(loss, pred.clone(), masking.mask)  # not a view of the decoder output: FSDP2 hooks outputs
 
 
 def build(cfg, encoder: VisionTransformer) -> MAE:

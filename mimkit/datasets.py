@@ -1,0 +1,197 @@
+"""Standard datasets by name: `data.path=torchvision:NAME[:SPLIT]` (CIFAR10, CIFAR100, STL10, Flowers102, ImageNet,
+and any other torchvision dataset class taking `split=` or `train=`), read from `data.root` in torchvision's own
+on-disk layout, downloaded by torchvision only when asked (`data.download=true`).
+
+The result is a mimkit image source (`load(i)`, `describe(i)`, `targets`, `classes`, `len`), so pretraining, the
+k-NN monitor and the evaluation commands take it like a folder or a .npz.
+
+CIFAR-10 / CIFAR-100 are stored by their authors as Python pickles. torchvision reads them with plain `pickle`;
+mimkit reads the same files itself with an unpickler that only admits what those files hold (numpy arrays, lists,
+dicts, strings), so a crafted file cannot run code. torchvision still does the download (URL and checksum of its
+own class) when `data.download=true`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import logging
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+from mimkit.sources import ArrayImages, CorruptImage, DataError, to_rgb
+
+log = logging.getLogger("mimkit")
+
+PREFIX = "torchvision:"
+# split used for pretraining when the path names none; STL-10's 100,000 unlabeled images are meant for it
+PRETRAIN_SPLIT = {"STL10": "unlabeled"}
+
+
+def is_torchvision(path: str) -> bool:
+    return str(path).startswith(PREFIX)
+
+
+def parse(path: str) -> tuple[str, str | None]:
+    """'torchvision:CIFAR10' -> ('CIFAR10', None); 'torchvision:STL10:unlabeled' -> ('STL10', 'unlabeled')."""
+    rest = str(path)[len(PREFIX):]
+    name, _, split = rest.partition(":")
+    return name, split or None
+
+
+def dataset_class(name: str, path: str):
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, name, None)
+    generic = ("VisionDataset", "ImageFolder", "DatasetFolder", "FakeData")
+    if not (inspect.isclass(cls) and issubclass(cls, tvd.VisionDataset)) or name in generic:
+        known = ", ".join(["CIFAR10", "CIFAR100", "STL10", "Flowers102", "ImageNet", "SVHN", "Food101", "..."])
+        raise DataError(f"data.path: {path}: torchvision has no dataset class '{name}' (e.g. {known}; names are "
+                        "torchvision.datasets class names, case-sensitive)")  # fmt: skip
+    return cls
+
+
+# ---------------------------------------------------------------- CIFAR: torchvision's files, allow-listed unpickling
+
+
+def _numpy_reconstructors() -> dict[tuple[str, str], object]:
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy < 2
+        from numpy.core import multiarray
+    allowed = {}
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed[(module, "_reconstruct")] = multiarray._reconstruct
+        allowed[(module, "scalar")] = multiarray.scalar
+    allowed[("numpy", "ndarray")] = np.ndarray
+    allowed[("numpy", "dtype")] = np.dtype
+    import codecs
+
+    allowed[("_codecs", "encode")] = codecs.encode  # how protocol-2 pickles written by Python 3 hold bytes
+    return allowed
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    allowed = _numpy_reconstructors()
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.allowed:
+            return self.allowed[(module, name)]
+        raise pickle.UnpicklingError(f"'{module}.{name}' is not allowed in a CIFAR batch file")
+
+
+def read_cifar_pickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            entry = _CifarUnpickler(io.BufferedReader(f), encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+        raise DataError(f"data.path: {path} is not a CIFAR batch file: {e}") from None
+    if not isinstance(entry, dict):
+        raise DataError(f"data.path: {path} is not a CIFAR batch file (expected a dict)")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
+
+
+def _missing_hint(path: str, root: Path, expected: Path) -> str:
+    return (f"data.path: {path}: not found: torchvision's layout expects {expected} under data.root {root}; "
+            "add data.download=true to download it there (torchvision), or set data.root")  # fmt: skip
+
+
+def open_cifar(cls, path: str, root: Path, split: str, download: bool) -> ArrayImages:
+    if split not in ("train", "test"):
+        raise DataError(f"data.path: {path}: split '{split}' is not one of CIFAR's: train, test")
+    folder = root / cls.base_folder
+    files = [folder / name for name, _ in (cls.train_list if split == "train" else cls.test_list)]
+    if not all(f.is_file() for f in files) and download:
+        downloader = cls.__new__(cls)
+        downloader.root = str(root)
+        downloader.download()  # torchvision: its URL, md5-checked, extracted under root
+    if not all(f.is_file() for f in files):
+        missing = next(f for f in files if not f.is_file())
+        raise DataError(_missing_hint(path, root, missing.relative_to(root)))
+    images, labels = [], []
+    for f in files:
+        entry = read_cifar_pickle(f)
+        key = "labels" if "labels" in entry else "fine_labels"
+        if "data" not in entry or key not in entry:
+            raise DataError(f"data.path: {f} has no 'data' / '{key}' entries (found: {', '.join(map(str, entry))})")
+        images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        labels.extend(int(x) for x in entry[key])
+    source = ArrayImages(np.ascontiguousarray(np.concatenate(images)), np.asarray(labels, dtype=np.int64),
+                         name=f"{path}:{split}")  # fmt: skip
+    meta = folder / cls.meta["filename"]
+    source.classes = list(read_cifar_pickle(meta).get(cls.meta["key"], [])) if meta.is_file() else None
+    return source
+
+
+# ---------------------------------------------------------------- any other torchvision dataset
+
+
+class TorchvisionImages:
+    """A torchvision dataset as a mimkit image source: images as RGB PIL images, labels as `targets`."""
+
+    def __init__(self, dataset, name: str):
+        self.dataset, self.name = dataset, name
+        labels = next((getattr(dataset, a) for a in ("targets", "labels", "_labels") if hasattr(dataset, a)), None)
+        if labels is None and hasattr(dataset, "samples"):  # ImageFolder-like
+            labels = [t for _, t in dataset.samples]
+        self.targets = np.asarray(labels, dtype=np.int64).reshape(-1) if labels is not None else None
+        self.classes = getattr(dataset, "classes", None)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def load(self, index: int):
+        try:
+            image = self.dataset[index][0]
+        except (OSError, ValueError, SyntaxError) as e:
+            raise CorruptImage(f"{self.describe(index)}: {type(e).__name__}: {e}") from e
+        if isinstance(image, np.ndarray):
+            return image
+        return to_rgb(image)
+
+    def describe(self, index: int) -> str:
+        return f"{self.name}[{index}]"
+
+
+def _split_kwargs(cls, name: str, path: str, split: str) -> dict:
+    params = inspect.signature(cls.__init__).parameters
+    if "split" in params:
+        return {"split": split}
+    if "train" in params:
+        if split not in ("train", "test"):
+            raise DataError(f"data.path: {path}: split '{split}' is not one of {name}'s: train, test")
+        return {"train": split == "train"}
+    raise DataError(f"data.path: {path}: torchvision's {name} takes neither split= nor train=; not supported")
+
+
+def open_torchvision(path: str, split: str | None, root: str | Path, download: bool = False, *,
+                     purpose: str = "pretrain"):  # fmt: skip
+    """The image source of `torchvision:NAME[:SPLIT]`: SPLIT from the path, else `split` (evaluation: the config's
+    train / val split), else for pretraining the dataset's training split ('unlabeled' for STL10)."""
+    import torchvision.datasets as tvd
+
+    name, named_split = parse(path)
+    cls = dataset_class(name, path)
+    split = named_split or split or PRETRAIN_SPLIT.get(name, "train")
+    root = Path(root).expanduser()
+    if issubclass(cls, tvd.CIFAR10):  # CIFAR10 and CIFAR100
+        return open_cifar(cls, path, root, split, download)
+    kwargs = _split_kwargs(cls, name, path, split)
+    if "download" in inspect.signature(cls.__init__).parameters:
+        kwargs["download"] = download
+    elif download:
+        log.warning("data.download: torchvision cannot download %s; reading it from %s", name, root)
+    try:
+        dataset = cls(str(root), **kwargs)
+    except (RuntimeError, FileNotFoundError) as e:  # torchvision: "Dataset not found or corrupted ..."
+        raise DataError(f"data.path: {path}: cannot open it under data.root {root} ({e}); "
+                        + ("add data.download=true to download it there (torchvision), or set data.root"
+                           if "download" in kwargs else "put torchvision's files there"))  # fmt: skip
+    except ValueError as e:  # e.g. an unknown split
+        raise DataError(f"data.path: {path}: {e}") from None
+    source = TorchvisionImages(dataset, f"{path}:{split}")
+    if purpose == "labelled" and source.targets is None:
+        raise DataError(f"data.path: {path}: split '{split}' has no labels")
+    return source
