@@ -48,6 +48,7 @@ def _pretrain(args: argparse.Namespace) -> int:
         print(f"  checkpoint: {result.checkpoint}")
         print(f"  config:     {result.config}")
         print(f"  metrics:    {result.metrics} (TensorBoard: {result.out_dir / 'tb'})")
+        print(f"  report:     mimkit report {result.out_dir}  (one HTML page: curves, reconstructions, evaluations)")
         if result.nonfinite_steps or result.skipped_images:
             print(f"  skipped:    {result.nonfinite_steps} non-finite steps, {result.skipped_images} corrupt images")
     mdist.cleanup()

@@ -172,6 +172,9 @@ def open_torchvision(path: str, split: str | None, root: str | Path, download: b
     train / val split), else for pretraining the dataset's training split ('unlabeled' for STL10)."""
     import torchvision.datasets as tvd
 
+    if not is_torchvision(path):
+        raise DataError(f"data.path: {path}: data.format torchvision takes data.path=torchvision:NAME[:SPLIT] "
+                        "(e.g. torchvision:CIFAR10)")  # fmt: skip
     name, named_split = parse(path)
     cls = dataset_class(name, path)
     split = named_split or split or PRETRAIN_SPLIT.get(name, "train")

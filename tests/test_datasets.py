@@ -101,6 +101,8 @@ def test_missing_dataset_names_root_and_download(tmp_path, capsys):
     assert "cifar-10-batches-py" in err and str(tmp_path / "nothing") in err and "data.download=true" in err
     with pytest.raises(DataError, match="no dataset class 'CIFAR11'"):
         open_source("torchvision:CIFAR11", root=str(tmp_path))
+    with pytest.raises(DataError, match="takes data.path=torchvision:NAME"):
+        open_source(str(tmp_path), "torchvision", root=str(tmp_path))
 
 
 def test_download_is_torchvisions_and_only_on_request(tmp_path, monkeypatch):

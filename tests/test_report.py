@@ -144,6 +144,30 @@ def test_missing_matplotlib_is_one_line_with_the_pip_command(run, monkeypatch, c
     assert not (run_dir / "nope.html").exists()
 
 
+def test_a_beit_run_has_curves_and_says_why_no_reconstructions(tmp_path, npz_data, one_thread):
+    from conftest import TINY_TOKENIZER
+
+    cfg = load_config(None, TINY_MODEL + TINY_TOKENIZER + [
+        "method=beit", f"data.path={npz_data}", "data.num_workers=0", "train.batch_size=8", "train.max_steps=2",
+        "train.precision=fp32", "train.progress=false", "train.tensorboard=false", "train.log_every=1",
+        f"train.out_dir={tmp_path / 'beit'}"])  # fmt: skip
+    pretrain(cfg)
+    report = build_report(tmp_path / "beit")
+    assert report.steps_plotted == 2 and report.checkpoints_drawn == []
+    assert any("visual-token ids" in n for n in report.notes)
+    assert set(embedded_pngs(report.html.read_text())) == {"curves"}
+
+
+def test_pretrain_prints_the_report_command_and_it_runs(tmp_path, npz_data, capsys, one_thread):
+    out = tmp_path / "run"
+    assert main(["pretrain", *TINY_MODEL, f"data.path={npz_data}", "data.num_workers=0", "train.batch_size=8",
+                 "train.max_steps=2", "train.precision=fp32", "train.progress=false", "train.tensorboard=false",
+                 f"train.out_dir={out}"]) == 0  # fmt: skip
+    command = re.search(r"report: +mimkit (report \S+)", capsys.readouterr().out).group(1).split()
+    assert command == ["report", str(out)] and main(command) == 0
+    assert (out / "report.html").is_file() and (out / "report.png").is_file()
+
+
 def test_not_a_run_folder(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "config.yaml does not exist" in capsys.readouterr().err

@@ -52,17 +52,17 @@ def test_pretrain_help_names_the_methods_and_every_config_section(capsys):
 
 
 def test_print_config_shows_the_values_the_preset_resolves(capsys, tmp_path):
-    assert main(["pretrain", "method=bootmae", "model.arch=vit_small_patch16_224", "--print-config"]) == 0
+    assert main(["pretrain", "method=bootmae", "model.arch=vit_tiny_patch16_224", "--print-config"]) == 0
     printed = capsys.readouterr().out
     data = yaml.safe_load(printed)
-    assert data["model"] == {"arch": "vit_small_patch16_224", "img_size": 224, "patch_size": 16, "embed_dim": 384,
-                                  "depth": 12, "num_heads": 6, "drop_path_rate": 0.0, "layer_norm_eps": 1e-6}  # fmt: skip
+    assert data["model"] == {"arch": "vit_tiny_patch16_224", "img_size": 224, "patch_size": 16, "embed_dim": 192,
+                                  "depth": 12, "num_heads": 3, "drop_path_rate": 0.0, "layer_norm_eps": 1e-6}  # fmt: skip
     b = data["bootmae"]
-    assert (b["feature_decoder_dim"], b["feature_decoder_depth"], b["feature_decoder_heads"]) == (384, 8, 6)
+    assert (b["feature_decoder_dim"], b["feature_decoder_depth"], b["feature_decoder_heads"]) == (192, 8, 3)
     # the printed config is a valid recipe for the same model
     (tmp_path / "printed.yaml").write_text(printed)
     same, default = load_config(tmp_path / "printed.yaml"), load_config(None, ["method=bootmae",
-                                                                              "model.arch=vit_small_patch16_224"])  # fmt: skip
+                                                                              "model.arch=vit_tiny_patch16_224"])  # fmt: skip
     shapes = lambda cfg: {k: v.shape for k, v in build_model(cfg).state_dict().items()}  # noqa: E731
     assert shapes(same) == shapes(default)
 
