@@ -108,7 +108,7 @@ def test_panel_text_keeps_its_spaces():
 
 
 def test_tokenizer_training_shows_a_progress_bar(tiny_cfg, tmp_path, capsys):
-    from mimkit.tokenizers import train_tokenizer
+    from mimkit.tokenizer_training import train_tokenizer
 
     cfg = tiny_cfg(*TINY_TOKENIZER[1:], "tokenizer.kind=mimkit", "tokenizer.train_steps=3", "tokenizer.batch_size=4",
                    f"tokenizer.path={tmp_path / 'tok.pt'}", "train.progress=true")  # fmt: skip
