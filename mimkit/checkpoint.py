@@ -17,6 +17,7 @@ checkpoint moves between ddp and fsdp and between world sizes.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import pickle
@@ -28,6 +29,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from mimkit.errors import MimkitError
 
@@ -236,10 +240,7 @@ def read_dcp_metadata(folder: Path):
         raise CheckpointError(f"{meta}: cannot read (truncated or not DCP metadata: {type(e).__name__})") from None
 
 
-def check_dcp_metadata(folder: Path) -> None:
-    read_dcp_metadata(folder)
-
-
+@functools.cache
 def _safe_dcp_classes():
     """A FileSystemReader whose metadata goes through the allow-list, and load planners that read DCP's
     pickled non-tensor entries with weights_only=True (DCP's own use plain torch.load)."""
@@ -291,7 +292,6 @@ def _read_sharded_meta(folder: Path) -> dict:
 
 def save_sharded(folder: Path, model_state: dict, optim_state: dict, meta: dict | None, is_main: bool) -> Path:
     """Every rank writes its shards into a temporary folder; after all have finished, rank 0 renames it."""
-    import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
     tmp = folder.parent / f".{folder.name}.tmp"
@@ -317,17 +317,12 @@ def save_sharded(folder: Path, model_state: dict, optim_state: dict, meta: dict 
 
 def _dcp_read(folder: Path, state: dict, planner, collective: bool) -> None:
     """DCP's own read loop with the safe reader and planner; every failure becomes a CheckpointError."""
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
     read_dcp_metadata(folder)  # refused here with its own message (inside DCP it would be wrapped twice)
     planner._folder = folder
     no_dist = not (collective and dist.is_available() and dist.is_initialized())
-    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
-
     try:
         _load_state_dict(state, storage_reader=_safe_dcp_classes()[0](str(folder)), planner=planner, no_dist=no_dist)
-    except (Exception, CheckpointException) as e:  # DCP wraps reader errors (ours among them) in its own
+    except (Exception, CheckpointException) as e:  # DCP's own wraps reader errors (ours among them); a BaseException
         inner = next((x for x in _causes(e) if isinstance(x, CheckpointError)), None)
         if inner is not None:
             raise inner from None

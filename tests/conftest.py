@@ -78,3 +78,12 @@ def device(request) -> torch.device:
     if request.param == "cuda" and not torch.cuda.is_available():
         pytest.skip("CUDA is not available")
     return torch.device(request.param)
+
+
+def knn_cli(checkpoint, data, out_dir) -> int:
+    """`mimkit knn` on a checkpoint, fp32, quiet, the train split as its own val split (tiny sets)."""
+    from mimkit.cli import main
+
+    return main(["knn", f"encoder.checkpoint={checkpoint}", f"data.path={data}", "data.num_workers=0",
+                 "data.val_split=train", "run.precision=fp32", "run.progress=false", "run.tensorboard=false",
+                 f"run.out_dir={out_dir}"])  # fmt: skip

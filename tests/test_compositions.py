@@ -6,12 +6,11 @@ import pytest
 import torch
 
 from mimkit.checkpoint import load_checkpoint
-from mimkit.cli import main
 from mimkit.config import ConfigError, load_config
 from mimkit.methods import build_model
 from mimkit.train import pretrain
 
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, knn_cli
 
 COMPOSITIONS = {
     "mae+block": ["mask.type=block"],
@@ -32,10 +31,8 @@ def test_a_composition_trains_resumes_exactly_and_evaluates(name, tiny_cfg, tmp_
     a, b = load_checkpoint(straight.checkpoint)["model"], load_checkpoint(resumed.checkpoint)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     data = tiny_cfg().data.path
-    code = main(["knn", f"encoder.checkpoint={straight.checkpoint}", f"data.path={data}", "data.num_workers=0",
-                 "data.val_split=train", "run.precision=fp32", "run.progress=false", "run.tensorboard=false",
-                 f"run.out_dir={tmp_path / 'knn'}"])  # fmt: skip
-    assert code == 0 and "done: knn top-1" in capsys.readouterr().out
+    assert knn_cli(straight.checkpoint, data, tmp_path / "knn") == 0
+    assert "done: knn top-1" in capsys.readouterr().out
 
 
 def test_mae_with_parallel_masks_is_emae():

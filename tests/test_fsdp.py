@@ -71,7 +71,7 @@ def test_consolidated_copy_of_a_sharded_checkpoint_is_a_normal_checkpoint(tmp_pa
 def test_crafted_dcp_metadata_is_refused(tmp_path):
     import pickle
 
-    from mimkit.checkpoint import CheckpointError, check_dcp_metadata
+    from mimkit.checkpoint import CheckpointError, read_dcp_metadata
 
     marker = tmp_path / "pwned"
 
@@ -84,7 +84,7 @@ def test_crafted_dcp_metadata_is_refused(tmp_path):
     (folder / ".metadata").write_bytes(pickle.dumps(Exploit()))
     torch.save({"step": 1}, folder / "meta.pt")  # a genuine-looking meta.pt beside it
     with pytest.raises(CheckpointError, match="refus.*posix.system"):
-        check_dcp_metadata(folder)
+        read_dcp_metadata(folder)
     with pytest.raises(CheckpointError, match="refus"):
         load_checkpoint(folder)
     assert not marker.exists()

@@ -13,7 +13,7 @@ from mimkit.methods import build_model
 from mimkit.models import transformer_blocks
 
 from conftest import TINY_MODEL, TINY_TOKENIZER
-from test_distributed import ddp_overrides, free_port
+from test_distributed import ddp_overrides
 from test_fsdp import assert_close_models, run_torchrun
 
 METHODS = {"mae": [], "emae": ["method=emae"], "bootmae": ["method=bootmae"],

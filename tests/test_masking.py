@@ -1,9 +1,10 @@
+import importlib.util
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from scipy import ndimage
 
 from mimkit.masking import (BLOCK_GENERATORS, beit_block_mask, block_mask, hybrid_mask, mask_to_ids, num_visible,
                             random_mask)  # fmt: skip
@@ -76,26 +77,12 @@ def test_mask_to_ids_round_trip():
 
 # ---------------------------------------------------------------- BEiT's own block generator (issue 16, item 1)
 
-# Measured with the official BEiT generator on a 14 x 14 grid, 75 patches targeted, 2,000 masks (issue 16): mean
-# masked count, share of masks short of 75, 4-connected components per mask, mean component size (cells per
-# component, pooled). Rounded as published; the tolerance below adds half a unit of the last digit.
-OFFICIAL = {"count": (74.5, 0.05), "short": (0.31, 0.005), "components": (1.44, 0.005), "size": (52.0, 0.5)}
-OFFICIAL_MASKS = 2000
-
-
-def block_mask_statistics(masks: np.ndarray) -> dict[str, tuple[float, float]]:
-    """(estimate, standard deviation of one mask's contribution) per statistic; the ratio estimator's by the delta
-    method, so estimate +- sd / sqrt(n) is its sampling error."""
-    counts = masks.reshape(len(masks), -1).sum(1).astype(float)
-    comps = np.array([ndimage.label(m)[1] for m in masks], dtype=float)  # 4-connectivity (scipy's default)
-    short = (counts < 75).astype(float)
-    size = counts.sum() / comps.sum()
-    return {
-        "count": (counts.mean(), counts.std()),
-        "short": (short.mean(), short.std()),
-        "components": (comps.mean(), comps.std()),
-        "size": (size, (counts - size * comps).std() / comps.mean()),
-    }
+# the official generator's figures (issue 16) and the statistics: benchmarks/mask_stats.py, which prints them at scale
+_spec = importlib.util.spec_from_file_location("mask_stats", Path(__file__).parents[1] / "benchmarks" / "mask_stats.py")
+mask_stats = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(mask_stats)
+OFFICIAL, OFFICIAL_MASKS = mask_stats.OFFICIAL, mask_stats.OFFICIAL_MASKS
+block_mask_statistics = mask_stats.block_mask_statistics
 
 
 def official_statistics_match(masks: np.ndarray, sigmas: float = 4.0) -> dict[str, bool]:

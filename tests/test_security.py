@@ -114,14 +114,12 @@ def test_no_python_entry_point_runs_code_from_a_crafted_sharded_checkpoint(craft
 
 def test_the_crafted_folder_would_run_code_if_read_as_dcp_reads_it(genuine, tmp_path):
     """The payload is live: torch's own converter (plain torch.load on DCP's byte entries) runs it."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
     marker = tmp_path / "code-ran"
     folder = crafted_folder(genuine, tmp_path, marker, "optimizer")
     code = ("import sys; from torch.distributed.checkpoint.format_utils import dcp_to_torch_save as f; "
             "f(sys.argv[1], sys.argv[2])")  # fmt: skip
     subprocess.run([sys.executable, "-c", code, str(folder), str(tmp_path / "out.pt")], capture_output=True, timeout=120)
-    assert dcp_to_torch_save is not None and marker.exists()
+    assert marker.exists()
 
 
 def test_resume_under_torchrun_refuses_the_crafted_folder_on_every_rank(genuine, tmp_path):

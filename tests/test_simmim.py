@@ -8,10 +8,9 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, knn_cli
 
 from mimkit.checkpoint import load_checkpoint
-from mimkit.cli import main
 from mimkit.config import ConfigError, load_config
 from mimkit.interop import export_timm, load_mimkit_checkpoint
 from mimkit.masking import coarse_random_mask
@@ -85,10 +84,8 @@ def test_simmim_trains_resumes_evaluates_and_exports(tiny_cfg, tmp_path, capsys)
                                    .forward_features(x), model.encoder.forward_features(x), rtol=0, atol=0)  # fmt: skip
     # evaluation: k-NN on its checkpoint, like any method
     data = tiny_cfg().data.path
-    code = main(["knn", f"encoder.checkpoint={straight.checkpoint}", f"data.path={data}", "data.num_workers=0",
-                 "data.val_split=train", "run.precision=fp32", "run.progress=false", "run.tensorboard=false",
-                 f"run.out_dir={tmp_path / 'knn'}"])  # fmt: skip
-    assert code == 0 and "done: knn top-1" in capsys.readouterr().out
+    assert knn_cli(straight.checkpoint, data, tmp_path / "knn") == 0
+    assert "done: knn top-1" in capsys.readouterr().out
 
 
 def test_the_recipe_loads():
