@@ -7,26 +7,25 @@ is allowed, before any data is read or any model is built.
 from __future__ import annotations
 
 import dataclasses
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from mimkit.errors import MimkitError
 from mimkit.presets import PRESETS, get_preset
+from mimkit.typed_config import (  # noqa: F401 (ConfigError, parse_overrides, to_dict re-exported)
+    ConfigError,
+    from_dict,
+    parse_overrides,
+    read_recipe,
+    require,
+    to_dict,
+)
 
+BEIT_METHODS = ("beit", "mcbeit")  # methods whose encoder is timm's Beit (token targets, relative position bias)
+AttentionKernel = Literal["auto", "sdpa", "eager"]  # train.attention of pretraining and fine-tuning
 
-class ConfigError(MimkitError, ValueError):
-    """A configuration problem, always naming the offending key."""
-
-
-
-BEIT_METHODS = ("beit", "mcbeit")
-AttentionKernel = Literal["auto", "sdpa", "eager"]  # train.attention of pretraining and fine-tuning  # methods whose encoder is timm's Beit (token targets, relative position bias)
 
 @dataclass
 class ModelConfig:
@@ -249,144 +248,65 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
-# ---------------------------------------------------------------- parsing and type checking
-
-
-def _check_value(name: str, value: Any, tp: Any) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _check_value(name, value, arg)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{name}: {value!r} matches none of {tp}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{name}: {value!r} is not allowed; allowed: {', '.join(map(repr, args))}")
-        return value
-    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]: a list of any length
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name}: expected a list, got {value!r}")
-        return tuple(_check_value(f"{name}[{i}]", v, args[0]) for i, v in enumerate(value))
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{name}: expected a list of {len(args)} values, got {value!r}")
-        return tuple(_check_value(f"{name}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name}: expected a number, got {value!r}")
-        if not math.isfinite(value):
-            raise ConfigError(f"{name}: expected a finite number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{name}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config type {tp} for {name}")
-
-
-def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"unknown config key '{prefix}{unknown[0]}'; allowed keys"
-            f"{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(fields)}"
-        )
-    kwargs = {}
-    for key, value in data.items():
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _from_dict(tp, value, f"{prefix}{key}.")
-        else:
-            kwargs[key] = _check_value(f"{prefix}{key}", value, tp)
-    return cls(**kwargs)
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
+# ---------------------------------------------------------------- range checks
 
 
 def validate(cfg: Config) -> Config:
     """Range checks that types alone cannot express."""
-    _require(cfg.model.arch in PRESETS, f"model.arch: unknown '{cfg.model.arch}'; allowed: {', '.join(sorted(PRESETS))}")
+    require(cfg.model.arch in PRESETS, f"model.arch: unknown '{cfg.model.arch}'; allowed: {', '.join(sorted(PRESETS))}")
     preset = get_preset(cfg.model.arch)
     img, patch = cfg.model.img_size or preset.img_size, cfg.model.patch_size or preset.patch_size
     for name, value in [("model.img_size", img), ("model.patch_size", patch), ("model.embed_dim", cfg.model.embed_dim),
                         ("model.depth", cfg.model.depth), ("model.num_heads", cfg.model.num_heads),
                         ("mae.decoder_dim", cfg.mae.decoder_dim), ("mae.decoder_heads", cfg.mae.decoder_heads)]:  # fmt: skip
-        _require(value is None or value > 0, f"{name} must be positive, got {value}")
-    _require(
+        require(value is None or value > 0, f"{name} must be positive, got {value}")
+    require(
         img % patch == 0,
         f"model.img_size {img} is not divisible by the patch size {patch} (model.patch_size, default from "
         f"model.arch); use an image size that is a multiple of the patch size",
     )
     dim, heads = cfg.model.embed_dim or preset.embed_dim, cfg.model.num_heads or preset.num_heads
-    _require(dim % heads == 0, f"model.embed_dim {dim} must be divisible by model.num_heads {heads}")
-    _require(dim % 4 == 0, f"model.embed_dim must be divisible by 4 (sin-cos position embedding), got {dim}")
-    _require(0.0 < cfg.model.layer_norm_eps < 1.0, f"model.layer_norm_eps must be in (0, 1), got {cfg.model.layer_norm_eps}")
-    _require(0.0 <= cfg.model.drop_path_rate < 1.0, f"model.drop_path_rate must be in [0, 1), got {cfg.model.drop_path_rate}")
-    _require(0.0 < cfg.mask.ratio < 1.0, f"mask.ratio must be in (0, 1) (exclusive), got {cfg.mask.ratio}")
-    _require(
+    require(dim % heads == 0, f"model.embed_dim {dim} must be divisible by model.num_heads {heads}")
+    require(dim % 4 == 0, f"model.embed_dim must be divisible by 4 (sin-cos position embedding), got {dim}")
+    require(0.0 < cfg.model.layer_norm_eps < 1.0, f"model.layer_norm_eps must be in (0, 1), got {cfg.model.layer_norm_eps}")
+    require(0.0 <= cfg.model.drop_path_rate < 1.0, f"model.drop_path_rate must be in [0, 1), got {cfg.model.drop_path_rate}")
+    require(0.0 < cfg.mask.ratio < 1.0, f"mask.ratio must be in (0, 1) (exclusive), got {cfg.mask.ratio}")
+    require(
         int((img // patch) ** 2 * (1 - cfg.mask.ratio)) >= 1,
         f"mask.ratio {cfg.mask.ratio} leaves no visible patch of the {(img // patch) ** 2} given by "
         f"model.img_size {img} / model.patch_size {patch}",
     )
     m = cfg.mae
-    _require(m.decoder_depth >= 0, f"mae.decoder_depth must be >= 0, got {m.decoder_depth}")
-    _require(m.decoder_dim % m.decoder_heads == 0 or (cfg.method == "bootmae" and m.decoder_dim >= m.decoder_heads),
+    require(m.decoder_depth >= 0, f"mae.decoder_depth must be >= 0, got {m.decoder_depth}")
+    require(m.decoder_dim % m.decoder_heads == 0 or (cfg.method == "bootmae" and m.decoder_dim >= m.decoder_heads),
              f"mae.decoder_dim {m.decoder_dim} must be divisible by mae.decoder_heads {m.decoder_heads}")  # fmt: skip
-    _require(m.decoder_dim % 4 == 0, f"mae.decoder_dim must be divisible by 4 (sin-cos position embedding), got {m.decoder_dim}")
+    require(m.decoder_dim % 4 == 0, f"mae.decoder_dim must be divisible by 4 (sin-cos position embedding), got {m.decoder_dim}")
     if cfg.method == "emae" or (cfg.method == "mae" and cfg.mask.type == "parallel"):
         k = 1.0 / (1.0 - cfg.mask.ratio)
-        _require(abs(k - round(k)) < 1e-6 and round(k) >= 2,
+        require(abs(k - round(k)) < 1e-6 and round(k) >= 2,
                  f"mask.ratio {cfg.mask.ratio} must be 1 - 1/K for a whole K >= 2 with method emae (0.5, 0.75, 0.8 ...)")  # fmt: skip
-        _require(cfg.mask.type in ("random", "parallel"),
+        require(cfg.mask.type in ("random", "parallel"),
                  "method emae draws its own parallel masks: mask.type must be random (or parallel)")
-        _require(cfg.emae.consistency_weight >= 0, f"emae.consistency_weight must be >= 0, got {cfg.emae.consistency_weight}")
+        require(cfg.emae.consistency_weight >= 0, f"emae.consistency_weight must be >= 0, got {cfg.emae.consistency_weight}")
     # parts compose: MAE and BootMAE take every visible-token mask; BEiT / mc-BEiT corrupt tokens in place (random
     # or block); SimMIM draws its own coarse cells
     allowed = {"mae": ("random", "block", "hybrid", "parallel"), "bootmae": ("random", "block", "hybrid", "parallel"),
                "emae": ("random", "parallel"), "beit": ("random", "block"), "mcbeit": ("random", "block"),
                "simmim": ("random",)}[cfg.method]  # fmt: skip
-    _require(cfg.mask.type in allowed, f"mask.type {cfg.mask.type} does not compose with method {cfg.method}: "
+    require(cfg.mask.type in allowed, f"mask.type {cfg.mask.type} does not compose with method {cfg.method}: "
              f"allowed {', '.join(allowed)} (BEiT's in-place corruption has no parallel parts; hybrid / parallel "
              "masks need a visible-token encoder)")  # fmt: skip
     if cfg.mask.type == "hybrid":
-        _require(0.0 < cfg.mask.hybrid_block_ratio <= cfg.mask.ratio,
+        require(0.0 < cfg.mask.hybrid_block_ratio <= cfg.mask.ratio,
                  f"mask.hybrid_block_ratio must be in (0, mask.ratio {cfg.mask.ratio}], got {cfg.mask.hybrid_block_ratio}")  # fmt: skip
-        _require(0.0 < cfg.mask.hybrid_max_block_ratio <= 1.0,
+        require(0.0 < cfg.mask.hybrid_max_block_ratio <= 1.0,
                  f"mask.hybrid_max_block_ratio must be in (0, 1], got {cfg.mask.hybrid_max_block_ratio}")  # fmt: skip
-    _require(cfg.mask.block_generator != "beit" or cfg.mask.type != "block" or cfg.method in BEIT_METHODS,
+    require(cfg.mask.block_generator != "beit" or cfg.mask.type != "block" or cfg.method in BEIT_METHODS,
              f"mask.block_generator beit varies the masked count per image, which method {cfg.method}'s "
              "visible-token encoder cannot batch with mask.type block; use exact (or auto)")  # fmt: skip
     if cfg.method == "simmim":
         cell = cfg.simmim.mask_patch_size
-        _require(cell > 0 and cell % patch == 0 and img % cell == 0,
+        require(cell > 0 and cell % patch == 0 and img % cell == 0,
                  f"simmim.mask_patch_size {cell} must be a multiple of model.patch_size {patch} that divides "
                  f"model.img_size {img}")  # fmt: skip
     _validate_tokenizer(cfg.tokenizer)
@@ -395,40 +315,40 @@ def validate(cfg: Config) -> Config:
     if cfg.method == "bootmae":
         _validate_bootmae(cfg, depth=cfg.model.depth or preset.depth, dim=dim, heads=heads)
     d = cfg.data
-    _require(0.0 < d.crop_scale[0] <= d.crop_scale[1] <= 1.0, f"data.crop_scale must satisfy 0 < min <= max <= 1, got {d.crop_scale}")
-    _require(all(s > 0 for s in d.std), f"data.std must be positive, got {d.std}")
-    _require(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
-    _require(d.repeats >= 1, f"data.repeats must be >= 1, got {d.repeats}")
-    _require(d.num_samples is None or d.num_samples > 0, f"data.num_samples must be positive, got {d.num_samples}")
+    require(0.0 < d.crop_scale[0] <= d.crop_scale[1] <= 1.0, f"data.crop_scale must satisfy 0 < min <= max <= 1, got {d.crop_scale}")
+    require(all(s > 0 for s in d.std), f"data.std must be positive, got {d.std}")
+    require(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
+    require(d.repeats >= 1, f"data.repeats must be >= 1, got {d.repeats}")
+    require(d.num_samples is None or d.num_samples > 0, f"data.num_samples must be positive, got {d.num_samples}")
     o = cfg.optim
-    _require(o.blr > 0, f"optim.blr must be positive, got {o.blr}")
-    _require(o.lr is None or o.lr > 0, f"optim.lr must be positive or null, got {o.lr}")
-    _require(o.min_lr >= 0, f"optim.min_lr must be >= 0, got {o.min_lr}")
-    _require(o.warmup_epochs >= 0, f"optim.warmup_epochs must be >= 0, got {o.warmup_epochs}")
-    _require(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
-    _require(o.no_weight_decay is None or all(p.strip() == p and p for p in o.no_weight_decay),
+    require(o.blr > 0, f"optim.blr must be positive, got {o.blr}")
+    require(o.lr is None or o.lr > 0, f"optim.lr must be positive or null, got {o.lr}")
+    require(o.min_lr >= 0, f"optim.min_lr must be >= 0, got {o.min_lr}")
+    require(o.warmup_epochs >= 0, f"optim.warmup_epochs must be >= 0, got {o.warmup_epochs}")
+    require(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+    require(o.no_weight_decay is None or all(p.strip() == p and p for p in o.no_weight_decay),
              f"optim.no_weight_decay: names must be non-empty, without spaces; got {o.no_weight_decay}")  # fmt: skip
-    _require(all(0.0 <= b < 1.0 for b in o.betas), f"optim.betas must be in [0, 1), got {o.betas}")
-    _require(o.clip_grad is None or o.clip_grad > 0, f"optim.clip_grad must be positive or null, got {o.clip_grad}")
+    require(all(0.0 <= b < 1.0 for b in o.betas), f"optim.betas must be in [0, 1), got {o.betas}")
+    require(o.clip_grad is None or o.clip_grad > 0, f"optim.clip_grad must be positive or null, got {o.clip_grad}")
     t = cfg.train
-    _require(cfg.distributed.timeout_minutes > 0,
+    require(cfg.distributed.timeout_minutes > 0,
              f"distributed.timeout_minutes must be positive, got {cfg.distributed.timeout_minutes}")  # fmt: skip
-    _require(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
-    _require(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
-    _require(t.accum_steps >= 1, f"train.accum_steps must be >= 1, got {t.accum_steps}")
-    _require(t.max_minutes is None or t.max_minutes > 0, f"train.max_minutes must be positive or null, got {t.max_minutes}")
-    _require(t.max_steps is None or t.max_steps >= 1, f"train.max_steps must be >= 1 or null, got {t.max_steps}")
-    _require(t.schedule_steps is None or t.schedule_steps >= 1,
+    require(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
+    require(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
+    require(t.accum_steps >= 1, f"train.accum_steps must be >= 1, got {t.accum_steps}")
+    require(t.max_minutes is None or t.max_minutes > 0, f"train.max_minutes must be positive or null, got {t.max_minutes}")
+    require(t.max_steps is None or t.max_steps >= 1, f"train.max_steps must be >= 1 or null, got {t.max_steps}")
+    require(t.schedule_steps is None or t.schedule_steps >= 1,
              f"train.schedule_steps must be >= 1 or null, got {t.schedule_steps}")
-    _require(t.keep_last >= 1, f"train.keep_last must be >= 1, got {t.keep_last}")
-    _require(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
-    _require(t.save_every_epochs >= 1, f"train.save_every_epochs must be >= 1, got {t.save_every_epochs}")
-    _require(t.save_every_steps is None or t.save_every_steps >= 1, "train.save_every_steps must be >= 1 or null")
-    _require(t.knn_every_epochs >= 0, f"train.knn_every_epochs must be >= 0, got {t.knn_every_epochs}")
-    _require(min(t.knn_samples) >= 1, f"train.knn_samples must be positive, got {t.knn_samples}")
-    _require(t.vis_every_epochs >= 0 and t.vis_images >= 1, "train.vis_every_epochs must be >= 0 and train.vis_images >= 1")
-    _require(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")
-    _require(
+    require(t.keep_last >= 1, f"train.keep_last must be >= 1, got {t.keep_last}")
+    require(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
+    require(t.save_every_epochs >= 1, f"train.save_every_epochs must be >= 1, got {t.save_every_epochs}")
+    require(t.save_every_steps is None or t.save_every_steps >= 1, "train.save_every_steps must be >= 1 or null")
+    require(t.knn_every_epochs >= 0, f"train.knn_every_epochs must be >= 0, got {t.knn_every_epochs}")
+    require(min(t.knn_samples) >= 1, f"train.knn_samples must be positive, got {t.knn_samples}")
+    require(t.vis_every_epochs >= 0 and t.vis_images >= 1, "train.vis_every_epochs must be >= 0 and train.vis_images >= 1")
+    require(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")
+    require(
         t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
         f"train.device: '{t.device}' is not allowed; allowed: auto, cpu, cuda, cuda:N",
     )
@@ -447,117 +367,61 @@ def _validate_bootmae(cfg: Config, depth: int, dim: int, heads: int) -> None:
     b = cfg.bootmae
     if cfg.mask.type == "parallel":
         k = 1.0 / (1.0 - cfg.mask.ratio)
-        _require(abs(k - round(k)) < 1e-6 and round(k) >= 2,
+        require(abs(k - round(k)) < 1e-6 and round(k) >= 2,
                  f"mask.ratio {cfg.mask.ratio} must be 1 - 1/K for a whole K >= 2 with mask.type parallel")  # fmt: skip
-        _require(cfg.emae.consistency_weight >= 0, f"emae.consistency_weight must be >= 0, got {cfg.emae.consistency_weight}")
-    _require(b.feature_weight >= 0, f"bootmae.feature_weight must be >= 0, got {b.feature_weight}")
-    _require(0.0 <= b.feature_weight_ramp <= 1.0, f"bootmae.feature_weight_ramp must be in [0, 1], got {b.feature_weight_ramp}")
+        require(cfg.emae.consistency_weight >= 0, f"emae.consistency_weight must be >= 0, got {cfg.emae.consistency_weight}")
+    require(b.feature_weight >= 0, f"bootmae.feature_weight must be >= 0, got {b.feature_weight}")
+    require(0.0 <= b.feature_weight_ramp <= 1.0, f"bootmae.feature_weight_ramp must be in [0, 1], got {b.feature_weight_ramp}")
     for name in ("momentum", "momentum_mid", "momentum_final"):
         value = getattr(b, name)
-        _require(value is None or 0.0 <= value <= 1.0, f"bootmae.{name} must be in [0, 1], got {value}")
-    _require(b.momentum_mid_epoch > 0, f"bootmae.momentum_mid_epoch must be positive, got {b.momentum_mid_epoch}")
-    _require(b.momentum_final is None or b.momentum_final_epoch > b.momentum_mid_epoch,
+        require(value is None or 0.0 <= value <= 1.0, f"bootmae.{name} must be in [0, 1], got {value}")
+    require(b.momentum_mid_epoch > 0, f"bootmae.momentum_mid_epoch must be positive, got {b.momentum_mid_epoch}")
+    require(b.momentum_final is None or b.momentum_final_epoch > b.momentum_mid_epoch,
              f"bootmae.momentum_final_epoch {b.momentum_final_epoch} must be after momentum_mid_epoch {b.momentum_mid_epoch}")  # fmt: skip
     for name in ("pixel_context_layer", "feature_context_layer"):
         layer = getattr(b, name)
-        _require(-depth <= layer < depth, f"bootmae.{name} {layer} is not a block of the {depth}-block encoder")
+        require(-depth <= layer < depth, f"bootmae.{name} {layer} is not a block of the {depth}-block encoder")
     fdim, fheads = b.feature_decoder_dim or dim, b.feature_decoder_heads or heads
     for name, value in [("feature_decoder_dim", b.feature_decoder_dim), ("feature_decoder_depth", b.feature_decoder_depth),
                         ("feature_decoder_heads", b.feature_decoder_heads)]:  # fmt: skip
-        _require(value is None or value > 0, f"bootmae.{name} must be positive or null, got {value}")
-    _require(fdim % 4 == 0 and fdim >= fheads,
+        require(value is None or value > 0, f"bootmae.{name} must be positive or null, got {value}")
+    require(fdim % 4 == 0 and fdim >= fheads,
              f"bootmae.feature_decoder_dim {fdim} must be divisible by 4 and >= feature_decoder_heads {fheads}")  # fmt: skip
 
 
 def _validate_beit(cfg: Config) -> None:
     b, t = cfg.beit, cfg.tokenizer
-    _require(b.layer_scale_init > 0, f"beit.layer_scale_init must be positive, got {b.layer_scale_init}")
-    _require(b.temperature > 0, f"beit.temperature must be positive, got {b.temperature}")
-    _require(b.temperature_warmup is None or b.temperature_warmup > 0,
+    require(b.layer_scale_init > 0, f"beit.layer_scale_init must be positive, got {b.layer_scale_init}")
+    require(b.temperature > 0, f"beit.temperature must be positive, got {b.temperature}")
+    require(b.temperature_warmup is None or b.temperature_warmup > 0,
              f"beit.temperature_warmup must be positive or null, got {b.temperature_warmup}")  # fmt: skip
-    _require(b.temperature_warmup_epochs >= 1,
+    require(b.temperature_warmup_epochs >= 1,
              f"beit.temperature_warmup_epochs must be >= 1, got {b.temperature_warmup_epochs}")  # fmt: skip
-    _require(b.sim_temperature > 0, f"beit.sim_temperature must be positive, got {b.sim_temperature}")
-    _require(0.0 <= b.omega <= 1.0, f"beit.omega must be in [0, 1], got {b.omega}")
-    _require(t.kind == "random" or t.path is not None,
+    require(b.sim_temperature > 0, f"beit.sim_temperature must be positive, got {b.sim_temperature}")
+    require(0.0 <= b.omega <= 1.0, f"beit.omega must be in [0, 1], got {b.omega}")
+    require(t.kind == "random" or t.path is not None,
              f"tokenizer.path is required with tokenizer.kind {t.kind} (method {cfg.method}); "
              "train one with `mimkit tokenizer train configs/tokenizer_cifar10.yaml`")  # fmt: skip
 
 
 def _validate_tokenizer(t: TokenizerConfig) -> None:
-    _require(t.size is None or t.size > 0, f"tokenizer.size must be positive or null, got {t.size}")
+    require(t.size is None or t.size > 0, f"tokenizer.size must be positive or null, got {t.size}")
     for name in ("vocab_size", "hidden", "code_dim", "train_steps", "batch_size"):
-        _require(getattr(t, name) >= 1, f"tokenizer.{name} must be >= 1, got {getattr(t, name)}")
-    _require(t.downsample >= 2 and t.downsample & (t.downsample - 1) == 0,
+        require(getattr(t, name) >= 1, f"tokenizer.{name} must be >= 1, got {getattr(t, name)}")
+    require(t.downsample >= 2 and t.downsample & (t.downsample - 1) == 0,
              f"tokenizer.downsample must be a power of two >= 2, got {t.downsample}")  # fmt: skip
     for name in ("lr", "tau_start", "tau_end"):
-        _require(getattr(t, name) > 0, f"tokenizer.{name} must be positive, got {getattr(t, name)}")
-    _require(t.kl_weight >= 0, f"tokenizer.kl_weight must be >= 0, got {t.kl_weight}")
-
-
-def parse_overrides(overrides: list[str]) -> dict:
-    """['train.epochs=5', 'optim.betas=[0.9,0.95]'] -> nested dict; values parsed as YAML."""
-    nested: dict = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' must look like section.key=value")
-        key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
-        node = nested
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override '{item}' conflicts with another override of '{part}'")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
-    return nested
-
-
-def _merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
+        require(getattr(t, name) > 0, f"tokenizer.{name} must be positive, got {getattr(t, name)}")
+    require(t.kl_weight >= 0, f"tokenizer.kl_weight must be >= 0, got {t.kl_weight}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **sections: Any) -> Config:
     """Defaults <- YAML recipe <- keyword sections (Python API) <- `key=value` overrides."""
-    return validate(_from_dict(Config, read_recipe(path, overrides, sections)))
-
-
-def read_recipe(path: str | Path | None, overrides: list[str] | None, sections: dict) -> dict:
-    """The raw nested dict of a YAML recipe, merged with keyword sections and `key=value` overrides."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must contain a mapping at the top level")
-        data = loaded
-    data = _merge(data, sections)
-    return _merge(data, parse_overrides(overrides or []))
-
-
-def to_dict(cfg: Config) -> dict:
-    def plain(v: Any) -> Any:
-        if isinstance(v, tuple):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
-
-    return plain(dataclasses.asdict(cfg))
+    return validate(from_dict(Config, read_recipe(path, overrides, sections)))
 
 
 def config_from_dict(data: dict) -> Config:
-    return validate(_from_dict(Config, data))
+    return validate(from_dict(Config, data))
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -8,15 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_images
+
 from mimkit.checkpoint import list_checkpoints, load_checkpoint
 from mimkit.cli import main
 from mimkit.config import ConfigError
-from mimkit.eval import knn_accuracy, knn_monitor, knn_scores, load_eval_config, open_labelled_split
 from mimkit.eval import finetune as ft
+from mimkit.eval import knn_accuracy, knn_monitor, knn_scores, load_eval_config, open_labelled_split
 from mimkit.eval import linprobe as lp
-from mimkit.eval.common import load_encoder
+from mimkit.eval.encoders import load_encoder
 from mimkit.eval.knn import run_knn
 from mimkit.train import pretrain
 

@@ -9,8 +9,9 @@ trend monitor for pretraining loops.
 from __future__ import annotations
 
 from mimkit.config import ConfigError
-from mimkit.eval.common import EvalResult, KeyReport, load_encoder, open_labelled_split
+from mimkit.eval.common import EvalResult, open_labelled_split
 from mimkit.eval.config import FinetuneConfig, KnnConfig, LinprobeConfig, dump_eval_yaml, load_eval_config
+from mimkit.eval.encoders import KeyReport, load_encoder
 from mimkit.eval.finetune import run_finetune
 from mimkit.eval.knn import knn_accuracy, knn_monitor, knn_scores, run_knn
 from mimkit.eval.linprobe import run_linprobe

@@ -1,11 +1,8 @@
-"""What the three evaluation commands share: the encoder (from a pretraining checkpoint, with a key report,
-or randomly initialised), labelled data, transforms, resumable feature extraction, metrics files.
+"""What the three evaluation commands share besides the encoder (mimkit.eval.encoders): labelled data,
+transforms, resumable feature extraction, accuracy and metrics files.
 
-Everything here reuses the core: checkpoints are read with mimkit.checkpoint.load_checkpoint
-(weights_only), the encoder is mimkit.models.create_encoder's stock timm VisionTransformer, the random
-baseline is the encoder MAE pretraining starts from (mimkit.methods.build_model), image sources are
-mimkit.data's, training batches come from mimkit.data.ResumableBatchSampler (resumable, rank-aware,
-one seed per sample), and processes from mimkit.distributed.
+Image sources are mimkit.data's, training batches come from mimkit.data.ResumableBatchSampler (resumable,
+rank-aware, one seed per sample), cached features are read weights-only, processes are mimkit.distributed's.
 """
 
 from __future__ import annotations
@@ -15,7 +12,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,234 +24,17 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from mimkit import distributed as mdist
-from mimkit.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
-from mimkit.config import BEIT_METHODS, ConfigError, config_from_dict
+from mimkit.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from mimkit.data import CorruptImage, DataError, FolderImages, load_npz, pretrain_transform
 from mimkit.datasets import open_torchvision
 from mimkit.engine import autocast_context
-from mimkit.methods import build_model, set_layer_norm_eps
-from mimkit.methods.beit import timm_beit_kwargs
+from mimkit.eval.encoders import encoder_features, feature_dim
 from mimkit.metrics import MetricsLog
-from mimkit.models import create_encoder, get_preset
 
 log = logging.getLogger("mimkit")
 
 KNN_NOTE = ("k-NN on masked-image-modeling features is a trend monitor, not a quality measure: MIM features "
             "score low on k-NN (MAE ViT-B/16, 100 epochs: k-NN 11.2% vs linear 46.0%, fine-tune 81.3%)")  # fmt: skip
-
-
-# =============================================================================================
-# The encoder: a pretraining checkpoint with a key report, or a random init
-
-
-@dataclass
-class KeyReport:
-    """How a checkpoint's encoder weights went into the model being evaluated."""
-
-    source: str
-    matched: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)  # in the model, not in the checkpoint: left at their init
-    unexpected: list[str] = field(default_factory=list)  # in the checkpoint, not used by the model
-    notes: list[str] = field(default_factory=list)
-
-    def text(self) -> str:
-        def names(keys: list[str]) -> str:
-            return ", ".join(keys) if keys else "none"
-
-        lines = [f"weights from {self.source}: {len(self.matched)} tensors matched, {len(self.missing)} missing, "
-                 f"{len(self.unexpected)} unexpected"]  # fmt: skip
-        if self.matched:
-            lines.append(f"  matched:    {summarize_keys(self.matched)}")
-        lines.append(f"  missing:    {names(self.missing)}")
-        lines.append(f"  unexpected: {names(self.unexpected)}")
-        lines += [f"  note: {n}" for n in self.notes]
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def summarize_keys(keys: list[str]) -> str:
-    """['blocks.0.attn.qkv.weight', 'blocks.0.norm1.bias', 'blocks.1...', 'cls_token'] -> 'blocks.0-1 (.. tensors), cls_token'."""
-    groups: dict[str, int] = {}
-    blocks: set[int] = set()
-    for k in keys:
-        parts = k.split(".")
-        if parts[0] == "blocks" and len(parts) > 1 and parts[1].isdigit():
-            blocks.add(int(parts[1]))
-            groups["blocks"] = groups.get("blocks", 0) + 1
-        else:
-            groups[parts[0]] = groups.get(parts[0], 0) + 1
-    out = []
-    for name, count in groups.items():
-        if name == "blocks":
-            span = str(min(blocks)) if len(blocks) == 1 else f"{min(blocks)}-{max(blocks)}"
-            out.append(f"blocks.{span} ({count} tensors)")
-        else:
-            out.append(name if count == 1 else f"{name} ({count})")
-    return ", ".join(out)
-
-
-@dataclass
-class EncoderSource:
-    """What to build and what to load: the pretraining model section, and the checkpoint's encoder
-    tensors (prefix stripped), or None for a random init."""
-
-    model: dict  # mimkit.config ModelConfig fields
-    state: dict[str, torch.Tensor] | None
-    source: str
-    checkpoint_img_size: int | None = None
-    beit_kwargs: dict | None = None  # a BEiT / mc-BEiT checkpoint: timm Beit's arguments (else a timm ViT)
-
-
-def _resolved(model: dict) -> dict:
-    p = get_preset(model["arch"])
-    return {
-        "patch_size": model.get("patch_size") or p.patch_size,
-        "embed_dim": model.get("embed_dim") or p.embed_dim,
-        "depth": model.get("depth") or p.depth,
-        "num_heads": model.get("num_heads") or p.num_heads,
-        "img_size": model.get("img_size") or p.img_size,
-    }
-
-
-def encoder_source(ecfg) -> EncoderSource:
-    """Read the encoder's architecture and weights from `encoder.checkpoint` (or the config for 'none')."""
-    sizes = ("patch_size", "embed_dim", "depth", "num_heads")
-    if ecfg.checkpoint == "none":
-        model = {"arch": ecfg.arch, "img_size": ecfg.img_size, **{k: getattr(ecfg, k) for k in sizes}}
-        return EncoderSource(model, None, "random init (no checkpoint)")
-    path = Path(ecfg.checkpoint)
-    if not path.exists():
-        raise ConfigError(f"encoder.checkpoint: {path} does not exist (a checkpoint-N.pt file, a sharded checkpoint-N "
-                          "folder, or 'none' for random init)")  # fmt: skip
-    try:
-        state = load_checkpoint(path)
-    except CheckpointError as e:
-        raise ConfigError(f"encoder.checkpoint: {e}") from None
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise ConfigError(f"encoder.checkpoint: {path} is not a mimkit pretraining checkpoint (no 'model' / 'config'); "
-                          "convert official MAE / BEiT / BootMAE / Hugging Face weights with `mimkit import`")  # fmt: skip
-    enc = {k[len("encoder."):]: v for k, v in state["model"].items() if k.startswith("encoder.")}
-    if not enc:
-        raise ConfigError(f"encoder.checkpoint: {path} holds no 'encoder.*' tensors (is it a pretraining checkpoint?)")
-    try:
-        pcfg = config_from_dict(state["config"])
-    except ConfigError as e:
-        raise ConfigError(f"encoder.checkpoint: {path} has an invalid config: {e}") from None
-    model = {k: getattr(pcfg.model, k) for k in ("arch", "img_size", "patch_size", "embed_dim", "depth", "num_heads",
-                                                 "layer_norm_eps")}  # fmt: skip
-    ckpt = _resolved(model)
-    asked = {"arch": ecfg.arch, **{k: getattr(ecfg, k) for k in sizes}}
-    have = {"arch": model["arch"], **{k: ckpt[k] for k in sizes}}
-    if asked["arch"] is not None and asked["arch"] != have["arch"]:
-        preset = _resolved({"arch": asked["arch"]})
-        if any(asked[k] is None and preset[k] != have[k] for k in sizes):  # another preset name is fine if same sizes
-            raise ConfigError(f"encoder.arch: {asked['arch']!r} does not match the checkpoint {path} ({have['arch']!r}); "
-                              "leave encoder.arch unset to use the checkpoint's")  # fmt: skip
-    for key in sizes:
-        if asked[key] is not None and asked[key] != have[key]:
-            raise ConfigError(f"encoder.{key}: {asked[key]!r} does not match the checkpoint {path} ({have[key]!r}); "
-                              f"leave encoder.{key} unset to use the checkpoint's")  # fmt: skip
-    if ecfg.img_size is not None:
-        model["img_size"] = ecfg.img_size
-    step = state.get("step")
-    beit_kwargs = None
-    if pcfg.method in BEIT_METHODS:  # the encoder is timm's Beit (relative position bias, layer scale)
-
-        beit_kwargs = timm_beit_kwargs(pcfg)
-        if ecfg.img_size is not None and ecfg.img_size != ckpt["img_size"]:
-            raise ConfigError(f"encoder.img_size: {ecfg.img_size} differs from the BEiT checkpoint {path} "
-                              f"({ckpt['img_size']}); resampling relative position tables is not supported, "
-                              "leave encoder.img_size unset")  # fmt: skip
-    return EncoderSource(model, enc, f"{path}" + (f" (step {step})" if step is not None else ""), ckpt["img_size"],
-                         beit_kwargs)  # fmt: skip
-
-
-def build_encoder(src: EncoderSource, drop_path_rate: float = 0.0, seed: int = 0) -> VisionTransformer:
-    """The encoder module, untrained: with a checkpoint, timm's default init (about to be overwritten);
-    without one, the MAE initialisation pretraining starts from (xavier, sin-cos position table), drawn from
-    `seed` alone, the global RNG left as it was."""
-    m = src.model
-    if src.beit_kwargs is not None:
-        from timm.models.beit import Beit
-
-        return Beit(**{**src.beit_kwargs, "drop_path_rate": drop_path_rate})
-    if src.state is not None:
-        return set_layer_norm_eps(create_encoder(m["arch"], m["img_size"], m["patch_size"], drop_path_rate,
-                                                 m["embed_dim"], m["depth"], m["num_heads"]),
-                                  m.get("layer_norm_eps", 1e-6))  # fmt: skip
-
-    cfg = config_from_dict({"model": {**m, "drop_path_rate": drop_path_rate}})
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        encoder = build_model(cfg).encoder
-    encoder.pos_embed.requires_grad_(True)  # fixed in pretraining only
-    return encoder
-
-
-def load_pretrained(model: VisionTransformer, src: EncoderSource) -> KeyReport:
-    """Load the checkpoint's encoder tensors into `model` (a timm ViT, possibly with a classifier head),
-    resampling the position embedding if the grid differs, and report what matched."""
-    report = KeyReport(src.source)
-    if src.state is None:
-        report.notes.append("random init: the MAE initialisation (xavier-uniform, fixed 2-D sin-cos pos-embed)")
-        return report
-    state = dict(src.state)
-    own = model.state_dict()
-    pe = state.get("pos_embed")
-    if pe is not None and own.get("pos_embed") is not None and pe.shape != own["pos_embed"].shape:
-        from timm.layers import resample_abs_pos_embed
-
-        prefix = 0 if model.no_embed_class else model.num_prefix_tokens
-        old = int(round((pe.shape[1] - prefix) ** 0.5))
-        new = model.patch_embed.grid_size
-        state["pos_embed"] = resample_abs_pos_embed(pe.float(), new_size=list(new), old_size=[old, old],
-                                                    num_prefix_tokens=prefix).to(pe.dtype)  # fmt: skip
-        report.notes.append(f"pos_embed resampled {old}x{old} -> {new[0]}x{new[1]} (timm.layers.resample_abs_pos_embed, bicubic)")
-    for k, v in state.items():
-        if k in own and own[k].shape != v.shape:
-            raise ConfigError(f"encoder.checkpoint: tensor '{k}' has shape {tuple(v.shape)} in {src.source}, the model "
-                              f"needs {tuple(own[k].shape)}")  # fmt: skip
-    result = model.load_state_dict(state, strict=False)
-    report.missing, report.unexpected = sorted(result.missing_keys), sorted(result.unexpected_keys)
-    report.matched = sorted(set(state) - set(result.unexpected_keys))
-    return report
-
-
-def load_encoder(ecfg, seed: int = 0, drop_path_rate: float = 0.0) -> tuple[VisionTransformer, KeyReport]:
-    """The encoder of `encoder.checkpoint` (or a random init), with its key report (also logged)."""
-    src = encoder_source(ecfg)
-    encoder = build_encoder(src, drop_path_rate, seed)
-    report = load_pretrained(encoder, src)
-    if mdist.world_from_env()[0] == 0:
-        log.info("%s", report.text())
-    return encoder, report
-
-
-def feature_blocks(encoder: VisionTransformer, block: int, scan: bool) -> list[int]:
-    """0-based block indices to read: every block when scanning, else the one asked (-1 = last)."""
-    depth = len(encoder.blocks)
-    if block > depth:
-        raise ConfigError(f"block {block} does not exist: the encoder has {depth} blocks (1-based; -1 = last)")
-    if scan:
-        return list(range(depth))
-    return [depth - 1 if block == -1 else block - 1]
-
-
-def feature_dim(encoder: VisionTransformer, pool: str) -> int:
-    return encoder.embed_dim * (2 if pool == "cls_mean" else 1)
-
-
-def encoder_features(encoder: VisionTransformer, imgs: torch.Tensor, indices: list[int], pool: str) -> torch.Tensor:
-    """(B, len(indices), D) features: each block's tokens after the encoder's final LayerNorm, pooled."""
-    outs = encoder.forward_intermediates(imgs, indices=indices, norm=True, return_prefix_tokens=True,
-                                         output_fmt="NLC", intermediates_only=True, stop_early=True)  # fmt: skip
-    pooled = []
-    for patches, prefix in outs:
-        cls, mean = prefix[:, 0], patches.mean(dim=1)
-        pooled.append(cls if pool == "cls" else mean if pool == "mean" else torch.cat([cls, mean], dim=-1))
-    return torch.stack(pooled, dim=1).float()
 
 
 # =============================================================================================

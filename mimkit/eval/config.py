@@ -1,6 +1,6 @@
 """Typed configs of the evaluation commands (`mimkit knn`, `mimkit linprobe`, `mimkit finetune`).
 
-Same rules as the pretraining config (the parsing helpers are mimkit.config's): a YAML recipe, then
+Same rules as the pretraining config (the parsing helpers are mimkit.typed_config's): a YAML recipe, then
 `section.key=value` overrides; unknown keys, wrong types and out-of-range values are rejected before any
 data is read or any model is built, naming the dotted field.
 
@@ -17,8 +17,9 @@ from typing import Any, Literal
 
 import yaml
 
-from mimkit.config import AttentionKernel, ConfigError, _from_dict, _require, read_recipe, to_dict
+from mimkit.config import AttentionKernel
 from mimkit.models import PRESETS
+from mimkit.typed_config import ConfigError, from_dict, read_recipe, require, to_dict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -245,40 +246,40 @@ COMMANDS: dict[str, type] = {"knn": KnnConfig, "linprobe": LinprobeConfig, "fine
 
 def _validate_common(cfg: Any) -> None:
     e, d = cfg.encoder, cfg.data
-    _require(bool(e.checkpoint), "encoder.checkpoint must be a path or 'none'")
+    require(bool(e.checkpoint), "encoder.checkpoint must be a path or 'none'")
     if e.checkpoint == "none":
-        _require(e.arch is not None, "encoder.arch is required with encoder.checkpoint: none (random init)")
+        require(e.arch is not None, "encoder.arch is required with encoder.checkpoint: none (random init)")
     else:
-        _require(e.checkpoint.lower() != "null", "encoder.checkpoint: write 'none' for a random-init encoder")
-    _require(e.arch is None or e.arch in PRESETS, f"encoder.arch: unknown '{e.arch}'; allowed: {', '.join(sorted(PRESETS))}")
+        require(e.checkpoint.lower() != "null", "encoder.checkpoint: write 'none' for a random-init encoder")
+    require(e.arch is None or e.arch in PRESETS, f"encoder.arch: unknown '{e.arch}'; allowed: {', '.join(sorted(PRESETS))}")
     for key in ("img_size", "patch_size", "embed_dim", "depth", "num_heads"):
         v = getattr(e, key)
-        _require(v is None or v > 0, f"encoder.{key} must be positive, got {v}")
-    _require(bool(d.path), "data.path is required: a .npz with x_train/y_train, or a folder with one ImageFolder tree per split")
-    _require(d.train_samples is None or d.train_samples > 0, f"data.train_samples must be positive, got {d.train_samples}")
-    _require(d.val_samples is None or d.val_samples > 0, f"data.val_samples must be positive, got {d.val_samples}")
-    _require(all(s > 0 for s in d.std), f"data.std must be positive, got {d.std}")
-    _require(d.crop_pct is None or 0.0 < d.crop_pct <= 1.0, f"data.crop_pct must be in (0, 1], got {d.crop_pct}")
-    _require(0.0 < d.crop_scale[0] <= d.crop_scale[1] <= 1.0, f"data.crop_scale must satisfy 0 < min <= max <= 1, got {d.crop_scale}")
-    _require(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
+        require(v is None or v > 0, f"encoder.{key} must be positive, got {v}")
+    require(bool(d.path), "data.path is required: a .npz with x_train/y_train, or a folder with one ImageFolder tree per split")
+    require(d.train_samples is None or d.train_samples > 0, f"data.train_samples must be positive, got {d.train_samples}")
+    require(d.val_samples is None or d.val_samples > 0, f"data.val_samples must be positive, got {d.val_samples}")
+    require(all(s > 0 for s in d.std), f"data.std must be positive, got {d.std}")
+    require(d.crop_pct is None or 0.0 < d.crop_pct <= 1.0, f"data.crop_pct must be in (0, 1], got {d.crop_pct}")
+    require(0.0 < d.crop_scale[0] <= d.crop_scale[1] <= 1.0, f"data.crop_scale must satisfy 0 < min <= max <= 1, got {d.crop_scale}")
+    require(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
 
 
 def _validate_device(section: str, device: str) -> None:
-    _require(device in ("auto", "cpu") or device.startswith("cuda"), f"{section}.device: '{device}' is not allowed; allowed: auto, cpu, cuda, cuda:N")
+    require(device in ("auto", "cpu") or device.startswith("cuda"), f"{section}.device: '{device}' is not allowed; allowed: auto, cpu, cuda, cuda:N")
 
 
 def _validate_features(section: str, f: FeatureConfig) -> None:
-    _require(f.block == -1 or f.block >= 1, f"{section}.block must be -1 (last) or a 1-based block number, got {f.block}")
+    require(f.block == -1 or f.block >= 1, f"{section}.block must be -1 (last) or a 1-based block number, got {f.block}")
 
 
 def _validate_run(t: RunConfig) -> None:
-    _require(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
-    _require(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
-    _require(t.accum_steps >= 1, f"train.accum_steps must be >= 1, got {t.accum_steps}")
-    _require(t.max_steps is None or t.max_steps >= 1, f"train.max_steps must be >= 1 or null, got {t.max_steps}")
-    _require(t.save_every_steps is None or t.save_every_steps >= 1, "train.save_every_steps must be >= 1 or null")
+    require(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
+    require(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
+    require(t.accum_steps >= 1, f"train.accum_steps must be >= 1, got {t.accum_steps}")
+    require(t.max_steps is None or t.max_steps >= 1, f"train.max_steps must be >= 1 or null, got {t.max_steps}")
+    require(t.save_every_steps is None or t.save_every_steps >= 1, "train.save_every_steps must be >= 1 or null")
     for key in ("save_every_epochs", "keep_last", "eval_every_epochs", "log_every", "max_nonfinite_steps"):
-        _require(getattr(t, key) >= 1, f"train.{key} must be >= 1, got {getattr(t, key)}")
+        require(getattr(t, key) >= 1, f"train.{key} must be >= 1, got {getattr(t, key)}")
     _validate_device("train", t.device)
 
 
@@ -286,39 +287,39 @@ def validate(cfg: Any) -> Any:
     _validate_common(cfg)
     if isinstance(cfg, KnnConfig):
         _validate_features("features", cfg.features)
-        _require(cfg.knn.k >= 1, f"knn.k must be >= 1, got {cfg.knn.k}")
-        _require(cfg.knn.temperature > 0, f"knn.temperature must be positive, got {cfg.knn.temperature}")
-        _require(cfg.knn.chunk_size >= 1, f"knn.chunk_size must be >= 1, got {cfg.knn.chunk_size}")
-        _require(cfg.run.batch_size >= 1, f"run.batch_size must be >= 1, got {cfg.run.batch_size}")
-        _require(cfg.run.save_every_batches >= 1, f"run.save_every_batches must be >= 1, got {cfg.run.save_every_batches}")
+        require(cfg.knn.k >= 1, f"knn.k must be >= 1, got {cfg.knn.k}")
+        require(cfg.knn.temperature > 0, f"knn.temperature must be positive, got {cfg.knn.temperature}")
+        require(cfg.knn.chunk_size >= 1, f"knn.chunk_size must be >= 1, got {cfg.knn.chunk_size}")
+        require(cfg.run.batch_size >= 1, f"run.batch_size must be >= 1, got {cfg.run.batch_size}")
+        require(cfg.run.save_every_batches >= 1, f"run.save_every_batches must be >= 1, got {cfg.run.save_every_batches}")
         _validate_device("run", cfg.run.device)
     elif isinstance(cfg, LinprobeConfig):
         _validate_features("probe", cfg.probe)
-        _require(cfg.probe.head_init_std > 0, "probe.head_init_std must be positive")
+        require(cfg.probe.head_init_std > 0, "probe.head_init_std must be positive")
         o = cfg.optim
-        _require(o.blr > 0 and (o.lr is None or o.lr > 0), "optim.blr / optim.lr must be positive")
-        _require(o.min_lr >= 0 and o.warmup_epochs >= 0 and o.weight_decay >= 0, "optim.min_lr, warmup_epochs, weight_decay must be >= 0")
-        _require(0.0 <= o.momentum < 1.0, f"optim.momentum must be in [0, 1), got {o.momentum}")
-        _require(o.trust_coeff > 0, f"optim.trust_coeff must be positive, got {o.trust_coeff}")
+        require(o.blr > 0 and (o.lr is None or o.lr > 0), "optim.blr / optim.lr must be positive")
+        require(o.min_lr >= 0 and o.warmup_epochs >= 0 and o.weight_decay >= 0, "optim.min_lr, warmup_epochs, weight_decay must be >= 0")
+        require(0.0 <= o.momentum < 1.0, f"optim.momentum must be in [0, 1), got {o.momentum}")
+        require(o.trust_coeff > 0, f"optim.trust_coeff must be positive, got {o.trust_coeff}")
         _validate_run(cfg.train)
     elif isinstance(cfg, FinetuneConfig):
         m, a, o = cfg.model, cfg.aug, cfg.optim
-        _require(0.0 <= m.drop_path_rate < 1.0, f"model.drop_path_rate must be in [0, 1), got {m.drop_path_rate}")
-        _require(m.head_init_std > 0, "model.head_init_std must be positive")
-        _require(m.trainable_blocks is None or m.trainable_blocks >= 0, f"model.trainable_blocks must be >= 0 or null, got {m.trainable_blocks}")
-        _require(a.rand_augment is None or a.rand_augment.startswith("rand-"), f"aug.rand_augment must be a timm RandAugment spec like 'rand-m9-mstd0.5-inc1' or null, got {a.rand_augment!r}")
-        _require(0.0 <= a.re_prob <= 1.0 and 0.0 <= a.mixup_prob <= 1.0 and 0.0 <= a.mixup_switch_prob <= 1.0, "aug.re_prob, mixup_prob, mixup_switch_prob must be in [0, 1]")
-        _require(a.mixup >= 0 and a.cutmix >= 0, "aug.mixup and aug.cutmix must be >= 0")
-        _require(0.0 <= a.label_smoothing < 1.0, f"aug.label_smoothing must be in [0, 1), got {a.label_smoothing}")
-        _require(o.blr > 0 and (o.lr is None or o.lr > 0), "optim.blr / optim.lr must be positive")
-        _require(o.min_lr >= 0 and o.warmup_epochs >= 0 and o.weight_decay >= 0, "optim.min_lr, warmup_epochs, weight_decay must be >= 0")
-        _require(0.0 < o.layer_decay <= 1.0, f"optim.layer_decay must be in (0, 1], got {o.layer_decay}")
-        _require(all(0.0 <= b < 1.0 for b in o.betas), f"optim.betas must be in [0, 1), got {o.betas}")
-        _require(o.clip_grad is None or o.clip_grad > 0, f"optim.clip_grad must be positive or null, got {o.clip_grad}")
-        _require(0.0 < cfg.ema.decay < 1.0, f"ema.decay must be in (0, 1), got {cfg.ema.decay}")
+        require(0.0 <= m.drop_path_rate < 1.0, f"model.drop_path_rate must be in [0, 1), got {m.drop_path_rate}")
+        require(m.head_init_std > 0, "model.head_init_std must be positive")
+        require(m.trainable_blocks is None or m.trainable_blocks >= 0, f"model.trainable_blocks must be >= 0 or null, got {m.trainable_blocks}")
+        require(a.rand_augment is None or a.rand_augment.startswith("rand-"), f"aug.rand_augment must be a timm RandAugment spec like 'rand-m9-mstd0.5-inc1' or null, got {a.rand_augment!r}")
+        require(0.0 <= a.re_prob <= 1.0 and 0.0 <= a.mixup_prob <= 1.0 and 0.0 <= a.mixup_switch_prob <= 1.0, "aug.re_prob, mixup_prob, mixup_switch_prob must be in [0, 1]")
+        require(a.mixup >= 0 and a.cutmix >= 0, "aug.mixup and aug.cutmix must be >= 0")
+        require(0.0 <= a.label_smoothing < 1.0, f"aug.label_smoothing must be in [0, 1), got {a.label_smoothing}")
+        require(o.blr > 0 and (o.lr is None or o.lr > 0), "optim.blr / optim.lr must be positive")
+        require(o.min_lr >= 0 and o.warmup_epochs >= 0 and o.weight_decay >= 0, "optim.min_lr, warmup_epochs, weight_decay must be >= 0")
+        require(0.0 < o.layer_decay <= 1.0, f"optim.layer_decay must be in (0, 1], got {o.layer_decay}")
+        require(all(0.0 <= b < 1.0 for b in o.betas), f"optim.betas must be in [0, 1), got {o.betas}")
+        require(o.clip_grad is None or o.clip_grad > 0, f"optim.clip_grad must be positive or null, got {o.clip_grad}")
+        require(0.0 < cfg.ema.decay < 1.0, f"ema.decay must be in (0, 1), got {cfg.ema.decay}")
         _validate_run(cfg.train)
         mixing = a.mixup > 0 or a.cutmix > 0
-        _require(not mixing or cfg.train.batch_size % 2 == 0, "train.batch_size must be even with Mixup/CutMix (timm pairs images)")
+        require(not mixing or cfg.train.batch_size % 2 == 0, "train.batch_size must be even with Mixup/CutMix (timm pairs images)")
     return cfg
 
 
@@ -330,11 +331,11 @@ def load_eval_config(command: str, path: str | Path | None = None, overrides: li
     if command not in COMMANDS:
         raise ConfigError(f"unknown evaluation command '{command}'; allowed: {', '.join(COMMANDS)}")
     data = read_recipe(path, overrides, sections)
-    return validate(_from_dict(COMMANDS[command], data))
+    return validate(from_dict(COMMANDS[command], data))
 
 
 def eval_config_from_dict(command: str, data: dict):
-    return validate(_from_dict(COMMANDS[command], data))
+    return validate(from_dict(COMMANDS[command], data))
 
 
 def dump_eval_yaml(cfg: Any) -> str:

@@ -51,21 +51,17 @@ from mimkit.engine import StepEngine, TrainingDiverged, adamw_kernel, autocast_c
 from mimkit.eval.common import (
     EvalLog,
     EvalResult,
-    KeyReport,
     LabelledDataset,
     Stopwatch,
-    build_encoder,
-    encoder_source,
     eval_loader,
     eval_transform,
-    load_pretrained,
     machine_description,
     open_labelled,
-    summarize_keys,
     topk_correct,
     write_final_metrics,
 )
 from mimkit.eval.config import FinetuneConfig, dump_eval_yaml
+from mimkit.eval.encoders import KeyReport, build_encoder, encoder_source, load_pretrained, summarize_keys
 from mimkit.models import resolve_attention, set_attention_kernel
 from mimkit.schedules import lr_at
 

@@ -28,15 +28,14 @@ from mimkit.eval.common import (
     cache_meta,
     eval_transform,
     extract_features,
-    feature_blocks,
     frozen,
-    load_encoder,
     machine_description,
     open_labelled,
     subset,
     write_final_metrics,
 )
 from mimkit.eval.config import IMAGENET_MEAN, IMAGENET_STD, KnnConfig, dump_eval_yaml
+from mimkit.eval.encoders import feature_blocks, load_encoder
 
 log = logging.getLogger("mimkit")
 

@@ -46,13 +46,9 @@ from mimkit.eval.common import (
     LabelledDataset,
     Stopwatch,
     cache_meta,
-    encoder_features,
     eval_transform,
     extract_features,
-    feature_blocks,
-    feature_dim,
     frozen,
-    load_encoder,
     machine_description,
     open_labelled,
     probe_train_transform,
@@ -60,6 +56,7 @@ from mimkit.eval.common import (
     write_final_metrics,
 )
 from mimkit.eval.config import LinprobeConfig, dump_eval_yaml
+from mimkit.eval.encoders import encoder_features, feature_blocks, feature_dim, load_encoder
 from mimkit.schedules import lr_at
 
 log = logging.getLogger("mimkit")
