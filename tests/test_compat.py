@@ -1,5 +1,5 @@
 """Checkpoints written by mimkit 0.1.0 (tests/fixtures/v0.1.0, made by its make_fixtures.py with that
-version) keep loading, exporting, evaluating and resuming — exactly, for MAE, given 0.1.0's settings."""
+version) keep loading, exporting, evaluating and resuming — for MAE to 0.1.0's own next steps, given 0.1.0's settings."""
 
 import shutil
 from pathlib import Path
@@ -62,14 +62,25 @@ def test_a_0_1_0_checkpoint_loads_exports_and_resumes(method, data, tmp_path):
     assert resumed.step == 4 and np.isfinite(resumed.loss)
 
 
-def test_a_0_1_0_mae_run_resumes_bit_identically_with_its_settings(data, tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
-    shutil.copy(FIXTURES / "mae-checkpoint-00000002.pt", run / "checkpoint-00000002.pt")
-    resumed = pretrain(run_args("mae", data, run, "train.max_steps=4", *V010_SETTINGS))
-    ours, theirs = load_checkpoint(resumed.checkpoint), load_checkpoint(FIXTURES / "mae-checkpoint-00000004.pt")
-    for k, v in theirs["model"].items():
-        assert torch.equal(ours["model"][k], v), k
-    for name, st in theirs["optimizer"]["state"].items():
-        for k, v in st.items():
-            assert torch.equal(ours["optimizer"]["state"][name][k], v), (name, k)
+def test_a_0_1_0_mae_run_resumed_reaches_0_1_0s_own_step_4(data, tmp_path):
+    """0.1.0's step-2 checkpoint, resumed by this version with 0.1.0's settings, reaches 0.1.0's own step 4: bit for
+    bit on the kind of CPU the fixtures were made on (AMD EPYC, AVX2), to float rounding on others, whose fp32 kernels
+    sum in another order (seen: 1.0e-6 on an AVX512 Xeon). One step's worth of other data (another seed) lands more
+    than ten times outside that tolerance, so the check tells a faithful resume from a merely plausible one."""
+    theirs = load_checkpoint(FIXTURES / "mae-checkpoint-00000004.pt")
+
+    def distance_after_resume(name: str, *extra: str) -> tuple[float, float]:
+        run = tmp_path / name
+        run.mkdir()
+        shutil.copy(FIXTURES / "mae-checkpoint-00000002.pt", run / "checkpoint-00000002.pt")
+        ours = load_checkpoint(pretrain(run_args("mae", data, run, "train.max_steps=4", *V010_SETTINGS, *extra)).checkpoint)
+        weights = max((ours["model"][k] - v).abs().max().item() for k, v in theirs["model"].items())
+        moments = max((ours["optimizer"]["state"][n][k] - v).abs().max().item()
+                      for n, st in theirs["optimizer"]["state"].items() for k, v in st.items() if v.dim())  # fmt: skip
+        return weights, moments
+
+    tolerance = 5e-6
+    weights, moments = distance_after_resume("same")
+    assert weights <= tolerance and moments <= tolerance, (weights, moments)
+    other_weights, _ = distance_after_resume("other-data", "train.seed=1")
+    assert other_weights > 10 * tolerance, other_weights

@@ -24,7 +24,15 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from mimkit import distributed as mdist
-from mimkit.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from mimkit.checkpoint import (
+    CheckpointError,
+    atomic_write_text,
+    checkpoint_path,
+    load_checkpoint,
+    prune_checkpoints,
+    resume_point,
+    save_checkpoint,
+)
 from mimkit.data import CorruptImage, DataError, FolderImages, load_npz, pretrain_transform
 from mimkit.datasets import open_torchvision
 from mimkit.engine import autocast_context
@@ -291,6 +299,75 @@ def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...
 
 
 EvalLog = MetricsLog  # JSONL + TensorBoard, with the command's name as the TensorBoard prefix
+
+
+def resume_eval_run(train, command: str, setting: dict[str, Any]) -> tuple[Path | None, dict | None]:
+    """The checkpoint `train.resume` names in `train.out_dir` (auto: the newest) and its state, or (None, None).
+    A checkpoint of another command or with other `setting` values (steps per epoch, probed blocks, ...) cannot
+    continue this run exactly and is refused."""
+    resume_from, state = resume_point(train.out_dir, train.resume)
+    if resume_from is not None:
+        differ = [k for k, v in {"command": command, **setting}.items() if state.get(k) != v]
+        if differ:
+            raise CheckpointError(f"cannot resume {resume_from} exactly: it is not a {command} checkpoint of this "
+                                  f"setting ({', '.join(differ)} differ: data, batch size, processes or accum_steps)")  # fmt: skip
+    return resume_from, state
+
+
+class RunBookkeeping:
+    """What the fine-tuning and probing loops do after each optimizer step: a metrics record every
+    `train.log_every` steps (and the progress bar), an evaluation every `train.eval_every_epochs` epochs, a
+    checkpoint every `train.save_every_steps` steps / `train.save_every_epochs` epochs (never after a skipped
+    step), and all three at the last step."""
+
+    def __init__(self, t, *, command: str, step: int, last_step: int, steps_per_epoch: int, effective_batch: int,
+                 metrics: MetricsLog, engine, evaluate, save, evals: list, describe, is_main: bool):  # fmt: skip
+        self.t, self.last_step, self.steps_per_epoch, self.effective_batch = t, last_step, steps_per_epoch, effective_batch
+        self.metrics, self.engine, self.evaluate, self.save, self.evals = metrics, engine, evaluate, save, evals
+        self.describe, self.is_main = describe, is_main  # describe(record) -> the log line of an evaluation
+        self.window_start, self.window_steps = time.perf_counter(), 0
+        self.progress = None
+        if is_main and t.progress:
+            from tqdm.auto import tqdm
+
+            self.progress = tqdm(total=last_step, initial=step, desc=command, unit="step", dynamic_ncols=True)
+
+    def after_step(self, done: int, loss: float, lr: float, extra: dict | None = None) -> None:
+        t, spe = self.t, self.steps_per_epoch
+        self.window_steps += 1
+        if done % t.log_every == 0 or done == self.last_step:
+            img_s = self.window_steps * self.effective_batch / max(time.perf_counter() - self.window_start, 1e-9)
+            self.metrics.write({"step": done, "epoch": round(done / spe, 4), "loss": loss, "lr": lr,
+                                "img_per_s": round(img_s, 2), **(extra or {}), "time": time.time()})  # fmt: skip
+            if self.progress is not None:
+                self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}", refresh=False)
+            self.window_start, self.window_steps = time.perf_counter(), 0
+        if self.progress is not None:
+            self.progress.update(1)
+        end_of_epoch = done % spe == 0
+        if (end_of_epoch and (done // spe) % t.eval_every_epochs == 0) or done == self.last_step:
+            record = self.evaluate(done)
+            self.evals.append(record)
+            self.metrics.write({**record, "time": time.time()})
+            if self.is_main:
+                log.info("%s", self.describe(record))
+        periodic = (t.save_every_steps and done % t.save_every_steps == 0) or (
+            end_of_epoch and (done // spe) % t.save_every_epochs == 0
+        )
+        if (periodic and self.engine.consecutive_nonfinite == 0) or done == self.last_step:
+            self.engine.last_checkpoint = self.save(done) or self.engine.last_checkpoint
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        self.metrics.close()
+
+
+def save_eval_checkpoint(out_dir: Path, done: int, keep_last: int, state: dict) -> Path:
+    """Write step `done`'s state atomically, then keep only the newest `keep_last` checkpoints."""
+    path = save_checkpoint(checkpoint_path(out_dir, done), state)
+    prune_checkpoints(out_dir, keep_last)
+    return path
 
 
 def write_final_metrics(out_dir: Path, metrics: dict) -> Path:

@@ -18,7 +18,6 @@ mimkit.data.ResumableBatchSampler with per-sample augmentation seeds, and the st
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import torch
@@ -37,14 +36,7 @@ from torchvision.transforms import v2
 
 import mimkit
 from mimkit import distributed as mdist
-from mimkit.checkpoint import (
-    CheckpointError,
-    atomic_write_text,
-    checkpoint_path,
-    prune_checkpoints,
-    resume_point,
-    save_checkpoint,
-)
+from mimkit.checkpoint import CheckpointError, atomic_write_text
 from mimkit.config import ConfigError, to_dict
 from mimkit.data import ResumableBatchSampler, stable_seed
 from mimkit.engine import StepEngine, TrainingDiverged, adamw_kernel, autocast_context, seed_everything
@@ -52,11 +44,14 @@ from mimkit.eval.common import (
     EvalLog,
     EvalResult,
     LabelledDataset,
+    RunBookkeeping,
     Stopwatch,
     eval_loader,
     eval_transform,
     machine_description,
     open_labelled,
+    resume_eval_run,
+    save_eval_checkpoint,
     topk_correct,
     write_final_metrics,
 )
@@ -231,11 +226,8 @@ def run_finetune(cfg: FinetuneConfig) -> EvalResult:
 
     # ---- resume: model, optimizer, scaler, EMA, step (which fixes epoch, data position and lr), evaluations
     step, evals, elapsed = 0, [], 0.0
-    resume_from, state = resume_point(t.out_dir, t.resume)
+    resume_from, state = resume_eval_run(t, "finetune", {"steps_per_epoch": steps_per_epoch})
     if resume_from is not None:
-        if state.get("command") != "finetune" or state["steps_per_epoch"] != steps_per_epoch:
-            raise CheckpointError(f"cannot resume {resume_from} exactly: not a finetune checkpoint of this setting (data, "
-                             "batch size, processes or accum_steps differ)")  # fmt: skip
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         engine.scaler.load_state_dict(state["scaler"])
@@ -288,18 +280,14 @@ def run_finetune(cfg: FinetuneConfig) -> EvalResult:
                  "key_report": report.to_dict(), "mimkit_version": mimkit.__version__}  # fmt: skip
         if ema is not None:
             state["ema"] = ema.module.state_dict()
-        path = save_checkpoint(checkpoint_path(out_dir, done), state)
-        prune_checkpoints(out_dir, t.keep_last)
-        return path
+        return save_eval_checkpoint(out_dir, done, t.keep_last, state)
 
     # ---- the loop
-    progress = None
-    if dist.is_main and t.progress:
-        from tqdm.auto import tqdm
-
-        progress = tqdm(total=last_step, initial=step, desc="finetune", unit="step", dynamic_ncols=True)
-    engine.last_checkpoint, loss_value = resume_from, float("nan")
-    window_start, window_steps = time.perf_counter(), 0
+    engine.last_checkpoint = resume_from
+    books = RunBookkeeping(t, command="finetune", step=step, last_step=last_step, steps_per_epoch=steps_per_epoch,
+                           effective_batch=effective_batch, metrics=metrics, engine=engine, evaluate=evaluate, save=save,
+                           evals=evals, is_main=dist.is_main, describe=lambda r: f"epoch {r['epoch']:.2f}: top-1 "
+                           f"{r['top1']:.2f}%" + (f", EMA top-1 {r['ema_top1']:.2f}%" if ema is not None else ""))  # fmt: skip
     model.train()
     done = step
     while step < last_step:
@@ -321,43 +309,15 @@ def run_finetune(cfg: FinetuneConfig) -> EvalResult:
             try:
                 result = engine.step(step, forward, on_update=(lambda: ema.update(model)) if ema is not None else None)
             except TrainingDiverged:
-                if progress is not None:
-                    progress.close()
-                metrics.close()
+                books.close()
                 raise
-            loss_value = result.loss
-            window_steps += 1
-
             done = step + 1
-            if done % t.log_every == 0 or done == last_step:
-                img_s = window_steps * effective_batch / max(time.perf_counter() - window_start, 1e-9)
-                record = {"step": done, "epoch": round(done / steps_per_epoch, 4), "loss": loss_value, "lr": lr,
-                          "img_per_s": round(img_s, 2), "nonfinite_steps": engine.nonfinite_total, "time": time.time()}  # fmt: skip
-                if result.grad_norm is not None:
-                    record["grad_norm"] = result.grad_norm
-                metrics.write(record)
-                if progress is not None:
-                    progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}", refresh=False)
-                window_start, window_steps = time.perf_counter(), 0
-            if progress is not None:
-                progress.update(1)
-            end_of_epoch = done % steps_per_epoch == 0
-            if (end_of_epoch and (done // steps_per_epoch) % t.eval_every_epochs == 0) or done == last_step:
-                record = evaluate(done)
-                evals.append(record)
-                metrics.write({**record, "time": time.time()})
-                if dist.is_main:
-                    log.info("epoch %.2f: top-1 %.2f%%%s", record["epoch"], record["top1"],
-                             f", EMA top-1 {record['ema_top1']:.2f}%" if ema is not None else "")  # fmt: skip
-            periodic = (t.save_every_steps and done % t.save_every_steps == 0) or (
-                end_of_epoch and (done // steps_per_epoch) % t.save_every_epochs == 0
-            )
-            if (periodic and engine.consecutive_nonfinite == 0) or done == last_step:
-                engine.last_checkpoint = save(done) or engine.last_checkpoint
+            extra = {"nonfinite_steps": engine.nonfinite_total}
+            if result.grad_norm is not None:
+                extra["grad_norm"] = result.grad_norm
+            books.after_step(done, result.loss, lr, extra)
         step = done
-    if progress is not None:
-        progress.close()
-    metrics.close()
+    books.close()
 
     final = evals[-1] if evals and evals[-1]["step"] == done else evaluate(done)
     best = max(evals or [final], key=lambda r: r["top1"])

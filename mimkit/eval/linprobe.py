@@ -16,7 +16,6 @@ mimkit.data.ResumableBatchSampler and augmentations from per-sample seeds.
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import torch
@@ -29,14 +28,7 @@ from torch.utils.data import DataLoader
 
 import mimkit
 from mimkit import distributed as mdist
-from mimkit.checkpoint import (
-    CheckpointError,
-    atomic_write_text,
-    checkpoint_path,
-    prune_checkpoints,
-    resume_point,
-    save_checkpoint,
-)
+from mimkit.checkpoint import atomic_write_text
 from mimkit.config import to_dict
 from mimkit.data import ResumableBatchSampler
 from mimkit.engine import StepEngine, TrainingDiverged, autocast_context, seed_everything
@@ -44,6 +36,7 @@ from mimkit.eval.common import (
     EvalLog,
     EvalResult,
     LabelledDataset,
+    RunBookkeeping,
     Stopwatch,
     cache_meta,
     eval_transform,
@@ -52,6 +45,8 @@ from mimkit.eval.common import (
     machine_description,
     open_labelled,
     probe_train_transform,
+    resume_eval_run,
+    save_eval_checkpoint,
     topk_correct,
     write_final_metrics,
 )
@@ -165,11 +160,8 @@ def run_linprobe(cfg: LinprobeConfig) -> EvalResult:
 
     # ---- resume: heads, optimizer, step (which fixes epoch, data position and lr), evaluations so far
     step, evals, elapsed = 0, [], 0.0
-    resume_from, state = resume_point(t.out_dir, t.resume)
+    resume_from, state = resume_eval_run(t, "linprobe", {"steps_per_epoch": steps_per_epoch, "blocks": blocks})
     if resume_from is not None:
-        if state.get("command") != "linprobe" or state["steps_per_epoch"] != steps_per_epoch or state["blocks"] != blocks:
-            raise CheckpointError(f"cannot resume {resume_from} exactly: it is not a linprobe checkpoint of this setting "
-                             "(command, blocks, data, batch size, processes or accum_steps differ)")  # fmt: skip
         heads.load_state_dict(state["heads"])
         optimizer.load_state_dict(state["optimizer"])
         step, evals, elapsed = state["step"], state["evals"], state["elapsed_s"]
@@ -204,23 +196,19 @@ def run_linprobe(cfg: LinprobeConfig) -> EvalResult:
     def save(done: int) -> Path | None:
         if not dist.is_main:
             return None
-        path = save_checkpoint(checkpoint_path(out_dir, done), {
+        return save_eval_checkpoint(out_dir, done, t.keep_last, {
             "command": "linprobe", "heads": heads.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
             "epoch": done / steps_per_epoch, "steps_per_epoch": steps_per_epoch, "blocks": blocks, "evals": evals,
             "elapsed_s": clock.total(), "nonfinite_steps": engine.nonfinite_total, "config": to_dict(cfg),
             "key_report": report.to_dict(), "mimkit_version": mimkit.__version__,
         })  # fmt: skip
-        prune_checkpoints(out_dir, t.keep_last)
-        return path
 
     # ---- the loop
-    progress = None
-    if dist.is_main and t.progress:
-        from tqdm.auto import tqdm
-
-        progress = tqdm(total=last_step, initial=step, desc="linprobe", unit="step", dynamic_ncols=True)
-    engine.last_checkpoint, loss_value = resume_from, float("nan")
-    window_start, window_steps = time.perf_counter(), 0
+    engine.last_checkpoint = resume_from
+    books = RunBookkeeping(t, command="linprobe", step=step, last_step=last_step, steps_per_epoch=steps_per_epoch,
+                           effective_batch=effective_batch, metrics=metrics, engine=engine, evaluate=evaluate, save=save,
+                           evals=evals, is_main=dist.is_main, describe=lambda r: f"epoch {r['epoch']:.2f}: top-1 "
+                           f"{r['top1']:.2f}% (best block {r['best_block']}: {r['best_top1']:.2f}%)")  # fmt: skip
     heads.train()  # the encoder is never put in train mode
     done = step
     while step < last_step:
@@ -246,39 +234,12 @@ def run_linprobe(cfg: LinprobeConfig) -> EvalResult:
             try:
                 result = engine.step(step, forward)
             except TrainingDiverged:
-                metrics.close()
+                books.close()
                 raise
-            loss_value = result.loss / len(blocks)  # logged: the mean over the heads
-            window_steps += 1
-
             done = step + 1
-            if done % t.log_every == 0 or done == last_step:
-                elapsed_w = time.perf_counter() - window_start
-                img_s = window_steps * effective_batch / max(elapsed_w, 1e-9)
-                metrics.write({"step": done, "epoch": round(done / steps_per_epoch, 4), "loss": loss_value, "lr": lr,
-                               "img_per_s": round(img_s, 2), "time": time.time()})  # fmt: skip
-                if progress is not None:
-                    progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
-                window_start, window_steps = time.perf_counter(), 0
-            if progress is not None:
-                progress.update(1)
-            end_of_epoch = done % steps_per_epoch == 0
-            if (end_of_epoch and (done // steps_per_epoch) % t.eval_every_epochs == 0) or done == last_step:
-                record = evaluate(done)
-                evals.append(record)
-                metrics.write({**record, "time": time.time()})
-                if dist.is_main:
-                    log.info("epoch %.2f: top-1 %.2f%% (best block %d: %.2f%%)", record["epoch"], record["top1"],
-                             record["best_block"], record["best_top1"])  # fmt: skip
-            periodic = (t.save_every_steps and done % t.save_every_steps == 0) or (
-                end_of_epoch and (done // steps_per_epoch) % t.save_every_epochs == 0
-            )
-            if (periodic and engine.consecutive_nonfinite == 0) or done == last_step:
-                engine.last_checkpoint = save(done) or engine.last_checkpoint
+            books.after_step(done, result.loss / len(blocks), lr)  # logged: the mean loss over the heads
         step = done
-    if progress is not None:
-        progress.close()
-    metrics.close()
+    books.close()
 
     final = evals[-1] if evals and evals[-1]["step"] == done else evaluate(done)
     summary = {
