@@ -124,8 +124,10 @@ class BEiTConfig:
 @dataclass
 class TokenizerConfig:
     # BEiT / mc-BEiT visual tokenizer (mimkit/tokenizers.py). mimkit: written by `mimkit tokenizer train`;
-    # dalle: DALL-E dVAE encoder state dict; vqgan: taming Gumbel-VQGAN last.ckpt; random: untrained mimkit dVAE.
-    kind: Literal["mimkit", "dalle", "vqgan", "random"] = "mimkit"
+    # dalle: DALL-E dVAE encoder state dict; vqgan: taming Gumbel-VQGAN last.ckpt; random: untrained mimkit dVAE;
+    # none: no tokenizer (what `mimkit import` writes for an official BEiT encoder: evaluation and export need none,
+    # pretraining asks for one; vocab_size is then the lm_head's width).
+    kind: Literal["mimkit", "dalle", "vqgan", "random", "none"] = "mimkit"
     path: str | None = None  # weights to read (pretraining) / to write (mimkit tokenizer train)
     size: int | None = None  # side of the tokenizer's view; default: ViT grid x the tokenizer's downsampling
     interpolation: Literal["default", "bicubic", "bilinear", "lanczos"] = "default"  # default: the tokenizer's
@@ -399,9 +401,17 @@ def _validate_beit(cfg: Config) -> None:
              f"beit.temperature_warmup_epochs must be >= 1, got {b.temperature_warmup_epochs}")  # fmt: skip
     require(b.sim_temperature > 0, f"beit.sim_temperature must be positive, got {b.sim_temperature}")
     require(0.0 <= b.omega <= 1.0, f"beit.omega must be in [0, 1], got {b.omega}")
-    require(t.kind == "random" or t.path is not None,
+    require(t.kind in ("random", "none") or t.path is not None,
              f"tokenizer.path is required with tokenizer.kind {t.kind} (method {cfg.method}); "
              "train one with `mimkit tokenizer train configs/tokenizer_cifar10.yaml`")  # fmt: skip
+
+
+def check_pretrainable(cfg: Config) -> None:
+    """What only pretraining needs beyond a valid config: BEiT / mc-BEiT's tokenizer (an imported encoder has none)."""
+    require(cfg.method not in BEIT_METHODS or cfg.tokenizer.kind != "none",
+             f"tokenizer.kind none: method {cfg.method} pretrains against a tokenizer and this config has none (an "
+             "imported encoder's): set tokenizer.kind=mimkit|dalle|vqgan and tokenizer.path=FILE (a mimkit one comes "
+             "from `mimkit tokenizer train configs/tokenizer_cifar10.yaml`)")  # fmt: skip
 
 
 def _validate_tokenizer(t: TokenizerConfig) -> None:

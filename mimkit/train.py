@@ -41,7 +41,7 @@ from mimkit.checkpoint import (
     save_sharded,
     set_rng_state,
 )
-from mimkit.config import Config, config_from_dict, dump_yaml, load_config, to_dict
+from mimkit.config import Config, check_pretrainable, config_from_dict, dump_yaml, load_config, to_dict
 from mimkit.engine import StepEngine, TrainingDiverged, adamw_kernel, seed_everything
 from mimkit.eval import knn_monitor, open_labelled_split
 from mimkit.logs import ensure_logging
@@ -75,6 +75,10 @@ def find_resume(cfg) -> tuple[Path | None, dict | None]:
 def check_resumable(path: Path, state: dict, model: torch.nn.Module, method: str) -> None:
     """The checkpoint must be this method's and hold tensors of this model's shapes: say which key differs
     instead of failing inside load_state_dict."""
+    if isinstance(state, dict) and "imported_from" in state:
+        raise CheckpointError(f"{path}: written by `mimkit import`: weights without a training state (no "
+                              "optimizer, step or RNG state), so no run resumes from it; evaluate, fine-tune or "
+                              "export it")  # fmt: skip
     if not isinstance(state, dict) or not {"step", "steps_per_epoch", "rng", "scaler"} <= state.keys():
         raise CheckpointError(f"{path}: not a mimkit pretraining checkpoint (no step / RNG state); to start from its "
                               "weights, convert it with `mimkit import` and evaluate or fine-tune it instead")  # fmt: skip
@@ -113,6 +117,7 @@ def questionable_settings(cfg: Config, peak_lr: float, steps_per_epoch: int) -> 
 
 def pretrain(cfg: Config) -> RunResult:
     ensure_logging()
+    check_pretrainable(cfg)
     # ---- setup: processes, model, data (checked before any compute)
     dist = mdist.init_distributed(cfg.train.device, cfg.distributed.timeout_minutes)
     device, t = dist.device, cfg.train

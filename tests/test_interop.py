@@ -9,8 +9,8 @@
 * Official MAE key layout (names and shapes of ``models_mae.py``, built here by hand), with and
   without decoder, wrapped like an official checkpoint (``model`` + an argparse ``args``): zero
   missing and zero unexpected keys, every tensor lands where it should.
-* BEiT layout: q/v bias fused and layer scale folded exactly (features equal timm's ``Beit`` without
-  relative position bias); relative position bias, lm_head and the BEiT mask token are reported.
+* BEiT layout without a relative position bias: q/v bias fused and layer scale folded exactly into a plain ViT
+  (features equal timm's ``Beit``); with one it becomes a timm ``Beit`` (tests/test_import_beit.py).
   BootMAE: encoder imported, its cross-attention decoders reported.
 * Position embeddings are resampled with timm when the resolution changes.
 * Nothing is ever unpickled beyond tensors and inert classes; errors name the file and the key.
@@ -352,10 +352,33 @@ def test_pos_embed_resampled_through_timm(tmp_path):
         assert torch.isfinite(model(x, noise=noise).loss)
 
 
+def test_vit_import_at_another_resolution_equals_timms_own_loading(tmp_path):
+    """An encoder-only official MAE source imported at 24 px holds what timm's own checkpoint_filter_fn loads into
+    a 24 px VisionTransformer: the same features."""
+    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+    sd = official_mae_state_dict(False)
+    sd["pos_embed"] = torch.randn(1, L + 1, D, generator=torch.Generator().manual_seed(3))
+    report = import_checkpoint(official_checkpoint(tmp_path / "mae.pth", sd), tmp_path / "m24.pt",
+                               ImportOptions(img_size=24, num_heads=HEADS))  # fmt: skip
+    assert any("4x4 -> 6x6 by timm.models.vision_transformer.checkpoint_filter_fn" in n for n in report.notes)
+    assert report.missing == [] and report.unexpected == {}
+    model, _, _ = load_mimkit_checkpoint(tmp_path / "m24.pt")
+    vit = VisionTransformer(img_size=24, patch_size=P, embed_dim=D, depth=DEPTH, num_heads=HEADS, num_classes=0)
+    vit.load_state_dict(checkpoint_filter_fn(sd, vit), strict=True)
+    x, _ = inputs(size=24)
+    with torch.no_grad():
+        features = model.encoder.eval().forward_features(x)
+        torch.testing.assert_close(features, vit.eval().forward_features(x), rtol=0, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------- BEiT, BootMAE
 
 
-def test_beit_layout_fuses_qv_bias_and_folds_layer_scale(tmp_path):
+def test_beit_layout_without_relative_position_bias_is_a_plain_vit(tmp_path):
+    """A BEiT-style encoder with an absolute position embedding and no relative position bias (an official
+    ablation; BootMAE's encoder) is exactly a plain ViT: q/v bias fused, layer scale folded. With a relative
+    position bias it imports into timm's Beit instead (tests/test_import_beit.py)."""
     from timm.models.beit import Beit
 
     torch.manual_seed(0)
@@ -377,35 +400,18 @@ def test_beit_layout_fuses_qv_bias_and_folds_layer_scale(tmp_path):
             p.add_(0.1 * torch.randn_like(p))
     sd = dict(beit.state_dict())
     assert any(k.endswith("gamma_1") for k in sd) and any(k.endswith("attn.q_bias") for k in sd)
-    # what an official BEiT / mc-BEiT pretraining checkpoint also holds
-    sd["rel_pos_bias.relative_position_bias_table"] = torch.randn((2 * 4 - 1) ** 2 + 3, HEADS)
-    sd["rel_pos_bias.relative_position_index"] = torch.zeros(L + 1, L + 1, dtype=torch.long)
     sd["mask_token"] = torch.randn(1, 1, D)
     sd["lm_head.weight"], sd["lm_head.bias"] = torch.randn(8192, D), torch.randn(8192)
     torch.save({"model": sd}, tmp_path / "beit.pth")
 
     report = import_checkpoint(tmp_path / "beit.pth", tmp_path / "beit.pt", ImportOptions(num_heads=HEADS))
-    assert report.format == "beit" and report.missing == []
-    assert set(report.unexpected) == {
-        "rel_pos_bias.relative_position_bias_table",
-        "rel_pos_bias.relative_position_index",
-        "mask_token",
-        "lm_head.weight",
-        "lm_head.bias",
-    }
-    assert "relative position bias" in report.unexpected["rel_pos_bias.relative_position_bias_table"]
-    assert any("layer-scale" in n for n in report.notes)
+    assert report.format == "beit" and report.missing == [] and report.config["method"] == "mae"
+    assert set(report.unexpected) == {"mask_token", "lm_head.weight", "lm_head.bias"}
+    assert any("layer-scale" in n for n in report.notes) and any("plain ViT" in n for n in report.notes)
     model, _, _ = load_mimkit_checkpoint(tmp_path / "beit.pt")
     x, _ = inputs()
-    with torch.no_grad():  # exact up to float rounding: the conversion loses nothing but the rel-pos bias
+    with torch.no_grad():  # exact up to float rounding
         torch.testing.assert_close(model.encoder.forward_features(x), beit.forward_features(x), rtol=1e-5, atol=1e-5)
-
-    # official BEiT pretraining has no absolute position embedding: sin-cos used, image size from the rel-pos table
-    del sd["pos_embed"]
-    torch.save({"model": sd}, tmp_path / "beit_nopos.pth")
-    report = import_checkpoint(tmp_path / "beit_nopos.pth", tmp_path / "b2.pt", ImportOptions(num_heads=HEADS))
-    assert report.missing == ["encoder.pos_embed"] and report.config["model"]["img_size"] == SIZE
-    assert "rel_pos_bias.relative_position_bias_table" in report.text()
 
 
 def test_bootmae_layout_imports_the_encoder(tmp_path):

@@ -1,5 +1,6 @@
-"""Checkpoints in and out (a package: common, hf_keys, convert, export, imports): export a mimkit checkpoint to timm or Hugging Face, import official MAE,
-BEiT / mc-BEiT, BootMAE and Hugging Face ViTMAE weights into a mimkit checkpoint.
+"""Checkpoints in and out (a package: common, hf_keys, convert, export, import_base, imports, beit_import): export a
+mimkit checkpoint to timm or Hugging Face, import official MAE, BEiT / mc-BEiT, BootMAE and Hugging Face ViTMAE
+weights into a mimkit checkpoint.
 
 No file is ever read in a way that can run code: safetensors, JSON, or
 ``torch.load(weights_only=True)`` with a short allowlist of inert classes that official training
@@ -13,11 +14,12 @@ Key layouts handled (names only; the conversions are written from the published 
 * official MAE (``models_mae.py``): the same names without the ``encoder.`` / ``decoder.`` prefixes
   (``cls_token``, ``pos_embed``, ``patch_embed.proj``, ``blocks.N.*``, ``norm``; ``decoder_embed``,
   ``mask_token``, ``decoder_pos_embed``, ``decoder_blocks.N.*``, ``decoder_norm``, ``decoder_pred``).
-* BEiT / mc-BEiT: timm-like block names plus ``attn.q_bias`` / ``attn.v_bias`` (k bias is zero),
-  layer scale ``gamma_1`` / ``gamma_2``, a relative position bias (shared ``rel_pos_bias.*`` or
-  per block), an encoder-side ``mask_token`` and ``lm_head``. Layer scale is folded exactly into
-  ``attn.proj`` / ``mlp.fc2``; the relative position bias cannot be held by a plain ViT and is
-  reported as unexpected.
+* BEiT / mc-BEiT: timm ``Beit``'s names (``attn.q_bias`` / ``attn.v_bias``, k bias zero; layer scale
+  ``gamma_1`` / ``gamma_2``; a relative position bias, shared ``rel_pos_bias.*`` or per block), an
+  encoder-side ``mask_token`` and ``lm_head``, possibly under ``beit.`` / ``encoder.``: imported as a mimkit
+  BEiT checkpoint (the encoder a timm ``Beit``, through ``timm.models.beit.checkpoint_filter_fn``;
+  ``tokenizer.kind: none``), see ``beit_import``. Without a relative position bias the encoder is exactly a
+  plain ViT: layer scale folded into ``attn.proj`` / ``mlp.fc2``, q / v biases fused.
 * BootMAE: the BEiT-style encoder with a fixed sin-cos ``pos_embed``; its two cross-attention
   decoders (``decode_blocks*``, ``down*``, ``lm_head*``, ``de_pos_embed``, ``mask_token*``) are not
   MAE's decoder and are reported as unexpected by ``import``; ``convert_bootmae_official`` maps the whole
@@ -50,7 +52,8 @@ from mimkit.interop.export import (
     timm_usage,
 )
 from mimkit.interop.hf_keys import hf_beit_config, hf_beit_key_map, hf_canonical_key, hf_key_map, mimkit_to_hf
-from mimkit.interop.imports import ImportOptions, ImportReport, import_checkpoint, read_source
+from mimkit.interop.import_base import ImportOptions, ImportReport
+from mimkit.interop.imports import import_checkpoint, read_source
 
 __all__ = [
     "Converted",

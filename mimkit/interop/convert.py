@@ -52,7 +52,7 @@ _REASONS = {
         (
             re.compile(r"(^|\.)rel_pos_bias\.|relative_position_(bias_table|index)$"),
             "relative position bias: a plain timm VisionTransformer has none "
-            "(features will differ from the BEiT model)",
+            "(features will differ from the source model)",
         ),
         (re.compile(r"^mask_token$"), "BEiT's encoder-side [MASK] embedding; MAE's mask token lives in the decoder"),
         (re.compile(r"^lm_head\."), "visual-token classifier (pretraining head)"),

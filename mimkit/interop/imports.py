@@ -1,108 +1,52 @@
-"""Import, step two: the configuration inferred from the converted tensors, and the whole `mimkit import` operation."""
+"""Import, step two: the configuration inferred from the converted tensors, and the whole `mimkit import` operation
+(BEiT / mc-BEiT with a relative position bias: mimkit/interop/beit_import.py)."""
 
 from __future__ import annotations
 
 import math
-import re
-from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
-import mimkit
-from mimkit.checkpoint import save_checkpoint
-from mimkit.config import ConfigError, config_from_dict, load_config, to_dict
+from mimkit.config import ConfigError, config_from_dict, load_config
 from mimkit.files import InteropError, load_weights_file
+from mimkit.interop.beit_import import has_relative_position_bias, import_beit, strip_encoder_prefix
 from mimkit.interop.common import FORMATS, _read_json, read_hf_folder, unwrap_state_dict
 from mimkit.interop.convert import Converted, convert_hf, convert_mimkit, convert_official, detect_format
+from mimkit.interop.import_base import (
+    ImportOptions,
+    ImportReport,
+    count_blocks,
+    data_section,
+    encoder_sizes,
+    merge_recipe,
+    model_section,
+    need,
+    save_imported,
+)
 from mimkit.methods import build_model
 from mimkit.models import PRESETS, sincos_2d_pos_embed
 
 # =============================================================================================
 # Import: configuration inferred from the converted tensors
 
-_HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}  # ViT-Ti/S/B/L/H
 _DECODER_HEADS_BY_WIDTH = {512: 16}  # MAE's dec512d8b
 
 
-def _count_blocks(tensors: dict, prefix: str) -> int:
-    ids = {int(m.group(1)) for k in tensors if (m := re.match(rf"^{re.escape(prefix)}\.(\d+)\.", k))}
-    return (max(ids) + 1) if ids else 0
-
-
-def _need(tensors: dict, key: str, conv: Converted, src: Path) -> torch.Tensor:
-    if key not in tensors:
-        raise InteropError(f"{src}: no tensor for '{key}' found; cannot infer the model's size from this file")
-    return tensors[key]
-
-
-def _choose_arch(embed_dim: int, patch: int) -> str:
-    exact = [n for n, p in PRESETS.items() if p.embed_dim == embed_dim and p.patch_size == patch]
-    same_width = [n for n, p in PRESETS.items() if p.embed_dim == embed_dim]
-    return (exact or same_width or ["vit_base_patch16_224"])[0]
-
-
-@dataclass
-class ImportOptions:
-    fmt: str = "auto"
-    key: str | None = None
-    img_size: int | None = None
-    num_heads: int | None = None
-    decoder_dim: int | None = None
-    decoder_depth: int | None = None
-    decoder_heads: int | None = None
-    mask_ratio: float | None = None
-    norm_pix_loss: bool | None = None
-    mean: tuple[float, float, float] | None = None
-    std: tuple[float, float, float] | None = None
-    strict: bool = False
-
-
-def _infer_sections(conv: Converted, src: Path, fmt: str, opts: ImportOptions, hints: dict) -> tuple[dict, int]:
-    """Config sections for the imported model; returns (sections, source grid)."""
+def _infer_sections(conv: Converted, src: Path, opts: ImportOptions, hints: dict) -> dict:
+    """Config sections for the imported plain-ViT model (method mae)."""
     t = conv.tensors
-    proj = _need(t, "encoder.patch_embed.proj.weight", conv, src)
-    if proj.ndim != 4 or proj.shape[1] != 3 or proj.shape[2] != proj.shape[3]:
-        raise InteropError(
-            f"{src}: '{conv.origin['encoder.patch_embed.proj.weight']}' has shape {tuple(proj.shape)}; "
-            "expected (width, 3, p, p) (RGB, square patches)"
-        )
-    embed_dim, patch = int(proj.shape[0]), int(proj.shape[2])
-    depth = _count_blocks(t, "encoder.blocks")
-    if depth == 0:
-        raise InteropError(f"{src}: no transformer blocks found")
-    fc1 = t.get("encoder.blocks.0.mlp.fc1.weight")
-    if fc1 is not None and fc1.shape[0] != 4 * embed_dim:
-        raise InteropError(
-            f"{src}: '{conv.origin['encoder.blocks.0.mlp.fc1.weight']}' has {fc1.shape[0]} hidden units; "
-            f"mimkit's ViT blocks use 4 x {embed_dim}"
-        )
-    if "encoder.pos_embed" in t:
-        n = t["encoder.pos_embed"].shape[1] - 1
-        grid = math.isqrt(n)
-        if grid * grid != n:
-            raise InteropError(
-                f"{src}: '{conv.origin['encoder.pos_embed']}' has {n} patch positions, not a square grid"
-            )
-    elif hints.get("img_size"):
-        grid = int(hints["img_size"]) // patch
-    elif hints.get("rel_pos_entries"):  # BEiT: (2G-1)^2 + 3 relative distances
-        grid = (math.isqrt(hints["rel_pos_entries"] - 3) + 1) // 2
-    elif opts.img_size:
-        grid = opts.img_size // patch
-    else:
-        raise InteropError(f"{src}: no position embedding to read the image size from; pass --img-size")
-    heads = opts.num_heads or hints.get("num_heads") or _HEADS_BY_WIDTH.get(embed_dim)
-    if not heads:
-        raise InteropError(f"{src}: cannot infer the number of attention heads for width {embed_dim}; pass --num-heads")
-
+    sizes = encoder_sizes(conv, src, opts, hints)
+    patch = sizes["patch_size"]
     has_decoder = any(k.startswith("decoder.") for k in t)
     if has_decoder:
-        mask_token = _need(t, "decoder.mask_token", conv, src)
+        mask_token = need(t, "decoder.mask_token", src)
         dec_dim = int(mask_token.shape[-1])
-        dec_depth = _count_blocks(t, "decoder.decoder_blocks")
+        dec_depth = count_blocks(t, "decoder.decoder_blocks")
         dec_heads = opts.decoder_heads or hints.get("decoder_heads") or _DECODER_HEADS_BY_WIDTH.get(dec_dim)
         if not dec_heads:
             raise InteropError(
@@ -118,120 +62,25 @@ def _infer_sections(conv: Converted, src: Path, fmt: str, opts: ImportOptions, h
         dec_dim = opts.decoder_dim or 512
         dec_depth = opts.decoder_depth if opts.decoder_depth is not None else 8
         dec_heads = opts.decoder_heads or 16
-    img = opts.img_size or grid * patch
     mae = {"decoder_dim": dec_dim, "decoder_depth": dec_depth, "decoder_heads": dec_heads}
     norm_pix = opts.norm_pix_loss if opts.norm_pix_loss is not None else hints.get("norm_pix_loss")
     if norm_pix is not None:
         mae["norm_pix_loss"] = bool(norm_pix)
-    sections: dict[str, Any] = {
-        "method": "mae",
-        "model": {
-            "arch": _choose_arch(embed_dim, patch),
-            "img_size": img,
-            "patch_size": patch,
-            "embed_dim": embed_dim,
-            "depth": depth,
-            "num_heads": heads,
-            **({"layer_norm_eps": hints["layer_norm_eps"]} if "layer_norm_eps" in hints else {}),
-        },
-        "mae": mae,
-    }
+    model = model_section(sizes, opts)
+    if "layer_norm_eps" in hints:
+        model["layer_norm_eps"] = hints["layer_norm_eps"]
+    sections: dict[str, Any] = {"method": "mae", "model": model, "mae": mae}
     ratio = opts.mask_ratio if opts.mask_ratio is not None else hints.get("mask_ratio")
     if ratio is not None:
         sections["mask"] = {"ratio": float(ratio)}
-    mean = opts.mean or hints.get("mean")
-    std = opts.std or hints.get("std")
-    data = {}
-    if mean is not None:
-        data["mean"] = [float(v) for v in mean]
-    if std is not None:
-        data["std"] = [float(v) for v in std]
+    data = data_section(opts, hints)
     if data:
         sections["data"] = data
-    base = hints.get("mimkit_config")
-    if base:  # a mimkit checkpoint: keep its recipe, replace the model / decoder sizes
-        merged = dict(base)
-        sections["model"]["arch"] = base.get("model", {}).get("arch", sections["model"]["arch"])
-        for key, value in sections.items():
-            merged[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
-        sections = merged
-    return sections, grid
+    return merge_recipe(sections, hints.get("mimkit_config"))
 
 
 # =============================================================================================
 # Import: the whole operation
-
-
-@dataclass
-class ImportReport:
-    source: str
-    format: str
-    output: str | None = None
-    matched: list[str] = field(default_factory=list)  # mimkit keys filled from the source
-    missing: list[str] = field(default_factory=list)  # mimkit keys the source should have had, left at init
-    initialized: list[str] = field(default_factory=list)  # decoder keys of an encoder-only source (fresh init)
-    unexpected: dict[str, str] = field(default_factory=dict)  # source key -> reason not used
-    notes: list[str] = field(default_factory=list)
-    config: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return {
-            "source": self.source,
-            "format": self.format,
-            "matched": list(self.matched),
-            "missing": list(self.missing),
-            "initialized": list(self.initialized),
-            "unexpected": dict(self.unexpected),
-            "notes": list(self.notes),
-        }
-
-    def text(self) -> str:
-        lines = [f"import {self.source} ({self.format})" + (f" -> {self.output}" if self.output else "")]
-        lines.append(f"  matched:     {len(self.matched)} tensors")
-        lines.append(
-            f"  missing:     {len(self.missing)}" + ("" if not self.missing else " (left at their initial values)")
-        )
-        lines += [f"    - {k}" for k in _group_keys(self.missing)]
-        if self.initialized:
-            lines.append(
-                f"  initialized: {len(self.initialized)} decoder tensors (the source holds no decoder; MAE's init)"
-            )
-        lines.append(
-            f"  unexpected:  {len(self.unexpected)}" + ("" if not self.unexpected else " (in the source, not imported)")
-        )
-        by_reason: dict[str, list[str]] = defaultdict(list)
-        for k, why in self.unexpected.items():
-            by_reason[why].append(k)
-        for why, keys in by_reason.items():
-            lines.append(f"    {why}:")
-            lines += [f"      - {k}" for k in _group_keys(keys)]
-        for note in self.notes:
-            lines.append(f"  note: {note}")
-        return "\n".join(lines)
-
-
-def _group_keys(keys: list[str]) -> list[str]:
-    """'blocks.0.x', 'blocks.1.x' ... -> 'blocks.{0..11}.x' so reports stay readable."""
-    groups: dict[str, list[int]] = defaultdict(list)
-    plain = []
-    for k in keys:
-        m = re.search(r"\.(\d+)\.", k)
-        if m:
-            groups[k[: m.start()] + ".{}." + k[m.end() :]].append(int(m.group(1)))
-        else:
-            plain.append(k)
-    out = list(plain)
-    for pattern, ids in groups.items():
-        ids = sorted(ids)
-        span = (
-            str(ids[0])
-            if len(ids) == 1
-            else f"{ids[0]}..{ids[-1]}"
-            if ids == list(range(ids[0], ids[-1] + 1))
-            else ",".join(map(str, ids))
-        )
-        out.append(pattern.replace("{}", f"{{{span}}}" if len(ids) > 1 else span, 1))
-    return out
 
 
 def _is_sincos(table: torch.Tensor, grid: int) -> bool:
@@ -241,12 +90,21 @@ def _is_sincos(table: torch.Tensor, grid: int) -> bool:
     return torch.allclose(table.float(), sincos_2d_pos_embed(dim, grid), atol=1e-4)
 
 
-def _resample(table: torch.Tensor, old: int, new: int) -> torch.Tensor:
-    from timm.layers import resample_abs_pos_embed
-
-    return resample_abs_pos_embed(table.float(), new_size=[new, new], old_size=[old, old], num_prefix_tokens=1).to(
-        table.dtype
-    )
+def _through_timm_filter(conv: Converted, encoder: VisionTransformer, report: ImportReport) -> None:
+    """The encoder's tensors through timm's own ``vision_transformer.checkpoint_filter_fn`` (it resamples the
+    position embedding to the model's grid), in place; what it drops is reported."""
+    enc = {k[len("encoder.") :]: v for k, v in conv.tensors.items() if k.startswith("encoder.")}
+    filtered = vit_checkpoint_filter_fn(enc, encoder)
+    for k, v in enc.items():
+        origin = conv.origin[f"encoder.{k}"]
+        if k not in filtered:
+            report.unexpected[origin] = "dropped by timm's vision_transformer.checkpoint_filter_fn"
+            del conv.tensors[f"encoder.{k}"]
+        elif k == "pos_embed" and filtered[k].shape != v.shape:
+            old, new = math.isqrt(v.shape[1] - 1), encoder.patch_embed.grid_size[0]
+            conv.notes.append(f"{origin}: resampled {old}x{old} -> {new}x{new} by timm.models.vision_transformer."
+                              "checkpoint_filter_fn (timm.layers.resample_abs_pos_embed, bicubic)")  # fmt: skip
+    conv.tensors.update({f"encoder.{k}": v for k, v in filtered.items() if k in enc})
 
 
 def _read_timm_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict, list[str]]:
@@ -321,7 +179,9 @@ def read_source(src: str | Path, key: str | None = None) -> tuple[dict[str, torc
 
 def import_checkpoint(src: str | Path, out: str | Path | None, opts: ImportOptions | None = None) -> ImportReport:
     """Convert ``src`` into a mimkit checkpoint at ``out`` (same dict layout as a training checkpoint:
-    model, config, step, mimkit_version, method; plus ``imported_from``). Returns the key report."""
+    model, config, step, mimkit_version, method; plus ``imported_from``). Returns the key report. BEiT / mc-BEiT
+    sources with a relative position bias become mimkit BEiT checkpoints (a timm ``Beit``, :func:`import_beit`),
+    every other one a plain ViT (method mae)."""
     opts = opts or ImportOptions()
     if opts.fmt not in FORMATS:
         raise InteropError(f"--format '{opts.fmt}' is not allowed; allowed: {', '.join(FORMATS)}")
@@ -329,30 +189,37 @@ def import_checkpoint(src: str | Path, out: str | Path | None, opts: ImportOptio
     sd, hints, notes = read_source(src, opts.key)
     if not sd:
         raise InteropError(f"{src}: holds no tensors")
+    if opts.fmt in ("auto", "beit"):
+        sd, prefix_notes = strip_encoder_prefix(sd)
+        notes += prefix_notes
     fmt = detect_format(sd) if opts.fmt == "auto" else opts.fmt
     if fmt == "unknown":
         sample = ", ".join(list(sd)[:6])
         raise InteropError(
             f"{src}: unrecognised key layout (first keys: {sample}); pass --format mae|beit|bootmae|hf|mimkit"
         )
+    rel = next((v for k, v in sd.items() if k.endswith("relative_position_bias_table")), None)
+    if rel is not None:
+        hints["rel_pos_entries"] = int(rel.shape[0])
+    if fmt == "beit" and has_relative_position_bias(sd):
+        return import_beit(src, out, sd, hints, notes, opts)
     if fmt == "hf":
         conv = convert_hf(sd)
     elif fmt == "mimkit":
         conv = convert_mimkit(sd)
     else:
         conv = convert_official(sd, fmt)
-        rel = next((v for k, v in sd.items() if k.endswith("relative_position_bias_table")), None)
-        if rel is not None:
-            hints["rel_pos_entries"] = int(rel.shape[0])
     if not conv.tensors:
         raise InteropError(
             f"{src}: no tensor maps onto a mimkit ViT ({fmt} layout); first keys: {', '.join(list(sd)[:6])}"
         )
     conv.notes = notes + conv.notes
+    if fmt == "beit":
+        conv.notes.append("beit: no relative position bias in the source, so its encoder is exactly a plain ViT "
+                          "(imported as one)")  # fmt: skip
 
-    sections, _ = _infer_sections(conv, src, fmt, opts, hints)
     try:
-        cfg = load_config(None, None, **sections)
+        cfg = load_config(None, None, **_infer_sections(conv, src, opts, hints))
     except ConfigError as e:
         raise InteropError(f"{src}: the inferred configuration is invalid: {e}") from None
     torch.manual_seed(0)  # what is not in the source is initialised reproducibly (MAE's init)
@@ -360,6 +227,7 @@ def import_checkpoint(src: str | Path, out: str | Path | None, opts: ImportOptio
     target = model.state_dict()
     grid = model.encoder.patch_embed.grid_size[0]
     report = ImportReport(source=str(src), format=fmt)
+    _through_timm_filter(conv, model.encoder, report)
     new_state = dict(target)
     has_decoder = any(k.startswith("decoder.") for k in conv.tensors)
     for key, tensor in conv.tensors.items():
@@ -369,19 +237,19 @@ def import_checkpoint(src: str | Path, out: str | Path | None, opts: ImportOptio
             continue
         want = target[key].shape
         if (
-            key in ("encoder.pos_embed", "decoder.decoder_pos_embed")
+            key == "decoder.decoder_pos_embed"
             and tensor.shape != want
             and tensor.ndim == 3
             and tensor.shape[-1] == want[-1]
         ):
             old = math.isqrt(tensor.shape[1] - 1)
-            if key == "decoder.decoder_pos_embed" and _is_sincos(tensor, old):
+            if _is_sincos(tensor, old):  # MAE's table is a fixed function of the grid: rebuilt, not interpolated
                 tensor = sincos_2d_pos_embed(want[-1], grid).to(tensor.dtype)
                 conv.notes.append(
                     f"decoder_pos_embed: fixed sin-cos table rebuilt for a {grid}x{grid} grid (was {old}x{old})"
                 )
             else:
-                tensor = _resample(tensor, old, grid)
+                tensor = resample_abs_pos_embed(tensor, new_size=[grid, grid], old_size=[old, old], num_prefix_tokens=1)
                 conv.notes.append(
                     f"{origin}: resampled {old}x{old} -> {grid}x{grid} with timm.layers.resample_abs_pos_embed"
                 )
@@ -409,26 +277,7 @@ def import_checkpoint(src: str | Path, out: str | Path | None, opts: ImportOptio
         conv.notes.append(f"{fmt}: only the encoder maps onto mimkit; the MAE decoder is freshly initialised")
     report.unexpected.update(conv.unexpected)
     report.notes = conv.notes
-    report.config = to_dict(cfg)
-    if opts.strict and (report.missing or report.unexpected):
-        raise InteropError(
-            f"{src}: --strict: {len(report.missing)} missing and {len(report.unexpected)} unexpected keys\n"
-            + report.text()
-        )
+    report.check_strict(opts.strict)
     model.load_state_dict(new_state, strict=True)
-    if out is not None:
-        out = Path(out)
-        save_checkpoint(
-            out,
-            {
-                "model": model.state_dict(),
-                "config": to_dict(cfg),
-                "step": 0,
-                "epoch": 0.0,
-                "mimkit_version": mimkit.__version__,
-                "method": cfg.method,
-                "imported_from": report.to_dict(),
-            },
-        )
-        report.output = str(out)
+    save_imported(out, model, cfg, report)
     return report

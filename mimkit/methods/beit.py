@@ -106,16 +106,19 @@ def create_beit_encoder(cfg) -> Beit:
 
 
 class BEiT(MIMMethod):
-    """Keys: encoder.* (timm Beit), mask_token, lm_head.*, tokenizer.* (frozen, saved so a run resumes alone)."""
+    """Keys: encoder.* (timm Beit), mask_token, lm_head.*, tokenizer.* (frozen, saved so a run resumes alone).
+    ``tokenizer=None`` (tokenizer.kind none: an imported encoder) builds the same model without one, lm_head
+    ``vocab_size`` wide: it evaluates and exports; a training forward says that it needs a tokenizer."""
 
     LOSS_TERMS = ("mlm_acc",)
     PREDICTS_PIXELS = False  # token ids, not pixels
 
     soft = False
 
-    def __init__(self, encoder: Beit, tokenizer: Tokenizer, *, mask_ratio: float = 0.4, mask_type: str = "block",
-                 tokenizer_size: int | None = None, tokenizer_interpolation: str | None = None,
-                 block_generator: str = "beit"):  # fmt: skip
+    def __init__(self, encoder: Beit, tokenizer: Tokenizer | None, *, mask_ratio: float = 0.4,
+                 mask_type: str = "block", tokenizer_size: int | None = None,
+                 tokenizer_interpolation: str | None = None, block_generator: str = "beit",
+                 vocab_size: int | None = None):  # fmt: skip
         super().__init__()
         self.encoder, self.tokenizer = encoder, tokenizer
         self.num_patches = encoder.patch_embed.num_patches
@@ -124,10 +127,12 @@ class BEiT(MIMMethod):
         self.num_masked = self.num_patches - num_visible(self.num_patches, mask_ratio)
         dim = encoder.embed_dim
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.lm_head = nn.Linear(dim, tokenizer.vocab_size)
+        self.lm_head = nn.Linear(dim, tokenizer.vocab_size if tokenizer is not None else vocab_size)
         trunc_normal_(self.mask_token, std=0.02)
         trunc_normal_(self.lm_head.weight, std=0.02)
         nn.init.zeros_(self.lm_head.bias)
+        if tokenizer is None:  # no second view to ask the data pipeline for
+            return
         size = tokenizer_size or self.grid[0] * tokenizer.downsample
         if size // tokenizer.downsample != self.grid[0] or self.grid[0] != self.grid[1]:
             raise ValueError(
@@ -169,6 +174,9 @@ class BEiT(MIMMethod):
     @torch.no_grad()
     def tokenizer_logits(self, tokenizer_image: torch.Tensor) -> torch.Tensor:
         """(B, L, V) fp32 tokenizer logits on the patch grid (row-major, as the ViT's patches)."""
+        if self.tokenizer is None:
+            raise ValueError("this BEiT has no tokenizer (tokenizer.kind none, an imported encoder): set "
+                             "tokenizer.kind and tokenizer.path to pretrain it")  # fmt: skip
         z = self.tokenizer(tokenizer_image)
         if tuple(z.shape[-2:]) != self.grid:
             raise ValueError(f"tokenizer output grid {tuple(z.shape[-2:])} != ViT patch grid {self.grid}")
@@ -243,9 +251,11 @@ class McBEiT(BEiT):
 def build(cfg, encoder=None) -> BEiT:
     """`encoder` is ignored: BEiT builds timm's Beit (build_model's ViT is for the MAE family)."""
     t, b = cfg.tokenizer, cfg.beit
-    tokenizer = load_tokenizer(t.kind, t.path, DVAESpec(t.vocab_size, t.hidden, t.downsample, t.code_dim), seed=cfg.train.seed)
+    spec = DVAESpec(t.vocab_size, t.hidden, t.downsample, t.code_dim)
+    tokenizer = None if t.kind == "none" else load_tokenizer(t.kind, t.path, spec, seed=cfg.train.seed)
     kwargs = dict(mask_ratio=cfg.mask.ratio, mask_type=cfg.mask.type, tokenizer_size=t.size,
-                  tokenizer_interpolation=t.interpolation, block_generator=resolve_block_generator(cfg))  # fmt: skip
+                  tokenizer_interpolation=t.interpolation, block_generator=resolve_block_generator(cfg),
+                  vocab_size=t.vocab_size)  # fmt: skip
     if cfg.method == "mcbeit":
         return McBEiT(create_beit_encoder(cfg), tokenizer, temperature=b.temperature, omega=b.omega,
                       sim_temperature=b.sim_temperature, stop_gradient=b.stop_gradient,
