@@ -29,52 +29,53 @@ def num_visible(num_patches: int, mask_ratio: float) -> int:
     return keep
 
 
-def random_mask(
-    batch_size: int,
-    num_patches: int,
-    mask_ratio: float,
-    *,
-    noise: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-) -> RandomMask:
-    """Per-sample uniform random masking by argsort of noise; every image keeps exactly
-    int(L * (1 - mask_ratio)) patches. Lower noise = kept first (same as MAE / HF ViTMAE)."""
-    len_keep = num_visible(num_patches, mask_ratio)
+Device = torch.device | str | None
+
+
+def shuffle_by_noise(batch_size: int, num_patches: int, noise: torch.Tensor | None,
+                     generator: torch.Generator | None, device: Device) -> torch.Tensor:  # fmt: skip
+    """(B, L) per-image permutations: argsort of `noise` (drawn uniform when None), lowest noise first."""
     if noise is None:
         noise = torch.rand(batch_size, num_patches, generator=generator, device=device)
     elif noise.shape != (batch_size, num_patches):
         raise ValueError(f"noise must have shape {(batch_size, num_patches)}, got {tuple(noise.shape)}")
-    ids_shuffle = torch.argsort(noise, dim=1)
+    return torch.argsort(noise, dim=1)
+
+
+def random_mask(batch_size: int, num_patches: int, mask_ratio: float, *, noise: torch.Tensor | None = None,
+                generator: torch.Generator | None = None, device: Device = None) -> RandomMask:  # fmt: skip
+    """Per-sample uniform random masking by argsort of noise; every image keeps exactly
+    int(L * (1 - mask_ratio)) patches. Lower noise = kept first (same as MAE / HF ViTMAE)."""
+    len_keep = num_visible(num_patches, mask_ratio)
+    ids_shuffle = shuffle_by_noise(batch_size, num_patches, noise, generator, device)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :len_keep]
-    mask = torch.ones(batch_size, num_patches, device=noise.device)
+    mask = torch.ones(batch_size, num_patches, device=ids_shuffle.device)
     mask[:, :len_keep] = 0
     mask = torch.gather(mask, 1, ids_restore)
     return RandomMask(ids_keep, ids_restore, mask)
 
 
-def block_mask(
-    grid: tuple[int, int],
-    num_masked: int,
-    *,
-    min_block: int = 16,
-    max_block: int | None = None,
-    aspect: tuple[float, float] = (0.3, 1 / 0.3),
-    generator: torch.Generator | None = None,
-    max_attempts: int = 10_000,
-) -> torch.Tensor:
+def block_limits(grid: tuple[int, int], num_masked: int, max_block: int | None,
+                 aspect: tuple[float, float]) -> tuple[int, int, int, float, float]:  # fmt: skip
+    """(grid height, grid width, largest block, log of the aspect bounds) of both block generators, the count
+    checked."""
+    h_grid, w_grid = grid
+    if not 0 < num_masked <= h_grid * w_grid:
+        raise ValueError(f"num_masked must be in [1, {h_grid * w_grid}], got {num_masked}")
+    return h_grid, w_grid, num_masked if max_block is None else max_block, math.log(aspect[0]), math.log(aspect[1])
+
+
+def block_mask(grid: tuple[int, int], num_masked: int, *, min_block: int = 16, max_block: int | None = None,
+               aspect: tuple[float, float] = (0.3, 1 / 0.3), generator: torch.Generator | None = None,
+               max_attempts: int = 10_000) -> torch.Tensor:  # fmt: skip
     """Exact-count blockwise masking for one image: (H, W) bool mask with exactly `num_masked` ones
     (`mask.block_generator: exact`; MAE-style visible-token encoders need the same count in every image).
 
     Rectangles of log-uniform aspect ratio and area in [min_block, budget] are added until the
     count is reached; a rectangle is accepted only if it adds between 1 and `budget` new cells.
     """
-    h_grid, w_grid = grid
-    if not 0 < num_masked <= h_grid * w_grid:
-        raise ValueError(f"num_masked must be in [1, {h_grid * w_grid}], got {num_masked}")
-    max_block = num_masked if max_block is None else max_block
-    log_lo, log_hi = math.log(aspect[0]), math.log(aspect[1])
+    h_grid, w_grid, max_block, log_lo, log_hi = block_limits(grid, num_masked, max_block, aspect)
     mask = torch.zeros(h_grid, w_grid, dtype=torch.bool)
 
     def uniform(lo: float, hi: float) -> float:
@@ -108,16 +109,9 @@ def block_mask(
     return mask
 
 
-def beit_block_mask(
-    grid: tuple[int, int],
-    num_masked: int,
-    *,
-    min_block: int = 16,
-    max_block: int | None = None,
-    aspect: tuple[float, float] = (0.3, 1 / 0.3),
-    generator: torch.Generator | None = None,
-    tries: int = 10,
-) -> torch.Tensor:
+def beit_block_mask(grid: tuple[int, int], num_masked: int, *, min_block: int = 16, max_block: int | None = None,
+                    aspect: tuple[float, float] = (0.3, 1 / 0.3), generator: torch.Generator | None = None,
+                    tries: int = 10) -> torch.Tensor:  # fmt: skip
     """BEiT's own blockwise generator for one image: (H, W) bool mask with *at most* `num_masked` ones.
 
     Rounds place one rectangle each: budget = min(remaining, max_block); up to `tries` draws of area
@@ -127,11 +121,7 @@ def beit_block_mask(
     official code does; see `block_mask` for the exact-count variant). Each round draws its random numbers in
     one call, so the mask is a pure function of the generator's state.
     """
-    h_grid, w_grid = grid
-    if not 0 < num_masked <= h_grid * w_grid:
-        raise ValueError(f"num_masked must be in [1, {h_grid * w_grid}], got {num_masked}")
-    max_block = num_masked if max_block is None else max_block
-    log_lo, log_hi = math.log(aspect[0]), math.log(aspect[1])
+    h_grid, w_grid, max_block, log_lo, log_hi = block_limits(grid, num_masked, max_block, aspect)
     mask = np.zeros((h_grid, w_grid), dtype=bool)
     count = 0
     while count < num_masked:
@@ -229,15 +219,8 @@ def parts_for_ratio(mask_ratio: float) -> int:
     return parts
 
 
-def parallel_masks(
-    batch_size: int,
-    num_patches: int,
-    parts: int,
-    *,
-    noise: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-) -> ParallelMask:
+def parallel_masks(batch_size: int, num_patches: int, parts: int, *, noise: torch.Tensor | None = None,
+                   generator: torch.Generator | None = None, device: Device = None) -> ParallelMask:  # fmt: skip
     """EMAE's parallel masks: one random permutation per image (argsort of noise) cut into K contiguous
     chunks; part k sees chunk k only. The visible sets partition the patches, so every patch is visible
     in exactly one part (when K divides L; otherwise the last L mod K patches of the permutation are
@@ -245,15 +228,11 @@ def parallel_masks(
     keep = num_patches // parts
     if keep < 1:
         raise ValueError(f"{parts} parts need at least {parts} patches, got {num_patches}")
-    if noise is None:
-        noise = torch.rand(batch_size, num_patches, generator=generator, device=device)
-    elif noise.shape != (batch_size, num_patches):
-        raise ValueError(f"noise must have shape {(batch_size, num_patches)}, got {tuple(noise.shape)}")
-    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_shuffle = shuffle_by_noise(batch_size, num_patches, noise, generator, device)
     # part k: its chunk first, the rest after (rolling keeps a permutation)
     shuffles = torch.stack([torch.roll(ids_shuffle, -k * keep, dims=1) for k in range(parts)], dim=1)
     ids_restore = torch.argsort(shuffles, dim=2)
-    mask = torch.ones(batch_size, parts, num_patches, device=noise.device)
+    mask = torch.ones(batch_size, parts, num_patches, device=ids_shuffle.device)
     mask[:, :, :keep] = 0
     mask = torch.gather(mask, 2, ids_restore)
     return ParallelMask(shuffles[:, :, :keep], ids_restore, mask)

@@ -14,7 +14,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ from mimkit.checkpoint import (
 )
 from mimkit.data import CorruptImage, DataError, FolderImages, load_npz, pretrain_transform
 from mimkit.datasets import open_torchvision
-from mimkit.engine import autocast_context
+from mimkit.engine import autocast_context, seed_everything
 from mimkit.eval.encoders import encoder_features, feature_dim
 from mimkit.metrics import MetricsLog
 
@@ -103,6 +103,24 @@ def open_labelled_split(path: str, split: str, fmt: str = "auto", root: str = "d
         raise DataError(f"data.path: {root} has images outside class sub-folders; expected {root}/<class>/<image>")
     source.targets = np.asarray(source.targets, dtype=np.int64)
     return source
+
+
+class RunStart(NamedTuple):
+    clock: "Stopwatch"
+    dist: mdist.DistInfo
+    precision: str
+    out_dir: Path
+    data: "LabelledData"
+
+
+def start_eval_run(cfg, run) -> RunStart:
+    """What every evaluation command does first: the clock, the processes, the precision, the seed, then the
+    labelled data, opened and checked before any model is built. `run` is the command's run section."""
+    clock = Stopwatch()
+    dist = mdist.init_distributed(run.device)
+    precision = mdist.resolve_precision(run.precision, dist.device)
+    seed_everything(run.seed)
+    return RunStart(clock, dist, precision, Path(run.out_dir), open_labelled(cfg.data, run.seed))
 
 
 @dataclass

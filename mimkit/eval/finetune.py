@@ -45,13 +45,12 @@ from mimkit.eval.common import (
     EvalResult,
     LabelledDataset,
     RunBookkeeping,
-    Stopwatch,
     eval_loader,
     eval_transform,
     machine_description,
-    open_labelled,
     resume_eval_run,
     save_eval_checkpoint,
+    start_eval_run,
     topk_correct,
     write_final_metrics,
 )
@@ -183,13 +182,9 @@ def evaluate_classifier(model: nn.Module, loader: DataLoader, device: torch.devi
 
 def run_finetune(cfg: FinetuneConfig) -> EvalResult:
     # ---- setup: processes, data (checked first), model with the pretrained encoder
-    clock = Stopwatch()
-    dist = mdist.init_distributed(cfg.train.device)
-    device, t, o, a = dist.device, cfg.train, cfg.optim, cfg.aug
-    precision = mdist.resolve_precision(t.precision, device)
-    out_dir = Path(t.out_dir)
-    seed_everything(t.seed)
-    data = open_labelled(cfg.data, t.seed)
+    t, o, a = cfg.train, cfg.optim, cfg.aug
+    clock, dist, precision, out_dir, data = start_eval_run(cfg, t)
+    device = dist.device
     model, report = build_finetune_model(cfg, data.num_classes)
     model.to(device)
     set_attention_kernel(model, resolve_attention(t.attention, device, precision))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -18,19 +17,17 @@ from timm.models.vision_transformer import VisionTransformer
 import mimkit
 from mimkit import distributed as mdist
 from mimkit.checkpoint import atomic_write_text
-from mimkit.engine import seed_everything
 from mimkit.eval.common import (
     KNN_NOTE,
     EvalLog,
     EvalResult,
     LabelledDataset,
-    Stopwatch,
     cache_meta,
     eval_transform,
     extract_features,
     frozen,
     machine_description,
-    open_labelled,
+    start_eval_run,
     subset,
     write_final_metrics,
 )
@@ -127,13 +124,9 @@ def knn_monitor(
 def run_knn(cfg: KnnConfig) -> EvalResult:
     """Extract (or reuse) train and val features, vote, write metrics. Resuming = the feature caches in
     run.out_dir: finished ones are reused, an interrupted extraction continues where it stopped."""
-    clock = Stopwatch()
-    dist = mdist.init_distributed(cfg.run.device)
-    device, r = dist.device, cfg.run
-    precision = mdist.resolve_precision(r.precision, device)
-    seed_everything(r.seed)
-    out_dir = Path(r.out_dir)
-    data = open_labelled(cfg.data, r.seed)  # data problems surface before any model is built
+    r = cfg.run
+    clock, dist, precision, out_dir, data = start_eval_run(cfg, r)
+    device = dist.device
     encoder, report = load_encoder(cfg.encoder, r.seed)
     frozen(encoder).to(device)
     img_size = encoder.patch_embed.img_size[0]

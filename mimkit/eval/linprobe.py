@@ -31,22 +31,21 @@ from mimkit import distributed as mdist
 from mimkit.checkpoint import atomic_write_text
 from mimkit.config import to_dict
 from mimkit.data import ResumableBatchSampler
-from mimkit.engine import StepEngine, TrainingDiverged, autocast_context, seed_everything
+from mimkit.engine import StepEngine, TrainingDiverged, autocast_context
 from mimkit.eval.common import (
     EvalLog,
     EvalResult,
     LabelledDataset,
     RunBookkeeping,
-    Stopwatch,
     cache_meta,
     eval_transform,
     extract_features,
     frozen,
     machine_description,
-    open_labelled,
     probe_train_transform,
     resume_eval_run,
     save_eval_checkpoint,
+    start_eval_run,
     topk_correct,
     write_final_metrics,
 )
@@ -106,13 +105,9 @@ def probe_accuracy(heads: nn.Module, feats: torch.Tensor, labels: torch.Tensor, 
 
 def run_linprobe(cfg: LinprobeConfig) -> EvalResult:
     # ---- setup: processes, data (checked first), frozen encoder, heads
-    clock = Stopwatch()
-    dist = mdist.init_distributed(cfg.train.device)
-    device, t, o, p = dist.device, cfg.train, cfg.optim, cfg.probe
-    precision = mdist.resolve_precision(t.precision, device)
-    out_dir = Path(t.out_dir)
-    seed_everything(t.seed)
-    data = open_labelled(cfg.data, t.seed)
+    t, o, p = cfg.train, cfg.optim, cfg.probe
+    clock, dist, precision, out_dir, data = start_eval_run(cfg, t)
+    device = dist.device
     encoder, report = load_encoder(cfg.encoder, t.seed)
     frozen(encoder).to(device)
     img_size = encoder.patch_embed.img_size[0]
