@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def per_patch_normalize(target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -45,3 +46,18 @@ def masked_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> t
     per_patch = (pred.float() - target.float()).abs().sum(dim=-1)  # summed over p * p * 3 values
     pixels_per_patch = pred.shape[-1] // 3
     return (per_patch * mask).sum() / (mask.sum() * pixels_per_patch + 1e-5) / 3
+
+
+def center_weights(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """BootMAE's loss weights w = m + m * AvgPool3x3(m) (stride 1, zero padding counted): 1 + the masked fraction
+    of a masked token's 3x3 neighbourhood, in (1, 2]; 0 for visible tokens. mask: (N, L), 1 = masked."""
+    m = mask.float().view(-1, 1, *grid)
+    pooled = F.avg_pool2d(m, 3, stride=1, padding=1, count_include_pad=True)
+    return (m + m * pooled).view(mask.shape)
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over masked patches (mask (B, L), 1 = masked) of -sum_k target_k log softmax(logits)_k."""
+    m = mask.bool()
+    per_patch = -(targets[m] * F.log_softmax(logits[m].float(), dim=-1)).sum(-1)
+    return per_patch.mean()

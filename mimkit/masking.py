@@ -238,6 +238,20 @@ def parallel_masks(batch_size: int, num_patches: int, parts: int, *, noise: torc
     return ParallelMask(shuffles[:, :, :keep], ids_restore, mask)
 
 
+def visible_token_masks(batch_size: int, num_patches: int, mask_ratio: float, parts: int = 1, *,
+                        noise: torch.Tensor | None = None, mask: torch.Tensor | None = None, device: Device = None,
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(ids_keep, ids_restore, mask) for a visible-token encoder from the data pipeline's mask inputs: a given
+    `mask` (B, L) (block / hybrid masks), else `noise` of random masks, or of K parallel parts (`parts` > 1:
+    ids_keep (B, K, keep), ids_restore and mask flattened to (B*K, L))."""
+    if mask is not None:
+        return mask_to_ids(mask)
+    if parts > 1:
+        ids_keep, ids_restore, masks = parallel_masks(batch_size, num_patches, parts, noise=noise, device=device)
+        return ids_keep, ids_restore.flatten(0, 1), masks.flatten(0, 1)
+    return random_mask(batch_size, num_patches, mask_ratio, noise=noise, device=device)
+
+
 def coarse_random_mask(grid: tuple[int, int], cell: int, mask_ratio: float,
                        generator: torch.Generator | None = None) -> torch.Tensor:  # fmt: skip
     """SimMIM's mask for one image: the patch grid is tiled with `cell` x `cell`-patch squares (a 32-px mask patch

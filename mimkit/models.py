@@ -6,12 +6,14 @@ The state dict of every encoder built here loads unchanged into
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import numpy as np
 import torch
 import torch.utils.checkpoint
 from timm.models import checkpoint_seq
+from timm.models.beit import Beit
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -53,6 +55,23 @@ def create_encoder(
     )
 
 
+def timm_beit_kwargs(cfg) -> dict:
+    """Arguments of timm's ``Beit`` (BEiT / mc-BEiT encoders) that ``model.encoder.state_dict()`` loads into
+    unchanged, from a pretraining config's model.* and beit.* sections."""
+    m, b = cfg.model, cfg.beit
+    p = get_preset(m.arch)
+    return dict(
+        img_size=m.img_size or p.img_size, patch_size=m.patch_size or p.patch_size, num_classes=0, global_pool="",
+        embed_dim=m.embed_dim or p.embed_dim, depth=m.depth or p.depth, num_heads=m.num_heads or p.num_heads,
+        mlp_ratio=4.0, qkv_bias=True, init_values=b.layer_scale_init, use_abs_pos_emb=b.abs_pos_emb,
+        use_rel_pos_bias=not b.shared_rel_pos_bias, use_shared_rel_pos_bias=b.shared_rel_pos_bias,
+    )  # fmt: skip
+
+
+def create_beit_encoder(cfg) -> Beit:
+    return Beit(**timm_beit_kwargs(cfg), drop_path_rate=cfg.model.drop_path_rate)
+
+
 def sincos_2d_pos_embed(dim: int, grid: int, cls_token: bool = True, row_first: bool = False) -> torch.Tensor:
     """MAE's fixed 2-D sin-cos table, (1, grid*grid [+1], dim): first half of the channels encodes
     the column (w) coordinate, second half the row (h); each half is [sin, cos]; cls row is zero.
@@ -81,6 +100,20 @@ def init_weights_mae(module: nn.Module) -> None:
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+
+
+def init_weights_bootmae(name: str, module: nn.Module) -> None:
+    """BootMAE's init of a named module: MAE's (xavier-uniform, zero bias, LayerNorm (1, 0)), except that a fused
+    qkv Linear is xavier over each of its three matrices and a cross-attention k / v over BootMAE's one fused kv."""
+    if isinstance(module, nn.Linear) and name.endswith(("qkv", "cross_attn.k", "cross_attn.v")):
+        fan_out, fan_in = module.weight.shape
+        fused_out = fan_out / 3 if name.endswith("qkv") else 2 * fan_out
+        bound = math.sqrt(6 / (fused_out + fan_in))
+        nn.init.uniform_(module.weight, -bound, bound)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    else:
+        init_weights_mae(module)
 
 
 def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:

@@ -8,19 +8,19 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_MODEL, TINY_TOKENIZER, make_images
 from timm.models.beit import Beit
 
 from mimkit.checkpoint import load_checkpoint
 from mimkit.config import ConfigError, load_config
 from mimkit.data import TwoViewTransform, ViewSpec
+from mimkit.losses import soft_cross_entropy
 from mimkit.methods import build_model
-from mimkit.methods.beit import (affinity, soft_cross_entropy, soft_targets, timm_beit_kwargs,
-                                 tokenizer_probs)  # fmt: skip
+from mimkit.models import timm_beit_kwargs
+from mimkit.targets import affinity, soft_targets, tokenizer_probs
 from mimkit.tokenizer_training import train_tokenizer
 from mimkit.tokenizers import DalleEncoder, TamingGumbelTokenizer, TokenizerError, load_tokenizer
 from mimkit.train import pretrain
-
-from conftest import TINY_MODEL, TINY_TOKENIZER, make_images
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_MODEL
 
 from mimkit.checkpoint import load_checkpoint
 from mimkit.config import ConfigError, load_config
@@ -13,8 +14,6 @@ from mimkit.methods import build_model
 from mimkit.methods.bootmae import BootMAE
 from mimkit.models import patchify
 from mimkit.train import pretrain
-
-from conftest import TINY_MODEL
 
 P, S, L = 4, 16, 16  # tiny model: patch 4 on 16 px, a 4 x 4 grid
 
@@ -187,7 +186,7 @@ def test_full_loss_matches_an_independent_computation():
 
 
 def test_centre_weights_on_known_masks():
-    from mimkit.methods.bootmae import center_weights
+    from mimkit.losses import center_weights
 
     lone = torch.zeros(1, 16)
     lone[0, 5] = 1

@@ -16,8 +16,7 @@ from mimkit import distributed as mdist
 from mimkit.checkpoint import CheckpointError, load_checkpoint
 from mimkit.config import BEIT_METHODS, ConfigError, config_from_dict
 from mimkit.methods import build_model, set_layer_norm_eps
-from mimkit.methods.beit import timm_beit_kwargs
-from mimkit.models import create_encoder, get_preset
+from mimkit.models import create_encoder, get_preset, timm_beit_kwargs
 
 log = logging.getLogger("mimkit")
 

@@ -13,8 +13,8 @@ from mimkit.config import BEIT_METHODS, Config
 from mimkit.files import InteropError
 from mimkit.interop.common import _read_json, _timm_name, encoder_spec, load_mimkit_checkpoint
 from mimkit.interop.hf_keys import hf_beit_config, hf_beit_key_map, hf_key_map, mimkit_to_hf
-from mimkit.methods.beit import timm_beit_kwargs
 from mimkit.methods.mae import MAEDecoder
+from mimkit.models import timm_beit_kwargs
 
 # =============================================================================================
 # Export

@@ -7,7 +7,7 @@ import re
 import torch
 
 from mimkit.config import Config
-from mimkit.methods.beit import timm_beit_kwargs
+from mimkit.models import timm_beit_kwargs
 
 # =============================================================================================
 # Hugging Face key map (transformers 5.x module names)

@@ -37,9 +37,12 @@ from torch import nn
 
 from mimkit.config import resolve_block_generator
 from mimkit.data import ViewSpec
+from mimkit.losses import soft_cross_entropy
 from mimkit.masking import block_mask_for, num_visible
 from mimkit.methods.base import MIMMethod
-from mimkit.models import get_preset
+from mimkit.models import create_beit_encoder, timm_beit_kwargs  # noqa: F401 (timm_beit_kwargs: mimkit.methods.beit's)
+from mimkit.schedules import temperature_at
+from mimkit.targets import affinity, soft_targets, tokenizer_probs
 from mimkit.tokenizers import DVAESpec, Tokenizer, load_tokenizer
 
 
@@ -48,61 +51,6 @@ class BEiTOutput(NamedTuple):
     logits: torch.Tensor  # (M, vocab) lm_head logits at the masked patches (batch-major order)
     mask: torch.Tensor  # (B, L) 1 = masked
     mlm_acc: torch.Tensor  # accuracy of argmax(logits) against the tokenizer's hard ids (monitoring only)
-
-
-# ---------------------------------------------------------------- targets and losses (pure functions)
-
-
-def tokenizer_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """(..., V) tokenizer logits -> softmax(logits / temperature), in fp32."""
-    return F.softmax(logits.float() / temperature, dim=-1)
-
-
-def affinity(features: torch.Tensor, sim_temperature: float = 1.0) -> torch.Tensor:
-    """(B, L, D) features -> W (B, L, L) = row-softmax(cosine similarity / sim_temperature); rows sum to 1."""
-    f = F.normalize(features.float(), dim=-1)
-    return F.softmax(f @ f.transpose(1, 2) / sim_temperature, dim=-1)
-
-
-def soft_targets(probs: torch.Tensor, weights: torch.Tensor, omega: float) -> torch.Tensor:
-    """mc-BEiT's refined target: omega * W p + (1 - omega) p, over every patch. probs (B, L, V), W (B, L, L)."""
-    return omega * torch.bmm(weights, probs) + (1.0 - omega) * probs
-
-
-def temperature_at(epoch: int, final: float, warmup: float | None, warmup_epochs: int) -> float:
-    """mc-BEiT's tokenizer temperature for an epoch: np.linspace(warmup, final, warmup_epochs)[epoch] during the
-    warm-up, `final` after (and always, when warmup is None)."""
-    if warmup is None or epoch >= warmup_epochs:
-        return final
-    if warmup_epochs == 1:
-        return warmup
-    return epoch * ((final - warmup) / (warmup_epochs - 1)) + warmup  # linspace's own arithmetic
-
-
-def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over masked patches (mask (B, L), 1 = masked) of -sum_k target_k log softmax(logits)_k."""
-    m = mask.bool()
-    per_patch = -(targets[m] * F.log_softmax(logits[m].float(), dim=-1)).sum(-1)
-    return per_patch.mean()
-
-
-# ---------------------------------------------------------------- the model
-
-
-def timm_beit_kwargs(cfg) -> dict:
-    """Arguments of timm's ``Beit`` that ``model.encoder.state_dict()`` loads into unchanged."""
-    m, b = cfg.model, cfg.beit
-    p = get_preset(m.arch)
-    return dict(
-        img_size=m.img_size or p.img_size, patch_size=m.patch_size or p.patch_size, num_classes=0, global_pool="",
-        embed_dim=m.embed_dim or p.embed_dim, depth=m.depth or p.depth, num_heads=m.num_heads or p.num_heads,
-        mlp_ratio=4.0, qkv_bias=True, init_values=b.layer_scale_init, use_abs_pos_emb=b.abs_pos_emb,
-        use_rel_pos_bias=not b.shared_rel_pos_bias, use_shared_rel_pos_bias=b.shared_rel_pos_bias,
-    )  # fmt: skip
-
-
-def create_beit_encoder(cfg) -> Beit:
-    return Beit(**timm_beit_kwargs(cfg), drop_path_rate=cfg.model.drop_path_rate)
 
 
 class BEiT(MIMMethod):

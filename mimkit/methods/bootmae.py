@@ -35,18 +35,13 @@ from torch import nn
 
 from mimkit.config import resolve_block_generator
 from mimkit.decoders import TargetAwareDecoder
-from mimkit.losses import consistency_loss, per_patch_normalize
-from mimkit.masking import (
-    VisibleTokenMasks,
-    mask_to_ids,
-    parallel_masks,
-    parts_for_ratio,
-    random_mask,
-)
+from mimkit.losses import center_weights, consistency_loss
+from mimkit.masking import VisibleTokenMasks, parts_for_ratio, visible_token_masks
 from mimkit.methods.base import MIMMethod
-from mimkit.models import encode_visible, patchify, sincos_2d_pos_embed
+from mimkit.models import encode_visible, init_weights_bootmae, sincos_2d_pos_embed
+from mimkit.schedules import feature_weight_at, momentum_at
+from mimkit.targets import ema_update_, momentum_features, pixel_target, pixels_from_target
 
-PIXEL_EPS = 1e-5  # BootMAE's pixel target: eps added to the biased variance
 FEATURE_EPS = 1e-6  # the affine-free LayerNorm on feature target and prediction
 
 
@@ -60,45 +55,6 @@ class BootMAEOutput(NamedTuple):
     feature_weight: float  # lambda(e) of this step (0 without a feature target)
     momentum: float  # EMA decay after_step applies after this step
     feature_pred: torch.Tensor | None  # (B[*K], L, D) feature-decoder output, before the affine-free LayerNorm
-
-
-def pixel_target(imgs: torch.Tensor, patch_size: int, norm: str = "patch_channel") -> torch.Tensor:
-    """(B, L, p*p*3) in patchify layout. patch_channel: each patch and RGB channel by its own mean and biased
-    std (eps 1e-5 inside the root); patch: MAE's norm_pix; none: raw pixels."""
-    target = patchify(imgs.float(), patch_size)
-    if norm == "patch":
-        return per_patch_normalize(target)
-    if norm == "patch_channel":
-        b, num, _ = target.shape
-        t = target.view(b, num, patch_size * patch_size, 3)
-        mean, var = t.mean(dim=2, keepdim=True), t.var(dim=2, unbiased=False, keepdim=True)
-        return ((t - mean) / (var + PIXEL_EPS).sqrt()).view(b, num, -1)
-    return target
-
-
-def center_weights(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """w = m + m * AvgPool3x3(m) (stride 1, zero padding counted): 1 + the masked fraction of a masked token's
-    3x3 neighbourhood, in (1, 2]; 0 for visible tokens. mask: (N, L), 1 = masked."""
-    m = mask.float().view(-1, 1, *grid)
-    pooled = F.avg_pool2d(m, 3, stride=1, padding=1, count_include_pad=True)
-    return (m + m * pooled).view(mask.shape)
-
-
-def feature_weight_at(epoch: int, epochs: float, weight: float, ramp: float) -> float:
-    """lambda(e) = min(weight * (e + 1) / (ramp * E), weight); ramp 0.25 gives min(4 weight (e+1) / E, weight)."""
-    return weight if ramp <= 0 else min(weight * (epoch + 1) / (ramp * epochs), weight)
-
-
-def momentum_at(epoch: int, start: float, mid: float, mid_epoch: float, final: float | None,
-                final_epoch: float) -> float:  # fmt: skip
-    """EMA decay for epoch e: linear start -> mid over [0, mid_epoch); then mid (ViT-L), or (`final` set, ViT-B's
-    dynamic schedule) linear mid -> final over [mid_epoch, final_epoch] and final after."""
-    if epoch < mid_epoch:
-        return start + epoch / mid_epoch * (mid - start)
-    if final is None:
-        return mid
-    span = final_epoch - mid_epoch
-    return mid + min(span, epoch - mid_epoch) / span * (final - mid)
 
 
 class BootMAE(MIMMethod):
@@ -162,21 +118,7 @@ class BootMAE(MIMMethod):
         enc.pos_embed.data.copy_(sincos_2d_pos_embed(enc.embed_dim, self.grid[0], row_first=True))
         enc.pos_embed.requires_grad_(False)  # frozen in pretraining; timm makes it learnable at fine-tune
         for name, m in self.named_modules():
-            if isinstance(m, nn.Linear):
-                fan_out, fan_in = m.weight.shape
-                if name.endswith("qkv"):
-                    bound = math.sqrt(6 / (fan_out / 3 + fan_in))
-                    nn.init.uniform_(m.weight, -bound, bound)
-                elif name.endswith(("cross_attn.k", "cross_attn.v")):
-                    bound = math.sqrt(6 / (2 * fan_out + fan_in))
-                    nn.init.uniform_(m.weight, -bound, bound)
-                else:
-                    nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+            init_weights_bootmae(name, m)
         w = enc.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(enc.cls_token, std=1e-6)
@@ -203,18 +145,10 @@ class BootMAE(MIMMethod):
     def current_momentum(self, step: int | None = None) -> float:
         return momentum_at((self.step if step is None else step) // self.steps_per_epoch, *self.momentum_schedule)
 
-    @torch.no_grad()
     def after_step(self, step: int) -> None:
-        """EMA update after optimizer step `step`: ema <- d * ema + (1 - d) * student, for every floating
-        parameter and buffer the student trains (frozen ones, e.g. the sin-cos pos-embed, stay equal)."""
-        if self.ema_encoder is None:
-            return
-        d = self.current_momentum(step)
-        pairs = [(e, s) for e, s in zip(self.ema_encoder.parameters(), self.encoder.parameters()) if s.requires_grad]
-        pairs += [(e, s) for e, s in zip(self.ema_encoder.buffers(), self.encoder.buffers()) if s.is_floating_point()]
-        ema, student = [e for e, _ in pairs], [s.detach() for _, s in pairs]
-        torch._foreach_mul_(ema, d)
-        torch._foreach_add_(ema, torch._foreach_mul(student, 1.0 - d))
+        """EMA update after optimizer step `step` (targets.ema_update_)."""
+        if self.ema_encoder is not None:
+            ema_update_(self.ema_encoder, self.encoder, self.current_momentum(step))
 
     def train(self, mode: bool = True) -> BootMAE:
         super().train(mode)
@@ -228,14 +162,6 @@ class BootMAE(MIMMethod):
             if decoder is not None:
                 decoder.grad_checkpointing = enable
 
-    @torch.no_grad()
-    def momentum_features(self, imgs: torch.Tensor) -> torch.Tensor:
-        """The EMA encoder on the full image: last-block patch tokens before the final norm, (B, L, D)."""
-        enc = self.ema_encoder
-        x = enc.patch_embed(imgs) + enc.pos_embed[:, 1:]
-        cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        return enc.blocks(torch.cat([cls, x], dim=1))[:, 1:]
-
     # ---------------------------------------------------------------- masks, targets, forward
 
     def mask_inputs(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -246,28 +172,14 @@ class BootMAE(MIMMethod):
         return pixel_target(imgs, self.patch_size, self.pixel_norm)
 
     def pixels_from_pred(self, pred: torch.Tensor, imgs: torch.Tensor) -> torch.Tensor:
-        """Undo the target normalisation with the ground-truth statistics (for reconstruction pictures)."""
-        raw = patchify(imgs.float(), self.patch_size)
-        if self.pixel_norm == "patch":
-            return pred * (raw.var(-1, keepdim=True) + 1e-6).sqrt() + raw.mean(-1, keepdim=True)
-        if self.pixel_norm == "patch_channel":
-            b, num, _ = raw.shape
-            t, p = raw.view(b, num, -1, 3), pred.reshape(b, num, -1, 3)
-            std = (t.var(2, unbiased=False, keepdim=True) + PIXEL_EPS).sqrt()
-            return (p * std + t.mean(2, keepdim=True)).view(pred.shape)
-        return pred
+        return pixels_from_target(pred, imgs, self.patch_size, self.pixel_norm)
 
     def forward(self, imgs: torch.Tensor, noise: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> BootMAEOutput:  # fmt: skip
         """`mask` (B, L, 1 = masked) from hybrid/block masking, or `noise` (B, L) for random/parallel masks."""
         b, num, parts = imgs.shape[0], self.num_patches, self.parts if mask is None else 1
-        if mask is not None:
-            ids_keep, ids_restore, masks = mask_to_ids(mask)
-        elif parts > 1:
-            ids_keep, ids_restore, masks = parallel_masks(b, num, parts, noise=noise, device=imgs.device)
-            ids_restore, masks = ids_restore.flatten(0, 1), masks.flatten(0, 1)
-        else:
-            ids_keep, ids_restore, masks = random_mask(b, num, self.mask_ratio, noise=noise, device=imgs.device)
+        ids_keep, ids_restore, masks = visible_token_masks(b, num, self.mask_ratio, parts, noise=noise, mask=mask,
+                                                           device=imgs.device)  # fmt: skip
         per_part = (lambda t: t.repeat_interleave(parts, dim=0)) if parts > 1 else (lambda t: t)  # noqa: E731
         latent, features = encode_visible(self.encoder, imgs, ids_keep, (self.pixel_layer, self.feature_layer))
         weights = center_weights(masks, self.grid) if self.center_weight else masks
@@ -280,7 +192,7 @@ class BootMAE(MIMMethod):
         lam = self.current_feature_weight()
         if self.feature_decoder is not None:
             feature_pred = self.feature_decoder(latent, ids_restore, masks, features[self.feature_layer])
-            target = per_part(self.momentum_features(imgs)).float()
+            target = per_part(momentum_features(self.ema_encoder, imgs)).float()
             t = F.layer_norm(target, target.shape[-1:], eps=FEATURE_EPS)
             q = F.layer_norm(feature_pred.float(), target.shape[-1:], eps=FEATURE_EPS)
             feature = ((q - t).pow(2).mean(-1) * weights).sum() / count
@@ -297,35 +209,14 @@ class BootMAE(MIMMethod):
 
 
 def build(cfg, encoder: VisionTransformer) -> BootMAE:
-    m, bm, e = cfg.mae, cfg.bootmae, cfg.emae
-    return BootMAE(
-        encoder,
-        decoder_dim=m.decoder_dim,
-        decoder_depth=m.decoder_depth,
-        decoder_heads=m.decoder_heads,
-        feature_decoder_dim=bm.feature_decoder_dim,
-        feature_decoder_depth=bm.feature_decoder_depth,
-        feature_decoder_heads=bm.feature_decoder_heads,
-        mask_ratio=cfg.mask.ratio,
-        mask_type=cfg.mask.type,
-        block_generator=resolve_block_generator(cfg),
-        hybrid_block_ratio=cfg.mask.hybrid_block_ratio,
-        hybrid_max_block_ratio=cfg.mask.hybrid_max_block_ratio,
-        feature_target=bm.feature_target,
-        feature_weight=bm.feature_weight,
-        feature_weight_ramp=bm.feature_weight_ramp,
-        cross_attention=bm.cross_attention,
-        pixel_context_layer=bm.pixel_context_layer,
-        feature_context_layer=bm.feature_context_layer,
-        pixel_norm=bm.pixel_norm,
-        center_weight=bm.center_weight,
-        mask_pos_only=bm.mask_pos_only,
-        momentum=bm.momentum,
-        momentum_mid=bm.momentum_mid,
-        momentum_mid_epoch=bm.momentum_mid_epoch,
-        momentum_final=bm.momentum_final,
-        momentum_final_epoch=bm.momentum_final_epoch,
-        consistency_weight=e.consistency_weight,
-        stop_gradient=e.stop_gradient,
-        distance=e.distance,
-    )
+    m, bm, e, mask = cfg.mae, cfg.bootmae, cfg.emae, cfg.mask
+    same_names = {name: getattr(bm, name) for name in (
+        "feature_decoder_dim", "feature_decoder_depth", "feature_decoder_heads", "feature_target", "feature_weight",
+        "feature_weight_ramp", "cross_attention", "pixel_context_layer", "feature_context_layer", "pixel_norm",
+        "center_weight", "mask_pos_only", "momentum", "momentum_mid", "momentum_mid_epoch", "momentum_final",
+        "momentum_final_epoch")}  # fmt: skip
+    return BootMAE(encoder, decoder_dim=m.decoder_dim, decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads,
+                   mask_ratio=mask.ratio, mask_type=mask.type, block_generator=resolve_block_generator(cfg),
+                   hybrid_block_ratio=mask.hybrid_block_ratio, hybrid_max_block_ratio=mask.hybrid_max_block_ratio,
+                   consistency_weight=e.consistency_weight, stop_gradient=e.stop_gradient, distance=e.distance,
+                   **same_names)  # fmt: skip
