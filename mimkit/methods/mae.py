@@ -15,7 +15,7 @@ from torch import nn
 from mimkit.config import resolve_block_generator
 from mimkit.decoders import CrossMAEDecoder, MAEDecoder, resolve_context_blocks
 from mimkit.losses import masked_mse, per_patch_normalize
-from mimkit.masking import VisibleTokenMasks, mask_to_ids, random_mask, reconstruction_ids, take_patches
+from mimkit.masking import RandomMask, VisibleTokenMasks, mask_to_ids, random_mask, reconstruction_ids, take_patches
 from mimkit.methods.base import MIMMethod
 from mimkit.models import encode_visible, init_weights_mae, patchify, sincos_2d_pos_embed
 
@@ -98,8 +98,10 @@ class MAE(MIMMethod):
         raw = patchify(imgs.float(), self.patch_size)
         return pred * (raw.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + raw.mean(dim=-1, keepdim=True)
 
-    def forward(self, imgs: torch.Tensor, noise: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                select_noise: torch.Tensor | None = None) -> MAEOutput:  # fmt: skip
+    def forward(
+        self, imgs: torch.Tensor, noise: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+        select_noise: torch.Tensor | None = None,
+    ) -> MAEOutput:
         """`noise` (B, L) drives random masking (as HF ViTMAE's `noise`); `mask` (B, L, 1 = masked,
         same count per image) gives the mask directly; neither: fresh random noise. `select_noise` (B, L):
         which masked patches the CrossMAE decoder reconstructs (fresh when None)."""
@@ -114,7 +116,8 @@ class MAE(MIMMethod):
         loss = masked_mse(pred, self.target(imgs), masking.mask)
         return MAEOutput(loss, pred.clone(), masking.mask)  # not a view of the decoder output: FSDP2 hooks outputs
 
-    def _forward_crossmae(self, imgs: torch.Tensor, masking, select_noise: torch.Tensor | None) -> MAEOutput:
+    def _forward_crossmae(self, imgs: torch.Tensor, masking: RandomMask, select_noise: torch.Tensor | None
+                          ) -> MAEOutput:  # fmt: skip
         """Training: queries at the selected masked patches only; `pred` holds zeros at every other patch.
         Eval mode (pictures, report): a query at every patch (queries are independent, so this changes no
         prediction), so `pred` is a full reconstruction like MAE's and the loss is on every masked patch."""
