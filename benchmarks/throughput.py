@@ -14,7 +14,10 @@ process at the same sizes, batch, mask ratio 0.75, norm-pix loss and precision:
   mimkit     mimkit's MAE (timm ViT encoder);
   hf-sdpa    transformers' ViTMAEForPreTraining, attn_implementation="sdpa";
   hf-eager   the same with attn_implementation="eager";
-  hf-sdpa-compiled  hf-sdpa with every ViTMAELayer torch.compile'd in place, as mimkit-compiled does its blocks.
+  hf-sdpa-compiled  hf-sdpa with every ViTMAELayer torch.compile'd in place, as mimkit-compiled does its blocks;
+  mimkit-crossmae  mimkit's MAE with CrossMAE's decoder (mae.decoder=crossmae) at the same decoder width / depth,
+             decoding --reconstruct-ratio of the masked patches (another network: its FLOPs are its own, its
+             MFU is against the MAE step's GEMM ceiling, and its parameters are left out of the equality check).
 HF's (a test-only dependency) is configured with qkv bias, LayerNorm eps 1e-6, exact GELU, no dropout and
 MLPs 4x wide, so both have the same parameters (their counts are printed). "× fastest baseline" is
 mimkit's img/s over the best HF row of the same model and precision.
@@ -57,7 +60,7 @@ import re
 import resource
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +87,7 @@ GPU_BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 
 # attention kernel forced (the mimkit row uses train.attention=auto, as `mimkit pretrain` does), and torch's
 # default AdamW (foreach) in place of the fused kernel the training loop picks
 OPTIONAL_IMPLS = ("mimkit-compiled", "mimkit-sdpa", "mimkit-eager", "mimkit-default-adamw", "hf-sdpa-compiled")
+OTHER_DECODER_IMPLS = ("mimkit-crossmae",)  # a different network at the same sizes (not one of the ablations above)
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,7 @@ class ModelSpec:
     batch: int
     reference_gflop_per_image: float | None  # fwd+bwd, quoted in the issue, for the sanity check
     gpu_batch: int = 256  # per-GPU batch on CUDA (fills an H100 / H200 without running out of memory)
+    reconstruct_ratio: float = 0.25  # mimkit-crossmae: fraction of the masked patches decoded (--reconstruct-ratio)
 
 
 MODELS = {
@@ -132,6 +137,25 @@ def mae_flops_per_image(spec: ModelSpec) -> dict[str, float]:
     parts["forward"] = sum(parts.values())
     parts["train_step"] = 3 * parts["forward"]
     return parts
+
+
+def crossmae_flops_per_image(spec: ModelSpec) -> dict[str, float]:
+    """mae_flops_per_image for CrossMAE's decoder: N = round(ratio * masked) queries, each block projecting the
+    queries (q, out: N rows; MLP: N rows) and the context (k, v: the encoder's visible tokens + cls)."""
+    p = get_preset(spec.arch)
+    num_patches, dim = p.grid**2, spec.decoder_dim
+    context = num_visible(num_patches, MASK_RATIO) + 1
+    queries = round(spec.reconstruct_ratio * (num_patches - context + 1))
+    block = 2 * queries * dim * (2 * dim + 8 * dim) + 2 * context * dim * 2 * dim + 2 * 2 * queries * context * dim
+    parts = {**mae_flops_per_image(spec), "decoder": spec.decoder_depth * block,
+             "decoder_pred": 2 * queries * dim * p.patch_size**2 * 3}  # fmt: skip
+    parts["forward"] = sum(v for k, v in parts.items() if k not in ("forward", "train_step"))
+    parts["train_step"] = 3 * parts["forward"]
+    return parts
+
+
+def flops_per_image(spec: ModelSpec, impl: str) -> dict[str, float]:
+    return crossmae_flops_per_image(spec) if impl in OTHER_DECODER_IMPLS else mae_flops_per_image(spec)
 
 
 @dataclass(frozen=True)
@@ -348,10 +372,11 @@ def build_mae(impl: str, spec: ModelSpec, precision: str = "fp32", device: torch
     """The MAE of `impl` at `spec`'s sizes. For both kinds `model(imgs).loss` is the training loss,
     with masking noise drawn inside the forward on the images' device."""
     if impl.startswith("mimkit"):
+        crossmae = ["mae.decoder=crossmae", f"mae.reconstruct_ratio={spec.reconstruct_ratio}"]
         cfg = load_config(None, [
             f"model.arch={spec.arch}", f"mae.decoder_dim={spec.decoder_dim}",
             f"mae.decoder_depth={spec.decoder_depth}", f"mae.decoder_heads={spec.decoder_heads}",
-            "mae.norm_pix_loss=true", f"mask.ratio={MASK_RATIO}",
+            "mae.norm_pix_loss=true", f"mask.ratio={MASK_RATIO}", *(crossmae if impl == "mimkit-crossmae" else []),
         ])  # fmt: skip
         model = build_model(cfg)
         forced = impl.removeprefix("mimkit-") if impl in ("mimkit-sdpa", "mimkit-eager") else "auto"
@@ -615,10 +640,13 @@ def print_row(row: dict) -> None:
 
 def run_model_steps(args: argparse.Namespace, models: list[ModelSpec], precisions: list[str], impls: list[str],
                     device: torch.device) -> list[dict]:  # fmt: skip
-    for spec in models:
-        flops = mae_flops_per_image(spec)
-        reference = f"~{spec.reference_gflop_per_image}" if spec.reference_gflop_per_image else "n/a"
-        print(f"# analytic MAE step {spec.label} (dec {spec.decoder_dim}x{spec.decoder_depth}): "
+    kinds = [("MAE", "mimkit")] + [("CrossMAE", i) for i in OTHER_DECODER_IMPLS if i in impls]
+    for spec, (kind, impl) in itertools.product(models, kinds):
+        flops = flops_per_image(spec, impl)
+        known = spec.reference_gflop_per_image and impl == "mimkit"  # the reference figures are MAE's
+        reference = f"~{spec.reference_gflop_per_image}" if known else "n/a"
+        ratio = f", ratio {spec.reconstruct_ratio}" if kind == "CrossMAE" else ""
+        print(f"# analytic {kind} step {spec.label} (dec {spec.decoder_dim}x{spec.decoder_depth}{ratio}): "
               f"{flops['train_step'] / 1e9:.2f} GFLOP/img fwd+bwd (reference {reference}); "
               f"forward {flops['forward'] / 1e9:.3f} = encoder {flops['encoder'] / 1e9:.3f} + decoder "
               f"{flops['decoder'] / 1e9:.3f} + patch/embed/pred "
@@ -645,7 +673,7 @@ def run_model_steps(args: argparse.Namespace, models: list[ModelSpec], precision
             for impl in impls:
                 timing = time_training_steps(spec, impl, precision, device, batch, args.steps, args.warmup)
                 images_per_second = batch / timing["seconds_per_step"]
-                achieved_tflops = images_per_second * mae_flops_per_image(spec)["train_step"] / 1e12
+                achieved_tflops = images_per_second * flops_per_image(spec, impl)["train_step"] / 1e12
                 row = {
                     "model": spec.label, "impl": impl, "precision": precision, "batch": batch,
                     "device": str(device), "seconds_per_step": timing["seconds_per_step"],
@@ -673,8 +701,9 @@ def run_model_steps(args: argparse.Namespace, models: list[ModelSpec], precision
     print()
     for spec in models:  # both sides must build the same network for the comparison to mean anything
         counts = {r["impl"]: r["parameters"] for r in rows if r["model"] == spec.label}
-        distinct = {(c["trainable"], c["total"]) for c in counts.values()}
+        distinct = {(c["trainable"], c["total"]) for impl, c in counts.items() if impl not in OTHER_DECODER_IMPLS}
         listing = ", ".join(f"{impl} {c['trainable'] / 1e6:.3f}M / {c['total'] / 1e6:.3f}M"
+                            + (" (another decoder: not compared)" if impl in OTHER_DECODER_IMPLS else "")
                             for impl, c in counts.items())  # fmt: skip
         verdict = "equal" if len(distinct) == 1 else "MISMATCH"
         print(f"# parameters (trainable / total) {spec.label}: {listing} -> {verdict}")
@@ -685,7 +714,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tiny,small,base", help=f"comma list of {','.join(MODELS)}")
     parser.add_argument("--precisions", default="bf16,fp32", help="comma list of bf16,fp32")
-    parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {','.join(IMPLS + OPTIONAL_IMPLS)}")
+    parser.add_argument("--impls", default=",".join(IMPLS),
+                        help=f"comma list of {','.join(IMPLS + OPTIONAL_IMPLS + OTHER_DECODER_IMPLS)}")
+    parser.add_argument("--reconstruct-ratio", type=float, default=0.25,
+                        help="mimkit-crossmae: fraction of the masked patches its decoder reconstructs")
     parser.add_argument("--batch", type=int, default=0, help="override every model's batch (0: the model's own)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per row (CPU: ViT-B bf16 is ~1 min/step)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps (batches with --data-only) per row")
@@ -708,14 +740,14 @@ def main() -> None:
     args = parser.parse_args()
 
     model_names, precisions, impls = args.models.split(","), args.precisions.split(","), args.impls.split(",")
-    known_impls = set(IMPLS + OPTIONAL_IMPLS)
+    known_impls = set(IMPLS + OPTIONAL_IMPLS + OTHER_DECODER_IMPLS)
     unknown = ((set(model_names) - set(MODELS)) | (set(precisions) - {"bf16", "fp32"})
                | (set(impls) - known_impls - {""}) | ({args.profile} - known_impls - {None}))  # fmt: skip
     if unknown:
         parser.error(f"unknown model(s) / precision(s) / impl(s): {', '.join(sorted(unknown))}")
     if not args.data_only and any(i.startswith("hf-") for i in impls):
         hf_vit_mae()  # a missing transformers fails here, before any timing
-    models = [MODELS[name] for name in model_names]
+    models = [replace(MODELS[name], reconstruct_ratio=args.reconstruct_ratio) for name in model_names]
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)

@@ -61,6 +61,12 @@ class MAEConfig:
     decoder_depth: int = 8
     decoder_heads: int = 16
     norm_pix_loss: bool = True
+    # mae: self-attention over every token; crossmae: CrossMAE's cross-attention-only decoder (method mae)
+    decoder: Literal["mae", "crossmae"] = "mae"
+    reconstruct_ratio: float = 1.0  # crossmae: fraction of the masked patches decoded (per sample) and in the loss
+    # crossmae: encoder blocks read besides the final-LN output, mixed per decoder block (CrossMAE's inter-block
+    # attention), e.g. [3, 7] or [-4]; all = every block before the last
+    decoder_context_blocks: tuple[int, ...] | Literal["all"] = ()
 
 
 @dataclass
@@ -283,6 +289,11 @@ def validate(cfg: Config) -> Config:
     require(m.decoder_dim % m.decoder_heads == 0 or (cfg.method == "bootmae" and m.decoder_dim >= m.decoder_heads),
              f"mae.decoder_dim {m.decoder_dim} must be divisible by mae.decoder_heads {m.decoder_heads}")  # fmt: skip
     require(m.decoder_dim % 4 == 0, f"mae.decoder_dim must be divisible by 4 (sin-cos position embedding), got {m.decoder_dim}")
+    if m.decoder == "crossmae":
+        _validate_crossmae(cfg, (img // patch) ** 2, cfg.model.depth or preset.depth)
+    else:
+        require(m.reconstruct_ratio == 1.0 and m.decoder_context_blocks == (),
+                 "mae.reconstruct_ratio and mae.decoder_context_blocks apply to mae.decoder crossmae only")  # fmt: skip
     if cfg.method == "emae" or (cfg.method == "mae" and cfg.mask.type == "parallel"):
         k = 1.0 / (1.0 - cfg.mask.ratio)
         require(abs(k - round(k)) < 1e-6 and round(k) >= 2,
@@ -389,6 +400,23 @@ def _validate_bootmae(cfg: Config, depth: int, dim: int, heads: int) -> None:
         require(value is None or value > 0, f"bootmae.{name} must be positive or null, got {value}")
     require(fdim % 4 == 0 and fdim >= fheads,
              f"bootmae.feature_decoder_dim {fdim} must be divisible by 4 and >= feature_decoder_heads {fheads}")  # fmt: skip
+
+
+def _validate_crossmae(cfg: Config, num_patches: int, depth: int) -> None:
+    m = cfg.mae
+    require(cfg.method == "mae", f"mae.decoder crossmae composes with method mae only, not {cfg.method}: "
+             "BootMAE, EMAE, BEiT and SimMIM build decoders / heads of their own")  # fmt: skip
+    require(cfg.mask.type != "parallel", "mae.decoder crossmae does not compose with mask.type parallel (EMAE): "
+             "its consistency loss compares patches masked in two parts, which partial decoding mostly leaves out")
+    masked = num_patches - int(num_patches * (1 - cfg.mask.ratio))
+    require(0.0 < m.reconstruct_ratio <= 1.0 and round(m.reconstruct_ratio * masked) >= 1,
+             f"mae.reconstruct_ratio must be in (0, 1] and decode at least one of the {masked} masked patches, "
+             f"got {m.reconstruct_ratio}")  # fmt: skip
+    blocks = m.decoder_context_blocks
+    require(blocks == "all" or (all(-depth <= b < depth and b % depth != depth - 1 for b in blocks)
+                                and len({b % depth for b in blocks}) == len(blocks)),
+             f"mae.decoder_context_blocks {list(blocks)} must be all or distinct blocks before the last of the "
+             f"{depth}-block encoder (0..{depth - 2}, or -{depth}..-2), whose final-LN output is always read")  # fmt: skip
 
 
 def _validate_beit(cfg: Config) -> None:

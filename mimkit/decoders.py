@@ -1,5 +1,6 @@
-"""Decoders: MAE's (mask tokens re-inserted, self-attention blocks, pixel head) and BootMAE's target-aware
-decoder (cross-attention from the decoder tokens to the visible tokens' encoder features)."""
+"""Decoders: MAE's (mask tokens re-inserted, self-attention blocks, pixel head), BootMAE's target-aware
+decoder (cross-attention from the decoder tokens to the visible tokens' encoder features) and CrossMAE's
+(cross-attention only: each decoded patch is read out on its own)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from timm.models.vision_transformer import Attention, Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from mimkit.masking import take_patches
 from mimkit.models import run_blocks, sincos_2d_pos_embed
 
 
@@ -122,3 +124,67 @@ class TargetAwareDecoder(nn.Module):
         for blk in self.blocks:
             x = checkpoint(blk, x, context, use_reentrant=False) if recompute else blk(x, context)
         return self.head(self.norm(x))[:, 1:]
+
+
+class CrossAttentionBlock(nn.Module):
+    """CrossMAE's decoder block: x += CrossAttn(LN x, LN context); x += MLP(LN x). No self-attention, so each query
+    is decoded independently of the others. Given K contexts (K, B, T, D), the block reads its own learned linear
+    combination of them (CrossMAE's inter-block attention)."""
+
+    IS_TRANSFORMER_BLOCK = True  # listed by mimkit.models.transformer_blocks (FSDP units, compile)
+
+    def __init__(self, dim: int, heads: int, contexts: int = 1):
+        super().__init__()
+        norm = partial(nn.LayerNorm, eps=1e-6)
+        self.norm_q, self.norm_context, self.norm2 = norm(dim), norm(dim), norm(dim)
+        self.cross_attn = CrossAttention(dim, dim, heads)
+        self.mlp = Mlp(dim, 4 * dim)
+        # starts as the mean of the contexts; 1-D, so never weight-decayed (as norms and biases)
+        self.context_weights = nn.Parameter(torch.full((contexts,), 1.0 / contexts)) if contexts > 1 else None
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if self.context_weights is not None:
+            context = torch.einsum("k,kbtd->btd", self.context_weights.to(context.dtype), context)
+        x = x + self.cross_attn(self.norm_q(x), self.norm_context(context))
+        return x + self.mlp(self.norm2(x))
+
+
+def resolve_context_blocks(blocks: tuple[int, ...] | str, encoder_depth: int) -> tuple[int, ...]:
+    """`mae.decoder_context_blocks` as indices in [0, depth - 1): "all" = every block before the last (whose
+    final-LN output the decoder always reads), negative indices count from the end."""
+    return tuple(range(encoder_depth - 1)) if blocks == "all" else tuple(sorted(b % encoder_depth for b in blocks))
+
+
+class CrossMAEDecoder(nn.Module):
+    """CrossMAE (Fu et al., TMLR 2025): one query per patch to decode, a learned mask token plus the fixed sin-cos
+    position of that patch; cross-attention blocks reading the visible tokens' encoder features (cls included);
+    LN; per-patch pixel head. The context is the encoder's final-LN output, and with `context_blocks` also those
+    encoder blocks' outputs, each layer-normalised, all embedded by one linear map and mixed per decoder block."""
+
+    def __init__(self, encoder_dim: int, num_patches: int, patch_size: int, dim: int, depth: int, heads: int,
+                 context_blocks: tuple[int, ...] = ()):  # fmt: skip
+        super().__init__()
+        norm = partial(nn.LayerNorm, eps=1e-6)
+        self.context_blocks = context_blocks  # encoder block indices (>= 0), read besides the final-LN output
+        self.context_norms = nn.ModuleList([norm(encoder_dim) for _ in context_blocks])
+        self.decoder_embed = nn.Linear(encoder_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        grid = int(num_patches**0.5)
+        self.decoder_pos_embed = nn.Parameter(sincos_2d_pos_embed(dim, grid, cls_token=False), requires_grad=False)
+        contexts = 1 + len(context_blocks)
+        self.decoder_blocks = nn.ModuleList([CrossAttentionBlock(dim, heads, contexts) for _ in range(depth)])
+        self.decoder_norm = norm(dim)
+        self.decoder_pred = nn.Linear(dim, patch_size * patch_size * 3)
+        self.grad_checkpointing = False
+
+    def forward(self, latent: torch.Tensor, ids: torch.Tensor, features: dict[int, torch.Tensor] | None = None
+                ) -> torch.Tensor:  # fmt: skip
+        """latent: final-LN encoder tokens (B, T, E); features: {block: output} of `context_blocks` (encode_visible's
+        keep_blocks); ids (B, N): the patches to decode. Returns their pixel predictions (B, N, p*p*3)."""
+        contexts = [latent] + [n(features[b]) for n, b in zip(self.context_norms, self.context_blocks, strict=True)]
+        context = self.decoder_embed(torch.stack(contexts) if len(contexts) > 1 else latent)
+        x = (self.mask_token + take_patches(self.decoder_pos_embed, ids)).to(context.dtype)
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
+        for blk in self.decoder_blocks:
+            x = checkpoint(blk, x, context, use_reentrant=False) if recompute else blk(x, context)
+        return self.decoder_pred(self.decoder_norm(x))

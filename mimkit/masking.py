@@ -288,3 +288,26 @@ class VisibleTokenMasks:
         if self.kind == "block":  # equal counts only: exact (validation refuses beit here)
             return {"mask": block_mask_for("exact", self.grid, self.num_masked, generator=generator).flatten()}
         return {"noise": torch.rand(self.num_patches, generator=generator)}
+
+
+def take_patches(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` (B, N) of the per-patch tensor `x` (B, L, ...) (or (1, L, ...), shared by the batch)."""
+    ids = ids.view(*ids.shape, *[1] * (x.dim() - 2))
+    return torch.gather(x.expand(ids.shape[0], *x.shape[1:]), 1, ids.expand(-1, -1, *x.shape[2:]))
+
+
+def reconstruction_ids(mask: torch.Tensor, ratio: float | None, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """CrossMAE's partial reconstruction: the (B, N) patches to decode, N = round(ratio * masked) masked patches of
+    each image, those of lowest `noise` (B, L) (drawn fresh when None). ratio None: every patch, in order."""
+    b, num = mask.shape
+    if ratio is None:
+        return torch.arange(num, device=mask.device).expand(b, -1)
+    masked = mask.sum(1)
+    if not bool((masked == masked[0]).all()):
+        raise ValueError("every image needs the same number of masked patches to batch the decoded ones")
+    count = round(ratio * int(masked[0]))
+    if not 0 < count <= num:
+        raise ValueError(f"reconstruct ratio {ratio} of {int(masked[0])} masked patches decodes {count}")
+    if noise is None:
+        noise = torch.rand(b, num, device=mask.device)
+    return torch.argsort(noise.float().masked_fill(mask == 0, float("inf")), dim=1)[:, :count]

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from mimkit.models import set_attention_kernel
+
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "throughput.py"
 _spec = importlib.util.spec_from_file_location("throughput", SCRIPT)
 throughput = importlib.util.module_from_spec(_spec)
@@ -34,6 +36,21 @@ def test_gemm_list_matches_the_analytic_linear_flops(name):
     for layer in layers:  # the two backward products have the forward's FLOPs
         sizes = {m * k * n for m, k, n, _ in throughput.linear_gemms(layer)}
         assert sizes == {layer.rows * layer.in_features * layer.out_features}
+
+
+@pytest.mark.parametrize("impl", ["mimkit", "mimkit-crossmae"])
+def test_the_analytic_count_is_torchs_count_of_the_real_forward(impl):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    spec = throughput.MODELS["tiny"]
+    model = throughput.build_mae(impl, spec).train()
+    set_attention_kernel(model, "eager")  # attention as matmuls, which the counter sees on every device
+    with FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, 3, 32, 32))
+    flops = throughput.flops_per_image(spec, impl)
+    assert counter.get_total_flops() == flops["forward"]
+    if impl == "mimkit-crossmae":  # a quarter of the masked patches, no self-attention: well under half MAE's decoder
+        assert flops["decoder"] < throughput.mae_flops_per_image(spec)["decoder"] / 2
 
 
 @pytest.mark.parametrize("layout", ["x@W^T", "g@W", "g^T@x"])

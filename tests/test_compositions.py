@@ -1,5 +1,5 @@
 """Parts compose by configuration: MAE with block, hybrid and parallel masks (MAE + parallel masks +
-self-consistency is EMAE), BootMAE with parallel masks. Each composition trains, resumes bit-identically and
+self-consistency is EMAE), MAE with CrossMAE's decoder and each visible-token mask, BootMAE with parallel masks. Each composition trains, resumes bit-identically and
 evaluates; a combination that is not defined is refused with the reason."""
 
 import pytest
@@ -17,6 +17,12 @@ COMPOSITIONS = {
     "mae+hybrid": ["mask.type=hybrid", "mask.hybrid_block_ratio=0.4", "mask.hybrid_max_block_ratio=0.25"],
     "mae+parallel": ["mask.type=parallel"],
     "bootmae+parallel": ["method=bootmae", "mask.type=parallel"],
+    # CrossMAE's decoder on a quarter of the masked patches, with each visible-token mask MAE takes
+    "mae+crossmae": ["mae.decoder=crossmae", "mae.reconstruct_ratio=0.25"],
+    "mae+crossmae+block": ["mae.decoder=crossmae", "mae.reconstruct_ratio=0.25", "mask.type=block",
+                           "mae.decoder_context_blocks=all"],
+    "mae+crossmae+hybrid": ["mae.decoder=crossmae", "mae.reconstruct_ratio=0.5", "mask.type=hybrid",
+                            "mask.hybrid_block_ratio=0.4", "mask.hybrid_max_block_ratio=0.25"],
 }
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -17,7 +17,8 @@ from test_distributed import ddp_overrides
 from test_fsdp import assert_close_models, run_torchrun
 
 METHODS = {"mae": [], "emae": ["method=emae"], "bootmae": ["method=bootmae"],
-           "beit": ["method=beit", *TINY_TOKENIZER], "mcbeit": ["method=mcbeit", *TINY_TOKENIZER]}  # fmt: skip
+           "beit": ["method=beit", *TINY_TOKENIZER], "mcbeit": ["method=mcbeit", *TINY_TOKENIZER],
+           "mae+crossmae": ["mae.decoder=crossmae", "mae.decoder_depth=2", "mae.decoder_context_blocks=all"]}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +34,9 @@ def test_every_transformer_block_is_its_own_fsdp_unit(group_of_one, method):
     torch.manual_seed(0)
     model = build_model(load_config(None, TINY_MODEL + METHODS[method]))
     blocks = transformer_blocks(model)
-    expected = {"mae": 2 + 1, "emae": 2 + 1, "bootmae": 2 + 1 + 1 + 2, "beit": 2, "mcbeit": 2}[method]
-    assert len(blocks) == expected  # encoder 2; MAE decoder 1; BootMAE: pixel + feature decoders, momentum encoder
+    expected = {"mae": 2 + 1, "emae": 2 + 1, "bootmae": 2 + 1 + 1 + 2, "beit": 2, "mcbeit": 2, "mae+crossmae": 2 + 2}
+    # encoder 2; MAE decoder 1; BootMAE: pixel + feature decoders, momentum encoder; CrossMAE's cross-attention 2
+    assert len(blocks) == expected[method]
     mdist.shard_model(model, blocks, "fp32")
     assert all(isinstance(b, FSDPModule) for b in blocks) and isinstance(model, FSDPModule)
 

@@ -1,5 +1,7 @@
 """MAE (He et al., CVPR 2022): a ViT encoder on the visible patches only, a light decoder that
 re-inserts mask tokens and predicts the pixels of every patch, MSE on the masked patches only.
+With decoder "crossmae" (CrossMAE, Fu et al., TMLR 2025) a cross-attention-only decoder reads out a random
+`reconstruct_ratio` of the masked patches, and the loss is on those.
 """
 
 from __future__ import annotations
@@ -11,17 +13,19 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from mimkit.config import resolve_block_generator
-from mimkit.decoders import MAEDecoder
+from mimkit.decoders import CrossMAEDecoder, MAEDecoder, resolve_context_blocks
 from mimkit.losses import masked_mse, per_patch_normalize
-from mimkit.masking import VisibleTokenMasks, mask_to_ids, random_mask
+from mimkit.masking import RandomMask, VisibleTokenMasks, mask_to_ids, random_mask, reconstruction_ids, take_patches
 from mimkit.methods.base import MIMMethod
 from mimkit.models import encode_visible, init_weights_mae, patchify, sincos_2d_pos_embed
 
 
 class MAEOutput(NamedTuple):
     loss: torch.Tensor  # scalar, fp32
-    pred: torch.Tensor  # (B, L, p*p*3) predictions for every patch (normalised space if norm_pix)
+    pred: torch.Tensor  # (B, L, p*p*3) predictions for every patch (normalised space if norm_pix; CrossMAE in
+    # training: zeros at the patches it did not decode)
     mask: torch.Tensor  # (B, L) 1 = masked
+    loss_mask: torch.Tensor | None = None  # (B, L) 1 = in the loss (CrossMAE's decoded masked patches); None: mask
 
 
 class MAE(MIMMethod):
@@ -39,6 +43,9 @@ class MAE(MIMMethod):
         block_generator: str = "exact",
         hybrid_block_ratio: float = 120 / 196,
         hybrid_max_block_ratio: float = 60 / 196,
+        decoder: str = "mae",
+        reconstruct_ratio: float = 1.0,
+        decoder_context_blocks: tuple[int, ...] | str = (),
     ):
         super().__init__()
         self.encoder = encoder
@@ -50,9 +57,13 @@ class MAE(MIMMethod):
                                        block_generator=block_generator, hybrid_block_ratio=hybrid_block_ratio,
                                        hybrid_max_block_ratio=hybrid_max_block_ratio)  # fmt: skip
         self.norm_pix_loss = norm_pix_loss
-        self.decoder = MAEDecoder(
-            encoder.embed_dim, self.num_patches, self.patch_size, decoder_dim, decoder_depth, decoder_heads
-        )
+        sizes = (encoder.embed_dim, self.num_patches, self.patch_size, decoder_dim, decoder_depth, decoder_heads)
+        self.reconstruct_ratio = reconstruct_ratio
+        if decoder == "crossmae":
+            context_blocks = resolve_context_blocks(decoder_context_blocks, len(encoder.blocks))
+            self.decoder = CrossMAEDecoder(*sizes, context_blocks=context_blocks)
+        else:
+            self.decoder = MAEDecoder(*sizes)
         self.initialize_weights()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -72,7 +83,10 @@ class MAE(MIMMethod):
     def mask_inputs(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Per-sample masking input, drawn in the data pipeline from the sample's own generator,
         so masks depend only on (seed, epoch, sample index): not on workers, ranks or resumes."""
-        return self.masks(generator)
+        inputs = self.masks(generator)
+        if isinstance(self.decoder, CrossMAEDecoder):  # drawn after the mask, so the mask is MAE's for the generator
+            inputs["select_noise"] = torch.rand(self.num_patches, generator=generator)
+        return inputs
 
     def target(self, imgs: torch.Tensor) -> torch.Tensor:
         target = patchify(imgs.float(), self.patch_size)
@@ -85,18 +99,36 @@ class MAE(MIMMethod):
         return pred * (raw.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + raw.mean(dim=-1, keepdim=True)
 
     def forward(
-        self, imgs: torch.Tensor, noise: torch.Tensor | None = None, mask: torch.Tensor | None = None
+        self, imgs: torch.Tensor, noise: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+        select_noise: torch.Tensor | None = None,
     ) -> MAEOutput:
         """`noise` (B, L) drives random masking (as HF ViTMAE's `noise`); `mask` (B, L, 1 = masked,
-        same count per image) gives the mask directly; neither: fresh random noise."""
+        same count per image) gives the mask directly; neither: fresh random noise. `select_noise` (B, L):
+        which masked patches the CrossMAE decoder reconstructs (fresh when None)."""
         if mask is not None:
             masking = mask_to_ids(mask)
         else:
             masking = random_mask(imgs.shape[0], self.num_patches, self.mask_ratio, noise=noise, device=imgs.device)
+        if isinstance(self.decoder, CrossMAEDecoder):
+            return self._forward_crossmae(imgs, masking, select_noise)
         latent = encode_visible(self.encoder, imgs, masking.ids_keep)
         pred = self.decoder(latent, masking.ids_restore)
         loss = masked_mse(pred, self.target(imgs), masking.mask)
         return MAEOutput(loss, pred.clone(), masking.mask)  # not a view of the decoder output: FSDP2 hooks outputs
+
+    def _forward_crossmae(self, imgs: torch.Tensor, masking: RandomMask, select_noise: torch.Tensor | None
+                          ) -> MAEOutput:  # fmt: skip
+        """Training: queries at the selected masked patches only; `pred` holds zeros at every other patch.
+        Eval mode (pictures, report): a query at every patch (queries are independent, so this changes no
+        prediction), so `pred` is a full reconstruction like MAE's and the loss is on every masked patch."""
+        encoded = encode_visible(self.encoder, imgs, masking.ids_keep, self.decoder.context_blocks)
+        latent, features = encoded if self.decoder.context_blocks else (encoded, None)
+        ids = reconstruction_ids(masking.mask, self.reconstruct_ratio if self.training else None, select_noise)
+        pred = self.decoder(latent, ids, features)
+        in_loss = take_patches(masking.mask, ids)
+        loss = masked_mse(pred, take_patches(self.target(imgs), ids), in_loss)
+        full = pred.new_zeros(*masking.mask.shape, pred.shape[-1]).scatter(1, ids[..., None].expand_as(pred), pred)
+        return MAEOutput(loss, full, masking.mask, torch.zeros_like(masking.mask).scatter(1, ids, in_loss))
 
 
 def build(cfg, encoder: VisionTransformer) -> MAE:
@@ -111,4 +143,7 @@ def build(cfg, encoder: VisionTransformer) -> MAE:
         block_generator=resolve_block_generator(cfg),
         hybrid_block_ratio=cfg.mask.hybrid_block_ratio,
         hybrid_max_block_ratio=cfg.mask.hybrid_max_block_ratio,
+        decoder=cfg.mae.decoder,
+        reconstruct_ratio=cfg.mae.reconstruct_ratio,
+        decoder_context_blocks=cfg.mae.decoder_context_blocks,
     )
