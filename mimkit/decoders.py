@@ -17,6 +17,18 @@ from mimkit.masking import take_patches
 from mimkit.models import run_blocks, sincos_2d_pos_embed
 
 
+def unshuffle_tokens(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+    """(B, 1 + keep, D) tokens of the encoder side (cls, then the kept patches in shuffled order) -> (B, 1 + L, D):
+    cls, then every patch in image order, the masked ones `mask_token`. The official code's cat + gather + cat as
+    one gather from a table of the kept rows and the mask token: the same values without two intermediate copies
+    (benchmarks/RESULTS.md, decoder token assembly)."""
+    b, t, d = x.shape
+    table = torch.cat([x.reshape(b * t, d), mask_token.reshape(1, d).to(x.dtype)])
+    first = t * torch.arange(b, device=x.device).unsqueeze(1)  # each image's cls row
+    rows = torch.where(ids_restore < t - 1, ids_restore + 1 + first, b * t)  # restore ids >= keep are masked
+    return table[torch.cat([first, rows], dim=1)]
+
+
 class MAEDecoder(nn.Module):
     """Linear embed -> mask tokens appended and un-shuffled -> fixed sin-cos pos -> blocks -> LN ->
     per-patch pixel head. The cls token passes through and is dropped from the output."""
@@ -36,12 +48,7 @@ class MAEDecoder(nn.Module):
         self.grad_checkpointing = False
 
     def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-        x = self.decoder_embed(latent)
-        b, num_patches = ids_restore.shape
-        mask_tokens = self.mask_token.to(x.dtype).expand(b, num_patches + 1 - x.shape[1], -1)
-        patches = torch.cat([x[:, 1:], mask_tokens], dim=1)
-        patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed
+        x = unshuffle_tokens(self.decoder_embed(latent), self.mask_token, ids_restore) + self.decoder_pos_embed
         x = self.decoder_norm(run_blocks(self.decoder_blocks, x, self.grad_checkpointing))
         return self.decoder_pred(x)[:, 1:]
 
@@ -113,13 +120,9 @@ class TargetAwareDecoder(nn.Module):
 
     def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor, mask: torch.Tensor,
                 context: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
-        x = self.embed(latent)
-        n, num = ids_restore.shape
-        tokens = torch.cat([x[:, 1:], self.mask_token.to(x.dtype).expand(n, num + 1 - x.shape[1], -1)], dim=1)
-        tokens = torch.gather(tokens, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        pos = self.pos_embed[:, 1:]
-        tokens = tokens + (pos * mask.unsqueeze(-1).to(pos.dtype) if self.mask_pos_only else pos)
-        x = torch.cat([x[:, :1], tokens], dim=1)
+        x = unshuffle_tokens(self.embed(latent), self.mask_token, ids_restore)
+        pos = self.pos_embed  # its cls row is zero: the cls token passes unchanged
+        x = x + (pos * F.pad(mask.to(pos.dtype), (1, 0)).unsqueeze(-1) if self.mask_pos_only else pos)
         recompute = self.grad_checkpointing and torch.is_grad_enabled()
         for blk in self.blocks:
             x = checkpoint(blk, x, context, use_reentrant=False) if recompute else blk(x, context)
