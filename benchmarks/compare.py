@@ -19,8 +19,10 @@ threads, data.num_workers=0 so that all of its work is on those threads; --cpus 
 Budget: --epochs E (default: the recipe's) or --core-minutes C per run. Core-minutes = training-loop wall-clock x
 pretraining threads, the wall-clock summed from the run's metrics.jsonl (one record per step; see
 compare_helpers.step_clock). A core-minute budget becomes a step count from a short timed calibration run
-(train.schedule_steps, warmup 10% of it, train.max_minutes 1.5x as a safety stop). A checkpoint is written and
-evaluated every --eval-every epochs and at the end.
+(train.schedule_steps, warmup 10% of it, train.max_minutes 1.5x as a safety stop). An epoch budget keeps the
+recipe's warmup, capped at 10% of the run. A checkpoint is written and evaluated every --eval-every epochs and at
+the end; all are kept (ViT-T/4 MAE: ~47 MB each, weights and optimizer state). On a GPU the same clock gives
+train_minutes (wall-clock) in compare.json; core-minutes still multiply it by the CPU threads.
 
 Restarting the same command continues a killed study: pretraining resumes exactly (train.resume auto), finished
 evaluations are kept (evals/<run>/step-N.json), an interrupted one continues from its feature caches. --role train
@@ -78,7 +80,7 @@ log = logging.getLogger("compare")
 CONFIGS = ROOT / "configs"
 EVAL_RECIPES = {c: CONFIGS / "eval" / f"{c}_vit_tiny_cifar10.yaml" for c in ("knn", "linprobe", "finetune")}
 SET_TARGETS = ("pretrain", "knn", "linprobe", "finetune", "tokenizer")
-CALIBRATION_STEPS = 6
+CALIBRATION_STEPS = 6  # timed steps of a core-minute budget's calibration run (the first counts as their median)
 EVERY = 10**6  # keep_last / save_every_epochs: every checkpoint is kept, none at epoch ends
 CORE_MINUTES = ("training-loop wall-clock summed from each run's metrics.jsonl (one record per step; a process's first "
                 "step counted at its median step) x pretraining threads; start-up and evaluation excluded")
@@ -264,6 +266,7 @@ class Study:
               f"{section}.tensorboard=false"]  # fmt: skip
         if command == "finetune":
             epochs = self.args.finetune_epochs
+            # the recipe's warmup is 1 epoch: a third of a shorter run
             ov += [f"train.epochs={epochs}", f"optim.warmup_epochs={min(1.0, epochs / 3):.4g}"]
         return ov + self.sets[command]
 
@@ -316,7 +319,7 @@ class Study:
             raise SpecError(f"{run.spec.text}: the calibration run failed (log: {run.dir / 'train.log'})")
         clock = step_clock(scratch / "metrics.jsonl")
         shutil.rmtree(scratch, ignore_errors=True)
-        seconds = max(clock.values())[1] / len(clock)
+        seconds = clock[max(clock)][1] / len(clock)
         log.info("%s: %.3f s per step here", run.spec.text, seconds)
         return {"s_per_step": seconds, "steps": len(clock), "threads": self.threads, "at": now()}
 
@@ -641,6 +644,9 @@ def main(argv: list[str] | None = None) -> int:
         result = study.report()
     except (SpecError, MimkitError) as e:
         print(f"compare.py: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a folder it may not write: name the file
+        print(f"compare.py: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
         return 2
     print(markdown(result))
     failed = f"; failed: {', '.join(study.failed)}" if study.failed else ""

@@ -221,6 +221,9 @@ def inspect_data(paths: list[str], work: Path, train_samples: int | None, test_s
 
 def data_info(paths, work: Path, train_samples, test_samples) -> DataInfo:
     """inspect_data, kept in work/data.json for as long as the data files and subset sizes are the same."""
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        raise SpecError(f"--data {missing[0]}: no such file or folder")
     stamp = [[p, os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in paths] + [train_samples, test_samples]
     cache = work / "data.json"
     if cache.is_file():
