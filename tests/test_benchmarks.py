@@ -4,10 +4,8 @@ as mimkit, and the input-pipeline timer runs. Small shapes only: no timing is ch
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -85,38 +83,6 @@ def test_input_pipeline_timer(tmp_path):
     # 24 images / batch 4 = 6 batches an epoch: 2 untimed + 5 timed crosses an epoch boundary
     result = throughput.time_input_pipeline(path, spec, batch=4, batches=5, warmup=0, device=torch.device("cpu"))
     assert result["images_per_second"] > 0 and result["num_workers"] == 2 and result["steps_per_epoch"] == 6
-
-
-_eval_spec = importlib.util.spec_from_file_location("cifar10_eval", SCRIPT.parent / "cifar10_eval.py")
-cifar10_eval = importlib.util.module_from_spec(_eval_spec)
-sys.modules["cifar10_eval"] = cifar10_eval
-_eval_spec.loader.exec_module(cifar10_eval)
-
-
-def test_cifar10_eval_random_only_overrides_and_baseline_reuse(tmp_path):
-    sets = cifar10_eval.parse_sets(["finetune:aug.mixup=0", "finetune:aug.cutmix=0"], ["finetune:optim.layer_decay=1.0"])
-    args = SimpleNamespace(data="d.npz", train_samples=100, val_samples=50, linprobe_epochs=None, finetune_epochs=2,
-                           quick=False)
-    random_ft = cifar10_eval.eval_overrides("finetune", "random", "none", args, sets, tmp_path / "a")
-    mae_ft = cifar10_eval.eval_overrides("finetune", "mae", "ck.pt", args, sets, tmp_path / "a")
-    assert "optim.layer_decay=1.0" in random_ft and "optim.layer_decay=1.0" not in mae_ft
-    assert "aug.mixup=0" in random_ft and "aug.mixup=0" in mae_ft
-    with pytest.raises(SystemExit, match="--random-set"):
-        cifar10_eval.parse_sets([], ["pretrain:optim.blr=1"])
-
-    label = cifar10_eval.finetune_recipe({"overrides": random_ft})
-    assert "no LLRD" in label and "Mixup" not in label and "RandAug" in label
-    assert "LLRD 0.75" in cifar10_eval.finetune_recipe({"overrides": mae_ft})
-
-    other = tmp_path / "other.json"  # the same settings in another work folder: reused; other settings: not
-    other.write_text(json.dumps({"rows": {"random_finetune": {"top1": 12.5, "overrides": random_ft}}}))
-    elsewhere = cifar10_eval.eval_overrides("finetune", "random", "none", args, sets, tmp_path / "b")
-    assert cifar10_eval.baseline_row(str(other), "random_finetune", elsewhere)["top1"] == 12.5
-    args.finetune_epochs = 3
-    longer = cifar10_eval.eval_overrides("finetune", "random", "none", args, sets, tmp_path / "b")
-    assert cifar10_eval.baseline_row(str(other), "random_finetune", longer) is None
-    assert cifar10_eval.baseline_row(str(other), "mae_finetune", mae_ft) is None
-    assert cifar10_eval.baseline_row(str(other), "random_linprobe", elsewhere) is None  # absent there
 
 
 def test_profile_prints_the_ops_of_a_step(capsys):

@@ -384,3 +384,27 @@ def test_randaugment_posterize_to_zero_bits_does_not_kill_the_loader(eval_cfg):
     for op in ops:  # every op at magnitude 10 runs
         op.prob, op.magnitude_std = 1.0, 0.0
         op(img)
+
+
+def test_random_init_beit_is_the_encoder_beit_pretraining_starts_from(eval_cfg, tiny_cfg):
+    """encoder.family=beit with checkpoint none: a timm Beit of the BEiT recipe's shape, drawn from the seed as BEiT
+    pretraining draws it (the baseline of BEiT rows); a checkpoint of the other family is refused."""
+    from timm.models.beit import Beit
+
+    from mimkit.engine import seed_everything
+    from mimkit.methods import build_model
+
+    beit = ["method=beit", "mask.type=block", "mask.ratio=0.4", "tokenizer.kind=random", "tokenizer.vocab_size=32",
+            "tokenizer.hidden=8", "tokenizer.code_dim=8", "tokenizer.downsample=2"]  # fmt: skip
+    seed_everything(0)
+    start = build_model(tiny_cfg(*beit)).encoder.state_dict()
+    cfg = eval_cfg("knn", "encoder.family=beit")
+    encoder, report = load_encoder(cfg.encoder, seed=0)
+    assert isinstance(encoder, Beit) and "Beit" in report.notes[0]
+    states_equal(encoder.state_dict(), start)
+    vit, _ = load_encoder(eval_cfg("knn").encoder, seed=0)
+    assert not isinstance(vit, Beit)
+    assert 0.0 <= run_knn(cfg).metrics["top1"] <= 100.0
+    ckpt = pretrain(tiny_cfg("train.max_steps=1", out="mae")).checkpoint
+    with pytest.raises(ConfigError, match="encoder.family: 'beit', but .* holds a vit encoder"):
+        load_encoder(eval_cfg("knn", f"encoder.checkpoint={ckpt}", "encoder.family=beit", encoder=[]).encoder)

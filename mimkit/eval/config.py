@@ -42,6 +42,11 @@ class EncoderConfig:
     num_heads: int | None = None
     # Evaluation resolution (default: the checkpoint's); the position embedding is resampled if it differs.
     img_size: int | None = None
+    # The backbone: vit = timm VisionTransformer, beit = timm Beit as BEiT / mc-BEiT pretraining builds it (the
+    # pretraining config's beit.* defaults: layer scale 0.1, shared relative position bias, no absolute position
+    # embedding), so BEiT rows get a random-init baseline of their own network. auto = the checkpoint's, vit
+    # with checkpoint none.
+    family: Literal["auto", "vit", "beit"] = "auto"
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """The encoder an evaluation command runs: a pretraining checkpoint's (a file or a sharded folder, read
 weights-only by mimkit.checkpoint.load_checkpoint) with a key report, or the random init MAE pretraining starts
-from (mimkit.methods.build_model); a timm `Beit` for BEiT / mc-BEiT checkpoints, a timm `VisionTransformer`
-otherwise. Also which blocks to read and their pooled features."""
+from (mimkit.methods.build_model); a timm `Beit` for BEiT / mc-BEiT checkpoints (and for `encoder.family: beit`,
+the random init BEiT pretraining starts from), a timm `VisionTransformer` otherwise. Also which blocks to read and
+their pooled features."""
 
 from __future__ import annotations
 
@@ -97,7 +98,12 @@ def encoder_source(ecfg) -> EncoderSource:
     sizes = ("patch_size", "embed_dim", "depth", "num_heads")
     if ecfg.checkpoint == "none":
         model = {"arch": ecfg.arch, "img_size": ecfg.img_size, **{k: getattr(ecfg, k) for k in sizes}}
-        return EncoderSource(model, None, "random init (no checkpoint)")
+        if ecfg.family != "beit":
+            return EncoderSource(model, None, "random init (no checkpoint)")
+        # the Beit BEiT pretraining starts from; its tokenizer is irrelevant here (never built)
+        pcfg = config_from_dict({"method": "beit", "model": {k: v for k, v in model.items() if v is not None},
+                                 "tokenizer": {"kind": "random"}})  # fmt: skip
+        return EncoderSource(model, None, "random init of timm Beit (no checkpoint)", beit_kwargs=timm_beit_kwargs(pcfg))
     path = Path(ecfg.checkpoint)
     if not path.exists():
         raise ConfigError(f"encoder.checkpoint: {path} does not exist (a checkpoint-N.pt file, a sharded checkpoint-N "
@@ -116,6 +122,10 @@ def encoder_source(ecfg) -> EncoderSource:
         pcfg = config_from_dict(state["config"])
     except ConfigError as e:
         raise ConfigError(f"encoder.checkpoint: {path} has an invalid config: {e}") from None
+    family = "beit" if pcfg.method in BEIT_METHODS else "vit"
+    if ecfg.family not in ("auto", family):
+        raise ConfigError(f"encoder.family: {ecfg.family!r}, but {path} holds a {family} encoder ({pcfg.method} "
+                          "pretraining); leave encoder.family at auto for a checkpoint")  # fmt: skip
     model = {k: getattr(pcfg.model, k) for k in ("arch", "img_size", "patch_size", "embed_dim", "depth", "num_heads",
                                                  "layer_norm_eps")}  # fmt: skip
     ckpt = _resolved(model)
@@ -153,7 +163,11 @@ def build_encoder(src: EncoderSource, drop_path_rate: float = 0.0, seed: int = 0
     if src.beit_kwargs is not None:
         from timm.models.beit import Beit
 
-        return Beit(**{**src.beit_kwargs, "drop_path_rate": drop_path_rate})
+        if src.state is not None:
+            return Beit(**{**src.beit_kwargs, "drop_path_rate": drop_path_rate})
+        with torch.random.fork_rng(devices=[]):  # timm's Beit init, which BEiT pretraining keeps, from `seed` alone
+            torch.manual_seed(seed)
+            return Beit(**{**src.beit_kwargs, "drop_path_rate": drop_path_rate})
     if src.state is not None:
         return set_layer_norm_eps(create_encoder(m["arch"], m["img_size"], m["patch_size"], drop_path_rate,
                                                  m["embed_dim"], m["depth"], m["num_heads"]),
@@ -172,7 +186,9 @@ def load_pretrained(model: VisionTransformer, src: EncoderSource) -> KeyReport:
     resampling the position embedding if the grid differs, and report what matched."""
     report = KeyReport(src.source)
     if src.state is None:
-        report.notes.append("random init: the MAE initialisation (xavier-uniform, fixed 2-D sin-cos pos-embed)")
+        report.notes.append("random init: timm Beit's initialisation (trunc-normal 0.02, BEiT's per-layer rescale)"
+                            if src.beit_kwargs is not None else
+                            "random init: the MAE initialisation (xavier-uniform, fixed 2-D sin-cos pos-embed)")  # fmt: skip
         return report
     state = dict(src.state)
     own = model.state_dict()

@@ -1,0 +1,165 @@
+"""benchmarks/compare.py, the equal-compute study: end to end on a tiny generated dataset (two specs, a composition,
+checkpoints every half epoch, the random-init row, the report, a restart that redoes nothing, a bad spec refused
+before any compute), BEiT with its own tokenizer and random-init Beit, and its pieces (specs, the clock)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "compare.py"
+sys.path.insert(0, str(SCRIPT.parent))
+import compare_helpers as helpers
+
+SETS = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "mae.decoder_dim=32", "mae.decoder_depth=1",
+        "mae.decoder_heads=2", "train.batch_size=10", "linprobe:train.epochs=3", "linprobe:optim.warmup_epochs=1",
+        "linprobe:train.eval_every_epochs=3"]  # fmt: skip
+TINY = [*(a for s in SETS for a in ("--set", s)), "--threads", "1"]
+
+
+def labelled_npz(path: Path) -> Path:
+    """16 px images of 3 classes, each a colour under strong noise: learnable, not trivially."""
+    g = np.random.default_rng(0)
+    colours = np.array([[180, 60, 60], [60, 180, 60], [60, 60, 180]], float)
+    arrays = {}
+    for split, n in (("train", 60), ("test", 30)):
+        y = g.permutation(np.arange(n) % 3)
+        x = colours[y][:, None, None, :] + g.normal(0, 90, (n, 16, 16, 3))
+        arrays[f"x_{split}"], arrays[f"y_{split}"] = np.clip(x, 0, 255).astype(np.uint8), y
+    np.savez(path, **arrays)
+    return path
+
+
+def compare(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600, check=False)  # fmt: skip
+
+
+def check_accuracies(row: dict) -> None:
+    for key in ("knn_top1", "probe_top1", "probe_best_top1"):
+        assert 0.0 <= row[key] <= 1.0, (key, row)
+    p, n = row["probe_top1"], row["test_images"]
+    assert n == 30 and row["probe_se"] == pytest.approx(math.sqrt(p * (1 - p) / n), abs=1e-5)
+
+
+def test_study_runs_resumes_and_refuses_bad_specs(tmp_path):
+    data = labelled_npz(tmp_path / "tiny.npz")
+    command = ["--data", str(data), "--methods", "mae,mae+block", "--epochs", "1", "--eval-every", "0.5",
+               "--out", "study", *TINY]  # fmt: skip
+    first = compare(*command, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    out = tmp_path / "study"
+    study = json.loads((out / "compare.json").read_text())
+    assert [r["name"] for r in study["runs"]] == ["mae", "mae+block"]
+    assert study["img_size"] == 16 and study["patch_size"] == 4 and study["data"]["num_classes"] == 3
+    assert study["mean"] == pytest.approx(np.load(data)["x_train"].reshape(-1, 3).mean(0) / 255, abs=1e-3)
+    for run in study["runs"]:  # 60 images / batch 10 = 6 steps an epoch: checkpoints at 3 and 6
+        assert run["done"] and run["train_invocations"] == 1
+        assert [(c["step"], c["epoch"]) for c in run["checkpoints"]] == [(3, 0.5), (6, 1.0)]
+        assert 0 < run["checkpoints"][0]["core_minutes"] < run["checkpoints"][1]["core_minutes"]
+        for point in run["checkpoints"]:
+            check_accuracies(point)
+    assert "mask.type=block" in study["runs"][1]["overrides"] and "mask.type=block" not in study["runs"][0]["overrides"]
+    (baseline,) = study["baselines"]
+    assert baseline["name"] == "random-init ViT" and "encoder.embed_dim=32" in baseline["encoder"]
+    check_accuracies(baseline)
+    equal = study["readouts"]["equal_epochs"]
+    assert equal["target"] == 1.0 and {r["step"] for r in equal["rows"].values()} == {6}
+    assert set(study["readouts"]["equal_core_minutes"]["rows"]) == {"mae", "mae+block"}
+    assert study["machine"]["torch"] and study["threads"] == 1
+    table = (out / "compare.md").read_text()
+    for text in ("At equal epochs", "At equal pretraining core-minutes", "| mae+block |", "| random-init ViT |", "±"):
+        assert text in table and text in first.stdout
+    for name in ("probe_vs_epochs.png", "probe_vs_core_minutes.png"):
+        with Image.open(out / name) as image:
+            assert image.format == "PNG" and image.size[0] > 100
+            image.verify()
+
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()}
+    again = compare(*command, cwd=tmp_path)  # a restart: nothing is trained or evaluated again
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "trained 0 run(s), evaluated 0" in again.stdout and "pretrained (step 6), kept" in again.stdout
+    restudy = json.loads((out / "compare.json").read_text())
+    assert [r["train_invocations"] for r in restudy["runs"]] == [1, 1]
+    assert [r["checkpoints"] for r in restudy["runs"]] == [r["checkpoints"] for r in study["runs"]]
+    assert restudy["baselines"][0]["evaluated_at"] == baseline["evaluated_at"]
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # no checkpoint, log or record rewritten
+
+    bad = compare("--data", str(data), "--methods", "mae,mae+blok", "--out", "bad", *TINY, cwd=tmp_path)
+    assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1
+    assert "unknown part 'blok'" in bad.stderr and "parts: random, block, hybrid, parallel" in bad.stderr
+    assert not (tmp_path / "bad").exists()
+    other = compare(*command[:-len(TINY)], "--epochs", "2", *TINY, cwd=tmp_path)  # the same folder, another budget
+    assert other.returncode != 0 and "was started with other settings" in other.stderr
+    assert "train.epochs=1 vs train.epochs=2" in other.stderr and len(other.stderr.strip().splitlines()) == 1
+
+
+def test_beit_rows_train_a_tokenizer_and_get_a_random_init_beit(tmp_path):
+    data = labelled_npz(tmp_path / "tiny.npz")
+    tokenizer = [a for s in ("vocab_size=32", "hidden=8", "code_dim=8", "batch_size=16")
+                 for a in ("--set", f"tokenizer:tokenizer.{s}")]  # fmt: skip
+    done = compare("--data", str(data), "--methods", "beit", "--epochs", "1", "--eval-every", "0", "--out", "study",
+                   "--finetune-epochs", "1", "--set", "finetune:train.batch_size=10", "--tokenizer-steps", "2",
+                   *tokenizer, *TINY, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = json.loads((tmp_path / "study" / "compare.json").read_text())
+    (baseline,) = study["baselines"]
+    assert baseline["name"] == "random-init Beit" and "encoder.family=beit" in baseline["encoder"]
+    check_accuracies(baseline)
+    (run,) = study["runs"]
+    assert run["family"] == "beit" and [c["step"] for c in run["checkpoints"]] == [6]  # the final one only
+    for row in (run, baseline):
+        assert 0.0 <= row["finetune"]["finetune_top1"] <= 1.0 and row["finetune"]["epochs"] == 1
+    tok = study["tokenizer"]
+    assert tok["vocab_size"] == 32 and tok["train_steps"] == 2 and tok["test_images"] == 30
+    assert 1 <= tok["codes_used"] <= 32 and 1.0 <= tok["perplexity"] <= tok["codes_used"]
+    assert tok["reconstruction_mse"] > 0
+    assert "Tokenizer (mimkit, 32 codes" in (tmp_path / "study" / "compare.md").read_text()
+
+
+def test_run_specs_compose_and_fail_with_what_is_allowed():
+    specs = helpers.parse_specs("mae,bootmae+parallel:optim.blr=3e-4,train.batch_size=64,"
+                                "mae+block:data.mean=[0.5,0.5,0.5]")
+    assert [(s.method, s.parts, s.overrides) for s in specs] == [
+        ("mae", [], []), ("bootmae", ["parallel"], ["optim.blr=3e-4", "train.batch_size=64"]),
+        ("mae", ["block"], ["data.mean=[0.5,0.5,0.5]"])]  # fmt: skip
+    assert specs[1].part_overrides() == ["mask.type=parallel"] and specs[2].family == "vit"
+    assert helpers.parse_spec("mcbeit").family == "beit"
+    grid = helpers.sweep_specs(specs[:2], "optim.blr=1e-4,2e-4;train.batch_size=32")
+    b = "bootmae+parallel:optim.blr=3e-4,train.batch_size=64"
+    assert [s.text for s in grid] == [
+        "mae:optim.blr=1e-4,train.batch_size=32", "mae:optim.blr=2e-4,train.batch_size=32",
+        f"{b},optim.blr=1e-4,train.batch_size=32", f"{b},optim.blr=2e-4,train.batch_size=32"]  # fmt: skip
+    for bad, message in (("maee", "unknown method 'maee'"), ("mae+crossmae", "unknown part 'crossmae'"),
+                         ("mae:blr", "is not section.key=value"), ("mae,mae", "given twice")):  # fmt: skip
+        with pytest.raises(helpers.SpecError, match=message):
+            helpers.parse_specs(bad)
+    with pytest.raises(helpers.SpecError, match="--sweep"):
+        helpers.sweep_specs(specs, "optim.blr")
+    assert [helpers.choose_patch(s) for s in (12, 16, 28, 30, 32, 96, 224)] == [
+        (2, 12), (4, 16), (4, 28), (4, 28), (4, 32), (8, 96), (16, 224)]  # fmt: skip
+
+
+def test_step_clock_counts_training_time_across_resumes_and_restarts(tmp_path):
+    """The first step of each process counts as its median step; steps redone after a kill replace the lost ones."""
+    records = [{"step": 1, "time": 100.0}, {"step": 2, "time": 101.0}, {"step": 3, "time": 103.0},  # killed after 3
+               {"step": 1, "time": 200.0}, {"step": 2, "time": 202.0}, {"step": 3, "time": 204.0},  # restarted from 0
+               {"event": "resume", "from": "checkpoint-3", "resumed_step": 3},
+               {"step": 4, "time": 300.0}, {"step": 5, "time": 304.0}, {"step": 6, "time": 305.0}]  # fmt: skip
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({**r, "loss": 1.0, "epoch": r["step"] / 2} if "time" in r else r) for r in records]
+    path.write_text("\n".join(lines) + '\n{"step": 7, "ti')  # a torn last line
+    clock = helpers.step_clock(path)
+    assert sorted(clock) == [1, 2, 3, 4, 5, 6]
+    # stretch 2: first step = median(2, 2) = 2, then 2, 2; stretch 3: median(4, 1) = 2.5, then 4, 1
+    assert [clock[s][1] for s in range(1, 7)] == [2.0, 4.0, 6.0, 8.5, 12.5, 13.5] and clock[6][0] == 3.0
