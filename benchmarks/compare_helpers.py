@@ -28,13 +28,14 @@ from mimkit.tokenizers import DVAE, DVAESpec, load_tokenizer
 
 METHODS = ("mae", "emae", "bootmae", "beit", "mcbeit", "simmim")
 BEIT_FAMILY = ("beit", "mcbeit")  # timm Beit encoders; every other method pretrains a timm VisionTransformer
-# What a spec's `+part` adds to its method's recipe: pretraining overrides. A new part is one more entry, e.g.
-# CrossMAE's decoder once it is in mimkit: "crossmae": ["mae.decoder=crossmae", "mae.reconstruct_ratio=0.25"].
+# What a spec's `+part` adds to its method's recipe: pretraining overrides. A new part is one more entry.
 PARTS: dict[str, list[str]] = {
     "random": ["mask.type=random"],
     "block": ["mask.type=block"],  # BEiT-style blocks
     "hybrid": ["mask.type=hybrid"],  # BootMAE's blocks topped up at random
     "parallel": ["mask.type=parallel"],  # EMAE's K disjoint parts and consistency loss
+    # CrossMAE's decoder as configs/mae_crossmae_vit_tiny_cifar10.yaml sets it; another ratio: ':mae.reconstruct_ratio=R'
+    "crossmae": ["mae.decoder=crossmae", "mae.reconstruct_ratio=0.25", "mae.decoder_context_blocks=all"],
 }
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+=")
 SPEC_HELP = (f"a run spec is METHOD[+PART...][:section.key=value,...]; methods: {', '.join(METHODS)}; parts: "

@@ -140,7 +140,7 @@ def test_run_specs_compose_and_fail_with_what_is_allowed():
     assert [s.text for s in grid] == [
         "mae:optim.blr=1e-4,train.batch_size=32", "mae:optim.blr=2e-4,train.batch_size=32",
         f"{b},optim.blr=1e-4,train.batch_size=32", f"{b},optim.blr=2e-4,train.batch_size=32"]  # fmt: skip
-    for bad, message in (("maee", "unknown method 'maee'"), ("mae+crossmae", "unknown part 'crossmae'"),
+    for bad, message in (("maee", "unknown method 'maee'"), ("mae+crossattention", "unknown part 'crossattention'"),
                          ("mae:blr", "is not section.key=value"), ("mae,mae", "given twice")):  # fmt: skip
         with pytest.raises(helpers.SpecError, match=message):
             helpers.parse_specs(bad)
