@@ -1,6 +1,6 @@
 """mimkit: masked-image-modeling pretraining for timm Vision Transformers."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 from mimkit.config import Config, ConfigError, load_config  # noqa: E402
 from mimkit.train import pretrain, run  # noqa: E402
