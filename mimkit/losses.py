@@ -19,6 +19,12 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     return (per_patch * mask).sum() / mask.sum()
 
 
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Sum over patches of weight x per-patch mean squared error, over `count` (BootMAE: centre weights over the
+    masked count); fp32."""
+    return ((pred.float() - target.float()).pow(2).mean(dim=-1) * weights).sum() / count
+
+
 def consistency_loss(pred: torch.Tensor, mask: torch.Tensor, stop_gradient: bool = True,
                      distance: str = "mse") -> torch.Tensor:  # fmt: skip
     """Mean over ordered pairs (i, j), i != j, and over patches masked in both parts, of the distance

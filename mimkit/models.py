@@ -12,7 +12,7 @@ from functools import partial
 import numpy as np
 import torch
 import torch.utils.checkpoint
-from timm.models import checkpoint_seq
+from timm.models import checkpoint, checkpoint_seq
 from timm.models.beit import Beit
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -235,6 +235,26 @@ def run_blocks(blocks: nn.Sequential, x: torch.Tensor, grad_checkpointing: bool 
     if grad_checkpointing and torch.is_grad_enabled():
         return checkpoint_seq(blocks, x)
     return blocks(x)
+
+
+def encode_beit_with_mask_tokens(encoder: Beit, imgs: torch.Tensor, mask: torch.Tensor,
+                                 mask_token: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """Run a timm Beit on every patch, the masked ones' embeddings replaced by `mask_token` (BEiT, mc-BEiT), with its
+    relative position bias. `mask` (B, L), 1 = masked. Returns final-LN tokens (B, 1 + L, D)."""
+    x = encoder.patch_embed(imgs)
+    w = mask.flatten(1).unsqueeze(-1).to(x.dtype)
+    x = x * (1 - w) + mask_token.to(x.dtype) * w
+    x = torch.cat([encoder.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+    if encoder.pos_embed is not None:
+        x = x + encoder.pos_embed
+    x = encoder.pos_drop(x)
+    rel = encoder.rel_pos_bias() if encoder.rel_pos_bias is not None else None
+    for blk in encoder.blocks:
+        if encoder.grad_checkpointing and torch.is_grad_enabled():
+            x = checkpoint(blk, x, shared_rel_pos_bias=rel)
+        else:
+            x = blk(x, shared_rel_pos_bias=rel)
+    return encoder.norm(x)
 
 
 def encode_with_mask_tokens(encoder: VisionTransformer, imgs: torch.Tensor, mask: torch.Tensor,

@@ -31,7 +31,6 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
-from timm.models import checkpoint
 from timm.models.beit import Beit
 from torch import nn
 
@@ -40,7 +39,7 @@ from mimkit.data import ViewSpec
 from mimkit.losses import soft_cross_entropy
 from mimkit.masking import block_mask_for, num_visible
 from mimkit.methods.base import MIMMethod
-from mimkit.models import create_beit_encoder, timm_beit_kwargs  # noqa: F401 (timm_beit_kwargs: mimkit.methods.beit's)
+from mimkit.models import create_beit_encoder, encode_beit_with_mask_tokens
 from mimkit.schedules import temperature_at
 from mimkit.targets import affinity, soft_targets, tokenizer_probs
 from mimkit.tokenizers import DVAESpec, Tokenizer, load_tokenizer
@@ -103,21 +102,7 @@ class BEiT(MIMMethod):
 
     def features(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Final-LN tokens (B, 1+L, D) of the corrupted input: masked patch embeddings replaced by mask_token."""
-        enc = self.encoder
-        x = enc.patch_embed(imgs)
-        w = mask.flatten(1).unsqueeze(-1).to(x.dtype)
-        x = x * (1 - w) + self.mask_token.to(x.dtype) * w
-        x = torch.cat([enc.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
-        if enc.pos_embed is not None:
-            x = x + enc.pos_embed
-        x = enc.pos_drop(x)
-        rel = enc.rel_pos_bias() if enc.rel_pos_bias is not None else None
-        for blk in enc.blocks:
-            if enc.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(blk, x, shared_rel_pos_bias=rel)
-            else:
-                x = blk(x, shared_rel_pos_bias=rel)
-        return enc.norm(x)
+        return encode_beit_with_mask_tokens(self.encoder, imgs, mask, self.mask_token)
 
     @torch.no_grad()
     def tokenizer_logits(self, tokenizer_image: torch.Tensor) -> torch.Tensor:
@@ -211,6 +196,3 @@ def build(cfg, encoder=None) -> BEiT:
                       **kwargs)  # fmt: skip
     return BEiT(create_beit_encoder(cfg), tokenizer, **kwargs)
 
-
-__all__ = ["BEiT", "McBEiT", "BEiTOutput", "affinity", "soft_targets", "tokenizer_probs", "soft_cross_entropy",
-           "temperature_at", "create_beit_encoder", "timm_beit_kwargs", "build"]  # fmt: skip

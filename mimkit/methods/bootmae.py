@@ -16,10 +16,8 @@ decoder takes its size from `mae.decoder_*`. With `mask.type: parallel` the EMAE
 disjoint visible parts per image in one batched forward (the momentum target is computed once per image), the
 losses are averaged over parts and EMAE's self-consistency term (`emae.*`) is added on the pixel predictions.
 
-The training loop calls `set_progress(step, steps_per_epoch, total_steps)` before each step (the loss-weight
-ramp and the momentum are set once per epoch, as in the official schedule) and `after_step(step)` after each
-optimizer step (the EMA update). The EMA encoder is a submodule with requires_grad=False: it is in the
-state_dict (saved and resumed exactly) and never in the optimizer.
+`set_progress` sets the loss-weight ramp and the momentum once per epoch (the official schedule), `after_step` the
+EMA update. The EMA encoder is a submodule with requires_grad=False: saved and resumed exactly, never optimised.
 """
 
 from __future__ import annotations
@@ -35,7 +33,7 @@ from torch import nn
 
 from mimkit.config import resolve_block_generator
 from mimkit.decoders import TargetAwareDecoder
-from mimkit.losses import center_weights, consistency_loss
+from mimkit.losses import center_weights, consistency_loss, weighted_mse
 from mimkit.masking import VisibleTokenMasks, parts_for_ratio, visible_token_masks
 from mimkit.methods.base import MIMMethod
 from mimkit.models import encode_visible, init_weights_bootmae, sincos_2d_pos_embed
@@ -107,13 +105,10 @@ class BootMAE(MIMMethod):
         self.set_progress(0, 1, 1)
 
     def initialize_weights(self) -> None:
-        """Section 5.3: frozen sin-cos pos-embed (MoCo v3's row-first table, as BootMAE); xavier-uniform Linears,
-        with the fused qkv as three matrices (and the cross-attention k, v as BootMAE's one fused kv matrix); zero
-        biases; cls ~ N(0, 1e-6); mask tokens ~ N(0, 0.02) truncated at +-1 sigma (BootMAE's trunc_normal_);
-        patch embedding xavier on its flattened view. The pixel head is BootMAE's ConvTranspose2d(dim, 3, p, p)
-        written as a Linear(dim, p*p*3) in patchify order: PyTorch's default ConvTranspose2d init (which BootMAE
-        keeps), U(+-1/sqrt(3 p^2)) for the weights and one such bias per colour channel, repeated over the p*p
-        pixels. The Linear keeps p*p*3 biases (tied at init, free in training; official weights load exactly)."""
+        """Section 5.3: frozen row-first sin-cos pos-embed; BootMAE's xavier Linears (models.init_weights_bootmae);
+        cls ~ N(0, 1e-6); mask tokens ~ N(0, 0.02) truncated at +-1 sigma; the pixel head is BootMAE's
+        ConvTranspose2d(dim, 3, p, p) as a Linear in patchify order with PyTorch's default init, U(+-1/sqrt(3 p^2)),
+        one bias per colour channel repeated over the p*p pixels (tied at init, free in training)."""
         enc = self.encoder
         enc.pos_embed.data.copy_(sincos_2d_pos_embed(enc.embed_dim, self.grid[0], row_first=True))
         enc.pos_embed.requires_grad_(False)  # frozen in pretraining; timm makes it learnable at fine-tune
@@ -186,16 +181,14 @@ class BootMAE(MIMMethod):
         count = masks.sum()
 
         pred = self.pixel_decoder(latent, ids_restore, masks, features[self.pixel_layer])
-        err = (pred.float() - per_part(self.target(imgs))).pow(2).mean(-1)
-        reconstruction = (err * weights).sum() / count
+        reconstruction = weighted_mse(pred, per_part(self.target(imgs)), weights, count)
         loss, feature, feature_pred = reconstruction, reconstruction.new_zeros(()), None
         lam = self.current_feature_weight()
         if self.feature_decoder is not None:
             feature_pred = self.feature_decoder(latent, ids_restore, masks, features[self.feature_layer])
             target = per_part(momentum_features(self.ema_encoder, imgs)).float()
-            t = F.layer_norm(target, target.shape[-1:], eps=FEATURE_EPS)
-            q = F.layer_norm(feature_pred.float(), target.shape[-1:], eps=FEATURE_EPS)
-            feature = ((q - t).pow(2).mean(-1) * weights).sum() / count
+            norm = lambda f: F.layer_norm(f.float(), target.shape[-1:], eps=FEATURE_EPS)  # noqa: E731
+            feature = weighted_mse(norm(feature_pred), norm(target), weights, count)
             loss = loss + lam * feature
         consistency = reconstruction.new_zeros(())
         if parts > 1:
