@@ -361,10 +361,10 @@ class Study:
         overrides = (run.fixed + self.budget(run.cfg, run.steps_per_epoch, record.get("calibration")) + run.user
                      + self.bookkeeping(run.dir / "pretrain", self.save_every(run)))  # fmt: skip
         settings = {"recipe": str(run.recipe.relative_to(ROOT)), "overrides": overrides, "threads": self.threads}
-        if record.get("settings") not in (None, settings):
+        if record.get("settings") is not None and portable(record["settings"]) != portable(settings):
             raise SpecError(f"{run.dir} was started with other settings ("
-                            f"{first_difference(record['settings'], settings)}); give another --out, or remove that "
-                            "folder to start the run again")  # fmt: skip
+                            f"{first_difference(portable(record['settings']), portable(settings))}); give another "
+                            "--out, or remove that folder to start the run again")  # fmt: skip
         return settings
 
     def needs_tokenizer(self) -> bool:
@@ -383,9 +383,10 @@ class Study:
             if not self.args.tokenizer:
                 record = read_json(folder / "compare-tokenizer.json")
                 settings = {"overrides": self.tokenizer_overrides()}
-                if record.get("settings") not in (None, settings):
+                if record.get("settings") is not None and portable(record["settings"]) != portable(settings):
                     raise SpecError(f"{self.tokenizer} was trained with other settings "
-                                    f"({first_difference(record['settings'], settings)}); give another --out")
+                                    f"({first_difference(portable(record['settings']), portable(settings))}); give "
+                                    "another --out")  # fmt: skip
                 if not (record.get("done") and self.tokenizer.is_file()):
                     log.info("== tokenizer: training (%s)", " ".join(settings["overrides"]))
                     start = time.time()
@@ -538,6 +539,14 @@ class Study:
         if study.get("sweep_winners"):
             write_json(self.out / "sweep_winners.json", study["sweep_winners"])
         return study
+
+
+IN_STUDY_FOLDER = ("train.out_dir=", "tokenizer.path=")  # paths under --out: a moved study folder keeps its runs
+
+
+def portable(settings: dict) -> dict:
+    """A run's or tokenizer's settings without the paths that only say where the study folder is."""
+    return {**settings, "overrides": [o for o in settings["overrides"] if not o.startswith(IN_STUDY_FOLDER)]}
 
 
 def pretrained(run: Run, step: int) -> list[str]:

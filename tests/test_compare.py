@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -94,6 +95,12 @@ def test_study_runs_resumes_and_refuses_bad_specs(tmp_path):
     assert [r["checkpoints"] for r in restudy["runs"]] == [r["checkpoints"] for r in study["runs"]]
     assert restudy["baselines"][0]["evaluated_at"] == baseline["evaluated_at"]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # no checkpoint, log or record rewritten
+    shutil.move(out, tmp_path / "moved")  # a study folder moved elsewhere keeps its runs and evaluations
+    moved = compare(*command[:command.index("--out")], "--out", "moved", *command[command.index("--out") + 2:],
+                    cwd=tmp_path)  # fmt: skip
+    assert moved.returncode == 0, moved.stderr[-3000:]
+    assert "trained 0 run(s), evaluated 0" in moved.stdout
+    shutil.move(tmp_path / "moved", out)
 
     bad = compare("--data", str(data), "--methods", "mae,mae+blok", "--out", "bad", *TINY, cwd=tmp_path)
     assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1
