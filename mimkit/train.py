@@ -211,7 +211,8 @@ def pretrain(cfg: Config) -> RunResult:
             log.info("resumed from %s at step %d", resume_from, step)
         for note in questionable_settings(cfg, peak_lr, steps_per_epoch):
             log.warning("%s", note)
-    metrics = MetricsLog(out_dir, dist.is_main, t.tensorboard, resumed_step=step if resume_from is not None else None)
+    # records past the starting step belong to an attempt that left no checkpoint after them: they are run again
+    metrics = MetricsLog(out_dir, dist.is_main, t.tensorboard, resumed_step=step)
     vis_images = None  # fixed images for TensorBoard reconstruction grids (rank 0, indexable sources only)
     if metrics.tb is not None and t.vis_every_epochs and getattr(data, "dataset", None) is not None and model.PREDICTS_PIXELS:
         vis_images = preview_images(data.dataset.source, model.encoder.patch_embed.img_size[0], t.vis_images)

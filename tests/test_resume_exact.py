@@ -60,6 +60,17 @@ def test_resume_with_drop_path_is_bit_identical(tiny_cfg, method):
     assert per_step(straight.metrics) == per_step(resumed.metrics)
 
 
+def test_a_restart_before_the_first_checkpoint_keeps_one_record_per_step(tiny_cfg):
+    """A run killed before its first checkpoint starts again from step 0 in the same folder: the dead attempt's
+    records are dropped, not kept beside the new ones."""
+    run = pretrain(tiny_cfg("train.max_steps=3", "train.save_every_epochs=100", out="a"))
+    for ckpt in list_checkpoints(run.checkpoint.parent):  # as if killed before any checkpoint was written
+        ckpt.unlink()
+    again = pretrain(tiny_cfg("train.max_steps=3", out="a"))
+    steps = [json.loads(x)["step"] for x in again.metrics.read_text().splitlines() if '"loss"' in x]
+    assert steps == [1, 2, 3]
+
+
 def test_drop_path_would_expose_an_extra_rng_draw(tiny_cfg):
     """The check above can fail: drawing once from the global RNG at the resume point changes the result."""
     args = ["model.drop_path_rate=0.2", "train.keep_last=10"]
