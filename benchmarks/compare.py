@@ -85,7 +85,7 @@ EVERY = 10**6  # keep_last / save_every_epochs: every checkpoint is kept, none a
 CORE_MINUTES = ("training-loop wall-clock summed from each run's metrics.jsonl (one record per step; a process's first "
                 "step counted at its median step) x pretraining threads; start-up and evaluation excluded")
 PROBE_KEYS = ("top1", "top5", "best_top1", "best_block", "block", "per_block_top1", "val_images", "train_images",
-              "wall_clock_s", "epochs", "ema_top1")  # fmt: skip
+              "wall_clock_s", "epochs", "ema_top1", "knn_top1", "knn_top5", "knn_k", "knn_block")  # fmt: skip
 
 
 def read_json(path: Path) -> dict:
@@ -173,6 +173,10 @@ class Study:
         self.tokenizer = Path(args.tokenizer or self.out / "tokenizer" / "tokenizer.pt")
         self.trained = self.evaluated = 0
         self.failed: list[str] = []
+        self.scored = ("knn", "linprobe") if args.knn == "command" else ("linprobe",)  # what scores a checkpoint
+        if args.knn == "probe" and self.sets["knn"]:
+            raise SpecError("--set knn:... needs --knn command; with --knn probe the k-NN reads the probe's features "
+                            "(set its data with --set linprobe:...)")  # fmt: skip
         self.runs = [self.plan(spec, base) for spec, base in specs]
         self.baselines = self.plan_baselines()
         self.check_eval_settings()
@@ -264,6 +268,9 @@ class Study:
               f"data.val_split={d.val_split}", f"data.mean={self.mean}", f"data.std={self.std}", "data.num_workers=0",
               *encoder, f"{section}.out_dir={out_dir}", f"{section}.progress=false",
               f"{section}.tensorboard=false"]  # fmt: skip
+        if command == "linprobe" and self.args.knn == "probe":  # the knn recipe's vote, on the probe's features
+            knn = load_eval_config("knn", EVAL_RECIPES["knn"], []).knn
+            ov += [f"probe.knn_k={knn.k}", f"probe.knn_temperature={knn.temperature}"]
         if command == "finetune":
             epochs = self.args.finetune_epochs
             # the recipe's warmup is 1 epoch: a third of a shorter run
@@ -276,7 +283,7 @@ class Study:
         return [o for o in overrides if not o.startswith(("run.out_dir=", "train.out_dir=", "encoder.checkpoint="))]
 
     def check_eval_settings(self) -> None:
-        commands = ["knn", "linprobe"] + (["finetune"] if self.args.finetune_epochs else [])
+        commands = [*self.scored] + (["finetune"] if self.args.finetune_epochs else [])
         for b in self.baselines:
             for command in commands:
                 try:
@@ -434,7 +441,7 @@ class Study:
 
     def jobs(self) -> list[tuple]:
         """(epoch, order, encoder overrides, record, commands) still to score, the lowest epoch first."""
-        pending = [(0.0, i, b.encoder, b.evals / "step-00000000.json", ("knn", "linprobe"))
+        pending = [(0.0, i, b.encoder, b.evals / "step-00000000.json", self.scored)
                    for i, b in enumerate(self.baselines)]  # fmt: skip
         for i, run in enumerate(self.runs, start=len(self.baselines)):
             record = read_json(run.record_path)
@@ -443,7 +450,7 @@ class Study:
                 step = int(re.search(r"(\d+)", ckpt.name).group(1))
                 if (every and step % every == 0) or step == final:
                     pending.append((step / run.steps_per_epoch, i, pretrained(run, step),
-                                    run.evals / f"step-{step:08d}.json", ("knn", "linprobe")))  # fmt: skip
+                                    run.evals / f"step-{step:08d}.json", self.scored))  # fmt: skip
         if self.args.finetune_epochs and self.all_trained():
             pending += [(math.inf, i, b.encoder, b.evals / "finetune.json", ("finetune",))
                         for i, b in enumerate(self.baselines)]  # fmt: skip
@@ -475,7 +482,8 @@ class Study:
     # ---------------------------------------------------------------- the report
 
     def scores(self, record: dict) -> dict:
-        knn, probe = record["knn"], record["linprobe"]
+        probe = record["linprobe"]
+        knn = record.get("knn") or {"top1": probe["knn_top1"], "wall_clock_s": 0.0}  # --knn command / probe
         n, p_knn, p_probe = probe["val_images"], knn["top1"] / 100, probe["top1"] / 100
         return {"knn_top1": p_knn, "knn_se": round(std_error(p_knn, n), 5), "probe_top1": p_probe,
                 "probe_se": round(std_error(p_probe, n), 5), "probe_best_top1": probe["best_top1"] / 100,
@@ -496,7 +504,7 @@ class Study:
             points = []
             for path in sorted(run.evals.glob("step-*.json")):
                 step = int(path.stem.split("-")[1])
-                if not self.done(path, pretrained(run, step), ("knn", "linprobe")):
+                if not self.done(path, pretrained(run, step), self.scored):
                     continue
                 epoch, seconds = clock.get(step, (step / run.steps_per_epoch, None))
                 minutes = None if seconds is None else seconds / 60
@@ -515,7 +523,7 @@ class Study:
         baselines = []
         for b in self.baselines:
             path = b.evals / "step-00000000.json"
-            scores = self.scores(read_json(path)) if self.done(path, b.encoder, ("knn", "linprobe")) else {}
+            scores = self.scores(read_json(path)) if self.done(path, b.encoder, self.scored) else {}
             baselines.append({"name": b.name, "family": b.family, "encoder": b.encoder, **scores,
                               "finetune": self.finetune_scores(b.evals, b.encoder)})  # fmt: skip
         a = self.args
@@ -623,6 +631,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--std", type=float, nargs=3, default=None, help="data std (default: computed from the training images)")
     add("--img-size", type=int, default=None, help="model image size (default: the training images' side)")
     add("--patch-size", type=int, default=None, help="patch size (default: a grid of at most 14 tokens a side)")
+    add("--knn", default="probe", choices=("probe", "command"),
+        help="probe: the k-NN vote on the linear probe's cached features (one extraction per checkpoint); command: "
+             "a separate `mimkit knn` run (its own extraction, --set knn:...)")
     add("--tokenizer", default=None, help="BEiT / mc-BEiT tokenizer file (default: one trained on the data)")
     add("--tokenizer-kind", default="mimkit", choices=("mimkit", "dalle", "vqgan"), help="kind of --tokenizer")
     add("--tokenizer-steps", type=int, default=None, help="tokenizer training steps (default: the recipe's)")

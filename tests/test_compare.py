@@ -106,6 +106,9 @@ def test_study_runs_resumes_and_refuses_bad_specs(tmp_path):
     assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1
     assert "unknown part 'blok'" in bad.stderr and "parts: random, block, hybrid, parallel" in bad.stderr
     assert not (tmp_path / "bad").exists()
+    knn = compare("--data", str(data), "--methods", "mae", "--set", "knn:knn.k=5", "--out", "bad", *TINY, cwd=tmp_path)
+    assert knn.returncode != 0 and "--set knn:... needs --knn command" in knn.stderr
+    assert len(knn.stderr.strip().splitlines()) == 1
     other = compare(*command[:-len(TINY)], "--epochs", "2", *TINY, cwd=tmp_path)  # the same folder, another budget
     assert other.returncode != 0 and "was started with other settings" in other.stderr
     assert "train.epochs=1 vs train.epochs=2" in other.stderr and len(other.stderr.strip().splitlines()) == 1

@@ -167,6 +167,22 @@ def test_linprobe_cached_scan_reports_every_block(eval_cfg):
     assert (result.out_dir / "features-train.pt").is_file() and (result.out_dir / "metrics.json").is_file()
 
 
+def test_cached_linprobe_knn_equals_mimkit_knn_on_the_same_features(eval_cfg, pretrained):
+    """probe.knn_k: the k-NN vote on the probe's cached features is mimkit knn's result for that block, pool, k and
+    T (same subsets, transform and batch size: the same features), without a second extraction."""
+    encoder = [*TINY_ENCODER, f"encoder.checkpoint={pretrained}"]
+    probe = lp.run_linprobe(eval_cfg("linprobe", "probe.mode=cached", "probe.scan_blocks=true", "probe.block=1",
+                                     "probe.pool=cls_mean", "probe.knn_k=5", "probe.knn_temperature=0.1",
+                                     "train.max_steps=1", "data.train_samples=48", "data.val_samples=24",
+                                     out="probe", encoder=encoder)).metrics  # fmt: skip
+    knn = run_knn(eval_cfg("knn", "features.block=1", "features.pool=cls_mean", "knn.k=5", "knn.temperature=0.1",
+                           "data.train_samples=48", "data.val_samples=24", out="knn", encoder=encoder)).metrics
+    assert probe["knn_block"] == 1 and probe["knn_k"] == 5 and probe["val_images"] == knn["val_images"] == 24
+    assert (probe["knn_top1"], probe["knn_top5"]) == (knn["top1"], knn["top5"])
+    with pytest.raises(ConfigError, match="probe.knn_k needs probe.mode cached"):
+        eval_cfg("linprobe", "probe.mode=augment", "probe.knn_k=5")
+
+
 def test_linprobe_resume_is_bit_identical(eval_cfg):
     common = ["probe.mode=augment", "train.keep_last=10", "optim.name=lars"]
     straight = lp.run_linprobe(eval_cfg("linprobe", *common, "train.max_steps=12", out="straight"))

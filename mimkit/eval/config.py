@@ -150,6 +150,10 @@ class ProbeConfig(FeatureConfig):
     # Train one head per block simultaneously (one encoder pass) and report the best block (BEiT, BootMAE).
     scan_blocks: bool = False
     head_init_std: float = 0.01  # trunc_normal, as MAE
+    # cached mode: also a k-NN vote (cosine, k = knn_k, T = knn_temperature, as mimkit knn) on the configured block's
+    # cached features, at no extra extraction; 0 = none
+    knn_k: int = 0
+    knn_temperature: float = 0.07
 
 
 @dataclass
@@ -301,6 +305,10 @@ def validate(cfg: Any) -> Any:
     elif isinstance(cfg, LinprobeConfig):
         _validate_features("probe", cfg.probe)
         require(cfg.probe.head_init_std > 0, "probe.head_init_std must be positive")
+        require(cfg.probe.knn_k >= 0 and cfg.probe.knn_temperature > 0,
+                "probe.knn_k must be >= 0 (0 = no k-NN) and probe.knn_temperature positive")  # fmt: skip
+        require(cfg.probe.knn_k == 0 or cfg.probe.mode == "cached",
+                "probe.knn_k needs probe.mode cached (the k-NN reads the cached features); use mimkit knn otherwise")
         o = cfg.optim
         require(o.blr > 0 and (o.lr is None or o.lr > 0), "optim.blr / optim.lr must be positive")
         require(o.min_lr >= 0 and o.warmup_epochs >= 0 and o.weight_decay >= 0, "optim.min_lr, warmup_epochs, weight_decay must be >= 0")

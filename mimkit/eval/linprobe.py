@@ -51,6 +51,7 @@ from mimkit.eval.common import (
 )
 from mimkit.eval.config import LinprobeConfig, dump_eval_yaml
 from mimkit.eval.encoders import encoder_features, feature_blocks, feature_dim, load_encoder
+from mimkit.eval.knn import knn_accuracy
 from mimkit.schedules import lr_at
 
 log = logging.getLogger("mimkit")
@@ -138,7 +139,16 @@ def run_linprobe(cfg: LinprobeConfig) -> EvalResult:
             meta=cache_meta(cfg.encoder, cfg.data, cfg.data.train_split, cfg.data.train_samples, img_size, t.seed),
             desc="features (train)" if t.progress else None, **extract,
         )  # fmt: skip
+        knn = {}
+        if p.knn_k:  # the same features as `mimkit knn` would extract for this block: no second pass over the images
+            acc = knn_accuracy(f_train[:, conf], y_train, f_val[:, conf], y_val, data.num_classes, p.knn_k,
+                               p.knn_temperature)  # fmt: skip
+            knn = {"knn_top1": acc["top1"], "knn_top5": acc["top5"], "knn_k": p.knn_k, "knn_block": blocks[conf]}
+            if dist.is_main:
+                log.info("k-NN on the cached features (k=%d, T=%g, block %d): top-1 %.2f%%", p.knn_k,
+                         p.knn_temperature, blocks[conf], acc["top1"])  # fmt: skip
     else:
+        knn = {}
         workers = cfg.data.num_workers
         loader = DataLoader(LabelledDataset(data.train, probe_train_transform(img_size, cfg.data)), batch_sampler=sampler,
                             num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
@@ -244,7 +254,7 @@ def run_linprobe(cfg: LinprobeConfig) -> EvalResult:
         "epochs": t.epochs, "steps": done, "encoder": cfg.encoder.checkpoint, "key_report": report.to_dict(),
         "train_images": len(data.train), "val_images": len(data.val), "num_classes": data.num_classes,
         "wall_clock_s": round(clock.total(), 2), "machine": machine_description(device),
-        "nonfinite_steps": engine.nonfinite_total, "mimkit_version": mimkit.__version__,
+        "nonfinite_steps": engine.nonfinite_total, "mimkit_version": mimkit.__version__, **knn,
     }  # fmt: skip
     path = out_dir / "metrics.json"
     if dist.is_main:
