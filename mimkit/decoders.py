@@ -20,7 +20,8 @@ from mimkit.models import run_blocks, sincos_2d_pos_embed
 def unshuffle_tokens(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
     """(B, 1 + keep, D) tokens of the encoder side (cls, then the kept patches in shuffled order) -> (B, 1 + L, D):
     cls, then every patch in image order, the masked ones `mask_token`. The official code's cat + gather + cat as
-    one gather from a table of the kept rows and the mask token: the same values without two intermediate copies
+    one gather from a table of the kept rows and the mask token: the same values (and input gradients; the mask token's
+    is the same sum in another order) without two intermediate copies
     (benchmarks/RESULTS.md, decoder token assembly)."""
     b, t, d = x.shape
     table = torch.cat([x.reshape(b * t, d), mask_token.reshape(1, d).to(x.dtype)])
