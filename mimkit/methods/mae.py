@@ -15,7 +15,7 @@ from torch import nn
 from mimkit.config import resolve_block_generator
 from mimkit.decoders import CrossMAEDecoder, MAEDecoder, resolve_context_blocks
 from mimkit.losses import masked_mse, per_patch_normalize
-from mimkit.masking import RandomMask, VisibleTokenMasks, mask_to_ids, random_mask, reconstruction_ids, take_patches
+from mimkit.masking import RandomMask, VisibleTokenMasks, reconstruction_ids, take_patches, visible_token_masks
 from mimkit.methods.base import MIMMethod
 from mimkit.models import encode_visible, init_weights_mae, patchify, sincos_2d_pos_embed
 
@@ -105,10 +105,8 @@ class MAE(MIMMethod):
         """`noise` (B, L) drives random masking (as HF ViTMAE's `noise`); `mask` (B, L, 1 = masked,
         same count per image) gives the mask directly; neither: fresh random noise. `select_noise` (B, L):
         which masked patches the CrossMAE decoder reconstructs (fresh when None)."""
-        if mask is not None:
-            masking = mask_to_ids(mask)
-        else:
-            masking = random_mask(imgs.shape[0], self.num_patches, self.mask_ratio, noise=noise, device=imgs.device)
+        masking = visible_token_masks(imgs.shape[0], self.num_patches, self.mask_ratio, noise=noise, mask=mask,
+                                      device=imgs.device)  # fmt: skip
         if isinstance(self.decoder, CrossMAEDecoder):
             return self._forward_crossmae(imgs, masking, select_noise)
         latent = encode_visible(self.encoder, imgs, masking.ids_keep)
