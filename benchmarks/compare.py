@@ -337,7 +337,7 @@ class Study:
                 return
             record = read_json(run.record_path)
             if self.args.core_minutes is not None and "calibration" not in record:
-                record["calibration"] = self.calibrate(run)
+                record["calibration"] = {**self.calibrate(run), "cpu": machine().get("cpu")}
             settings = self.run_settings(run, record)
             if record.get("done"):
                 log.info("%s: pretrained (step %d), kept", run.spec.text, record["final_step"])
@@ -348,7 +348,9 @@ class Study:
             log.info("== %s: pretraining (%s) %s", run.spec.text,
                      f"resuming after {newest[-1].name}" if newest else "from scratch", " ".join(settings["overrides"]))
             start = time.time()
+            here = machine()
             segment = {"started": now(), "threads": self.threads, "cpus": sorted(os.sched_getaffinity(0)),
+                       "cpu": here.get("cpu"), "cpu_flags": here.get("cpu_flags"), "gpu": here.get("gpu"),
                        "exit": None}  # stays None if this process is killed  # fmt: skip
             record["segments"].append(segment)
             write_json(run.record_path, record)
@@ -448,18 +450,19 @@ class Study:
             every, final = record.get("save_every_steps"), record.get("final_step") if record.get("done") else None
             for ckpt in list_checkpoints(run.dir / "pretrain"):
                 step = int(re.search(r"(\d+)", ckpt.name).group(1))
-                if (every and step % every == 0) or step == final:
+                near_final = final is not None and 0 < final - step < (every or 0) / 2  # 2340 of 2343: the same
+                if step == final or (every and step % every == 0 and not near_final):
                     pending.append((step / run.steps_per_epoch, i, pretrained(run, step),
                                     run.evals / f"step-{step:08d}.json", self.scored))  # fmt: skip
-        if self.args.finetune_epochs and self.all_trained():
+        if self.args.finetune_epochs:  # each run as soon as it is done: its final checkpoint is needed until then
             pending += [(math.inf, i, b.encoder, b.evals / "finetune.json", ("finetune",))
                         for i, b in enumerate(self.baselines)]  # fmt: skip
-            pending += [(math.inf, i, pretrained(r, read_json(r.record_path)["final_step"]), r.evals / "finetune.json",
-                         ("finetune",)) for i, r in enumerate(self.runs, start=len(self.baselines))]  # fmt: skip
+            for i, run in enumerate(self.runs, start=len(self.baselines)):
+                record = read_json(run.record_path)
+                if record.get("done") and checkpoint_path(run.dir / "pretrain", record["final_step"]).exists():
+                    pending.append((math.inf, i, pretrained(run, record["final_step"]), run.evals / "finetune.json",
+                                    ("finetune",)))  # fmt: skip
         return sorted((j for j in pending if not self.done(j[3], j[2], j[4])), key=lambda j: (j[0], j[1]))
-
-    def all_trained(self) -> bool:
-        return all(read_json(r.record_path).get("done") for r in self.runs)
 
     def evaluate_all(self, wait: bool) -> None:
         """Score what is pending; with `wait`, poll for more until every run has finished pretraining and is scored."""
@@ -518,6 +521,7 @@ class Study:
                          "steps_per_epoch": run.steps_per_epoch, "done": bool(record.get("done")),
                          "final_step": record.get("final_step"), "calibration": record.get("calibration"),
                          "train_invocations": len(record.get("segments", [])), "segments": record.get("segments", []),
+                         "machines": sorted({g["cpu"] for g in record.get("segments", []) if g.get("cpu")}),
                          "checkpoints": points, "finetune": self.finetune_scores(
                              run.evals, pretrained(run, record.get("final_step", 0)))})  # fmt: skip
         baselines = []
@@ -533,7 +537,7 @@ class Study:
                  "threads": self.threads, "budget": {"epochs": a.epochs, "core_minutes": a.core_minutes,
                                                      "max_steps": a.max_steps},
                  "eval_every_epochs": self.eval_every, "finetune_epochs": a.finetune_epochs, "machine": machine(),
-                 "core_minutes_note": CORE_MINUTES, "runs": runs, "baselines": baselines, "readouts": readouts(runs),
+                 "core_minutes_note": CORE_MINUTES, "runs": runs, "baselines": baselines, "readouts": readouts(runs, a.reach),
                  "tokenizer": tokenizer if self.needs_tokenizer() else None}  # fmt: skip
         if a.sweep:
             study["sweep_winners"] = sweep_winners(runs)
@@ -640,6 +644,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--finetune-epochs", type=int, default=None, help="also fine-tune each final encoder and each random init")
     add("--sweep", default=None, metavar="GRID", help="'key=v1,v2;key=v1,v2': every spec at every grid point, the "
         "final checkpoint scored, the best probe per spec written to sweep_winners.json")
+    add("--reach", type=float, nargs="+", default=[], metavar="PERCENT", help="also read out the pretraining "
+        "epochs and core-minutes at which each run's probe first reaches these top-1 accuracies")
     add("--train-samples", type=int, default=None, help="a seeded subset of the training images (.npz; smoke runs)")
     add("--test-samples", type=int, default=None, help="a seeded subset of the test images (.npz; smoke runs)")
     add("--max-steps", type=int, default=None, help="stop each pretraining after N steps (smoke runs)")

@@ -348,14 +348,28 @@ def nearest(points: list[dict], key: str, target: float) -> dict:
     return min(points, key=lambda c: (abs(c[key] - target), -c[key]))
 
 
-def readouts(runs: list[dict]) -> dict:
-    """Each run at the largest epoch / core-minute count every run reached: its evaluated checkpoint nearest to it."""
+def readouts(runs: list[dict], reach: list[float] = ()) -> dict:
+    """Each run at the largest epoch / core-minute count every run reached (its evaluated checkpoint nearest to it),
+    and time to accuracy: the first evaluated checkpoint at which each run's probe reaches the best accuracy every run
+    reached, and each of `reach` (percent)."""
     out = {}
     for key, label in (("epoch", "equal_epochs"), ("core_minutes", "equal_core_minutes")):
         curves = {r["name"]: [c for c in r["checkpoints"] if c.get(key) is not None] for r in runs}
         if curves and all(curves.values()):
             target = min(max(c[key] for c in points) for points in curves.values())
             out[label] = {"target": round(target, 6), "rows": {n: nearest(p, key, target) for n, p in curves.items()}}
+    curves = {r["name"]: sorted(r["checkpoints"], key=lambda c: c["step"]) for r in runs if r["checkpoints"]}
+    if len(curves) > 1 or reach:
+        common = [round(100 * min(max(c["probe_top1"] for c in p) for p in curves.values()), 2)] if len(curves) > 1 \
+            else []  # fmt: skip
+        rows = {}
+        for name, points in curves.items():
+            rows[name] = {}
+            for percent in dict.fromkeys([*common, *reach]):
+                first = next((c for c in points if 100 * c["probe_top1"] >= percent - 1e-9), None)
+                rows[name][f"{percent:g}"] = first and {k: first.get(k) for k in ("step", "epoch", "core_minutes")}
+        out["to_reach"] = {"targets": [f"{p:g}" for p in dict.fromkeys([*common, *reach])],
+                           "common": common and f"{common[0]:g}", "rows": rows}  # fmt: skip
     return out
 
 
@@ -388,6 +402,23 @@ def markdown(study: dict) -> str:
             cm = "–" if c.get("core_minutes") is None else f"{c['core_minutes']:.3g}"
             lines.append(f"| {name} | {c['epoch']:.3g} | {cm} | {_acc(c, 'knn')} | {_acc(c, 'probe')} | "
                          f"{_acc(c, 'probe_best')} (block {c.get('probe_best_block')}) |")  # fmt: skip
+    reach = study["readouts"].get("to_reach")
+    if reach and reach["targets"]:
+        lines += ["", "## Time to accuracy (the first evaluated checkpoint whose probe top-1 reaches it: epochs / "
+                  "core-minutes; – not reached)", "",
+                  "| run | " + " | ".join(f"{t}%" + (" (every run's best)" if t == reach["common"] else "")
+                                          for t in reach["targets"]) + " |",
+                  "|---|" + "---:|" * len(reach["targets"])]  # fmt: skip
+        for name, row in reach["rows"].items():
+            cells = ["–" if row[t] is None else f"{row[t]['epoch']:.3g} ep / " + (
+                "–" if row[t]["core_minutes"] is None else f"{row[t]['core_minutes']:.3g} core-min")
+                for t in reach["targets"]]  # fmt: skip
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    machines = {tuple(r.get("machines") or ()) for r in study["runs"] if r.get("machines")}
+    if len(machines) > 1 or any(len(mm) > 1 for mm in machines):  # a study continued on other CPUs
+        lines += ["", "Pretrained on: " + "; ".join(f"{r['name']}: {', '.join(r['machines'])}" for r in study["runs"]
+                                                    if r.get("machines")) + ". Core-minutes of runs on different CPUs "
+                  "are not comparable with each other."]  # fmt: skip
     finetuned = [r for r in [*study["baselines"], *study["runs"]] if r.get("finetune")]
     if finetuned:
         title = f"## Fine-tuning ({study['finetune_epochs']} epochs, configs/eval/finetune_vit_tiny_cifar10.yaml)"

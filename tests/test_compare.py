@@ -56,7 +56,7 @@ def check_accuracies(row: dict) -> None:
 def test_study_runs_resumes_and_refuses_bad_specs(tmp_path):
     data = labelled_npz(tmp_path / "tiny.npz")
     command = ["--data", str(data), "--methods", "mae,mae+block", "--epochs", "1", "--eval-every", "0.5",
-               "--out", "study", *TINY]  # fmt: skip
+               "--reach", "0", "101", "--out", "study", *TINY]  # fmt: skip
     first = compare(*command, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     out = tmp_path / "study"
@@ -78,8 +78,18 @@ def test_study_runs_resumes_and_refuses_bad_specs(tmp_path):
     assert equal["target"] == 1.0 and {r["step"] for r in equal["rows"].values()} == {6}
     assert set(study["readouts"]["equal_core_minutes"]["rows"]) == {"mae", "mae+block"}
     assert study["machine"]["torch"] and study["threads"] == 1
+    assert all(r["machines"] == [study["machine"]["cpu"]] for r in study["runs"])
+    reach = study["readouts"]["to_reach"]  # every run's best, then --reach 0 (the first checkpoint) and 101 (never)
+    common = min(max(c["probe_top1"] for c in r["checkpoints"]) for r in study["runs"])
+    assert reach["targets"] == [f"{round(100 * common, 2):g}", "0", "101"]
+    for run in study["runs"]:
+        row = reach["rows"][run["name"]]
+        assert row["0"]["step"] == 3 and row["101"] is None
+        first = next(c for c in run["checkpoints"] if 100 * c["probe_top1"] >= float(reach["common"]) - 1e-9)
+        assert row[reach["common"]]["core_minutes"] == first["core_minutes"]
     table = (out / "compare.md").read_text()
-    for text in ("At equal epochs", "At equal pretraining core-minutes", "| mae+block |", "| random-init ViT |", "±"):
+    for text in ("At equal epochs", "At equal pretraining core-minutes", "Time to accuracy", "| mae+block |",
+                 "| random-init ViT |", "±"):
         assert text in table and text in first.stdout
     for name in ("probe_vs_epochs.png", "probe_vs_core_minutes.png"):
         with Image.open(out / name) as image:
@@ -101,6 +111,13 @@ def test_study_runs_resumes_and_refuses_bad_specs(tmp_path):
     assert moved.returncode == 0, moved.stderr[-3000:]
     assert "trained 0 run(s), evaluated 0" in moved.stdout
     shutil.move(tmp_path / "moved", out)
+    for ckpt in (out / "runs").rglob("checkpoint-*"):  # a study folder committed without its checkpoints
+        ckpt.unlink()
+    committed = compare(*command, cwd=tmp_path)
+    assert committed.returncode == 0, committed.stderr[-3000:]
+    assert "trained 0 run(s), evaluated 0" in committed.stdout
+    assert [r["checkpoints"] for r in json.loads((out / "compare.json").read_text())["runs"]] == \
+        [r["checkpoints"] for r in study["runs"]]  # fmt: skip
 
     bad = compare("--data", str(data), "--methods", "mae,mae+blok", "--out", "bad", *TINY, cwd=tmp_path)
     assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1
