@@ -360,8 +360,8 @@ def readouts(runs: list[dict], reach: list[float] = ()) -> dict:
             out[label] = {"target": round(target, 6), "rows": {n: nearest(p, key, target) for n, p in curves.items()}}
     curves = {r["name"]: sorted(r["checkpoints"], key=lambda c: c["step"]) for r in runs if r["checkpoints"]}
     if len(curves) > 1 or reach:
-        common = [round(100 * min(max(c["probe_top1"] for c in p) for p in curves.values()), 2)] if len(curves) > 1 \
-            else []  # fmt: skip
+        best = min((max(c["probe_top1"] for c in p) for p in curves.values()), default=0.0)
+        common = [math.floor(10000 * best + 1e-6) / 100] if len(curves) > 1 else []  # rounded down: every run reaches it
         rows = {}
         for name, points in curves.items():
             rows[name] = {}

@@ -81,12 +81,12 @@ def test_study_runs_resumes_and_refuses_bad_specs(tmp_path):
     assert all(r["machines"] == [study["machine"]["cpu"]] for r in study["runs"])
     reach = study["readouts"]["to_reach"]  # every run's best, then --reach 0 (the first checkpoint) and 101 (never)
     common = min(max(c["probe_top1"] for c in r["checkpoints"]) for r in study["runs"])
-    assert reach["targets"] == [f"{round(100 * common, 2):g}", "0", "101"]
+    assert reach["targets"] == [f"{math.floor(10000 * common + 1e-6) / 100:g}", "0", "101"]
     for run in study["runs"]:
         row = reach["rows"][run["name"]]
         assert row["0"]["step"] == 3 and row["101"] is None
-        first = next(c for c in run["checkpoints"] if 100 * c["probe_top1"] >= float(reach["common"]) - 1e-9)
-        assert row[reach["common"]]["core_minutes"] == first["core_minutes"]
+        reached = next(c for c in run["checkpoints"] if 100 * c["probe_top1"] >= float(reach["common"]) - 1e-9)
+        assert row[reach["common"]]["core_minutes"] == reached["core_minutes"]
     table = (out / "compare.md").read_text()
     for text in ("At equal epochs", "At equal pretraining core-minutes", "Time to accuracy", "| mae+block |",
                  "| random-init ViT |", "±"):
