@@ -59,6 +59,7 @@ from compare_helpers import (
     SpecError,
     choose_patch,
     data_info,
+    is_scored_step,
     machine,
     markdown,
     parse_specs,
@@ -328,7 +329,8 @@ class Study:
         shutil.rmtree(scratch, ignore_errors=True)
         seconds = clock[max(clock)][1] / len(clock)
         log.info("%s: %.3f s per step here", run.spec.text, seconds)
-        return {"s_per_step": seconds, "steps": len(clock), "threads": self.threads, "at": now()}
+        return {"s_per_step": seconds, "steps": len(clock), "threads": self.threads, "at": now(),
+                "cpu": machine().get("cpu")}  # fmt: skip
 
     def train(self, run: Run) -> None:
         with locked(run.dir / ".train.lock") as mine:
@@ -337,7 +339,7 @@ class Study:
                 return
             record = read_json(run.record_path)
             if self.args.core_minutes is not None and "calibration" not in record:
-                record["calibration"] = {**self.calibrate(run), "cpu": machine().get("cpu")}
+                record["calibration"] = self.calibrate(run)
             settings = self.run_settings(run, record)
             if record.get("done"):
                 log.info("%s: pretrained (step %d), kept", run.spec.text, record["final_step"])
@@ -450,8 +452,7 @@ class Study:
             every, final = record.get("save_every_steps"), record.get("final_step") if record.get("done") else None
             for ckpt in list_checkpoints(run.dir / "pretrain"):
                 step = int(re.search(r"(\d+)", ckpt.name).group(1))
-                near_final = final is not None and 0 < final - step < (every or 0) / 2  # 2340 of 2343: the same
-                if step == final or (every and step % every == 0 and not near_final):
+                if is_scored_step(step, every, final):
                     pending.append((step / run.steps_per_epoch, i, pretrained(run, step),
                                     run.evals / f"step-{step:08d}.json", self.scored))  # fmt: skip
         if self.args.finetune_epochs:  # each run as soon as it is done: its final checkpoint is needed until then
@@ -505,9 +506,10 @@ class Study:
             record, clock = read_json(run.record_path), step_clock(run.dir / "pretrain" / "metrics.jsonl")
             threads = record.get("settings", {}).get("threads", self.threads)
             points = []
+            every, final = record.get("save_every_steps"), record.get("final_step") if record.get("done") else None
             for path in sorted(run.evals.glob("step-*.json")):
                 step = int(path.stem.split("-")[1])
-                if not self.done(path, pretrained(run, step), self.scored):
+                if not is_scored_step(step, every, final) or not self.done(path, pretrained(run, step), self.scored):
                     continue
                 epoch, seconds = clock.get(step, (step / run.steps_per_epoch, None))
                 minutes = None if seconds is None else seconds / 60
@@ -537,7 +539,8 @@ class Study:
                  "threads": self.threads, "budget": {"epochs": a.epochs, "core_minutes": a.core_minutes,
                                                      "max_steps": a.max_steps},
                  "eval_every_epochs": self.eval_every, "finetune_epochs": a.finetune_epochs, "machine": machine(),
-                 "core_minutes_note": CORE_MINUTES, "runs": runs, "baselines": baselines, "readouts": readouts(runs, a.reach),
+                 "core_minutes_note": CORE_MINUTES, "runs": runs, "baselines": baselines,
+                 "readouts": readouts(runs, a.reach),
                  "tokenizer": tokenizer if self.needs_tokenizer() else None}  # fmt: skip
         if a.sweep:
             study["sweep_winners"] = sweep_winners(runs)

@@ -268,6 +268,14 @@ def step_clock(metrics: Path) -> dict[int, tuple[float, float]]:
     return clock
 
 
+def is_scored_step(step: int, every: int | None, final: int | None) -> bool:
+    """Whether a checkpoint is scored: the final one, and every `every` steps except one within half an interval of
+    the final (2340 of 2343: the same encoder scored twice)."""
+    if step == final:
+        return True
+    return bool(every) and step % every == 0 and not (final is not None and 0 < final - step < every / 2)
+
+
 # ---------------------------------------------------------------- the tokenizer
 
 
@@ -359,17 +367,18 @@ def readouts(runs: list[dict], reach: list[float] = ()) -> dict:
             target = min(max(c[key] for c in points) for points in curves.values())
             out[label] = {"target": round(target, 6), "rows": {n: nearest(p, key, target) for n, p in curves.items()}}
     curves = {r["name"]: sorted(r["checkpoints"], key=lambda c: c["step"]) for r in runs if r["checkpoints"]}
-    if len(curves) > 1 or reach:
-        best = min((max(c["probe_top1"] for c in p) for p in curves.values()), default=0.0)
-        common = [math.floor(10000 * best + 1e-6) / 100] if len(curves) > 1 else []  # rounded down: every run reaches it
-        rows = {}
-        for name, points in curves.items():
-            rows[name] = {}
-            for percent in dict.fromkeys([*common, *reach]):
-                first = next((c for c in points if 100 * c["probe_top1"] >= percent - 1e-9), None)
-                rows[name][f"{percent:g}"] = first and {k: first.get(k) for k in ("step", "epoch", "core_minutes")}
-        out["to_reach"] = {"targets": [f"{p:g}" for p in dict.fromkeys([*common, *reach])],
-                           "common": common and f"{common[0]:g}", "rows": rows}  # fmt: skip
+    common = None
+    if len(curves) > 1:  # every run's best, rounded down to 0.01 points so that every run reaches it
+        common = math.floor(10000 * min(max(c["probe_top1"] for c in p) for p in curves.values()) + 1e-6) / 100
+    targets = list(dict.fromkeys([*([common] if common is not None else []), *reach]))
+    if targets:
+        def first(points: list[dict], percent: float) -> dict | None:
+            hit = next((c for c in points if 100 * c["probe_top1"] >= percent - 1e-9), None)
+            return hit and {k: hit.get(k) for k in ("step", "epoch", "core_minutes")}
+
+        rows = {name: {f"{t:g}": first(points, t) for t in targets} for name, points in curves.items()}
+        out["to_reach"] = {"targets": [f"{t:g}" for t in targets], "common": None if common is None else f"{common:g}",
+                           "rows": rows}  # fmt: skip
     return out
 
 
@@ -414,8 +423,7 @@ def markdown(study: dict) -> str:
                 "–" if row[t]["core_minutes"] is None else f"{row[t]['core_minutes']:.3g} core-min")
                 for t in reach["targets"]]  # fmt: skip
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    machines = {tuple(r.get("machines") or ()) for r in study["runs"] if r.get("machines")}
-    if len(machines) > 1 or any(len(mm) > 1 for mm in machines):  # a study continued on other CPUs
+    if len({cpu for r in study["runs"] for cpu in r.get("machines", [])}) > 1:  # a study continued on other CPUs
         lines += ["", "Pretrained on: " + "; ".join(f"{r['name']}: {', '.join(r['machines'])}" for r in study["runs"]
                                                     if r.get("machines")) + ". Core-minutes of runs on different CPUs "
                   "are not comparable with each other."]  # fmt: skip

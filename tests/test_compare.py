@@ -177,6 +177,16 @@ def test_run_specs_compose_and_fail_with_what_is_allowed():
         (2, 12), (4, 16), (4, 28), (4, 28), (4, 32), (8, 96), (16, 224)]  # fmt: skip
 
 
+def test_scored_checkpoints_are_every_interval_and_the_final_one_not_twice():
+    # 3 epochs of 781 steps scored every 390: 390 ... 1950 and 2343, not 2340 (3 steps before the final one)
+    steps = [s for s in range(1, 2344) if helpers.is_scored_step(s, 390, 2343)]
+    assert steps == [390, 780, 1170, 1560, 1950, 2343]
+    assert [s for s in range(1, 2344) if helpers.is_scored_step(s, 390, None)][-1] == 2340  # not done yet: scored
+    assert [s for s in range(1, 13) if helpers.is_scored_step(s, 3, 12)] == [3, 6, 9, 12]  # aligned: nothing dropped
+    assert [s for s in range(1, 13) if helpers.is_scored_step(s, None, 12)] == [12]  # a sweep: the final one only
+    assert [s for s in range(1, 8) if helpers.is_scored_step(s, 4, 7)] == [4, 7]  # 3 before the final: half or more
+
+
 def test_step_clock_counts_training_time_across_resumes_and_restarts(tmp_path):
     """The first step of each process counts as its median step; steps redone after a kill replace the lost ones."""
     records = [{"step": 1, "time": 100.0}, {"step": 2, "time": 101.0}, {"step": 3, "time": 103.0},  # killed after 3
