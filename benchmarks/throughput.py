@@ -422,6 +422,16 @@ def training_step(spec: ModelSpec, impl: str, precision: str, device: torch.devi
     return model, step
 
 
+def timed(step, steps: int, device: torch.device) -> float:
+    """Seconds per step of `steps` calls of `step`."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    return (time.perf_counter() - start) / steps
+
+
 def time_training_steps(spec: ModelSpec, impl: str, precision: str, device: torch.device, batch: int,
                         steps: int, warmup: int) -> dict:  # fmt: skip
     torch.manual_seed(0)
@@ -430,14 +440,34 @@ def time_training_steps(spec: ModelSpec, impl: str, precision: str, device: torc
         params = parameter_counts(model)
         for _ in range(warmup):
             step()
-        synchronize(device)
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        synchronize(device)
-        seconds_per_step = (time.perf_counter() - start) / steps
+        seconds_per_step = timed(step, steps, device)
         del model, step
     return {"seconds_per_step": seconds_per_step, "peak_memory_mib": memory.mib, "parameters": params}
+
+
+def time_interleaved(spec: ModelSpec, impls: list[str], precision: str, device: torch.device, batch: int,
+                     steps: int, warmup: int, rounds: int) -> dict[str, dict]:  # fmt: skip
+    """Every impl built and warmed up once, then `rounds` rounds of `steps` timed steps of each, the order rotated
+    every round: a slow spell of a shared machine falls on every impl alike instead of on whichever row it hits.
+    seconds_per_step is the median over rounds; per_round keeps each round's figure (ratios are taken per round).
+    Peak memory is each impl's build + warmup, measured while the impls built before it are alive (RSS deltas)."""
+    built, out = {}, {}
+    for impl in impls:
+        torch.manual_seed(0)
+        with PeakMemory(device) as memory:
+            model, step = training_step(spec, impl, precision, device, batch)
+            for _ in range(warmup):
+                step()
+            synchronize(device)
+        built[impl] = step
+        out[impl] = {"peak_memory_mib": memory.mib, "parameters": parameter_counts(model), "per_round": []}
+        del model
+    for r in range(rounds):
+        for impl in impls[r % len(impls):] + impls[: r % len(impls)]:
+            out[impl]["per_round"].append(timed(built[impl], steps, device))
+    for timing in out.values():
+        timing["seconds_per_step"] = float(np.median(timing["per_round"]))
+    return out
 
 
 def profile_training_step(spec: ModelSpec, impl: str, precision: str, device: torch.device, batch: int,
@@ -670,8 +700,11 @@ def run_model_steps(args: argparse.Namespace, models: list[ModelSpec], precision
             if extra and precision not in square:
                 size = args.square or (8192 if device.type == "cuda" else 1024)
                 square[precision] = square_matmul_tflops(size, precision, device, args.gemm_seconds)
+            interleaved = (time_interleaved(spec, impls, precision, device, batch, args.steps, args.warmup,
+                                            args.rounds) if args.rounds > 1 else None)  # fmt: skip
             for impl in impls:
-                timing = time_training_steps(spec, impl, precision, device, batch, args.steps, args.warmup)
+                timing = interleaved[impl] if interleaved else time_training_steps(
+                    spec, impl, precision, device, batch, args.steps, args.warmup)
                 images_per_second = batch / timing["seconds_per_step"]
                 achieved_tflops = images_per_second * flops_per_image(spec, impl)["train_step"] / 1e12
                 row = {
@@ -682,6 +715,8 @@ def run_model_steps(args: argparse.Namespace, models: list[ModelSpec], precision
                     "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
                     "matmul_ceiling_tflops": ceiling_tflops, "mfu": achieved_tflops / ceiling_tflops,
                 }  # fmt: skip
+                if interleaved:
+                    row["seconds_per_step_per_round"] = timing["per_round"]
                 if extra:
                     row["peak_tflops"] = peak if precision == "bf16" else None
                     row["mfu_vs_peak"] = row["achieved_tflops"] / peak if row["peak_tflops"] else None
@@ -691,12 +726,19 @@ def run_model_steps(args: argparse.Namespace, models: list[ModelSpec], precision
                     with open(args.json, "w") as f:
                         json.dump({"machine": machine_info(device), "mode": "step", "partial": True,
                                    "rows": rows + group}, f, indent=2)  # fmt: skip
-            baseline_rates = [r["images_per_second"] for r in group if not r["impl"].startswith("mimkit")]
-            fastest_baseline = max(baseline_rates, default=None)
+            baselines = [r for r in group if not r["impl"].startswith("mimkit")]
+            fastest = max(baselines, key=lambda r: r["images_per_second"], default=None)
             for row in group:
-                compare = row["impl"].startswith("mimkit") and fastest_baseline is not None
-                row["vs_fastest_baseline"] = row["images_per_second"] / fastest_baseline if compare else None
+                compare = row["impl"].startswith("mimkit") and fastest is not None
+                # interleaved: the median of the per-round ratios (both measured in the same round)
+                row["vs_fastest_baseline"] = (None if not compare else float(np.median(np.divide(
+                    fastest["seconds_per_step_per_round"], row["seconds_per_step_per_round"])))
+                    if interleaved else row["images_per_second"] / fastest["images_per_second"])  # fmt: skip
                 print_row(row)
+            if interleaved:
+                for row in group:
+                    per_round = ", ".join(f"{s:.3f}" for s in row["seconds_per_step_per_round"])
+                    print(f"# {row['impl']} s/step per round: {per_round}")
             rows += group
     print()
     for spec in models:  # both sides must build the same network for the comparison to mean anything
@@ -721,6 +763,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=0, help="override every model's batch (0: the model's own)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per row (CPU: ViT-B bf16 is ~1 min/step)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps (batches with --data-only) per row")
+    parser.add_argument("--rounds", type=int, default=1, help="> 1: build every impl of a model / precision, then "
+                        "time --steps steps of each per round, in rotated order; report medians (ratios per round)")
     parser.add_argument("--gemm-seconds", type=float, default=0.3, help="min seconds per GEMM ceiling trial")
     parser.add_argument("--square", type=int, default=0,
                         help="side of the square matmul ceiling (0: 8192 on CUDA, none on CPU; >0 forces it)")
@@ -759,7 +803,8 @@ def main() -> None:
         unit = f"{args.data_batches} timed batches per pipeline after max(warmup, workers) untimed ones"
     else:
         rows = run_model_steps(args, models, precisions, impls, device) if impls != [""] else []
-        unit = f"{args.warmup} warmup + {args.steps} timed steps per row"
+        unit = f"{args.warmup} warmup + {args.steps} timed steps per row" + (
+            f" per round, {args.rounds} interleaved rounds (medians)" if args.rounds > 1 else "")
         if args.profile:
             for spec in models:
                 for precision in precisions:

@@ -90,3 +90,16 @@ def test_profile_prints_the_ops_of_a_step(capsys):
                                      warmup=1, rows=5)  # fmt: skip
     out = capsys.readouterr().out
     assert "one training step of mimkit ViT-T/4@32" in out and "aten::" in out
+
+
+def test_interleaved_rounds_time_every_impl_in_rotated_order(monkeypatch):
+    calls = []
+    real = throughput.timed
+    monkeypatch.setattr(throughput, "timed", lambda step, steps, device: calls.append(step) or real(step, steps, device))
+    out = throughput.time_interleaved(throughput.MODELS["tiny"], ["mimkit", "hf-sdpa"], "fp32", torch.device("cpu"),
+                                      batch=2, steps=1, warmup=0, rounds=3)  # fmt: skip
+    assert set(out) == {"mimkit", "hf-sdpa"} and all(len(t["per_round"]) == 3 for t in out.values())
+    assert all(t["seconds_per_step"] == sorted(t["per_round"])[1] for t in out.values())  # the median
+    assert out["mimkit"]["parameters"] == out["hf-sdpa"]["parameters"]
+    first, second = calls[0], calls[1]  # round 0: mimkit, hf; round 1: hf, mimkit; round 2: mimkit, hf
+    assert calls[2:] == [second, first, first, second] and first is not second
