@@ -481,11 +481,18 @@ def profile_training_step(spec: ModelSpec, impl: str, precision: str, device: to
         step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
+        start = time.perf_counter()
         step()
         synchronize(device)
+        wall = time.perf_counter() - start
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(f"\n# torch.profiler, one training step of {impl} {spec.label} {precision} batch {batch}, top {rows} by self time")
-    print(prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=40))
+    averages = prof.key_averages()
+    print(averages.table(sort_by=sort, row_limit=rows, max_name_column_width=40))
+    if device.type == "cpu":  # what no op accounts for: Python, the autograd engine, freeing memory between ops
+        in_ops = sum(e.self_cpu_time_total for e in averages) / 1e6
+        print(f"# the profiled step took {wall:.3f} s wall-clock; its ops' self time sums to {in_ops:.3f} s "
+              f"({1 - in_ops / wall:.1%} outside any op)")
 
 
 # ---------------------------------------------------------------- input pipeline (--data-only)
