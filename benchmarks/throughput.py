@@ -85,8 +85,10 @@ GPU_BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 
                         ("H200", 989.4), ("A100", 312.0))  # fmt: skip
 # ablations: train.compile=true (every block torch.compile'd; the warmup steps include compiling), each
 # attention kernel forced (the mimkit row uses train.attention=auto, as `mimkit pretrain` does), and torch's
-# default AdamW (foreach) in place of the fused kernel the training loop picks
-OPTIONAL_IMPLS = ("mimkit-compiled", "mimkit-sdpa", "mimkit-eager", "mimkit-default-adamw", "hf-sdpa-compiled")
+# default AdamW (foreach) in place of the fused kernel the training loop picks, and mae.decode_visible=true (the
+# last decoder block and the pixel head also at the cls token and the visible patches, as the official code)
+OPTIONAL_IMPLS = ("mimkit-compiled", "mimkit-sdpa", "mimkit-eager", "mimkit-default-adamw", "mimkit-decode-visible",
+                  "hf-sdpa-compiled")
 OTHER_DECODER_IMPLS = ("mimkit-crossmae",)  # a different network at the same sizes (not one of the ablations above)
 
 
@@ -377,6 +379,7 @@ def build_mae(impl: str, spec: ModelSpec, precision: str = "fp32", device: torch
             f"model.arch={spec.arch}", f"mae.decoder_dim={spec.decoder_dim}",
             f"mae.decoder_depth={spec.decoder_depth}", f"mae.decoder_heads={spec.decoder_heads}",
             "mae.norm_pix_loss=true", f"mask.ratio={MASK_RATIO}", *(crossmae if impl == "mimkit-crossmae" else []),
+            *(["mae.decode_visible=true"] if impl == "mimkit-decode-visible" else []),
         ])  # fmt: skip
         model = build_model(cfg)
         forced = impl.removeprefix("mimkit-") if impl in ("mimkit-sdpa", "mimkit-eager") else "auto"

@@ -67,6 +67,9 @@ class MAEConfig:
     # crossmae: encoder blocks read besides the final-LN output, mixed per decoder block (CrossMAE's inter-block
     # attention), e.g. [3, 7] or [-4]; all = every block before the last
     decoder_context_blocks: tuple[int, ...] | Literal["all"] = ()
+    # decoder mae, training: also run the last decoder block's queries / MLP and the pixel head at the cls token and
+    # the visible patches, as the official code does; their outputs are outside the loss (false: skipped, exact)
+    decode_visible: bool = False
 
 
 @dataclass

@@ -48,10 +48,48 @@ class MAEDecoder(nn.Module):
         self.decoder_pred = nn.Linear(dim, patch_size * patch_size * 3)
         self.grad_checkpointing = False
 
-    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor, readout: torch.Tensor | None = None
+                ) -> torch.Tensor:  # fmt: skip
+        """(B, L, p*p*3) pixels of every patch; with `readout` (B, M) patch indices, (B, M, p*p*3) of those only:
+        the last block's queries and MLP and the pixel head then run at those patches alone (the keys and values
+        at every token), which changes none of their values (MAE's loss reads the masked patches only)."""
         x = unshuffle_tokens(self.decoder_embed(latent), self.mask_token, ids_restore) + self.decoder_pos_embed
-        x = self.decoder_norm(run_blocks(self.decoder_blocks, x, self.grad_checkpointing))
-        return self.decoder_pred(x)[:, 1:]
+        if readout is None or not len(self.decoder_blocks):
+            x = self.decoder_norm(run_blocks(self.decoder_blocks, x, self.grad_checkpointing))
+            x = x[:, 1:] if readout is None else take_patches(x[:, 1:], readout)
+            return self.decoder_pred(x)
+        x = run_blocks(self.decoder_blocks[:-1], x, self.grad_checkpointing)
+        last, rows = self.decoder_blocks[-1], readout + 1  # token rows: the cls token is row 0
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            x = checkpoint(block_at_rows, last, x, rows, use_reentrant=False)
+        else:
+            x = block_at_rows(last, x, rows)
+        return self.decoder_pred(self.decoder_norm(x))
+
+
+def block_at_rows(block: Block, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """timm `block(x)` (B, N, D) at the token rows `rows` (B, M) only, `take_patches(block(x), rows)`: queries,
+    output projection and MLP at those rows, keys and values from every row."""
+    attn = block.attn
+    h = block.norm1(x)
+    (b, n, _), m, heads = h.shape, rows.shape[1], attn.num_heads
+    inner = heads * attn.head_dim
+    weight, bias = attn.qkv.weight, attn.qkv.bias
+    h_rows = take_patches(h, rows)
+    q = F.linear(h_rows, weight[:inner], None if bias is None else bias[:inner])
+    kv = F.linear(h, weight[inner:], None if bias is None else bias[inner:])
+    q = q.view(b, m, heads, attn.head_dim).transpose(1, 2)
+    k, v = kv.view(b, n, 2, heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if attn.fused_attn:
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    else:
+        out = attn.attn_drop(((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+    out = getattr(attn, "norm", nn.Identity())(out.transpose(1, 2).reshape(b, m, inner))
+    if getattr(attn, "gate", None) is not None:
+        out = out * attn.gate(h_rows).sigmoid()
+    x = take_patches(x, rows) + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(out))))
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
 class CrossAttention(nn.Module):

@@ -296,6 +296,11 @@ def take_patches(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.gather(x.expand(ids.shape[0], *x.shape[1:]), 1, ids.expand(-1, -1, *x.shape[2:]))
 
 
+def masked_patch_ids(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """(B, count) indices of each image's masked patches (mask (B, L), 1 = masked, `count` per image), ascending."""
+    return torch.argsort(mask, dim=1, descending=True, stable=True)[:, :count]
+
+
 def reconstruction_ids(mask: torch.Tensor, ratio: float | None, noise: torch.Tensor | None = None) -> torch.Tensor:
     """CrossMAE's partial reconstruction: the (B, N) patches to decode, N = round(ratio * masked) masked patches of
     each image, those of lowest `noise` (B, L) (drawn fresh when None). ratio None: every patch, in order."""

@@ -15,15 +15,16 @@ from torch import nn
 from mimkit.config import resolve_block_generator
 from mimkit.decoders import CrossMAEDecoder, MAEDecoder, resolve_context_blocks
 from mimkit.losses import masked_mse, per_patch_normalize
-from mimkit.masking import RandomMask, VisibleTokenMasks, reconstruction_ids, take_patches, visible_token_masks
+from mimkit.masking import (RandomMask, VisibleTokenMasks, masked_patch_ids, reconstruction_ids, take_patches,
+                            visible_token_masks)
 from mimkit.methods.base import MIMMethod
 from mimkit.models import encode_visible, init_weights_mae, patchify, sincos_2d_pos_embed
 
 
 class MAEOutput(NamedTuple):
     loss: torch.Tensor  # scalar, fp32
-    pred: torch.Tensor  # (B, L, p*p*3) predictions for every patch (normalised space if norm_pix; CrossMAE in
-    # training: zeros at the patches it did not decode)
+    pred: torch.Tensor  # (B, L, p*p*3) predictions for every patch (normalised space if norm_pix); in training
+    # zeros at the patches not decoded (MAE: the visible ones, unless decode_visible; CrossMAE: all but its readout)
     mask: torch.Tensor  # (B, L) 1 = masked
     loss_mask: torch.Tensor | None = None  # (B, L) 1 = in the loss (CrossMAE's decoded masked patches); None: mask
 
@@ -46,6 +47,7 @@ class MAE(MIMMethod):
         decoder: str = "mae",
         reconstruct_ratio: float = 1.0,
         decoder_context_blocks: tuple[int, ...] | str = (),
+        decode_visible: bool = False,
     ):
         super().__init__()
         self.encoder = encoder
@@ -59,6 +61,7 @@ class MAE(MIMMethod):
         self.norm_pix_loss = norm_pix_loss
         sizes = (encoder.embed_dim, self.num_patches, self.patch_size, decoder_dim, decoder_depth, decoder_heads)
         self.reconstruct_ratio = reconstruct_ratio
+        self.decode_visible = decode_visible  # training: also predict the visible patches (the official code's work)
         if decoder == "crossmae":
             context_blocks = resolve_context_blocks(decoder_context_blocks, len(encoder.blocks))
             self.decoder = CrossMAEDecoder(*sizes, context_blocks=context_blocks)
@@ -110,6 +113,13 @@ class MAE(MIMMethod):
         if isinstance(self.decoder, CrossMAEDecoder):
             return self._forward_crossmae(imgs, masking, select_noise)
         latent = encode_visible(self.encoder, imgs, masking.ids_keep)
+        if self.training and not self.decode_visible:  # the loss reads the masked patches: decode those only
+            masked = masked_patch_ids(masking.mask, self.num_patches - masking.ids_keep.shape[1])
+            pred = self.decoder(latent, masking.ids_restore, masked)
+            loss = masked_mse(pred, take_patches(self.target(imgs), masked), take_patches(masking.mask, masked))
+            full = pred.new_zeros(*masking.mask.shape, pred.shape[-1]).scatter(1, masked[..., None].expand_as(pred),
+                                                                              pred)  # fmt: skip
+            return MAEOutput(loss, full, masking.mask)
         pred = self.decoder(latent, masking.ids_restore)
         loss = masked_mse(pred, self.target(imgs), masking.mask)
         return MAEOutput(loss, pred.clone(), masking.mask)  # not a view of the decoder output: FSDP2 hooks outputs
@@ -144,4 +154,5 @@ def build(cfg, encoder: VisionTransformer) -> MAE:
         decoder=cfg.mae.decoder,
         reconstruct_ratio=cfg.mae.reconstruct_ratio,
         decoder_context_blocks=cfg.mae.decoder_context_blocks,
+        decode_visible=cfg.mae.decode_visible,
     )
