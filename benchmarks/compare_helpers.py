@@ -387,6 +387,30 @@ def _acc(row: dict, key: str) -> str:
     return "–" if p is None else f"{100 * p:.1f} ± {100 * std_error(p, n):.1f}"
 
 
+def checkpoint_table(study: dict) -> list[str]:
+    """Every run's probe top-1 at each evaluated checkpoint, a column per epoch, its core-minutes beside it; the CPU
+    of each run when the study ran on more than one."""
+    epochs = sorted({round(c["epoch"], 2) for r in study["runs"] for c in r["checkpoints"]})
+    if not epochs:
+        return []
+    base = [b for b in study["baselines"] if b.get("probe_top1") is not None]
+    epochs = [0.0] * bool(base) + epochs  # random init: epoch 0
+    several = len({cpu for r in study["runs"] for cpu in r.get("machines", [])}) > 1
+    lines = ["", "## Probe top-1 (%) at every evaluated checkpoint (pretraining core-minutes)", "",
+             "| run | " + ("CPU | " if several else "") + " | ".join(f"{e:g} ep" for e in epochs) + " |",
+             "|---|" + ("---|" if several else "") + "---:|" * len(epochs)]  # fmt: skip
+    for b in base:
+        cells = [f"{100 * b['probe_top1']:.1f}"] + [""] * (len(epochs) - 1)
+        lines.append("| " + " | ".join([b["name"], *(["–"] if several else []), *cells]) + " |")
+    for r in study["runs"]:
+        at = {round(c["epoch"], 2): c for c in r["checkpoints"]}
+        cells = ["" if e not in at else f"{100 * at[e]['probe_top1']:.1f}" + (
+            "" if at[e].get("core_minutes") is None else f" ({at[e]['core_minutes']:.3g})") for e in epochs]
+        cpu = [", ".join(r.get("machines", [])) or "–"] if several else []
+        lines.append("| " + " | ".join([r["name"], *cpu, *cells]) + " |")
+    return lines
+
+
 def markdown(study: dict) -> str:
     d, m, lines = study["data"], study["machine"], []
     lines += [f"# Equal-compute study: {study['data_path']}", ""]
@@ -411,6 +435,7 @@ def markdown(study: dict) -> str:
             cm = "–" if c.get("core_minutes") is None else f"{c['core_minutes']:.3g}"
             lines.append(f"| {name} | {c['epoch']:.3g} | {cm} | {_acc(c, 'knn')} | {_acc(c, 'probe')} | "
                          f"{_acc(c, 'probe_best')} (block {c.get('probe_best_block')}) |")  # fmt: skip
+    lines += checkpoint_table(study)
     reach = study["readouts"].get("to_reach")
     if reach and reach["targets"]:
         lines += ["", "## Time to accuracy (the first evaluated checkpoint whose probe top-1 reaches it: epochs / "

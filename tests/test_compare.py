@@ -200,3 +200,17 @@ def test_step_clock_counts_training_time_across_resumes_and_restarts(tmp_path):
     assert sorted(clock) == [1, 2, 3, 4, 5, 6]
     # stretch 2: first step = median(2, 2) = 2, then 2, 2; stretch 3: median(4, 1) = 2.5, then 4, 1
     assert [clock[s][1] for s in range(1, 7)] == [2.0, 4.0, 6.0, 8.5, 12.5, 13.5] and clock[6][0] == 3.0
+
+
+def test_checkpoint_table_has_a_column_per_epoch_and_names_the_cpus_when_they_differ():
+    point = lambda epoch, p, cm: {"epoch": epoch, "probe_top1": p, "core_minutes": cm}  # noqa: E731
+    study = {"baselines": [{"name": "random-init ViT", "probe_top1": 0.398}],
+             "runs": [{"name": "mae", "machines": ["AMD EPYC"], "checkpoints": [point(0.5, 0.44, 5.85), point(1.0, 0.493, 11.7)]},
+                      {"name": "emae", "machines": ["Xeon"], "checkpoints": [point(0.5, 0.41, 20.1)]}]}  # fmt: skip
+    lines = helpers.checkpoint_table(study)
+    assert lines[3] == "| run | CPU | 0 ep | 0.5 ep | 1 ep |"
+    assert lines[5] == "| random-init ViT | – | 39.8 |  |  |"
+    assert lines[6] == "| mae | AMD EPYC |  | 44.0 (5.85) | 49.3 (11.7) |"
+    assert lines[7] == "| emae | Xeon |  | 41.0 (20.1) |  |"
+    study["runs"][1]["machines"] = ["AMD EPYC"]  # one CPU: no CPU column
+    assert helpers.checkpoint_table(study)[3] == "| run | 0 ep | 0.5 ep | 1 ep |"
