@@ -456,7 +456,8 @@ class Study:
                     pending.append((step / run.steps_per_epoch, i, pretrained(run, step),
                                     run.evals / f"step-{step:08d}.json", self.scored))  # fmt: skip
         if self.args.finetune_epochs:  # each run as soon as it is done: its final checkpoint is needed until then
-            pending += [(math.inf, i, b.encoder, b.evals / "finetune.json", ("finetune",))
+            last = len(self.baselines) + len(self.runs)  # the random inits after the runs: they need no checkpoint
+            pending += [(math.inf, last + i, b.encoder, b.evals / "finetune.json", ("finetune",))
                         for i, b in enumerate(self.baselines)]  # fmt: skip
             for i, run in enumerate(self.runs, start=len(self.baselines)):
                 record = read_json(run.record_path)

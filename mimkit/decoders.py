@@ -42,7 +42,7 @@ class MAEDecoder(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.decoder_pos_embed = nn.Parameter(sincos_2d_pos_embed(dim, grid), requires_grad=False)
         self.decoder_blocks = nn.Sequential(
-            *[Block(dim, heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=norm) for _ in range(depth)]
+            *[ReadoutBlock(dim, heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=norm) for _ in range(depth)]
         )
         self.decoder_norm = norm(dim)
         self.decoder_pred = nn.Linear(dim, patch_size * patch_size * 3)
@@ -61,10 +61,18 @@ class MAEDecoder(nn.Module):
         x = run_blocks(self.decoder_blocks[:-1], x, self.grad_checkpointing)
         last, rows = self.decoder_blocks[-1], readout + 1  # token rows: the cls token is row 0
         if self.grad_checkpointing and torch.is_grad_enabled():
-            x = checkpoint(block_at_rows, last, x, rows, use_reentrant=False)
+            x = checkpoint(last, x, rows, use_reentrant=False)
         else:
-            x = block_at_rows(last, x, rows)
+            x = last(x, rows)
         return self.decoder_pred(self.decoder_norm(x))
+
+
+class ReadoutBlock(Block):
+    """timm's Block (same parameters and names), callable at some token rows only: `block(x, rows)`. Through the
+    module's own call, so FSDP2's hooks gather its parameters and activation checkpointing wraps it as a whole."""
+
+    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(x) if rows is None else block_at_rows(self, x, rows)
 
 
 def block_at_rows(block: Block, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
