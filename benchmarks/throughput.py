@@ -453,13 +453,14 @@ def time_interleaved(spec: ModelSpec, impls: list[str], precision: str, device: 
     """Every impl built and warmed up once, then `rounds` rounds of `steps` timed steps of each, the order rotated
     every round: a slow spell of a shared machine falls on every impl alike instead of on whichever row it hits.
     seconds_per_step is the median over rounds; per_round keeps each round's figure (ratios are taken per round).
-    Peak memory is each impl's build + warmup, measured while the impls built before it are alive (RSS deltas)."""
+    Peak memory is each impl's build + warmup (at least one step, so that it covers a step), measured while the impls
+    built before it are alive (RSS deltas)."""
     built, out = {}, {}
     for impl in impls:
         torch.manual_seed(0)
         with PeakMemory(device) as memory:
             model, step = training_step(spec, impl, precision, device, batch)
-            for _ in range(warmup):
+            for _ in range(max(1, warmup)):
                 step()
             synchronize(device)
         built[impl] = step
@@ -474,8 +475,9 @@ def time_interleaved(spec: ModelSpec, impls: list[str], precision: str, device: 
 
 
 def profile_training_step(spec: ModelSpec, impl: str, precision: str, device: torch.device, batch: int,
-                          warmup: int, rows: int = 15) -> None:  # fmt: skip
-    """torch.profiler over one step after `warmup` steps: the ops that take the time, by self time."""
+                          warmup: int, rows: int = 15, by_shape: bool = False) -> None:  # fmt: skip
+    """torch.profiler over one step after `warmup` steps: the ops that take the time, by self time (with `by_shape`,
+    each op split by its input shapes, which tells e.g. the attention layout's copies from the MLP's)."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.manual_seed(0)
@@ -483,17 +485,17 @@ def profile_training_step(spec: ModelSpec, impl: str, precision: str, device: to
     for _ in range(max(1, warmup)):
         step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=by_shape) as prof:
         start = time.perf_counter()
         step()
         synchronize(device)
         wall = time.perf_counter() - start
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(f"\n# torch.profiler, one training step of {impl} {spec.label} {precision} batch {batch}, top {rows} by self time")
-    averages = prof.key_averages()
+    averages = prof.key_averages(group_by_input_shape=by_shape)
     print(averages.table(sort_by=sort, row_limit=rows, max_name_column_width=40))
     if device.type == "cpu":  # what no op accounts for: Python, the autograd engine, freeing memory between ops
-        in_ops = sum(e.self_cpu_time_total for e in averages) / 1e6
+        in_ops = averages.self_cpu_time_total / 1e6
         print(f"# the profiled step took {wall:.3f} s wall-clock; its ops' self time sums to {in_ops:.3f} s "
               f"({1 - in_ops / wall:.1%} outside any op)")
 
@@ -739,11 +741,12 @@ def run_model_steps(args: argparse.Namespace, models: list[ModelSpec], precision
             baselines = [r for r in group if not r["impl"].startswith("mimkit")]
             fastest = max(baselines, key=lambda r: r["images_per_second"], default=None)
             for row in group:
-                compare = row["impl"].startswith("mimkit") and fastest is not None
-                # interleaved: the median of the per-round ratios (both measured in the same round)
-                row["vs_fastest_baseline"] = (None if not compare else float(np.median(np.divide(
-                    fastest["seconds_per_step_per_round"], row["seconds_per_step_per_round"])))
-                    if interleaved else row["images_per_second"] / fastest["images_per_second"])  # fmt: skip
+                row["vs_fastest_baseline"] = None
+                if row["impl"].startswith("mimkit") and fastest is not None and interleaved:  # ratios per round
+                    ratios = np.divide(fastest["seconds_per_step_per_round"], row["seconds_per_step_per_round"])
+                    row["vs_fastest_baseline"] = float(np.median(ratios))
+                elif row["impl"].startswith("mimkit") and fastest is not None:
+                    row["vs_fastest_baseline"] = row["images_per_second"] / fastest["images_per_second"]
                 print_row(row)
             if interleaved:
                 for row in group:
@@ -782,6 +785,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--json", metavar="OUT", help="also write the rows to this JSON file")
     parser.add_argument("--profile", metavar="IMPL", help="after the table, profile one step of IMPL per model / precision")
+    parser.add_argument("--profile-shapes", action="store_true", help="--profile: split each op by its input shapes")
+    parser.add_argument("--profile-rows", type=int, default=15, help="--profile: ops listed (the top N by self time)")
     data = parser.add_argument_group("input pipeline (--data-only)")
     data.add_argument("--data-only", action="store_true", help="time the input pipeline alone, no model")
     data.add_argument("--data", default=str(DEFAULT_DATA), help="CIFAR-10 .npz (random pixels if missing)")
@@ -819,7 +824,7 @@ def main() -> None:
             for spec in models:
                 for precision in precisions:
                     profile_training_step(spec, args.profile, precision, device, args.batch or default_batch(spec, device),
-                                          args.warmup)  # fmt: skip
+                                          args.warmup, rows=args.profile_rows, by_shape=args.profile_shapes)  # fmt: skip
     elapsed = time.perf_counter() - started
     print(f"\n# total {elapsed:.0f} s, {unit}{load_average('now')}")
     if args.json:

@@ -296,6 +296,12 @@ def take_patches(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.gather(x.expand(ids.shape[0], *x.shape[1:]), 1, ids.expand(-1, -1, *x.shape[2:]))
 
 
+def put_patches(x: torch.Tensor, ids: torch.Tensor, num: int) -> torch.Tensor:
+    """The inverse of take_patches: (B, N, ...) rows placed at patches `ids` (B, N) of a (B, num, ...) zero tensor."""
+    out = x.new_zeros(x.shape[0], num, *x.shape[2:])
+    return out.scatter(1, ids.view(*ids.shape, *[1] * (x.dim() - 2)).expand_as(x), x)
+
+
 def masked_patch_ids(mask: torch.Tensor, count: int) -> torch.Tensor:
     """(B, count) indices of each image's masked patches (mask (B, L), 1 = masked, `count` per image), ascending."""
     return torch.argsort(mask, dim=1, descending=True, stable=True)[:, :count]

@@ -94,6 +94,9 @@ def test_profile_prints_the_ops_of_a_step(capsys):
                                      warmup=1, rows=5)  # fmt: skip
     out = capsys.readouterr().out
     assert "one training step of mimkit ViT-T/4@32" in out and "aten::" in out and "outside any op" in out
+    throughput.profile_training_step(throughput.MODELS["tiny"], "mimkit", "fp32", torch.device("cpu"), batch=2,
+                                     warmup=1, rows=5, by_shape=True)  # fmt: skip
+    assert "Input Shapes" in capsys.readouterr().out  # split by input shape
 
 
 def test_interleaved_rounds_time_every_impl_in_rotated_order(monkeypatch):

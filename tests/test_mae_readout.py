@@ -31,7 +31,7 @@ def test_block_at_rows_is_the_block_at_those_rows(fused):
     assert not torch.allclose(block_at_rows(block, x, rows.flip(1)), ours)
 
 
-def mae_pair(**overrides):
+def mae_pair():
     cfg = lambda visible: load_config(None, ["model.arch=vit_tiny_patch4_32", "model.img_size=16",  # noqa: E731
                                              "mae.decoder_dim=64", "mae.decoder_depth=2", "mae.decoder_heads=4",
                                              f"mae.decode_visible={visible}"])  # fmt: skip

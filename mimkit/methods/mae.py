@@ -15,8 +15,8 @@ from torch import nn
 from mimkit.config import resolve_block_generator
 from mimkit.decoders import CrossMAEDecoder, MAEDecoder, resolve_context_blocks
 from mimkit.losses import masked_mse, per_patch_normalize
-from mimkit.masking import (RandomMask, VisibleTokenMasks, masked_patch_ids, reconstruction_ids, take_patches,
-                            visible_token_masks)
+from mimkit.masking import (RandomMask, VisibleTokenMasks, masked_patch_ids, put_patches, reconstruction_ids,
+                            take_patches, visible_token_masks)
 from mimkit.methods.base import MIMMethod
 from mimkit.models import encode_visible, init_weights_mae, patchify, sincos_2d_pos_embed
 
@@ -117,9 +117,7 @@ class MAE(MIMMethod):
             masked = masked_patch_ids(masking.mask, self.num_patches - masking.ids_keep.shape[1])
             pred = self.decoder(latent, masking.ids_restore, masked)
             loss = masked_mse(pred, take_patches(self.target(imgs), masked), take_patches(masking.mask, masked))
-            full = pred.new_zeros(*masking.mask.shape, pred.shape[-1]).scatter(1, masked[..., None].expand_as(pred),
-                                                                              pred)  # fmt: skip
-            return MAEOutput(loss, full, masking.mask)
+            return MAEOutput(loss, put_patches(pred, masked, self.num_patches), masking.mask)
         pred = self.decoder(latent, masking.ids_restore)
         loss = masked_mse(pred, self.target(imgs), masking.mask)
         return MAEOutput(loss, pred.clone(), masking.mask)  # not a view of the decoder output: FSDP2 hooks outputs
@@ -135,8 +133,8 @@ class MAE(MIMMethod):
         pred = self.decoder(latent, ids, features)
         in_loss = take_patches(masking.mask, ids)
         loss = masked_mse(pred, take_patches(self.target(imgs), ids), in_loss)
-        full = pred.new_zeros(*masking.mask.shape, pred.shape[-1]).scatter(1, ids[..., None].expand_as(pred), pred)
-        return MAEOutput(loss, full, masking.mask, torch.zeros_like(masking.mask).scatter(1, ids, in_loss))
+        return MAEOutput(loss, put_patches(pred, ids, self.num_patches), masking.mask,
+                         put_patches(in_loss, ids, self.num_patches))
 
 
 def build(cfg, encoder: VisionTransformer) -> MAE:
