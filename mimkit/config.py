@@ -152,6 +152,10 @@ class TokenizerConfig:
     kl_weight: float = 1.0e-3
     tau_start: float = 1.0
     tau_end: float = 0.0625
+    # a killed `tokenizer train` continues bit-identically from <path stem>.resume.pt, written every this many
+    # steps (0 = never) and removed when the tokenizer is written; resume: auto (continue it) | none (start over)
+    save_every_steps: int = 250
+    resume: Literal["auto", "none"] = "auto"
 
 
 @dataclass
@@ -454,6 +458,7 @@ def _validate_tokenizer(t: TokenizerConfig) -> None:
     for name in ("lr", "tau_start", "tau_end"):
         require(getattr(t, name) > 0, f"tokenizer.{name} must be positive, got {getattr(t, name)}")
     require(t.kl_weight >= 0, f"tokenizer.kl_weight must be >= 0, got {t.kl_weight}")
+    require(t.save_every_steps >= 0, f"tokenizer.save_every_steps must be >= 0 (0 = never), got {t.save_every_steps}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **sections: Any) -> Config:

@@ -385,3 +385,46 @@ def test_visualize_and_attention_refuse_beit_checkpoints_with_a_message(tiny_cfg
     assert "predicts visual-token ids, not pixels" in capsys.readouterr().err
     assert main(["attention", str(ckpt), str(image)]) == 2
     assert "not supported yet" in capsys.readouterr().err
+
+
+def test_tokenizer_training_resumes_bit_identically_and_refuses_other_settings(tiny_cfg, tmp_path, monkeypatch):
+    from mimkit.tokenizer_training import resume_path
+    from mimkit.tokenizers import DVAE, TokenizerError
+
+    def cfg(name, *extra):
+        return tiny_cfg("tokenizer.vocab_size=16", "tokenizer.hidden=8", "tokenizer.code_dim=8", "tokenizer.train_steps=6",
+                        "tokenizer.batch_size=4", "tokenizer.save_every_steps=2", f"tokenizer.path={tmp_path / name / 'tok.pt'}",
+                        *extra)  # fmt: skip
+
+    straight = train_tokenizer(cfg("a"), log_every=1000)
+    assert not resume_path(tmp_path / "a" / "tok.pt").exists()  # removed once the tokenizer is written
+
+    calls, real_loss = [0], DVAE.loss
+
+    def dies_at_step_5(self, *args):
+        calls[0] += 1
+        if calls[0] == 5:
+            raise KeyboardInterrupt  # a kill during step 5: the progress of step 4 is on disk
+        return real_loss(self, *args)
+
+    monkeypatch.setattr(DVAE, "loss", dies_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train_tokenizer(cfg("b"), log_every=1000)
+    monkeypatch.setattr(DVAE, "loss", real_loss)
+    progress = resume_path(tmp_path / "b" / "tok.pt")
+    assert torch.load(progress, weights_only=True)["step"] == 4
+
+    with pytest.raises(TokenizerError, match=r"tok.resume.pt: a tokenizer run with other settings \(tokenizer.lr"):
+        train_tokenizer(cfg("b", "tokenizer.lr=2e-3"), log_every=1000)
+    resumed = train_tokenizer(cfg("b"), log_every=1000)
+    assert resumed["history"] == straight["history"]
+    a, b = (torch.load(tmp_path / n / "tok.pt", weights_only=True)["state_dict"] for n in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # starting over (resume=none) from a step-4 state reaches the same weights too: the state changed nothing else
+    monkeypatch.setattr(DVAE, "loss", dies_at_step_5)
+    calls[0] = 0
+    with pytest.raises(KeyboardInterrupt):
+        train_tokenizer(cfg("c"), log_every=1000)
+    monkeypatch.setattr(DVAE, "loss", real_loss)
+    fresh = train_tokenizer(cfg("c", "tokenizer.resume=none"), log_every=1000)
+    assert fresh["history"] == straight["history"]
