@@ -107,30 +107,37 @@ def train_tokenizer(cfg, log_every: int = 50) -> dict:
     start = time.perf_counter()
     bar = (tqdm(total=t.train_steps, initial=first, desc="tokenizer", unit="step", dynamic_ncols=True)
            if cfg.train.progress else None)  # fmt: skip
-    for step in range(first, t.train_steps):
-        frac = step / max(t.train_steps - 1, 1)
-        tau = t.tau_start * (t.tau_end / t.tau_start) ** frac
-        for group in opt.param_groups:
-            group["lr"] = t.lr * 0.5 * (1 + math.cos(math.pi * frac))
-        x = next(batches).to(device)
-        loss, rec, kl, logits = model.loss(x, tau, t.kl_weight, gumbel)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        used = int(logits.argmax(1).unique().numel())
-        history.append({"step": step + 1, "loss": float(loss.detach()), "reconstruction": float(rec), "kl": float(kl),
-                        "tau": tau, "codes_used": used})  # fmt: skip
-        if bar is not None:
-            bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", codes=used, refresh=False)
-            bar.update(1)
-        if (step + 1) % log_every == 0 or step + 1 == t.train_steps:
-            log.info("tokenizer step %d/%d loss %.4f rec %.4f kl %.3f tau %.3f codes in batch %d (%.1fs)", step + 1,
-                     t.train_steps, history[-1]["loss"], float(rec), float(kl), tau, used, time.perf_counter() - start)  # fmt: skip
-        if t.save_every_steps and (step + 1) % t.save_every_steps == 0 and step + 1 < t.train_steps:
-            save_checkpoint(progress, {"step": step + 1, "settings": json.dumps(settings), "history": history,
-                                       "model": model.state_dict(), "optimizer": opt.state_dict(),
-                                       "data_rng": data_rng.get_state(), "gumbel_rng": gumbel.get_state(),
-                                       "rng": rng_state()})  # fmt: skip
+    # at low Gumbel temperatures the softmax and its gradient fill with subnormal floats, which CPUs compute up to
+    # ~2x slower (benchmarks/tokenizer_denormals.py); flushed to zero for the loop, PyTorch's default restored after
+    flushed = torch.set_flush_denormal(True)
+    try:
+        for step in range(first, t.train_steps):
+            frac = step / max(t.train_steps - 1, 1)
+            tau = t.tau_start * (t.tau_end / t.tau_start) ** frac
+            for group in opt.param_groups:
+                group["lr"] = t.lr * 0.5 * (1 + math.cos(math.pi * frac))
+            x = next(batches).to(device)
+            loss, rec, kl, logits = model.loss(x, tau, t.kl_weight, gumbel)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            used = int(logits.argmax(1).unique().numel())
+            history.append({"step": step + 1, "loss": float(loss.detach()), "reconstruction": float(rec), "kl": float(kl),
+                            "tau": tau, "codes_used": used})  # fmt: skip
+            if bar is not None:
+                bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", codes=used, refresh=False)
+                bar.update(1)
+            if (step + 1) % log_every == 0 or step + 1 == t.train_steps:
+                log.info("tokenizer step %d/%d loss %.4f rec %.4f kl %.3f tau %.3f codes in batch %d (%.1fs)", step + 1,
+                         t.train_steps, history[-1]["loss"], float(rec), float(kl), tau, used, time.perf_counter() - start)  # fmt: skip
+            if t.save_every_steps and (step + 1) % t.save_every_steps == 0 and step + 1 < t.train_steps:
+                save_checkpoint(progress, {"step": step + 1, "settings": json.dumps(settings), "history": history,
+                                           "model": model.state_dict(), "optimizer": opt.state_dict(),
+                                           "data_rng": data_rng.get_state(), "gumbel_rng": gumbel.get_state(),
+                                           "rng": rng_state()})  # fmt: skip
+    finally:
+        if flushed:
+            torch.set_flush_denormal(False)
     if bar is not None:
         bar.close()
     out.parent.mkdir(parents=True, exist_ok=True)
