@@ -9,23 +9,14 @@ the softmax underflows most). Timings are ratios within one run; the CPU is prin
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import time
 
 import torch
 
+from compare_helpers import machine  # benchmarks/, on sys.path when run as a script
 from mimkit.tokenizers import DVAE, DVAESpec
 
-
-
-def cpu_info() -> str:
-    """The CPU model and the vector flags that decide its kernels, from /proc/cpuinfo."""
-    text = open("/proc/cpuinfo").read()
-    model = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
-    flags = set((re.search(r"^flags\s*:\s*(.+)$", text, re.MULTILINE) or re.search("", "")).group(0).split())
-    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16")
-    return f"{model.group(1).strip() if model else 'unknown'} ({' '.join(f for f in wanted if f in flags)})"
 
 
 def main() -> None:
@@ -55,7 +46,8 @@ def main() -> None:
                 torch.set_flush_denormal(flush)
                 cells.setdefault((tau, flush), []).append(step(tau))
     torch.set_flush_denormal(False)
-    print(f"CPU: {cpu_info()}; torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    m = machine()
+    print(f"CPU: {m['cpu']} ({m.get('cpu_flags', '')}); torch {m['torch']}, {m['torch_threads']} thread(s)")
     print("\n| Gumbel tau | s/step, subnormals kept | s/step, flushed | kept / flushed |\n|---:|---:|---:|---:|")
     for tau in taus:
         kept, flushed = (statistics.median(cells[(tau, f)]) for f in (False, True))

@@ -107,8 +107,8 @@ def train_tokenizer(cfg, log_every: int = 50) -> dict:
     start = time.perf_counter()
     bar = (tqdm(total=t.train_steps, initial=first, desc="tokenizer", unit="step", dynamic_ncols=True)
            if cfg.train.progress else None)  # fmt: skip
-    # at low Gumbel temperatures the softmax and its gradient fill with subnormal floats, which CPUs compute up to
-    # ~2x slower (benchmarks/tokenizer_denormals.py); flushed to zero for the loop, PyTorch's default restored after
+    # at low Gumbel temperatures the softmax and its gradient fill with subnormal floats, which CPUs compute slowly
+    # (benchmarks/tokenizer_denormals.py: a 1.4-1.5x slower step at tau 1/16); flushed to zero for the loop only
     flushed = torch.set_flush_denormal(True)
     try:
         for step in range(first, t.train_steps):

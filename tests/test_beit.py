@@ -420,7 +420,7 @@ def test_tokenizer_training_resumes_bit_identically_and_refuses_other_settings(t
     assert resumed["history"] == straight["history"]
     a, b = (torch.load(tmp_path / n / "tok.pt", weights_only=True)["state_dict"] for n in "ab")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    # starting over (resume=none) from a step-4 state reaches the same weights too: the state changed nothing else
+    # resume=none ignores a step-4 progress file and starts over: the same history as the uninterrupted run
     monkeypatch.setattr(DVAE, "loss", dies_at_step_5)
     calls[0] = 0
     with pytest.raises(KeyboardInterrupt):
