@@ -344,9 +344,14 @@ class Study:
             if record.get("done"):
                 log.info("%s: pretrained (step %d), kept", run.spec.text, record["final_step"])
                 return
+            newest = list_checkpoints(run.dir / "pretrain")
+            if not newest and record.get("segments"):  # e.g. a fresh clone of a study cut off mid-run: its work is
+                # gone, and its segments say nothing about the run that starts now (its CPUs, its invocations)
+                log.info("%s: no checkpoint of its earlier attempt (%d segment(s)) is left: pretraining again",
+                         run.spec.text, len(record["segments"]))  # fmt: skip
+                record["abandoned_segments"] = record.get("abandoned_segments", []) + record.pop("segments")
             record.update(spec=run.spec.text, settings=settings, save_every_steps=self.save_every(run),
                           steps_per_epoch=run.steps_per_epoch, segments=record.get("segments", []))  # fmt: skip
-            newest = list_checkpoints(run.dir / "pretrain")
             log.info("== %s: pretraining (%s) %s", run.spec.text,
                      f"resuming after {newest[-1].name}" if newest else "from scratch", " ".join(settings["overrides"]))
             start = time.time()
@@ -525,6 +530,7 @@ class Study:
                          "final_step": record.get("final_step"), "calibration": record.get("calibration"),
                          "train_invocations": len(record.get("segments", [])), "segments": record.get("segments", []),
                          "machines": sorted({g["cpu"] for g in record.get("segments", []) if g.get("cpu")}),
+                         "abandoned_segments": len(record.get("abandoned_segments", [])),
                          "checkpoints": points, "finetune": self.finetune_scores(
                              run.evals, pretrained(run, record.get("final_step", 0)))})  # fmt: skip
         baselines = []

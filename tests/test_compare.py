@@ -118,6 +118,19 @@ def test_study_runs_resumes_and_refuses_bad_specs(tmp_path):
     assert "trained 0 run(s), evaluated 0" in committed.stdout
     assert [r["checkpoints"] for r in json.loads((out / "compare.json").read_text())["runs"]] == \
         [r["checkpoints"] for r in study["runs"]]  # fmt: skip
+    record_path = out / "runs" / "mae" / "compare-run.json"  # cut off mid-run, then cloned without checkpoints
+    record = json.loads(record_path.read_text())
+    record.update(done=False, segments=[*record["segments"], {**record["segments"][0], "cpu": "Other CPU"}])
+    record_path.write_text(json.dumps(record))
+    redone = compare(*command, cwd=tmp_path)
+    assert redone.returncode == 0, redone.stderr[-3000:]
+    assert "mae: no checkpoint of its earlier attempt (2 segment(s)) is left: pretraining again" in redone.stdout
+    assert "trained 1 run(s), evaluated 0" in redone.stdout  # the same steps and scores: nothing scored again
+    (rerun, _) = json.loads((out / "compare.json").read_text())["runs"]
+    assert rerun["train_invocations"] == 1 and rerun["abandoned_segments"] == 2
+    assert rerun["machines"] == [study["machine"]["cpu"]]
+    scores = lambda run: [(c["step"], c["probe_top1"], c["knn_top1"]) for c in run["checkpoints"]]  # noqa: E731
+    assert scores(rerun) == scores(study["runs"][0])
 
     bad = compare("--data", str(data), "--methods", "mae,mae+blok", "--out", "bad", *TINY, cwd=tmp_path)
     assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1
