@@ -359,10 +359,10 @@ def nearest(points: list[dict], key: str, target: float) -> dict:
 def readouts(runs: list[dict], reach: list[float] = ()) -> dict:
     """Each run at the largest epoch / core-minute count every run reached (its evaluated checkpoint nearest to it),
     and time to accuracy: the first evaluated checkpoint at which each run's probe reaches the best accuracy every run
-    reached, and each of `reach` (percent)."""
+    reached, and each of `reach` (percent). Runs with no scored checkpoint yet (a study under way) are left out."""
     out = {}
     for key, label in (("epoch", "equal_epochs"), ("core_minutes", "equal_core_minutes")):
-        curves = {r["name"]: [c for c in r["checkpoints"] if c.get(key) is not None] for r in runs}
+        curves = {r["name"]: [c for c in r["checkpoints"] if c.get(key) is not None] for r in runs if r["checkpoints"]}
         if curves and all(curves.values()):
             target = min(max(c[key] for c in points) for points in curves.values())
             out[label] = {"target": round(target, 6), "rows": {n: nearest(p, key, target) for n, p in curves.items()}}
@@ -452,6 +452,9 @@ def markdown(study: dict) -> str:
         lines += ["", "Pretrained on: " + "; ".join(f"{r['name']}: {', '.join(r['machines'])}" for r in study["runs"]
                                                     if r.get("machines")) + ". Core-minutes of runs on different CPUs "
                   "are not comparable with each other."]  # fmt: skip
+    pending = [r["name"] for r in study["runs"] if not r["checkpoints"]]
+    if pending:
+        lines += ["", "Not scored yet (left out of the readouts above): " + ", ".join(pending) + "."]
     finetuned = [r for r in [*study["baselines"], *study["runs"]] if r.get("finetune")]
     if finetuned:
         title = f"## Fine-tuning ({study['finetune_epochs']} epochs, configs/eval/finetune_vit_tiny_cifar10.yaml)"

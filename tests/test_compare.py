@@ -227,3 +227,23 @@ def test_checkpoint_table_has_a_column_per_epoch_and_names_the_cpus_when_they_di
     assert lines[7] == "| emae | Xeon |  | 41.0 (20.1) |  |"
     study["runs"][1]["machines"] = ["AMD EPYC"]  # one CPU: no CPU column
     assert helpers.checkpoint_table(study)[3] == "| run | 0 ep | 0.5 ep | 1 ep |"
+
+
+def test_readouts_leave_out_runs_not_scored_yet():
+    point = lambda step, epoch, p, cm: {"step": step, "epoch": epoch, "probe_top1": p, "core_minutes": cm}  # noqa: E731
+    runs = [{"name": "mae", "checkpoints": [point(3, 0.5, 0.44, 5.0), point(6, 1.0, 0.49, 10.0)]},
+            {"name": "emae", "checkpoints": [point(3, 0.5, 0.41, 20.0)]},
+            {"name": "beit", "checkpoints": []}]  # fmt: skip
+    out = helpers.readouts(runs, [45])
+    assert out["equal_epochs"]["target"] == 0.5 and set(out["equal_epochs"]["rows"]) == {"mae", "emae"}
+    assert out["equal_core_minutes"]["target"] == 10.0  # the fewest that every scored run reached (mae's 10)
+    assert [c["core_minutes"] for c in out["equal_core_minutes"]["rows"].values()] == [10.0, 20.0]
+    assert set(out["to_reach"]["rows"]) == {"mae", "emae"} and out["to_reach"]["rows"]["mae"]["45"]["step"] == 6
+    study = {"data_path": "d.npz", "data": {"num_train": 60, "num_test": 30, "num_classes": 3, "image_size": 16},
+             "img_size": 16, "patch_size": 4, "mean": [0.5] * 3, "std": [0.2] * 3, "threads": 1,
+             "machine": {"cpu": "CPU", "torch": "2", "timm": "1"}, "baselines": [], "runs": runs,
+             "readouts": out, "finetune_epochs": None}  # fmt: skip
+    text = helpers.markdown(study)
+    assert "## At equal epochs (0.5 epochs" in text and "| emae | 0.5 |" in text
+    assert "Not scored yet (left out of the readouts above): beit." in text
+    assert "| beit |" in text  # its (empty) row of the per-checkpoint table
