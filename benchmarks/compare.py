@@ -38,6 +38,7 @@ import contextlib
 import datetime
 import fcntl
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -411,7 +412,10 @@ class Study:
                         raise SpecError(f"tokenizer training failed (log: {folder / 'tokenizer.log'})")
                     write_json(folder / "compare-tokenizer.json",
                                {"settings": settings, "done": True, "wall_s": round(time.time() - start, 1)})
-            stamp = [str(self.tokenizer), self.tokenizer.stat().st_mtime_ns, self.info.num_test]
+            # by content, not path or mtime: a fresh clone or another name for the same file reuses the stats
+            with open(self.tokenizer, "rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+            stamp = [digest, self.args.tokenizer_kind, self.info.num_test]
             if read_json(folder / "stats.json").get("stamp") != stamp:
                 test = open_labelled_split(self.info.eval_path, self.info.val_split)
                 stats = tokenizer_stats(str(self.tokenizer), self.args.tokenizer_kind, self.img // self.patch, test,

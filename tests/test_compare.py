@@ -165,6 +165,17 @@ def test_beit_rows_train_a_tokenizer_and_get_a_random_init_beit(tmp_path):
     assert 1 <= tok["codes_used"] <= 32 and 1.0 <= tok["perplexity"] <= tok["codes_used"]
     assert tok["reconstruction_mse"] > 0
     assert "Tokenizer (mimkit, 32 codes" in (tmp_path / "study" / "compare.md").read_text()
+    # the codebook is measured once per tokenizer content: a new mtime (a fresh clone) does not measure it again
+    (pt,) = (tmp_path / "study").rglob("tokenizer.pt")
+    stats = pt.parent / "stats.json"
+    saved = stats.read_text()
+    assert "tokenizer: {" in done.stdout  # measured the first time
+    os.utime(pt, ns=(pt.stat().st_atime_ns, pt.stat().st_mtime_ns + 10**9))
+    again = compare("--data", str(data), "--methods", "beit", "--epochs", "1", "--eval-every", "0", "--out", "study",
+                    "--finetune-epochs", "1", "--set", "finetune:train.batch_size=10", "--tokenizer-steps", "2",
+                    *tokenizer, *TINY, cwd=tmp_path)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert stats.read_text() == saved and "tokenizer: {" not in again.stdout
 
 
 def test_run_specs_compose_and_fail_with_what_is_allowed():
