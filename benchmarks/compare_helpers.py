@@ -356,11 +356,20 @@ def nearest(points: list[dict], key: str, target: float) -> dict:
     return min(points, key=lambda c: (abs(c[key] - target), -c[key]))
 
 
+def finished(run: dict) -> bool:
+    """Pretraining done and its final checkpoint scored."""
+    return bool(run.get("done")) and any(c["step"] == run.get("final_step") for c in run["checkpoints"])
+
+
 def readouts(runs: list[dict], reach: list[float] = ()) -> dict:
     """Each run at the largest epoch / core-minute count every run reached (its evaluated checkpoint nearest to it),
     and time to accuracy: the first evaluated checkpoint at which each run's probe reaches the best accuracy every run
-    reached, and each of `reach` (percent). Runs with no scored checkpoint yet (a study under way) are left out."""
+    reached, and each of `reach` (percent). Runs with no scored checkpoint yet (a study under way) are left out, and
+    so are runs still pretraining once some run has finished (else the slowest run's first checkpoint would set the
+    budget of every row)."""
     out = {}
+    runs = [r for r in runs if r["checkpoints"]]
+    runs = [r for r in runs if finished(r)] or runs
     for key, label in (("epoch", "equal_epochs"), ("core_minutes", "equal_core_minutes")):
         curves = {r["name"]: [c for c in r["checkpoints"] if c.get(key) is not None] for r in runs if r["checkpoints"]}
         if curves and all(curves.values()):
@@ -455,6 +464,12 @@ def markdown(study: dict) -> str:
     pending = [r["name"] for r in study["runs"] if not r["checkpoints"]]
     if pending:
         lines += ["", "Not scored yet (left out of the readouts above): " + ", ".join(pending) + "."]
+    if any(finished(r) for r in study["runs"]):
+        under_way = [f"{r['name']} (scored to {max(c['epoch'] for c in r['checkpoints']):.3g} epochs)"
+                     for r in study["runs"] if r["checkpoints"] and not finished(r)]  # fmt: skip
+        if under_way:
+            lines += ["", "Still pretraining (left out of the readouts above; its scores are in the per-checkpoint "
+                      "table): " + ", ".join(under_way) + "."]  # fmt: skip
     finetuned = [r for r in [*study["baselines"], *study["runs"]] if r.get("finetune")]
     if finetuned:
         title = f"## Fine-tuning ({study['finetune_epochs']} epochs, configs/eval/finetune_vit_tiny_cifar10.yaml)"

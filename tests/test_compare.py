@@ -201,6 +201,26 @@ def test_run_specs_compose_and_fail_with_what_is_allowed():
         (2, 12), (4, 16), (4, 28), (4, 28), (4, 32), (8, 96), (16, 224)]  # fmt: skip
 
 
+def test_readouts_leave_out_runs_still_pretraining_once_one_has_finished():
+    point = lambda step, epoch, p, cm: {"step": step, "epoch": epoch, "probe_top1": p, "core_minutes": cm}  # noqa: E731
+    done = {"done": True, "final_step": 6}  # pretrained, final checkpoint scored
+    runs = [{"name": "mae", **done, "checkpoints": [point(3, 0.5, 0.44, 5.0), point(6, 1.0, 0.49, 10.0)]},
+            {"name": "beit", **done, "checkpoints": [point(3, 0.5, 0.40, 8.0), point(6, 1.0, 0.46, 16.0)]},
+            {"name": "bootmae", "done": True, "final_step": 6, "checkpoints": [point(3, 0.5, 0.38, 20.0)]}]  # fmt: skip
+    out = helpers.readouts(runs, [45])
+    assert out["equal_epochs"]["target"] == 1.0 and set(out["equal_epochs"]["rows"]) == {"mae", "beit"}
+    assert out["equal_core_minutes"]["target"] == 10.0
+    assert out["to_reach"]["common"] == "46" and set(out["to_reach"]["rows"]) == {"mae", "beit"}
+    study = {"data_path": "d.npz", "data": {"num_train": 60, "num_test": 30, "num_classes": 3, "image_size": 16},
+             "img_size": 16, "patch_size": 4, "mean": [0.5] * 3, "std": [0.2] * 3, "threads": 1,
+             "machine": {"cpu": "CPU", "torch": "2", "timm": "1"}, "baselines": [], "runs": runs,
+             "readouts": out, "finetune_epochs": None}  # fmt: skip
+    text = helpers.markdown(study)
+    assert "## At equal epochs (1 epochs" in text and "| bootmae | 0.5 |" not in text
+    assert "Still pretraining (left out of the readouts above" in text and "bootmae (scored to 0.5 epochs)" in text
+    assert "| bootmae | 38.0 (20) |" in text  # still in the per-checkpoint table
+
+
 def test_scored_checkpoints_are_every_interval_and_the_final_one_not_twice():
     # 3 epochs of 781 steps scored every 390: 390 ... 1950 and 2343, not 2340 (3 steps before the final one)
     steps = [s for s in range(1, 2344) if helpers.is_scored_step(s, 390, 2343)]
