@@ -518,10 +518,9 @@ def plots(study: dict, out: Path) -> list[Path]:
         ax.set_xlabel(label)
         ax.set_ylabel("linear probe top-1 (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: no line hidden
         path = out / f"probe_vs_{'epochs' if key == 'epoch' else 'core_minutes'}.png"
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
         written.append(path)
     return written
