@@ -371,11 +371,11 @@ def readouts(runs: list[dict], reach: list[float] = ()) -> dict:
     runs = [r for r in runs if r["checkpoints"]]
     runs = [r for r in runs if finished(r)] or runs
     for key, label in (("epoch", "equal_epochs"), ("core_minutes", "equal_core_minutes")):
-        curves = {r["name"]: [c for c in r["checkpoints"] if c.get(key) is not None] for r in runs if r["checkpoints"]}
+        curves = {r["name"]: [c for c in r["checkpoints"] if c.get(key) is not None] for r in runs}
         if curves and all(curves.values()):
             target = min(max(c[key] for c in points) for points in curves.values())
             out[label] = {"target": round(target, 6), "rows": {n: nearest(p, key, target) for n, p in curves.items()}}
-    curves = {r["name"]: sorted(r["checkpoints"], key=lambda c: c["step"]) for r in runs if r["checkpoints"]}
+    curves = {r["name"]: sorted(r["checkpoints"], key=lambda c: c["step"]) for r in runs}
     common = None
     if len(curves) > 1:  # every run's best, rounded down to 0.01 points so that every run reaches it
         common = math.floor(10000 * min(max(c["probe_top1"] for c in p) for p in curves.values()) + 1e-6) / 100

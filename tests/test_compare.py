@@ -201,21 +201,29 @@ def test_run_specs_compose_and_fail_with_what_is_allowed():
         (2, 12), (4, 16), (4, 28), (4, 28), (4, 32), (8, 96), (16, 224)]  # fmt: skip
 
 
+def scored_point(step: int, epoch: float, probe: float, core_minutes: float) -> dict:
+    """One scored checkpoint of a run, as compare.json holds it."""
+    return {"step": step, "epoch": epoch, "probe_top1": probe, "core_minutes": core_minutes}
+
+
+def small_study(runs: list[dict], readouts: dict) -> dict:
+    """A compare.json around `runs`, for helpers.markdown."""
+    return {"data_path": "d.npz", "data": {"num_train": 60, "num_test": 30, "num_classes": 3, "image_size": 16},
+            "img_size": 16, "patch_size": 4, "mean": [0.5] * 3, "std": [0.2] * 3, "threads": 1,
+            "machine": {"cpu": "CPU", "torch": "2", "timm": "1"}, "baselines": [], "runs": runs,
+            "readouts": readouts, "finetune_epochs": None}  # fmt: skip
+
+
 def test_readouts_leave_out_runs_still_pretraining_once_one_has_finished():
-    point = lambda step, epoch, p, cm: {"step": step, "epoch": epoch, "probe_top1": p, "core_minutes": cm}  # noqa: E731
-    done = {"done": True, "final_step": 6}  # pretrained, final checkpoint scored
+    point, done = scored_point, {"done": True, "final_step": 6}  # bootmae: pretrained, its final step not scored yet
     runs = [{"name": "mae", **done, "checkpoints": [point(3, 0.5, 0.44, 5.0), point(6, 1.0, 0.49, 10.0)]},
             {"name": "beit", **done, "checkpoints": [point(3, 0.5, 0.40, 8.0), point(6, 1.0, 0.46, 16.0)]},
-            {"name": "bootmae", "done": True, "final_step": 6, "checkpoints": [point(3, 0.5, 0.38, 20.0)]}]  # fmt: skip
+            {"name": "bootmae", **done, "checkpoints": [point(3, 0.5, 0.38, 20.0)]}]  # fmt: skip
     out = helpers.readouts(runs, [45])
     assert out["equal_epochs"]["target"] == 1.0 and set(out["equal_epochs"]["rows"]) == {"mae", "beit"}
     assert out["equal_core_minutes"]["target"] == 10.0
     assert out["to_reach"]["common"] == "46" and set(out["to_reach"]["rows"]) == {"mae", "beit"}
-    study = {"data_path": "d.npz", "data": {"num_train": 60, "num_test": 30, "num_classes": 3, "image_size": 16},
-             "img_size": 16, "patch_size": 4, "mean": [0.5] * 3, "std": [0.2] * 3, "threads": 1,
-             "machine": {"cpu": "CPU", "torch": "2", "timm": "1"}, "baselines": [], "runs": runs,
-             "readouts": out, "finetune_epochs": None}  # fmt: skip
-    text = helpers.markdown(study)
+    text = helpers.markdown(small_study(runs, out))
     assert "## At equal epochs (1 epochs" in text and "| bootmae | 0.5 |" not in text
     assert "Still pretraining (left out of the readouts above" in text and "bootmae (scored to 0.5 epochs)" in text
     assert "| bootmae | 38.0 (20) |" in text  # still in the per-checkpoint table
@@ -261,7 +269,7 @@ def test_checkpoint_table_has_a_column_per_epoch_and_names_the_cpus_when_they_di
 
 
 def test_readouts_leave_out_runs_not_scored_yet():
-    point = lambda step, epoch, p, cm: {"step": step, "epoch": epoch, "probe_top1": p, "core_minutes": cm}  # noqa: E731
+    point = scored_point
     runs = [{"name": "mae", "checkpoints": [point(3, 0.5, 0.44, 5.0), point(6, 1.0, 0.49, 10.0)]},
             {"name": "emae", "checkpoints": [point(3, 0.5, 0.41, 20.0)]},
             {"name": "beit", "checkpoints": []}]  # fmt: skip
@@ -270,11 +278,7 @@ def test_readouts_leave_out_runs_not_scored_yet():
     assert out["equal_core_minutes"]["target"] == 10.0  # the fewest that every scored run reached (mae's 10)
     assert [c["core_minutes"] for c in out["equal_core_minutes"]["rows"].values()] == [10.0, 20.0]
     assert set(out["to_reach"]["rows"]) == {"mae", "emae"} and out["to_reach"]["rows"]["mae"]["45"]["step"] == 6
-    study = {"data_path": "d.npz", "data": {"num_train": 60, "num_test": 30, "num_classes": 3, "image_size": 16},
-             "img_size": 16, "patch_size": 4, "mean": [0.5] * 3, "std": [0.2] * 3, "threads": 1,
-             "machine": {"cpu": "CPU", "torch": "2", "timm": "1"}, "baselines": [], "runs": runs,
-             "readouts": out, "finetune_epochs": None}  # fmt: skip
-    text = helpers.markdown(study)
+    text = helpers.markdown(small_study(runs, out))
     assert "## At equal epochs (0.5 epochs" in text and "| emae | 0.5 |" in text
     assert "Not scored yet (left out of the readouts above): beit." in text
     assert "| beit |" in text  # its (empty) row of the per-checkpoint table
