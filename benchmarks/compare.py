@@ -63,9 +63,11 @@ from compare_helpers import (
     is_scored_step,
     machine,
     markdown,
+    parse_cpu_scale,
     parse_specs,
     plots,
     readouts,
+    run_cpu_scale,
     std_error,
     step_clock,
     sweep_specs,
@@ -158,6 +160,7 @@ class Study:
         specs = [(s, b.text) for b in parse_specs(args.methods)
                  for s in (sweep_specs([b], args.sweep) if args.sweep else [b])]  # fmt: skip
         self.sets = parse_sets(args.set)
+        self.cpu_scale = parse_cpu_scale(args.cpu_scale)
         if args.cpus:
             os.sched_setaffinity(0, parse_cpus(args.cpus))
         self.threads = args.threads or len(os.sched_getaffinity(0))
@@ -517,15 +520,19 @@ class Study:
             threads = record.get("settings", {}).get("threads", self.threads)
             points = []
             every, final = record.get("save_every_steps"), record.get("final_step") if record.get("done") else None
+            machines = sorted({g["cpu"] for g in record.get("segments", []) if g.get("cpu")})
+            scale = run_cpu_scale(run.spec.text, machines, self.cpu_scale)
             for path in sorted(run.evals.glob("step-*.json")):
                 step = int(path.stem.split("-")[1])
                 if not is_scored_step(step, every, final) or not self.done(path, pretrained(run, step), self.scored):
                     continue
                 epoch, seconds = clock.get(step, (step / run.steps_per_epoch, None))
                 minutes = None if seconds is None else seconds / 60
-                points.append({"step": step, "epoch": round(epoch, 4), "train_minutes": minutes and round(minutes, 5),
-                               "core_minutes": minutes and round(minutes * threads, 5),
-                               **self.scores(read_json(path))})  # fmt: skip
+                point = {"step": step, "epoch": round(epoch, 4), "train_minutes": minutes and round(minutes, 5),
+                         "core_minutes": minutes and round(minutes * threads * scale, 5)}  # fmt: skip
+                if scale != 1.0 and minutes:  # in the reference CPU's units; what this CPU's clock said beside it
+                    point["core_minutes_measured"] = round(minutes * threads, 5)
+                points.append({**point, **self.scores(read_json(path))})
             settings = record.get("settings", {})
             runs.append({"name": run.spec.text, "sweep_base": run.base, "method": run.spec.method,
                          "family": run.spec.family, "recipe": settings.get("recipe"),
@@ -533,10 +540,13 @@ class Study:
                          "steps_per_epoch": run.steps_per_epoch, "done": bool(record.get("done")),
                          "final_step": record.get("final_step"), "calibration": record.get("calibration"),
                          "train_invocations": len(record.get("segments", [])), "segments": record.get("segments", []),
-                         "machines": sorted({g["cpu"] for g in record.get("segments", []) if g.get("cpu")}),
+                         "machines": machines, "core_minute_scale": scale,
                          "abandoned_segments": len(record.get("abandoned_segments", [])),
                          "checkpoints": points, "finetune": self.finetune_scores(
                              run.evals, pretrained(run, record.get("final_step", 0)))})  # fmt: skip
+        seen = {cpu for r in runs for cpu in r["machines"]}
+        for cpu in sorted(set(self.cpu_scale) - seen):
+            log.warning("--cpu-scale %r: no run was pretrained on that CPU (theirs: %s)", cpu, sorted(seen) or "none yet")
         baselines = []
         for b in self.baselines:
             path = b.evals / "step-00000000.json"
@@ -550,7 +560,7 @@ class Study:
                  "threads": self.threads, "budget": {"epochs": a.epochs, "core_minutes": a.core_minutes,
                                                      "max_steps": a.max_steps},
                  "eval_every_epochs": self.eval_every, "finetune_epochs": a.finetune_epochs, "machine": machine(),
-                 "core_minutes_note": CORE_MINUTES, "runs": runs, "baselines": baselines,
+                 "core_minutes_note": CORE_MINUTES, "cpu_scale": self.cpu_scale, "runs": runs, "baselines": baselines,
                  "readouts": readouts(runs, a.reach),
                  "tokenizer": tokenizer if self.needs_tokenizer() else None}  # fmt: skip
         if a.sweep:
@@ -643,6 +653,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--poll", type=int, default=60, help="--role eval: seconds between looks (0: score what is there, then stop)")
     add("--threads", type=int, default=None, help="torch threads of pretraining and evaluation (default: CPUs allowed)")
     add("--cpus", default=None, help="pin the study to these CPUs (as taskset -c: 1, 0,2, 0-3)")
+    add("--cpu-scale", action="append", default=[], metavar="CPU=FACTOR",
+        help="multiply the core-minutes of runs pretrained on CPU (as compare.json's `machines` name it) by FACTOR, "
+             "e.g. a reference step's time on the reference CPU over its time on CPU, so that rows pretrained on "
+             "different machines count in one CPU's core-minutes; repeatable")
     add("--set", action="append", default=[], metavar="[COMMAND:]KEY=VALUE",
         help=f"an override for every run; COMMAND: {', '.join(SET_TARGETS)} (default pretrain); repeatable")
     add("--mean", type=float, nargs=3, default=None, help="data mean (default: computed from the training images)")

@@ -347,6 +347,31 @@ def machine() -> dict:
 # ---------------------------------------------------------------- the report
 
 
+def parse_cpu_scale(items: list[str]) -> dict[str, float]:
+    """['Intel(R) Xeon(R) Processor=1.289'] -> {cpu name: factor}."""
+    scale = {}
+    for item in items:
+        name, _, value = item.rpartition("=")
+        try:
+            factor = float(value)
+        except ValueError:
+            factor = float("nan")
+        if not name.strip() or not factor > 0 or math.isinf(factor):
+            raise SpecError(f"--cpu-scale {item!r}: expected CPU=FACTOR, the CPU as compare.json's `machines` name it "
+                            "and a positive factor, e.g. 'Intel(R) Xeon(R) Processor=1.289'")  # fmt: skip
+        scale[name.strip()] = factor
+    return scale
+
+
+def run_cpu_scale(name: str, machines: list[str], cpu_scale: dict[str, float]) -> float:
+    """The factor that turns a run's core-minutes into the reference CPU's: 1 unless --cpu-scale names its CPU."""
+    factors = {cpu_scale.get(cpu, 1.0) for cpu in machines}
+    if len(factors) > 1:  # its clock does not say which steps ran where
+        raise SpecError(f"--cpu-scale: run {name} was pretrained on several CPUs ({', '.join(machines)}) with "
+                        "different factors; its core-minutes cannot be converted (drop --cpu-scale for it)")
+    return factors.pop() if factors else 1.0
+
+
 def std_error(p: float, n: int) -> float:
     """Standard error of an accuracy p measured on n test images: sqrt(p (1 - p) / n)."""
     return math.sqrt(p * (1 - p) / n) if n else float("nan")
@@ -457,10 +482,22 @@ def markdown(study: dict) -> str:
                 "–" if row[t]["core_minutes"] is None else f"{row[t]['core_minutes']:.3g} core-min")
                 for t in reach["targets"]]  # fmt: skip
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    if len({cpu for r in study["runs"] for cpu in r.get("machines", [])}) > 1:  # a study continued on other CPUs
-        lines += ["", "Pretrained on: " + "; ".join(f"{r['name']}: {', '.join(r['machines'])}" for r in study["runs"]
-                                                    if r.get("machines")) + ". Core-minutes of runs on different CPUs "
-                  "are not comparable with each other."]  # fmt: skip
+    cpus, scale = {cpu for r in study["runs"] for cpu in r.get("machines", [])}, study.get("cpu_scale") or {}
+    if len(cpus) > 1 or scale:  # a study continued on other CPUs
+        text = "Pretrained on: " + "; ".join(f"{r['name']}: {', '.join(r['machines'])}" for r in study["runs"]
+                                             if r.get("machines")) + "."  # fmt: skip
+        if scale:
+            factors = ", ".join(f"{cpu} are multiplied by {f:g}" for cpu, f in scale.items())
+            text += (f" Core-minutes of runs pretrained on {factors} (--cpu-scale; compare.json keeps the measured ones "
+                     "as core_minutes_measured)")  # fmt: skip
+            text += (", so every row counts in the core-minutes of one CPU." if len(cpus - set(scale)) <= 1 else
+                     "; those of the other CPUs are not comparable with each other.")  # fmt: skip
+            unknown = [r["name"] for r in study["runs"] if r["checkpoints"] and not r.get("machines")]
+            if unknown:
+                text += f" No CPU is recorded for {', '.join(unknown)}: counted as measured."
+        else:
+            text += " Core-minutes of runs on different CPUs are not comparable with each other."
+        lines += ["", text]
     pending = [r["name"] for r in study["runs"] if not r["checkpoints"]]
     if pending:
         lines += ["", "Not scored yet (left out of the readouts above): " + ", ".join(pending) + "."]
@@ -515,7 +552,7 @@ def plots(study: dict, out: Path) -> list[Path]:
                 ax.plot(*zip(*points), marker="o", label=run["name"])
         for i, b in enumerate(b for b in study["baselines"] if b.get("probe_top1") is not None):
             ax.axhline(100 * b["probe_top1"], color="0.4", linestyle=("--", ":", "-.")[i % 3], label=b["name"])
-        ax.set_xlabel(label)
+        ax.set_xlabel(label + (" (--cpu-scale: one CPU's)" if key == "core_minutes" and study.get("cpu_scale") else ""))
         ax.set_ylabel("linear probe top-1 (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: no line hidden

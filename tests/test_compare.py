@@ -105,6 +105,21 @@ def test_study_runs_resumes_and_refuses_bad_specs(tmp_path):
     assert [r["checkpoints"] for r in restudy["runs"]] == [r["checkpoints"] for r in study["runs"]]
     assert restudy["baselines"][0]["evaluated_at"] == baseline["evaluated_at"]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # no checkpoint, log or record rewritten
+    cpu = study["machine"]["cpu"]  # rows from another CPU, in this one's units: nothing trained or scored again
+    scaled = compare(*command, "--cpu-scale", f"{cpu}=2", cwd=tmp_path)
+    assert scaled.returncode == 0, scaled.stderr[-3000:]
+    assert "trained 0 run(s), evaluated 0" in scaled.stdout and f"{cpu} are multiplied by 2 (--cpu-scale" in scaled.stdout
+    rescaled = json.loads((out / "compare.json").read_text())
+    assert rescaled["cpu_scale"] == {cpu: 2.0} and [r["core_minute_scale"] for r in rescaled["runs"]] == [2.0, 2.0]
+    for before, after in zip(study["runs"], rescaled["runs"]):
+        assert [c["core_minutes_measured"] for c in after["checkpoints"]] == [c["core_minutes"] for c in before["checkpoints"]]
+        assert [c["core_minutes"] for c in after["checkpoints"]] == \
+            pytest.approx([2 * c["core_minutes"] for c in before["checkpoints"]], abs=2e-5)  # both rounded to 1e-5
+    assert rescaled["readouts"]["equal_core_minutes"]["target"] == \
+        pytest.approx(2 * study["readouts"]["equal_core_minutes"]["target"], abs=2e-5)  # fmt: skip
+    bad_scale = compare(*command, "--cpu-scale", f"{cpu}=fast", cwd=tmp_path)
+    assert bad_scale.returncode == 2 and len(bad_scale.stderr.strip().splitlines()) == 1
+    assert f"--cpu-scale '{cpu}=fast': expected CPU=FACTOR" in bad_scale.stderr
     shutil.move(out, tmp_path / "moved")  # a study folder moved elsewhere keeps its runs and evaluations
     moved = compare(*command[:command.index("--out")], "--out", "moved", *command[command.index("--out") + 2:],
                     cwd=tmp_path)  # fmt: skip
@@ -266,6 +281,29 @@ def test_checkpoint_table_has_a_column_per_epoch_and_names_the_cpus_when_they_di
     assert lines[7] == "| emae | Xeon |  | 41.0 (20.1) |  |"
     study["runs"][1]["machines"] = ["AMD EPYC"]  # one CPU: no CPU column
     assert helpers.checkpoint_table(study)[3] == "| run | 0 ep | 0.5 ep | 1 ep |"
+
+
+def test_cpu_scale_puts_rows_from_other_cpus_in_one_cpus_units_and_refuses_what_it_cannot_convert():
+    assert helpers.parse_cpu_scale(["Intel(R) Xeon(R) Processor=1.289", "AMD EPYC=1"]) == {
+        "Intel(R) Xeon(R) Processor": 1.289, "AMD EPYC": 1.0}  # fmt: skip
+    for bad in ("1.289", "Xeon=0", "Xeon=-1", "Xeon=inf", "=2"):
+        with pytest.raises(helpers.SpecError, match="expected CPU=FACTOR"):
+            helpers.parse_cpu_scale([bad])
+    scale = {"Xeon": 1.289}
+    assert helpers.run_cpu_scale("emae", ["Xeon"], scale) == 1.289
+    assert helpers.run_cpu_scale("mae", ["EPYC"], scale) == helpers.run_cpu_scale("mae", [], scale) == 1.0
+    with pytest.raises(helpers.SpecError, match="run bootmae was pretrained on several CPUs"):
+        helpers.run_cpu_scale("bootmae", ["EPYC", "Xeon"], scale)
+    point = scored_point
+    runs = [{"name": "mae", "machines": ["EPYC"], "checkpoints": [point(6, 1.0, 0.49, 10.0)]},
+            {"name": "emae", "machines": ["Xeon"], "checkpoints": [point(6, 1.0, 0.5, 25.8)]},
+            {"name": "old", "machines": [], "checkpoints": [point(6, 1.0, 0.5, 9.0)]}]  # fmt: skip
+    text = helpers.markdown({**small_study(runs, helpers.readouts(runs)), "cpu_scale": scale})
+    assert "Core-minutes of runs pretrained on Xeon are multiplied by 1.289 (--cpu-scale" in text
+    assert "so every row counts in the core-minutes of one CPU. No CPU is recorded for old: counted as measured." in text
+    assert "not comparable" not in text
+    text = helpers.markdown({**small_study(runs, {}), "cpu_scale": {}})  # two CPUs and no scale: said plainly
+    assert "Core-minutes of runs on different CPUs are not comparable with each other." in text
 
 
 def test_readouts_leave_out_runs_not_scored_yet():
