@@ -21,7 +21,9 @@ pretraining threads, the wall-clock summed from the run's metrics.jsonl (one rec
 compare_helpers.step_clock). A core-minute budget becomes a step count from a short timed calibration run
 (train.schedule_steps, warmup 10% of it, train.max_minutes 1.5x as a safety stop). An epoch budget keeps the
 recipe's warmup, capped at 10% of the run. A checkpoint is written and evaluated every --eval-every epochs and at
-the end; all are kept (ViT-T/4 MAE: ~47 MB each, weights and optimizer state). On a GPU the same clock gives
+the end; all are kept (ViT-T/4 MAE: ~47 MB each, weights and optimizer state). Each run records the CPU it pretrained
+on; --cpu-scale 'CPU=FACTOR' multiplies the core-minutes of runs from CPU so that a study continued on other machines
+reads out in one CPU's core-minutes. On a GPU the same clock gives
 train_minutes (wall-clock) in compare.json; core-minutes still multiply it by the CPU threads.
 
 Restarting the same command continues a killed study: pretraining resumes exactly (train.resume auto), finished
