@@ -542,7 +542,7 @@ class Study:
                          "steps_per_epoch": run.steps_per_epoch, "done": bool(record.get("done")),
                          "final_step": record.get("final_step"), "calibration": record.get("calibration"),
                          "train_invocations": len(record.get("segments", [])), "segments": record.get("segments", []),
-                         "machines": machines, "core_minute_scale": scale,
+                         "machines": machines, "core_minute_scale": scale, "threads": threads,
                          "abandoned_segments": len(record.get("abandoned_segments", [])),
                          "checkpoints": points, "finetune": self.finetune_scores(
                              run.evals, pretrained(run, record.get("final_step", 0)))})  # fmt: skip

@@ -11,6 +11,7 @@ import platform
 import re
 import statistics
 import subprocess
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -445,6 +446,17 @@ def checkpoint_table(study: dict) -> list[str]:
     return lines
 
 
+def pretraining_threads(study: dict) -> str:
+    """The runs' usual thread count, naming the runs pretrained on another (their core-minutes count every thread,
+    so a run on more threads pays for their lower efficiency per core)."""
+    counts = {r["name"]: r["threads"] for r in study["runs"] if r.get("threads") and r["checkpoints"]}
+    if not counts:
+        return f"{study['threads']} thread(s)"
+    usual = Counter(counts.values()).most_common(1)[0][0]
+    others = [f"{name} on {n}" for name, n in counts.items() if n != usual]
+    return f"{usual} thread(s)" + (f" ({'; '.join(others)}: its core-minutes count all of them)" if others else "")
+
+
 def markdown(study: dict) -> str:
     d, m, lines = study["data"], study["machine"], []
     lines += [f"# Equal-compute study: {study['data_path']}", ""]
@@ -452,7 +464,7 @@ def markdown(study: dict) -> str:
                  f"{d['image_size']} px (model {study['img_size']} px, patch {study['patch_size']}); mean "
                  f"{study['mean']}, std {study['std']}.")  # fmt: skip
     lines += ["", (f"Machine: {m.get('cpu')} ({m.get('cpu_flags', '')}), torch {m['torch']}, timm {m['timm']}; "
-                   f"pretraining on {study['threads']} thread(s).")]  # fmt: skip
+                   f"pretraining on {pretraining_threads(study)}.")]  # fmt: skip
     header = ["| run | epoch | core-min | k-NN top-1 (%) | probe top-1 (%) | probe, best block (%) |",
               "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     base_rows = [f"| {b['name']} | 0 | 0 | {_acc(b, 'knn')} | {_acc(b, 'probe')} | {_acc(b, 'probe_best')} |"

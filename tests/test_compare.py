@@ -242,6 +242,11 @@ def test_readouts_leave_out_runs_still_pretraining_once_one_has_finished():
     assert "## At equal epochs (1 epochs" in text and "| bootmae | 0.5 |" not in text
     assert "Still pretraining (left out of the readouts above" in text and "bootmae (scored to 0.5 epochs)" in text
     assert "| bootmae | 38.0 (20) |" in text  # still in the per-checkpoint table
+    assert "pretraining on 1 thread(s)." in text  # no run records its threads: the study's
+    for run, threads in zip(runs, (1, 1, 2)):
+        run["threads"] = threads
+    text = helpers.markdown(small_study(runs, out))
+    assert "pretraining on 1 thread(s) (bootmae on 2: its core-minutes count all of them)." in text
 
 
 def test_scored_checkpoints_are_every_interval_and_the_final_one_not_twice():
