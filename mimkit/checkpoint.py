@@ -19,7 +19,9 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import io
 import os
+import pathlib
 import pickle
 import random
 import re
@@ -34,6 +36,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from mimkit.errors import MimkitError
+from mimkit.files import LoadFailed, LoadRefused, weights_only_load
 
 log = logging.getLogger("mimkit")
 
@@ -58,8 +61,25 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def current_umask() -> int:
+    """The process's umask: from /proc/self/status on Linux (read-only, no race), else by setting and restoring
+    it (os.umask has no getter; the two calls are process-wide, so a thread creating a file in between would
+    create it with mode 0o777 / 0o666 unmasked)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
 def atomic_write_bytes(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, fsync, then rename over the target."""
+    """Write through a temporary file in the same folder, fsync, then rename over the target. The file gets the
+    mode an ordinary open() would give it (0o666 less the umask), not mkstemp's private 0o600."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -67,6 +87,7 @@ def atomic_write_bytes(path: Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException as e:
         e.partial_bytes = Path(tmp).stat().st_size if Path(tmp).exists() else 0  # written before the failure
@@ -123,17 +144,13 @@ def load_checkpoint(path: str | Path) -> dict:
 def _torch_load(path: Path | str, what: str, source=None):
     """torch.load with weights_only=True; every way it can fail becomes one CheckpointError line."""
     try:
-        return torch.load(source if source is not None else path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"(?:unsupported|Unsupported) (?:GLOBAL|global|operand)[^\n]*?(?=\.?\n|\.?$| whose)", str(e))
-        detail = f" ({found.group(0).strip()})" if found else ""
-        raise CheckpointError(
-            f"{path}: refused to load {what}: it pickles Python objects outside the allow-list{detail}; nothing from it was run"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as e:
-        size = Path(path).stat().st_size if Path(path).is_file() else None
-        reason = "the file is empty" if size == 0 else (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"{path}: cannot read {what} (truncated or not a PyTorch checkpoint: {reason})") from None
+        return weights_only_load(source if source is not None else path)
+    except LoadRefused as e:
+        raise CheckpointError(f"{path}: refused to load {what}: {e.detail}; nothing from it was run") from None
+    except LoadFailed as e:
+        plain = e.reason == "the file is empty" or e.reason.startswith("not a PyTorch file")
+        reason = e.reason if plain else f"truncated or not a PyTorch checkpoint: {e.reason}"
+        raise CheckpointError(f"{path}: cannot read {what} ({reason})") from None
 
 
 def check_step_matches_name(path: Path, state) -> None:
@@ -212,32 +229,116 @@ def prune_checkpoints(out_dir: str | Path, keep_last: int) -> None:
 # ---------------------------------------------------------------- sharded (DCP) checkpoints
 
 
+@functools.cache
+def dcp_metadata_globals() -> dict[tuple[str, str], object]:
+    """Every global DCP's `.metadata` pickles (torch 2.14, model and optimizer states, tensor and bytes entries),
+    as exact (module, name) pairs: its metadata dataclasses, the file system writer's _StorageInfo, torch.Size,
+    the layout helper, the dtypes (by their own names), and the checkpoint path of StorageMeta. Nothing else:
+    no module prefix, no dotted name (pickle protocol 4 resolves `a.b` through getattr, which reaches any module
+    those modules import)."""
+    from torch.distributed.checkpoint import filesystem, metadata
+
+    allowed: dict[tuple[str, str], object] = {
+        ("torch.distributed.checkpoint.metadata", name): getattr(metadata, name)
+        for name in ("Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
+                     "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING")
+    }  # fmt: skip
+    allowed[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = filesystem._StorageInfo
+    allowed[("torch", "Size")] = torch.Size
+    allowed[("torch.serialization", "_get_layout")] = torch.serialization._get_layout
+    allowed[("pathlib", "PosixPath")] = pathlib.PosixPath  # StorageMeta.checkpoint_id, Path(checkpoint_id)
+    allowed[("pathlib", "WindowsPath")] = pathlib.WindowsPath
+    for name in dir(torch):
+        value = getattr(torch, name, None)
+        if isinstance(value, torch.dtype) and str(value) == f"torch.{name}":  # pickled by its own name
+            allowed[("torch", name)] = value
+    return allowed
+
+
 class _DCPMetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
-        allowed = (
-            module == "torch.distributed.checkpoint.metadata"
-            or (module, name) in {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
-                                  ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-                                  ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath")}
-            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
-        )  # fmt: skip
-        if not allowed:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a checkpoint's DCP metadata")
-        return super().find_class(module, name)
+        found = dcp_metadata_globals().get((module, name)) if "." not in name else None
+        if found is None:
+            raise pickle.UnpicklingError(f"it pickles {module}.{name}, which DCP metadata never holds")
+        return found
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("it holds a persistent id, which DCP metadata never holds")
+
+
+def _check_storage(folder: Path, meta_path: Path, metadata) -> None:
+    """Every shard DCP would open lies inside the folder: a relative path without '..', which, with every
+    symlink followed, resolves inside the folder too. Checked before any shard is read."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    storage = getattr(metadata, "storage_data", None)
+    if storage is None:
+        return
+    if not isinstance(storage, dict):
+        raise CheckpointError(f"{meta_path}: not DCP metadata (storage_data is a {type(storage).__name__}, not a dict)")
+    root = folder.resolve()
+    checked: set[str] = set()
+    for index, info in storage.items():
+        if not isinstance(index, MetadataIndex) or not isinstance(info, _StorageInfo):
+            raise CheckpointError(f"{meta_path}: not DCP metadata (storage_data holds a {type(info).__name__})")
+        rel = info.relative_path
+        if not isinstance(rel, str) or not rel:
+            raise CheckpointError(f"{meta_path}: entry {index.fqn!r} names no shard file (relative_path {rel!r})")
+        for field, value in (("offset", info.offset), ("length", info.length)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise CheckpointError(f"{meta_path}: entry {index.fqn!r} has {field} {value!r}; a shard {field} is an "
+                                      "integer >= 0")  # fmt: skip
+        if rel in checked:
+            continue
+        checked.add(rel)
+        parts = rel.replace("\\", "/").split("/")
+        if rel.startswith(("/", "\\")) or Path(rel).is_absolute() or (len(rel) > 1 and rel[1] == ":") or ".." in parts:
+            raise CheckpointError(f"{meta_path}: refused: shard path {rel!r} is not a plain name inside the "
+                                  "checkpoint folder (absolute or with '..'); nothing was read")  # fmt: skip
+        target = (folder / rel).resolve()
+        if target != root and root not in target.parents:
+            raise CheckpointError(f"{meta_path}: refused: shard {rel!r} resolves to {target}, outside the checkpoint "
+                                  f"folder {root} (a symlink?); nothing was read")  # fmt: skip
 
 
 def read_dcp_metadata(folder: Path):
-    """DCP's .metadata, unpickled with the allow-list above."""
-    meta = Path(folder) / ".metadata"
+    """DCP's .metadata, unpickled with the exact allow-list above and checked: a Metadata whose entries are
+    DCP's own types and whose shard files all lie inside the folder."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
+
+    folder = Path(folder)
+    meta = folder / ".metadata"
     if not meta.is_file():
         raise CheckpointError(f"sharded checkpoint {folder} has no .metadata (incomplete or not a DCP folder)")
     try:
-        with open(meta, "rb") as f:
-            return _DCPMetadataUnpickler(f).load()
+        data = meta.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{meta}: cannot read ({e.strerror or e})") from None
+    if not data:
+        raise CheckpointError(f"{meta}: cannot read (the file is empty)")
+    try:
+        metadata = _DCPMetadataUnpickler(io.BytesIO(data)).load()
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{meta}: refused: {e}; nothing from it was run") from None
-    except (EOFError, OSError, ValueError, AttributeError, TypeError, IndexError) as e:
-        raise CheckpointError(f"{meta}: cannot read (truncated or not DCP metadata: {type(e).__name__})") from None
+        detail = (str(e).strip().splitlines() or ["not allowed"])[0][:300]
+        if detail.startswith("it "):
+            raise CheckpointError(f"{meta}: refused: {detail}; nothing from it was run") from None
+        raise CheckpointError(f"{meta}: cannot read (damaged or not DCP metadata: {detail})") from None
+    except (MemoryError, RecursionError) as e:
+        raise CheckpointError(f"{meta}: cannot read (damaged or not DCP metadata: {type(e).__name__})") from None
+    except Exception as e:  # EOFError, struct / Unicode / Key / Index / Attribute / Type / ValueError ...
+        detail = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{meta}: cannot read (truncated or not DCP metadata: {type(e).__name__}"
+                              f"{': ' + detail if detail else ''})") from None  # fmt: skip
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f"{meta}: not DCP metadata (it holds a {type(metadata).__name__}, not a Metadata)")
+    entries = getattr(metadata, "state_dict_metadata", None)
+    if not isinstance(entries, dict) or not all(
+        isinstance(k, str) and isinstance(v, (TensorStorageMetadata, BytesStorageMetadata)) for k, v in entries.items()
+    ):
+        raise CheckpointError(f"{meta}: not DCP metadata (state_dict_metadata is not a dict of names to DCP entries)")
+    _check_storage(folder, meta, metadata)
+    return metadata
 
 
 @functools.cache
@@ -323,11 +424,17 @@ def _dcp_read(folder: Path, state: dict, planner, collective: bool) -> None:
     try:
         _load_state_dict(state, storage_reader=_safe_dcp_classes()[0](str(folder)), planner=planner, no_dist=no_dist)
     except (Exception, CheckpointException) as e:  # DCP's own wraps reader errors (ours among them); a BaseException
-        inner = next((x for x in _causes(e) if isinstance(x, CheckpointError)), None)
+        causes = list(_causes(e))
+        stop = next((x for x in causes if isinstance(x, (KeyboardInterrupt, SystemExit))), None)
+        if stop is not None:  # DCP wraps every BaseException of a rank: an interrupt stays an interrupt
+            raise stop from None
+        inner = next((x for x in causes if isinstance(x, CheckpointError)), None)
         if inner is not None:
             raise inner from None
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"{folder}: cannot read sharded checkpoint ({first[:300]})") from None
+        real = next((x for x in causes if not isinstance(x, CheckpointException)), e)
+        first = (str(real).strip().splitlines() or [""])[0][:300]
+        raise CheckpointError(f"{folder}: cannot read sharded checkpoint ({type(real).__name__}"
+                              f"{': ' + first if first else ''})") from None  # fmt: skip
 
 
 def _causes(e: BaseException):

@@ -13,7 +13,7 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
 from mimkit.config import ConfigError, config_from_dict, load_config
-from mimkit.files import InteropError, load_weights_file
+from mimkit.files import InteropError, is_weights_file, load_weights_file
 from mimkit.interop.beit_import import has_relative_position_bias, import_beit, strip_encoder_prefix
 from mimkit.interop.common import FORMATS, _read_json, read_hf_folder, unwrap_state_dict
 from mimkit.interop.convert import Converted, convert_hf, convert_mimkit, convert_official, detect_format
@@ -122,11 +122,25 @@ def _read_timm_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict, list
     return sd, hints, notes
 
 
+def _what_file(path: Path) -> str:
+    """What a file that is not a weights file looks like, for the error."""
+    if path.stat().st_size == 0:
+        return "the file is empty"
+    kind = {".json": "a JSON file", ".yaml": "a YAML file", ".yml": "a YAML file", ".txt": "a text file"}.get(
+        path.suffix.lower(), "neither a torch.save archive, a pickle nor safetensors")
+    if path.suffix.lower() == ".json":
+        kind += "; for a Hugging Face / timm model give the folder that holds it"
+    return kind
+
+
 def read_source(src: str | Path, key: str | None = None) -> tuple[dict[str, torch.Tensor], dict, list[str]]:
     """(state dict, hints for the config, notes) from a file or a Hugging Face folder."""
     src = Path(src)
     if not src.exists():
         raise FileNotFoundError(f"import source not found: {src}")
+    if src.is_file() and src.suffix != ".safetensors" and not is_weights_file(src):
+        raise InteropError(f"{src}: not a weights file ({_what_file(src)}); `mimkit import` takes a PyTorch .pth / .pt / "
+                           ".bin file, a .safetensors file, or a Hugging Face / timm model folder")  # fmt: skip
     hints: dict[str, Any] = {}
     notes: list[str] = []
     if src.is_dir() and (src / "config.json").is_file() and "architecture" in _read_json(src / "config.json"):
