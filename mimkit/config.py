@@ -368,6 +368,10 @@ def validate(cfg: Config) -> Config:
     require(min(t.knn_samples) >= 1, f"train.knn_samples must be positive, got {t.knn_samples}")
     require(t.vis_every_epochs >= 0 and t.vis_images >= 1, "train.vis_every_epochs must be >= 0 and train.vis_images >= 1")
     require(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")
+    # numpy's seed range; the samplers seed torch generators with seed * 1_000_003 + epoch and the RNGs with
+    # seed + rank + step, which then stay far inside torch's 64-bit seeds
+    require(0 <= t.seed < 2**32, f"train.seed must be an integer in [0, {2**32 - 1}] (numpy's seed range; mimkit derives "
+            f"seed * 1000003 + epoch for torch's 64-bit seeds), got {t.seed}")  # fmt: skip
     require(
         t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
         f"train.device: '{t.device}' is not allowed; allowed: auto, cpu, cuda, cuda:N",
