@@ -77,17 +77,23 @@ class _CifarUnpickler(pickle.Unpickler):
     allowed = _numpy_reconstructors()
 
     def find_class(self, module: str, name: str):
-        if (module, name) in self.allowed:
+        if "." not in name and (module, name) in self.allowed:  # exact pairs only, never an attribute chain
             return self.allowed[(module, name)]
         raise pickle.UnpicklingError(f"'{module}.{name}' is not allowed in a CIFAR batch file")
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("a persistent id is not allowed in a CIFAR batch file")
 
 
 def read_cifar_pickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
-            entry = _CifarUnpickler(io.BufferedReader(f), encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
-        raise DataError(f"data.path: {path} is not a CIFAR batch file: {e}") from None
+            entry = _CifarUnpickler(io.BytesIO(f.read()), encoding="latin1").load()
+    except OSError as e:
+        raise DataError(f"data.path: cannot read {path}: {e.strerror or e}") from None
+    except Exception as e:  # UnpicklingError, EOFError, struct / Unicode / Value / Type / AttributeError, ...
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise DataError(f"data.path: {path} is not a CIFAR batch file: {detail}") from None
     if not isinstance(entry, dict):
         raise DataError(f"data.path: {path} is not a CIFAR batch file (expected a dict)")
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}

@@ -408,18 +408,40 @@ def load_tokenizer(kind: str, path: str | None = None, spec: DVAESpec | None = N
                 if kind == "mimkit" else "")  # fmt: skip
         raise FileNotFoundError(f"tokenizer.path: {path} does not exist{hint}")
     obj = _read(path)
+    try:
+        tok = _from_file(kind, obj, path)
+    except MimkitError:
+        raise
+    except Exception as e:  # a file that loads but does not describe a tokenizer (odd sizes, wrong types)
+        detail = " ".join(str(e).split())[:200]
+        raise TokenizerError(f"{path}: not a usable {kind} tokenizer ({type(e).__name__}: {detail})") from None
+    return tok.freeze()
+
+
+_SPEC_LIMITS = {"vocab_size": (2, 1 << 20), "hidden": (1, 4096), "downsample": (2, 64), "code_dim": (1, 4096)}
+
+
+def _from_file(kind: str, obj: Any, path) -> Tokenizer:
     if kind == "mimkit":
         if not (isinstance(obj, dict) and obj.get("kind") == "mimkit" and "state_dict" in obj):
             raise TokenizerError(f"{path}: not a mimkit tokenizer (write one with `mimkit tokenizer train`)")
-        tok = MimkitTokenizer(DVAESpec(**obj["spec"]))
+        spec = obj.get("spec")
+        if not isinstance(spec, dict) or set(spec) - set(_SPEC_LIMITS):
+            raise TokenizerError(f"{path}: not a mimkit tokenizer ('spec' must be a dict of {', '.join(_SPEC_LIMITS)})")
+        for key, value in spec.items():
+            lo, hi = _SPEC_LIMITS[key]
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise TokenizerError(f"{path}: spec {key} {value!r} is not an integer in [{lo}, {hi}]")
+        if not isinstance(obj["state_dict"], dict):
+            raise TokenizerError(f"{path}: not a mimkit tokenizer ('state_dict' is not a dict)")
+        tok = MimkitTokenizer(DVAESpec(**spec))
         _load_exact(tok.dvae, obj["state_dict"], str(path), "mimkit dVAE")
-    elif kind == "dalle":
-        tok = dalle_from_state_dict(_state_dict_of(obj, path), str(path))
-    elif kind == "vqgan":
-        tok = taming_from_state_dict(_state_dict_of(obj, path), str(path))
-    else:
-        raise TokenizerError(f"unknown tokenizer.kind {kind!r}")
-    return tok.freeze()
+        return tok
+    if kind == "dalle":
+        return dalle_from_state_dict(_state_dict_of(obj, path), str(path))
+    if kind == "vqgan":
+        return taming_from_state_dict(_state_dict_of(obj, path), str(path))
+    raise TokenizerError(f"unknown tokenizer.kind {kind!r}")
 
 
 def _state_dict_of(obj: Any, path) -> dict[str, torch.Tensor]:

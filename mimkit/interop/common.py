@@ -121,8 +121,14 @@ def load_mimkit_checkpoint(path: str | Path) -> tuple[nn.Module, Config, dict]:
         cfg = config_from_dict(state["config"])
     except ConfigError as e:
         raise InteropError(f"{path}: invalid 'config': {e}") from None
-    model = build_model(cfg)
-    result = model.load_state_dict(state["model"], strict=False)
+    if not isinstance(state["model"], dict) or not all(isinstance(v, torch.Tensor) for v in state["model"].values()):
+        raise InteropError(f"{path}: 'model' is not a state dict of tensors")
+    try:
+        model = build_model(cfg)
+        result = model.load_state_dict(state["model"], strict=False)
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as e:  # e.g. a tensor of another shape
+        detail = " ".join(str(e).split())[:300]
+        raise InteropError(f"{path}: 'model' does not match its 'config' ({type(e).__name__}: {detail})") from None
     if result.missing_keys or result.unexpected_keys:
         raise InteropError(
             f"{path}: 'model' does not match its 'config' (missing: {', '.join(result.missing_keys[:5]) or 'none'}; "
