@@ -260,6 +260,14 @@ def stable_seed(*parts) -> int:
     return int.from_bytes(digest, "little") >> 2
 
 
+def no_image_in_shards(shards: list[str], samples: int, keys: tuple[str, ...]) -> str:
+    """The one-line error of a WebDataset reader whose shards held no decodable image in a whole pass."""
+    named = ", ".join(shards[:3]) + (f" and {len(shards) - 3} more" if len(shards) > 3 else "")
+    what = (f"{samples} samples read, none with a decodable image entry ({', '.join(keys)})" if samples else
+            "no sample could be read: not a tar archive of WebDataset samples?")  # fmt: skip
+    return f"data.path: no decodable image in WebDataset shard(s) {named} after a whole pass ({what})"
+
+
 class WebDatasetStream(IterableDataset):
     """Tar shards streamed with `webdataset`. Each (rank, worker) reads its own shards of the epoch's
     seeded shard order (or, with fewer shards than readers, every reader-th sample). The stream is
@@ -287,9 +295,11 @@ class WebDatasetStream(IterableDataset):
         while True:
             stream = wds.WebDataset(shards, shardshuffle=False, nodesplitter=None, workersplitter=None,
                                     empty_check=False, handler=wds.warn_and_continue)  # fmt: skip
+            seen = yielded = 0
             for i, sample in enumerate(stream):
                 if not split_shards and i % readers != me:
                     continue
+                seen += 1
                 name = f"{sample.get('__url__')}:{sample.get('__key__')}"
                 data = next((sample[k] for k in self.IMAGE_KEYS if k in sample), None)
                 try:
@@ -301,7 +311,10 @@ class WebDatasetStream(IterableDataset):
                     skipped += 1
                     continue
                 out["skipped"], skipped = skipped, 0
+                yielded += 1
                 yield out
+            if not yielded:  # a whole pass without one image: another pass would spin forever
+                raise DataError(no_image_in_shards(shards, seen, self.IMAGE_KEYS))
             passes += 1
 
     def make_sample(self, name: str, data: bytes, seed: int) -> dict:
