@@ -23,6 +23,15 @@ log = logging.getLogger("mimkit")
 class DataError(MimkitError, ValueError):
     """A problem with the configured data, naming the file or field."""
 
+    def __init__(self, *args):
+        text = args[0] if len(args) == 1 and isinstance(args[0], str) else ""
+        if text.startswith("Caught ") and "Original Traceback" in text:
+            # torch's DataLoader re-raises a worker's error with the worker's whole traceback as the message: keep
+            # the error's own line (the traceback's last), so the command line still prints one line
+            last = [line for line in text.splitlines() if line.strip()][-1]
+            args = (last.split(": ", 1)[1] if last.startswith(("mimkit.", "DataError")) and ": " in last else last,)
+        super().__init__(*args)
+
 
 class CorruptImage(MimkitError):
     pass

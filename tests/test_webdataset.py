@@ -1,7 +1,13 @@
 """WebDataset tar shards: streaming, exact mid-epoch resume, corrupt samples skipped and counted."""
 
 import io
+import itertools
+import os
+import subprocess
+import sys
+import tarfile
 
+import numpy as np
 import pytest
 import torch
 import webdataset as wds
@@ -11,7 +17,7 @@ from mimkit.checkpoint import load_checkpoint
 from mimkit.data import DataError
 from mimkit.train import pretrain
 
-from conftest import make_images
+from conftest import TINY_MODEL, make_images
 
 
 @pytest.fixture
@@ -53,3 +59,59 @@ def test_webdataset_trains_and_resumes_exactly(tiny_cfg, shards, workers):
 def test_folder_of_shards_is_detected(tiny_cfg, shards):
     result = pretrain(tiny_cfg(f"data.path={shards}", "data.num_samples=48", "train.max_steps=2"))
     assert result.step == 2
+
+
+def undecodable_shard(tmp_path, kind):
+    """A .tar of random bytes, or a real tar holding only text files (no image entry in any sample)."""
+    shard = tmp_path / f"{kind}.tar"
+    if kind == "random-bytes":
+        shard.write_bytes(np.random.default_rng(0).integers(0, 256, 20000, dtype=np.uint8).tobytes())
+    else:
+        with tarfile.open(shard, "w") as tar:
+            for i in range(6):
+                for ext in ("txt", "cls"):
+                    data = f"sample {i}".encode()
+                    info = tarfile.TarInfo(f"{i:05d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return shard
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("kind", ["random-bytes", "text-only"])
+def test_a_shard_without_one_decodable_image_ends_in_one_line(tmp_path, kind, workers):
+    """It used to spin at 100% CPU forever, pass after pass over the shard: run in a subprocess with a timeout."""
+    shard = undecodable_shard(tmp_path, kind)
+    argv = ["pretrain", *TINY_MODEL, f"data.path={shard}", "data.num_samples=16", f"data.num_workers={workers}",
+            "train.batch_size=8", "train.max_steps=1", "train.precision=fp32", "train.progress=false",
+            "train.tensorboard=false", f"train.out_dir={tmp_path / 'run'}"]  # fmt: skip
+    try:
+        proc = subprocess.run([sys.executable, "-m", "mimkit.cli", *argv], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"pretrain on a {kind} shard with {workers} workers still running after 120 s")
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert lines[-1].startswith("mimkit: error: data.path: no decodable image in WebDataset shard(s)"), lines[-3:]
+    assert str(shard) in lines[-1]
+    assert ("no sample could be read" if kind == "random-bytes" else "none with a decodable image entry") in lines[-1]
+    assert not any(x.startswith("Traceback") for x in lines), lines
+
+
+def test_one_decodable_image_among_text_samples_keeps_training(tmp_path):
+    """The bound is a whole pass without an image: a shard with a single image among text samples still trains."""
+    shard = undecodable_shard(tmp_path, "text-only")
+    buf = io.BytesIO()
+    Image.fromarray(make_images(1, 20)[0]).save(buf, format="PNG")
+    with tarfile.open(shard, "a") as tar:
+        info = tarfile.TarInfo("00099.png")
+        info.size = len(buf.getvalue())
+        tar.addfile(info, io.BytesIO(buf.getvalue()))
+    from mimkit.data import WebDatasetStream, pretrain_transform
+    from mimkit.config import load_config
+
+    cfg = load_config(None, TINY_MODEL)
+    stream = WebDatasetStream([str(shard)], pretrain_transform(16, cfg.data), None, seed=0, epoch=0, rank=0, world_size=1)
+    samples = list(itertools.islice(iter(stream), 5))  # the same image, pass after pass
+    assert len(samples) == 5 and all(s["image"].shape == (3, 16, 16) for s in samples)
+    assert samples[0]["skipped"] == 6  # the six text samples before it, counted
