@@ -167,17 +167,22 @@ def verify_checkpoint(path: Path) -> dict:
     if path.is_file():
         return load_checkpoint(path)
     meta = _read_sharded_meta(path)
-    metadata = read_dcp_metadata(path)
+    _check_shard_sizes(path, read_dcp_metadata(path))
+    return meta
+
+
+def _check_shard_sizes(path: Path, metadata) -> None:
+    """Every shard file the metadata names exists and reaches the end of its last entry."""
     sizes: dict[str, int] = {}
     for info in (metadata.storage_data or {}).values():
-        rel = str(getattr(info, "relative_path", ""))
-        end = int(getattr(info, "offset", 0)) + int(getattr(info, "length", 0))
-        sizes[rel] = max(sizes.get(rel, 0), end)
+        sizes[info.relative_path] = max(sizes.get(info.relative_path, 0), info.offset + info.length)
     for rel, end in sizes.items():
         shard = path / rel
-        if not shard.is_file() or shard.stat().st_size < end:
-            raise CheckpointError(f"{path}: shard file {rel} is missing or truncated")
-    return meta
+        if not shard.is_file():
+            raise CheckpointError(f"{path}: shard file {rel} is missing")
+        if shard.stat().st_size < end:
+            raise CheckpointError(f"{path}: shard file {rel} is truncated ({shard.stat().st_size} bytes; its entries "
+                                  f"reach byte {end})")  # fmt: skip
 
 
 def resume_point(out_dir: str | Path, resume: str, key: str = "train.resume") -> tuple[Path | None, dict | None]:
@@ -418,7 +423,7 @@ def save_sharded(folder: Path, model_state: dict, optim_state: dict, meta: dict 
 
 def _dcp_read(folder: Path, state: dict, planner, collective: bool) -> None:
     """DCP's own read loop with the safe reader and planner; every failure becomes a CheckpointError."""
-    read_dcp_metadata(folder)  # refused here with its own message (inside DCP it would be wrapped twice)
+    _check_shard_sizes(folder, read_dcp_metadata(folder))  # refused here with its own message, before any read
     planner._folder = folder
     no_dist = not (collective and dist.is_available() and dist.is_initialized())
     try:

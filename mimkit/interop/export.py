@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import time
 from pathlib import Path
 
 import torch
 
 import mimkit
+from mimkit.checkpoint import atomic_write_bytes, atomic_write_text, current_umask
 from mimkit.config import BEIT_METHODS, Config
 from mimkit.files import InteropError
 from mimkit.interop.common import _read_json, _timm_name, encoder_spec, load_mimkit_checkpoint
@@ -32,7 +35,7 @@ def export_timm(ckpt: str | Path, out: str | Path) -> dict[str, Path]:
     Load with ``timm.create_model("local-dir:OUT", pretrained=True)`` or ``timm.create_model(
     architecture, pretrained=True, pretrained_cfg_overlay=dict(file="OUT/model.safetensors",
     mean=..., std=...), num_classes=0, **model_args)`` (see :func:`timm_create_kwargs`)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     model, cfg, state = load_mimkit_checkpoint(ckpt)
     out = Path(out)
@@ -48,7 +51,8 @@ def export_timm(ckpt: str | Path, out: str | Path) -> dict[str, Path]:
             ckpt, cfg.model.layer_norm_eps, cfg.model.layer_norm_eps)  # fmt: skip
     tensors = {k: v.detach().clone().contiguous() for k, v in enc.state_dict().items()}
     weights = out / "model.safetensors"
-    save_file(tensors, str(weights), metadata={"format": "pt", "producer": f"mimkit {mimkit.__version__}"})
+    data = save(tensors, metadata={"format": "pt", "producer": f"mimkit {mimkit.__version__}"})
+    atomic_write_bytes(weights, lambda f: f.write(data))  # mode 0o666 less the umask (safetensors' own: 0o600)
     mean, std = _data_stats(cfg)
     size = spec["img_size"]
     if cfg.method in BEIT_METHODS:  # timm's Beit: relative position bias, layer scale, no abs. pos-embed
@@ -96,7 +100,7 @@ def export_timm(ckpt: str | Path, out: str | Path) -> dict[str, Path]:
         },
     }
     config_path = out / "config.json"
-    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    atomic_write_text(config_path, json.dumps(config, indent=2) + "\n")
     return {"weights": weights, "config": config_path}
 
 
@@ -199,12 +203,28 @@ def export_hf(ckpt: str | Path, out: str | Path) -> dict[str, Path]:
     MAE's. BEiT / mc-BEiT: ``OUT`` a ``BeitModel`` folder and ``OUT/beit_mim`` a ``BeitForMaskedImageModeling``
     one (:func:`hf_beit_key_map`). safetensors weights, config.json, preprocessor_config.json (mean/std, size)."""
     _require_transformers()
-    from transformers import ViTMAEForPreTraining, ViTModel
-
-
     model, cfg, _ = load_mimkit_checkpoint(ckpt)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    started = time.time_ns()
+    written = _export_hf(model, cfg, ckpt, out)
+    _follow_umask(written.values(), started)
+    return written
+
+
+def _follow_umask(folders, since_ns: int) -> None:
+    """Files written since `since_ns` in the export folders get the mode an ordinary open() gives (0o666 less the
+    umask): transformers saves weights through safetensors, which creates them 0o600."""
+    mode = 0o666 & ~current_umask()
+    for folder in set(folders):
+        for path in Path(folder).iterdir():
+            if path.is_file() and not path.is_symlink() and path.stat().st_mtime_ns >= since_ns - 2_000_000_000:
+                os.chmod(path, mode)
+
+
+def _export_hf(model, cfg: Config, ckpt, out: Path) -> dict[str, Path]:
+    from transformers import ViTMAEForPreTraining, ViTModel
+
     state = model.state_dict()
     written = {}
     if cfg.method in BEIT_METHODS:

@@ -12,6 +12,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
+from mimkit.checkpoint import CheckpointError, load_checkpoint
 from mimkit.config import ConfigError, config_from_dict, load_config
 from mimkit.files import InteropError, is_weights_file, load_weights_file
 from mimkit.interop.beit_import import has_relative_position_bias, import_beit, strip_encoder_prefix
@@ -143,6 +144,8 @@ def read_source(src: str | Path, key: str | None = None) -> tuple[dict[str, torc
                            ".bin file, a .safetensors file, or a Hugging Face / timm model folder")  # fmt: skip
     hints: dict[str, Any] = {}
     notes: list[str] = []
+    if src.is_dir() and (src / "meta.pt").is_file() and (src / ".metadata").is_file():  # a mimkit sharded checkpoint
+        return _mimkit_source(_read_sharded(src), src, key, hints, notes)
     if src.is_dir() and (src / "config.json").is_file() and "architecture" in _read_json(src / "config.json"):
         return _read_timm_folder(src)
     if src.is_dir():
@@ -175,7 +178,19 @@ def read_source(src: str | Path, key: str | None = None) -> tuple[dict[str, torc
         if pre and pre.get("image_mean") and pre.get("image_std"):
             hints["mean"], hints["std"] = pre["image_mean"], pre["image_std"]
         return sd, hints, notes
-    obj = load_weights_file(src)
+    return _mimkit_source(load_weights_file(src), src, key, hints, notes)
+
+
+def _read_sharded(folder: Path) -> dict:
+    """A mimkit sharded (DCP) checkpoint folder, consolidated (read without running code, as every reader does)."""
+    try:
+        return load_checkpoint(folder)
+    except CheckpointError as e:
+        raise InteropError(str(e)) from None
+
+
+def _mimkit_source(obj: Any, src: Path, key: str | None, hints: dict, notes: list[str]):
+    """(state dict, hints, notes) of a loaded file: a mimkit checkpoint brings its recipe as hints."""
     if isinstance(obj, dict) and "config" in obj and "mimkit_version" in obj and key is None:
         try:
             cfg = config_from_dict(obj["config"])
