@@ -19,6 +19,7 @@ from mimkit.errors import MimkitError
 from mimkit.eval import RUNNERS, dump_eval_yaml, load_eval_config
 from mimkit.interop import ImportOptions, export_hf, export_timm, import_checkpoint, timm_usage
 from mimkit.report import build_report
+from mimkit.runs import EXIT_STOPPED, RunStopped
 from mimkit.tokenizer_training import train_tokenizer
 from mimkit.tokenizers import TokenizerError
 from mimkit.train import pretrain
@@ -43,7 +44,11 @@ def _pretrain(args: argparse.Namespace) -> int:
                   "checkpoint written and read back (scratch folder removed)")  # fmt: skip
         mdist.cleanup()
         return 0
-    if mdist.world_from_env()[0] == 0:
+    if mdist.world_from_env()[0] == 0 and result.already_finished:
+        print(f"\nalready finished: {result.out_dir} is at step {result.step}, final loss {result.loss:.4f}; nothing "
+              "was trained (raise train.max_steps, or train.epochs with train.resume_allow=train.epochs, to go on)")
+        print(f"  checkpoint: {result.checkpoint}")
+    elif mdist.world_from_env()[0] == 0:
         print(f"\ndone: step {result.step}, loss {result.loss:.4f}")
         print(f"  checkpoint: {result.checkpoint}")
         print(f"  config:     {result.config}")
@@ -271,7 +276,10 @@ config sections and keys (README "Configuration"; mimkit/config.py documents eac
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mimkit", description="Masked-image-modeling pretraining for timm ViTs.")
+    parser = argparse.ArgumentParser(prog="mimkit", description="Masked-image-modeling pretraining for timm ViTs.",
+                                     epilog="exit status: 0 done; 2 a problem with the input, said in one line; "
+                                     f"{EXIT_STOPPED} stopped by SIGTERM / SIGINT / train.stop_signal after writing a "
+                                     "checkpoint (resumable: run the same command again); 130 interrupted")  # fmt: skip
     parser.add_argument("--version", action="version", version=f"mimkit {mimkit.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("pretrain", help="pretrain an encoder (MAE, EMAE, BootMAE, BEiT, mc-BEiT: method=...); run under "
@@ -302,6 +310,13 @@ def main(argv: list[str] | None = None) -> int:
     except MimkitError as e:  # a problem with the user's files, config or machine: one line, no traceback
         print(f"mimkit: error: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:  # SIGTERM / SIGINT / train.stop_signal: the checkpoint is written, the run resumable
+        print(f"mimkit: {e}", file=sys.stderr)
+        mdist.cleanup()
+        return EXIT_STOPPED
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (those stop gracefully): nothing half-written is kept
+        print("mimkit: interrupted", file=sys.stderr)
+        return 130
     except OSError as e:  # a missing file, a full disk, no permission: name the file
         where = f": {e.filename}" if e.filename else ""
         print(f"mimkit: error: {e.strerror or e}{where}", file=sys.stderr)

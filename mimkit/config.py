@@ -222,6 +222,13 @@ class TrainConfig:
     seed: int = 0
     out_dir: str = "runs/mae"
     resume: str = "auto"  # auto (newest checkpoint in out_dir, if any) | none | path to a checkpoint
+    # keys whose change on resume is meant (e.g. train.epochs to lengthen a run; comma-separated or a list): a resume
+    # that would change anything that alters the trajectory is refused otherwise; the change goes to
+    # config_history.jsonl. Logging, eval cadence, workers, kernels and the device may change freely.
+    resume_allow: tuple[str, ...] | str = ()
+    # besides SIGTERM and SIGINT, the signal that stops the run gracefully (step finished, checkpoint written, exit 75):
+    # SLURM's `--signal=USR1@90`; none = only SIGTERM / SIGINT
+    stop_signal: str = "SIGUSR1"
     save_every_steps: int | None = None  # also save every N optimizer steps (mid-epoch)
     save_every_epochs: int = 1
     keep_last: int = 3
@@ -236,6 +243,19 @@ class TrainConfig:
     knn_data: str | None = None  # labelled .npz / ImageFolder with train and val splits; default data.path
     knn_val_split: str = "test"
     knn_samples: tuple[int, int] = (10000, 2000)  # train / val images used
+
+
+# Keys a resume may change without a word (recorded in config_history.jsonl): where and how fast the same steps run,
+# how often they are logged, checked and saved, and when the run stops. Everything else changes the trajectory.
+TRAJECTORY_FREE = frozenset(
+    {f"train.{k}" for k in ("out_dir", "resume", "resume_allow", "stop_signal", "max_steps", "max_minutes",
+                            "save_every_steps", "save_every_epochs", "keep_last", "log_every", "tensorboard", "progress",
+                            "max_nonfinite_steps", "vis_every_epochs", "vis_images", "knn_every_epochs", "knn_data",
+                            "knn_val_split", "knn_samples", "device", "compile", "attention")}
+    | {f"data.{k}" for k in ("num_workers", "root", "download", "decode")}
+    | {"optim.implementation", "distributed.strategy", "distributed.activation_checkpointing",
+       "distributed.timeout_minutes"}
+)  # fmt: skip
 
 
 @dataclass
@@ -264,6 +284,22 @@ class Config:
 
 
 # ---------------------------------------------------------------- range checks
+
+STOP_SIGNALS = ("USR1", "USR2", "HUP", "QUIT", "XCPU", "PWR")  # train.stop_signal (SIGTERM / SIGINT always stop)
+
+
+def config_keys(cls, prefix: str = "") -> set[str]:
+    """Every dotted key of a config dataclass, e.g. train.epochs."""
+    keys = set()
+    for f in dataclasses.fields(cls):
+        tp = cls.__dataclass_fields__[f.name].type
+        sub = globals().get(tp) if isinstance(tp, str) else tp
+        if dataclasses.is_dataclass(sub):
+            keys |= config_keys(sub, f"{prefix}{f.name}.")
+        else:
+            keys.add(f"{prefix}{f.name}")
+    return keys
+
 
 
 def validate(cfg: Config) -> Config:
@@ -372,6 +408,14 @@ def validate(cfg: Config) -> Config:
     # seed + rank + step, which then stay far inside torch's 64-bit seeds
     require(0 <= t.seed < 2**32, f"train.seed must be an integer in [0, {2**32 - 1}] (numpy's seed range; mimkit derives "
             f"seed * 1000003 + epoch for torch's 64-bit seeds), got {t.seed}")  # fmt: skip
+    allow = t.resume_allow.split(",") if isinstance(t.resume_allow, str) else list(t.resume_allow)
+    t.resume_allow = tuple(k.strip() for k in allow if k.strip())
+    known = config_keys(Config)
+    for key in t.resume_allow:
+        require(key in known, f"train.resume_allow: '{key}' is not a config key (e.g. train.epochs, optim.blr)")
+    require(t.stop_signal.lower() == "none" or t.stop_signal.upper().removeprefix("SIG") in STOP_SIGNALS,
+            f"train.stop_signal: '{t.stop_signal}' is not allowed; allowed: {', '.join(STOP_SIGNALS)} (with or without "
+            "SIG), or none")  # fmt: skip
     require(
         t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
         f"train.device: '{t.device}' is not allowed; allowed: auto, cpu, cuda, cuda:N",

@@ -340,6 +340,30 @@ def die_with_parent(parent_pid: int, _worker_id: int = 0) -> None:
         pass
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
+    ignore_stop_signals_of_others(parent_pid)
+
+
+def ignore_stop_signals_of_others(parent_pid: int) -> None:
+    """A stop signal sent to the whole process group (Ctrl-C, SLURM, `kill -- -PGID`) is the parent's to act on:
+    it finishes its step with this worker's batches, then shuts the worker down. SIGTERM from the parent itself
+    (multiprocessing's terminate) still ends the worker: a thread takes SIGTERM with sigwaitinfo, which names the
+    sender."""
+    import signal
+    import threading
+
+    for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from now on inherit the mask
+
+    def take_sigterm() -> None:
+        while True:
+            info = signal.sigwaitinfo({signal.SIGTERM})
+            if info.si_pid == parent_pid or os.getppid() != parent_pid:
+                os._exit(0)
+
+    threading.Thread(target=take_sigterm, name="sigterm-from-parent", daemon=True).start()
 
 
 def loader_rng_and_workers(seed: int, rank: int = 0, epoch: int = 0) -> dict:

@@ -75,6 +75,7 @@ class RunLog:
     steps: list[dict]  # one record per optimizer step that was logged, ascending
     resumes: list[int]  # the steps runs resumed from
     knn: list[dict]  # k-NN monitor records (step, knn_top1, ...)
+    config_changes: list[tuple[int, dict]] = field(default_factory=list)  # (step, {key: [old, new]}) allowed on resume
 
 
 @dataclass
@@ -107,6 +108,7 @@ def read_metrics(path: Path) -> RunLog:
     by_step: dict[int, dict] = {}
     knn: dict[int, dict] = {}
     resumes: list[int] = []
+    changes: dict[int, dict] = {}
     if not path.is_file():
         raise ReportError(f"{path} does not exist: RUN_DIR must be a pretraining run's train.out_dir")
     for n, line in enumerate(path.read_text().splitlines(), start=1):
@@ -121,11 +123,14 @@ def read_metrics(path: Path) -> RunLog:
             continue
         if rec.get("event") == "resume" and isinstance(rec.get("resumed_step"), int):
             resumes.append(rec["resumed_step"])
+            if isinstance(rec.get("config_changes"), dict) and rec["config_changes"]:
+                changes[rec["resumed_step"]] = rec["config_changes"]
         elif isinstance(rec.get("step"), int) and "knn_top1" in rec:
             knn[rec["step"]] = rec
         elif isinstance(rec.get("step"), int) and "loss" in rec and "event" not in rec:
             by_step[rec["step"]] = rec
-    return RunLog([by_step[s] for s in sorted(by_step)], sorted(set(resumes)), [knn[s] for s in sorted(knn)])
+    return RunLog([by_step[s] for s in sorted(by_step)], sorted(set(resumes)), [knn[s] for s in sorted(knn)],
+                  sorted(changes.items()))
 
 
 def read_config(run_dir: Path):
@@ -247,9 +252,13 @@ def curves_figure(runlog: RunLog, evals: list[EvalRun]) -> bytes:
                if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]  # fmt: skip
         return [p[0] for p in pts], [p[1] for p in pts]
 
+    changed_at = {s for s, _ in runlog.config_changes}
+
     def mark_resumes(ax):
-        for i, s in enumerate(runlog.resumes):
+        for i, s in enumerate(r for r in runlog.resumes if r not in changed_at):
             ax.axvline(s, color="0.4", linestyle="--", linewidth=1, label="resume" if i == 0 else None)
+        for i, (s, _) in enumerate(runlog.config_changes):  # resumed with train.resume_allow: the config changed here
+            ax.axvline(s, color="tab:red", linestyle="-.", linewidth=1.2, label="config change" if i == 0 else None)
 
     ax = flat[0]
     ax.plot(*series("loss"), marker=".", markersize=3, linewidth=1, label="loss")
@@ -461,6 +470,9 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, *, images: 
     out = Path(out) if out else run_dir / "report.html"
     png_path = out.with_suffix(".png")
     last = runlog.steps[-1] if runlog.steps else {}
+    for step, changed in runlog.config_changes:
+        notes.append(f"config changed at step {step} (train.resume_allow): "
+                     + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()))  # fmt: skip
     summary = (f"{cfg.method} · {cfg.model.arch} · {len(runlog.steps)} logged steps"
                + (f", last step {last['step']}, loss {last['loss']:.4f}" if last else "")
                + (f" · resumed at step {', '.join(map(str, runlog.resumes))}" if runlog.resumes else "")

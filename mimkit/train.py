@@ -5,6 +5,8 @@ Launch with `mimkit pretrain CONFIG key=value ...`, under torchrun / srun for se
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import shutil
 import time
@@ -41,14 +43,25 @@ from mimkit.checkpoint import (
     save_sharded,
     set_rng_state,
 )
-from mimkit.config import Config, check_pretrainable, config_from_dict, dump_yaml, load_config, to_dict
+from mimkit.config import (
+    TRAJECTORY_FREE,
+    Config,
+    check_pretrainable,
+    config_from_dict,
+    dump_yaml,
+    load_config,
+    resolved,
+    to_dict,
+)
 from mimkit.engine import StepEngine, TrainingDiverged, adamw_kernel, seed_everything
+from mimkit.errors import MimkitError
 from mimkit.eval import knn_monitor, open_labelled_split
 from mimkit.logs import ensure_logging
 from mimkit.methods import build_model, no_weight_decay_names
 from mimkit.metrics import MetricsLog
 from mimkit.models import compile_blocks, resolve_attention, resolve_compile, set_attention_kernel, transformer_blocks
 from mimkit.pipeline import PretrainData
+from mimkit.runs import GracefulStop, RunFolderBusy, RunLock, RunStopped, check_drift, config_changes, record_segment
 from mimkit.schedules import lr_at, schedule_length
 from mimkit.visualize import log_reconstruction_grid, preview_images
 
@@ -65,6 +78,7 @@ class RunResult:
     loss: float
     nonfinite_steps: int
     skipped_images: int
+    already_finished: bool = False  # the folder held a finished run: nothing was trained, its result is returned
 
 
 def find_resume(cfg) -> tuple[Path | None, dict | None]:
@@ -108,16 +122,52 @@ def questionable_settings(cfg: Config, peak_lr: float, steps_per_epoch: int) -> 
         source = f"optim.lr {o.lr:g}" if o.lr is not None else f"optim.blr {o.blr:g} x effective batch / 256"
         notes.append(f"peak lr {peak_lr:.3g} ({source}) is implausibly high for AdamW on a ViT (MAE: blr 1.5e-4, "
                      "lr 2.4e-3 at batch 4096); expect divergence")  # fmt: skip
-    epochs = schedule_length(cfg.train, steps_per_epoch) / steps_per_epoch
-    if o.warmup_epochs >= epochs:
+    total = schedule_length(cfg.train, steps_per_epoch)
+    epochs = total / steps_per_epoch
+    highest = lr_at(total - 1, steps_per_epoch, cfg, peak_lr)  # in warmup to the end: the last step's lr is the highest
+    if o.warmup_epochs >= epochs and highest < 0.99 * peak_lr:
         notes.append(f"optim.warmup_epochs {o.warmup_epochs:g} >= the run's {epochs:g} epochs: the lr never reaches "
-                     f"its peak {peak_lr:.3g} (it ends at {peak_lr * epochs / o.warmup_epochs:.3g})")  # fmt: skip
+                     f"its peak {peak_lr:.3g} (the highest it gets is {highest:.3g}, at the last step)")  # fmt: skip
     return notes
 
 
+def saved_config(data: dict | None) -> dict:
+    """A checkpoint's config, resolved as this version resolves it (earlier versions saved null for the values
+    taken from the model.arch preset); as written when it no longer validates."""
+    if not isinstance(data, dict):
+        return {}
+    try:
+        return to_dict(resolved(config_from_dict(data)))
+    except MimkitError:
+        return data
+
+
+def finished_loss(out_dir: Path, state: dict, step: int) -> float:
+    """The final loss of a finished run: from its checkpoint (mimkit >= 0.5) or its metrics log."""
+    if isinstance(state.get("loss"), float):
+        return state["loss"]
+    try:
+        for line in reversed((out_dir / "metrics.jsonl").read_text().splitlines()):
+            record = json.loads(line)
+            if record.get("step") == step and isinstance(record.get("loss"), (int, float)):
+                return float(record["loss"])
+    except (OSError, ValueError):
+        pass
+    return float("nan")
+
+
 def pretrain(cfg: Config) -> RunResult:
+    """Pretrain per `cfg`, resuming from train.out_dir per train.resume. Raises RunStopped (after writing a
+    checkpoint) when SIGTERM, SIGINT or train.stop_signal arrives, and RunFolderBusy when another process
+    writes the folder."""
     ensure_logging()
     check_pretrainable(cfg)
+    with contextlib.ExitStack() as cleanup:
+        return _pretrain(cfg, cleanup)
+
+
+def _pretrain(cfg: Config, cleanup: contextlib.ExitStack) -> RunResult:
+    stop = cleanup.enter_context(GracefulStop(cfg.train.stop_signal))
     # ---- setup: processes, model, data (checked before any compute)
     dist = mdist.init_distributed(cfg.train.device, cfg.distributed.timeout_minutes)
     device, t = dist.device, cfg.train
@@ -162,11 +212,34 @@ def pretrain(cfg: Config) -> RunResult:
                         clip_grad=cfg.optim.clip_grad, fsdp=fsdp, max_nonfinite_steps=t.max_nonfinite_steps,
                         name="pretrain", hint="Try a lower optim.blr, optim.clip_grad, or train.precision=bf16/fp32.")
 
+    # ---- one writer per run folder (rank 0 holds the lock; every rank learns whether it got it)
+    busy = None
+    if dist.is_main:
+        try:
+            cleanup.enter_context(RunLock(out_dir))
+        except RunFolderBusy as e:
+            busy = str(e)
+    busy = next((b for b in mdist.all_gather_objects(busy) if b), None)
+    if busy:
+        raise RunFolderBusy(busy)
+
     # ---- resume: model, optimizer, scaler, step (which fixes epoch, data position and lr), RNG
     step, skipped_total = 0, 0
     resume_from, state = find_resume(cfg)
+    changes, allowed = {}, {}
     if resume_from is not None:
+        # the folder is the truth: a change that alters the trajectory is refused unless named
+        changes = config_changes(saved_config(state.get("config")), to_dict(resolved(cfg)))
+        allowed = check_drift(changes, TRAJECTORY_FREE, set(t.resume_allow), resume_from)
         check_resumable(resume_from, state, model, cfg.method)
+        if state["step"] >= last_step:
+            loss = finished_loss(out_dir, state, state["step"])
+            if dist.is_main:
+                log.info("%s is a finished run: step %d of %d, final loss %.4f, checkpoint %s (nothing to do; raise "
+                         "train.max_steps or, with train.resume_allow=train.epochs, train.epochs to train on)",
+                         out_dir, state["step"], last_step, loss, resume_from)  # fmt: skip
+            return RunResult(out_dir, resume_from, out_dir / "config.yaml", out_dir / "metrics.jsonl", state["step"],
+                             loss, state["nonfinite_steps"], state["skipped_images"], already_finished=True)  # fmt: skip
         if resume_from.is_dir():  # sharded (fsdp) checkpoint: every rank reads its part, resharded to this world
             model_state, optim_state = get_state_dict(model, optimizer)
             load_sharded_into(resume_from, model_state, optim_state)
@@ -199,7 +272,9 @@ def pretrain(cfg: Config) -> RunResult:
         out_dir.mkdir(parents=True, exist_ok=True)
         for stale in out_dir.glob(".checkpoint-*.tmp"):  # left by a kill during a checkpoint write
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
-        atomic_write_text(out_dir / "config.yaml", dump_yaml(cfg))
+        atomic_write_text(out_dir / "config.yaml", dump_yaml(resolved(cfg)))
+        record_segment(out_dir, step, changes, allowed, resume_from)
+        log.info("writing %s", out_dir.resolve())
         log.info(
             "mimkit %s | %s %s | %d processes on %s | effective batch %d (%d x %d x accum %d) | peak lr %.3g | "
             "%d steps/epoch, %d steps total | precision %s, %s attention%s%s",
@@ -209,6 +284,9 @@ def pretrain(cfg: Config) -> RunResult:
         )  # fmt: skip
         if resume_from is not None:
             log.info("resumed from %s at step %d", resume_from, step)
+            for key, (old, new) in changes.items():
+                log.info("config change at step %d%s: %s %s -> %s", step, " (train.resume_allow)" if key in allowed
+                         else "", key, old, new)  # fmt: skip
         for note in questionable_settings(cfg, peak_lr, steps_per_epoch):
             log.warning("%s", note)
     # records past the starting step belong to an attempt that left no checkpoint after them: they are run again
@@ -217,7 +295,8 @@ def pretrain(cfg: Config) -> RunResult:
     if metrics.tb is not None and t.vis_every_epochs and getattr(data, "dataset", None) is not None and model.PREDICTS_PIXELS:
         vis_images = preview_images(data.dataset.source, model.encoder.patch_embed.img_size[0], t.vis_images)
     if resume_from is not None:
-        metrics.write({"event": "resume", "from": str(resume_from), "resumed_step": step})
+        metrics.write({"event": "resume", "from": str(resume_from), "resumed_step": step,
+                       **({"config_changes": {k: [a, b] for k, (a, b) in allowed.items()}} if allowed else {})})
 
     def save(step: int) -> Path | None:
         rng = mdist.all_gather_objects(rng_state())
@@ -229,9 +308,10 @@ def pretrain(cfg: Config) -> RunResult:
             "nonfinite_steps": engine.nonfinite_total,
             "skipped_images": skipped_total,
             "rng": rng,
-            "config": to_dict(cfg),
+            "config": to_dict(resolved(cfg)),
             "mimkit_version": mimkit.__version__,
             "method": cfg.method,
+            "loss": loss_value,  # the last step's: what a finished run, started again, reports
         }
         path = checkpoint_path(out_dir, step, sharded=fsdp)
         try:
@@ -281,7 +361,7 @@ def pretrain(cfg: Config) -> RunResult:
 
             def out_of_time_and_skipped() -> list[float]:
                 out_of_time = t.max_minutes is not None and time.perf_counter() - run_start > 60 * t.max_minutes
-                return [float(skipped), float(out_of_time)]
+                return [float(skipped), float(out_of_time), stop.flag()]
 
             try:
                 result = engine.step(step, forward, out_of_time_and_skipped, on_update=lambda: model.after_step(step))
@@ -295,6 +375,7 @@ def pretrain(cfg: Config) -> RunResult:
             window_steps += 1
 
             done = step + 1
+            stopping = result.extras[2] > 0 and done < last_step  # a stop signal reached some rank: all stop here
             if result.extras[1] > 0 and done < last_step:  # train.max_minutes reached (on any rank): stop here
                 last_step = done
                 if progress is not None:
@@ -322,8 +403,10 @@ def pretrain(cfg: Config) -> RunResult:
             periodic = (t.save_every_steps and done % t.save_every_steps == 0) or (
                 end_of_epoch and (done // steps_per_epoch) % t.save_every_epochs == 0
             )
-            if (periodic and engine.consecutive_nonfinite == 0) or done == last_step:
+            if (periodic and engine.consecutive_nonfinite == 0) or done == last_step or stopping:
                 engine.last_checkpoint = save(done) or engine.last_checkpoint
+            if stopping:
+                raise _stopped(stop, done, engine.last_checkpoint, out_dir, metrics, progress)
             if knn_sources is not None and end_of_epoch and (done // steps_per_epoch) % t.knn_every_epochs == 0:
                 if fsdp:
                     model.unshard()  # the root's own parameters (embeddings, norm) are sharded
@@ -349,9 +432,26 @@ def pretrain(cfg: Config) -> RunResult:
                      engine.nonfinite_total, skipped_total)  # fmt: skip
 
 
+def _stopped(stop: GracefulStop, done: int, checkpoint: Path | None, out_dir: Path, metrics: MetricsLog,
+             progress) -> RunStopped:
+    """Close the logs of a run stopped by a signal (its checkpoint at `done` is written) and say so in one line."""
+    if progress is not None:
+        progress.close()
+    signal_name = stop.requested or "a signal on another process"
+    metrics.write({"event": "stopped", "step": done, "signal": signal_name, "checkpoint": str(checkpoint)})
+    metrics.close()
+    mdist.barrier()
+    message = (f"stopped by {signal_name} at step {done}; checkpoint {checkpoint or '(written by every rank)'}; run the "
+               f"same command to resume {out_dir} exactly")  # fmt: skip
+    log.warning("%s", message)
+    return RunStopped(message, signal_name=signal_name, step=done, checkpoint=checkpoint)
+
+
 def run(config_path: str | None = None, overrides: list[str] | None = None, **sections) -> RunResult:
     """Python entry point: `mimkit.run("configs/quickstart.yaml", ["train.epochs=1"])`, the same as
-    `mimkit.pretrain(mimkit.load_config("configs/quickstart.yaml", ["train.epochs=1"]))`."""
+    `mimkit.pretrain(mimkit.load_config("configs/quickstart.yaml", ["train.epochs=1"]))`. It writes into the
+    recipe's train.out_dir (the quickstart's: runs/quickstart, the folder the CLI uses too) unless you pass
+    `train.out_dir=...`; a folder that holds a run of another config is refused, a finished one returned."""
     return pretrain(load_config(config_path, overrides, **sections))
 
 

@@ -8,6 +8,7 @@ rank-aware, one seed per sample), cached features are read weights-only, process
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import random
@@ -38,6 +39,7 @@ from mimkit.datasets import open_torchvision
 from mimkit.engine import autocast_context, seed_everything
 from mimkit.eval.encoders import encoder_features, feature_dim
 from mimkit.metrics import MetricsLog
+from mimkit.runs import GracefulStop, RunLock, RunStopped
 
 log = logging.getLogger("mimkit")
 
@@ -267,6 +269,16 @@ def extract_features(encoder: VisionTransformer, dataset: Dataset, *, indices: l
 
         bar = tqdm(total=len(positions), initial=done, desc=desc, unit="img", dynamic_ncols=True)
     for i, (imgs, y) in enumerate(loader, start=1):
+        signalled = GracefulStop.requested_now()
+        if signalled is not None and done < len(positions):
+            if partial is not None and feats:
+                save_checkpoint(partial, {"meta": meta, "batch_size": batch_size, "done": done,
+                                          "features": torch.cat(feats), "labels": torch.cat(labels)})  # fmt: skip
+            if bar is not None:
+                bar.close()
+            kept = f"; {done} of {len(positions)} images kept in {partial}" if partial is not None else ""
+            raise RunStopped(f"stopped by {signalled} during feature extraction{kept}; run the same command to go on",
+                             signal_name=signalled, step=0, checkpoint=partial)  # fmt: skip
         with autocast_context(device, precision):
             f = encoder_features(encoder, imgs.to(device, non_blocking=True), indices, pool)
         feats.append(f.cpu())
@@ -332,6 +344,27 @@ def resume_eval_run(train, command: str, setting: dict[str, Any]) -> tuple[Path 
     return resume_from, state
 
 
+def guarded(run_command):
+    """An evaluation command (`run_knn(cfg)`, ...) with one writer per output folder (rank 0 holds its lock) and a
+    graceful stop: SIGTERM / SIGINT / SIGUSR1 finish the step, write a checkpoint and raise RunStopped."""
+
+    @functools.wraps(run_command)
+    def run(cfg):
+        section, key = (cfg.train, "train.out_dir") if hasattr(cfg, "train") else (cfg.run, "run.out_dir")
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(GracefulStop())
+            if mdist.world_from_env()[0] == 0:
+                stack.enter_context(RunLock(section.out_dir, key=key))
+            return run_command(cfg)
+
+    return run
+
+
+def stop_flag() -> float:
+    """1.0 once a stop signal arrived: an extra sum of the step's all-reduce, so every process stops together."""
+    return float(GracefulStop.requested_now() is not None)
+
+
 class RunBookkeeping:
     """What the fine-tuning and probing loops do after each optimizer step: a metrics record every
     `train.log_every` steps (and the progress bar), an evaluation every `train.eval_every_epochs` epochs, a
@@ -350,8 +383,10 @@ class RunBookkeeping:
 
             self.progress = tqdm(total=last_step, initial=step, desc=command, unit="step", dynamic_ncols=True)
 
-    def after_step(self, done: int, loss: float, lr: float, extra: dict | None = None) -> None:
+    def after_step(self, done: int, loss: float, lr: float, extra: dict | None = None, stop: float = 0.0) -> None:
+        """`stop`: the summed stop flag of this step (see stop_flag): write a checkpoint and raise RunStopped."""
         t, spe = self.t, self.steps_per_epoch
+        stopping = stop > 0 and done < self.last_step
         self.window_steps += 1
         if done % t.log_every == 0 or done == self.last_step:
             img_s = self.window_steps * self.effective_batch / max(time.perf_counter() - self.window_start, 1e-9)
@@ -372,8 +407,17 @@ class RunBookkeeping:
         periodic = (t.save_every_steps and done % t.save_every_steps == 0) or (
             end_of_epoch and (done // spe) % t.save_every_epochs == 0
         )
-        if (periodic and self.engine.consecutive_nonfinite == 0) or done == self.last_step:
+        if (periodic and self.engine.consecutive_nonfinite == 0) or done == self.last_step or stopping:
             self.engine.last_checkpoint = self.save(done) or self.engine.last_checkpoint
+        if stopping:
+            name = GracefulStop.requested_now() or "a signal on another process"
+            self.metrics.write({"event": "stopped", "step": done, "signal": name})
+            self.close()
+            mdist.barrier()
+            message = (f"stopped by {name} at step {done}; checkpoint {self.engine.last_checkpoint or '(rank 0 wrote it)'}; "
+                       f"run the same command to resume {self.metrics.path.parent} exactly")  # fmt: skip
+            log.warning("%s", message)
+            raise RunStopped(message, signal_name=name, step=done, checkpoint=self.engine.last_checkpoint)
 
     def close(self) -> None:
         if self.progress is not None:

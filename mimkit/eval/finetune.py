@@ -47,10 +47,12 @@ from mimkit.eval.common import (
     RunBookkeeping,
     eval_loader,
     eval_transform,
+    guarded,
     machine_description,
     resume_eval_run,
     save_eval_checkpoint,
     start_eval_run,
+    stop_flag,
     topk_correct,
     write_final_metrics,
 )
@@ -180,6 +182,7 @@ def evaluate_classifier(model: nn.Module, loader: DataLoader, device: torch.devi
 # ---------------------------------------------------------------- mimkit finetune
 
 
+@guarded
 def run_finetune(cfg: FinetuneConfig) -> EvalResult:
     # ---- setup: processes, data (checked first), model with the pretrained encoder
     t, o, a = cfg.train, cfg.optim, cfg.aug
@@ -302,7 +305,8 @@ def run_finetune(cfg: FinetuneConfig) -> EvalResult:
                 return criterion(train_model(imgs).float(), y), {}
 
             try:
-                result = engine.step(step, forward, on_update=(lambda: ema.update(model)) if ema is not None else None)
+                result = engine.step(step, forward, lambda: [stop_flag()],
+                                     on_update=(lambda: ema.update(model)) if ema is not None else None)
             except TrainingDiverged:
                 books.close()
                 raise
@@ -310,7 +314,7 @@ def run_finetune(cfg: FinetuneConfig) -> EvalResult:
             extra = {"nonfinite_steps": engine.nonfinite_total}
             if result.grad_norm is not None:
                 extra["grad_norm"] = result.grad_norm
-            books.after_step(done, result.loss, lr, extra)
+            books.after_step(done, result.loss, lr, extra, stop=result.extras[0])
         step = done
     books.close()
 

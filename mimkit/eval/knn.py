@@ -26,6 +26,7 @@ from mimkit.eval.common import (
     eval_transform,
     extract_features,
     frozen,
+    guarded,
     machine_description,
     start_eval_run,
     subset,
@@ -121,6 +122,7 @@ def knn_monitor(
 # ---------------------------------------------------------------- mimkit knn
 
 
+@guarded
 def run_knn(cfg: KnnConfig) -> EvalResult:
     """Extract (or reuse) train and val features, vote, write metrics. Resuming = the feature caches in
     run.out_dir: finished ones are reused, an interrupted extraction continues where it stopped."""

@@ -41,11 +41,13 @@ from mimkit.eval.common import (
     eval_transform,
     extract_features,
     frozen,
+    guarded,
     machine_description,
     probe_train_transform,
     resume_eval_run,
     save_eval_checkpoint,
     start_eval_run,
+    stop_flag,
     topk_correct,
     write_final_metrics,
 )
@@ -104,6 +106,7 @@ def probe_accuracy(heads: nn.Module, feats: torch.Tensor, labels: torch.Tensor, 
     return [{"top1": 100.0 * int(a) / n, "top5": 100.0 * int(b) / n} for a, b in hits.tolist()]
 
 
+@guarded
 def run_linprobe(cfg: LinprobeConfig) -> EvalResult:
     # ---- setup: processes, data (checked first), frozen encoder, heads
     t, o, p = cfg.train, cfg.optim, cfg.probe
@@ -237,12 +240,12 @@ def run_linprobe(cfg: LinprobeConfig) -> EvalResult:
                 return sum(F.cross_entropy(logits[:, h], y) for h in range(logits.shape[1])), {}
 
             try:
-                result = engine.step(step, forward)
+                result = engine.step(step, forward, lambda: [stop_flag()])
             except TrainingDiverged:
                 books.close()
                 raise
             done = step + 1
-            books.after_step(done, result.loss / len(blocks), lr)  # logged: the mean loss over the heads
+            books.after_step(done, result.loss / len(blocks), lr, stop=result.extras[0])  # logged: the mean loss over the heads
         step = done
     books.close()
 
