@@ -84,7 +84,9 @@ def test_train_resume_on_an_unusable_checkpoint(run_args, finished, tmp_path, ca
 
 def test_resume_with_another_batch_layout(run_args, finished, capsys):
     assert main(run_args("train.max_steps=4", "train.batch_size=4")) == 2
-    assert "cannot resume" in one_error_line(capsys)
+    line = one_error_line(capsys)
+    assert "checkpoint-00000002.pt" in line
+    assert "cannot resume" in line or "would change how it trains: train.batch_size 8 -> 4" in line, line
 
 
 def test_no_readable_image_in_the_data_source(tmp_path, capsys):
@@ -181,3 +183,118 @@ def test_a_full_disk_elsewhere_names_the_file(run_args, tmp_path, capsys, monkey
     assert main(run_args("train.max_steps=1")) == 2
     line = one_error_line(capsys)
     assert "No space left on device" in line and "config.yaml" in line
+
+
+# ---------------------------------------------------------------- files that are not checkpoints: one line each
+
+FIFTEEN_BYTES = {  # what a copy cut short after 15 bytes, or a wrong file, starts with
+    "zip head": b"PK\x03\x04\x00\x00\x08\x08\x00\x00\x00\x00\x00\x00\x00",  # torch.save's archive
+    "legacy head": b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19.",  # torch's legacy format: struct.error inside
+    "random": bytes(range(200, 215)),
+}
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "i.png"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(path)
+    return path
+
+
+def tool_argv(command, ckpt, tmp_path, image, npz_data):
+    labelled = tmp_path / "labelled.npz"
+    if command == "knn":
+        from conftest import make_images
+
+        np.savez(labelled, x_train=make_images(16), y_train=np.arange(16) % 4, x_test=make_images(8, seed=1),
+                 y_test=np.arange(8) % 4)  # fmt: skip
+    return {"visualize": ["visualize", str(ckpt), str(image), "--out", str(tmp_path / "v")],
+            "export": ["export", str(ckpt), "--to", "timm", str(tmp_path / "e")],
+            "attention": ["attention", str(ckpt), str(image)],
+            "import": ["import", str(ckpt), str(tmp_path / "imported.pt")],
+            "knn": ["knn", f"encoder.checkpoint={ckpt}", f"data.path={labelled}", "data.num_workers=0",
+                    f"run.out_dir={tmp_path / 'knn'}"],
+            "pretrain resume": ["pretrain", *TINY_MODEL, f"data.path={npz_data}", "data.num_workers=0",
+                                "train.progress=false", "train.tensorboard=false", f"train.resume={ckpt}",
+                                f"train.out_dir={tmp_path / 'run'}"]}[command]  # fmt: skip
+
+
+@pytest.mark.parametrize("head", list(FIFTEEN_BYTES))
+@pytest.mark.parametrize("command", ["import", "export", "visualize", "attention", "knn", "pretrain resume"])
+def test_a_15_byte_checkpoint(tmp_path, capsys, image, npz_data, command, head):
+    ckpt = tmp_path / "checkpoint-00000001.pt"
+    ckpt.write_bytes(FIFTEEN_BYTES[head])
+    assert main(tool_argv(command, ckpt, tmp_path, image, npz_data)) == 2
+    line = one_error_line(capsys)
+    assert "checkpoint-00000001.pt" in line, line
+    assert ("not a weights file" if command == "import" and head == "random" else "cannot read") in line, line
+    with pytest.raises(checkpoint_module.CheckpointError, match=r"checkpoint-00000001\.pt: cannot read checkpoint"):
+        load_checkpoint(ckpt)
+
+
+def test_auto_resume_passes_over_a_15_byte_newest_checkpoint(run_args, finished, capsys, caplog):
+    run = finished.parent
+    (run / "checkpoint-00000004.pt").write_bytes(FIFTEEN_BYTES["legacy head"])
+    assert main(run_args("train.max_steps=4")) == 0
+    assert any("skipping an unreadable checkpoint" in r.message and "checkpoint-00000004.pt" in r.message
+               for r in caplog.records)  # fmt: skip
+    assert load_checkpoint(run / "checkpoint-00000004.pt")["step"] == 4  # resumed from step 2, saved over it
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("passwd", b"root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1::/usr/sbin:/usr/sbin/nologin\n", "not a weights file"),
+    ("weights.pth", b"\xff\xfe\x00\x81garbage", "not a weights file"),
+    ("weights.pth", b"\x80\x02c\xff\xfe\xfd\nsystem\n(S'x'\ntR.", "cannot read as a PyTorch checkpoint"),  # non-UTF-8
+    ("config.json", b'{"model_type": "vit_mae"}\n', "not a weights file (a JSON file"),
+    ("recipe.yaml", b"model:\n  arch: vit_base_patch16_224\n", "not a weights file (a YAML file"),
+    ("empty.pt", b"", "the file is empty"),
+])  # fmt: skip
+def test_import_of_a_file_that_is_not_weights(tmp_path, capsys, name, content, expected):
+    src = tmp_path / name
+    src.write_bytes(content)
+    assert main(["import", str(src), str(tmp_path / "out.pt")]) == 2
+    line = one_error_line(capsys)
+    assert expected in line and str(src) in line, line
+    assert "pickles Python objects" not in line
+    if "not a weights file" in expected:
+        assert ".pth / .pt / .bin" in line and ".safetensors" in line and "Hugging Face / timm model folder" in line
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_import_of_etc_passwd(tmp_path, capsys):
+    if not os.path.isfile("/etc/passwd"):
+        pytest.skip("no /etc/passwd here")
+    assert main(["import", "/etc/passwd", str(tmp_path / "out.pt")]) == 2
+    assert "/etc/passwd: not a weights file" in one_error_line(capsys)
+
+
+def test_dcp_metadata_holding_an_empty_dict(tmp_path, capsys):
+    import pickle
+
+    folder = tmp_path / "checkpoint-00000001"
+    folder.mkdir()
+    (folder / ".metadata").write_bytes(pickle.dumps({}))
+    torch.save({"step": 1}, folder / "meta.pt")
+    with pytest.raises(checkpoint_module.CheckpointError, match=r"\.metadata: not DCP metadata \(it holds a dict"):
+        load_checkpoint(folder)
+    assert main(["export", str(folder), "--to", "timm", str(tmp_path / "e")]) == 2
+    assert ".metadata: not DCP metadata" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("seed", ["9223372036854775807", "1e23", "1.0e+23", "-1", "4294967296",
+                                  "100000000000000000000000"])  # fmt: skip
+def test_a_seed_out_of_range(run_args, capsys, seed):
+    assert main(run_args("train.max_steps=1", f"train.seed={seed}")) == 2
+    line = one_error_line(capsys)
+    assert "train.seed" in line
+    if seed not in ("1e23", "1.0e+23"):  # those are no integer at all (YAML reads the first as a string)
+        assert "[0, 4294967295]" in line, line
+    from mimkit.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="train.seed"):
+        load_config(None, [f"train.seed={seed}"])
+
+
+def test_the_largest_seed_allowed_trains(run_args, capsys):
+    """The bound is one the code meets: torch, numpy and the samplers' derived seeds all take it."""
+    assert main(run_args("train.max_steps=1", "train.seed=4294967295")) == 0

@@ -132,7 +132,7 @@ def test_resume_under_torchrun_refuses_the_crafted_folder_on_every_rank(genuine,
     run = tmp_path / "run"
     run.mkdir()
     crafted_folder(genuine, run, marker, "optimizer")
-    argv = TINY_MODEL + [f"data.path={genuine['data']}", "data.num_workers=0", "train.batch_size=4",
+    argv = TINY_MODEL + [f"data.path={genuine['data']}", "data.num_workers=0", "train.batch_size=8",
                          "train.precision=fp32", "train.progress=false", "train.tensorboard=false",
                          "train.max_steps=4", "distributed.strategy=fsdp", f"train.out_dir={run}"]  # fmt: skip
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
