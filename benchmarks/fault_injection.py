@@ -1,15 +1,21 @@
 """Kill a pretraining run with SIGKILL R times, at random moments and in the middle of checkpoint writes,
 resume it each time, and compare its final state with an uninterrupted run's, bit for bit: parameters,
 optimizer state and the saved RNG states (stochastic depth is on, so a shifted RNG stream would show).
-Then fill a small tmpfs during a checkpoint write: the run must stop with one clear line and leave the
-previous checkpoint loadable.
+Then stop it with SIGTERM S times (the graceful stop: the step finishes, a checkpoint is written, exit 75),
+at random moments, during checkpoint writes and sent to the whole process group (DataLoader workers
+included, as SLURM and Ctrl-C do), and the same for a 2-process FSDP run under torchrun (sharded
+checkpoints); resume a stopped 2-process run in one process (another world size); resume with a changed
+config (refused); start two writers on one folder (one refused). Then fill a small tmpfs during a
+checkpoint write: the run must stop with one clear line and leave the previous checkpoint loadable.
 
-    python benchmarks/fault_injection.py --kills 20 [--steps 60] [--seed 0] [--drop-path 0.1] [--no-full-disk]
+    python benchmarks/fault_injection.py --kills 20 --sigterms 20 [--fsdp-sigterms 4] [--steps 60] [--seed 0]
+                                         [--drop-path 0.1] [--no-full-disk] [--no-fsdp]
 
-Prints one line per kill (when, what was on disk, whether every checkpoint was readable, how long the
-killed run's DataLoader workers outlived it) and a summary table. Exit code 0 only if nothing was lost:
-final state identical, no checkpoint unreadable, one metrics record per step, and the full-disk run ended
-as described. The full-disk part mounts a tmpfs and needs root (it says so and fails otherwise).
+Prints one line per kill / stop (when, what was on disk, whether every checkpoint was readable) and a
+summary table. Exit code 0 only if nothing was lost: final states identical, no checkpoint unreadable,
+every graceful stop exited 75 with a checkpoint of the step it stopped at, one metrics record per step,
+the changed config and the second writer refused in one line, and the full-disk run ended as described.
+The full-disk part mounts a tmpfs and needs root (it says so and fails otherwise).
 """
 
 from __future__ import annotations
@@ -121,9 +127,174 @@ def full_disk_run(data: Path, work: Path, steps: int, drop_path: float, checkpoi
         subprocess.run(["umount", str(mount)], capture_output=True)
 
 
-def launch(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "mimkit.cli", "pretrain", *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+def launch(args: list[str], new_session: bool = False) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "mimkit.cli", "pretrain", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=new_session)  # fmt: skip
+
+
+def torchrun(args: list[str], nproc: int = 2) -> subprocess.Popen:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+           f"--master_port={port}", "-m", "mimkit.cli", "pretrain", *args]  # fmt: skip
+    return subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)  # fmt: skip
+
+
+def wait_for(proc: subprocess.Popen, out: Path, rng: random.Random, mode: str) -> None:
+    """Wait until the run has made progress (a new checkpoint) and then a random while, or until the temporary
+    file of a checkpoint write appears."""
+    start_step = newest_step(out)
+    if "write" in mode:
+        while proc.poll() is None and not list(out.glob(".checkpoint-*.tmp")):
+            time.sleep(0.0005)
+        time.sleep(rng.uniform(0.0, 0.01))
+    elif "group" in mode or mode == "random step":  # after the next logged step, at a random time
+        first = logged_step(out)
+        while proc.poll() is None and logged_step(out) <= first:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.5))
+    else:
+        while proc.poll() is None and newest_step(out) <= start_step:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 1.5))
+
+
+def logged_step(out: Path) -> int:
+    try:
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return 0
+    return max([json.loads(x).get("step", 0) for x in lines if x.endswith("}")] or [0])
+
+
+def sigterm_rounds(data: Path, out: Path, steps: int, drop_path: float, stops: int, rng: random.Random) -> dict:
+    """SIGTERM the run `stops` times (to the process, during checkpoint writes, to its process group), relaunch it
+    each time, and let the last launch finish. A stop must exit 75 and leave the checkpoint of the step it
+    stopped at as the newest (and readable) one."""
+    res = {"stops": 0, "mid_write": 0, "group": 0, "launches": 0, "bad_exits": 0, "unreadable": 0, "not_at_stop": 0}
+    modes = ["random step", "during checkpoint write", "random step, process group"]
+    while True:
+        res["launches"] += 1
+        mode = modes[res["stops"] % len(modes)]
+        proc = launch(overrides(data, out, steps, drop_path), new_session=True)
+        if res["stops"] >= stops:
+            _, err = proc.communicate()
+            res["final_exit"] = proc.returncode
+            if proc.returncode:
+                print(err.decode()[-3000:])
+            return res
+        wait_for(proc, out, rng, mode)
+        if proc.poll() is not None:  # finished before the signal: nothing to count
+            res["final_exit"] = proc.returncode
+            return res
+        tmp_present = bool(list(out.glob(".checkpoint-*.tmp")))
+        if "group" in mode:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate()
+        last = err.decode().strip().splitlines()[-1] if err.strip() else ""
+        res["stops"] += 1
+        res["mid_write"] += tmp_present
+        res["group"] += "group" in mode
+        stopped_at = int(last.split(" at step ")[1].split(";")[0]) if " at step " in last else None
+        ok, bad = all_readable(out)
+        res["unreadable"] += bad
+        if proc.returncode != 75 or not last.startswith("mimkit: stopped by SIGTERM"):
+            res["bad_exits"] += 1
+        if stopped_at is None or newest_step(out) != stopped_at:
+            res["not_at_stop"] += 1
+        print(f"stop {res['stops']:2d} ({mode}): exit {proc.returncode}, stopped at step {stopped_at}, newest checkpoint "
+              f"step {newest_step(out)}, temp file present at the signal: {tmp_present}, checkpoints readable "
+              f"{ok}/{ok + bad}")  # fmt: skip
+
+
+def fsdp_overrides(data: Path, out: Path, steps: int, drop_path: float, processes: int = 2) -> list[str]:
+    args = overrides(data, out, steps, drop_path)
+    batch = 16 // processes  # the same global batch (and steps per epoch) on any number of processes
+    return [a for a in args if not a.startswith(("train.batch_size", "data.num_workers"))] + [
+        f"train.batch_size={batch}", "data.num_workers=0", "distributed.strategy=fsdp"]  # fmt: skip
+
+
+def fsdp_rounds(data: Path, work: Path, steps: int, drop_path: float, stops: int, rng: random.Random) -> dict:
+    """A 2-process FSDP run (torchrun, gloo) stopped `stops` times by SIGTERM to one or both ranks, resumed
+    each time; then a stopped copy resumed in one process."""
+    ref = torchrun(fsdp_overrides(data, work / "fsdp-reference", steps, drop_path))
+    _, err = ref.communicate()
+    if ref.returncode:
+        print(err.decode()[-3000:])
+        return {"failed": True}
+    out = work / "fsdp"
+    res = {"stops": 0, "launches": 0, "bad_stops": 0, "unreadable": 0, "one_process": None}
+    while True:
+        res["launches"] += 1
+        proc = torchrun(fsdp_overrides(data, out, steps, drop_path))
+        if res["stops"] >= stops:
+            _, err = proc.communicate()
+            res["final_exit"] = proc.returncode
+            if proc.returncode:
+                print(err.decode()[-3000:])
+            break
+        wait_for(proc, out, rng, "during checkpoint write" if res["stops"] % 2 else "random moment")
+        if proc.poll() is not None:
+            res["final_exit"] = proc.returncode
+            break
+        ranks = sorted(children(proc.pid))
+        targets = ranks if res["stops"] % 2 == 0 else ranks[-1:]  # both ranks, or one (the all-reduce tells the other)
+        for pid in targets:
+            os.kill(pid, signal.SIGTERM)
+        _, err = proc.communicate()
+        text = err.decode()
+        res["stops"] += 1
+        stopped = text.count("mimkit: stopped by ")
+        ok, bad = all_readable(out)
+        res["unreadable"] += bad
+        if stopped != 2 or " at step " not in text:  # every rank stops, at one step, with a checkpoint
+            res["bad_stops"] += 1
+        newest = list_checkpoints(out)[-1] if list_checkpoints(out) else None
+        if res["stops"] == 1 and newest is not None:
+            shutil.copytree(newest, work / "fsdp-one-process" / newest.name)
+        print(f"fsdp stop {res['stops']}: SIGTERM to {len(targets)} of {len(ranks)} ranks, {stopped} rank(s) said "
+              f"stopped, newest checkpoint {newest.name if newest else None} (sharded: {bool(newest and newest.is_dir())}),"
+              f" checkpoints readable {ok}/{ok + bad}")  # fmt: skip
+    final = load_checkpoint(list_checkpoints(out)[-1])
+    res["identical"] = same_state(final, load_checkpoint(list_checkpoints(work / "fsdp-reference")[-1]))
+    one = work / "fsdp-one-process"
+    if one.is_dir():  # resume the first stop's sharded checkpoint in one process, to the end
+        proc = launch(fsdp_overrides(data, one, steps, drop_path, processes=1))
+        _, err = proc.communicate()
+        res["one_process"] = (proc.returncode, newest_step(one))
+        if proc.returncode:
+            print(err.decode()[-3000:])
+    return res
+
+
+def drift_and_second_writer(data: Path, work: Path, steps: int, drop_path: float, reference: Path) -> dict:
+    """A finished run resumed with optim.blr changed is refused in one line and left as it was; two writers
+    started on one folder at once: one is refused in one line, the other finishes bit-identical."""
+    res = {}
+    before = [(p.name, p.stat().st_mtime_ns) for p in list_checkpoints(reference)]
+    proc = launch(overrides(data, reference, steps, drop_path) + ["optim.blr=2e-3"])
+    _, err = proc.communicate()
+    lines = err.decode().strip().splitlines()
+    res["drift"] = (proc.returncode == 2 and len([x for x in lines if x.startswith("mimkit: error:")]) == 1
+                    and "optim.blr 0.001 -> 0.002" in lines[-1] and "Traceback" not in err.decode()
+                    and [(p.name, p.stat().st_mtime_ns) for p in list_checkpoints(reference)] == before)  # fmt: skip
+    res["drift_line"] = lines[-1] if lines else ""
+    out = work / "two-writers"
+    a, b = (launch(overrides(data, out, steps, drop_path)) for _ in range(2))
+    results = [(p.returncode, e.decode()) for p, (_, e) in ((p, p.communicate()) for p in (a, b))]
+    refused = [e for rc, e in results if rc == 2 and "is being written by pid" in e]
+    finished = [rc for rc, _ in results if rc == 0]
+    res["writers"] = (len(refused) == 1 and len(finished) == 1
+                      and same_state(load_checkpoint(list_checkpoints(out)[-1]),
+                                     load_checkpoint(list_checkpoints(reference)[-1])))  # fmt: skip
+    res["writer_line"] = refused[0].strip().splitlines()[-1] if refused else results
+    return res
 
 
 def newest_step(out: Path) -> int:
@@ -149,6 +320,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--drop-path", type=float, default=0.1, help="model.drop_path_rate (default 0.1)")
     parser.add_argument("--no-full-disk", action="store_true", help="skip the tmpfs full-disk run")
+    parser.add_argument("--sigterms", type=int, default=20, help="graceful stops of the one-process run (default 20)")
+    parser.add_argument("--fsdp-sigterms", type=int, default=4, help="graceful stops of the 2-process FSDP run")
+    parser.add_argument("--no-fsdp", action="store_true", help="skip the 2-process FSDP part")
     args = parser.parse_args()
     rng = random.Random(args.seed)
 
@@ -208,10 +382,35 @@ def main() -> int:
     reference_ckpt = list_checkpoints(work / "reference")[-1]
     identical = same_state(final, load_checkpoint(reference_ckpt))
     per_step = one_record_per_step(out)
+
+    print()
+    # a graceful stop keeps every step, so the stopped run is longer: 5 steps per stop, against its own reference
+    term_steps = max(args.steps, 5 * args.sigterms)
+    term_ref = launch(overrides(data, work / "sigterm-reference", term_steps, args.drop_path))
+    term_ref.communicate()
+    term = sigterm_rounds(data, work / "sigterm", term_steps, args.drop_path, args.sigterms, rng)
+    term_identical = same_state(load_checkpoint(list_checkpoints(work / "sigterm")[-1]),
+                                load_checkpoint(list_checkpoints(work / "sigterm-reference")[-1]))  # fmt: skip
+    term_per_step = one_record_per_step(work / "sigterm")
+    term_ok = (term_identical and term_per_step and term["bad_exits"] == 0 and term["unreadable"] == 0
+               and term["not_at_stop"] == 0 and term.get("final_exit") == 0)  # fmt: skip
+    fsdp, fsdp_ok = {}, True
+    if not args.no_fsdp:
+        print()
+        fsdp = fsdp_rounds(data, work, args.steps, args.drop_path, args.fsdp_sigterms, rng)
+        fsdp_ok = (not fsdp.get("failed") and fsdp["identical"] and fsdp["bad_stops"] == 0 and fsdp["unreadable"] == 0
+                   and fsdp.get("final_exit") == 0 and fsdp["one_process"] == (0, args.steps))  # fmt: skip
+    guards = drift_and_second_writer(data, work, args.steps, args.drop_path, work / "reference")
+    print(f"\nchanged config on resume: {'refused' if guards['drift'] else 'NOT REFUSED'} ({guards['drift_line']})")
+    print(f"two writers on one folder: {'one refused' if guards['writers'] else 'FAILED'} ({guards['writer_line']})")
+
     disk_ok, disk_note = True, "skipped (--no-full-disk)"
     if not args.no_full_disk:
         disk_ok, disk_note = full_disk_run(data, work, args.steps, args.drop_path, reference_ckpt.stat().st_size)
     lost = 0 if identical and unreadable == 0 and per_step and disk_ok else 1
+    lost += 0 if term_ok else 1
+    lost += 0 if fsdp_ok else 1
+    failed_guards = (not guards["drift"]) + (not guards["writers"])
     print()
     print(f"drop path {args.drop_path}; full-disk run: {'OK' if disk_ok else 'FAILED'} ({disk_note})")
     print()
@@ -220,7 +419,28 @@ def main() -> int:
           "checkpoint loadable | runs lost |")
     print("|---:|---:|---:|---:|---|---|---:|---|---:|")
     print(f"| {kills} | {during_write} | {launches} | {unreadable} | {identical} | {per_step} | {worst_orphan:.2f} s "
-          f"| {disk_ok} | {lost} |")
+          f"| {disk_ok} | {int(not (identical and unreadable == 0 and per_step and disk_ok))} |")
+    print()
+    print("| SIGTERM stops | of which mid-write | to the process group | launches | exit 75 with one line | checkpoint at "
+          "the stopped step | unreadable checkpoints | final model + optimizer + RNG bit-identical | one metrics record "
+          "per step | runs lost |")
+    print("|---:|---:|---:|---:|---|---|---:|---|---|---:|")
+    print(f"| {term['stops']} | {term['mid_write']} | {term['group']} | {term['launches']} | "
+          f"{term['stops'] - term['bad_exits']}/{term['stops']} | {term['stops'] - term['not_at_stop']}/{term['stops']} | "
+          f"{term['unreadable']} | {term_identical} | {term_per_step} | {int(not term_ok)} |")
+    if fsdp and not fsdp.get("failed"):
+        print()
+        print("| 2-process FSDP SIGTERM stops | launches | every rank stopped at one step | unreadable checkpoints | final "
+              "state bit-identical | stopped run resumed in 1 process (exit, final step) | runs lost |")
+        print("|---:|---:|---|---:|---|---|---:|")
+        print(f"| {fsdp['stops']} | {fsdp['launches']} | {fsdp['stops'] - fsdp['bad_stops']}/{fsdp['stops']} | "
+              f"{fsdp['unreadable']} | {fsdp['identical']} | {fsdp['one_process']} | {int(not fsdp_ok)} |")
+    print()
+    print("| changed config on resume refused in one line, folder untouched | second writer refused in one line, the "
+          "other bit-identical |")
+    print("|---|---|")
+    print(f"| {guards['drift']} | {guards['writers']} |")
+    lost += failed_guards
     print(f"\ntotal {time.time() - t0:.0f} s")
     shutil.rmtree(work, ignore_errors=True)
     return lost

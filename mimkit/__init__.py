@@ -3,6 +3,9 @@
 __version__ = "0.2.0.dev0"
 
 from mimkit.config import Config, ConfigError, load_config  # noqa: E402
+from mimkit.errors import MimkitError  # noqa: E402
+from mimkit.runs import EXIT_STOPPED, RunStopped  # noqa: E402
 from mimkit.train import pretrain, run  # noqa: E402
 
-__all__ = ["Config", "ConfigError", "load_config", "pretrain", "run", "__version__"]
+__all__ = ["EXIT_STOPPED", "Config", "ConfigError", "MimkitError", "RunStopped", "load_config", "pretrain", "run",
+           "__version__"]

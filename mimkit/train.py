@@ -230,7 +230,10 @@ def _pretrain(cfg: Config, cleanup: contextlib.ExitStack) -> RunResult:
     if resume_from is not None:
         # the folder is the truth: a change that alters the trajectory is refused unless named
         changes = config_changes(saved_config(state.get("config")), to_dict(resolved(cfg)))
-        allowed = check_drift(changes, TRAJECTORY_FREE, set(t.resume_allow), resume_from)
+        free = TRAJECTORY_FREE
+        if state.get("effective_batch", effective_batch) == effective_batch and state.get("steps_per_epoch") == steps_per_epoch:
+            free = free | {"train.batch_size", "train.accum_steps"}  # the same global batch on another number of processes
+        allowed = check_drift(changes, free, set(t.resume_allow), resume_from)
         check_resumable(resume_from, state, model, cfg.method)
         if state["step"] >= last_step:
             loss = finished_loss(out_dir, state, state["step"])
@@ -305,6 +308,7 @@ def _pretrain(cfg: Config, cleanup: contextlib.ExitStack) -> RunResult:
             "step": step,
             "epoch": step / steps_per_epoch,
             "steps_per_epoch": steps_per_epoch,
+            "effective_batch": effective_batch,
             "nonfinite_steps": engine.nonfinite_total,
             "skipped_images": skipped_total,
             "rng": rng,

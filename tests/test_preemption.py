@@ -167,7 +167,7 @@ def logged_steps(out) -> int:
 
 
 def test_sigterm_to_one_rank_of_an_fsdp_run_stops_every_rank_and_resumes_bit_identical(tmp_path, npz_data):
-    steps = 200
+    steps = 80
     whole = torchrun(fsdp_args(npz_data, tmp_path / "whole", steps))
     _, err = whole.communicate(timeout=600)
     assert whole.returncode == 0, err[-3000:]

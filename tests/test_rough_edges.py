@@ -123,10 +123,14 @@ def test_the_python_api_examples_run(tmp_path, npz_data, monkeypatch):
                          "train.progress=false", "train.tensorboard=false", f"train.out_dir={tmp_path / 'run'}"]  # fmt: skip
     docstring = re.search(r"`(mimkit\.run\(.*?\))`", mimkit.run.__doc__).group(1)
     readme = re.search(r"result = (mimkit\.run\(.*?\))", (REPO / "README.md").read_text()).group(1)
-    for example in (docstring, readme):
-        call = example.replace('"])', '", *tiny])')
-        result = eval(call, {"mimkit": mimkit, "tiny": tiny})  # noqa: S307 - our own docs
+    for i, example in enumerate((docstring, readme)):
+        call = example.replace('"])', '", *tiny, "train.out_dir=" + out])')
+        result = eval(call, {"mimkit": mimkit, "tiny": tiny, "out": str(tmp_path / f"run{i}")})  # noqa: S307 - our own docs
         assert result.step == 1 and result.checkpoint.is_file()
+    if docstring != readme:  # another schedule into the first example's folder: refused, not mixed into that run
+        with pytest.raises(mimkit.MimkitError, match="would change how it trains: train.epochs"):
+            eval(readme.replace('"])', '", *tiny, "train.out_dir=" + out])'),
+                 {"mimkit": mimkit, "tiny": tiny, "out": str(tmp_path / "run0")})  # noqa: S307
     cfg = mimkit.load_config("configs/quickstart.yaml", ["train.epochs=1", *tiny, "train.resume=none"])
     assert mimkit.pretrain(cfg).step == 1  # the docstring's equivalent form
 

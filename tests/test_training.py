@@ -72,8 +72,10 @@ def test_checkpoint_contents_and_rotation(tiny_cfg):
 
 def test_resume_refuses_a_changed_batch_layout(tiny_cfg):
     pretrain(tiny_cfg("train.max_steps=2"))
-    with pytest.raises(ValueError, match="cannot resume .* exactly"):
+    with pytest.raises(ValueError, match="would change how it trains: train.batch_size 8 -> 4"):
         pretrain(tiny_cfg("train.max_steps=4", "train.batch_size=4"))
+    with pytest.raises(ValueError, match="cannot resume .* exactly"):  # allowed, but the steps no longer line up
+        pretrain(tiny_cfg("train.max_steps=4", "train.batch_size=4", "train.resume_allow=train.batch_size"))
 
 
 def test_lr_schedule_warmup_then_cosine(tiny_cfg):
