@@ -16,6 +16,7 @@ checkpoint moves between ddp and fsdp and between world sizes.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import logging
@@ -260,7 +261,13 @@ def dcp_metadata_globals() -> dict[tuple[str, str], object]:
     return allowed
 
 
-class _DCPMetadataUnpickler(pickle.Unpickler):
+class _DCPMetadataUnpickler(pickle._Unpickler):
+    """pickle's Python unpickler (its memo is a dict: a crafted index cannot make it allocate gigabytes, as the C
+    one's array does) admitting the globals above, and setting the state of DCP's own dataclass instances only
+    (never of a class or function, which would change them for the whole process)."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
     def find_class(self, module: str, name: str):
         found = dcp_metadata_globals().get((module, name)) if "." not in name else None
         if found is None:
@@ -269,6 +276,21 @@ class _DCPMetadataUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):
         raise pickle.UnpicklingError("it holds a persistent id, which DCP metadata never holds")
+
+    def load_build(self):
+        target = self.stack[-2] if len(self.stack) >= 2 else None
+        if type(target) not in _dcp_dataclasses():
+            raise pickle.UnpicklingError(f"it sets the state of a {type(target).__name__}, which DCP metadata never does")
+        pickle._Unpickler.load_build(self)
+
+    dispatch[pickle.BUILD[0]] = load_build
+
+
+@functools.cache
+def _dcp_dataclasses() -> frozenset:
+    allowed = dcp_metadata_globals()
+    return frozenset(v for (m, _), v in allowed.items() if m.startswith("torch.distributed.checkpoint.")
+                     and isinstance(v, type) and dataclasses.is_dataclass(v))  # fmt: skip
 
 
 def _check_storage(folder: Path, meta_path: Path, metadata) -> None:
@@ -343,7 +365,44 @@ def read_dcp_metadata(folder: Path):
     ):
         raise CheckpointError(f"{meta}: not DCP metadata (state_dict_metadata is not a dict of names to DCP entries)")
     _check_storage(folder, meta, metadata)
+    _check_tensor_entries(meta, metadata)
     return metadata
+
+
+def _check_tensor_entries(meta_path: Path, metadata) -> None:
+    """Tensor entries DCP's load would allocate: a dtype, a size, chunks that tile it, and no more bytes than their
+    shard entries hold (a crafted size cannot make a reader allocate more than the files on disk)."""
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorProperties, TensorStorageMetadata
+
+    def dims(value) -> bool:
+        return isinstance(value, torch.Size) and all(type(d) is int and d >= 0 for d in value)
+
+    stored: dict[str, int] = {}
+    for index, info in (metadata.storage_data or {}).items():
+        if info.transform_descriptors:
+            raise CheckpointError(f"{meta_path}: entry {index.fqn!r} is stored through {list(info.transform_descriptors)} "
+                                  "(a compressed DCP checkpoint); mimkit reads the uncompressed ones it writes")  # fmt: skip
+        stored[index.fqn] = stored.get(index.fqn, 0) + info.length
+    for fqn, entry in metadata.state_dict_metadata.items():
+        if not isinstance(entry, TensorStorageMetadata):
+            continue
+        props, size, chunks = entry.properties, entry.size, entry.chunks
+        bad = None
+        if not isinstance(props, TensorProperties) or not isinstance(getattr(props, "dtype", None), torch.dtype):
+            bad = "no dtype"
+        elif not dims(size) or not isinstance(chunks, list):
+            bad = f"size {size!r}"
+        elif not all(isinstance(c, ChunkStorageMetadata) and dims(c.offsets) and dims(c.sizes)
+                     and len(c.offsets) == len(c.sizes) == len(size)
+                     and all(o + n <= d for o, n, d in zip(c.offsets, c.sizes, size)) for c in chunks):  # fmt: skip
+            bad = "chunks outside its size"
+        elif sum(c.sizes.numel() for c in chunks) != size.numel():
+            bad = f"chunks that do not tile its size {list(size)}"
+        elif size.numel() * props.dtype.itemsize > stored.get(fqn, 0):
+            bad = (f"size {list(size)} ({size.numel() * props.dtype.itemsize} bytes) but {stored.get(fqn, 0)} bytes "
+                   "stored")  # fmt: skip
+        if bad:
+            raise CheckpointError(f"{meta_path}: not DCP metadata mimkit can read: tensor {fqn!r} has {bad}")
 
 
 @functools.cache

@@ -73,7 +73,10 @@ def _numpy_reconstructors() -> dict[tuple[str, str], object]:
     return allowed
 
 
-class _CifarUnpickler(pickle.Unpickler):
+class _CifarUnpickler(pickle._Unpickler):
+    """pickle's Python unpickler (a dict memo: a crafted memo index cannot make it allocate gigabytes) admitting
+    exactly the (module, name) pairs CIFAR's files pickle."""
+
     allowed = _numpy_reconstructors()
 
     def find_class(self, module: str, name: str):
