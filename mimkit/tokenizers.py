@@ -225,9 +225,7 @@ def dalle_from_state_dict(sd: dict[str, torch.Tensor], path: str = "") -> DalleE
         raise TokenizerError(f"{path}: not a DALL-E encoder state dict (missing {e}; expected blocks.input.w, "
                              "blocks.group_N.block_M.res_path.conv_K.w, blocks.output.conv.w)") from None  # fmt: skip
     n_blk = len({k.split(".")[2] for k in sd if k.startswith("blocks.group_1.block_")})
-    model = DalleEncoder(n_hid, n_blk, vocab)
-    _load_exact(model, sd, path, "DALL-E encoder")
-    return model
+    return _build_exact(lambda: DalleEncoder(n_hid, n_blk, vocab), sd, path, "DALL-E encoder")
 
 
 # =============================================================================================
@@ -365,16 +363,25 @@ def taming_from_state_dict(sd: dict[str, torch.Tensor], path: str = "") -> Tamin
     ch_mult = tuple(sd[f"encoder.down.{lv}.block.0.conv1.weight"].shape[0] // ch for lv in levels)
     num_res_blocks = len({k.split(".")[4] for k in sd if k.startswith("encoder.down.0.block.")})
     attn_levels = {lv for lv in levels if f"encoder.down.{lv}.attn.0.q.weight" in sd}
-    model = TamingGumbelTokenizer(ch, ch_mult, num_res_blocks, attn_levels, z_channels, embed_dim, n_embed)
-    _load_exact(model, sd, path, "taming Gumbel-VQGAN encoder")
-    return model
+    return _build_exact(lambda: TamingGumbelTokenizer(ch, ch_mult, num_res_blocks, attn_levels, z_channels, embed_dim,
+                                                      n_embed), sd, path, "taming Gumbel-VQGAN encoder")  # fmt: skip
 
 
 # =============================================================================================
 # loading
 
 
-def _load_exact(model: nn.Module, sd: dict[str, torch.Tensor], path: str, what: str) -> None:
+def _build_exact(build, sd: dict[str, torch.Tensor], path: str, what: str, part=lambda m: m):
+    """build() holding exactly the tensors of `sd` (in part(model)): the layout is checked on a model built on the
+    meta device first, so sizes read from a file never allocate a model larger than the file's own tensors."""
+    with torch.device("meta"):
+        _check_exact(part(build()), sd, path, what)
+    model = build()
+    _load_exact(part(model), sd, path, what)
+    return model
+
+
+def _check_exact(model: nn.Module, sd: dict[str, torch.Tensor], path: str, what: str) -> None:
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
@@ -384,6 +391,10 @@ def _load_exact(model: nn.Module, sd: dict[str, torch.Tensor], path: str, what: 
             f"{path}: does not match the {what} layout: missing {missing[:5]}, unexpected {unexpected[:5]}, "
             f"wrong shape {bad[:5]}"
         )
+
+
+def _load_exact(model: nn.Module, sd: dict[str, torch.Tensor], path: str, what: str) -> None:
+    _check_exact(model, sd, path, what)
     model.load_state_dict(sd)
 
 
@@ -434,9 +445,8 @@ def _from_file(kind: str, obj: Any, path) -> Tokenizer:
                 raise TokenizerError(f"{path}: spec {key} {value!r} is not an integer in [{lo}, {hi}]")
         if not isinstance(obj["state_dict"], dict):
             raise TokenizerError(f"{path}: not a mimkit tokenizer ('state_dict' is not a dict)")
-        tok = MimkitTokenizer(DVAESpec(**spec))
-        _load_exact(tok.dvae, obj["state_dict"], str(path), "mimkit dVAE")
-        return tok
+        return _build_exact(lambda: MimkitTokenizer(DVAESpec(**spec)), obj["state_dict"], str(path), "mimkit dVAE",
+                            part=lambda tok: tok.dvae)  # fmt: skip
     if kind == "dalle":
         return dalle_from_state_dict(_state_dict_of(obj, path), str(path))
     if kind == "vqgan":
