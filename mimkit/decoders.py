@@ -27,7 +27,11 @@ def unshuffle_tokens(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: tor
     table = torch.cat([x.reshape(b * t, d), mask_token.reshape(1, d).to(x.dtype)])
     first = t * torch.arange(b, device=x.device).unsqueeze(1)  # each image's cls row
     rows = torch.where(ids_restore < t - 1, ids_restore + 1 + first, b * t)  # restore ids >= keep are masked
-    return table[torch.cat([first, rows], dim=1)]
+    index = torch.cat([first, rows], dim=1)
+    # index_select, not table[index]: the backward of advanced indexing (index_put_ with accumulate) sums the mask
+    # token's many rows in a thread-dependent order on multi-threaded CPUs, so a resumed run would drift from an
+    # uninterrupted one by rounding; index_select's backward (index_add_) sums them in a fixed order
+    return table.index_select(0, index.reshape(-1)).reshape(b, index.shape[1], d)
 
 
 class MAEDecoder(nn.Module):

@@ -296,3 +296,65 @@ def test_files_follow_the_umask(tiny_cfg, umask):
         os.umask(old)
     for path in (result.checkpoint, result.config, result.out_dir / "metrics.jsonl", result.out_dir / HISTORY_NAME):
         assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+
+
+# ---------------------------------------------------------------- evaluation commands stop the same way
+
+
+def test_a_stopped_finetune_resumes_bit_identical_and_a_stopped_knn_says_so(tmp_path, npz_data, monkeypatch, capsys):
+    import mimkit.eval.finetune as ft
+    from mimkit.eval import load_eval_config
+
+    data = tmp_path / "labelled.npz"
+    import numpy as np
+
+    from conftest import make_images
+
+    np.savez(data, x_train=make_images(48, seed=1), y_train=np.arange(48) % 3, x_test=make_images(16, seed=2),
+             y_test=np.arange(16) % 3)  # fmt: skip
+    encoder = ["encoder.arch=vit_tiny_patch4_32", "encoder.img_size=16", "encoder.patch_size=4",
+               "encoder.embed_dim=32", "encoder.depth=2", "encoder.num_heads=2"]  # fmt: skip
+
+    def cfg(out, *extra):
+        return load_eval_config("finetune", None, encoder + [
+            f"data.path={data}", "data.num_workers=0", "train.precision=fp32", "train.progress=false",
+            "train.tensorboard=false", f"train.out_dir={tmp_path / out}", "train.batch_size=8", "train.epochs=2",
+            "train.log_every=1", "optim.warmup_epochs=1", "model.drop_path_rate=0.1", "train.max_steps=10", *extra])  # fmt: skip
+
+    straight = ft.run_finetune(cfg("straight"))
+    real = ft.lr_at
+
+    def lr_at(s, *args):
+        if s == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(s, *args)
+
+    monkeypatch.setattr(ft, "lr_at", lr_at)
+    with pytest.raises(RunStopped) as stopped:
+        ft.run_finetune(cfg("cut"))
+    assert stopped.value.step == 5 and stopped.value.checkpoint.name == "checkpoint-00000005.pt"
+    monkeypatch.undo()
+    resumed = ft.run_finetune(cfg("cut"))
+    a, b = load_checkpoint(straight.checkpoint), load_checkpoint(resumed.checkpoint)
+    assert a["step"] == b["step"] == 10 and a["evals"] == b["evals"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+    # k-NN: the feature extraction stops between batches, one line and exit 75 from the command line
+    real_kill_at = {"n": 0}
+    import mimkit.eval.common as common
+
+    real_features = common.encoder_features
+
+    def features(*args, **kwargs):
+        real_kill_at["n"] += 1
+        if real_kill_at["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_features(*args, **kwargs)
+
+    monkeypatch.setattr(common, "encoder_features", features)
+    rc = main(["knn", *encoder, f"data.path={data}", "data.num_workers=0", "run.precision=fp32", "run.progress=false",
+               "run.tensorboard=false", "run.batch_size=8", f"run.out_dir={tmp_path / 'knn'}"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == EXIT_STOPPED and err[-1].startswith("mimkit: stopped by SIGTERM during feature extraction")
+    assert not (tmp_path / "knn" / "metrics.json").exists()

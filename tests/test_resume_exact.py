@@ -155,3 +155,29 @@ def test_a_sharded_folder_whose_name_and_step_disagree_is_refused(tiny_cfg, tmp_
     folder = sharded_copy(half.checkpoint, tmp_path / "checkpoint-00000009")
     with pytest.raises(CheckpointError, match="name says step 9 but it holds step 2"):
         load_checkpoint(folder)
+
+
+def test_the_mask_tokens_gradient_does_not_depend_on_thread_timing():
+    """On several CPU threads, the backward of advanced indexing sums the mask token's rows in a timing-dependent
+    order (seen: 3e-8 apart between two identical steps on a 2-core AMD EPYC), which made a resumed MAE run drift
+    from an uninterrupted one; the decoder's index_select sums them in a fixed order."""
+    from mimkit.config import load_config
+    from mimkit.methods import build_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        cfg = load_config(None, ["model.arch=vit_tiny_patch4_32", "mae.decoder_dim=128", "mae.decoder_depth=1",
+                                 "mae.decoder_heads=4", "model.depth=2"])  # fmt: skip
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        x = torch.randn(32, 3, 32, 32)
+        grads = []
+        for _ in range(6):
+            model.zero_grad()
+            torch.manual_seed(1)
+            model(x).loss.backward()
+            grads.append(model.decoder.mask_token.grad.clone())
+        assert all(torch.equal(g, grads[0]) for g in grads[1:])
+    finally:
+        torch.set_num_threads(threads)
