@@ -278,3 +278,15 @@ def test_hf_vitmae_import_keeps_its_layer_norm_eps(tmp_path):
         assert (model(x, noise=noise).pred - ref.logits).abs().max() > 1e-2
     written = export_hf(tmp_path / "imported.pt", tmp_path / "back")
     assert json.loads((written["vit_mae"] / "config.json").read_text())["layer_norm_eps"] == 1e-12
+
+
+def test_the_warmup_warning_names_the_highest_lr_the_run_reaches(tiny_cfg):
+    """It said 'never reaches its peak 0.00075 (it ends at 0.00075)' when the warmup ended with the run."""
+    from mimkit.schedules import lr_at
+    from mimkit.train import questionable_settings
+
+    cfg = tiny_cfg("optim.warmup_epochs=2", "train.epochs=2", "optim.lr=0.001")  # 8 steps per epoch, 16 in all
+    (note,) = questionable_settings(cfg, 0.001, 8)
+    assert "never reaches its peak 0.001 (the highest it gets is 0.000937, at the last step)" in note
+    assert lr_at(15, 8, cfg, 0.001) == pytest.approx(0.001 * 15 / 16)
+    assert questionable_settings(tiny_cfg("optim.warmup_epochs=1", "train.epochs=2"), 0.001, 8) == []
