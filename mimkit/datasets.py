@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mimkit.files import NUMERIC_KINDS, numeric_dtype, numeric_scalar
 from mimkit.sources import ArrayImages, CorruptImage, DataError, to_rgb
 
 log = logging.getLogger("mimkit")
@@ -56,28 +57,60 @@ def dataset_class(name: str, path: str):
 # ---------------------------------------------------------------- CIFAR: torchvision's files, allow-listed unpickling
 
 
-def _numpy_reconstructors() -> dict[tuple[str, str], object]:
-    try:
-        from numpy._core import multiarray
-    except ImportError:  # numpy < 2
-        from numpy.core import multiarray
-    allowed = {}
-    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed[(module, "_reconstruct")] = multiarray._reconstruct
-        allowed[(module, "scalar")] = multiarray.scalar
-    allowed[("numpy", "ndarray")] = np.ndarray
-    allowed[("numpy", "dtype")] = np.dtype
+def _numeric_dtype(spec, align=False, copy=False) -> np.dtype:
+    """``numpy.dtype(spec)``, for plain numeric type codes only."""
+    numeric_dtype(spec)  # checks the code
+    return np.dtype(spec, align=bool(align), copy=bool(copy))  # a copy, as pickle's: its state sets the byte order
+
+
+def _empty_array(subtype, shape, dtype):
+    """``numpy.core.multiarray._reconstruct``: the empty array an ndarray's pickle starts from."""
+    if subtype is not np.ndarray:
+        raise pickle.UnpicklingError(f"an array of type {subtype!r:.60} is not allowed in a CIFAR batch file")
+    return np.ndarray.__new__(np.ndarray, (0,), "b")
+
+
+def _cifar_globals() -> dict[tuple[str, str], object]:
+    """The exact (module, name) pairs CIFAR's batches pickle, each bound to a checked stand-in: numpy's own
+    reconstructors and ``__setstate__`` trust their input, and a crafted state crashes the interpreter."""
     import codecs
 
+    allowed: dict[tuple[str, str], object] = {}
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed[(module, "_reconstruct")] = _empty_array
+        allowed[(module, "scalar")] = numeric_scalar
+    allowed[("numpy", "ndarray")] = np.ndarray  # only ever handed to _empty_array
+    allowed[("numpy", "dtype")] = _numeric_dtype
     allowed[("_codecs", "encode")] = codecs.encode  # how protocol-2 pickles written by Python 3 hold bytes
     return allowed
 
 
+def _plain_dtype(value) -> bool:
+    return isinstance(value, np.dtype) and value.kind in NUMERIC_KINDS and value.fields is None and value.subdtype is None
+
+
+def _checked_state(target, state) -> None:
+    """The state BUILD may apply: a plain numeric dtype's byte order, an ndarray's exact shape, dtype and bytes."""
+    if isinstance(target, np.dtype):
+        ok = (isinstance(state, tuple) and len(state) == 8 and state[0] == 3 and state[1] in ("<", ">", "|", "=")
+              and state[2:] == (None, None, None, -1, -1, 0) and _plain_dtype(target))  # fmt: skip
+    elif type(target) is np.ndarray:
+        ok = (isinstance(state, tuple) and len(state) == 5 and state[0] == 1 and isinstance(state[1], tuple)
+              and len(state[1]) <= 8 and all(type(d) is int and d >= 0 for d in state[1]) and _plain_dtype(state[2])
+              and isinstance(state[3], bool) and isinstance(state[4], (bytes, str))
+              and len(state[4]) == int(np.prod(state[1], dtype=np.int64)) * state[2].itemsize)  # fmt: skip
+    else:
+        raise pickle.UnpicklingError(f"it sets the state of a {type(target).__name__}, which a CIFAR batch never does")
+    if not ok:
+        raise pickle.UnpicklingError(f"a {type(target).__name__} state that is not a plain numeric one")
+
+
 class _CifarUnpickler(pickle._Unpickler):
     """pickle's Python unpickler (a dict memo: a crafted memo index cannot make it allocate gigabytes) admitting
-    exactly the (module, name) pairs CIFAR's files pickle."""
+    exactly the (module, name) pairs CIFAR's files pickle, with every numpy state checked before it is applied."""
 
-    allowed = _numpy_reconstructors()
+    allowed = _cifar_globals()
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def find_class(self, module: str, name: str):
         if "." not in name and (module, name) in self.allowed:  # exact pairs only, never an attribute chain
@@ -86,6 +119,14 @@ class _CifarUnpickler(pickle._Unpickler):
 
     def persistent_load(self, pid):
         raise pickle.UnpicklingError("a persistent id is not allowed in a CIFAR batch file")
+
+    def load_build(self):
+        if len(self.stack) < 2:
+            raise pickle.UnpicklingError("BUILD without an object")
+        _checked_state(self.stack[-2], self.stack[-1])
+        pickle._Unpickler.load_build(self)
+
+    dispatch[pickle.BUILD[0]] = load_build
 
 
 def read_cifar_pickle(path: Path) -> dict:

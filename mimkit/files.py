@@ -30,30 +30,72 @@ class InteropError(MimkitError, ValueError):
 # Reading files without running code
 
 
-def _inert_globals() -> list:
-    """Classes official training checkpoints pickle beside their tensors, none of which runs code
-    when rebuilt: the argparse Namespace of the run's arguments, paths, numpy scalars and dtypes.
-    torch's weights-only unpickler looks each up by its exact ``module.qualname`` (no module prefixes,
-    no attribute chains)."""
+NUMERIC_KINDS = "biufc"  # numpy dtype kinds of plain numbers: bool, int, uint, float, complex
+
+
+class InertDType:
+    """What a pickled numpy dtype becomes in a weights-only load: a plain numeric dtype, built from its string code,
+    whose pickled state (byte order only) is checked before it is applied. numpy's own ``dtype.__setstate__``
+    trusts its input (a crafted state crashes the interpreter), so it is never called on file data."""
+
+    __slots__ = ("dtype",)
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+    def __setstate__(self, state):
+        if not (isinstance(state, tuple) and len(state) == 8 and state[0] == 3 and state[1] in ("<", ">", "|", "=")
+                and state[2:] == (None, None, None, -1, -1, 0)):  # fmt: skip
+            raise ValueError(f"numpy dtype state {state!r:.80} is not that of a plain numeric dtype")
+        if state[1] in "<>":
+            self.dtype = self.dtype.newbyteorder(state[1])
+
+    def __repr__(self) -> str:
+        return f"InertDType({self.dtype})"
+
+
+def numeric_dtype(spec, align=False, copy=False):
+    """``numpy.dtype(spec)`` for a plain numeric type code ('f8', '<i4', 'u1', 'b1', 'c16'), as an InertDType."""
     import numpy as np
 
-    allowed: list = [
+    if not isinstance(spec, str) or len(spec) > 8:
+        raise ValueError(f"numpy dtype {spec!r:.40} is not a numeric type code")
+    dtype = np.dtype(spec)
+    if dtype.kind not in NUMERIC_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+        raise ValueError(f"numpy dtype {spec!r} is not a plain numeric type")
+    return InertDType(dtype)
+
+
+def numeric_scalar(dtype, data=None):
+    """A numpy scalar (what ``numpy.core.multiarray.scalar`` rebuilds) of a numeric dtype from its exact bytes."""
+    import numpy as np
+
+    dtype = dtype.dtype if isinstance(dtype, InertDType) else dtype
+    if not isinstance(dtype, np.dtype) or dtype.kind not in NUMERIC_KINDS or dtype.fields is not None:
+        raise ValueError("a numpy scalar of a dtype that is not plain numeric")
+    if isinstance(data, str):  # a Python 2 pickle read with encoding='latin1'
+        data = data.encode("latin1")
+    if not isinstance(data, bytes) or len(data) != dtype.itemsize:
+        raise ValueError(f"a numpy {dtype} scalar needs {dtype.itemsize} bytes")
+    return np.frombuffer(data, dtype=dtype)[0].copy()
+
+
+def _inert_globals() -> list:
+    """Classes official training checkpoints pickle beside their tensors, none of which runs code
+    when rebuilt: the argparse Namespace of the run's arguments, paths, numpy scalars and their dtypes (rebuilt by
+    the checked stand-ins above, never by numpy's own unpickling). torch's weights-only unpickler looks each up by
+    its exact ``module.qualname`` (no module prefixes, no attribute chains)."""
+    return [
         argparse.Namespace,
         pathlib.PosixPath,
         pathlib.WindowsPath,
         pathlib.PurePosixPath,
         pathlib.PureWindowsPath,
-        np.dtype,
+        (numeric_dtype, "numpy.dtype"),
+        (numeric_scalar, "numpy.core.multiarray.scalar"),
+        (numeric_scalar, "numpy._core.multiarray.scalar"),
+        (InertDType, "mimkit.files.InertDType"),  # so that a dtype's pickled state is applied (checked)
     ]
-    try:
-        from numpy._core.multiarray import scalar
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import scalar  # type: ignore[no-redef]
-    allowed += [scalar, (scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar")]
-    dtypes = getattr(np, "dtypes", None)
-    if dtypes is not None:
-        allowed += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")]
-    return allowed
 
 
 def inert_global_names() -> set[str]:
