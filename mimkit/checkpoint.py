@@ -418,10 +418,12 @@ def _safe_dcp_classes():
     from torch.distributed.checkpoint.planner import ReadItem
 
     class SafeReader(FileSystemReader):
+        checked = None  # the metadata _dcp_read read and checked: the one the shards are read by
+
         def read_metadata(self, *args, **kwargs):
             if kwargs.get("rank") is not None:
                 raise CheckpointError(f"{self.path}: per-rank DCP metadata is not supported")
-            metadata = read_dcp_metadata(Path(self.path))
+            metadata = self.checked if self.checked is not None else read_dcp_metadata(Path(self.path))
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id
@@ -482,11 +484,14 @@ def save_sharded(folder: Path, model_state: dict, optim_state: dict, meta: dict 
 
 def _dcp_read(folder: Path, state: dict, planner, collective: bool) -> None:
     """DCP's own read loop with the safe reader and planner; every failure becomes a CheckpointError."""
-    _check_shard_sizes(folder, read_dcp_metadata(folder))  # refused here with its own message, before any read
+    metadata = read_dcp_metadata(folder)  # refused here with its own message, before any read
+    _check_shard_sizes(folder, metadata)
     planner._folder = folder
     no_dist = not (collective and dist.is_available() and dist.is_initialized())
+    reader = _safe_dcp_classes()[0](str(folder))
+    reader.checked = metadata
     try:
-        _load_state_dict(state, storage_reader=_safe_dcp_classes()[0](str(folder)), planner=planner, no_dist=no_dist)
+        _load_state_dict(state, storage_reader=reader, planner=planner, no_dist=no_dist)
     except (Exception, CheckpointException) as e:  # DCP's own wraps reader errors (ours among them); a BaseException
         causes = list(_causes(e))
         stop = next((x for x in causes if isinstance(x, (KeyboardInterrupt, SystemExit))), None)
