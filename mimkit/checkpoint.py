@@ -5,8 +5,11 @@
   `meta.pt` (step, RNG states, config). It is written as `.checkpoint-N.tmp/` and renamed only after every
   rank has finished, so it counts once all shards exist. DCP pickles its `.metadata` and stores
   non-tensor entries (the optimizer's param_groups) as pickled bytes, both read by DCP with plain
-  pickle; mimkit reads the first with an allow-list of DCP's own metadata types and the second with
-  `torch.load(weights_only=True)`, so a crafted folder cannot run code.
+  pickle; mimkit reads the first with an allow-list of exact (module, name) pairs (DCP's metadata classes, torch.Size,
+  the dtypes: never a module prefix, never a dotted name, which pickle resolves through getattr to anything those
+  modules import) and the second with `torch.load(weights_only=True)`, so a crafted folder cannot run code. The
+  metadata is checked before DCP reads a shard: every shard path stays inside the folder (symlinks followed), every
+  tensor entry fits the bytes stored for it.
 
 Every failure to read a checkpoint is a `CheckpointError` naming the file and what is wrong with it.
 
