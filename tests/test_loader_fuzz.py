@@ -331,6 +331,7 @@ def test_the_unmutated_files_load(genuine):
     assert read_dcp_metadata(genuine["folder"]).state_dict_metadata
     assert load_tokenizer("mimkit", genuine["tokenizer"]).vocab_size == 16
     assert read_source(genuine["checkpoint"])[0]
+    assert set(read_source(genuine["folder"])[0]) == set(read_source(genuine["checkpoint"])[0])  # `import` of a folder
     official = load_torch_file(genuine["official"])
     assert official["acc"] == np.float32(83.6) and official["args"].best == 71.5 and official["big_endian"] == 2.5
     path = genuine["root"] / "cifar-like"
