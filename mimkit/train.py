@@ -228,13 +228,13 @@ def _pretrain(cfg: Config, cleanup: contextlib.ExitStack) -> RunResult:
     resume_from, state = find_resume(cfg)
     changes, allowed = {}, {}
     if resume_from is not None:
+        check_resumable(resume_from, state, model, cfg.method)
         # the folder is the truth: a change that alters the trajectory is refused unless named
         changes = config_changes(saved_config(state.get("config")), to_dict(resolved(cfg)))
         free = TRAJECTORY_FREE
         if state.get("effective_batch", effective_batch) == effective_batch and state.get("steps_per_epoch") == steps_per_epoch:
             free = free | {"train.batch_size", "train.accum_steps"}  # the same global batch on another number of processes
         allowed = check_drift(changes, free, set(t.resume_allow), resume_from)
-        check_resumable(resume_from, state, model, cfg.method)
         if state["step"] >= last_step:
             loss = finished_loss(out_dir, state, state["step"])
             if dist.is_main:
