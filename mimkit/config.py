@@ -44,14 +44,19 @@ class ModelConfig:
 
 @dataclass
 class MaskConfig:
-    # hybrid: BootMAE's BEiT block mask topped up at random; parallel: EMAE's disjoint parts (method bootmae)
+    # hybrid: BootMAE's block mask topped up at random; parallel: EMAE's disjoint parts (method bootmae)
     type: Literal["random", "block", "hybrid", "parallel"] = "random"
-    ratio: float = 0.75  # fraction of patches removed
+    ratio: float = 0.75  # fraction of patches removed (masked count L - int(L * (1 - ratio)), as MAE's)
+    # patches removed per image, e.g. 75 of 196 (BEiT's num_mask_patches); when set it overrides ratio, which is then
+    # ignored. Methods mae, bootmae, beit, mcbeit with mask.type random / block / hybrid (not EMAE's parallel parts,
+    # whose K comes from the ratio, nor SimMIM's coarse cells)
+    count: int | None = None
     hybrid_block_ratio: float = 0.6122449  # hybrid: fraction of patches masked by blocks first (BootMAE 120 / 196)
     hybrid_max_block_ratio: float = 0.3061224  # hybrid: largest block, as a fraction of the patches (60 / 196)
     # block / hybrid rectangles: beit = BEiT's own generator (stops when a round places nothing, so the count can
-    # fall short of the target, as in the official code); exact = always the target count. auto: beit for beit /
-    # mcbeit and BootMAE's hybrid mask, exact for block masks of MAE-style encoders (they need equal counts).
+    # fall short of the target, as in the official code); exact = BootMAE's own (each round draws until a rectangle
+    # fits: always the target count). auto: beit for beit / mcbeit, exact for BootMAE's hybrid mask and for block
+    # masks of MAE-style encoders (they need equal counts).
     block_generator: Literal["auto", "beit", "exact"] = "auto"
 
 
@@ -109,13 +114,17 @@ class BootMAEConfig:
     momentum_mid_epoch: float = 100.0
     momentum_final: float | None = None
     momentum_final_epoch: float = 400.0
+    # pixel decoder head: official = BootMAE's ConvTranspose2d(dim, 3, p, p) as a per-token Linear(dim, p*p*3)
+    # whose bias is one per colour channel, shared by the p*p pixels (3 biases); per_pixel = one bias per output
+    # value (p*p*3; tied at init, free in training: the only head before this key, which older checkpoints keep)
+    pixel_head: Literal["official", "per_pixel"] = "official"
 
 
 @dataclass
 class BEiTConfig:
     # BEiT / mc-BEiT backbone (timm Beit: shared relative position bias, layer scale, no absolute position
-    # embedding) and mc-BEiT's soft targets (methods notes sections 3-4). Masking is mask.*: BEiT block 0.4,
-    # mc-BEiT's released recipe random 0.75.
+    # embedding) and mc-BEiT's soft targets (methods notes sections 3-4). Masking is mask.*: BEiT blocks of 75 of
+    # 196 patches (mask.count 75; ratio 0.4 elsewhere), mc-BEiT's released recipe random 0.75 (147 of 196).
     layer_scale_init: float = 0.1  # gamma init (BEiT: 0.1 Base, 1e-5 Large)
     shared_rel_pos_bias: bool = True
     abs_pos_emb: bool = False
@@ -322,11 +331,15 @@ def validate(cfg: Config) -> Config:
     require(0.0 < cfg.model.layer_norm_eps < 1.0, f"model.layer_norm_eps must be in (0, 1), got {cfg.model.layer_norm_eps}")
     require(0.0 <= cfg.model.drop_path_rate < 1.0, f"model.drop_path_rate must be in [0, 1), got {cfg.model.drop_path_rate}")
     require(0.0 < cfg.mask.ratio < 1.0, f"mask.ratio must be in (0, 1) (exclusive), got {cfg.mask.ratio}")
-    require(
-        int((img // patch) ** 2 * (1 - cfg.mask.ratio)) >= 1,
-        f"mask.ratio {cfg.mask.ratio} leaves no visible patch of the {(img // patch) ** 2} given by "
-        f"model.img_size {img} / model.patch_size {patch}",
-    )
+    num_patches = (img // patch) ** 2
+    if cfg.mask.count is None:
+        require(
+            int(num_patches * (1 - cfg.mask.ratio)) >= 1,
+            f"mask.ratio {cfg.mask.ratio} leaves no visible patch of the {num_patches} given by "
+            f"model.img_size {img} / model.patch_size {patch}",
+        )
+    else:
+        _validate_mask_count(cfg, num_patches, img, patch)
     m = cfg.mae
     require(m.decoder_depth >= 0, f"mae.decoder_depth must be >= 0, got {m.decoder_depth}")
     require(m.decoder_dim % m.decoder_heads == 0 or (cfg.method == "bootmae" and m.decoder_dim >= m.decoder_heads),
@@ -353,8 +366,10 @@ def validate(cfg: Config) -> Config:
              f"allowed {', '.join(allowed)} (BEiT's in-place corruption has no parallel parts; hybrid / parallel "
              "masks need a visible-token encoder)")  # fmt: skip
     if cfg.mask.type == "hybrid":
-        require(0.0 < cfg.mask.hybrid_block_ratio <= cfg.mask.ratio,
-                 f"mask.hybrid_block_ratio must be in (0, mask.ratio {cfg.mask.ratio}], got {cfg.mask.hybrid_block_ratio}")  # fmt: skip
+        bound = (f"mask.ratio {cfg.mask.ratio}" if cfg.mask.count is None
+                 else f"mask.count / patches {cfg.mask.count / num_patches:.4g}")  # fmt: skip
+        require(0.0 < cfg.mask.hybrid_block_ratio <= masked_fraction(cfg, num_patches),
+                 f"mask.hybrid_block_ratio must be in (0, {bound}], got {cfg.mask.hybrid_block_ratio}")  # fmt: skip
         require(0.0 < cfg.mask.hybrid_max_block_ratio <= 1.0,
                  f"mask.hybrid_max_block_ratio must be in (0, 1], got {cfg.mask.hybrid_max_block_ratio}")  # fmt: skip
     require(cfg.mask.block_generator != "beit" or cfg.mask.type != "block" or cfg.method in BEIT_METHODS,
@@ -424,11 +439,27 @@ def validate(cfg: Config) -> Config:
 
 
 def resolve_block_generator(cfg: Config) -> str:
-    """`mask.block_generator` resolved: auto = beit where the model takes a varying masked count (BEiT / mc-BEiT
-    corrupt every token in place; BootMAE's hybrid mask tops up to an exact total), exact otherwise."""
+    """`mask.block_generator` resolved: auto = each method's own generator: beit for BEiT / mc-BEiT (they corrupt
+    every token in place, so the count may vary), exact otherwise (BootMAE's own, for its hybrid mask's blocks;
+    MAE-style encoders need equal counts)."""
     if cfg.mask.block_generator != "auto":
         return cfg.mask.block_generator
-    return "beit" if cfg.method in BEIT_METHODS or cfg.mask.type == "hybrid" else "exact"
+    return "beit" if cfg.method in BEIT_METHODS else "exact"
+
+
+def masked_fraction(cfg: Config, num_patches: int) -> float:
+    """The fraction of the patches masked per image: mask.count / L when set, else mask.ratio."""
+    return cfg.mask.ratio if cfg.mask.count is None else cfg.mask.count / num_patches
+
+
+def _validate_mask_count(cfg: Config, num_patches: int, img: int, patch: int) -> None:
+    count = cfg.mask.count
+    require(1 <= count < num_patches,
+            f"mask.count must be in [1, {num_patches - 1}] (patches masked of the {num_patches} given by "
+            f"model.img_size {img} / model.patch_size {patch}; it overrides mask.ratio), got {count}")  # fmt: skip
+    require(cfg.method not in ("emae", "simmim") and cfg.mask.type != "parallel",
+            f"mask.count does not compose with method {cfg.method} / mask.type {cfg.mask.type}: EMAE's parallel parts "
+            "(K = 1 / (1 - mask.ratio)) and SimMIM's coarse cells take mask.ratio; leave mask.count null")  # fmt: skip
 
 
 def _validate_bootmae(cfg: Config, depth: int, dim: int, heads: int) -> None:
@@ -463,7 +494,7 @@ def _validate_crossmae(cfg: Config, num_patches: int, depth: int) -> None:
              "BootMAE, EMAE, BEiT and SimMIM build decoders / heads of their own")  # fmt: skip
     require(cfg.mask.type != "parallel", "mae.decoder crossmae does not compose with mask.type parallel (EMAE): "
              "its consistency loss compares patches masked in two parts, which partial decoding mostly leaves out")
-    masked = num_patches - int(num_patches * (1 - cfg.mask.ratio))
+    masked = cfg.mask.count or num_patches - int(num_patches * (1 - cfg.mask.ratio))
     require(0.0 < m.reconstruct_ratio <= 1.0 and round(m.reconstruct_ratio * masked) >= 1,
              f"mae.reconstruct_ratio must be in (0, 1] and decode at least one of the {masked} masked patches, "
              f"got {m.reconstruct_ratio}")  # fmt: skip
@@ -514,7 +545,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return validate(from_dict(Config, read_recipe(path, overrides, sections)))
 
 
+# A saved config (a checkpoint's, a run's config.yaml) lists every key of its version: a key it lacks did not exist
+# yet, and takes the value that version had, where that differs from today's default. BootMAE's pixel head had
+# p*p*3 biases before bootmae.pixel_head (a weight shape: its checkpoints load only into that head).
+_BOOTMAE_SECTION_0_1 = ("feature_target", "feature_weight", "cross_attention", "pixel_norm", "center_weight",
+                        "mask_pos_only", "momentum")  # fmt: skip
+
+
+def _saved_before_keys(data: dict) -> dict:
+    section = data.get("bootmae")
+    if (data.get("method") == "bootmae" and isinstance(section, dict) and "pixel_head" not in section
+            and all(k in section for k in _BOOTMAE_SECTION_0_1)):  # fmt: skip
+        data = {**data, "bootmae": {**section, "pixel_head": "per_pixel"}}
+    return data
+
+
 def config_from_dict(data: dict) -> Config:
+    """A saved config (checkpoint, config.yaml) as a validated Config; keys added since it was written take the
+    value its version had (`_saved_before_keys`)."""
+    if isinstance(data, dict):
+        data = _saved_before_keys(data)
     return validate(from_dict(Config, data))
 
 

@@ -153,20 +153,40 @@ class DecoderBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+class ChannelBiasHead(nn.Module):
+    """BootMAE's pixel head, ConvTranspose2d(dim, channels, p, p) over the token grid, as a per-token linear map to the
+    patch's p*p*channels values in patchify order (row, column, channel): `weight` (p*p*channels, dim) and one bias
+    per output channel (`bias` (channels,)), shared by the patch's p*p pixels as the transposed convolution's."""
+
+    def __init__(self, dim: int, patch_size: int, channels: int = 3):
+        super().__init__()
+        self.in_features, self.pixels = dim, patch_size * patch_size
+        self.out_features = self.pixels * channels
+        self.weight = nn.Parameter(torch.empty(self.out_features, dim))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias.repeat(self.pixels))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, channel biases={self.bias.numel()}"
+
+
 class TargetAwareDecoder(nn.Module):
     """Linear embed of the final-LN encoder tokens (cls + visible), learned mask tokens appended and un-shuffled;
     fixed sin-cos position embeddings on the mask tokens only (on every patch token with mask_pos_only=False);
-    blocks with cross-attention to `context`; LN; per-token linear head. Cls is dropped from the output."""
+    blocks with cross-attention to `context`; LN; per-token head (`head`, default a Linear to `out_dim`). Cls is
+    dropped from the output."""
 
     def __init__(self, encoder_dim: int, context_dim: int | None, grid: int, dim: int, depth: int, heads: int,
-                 out_dim: int, mask_pos_only: bool = True):  # fmt: skip
+                 out_dim: int, mask_pos_only: bool = True, head: nn.Module | None = None):  # fmt: skip
         super().__init__()
         self.embed = nn.Linear(encoder_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(sincos_2d_pos_embed(dim, grid, row_first=True), requires_grad=False)
         self.blocks = nn.ModuleList([DecoderBlock(dim, heads, context_dim) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.head = nn.Linear(dim, out_dim)
+        self.head = nn.Linear(dim, out_dim) if head is None else head
         self.mask_pos_only, self.grad_checkpointing = mask_pos_only, False
 
     def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor, mask: torch.Tensor,

@@ -19,8 +19,13 @@ class RandomMask(NamedTuple):
     mask: torch.Tensor  # (B, L) float, 1 = masked, original order
 
 
-def num_visible(num_patches: int, mask_ratio: float) -> int:
-    """Visible patches per image, truncated as in the MAE reference (int(L * (1 - r)))."""
+def num_visible(num_patches: int, mask_ratio: float, count: int | None = None) -> int:
+    """Visible patches per image: L - `count` when a masked count is given (`mask.count`, which overrides the
+    ratio), else truncated as in the MAE reference (int(L * (1 - r)))."""
+    if count is not None:
+        if not 0 < count < num_patches:
+            raise ValueError(f"mask count must be in [1, {num_patches - 1}] of {num_patches} patches, got {count}")
+        return num_patches - count
     if not 0.0 < mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
     keep = int(num_patches * (1 - mask_ratio))
@@ -42,11 +47,13 @@ def shuffle_by_noise(batch_size: int, num_patches: int, noise: torch.Tensor | No
     return torch.argsort(noise, dim=1)
 
 
-def random_mask(batch_size: int, num_patches: int, mask_ratio: float, *, noise: torch.Tensor | None = None,
-                generator: torch.Generator | None = None, device: Device = None) -> RandomMask:  # fmt: skip
+def random_mask(batch_size: int, num_patches: int, mask_ratio: float, *, count: int | None = None,
+                noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                device: Device = None) -> RandomMask:  # fmt: skip
     """Per-sample uniform random masking by argsort of noise; every image keeps exactly
-    int(L * (1 - mask_ratio)) patches. Lower noise = kept first (same as MAE / HF ViTMAE)."""
-    len_keep = num_visible(num_patches, mask_ratio)
+    int(L * (1 - mask_ratio)) patches (L - count with a masked `count`). Lower noise = kept first (same as MAE / HF
+    ViTMAE)."""
+    len_keep = num_visible(num_patches, mask_ratio, count)
     ids_shuffle = shuffle_by_noise(batch_size, num_patches, noise, generator, device)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :len_keep]
@@ -66,91 +73,76 @@ def block_limits(grid: tuple[int, int], num_masked: int, max_block: int | None,
     return h_grid, w_grid, num_masked if max_block is None else max_block, math.log(aspect[0]), math.log(aspect[1])
 
 
-def block_mask(grid: tuple[int, int], num_masked: int, *, min_block: int = 16, max_block: int | None = None,
-               aspect: tuple[float, float] = (0.3, 1 / 0.3), generator: torch.Generator | None = None,
-               max_attempts: int = 10_000) -> torch.Tensor:  # fmt: skip
-    """Exact-count blockwise masking for one image: (H, W) bool mask with exactly `num_masked` ones
-    (`mask.block_generator: exact`; MAE-style visible-token encoders need the same count in every image).
-
-    Rectangles of log-uniform aspect ratio and area in [min_block, budget] are added until the
-    count is reached; a rectangle is accepted only if it adds between 1 and `budget` new cells.
-    """
-    h_grid, w_grid, max_block, log_lo, log_hi = block_limits(grid, num_masked, max_block, aspect)
-    mask = torch.zeros(h_grid, w_grid, dtype=torch.bool)
-
-    def uniform(lo: float, hi: float) -> float:
-        return lo + (hi - lo) * torch.rand((), generator=generator).item()
-
-    count = 0
-    while count < num_masked:
-        budget = min(num_masked - count, max_block)
-        added = 0
-        for _ in range(max_attempts):
-            # Small grids (e.g. 8x8 at 32 px): the minimum block may exceed what is left.
-            area = uniform(min(min_block, budget), budget)
-            ratio = math.exp(uniform(log_lo, log_hi))
-            h = int(round(math.sqrt(area * ratio)))
-            w = int(round(math.sqrt(area / ratio)))
-            if 0 < h < h_grid and 0 < w < w_grid:
-                top = int(torch.randint(0, h_grid - h + 1, (), generator=generator))
-                left = int(torch.randint(0, w_grid - w + 1, (), generator=generator))
-                window = mask[top : top + h, left : left + w]
-                new = h * w - int(window.sum())
-                if 0 < new <= budget:
-                    window.fill_(True)
-                    added = new
-                    break
-        if added == 0:  # nothing fits any more: fill the remaining budget with random cells
-            free = (~mask).flatten().nonzero().squeeze(1)
-            pick = free[torch.randperm(free.numel(), generator=generator)[:budget]]
-            mask.view(-1)[pick] = True
-            added = budget
-        count += added
-    return mask
-
-
-def beit_block_mask(grid: tuple[int, int], num_masked: int, *, min_block: int = 16, max_block: int | None = None,
-                    aspect: tuple[float, float] = (0.3, 1 / 0.3), generator: torch.Generator | None = None,
-                    tries: int = 10) -> torch.Tensor:  # fmt: skip
-    """BEiT's own blockwise generator for one image: (H, W) bool mask with *at most* `num_masked` ones.
-
-    Rounds place one rectangle each: budget = min(remaining, max_block); up to `tries` draws of area
-    U(min_block, budget) (either order of the bounds, so a budget below min_block draws in [budget, min_block]),
-    log-aspect U(log lo, log hi), and a position; the first rectangle adding between 1 and `budget` new cells is
-    kept. A round that keeps none ends the mask, so the count can fall short of the target (what the
-    official code does; see `block_mask` for the exact-count variant). Each round draws its random numbers in
-    one call, so the mask is a pure function of the generator's state.
-    """
+def _block_rounds(grid: tuple[int, int], num_masked: int, min_block: int, max_block: int | None,
+                  aspect: tuple[float, float], generator: torch.Generator | None, tries: int,
+                  exact_within: int | None) -> np.ndarray:  # fmt: skip
+    """BEiT's blockwise rounds, shared by both generators. Each round has budget = min(remaining, max_block) and
+    draws rectangles of area U(min_block, budget) (either order of the bounds, so a budget below min_block draws in
+    [budget, min_block]), log-aspect U(log lo, log hi) and a uniform position, `tries` draws per call of the random
+    generator (so a mask is a pure function of its state); the first rectangle adding between 1 and `budget` new
+    cells is kept. exact_within None (BEiT's generator): a round that keeps none of its `tries` draws ends the mask,
+    so the count can fall short. Otherwise (BootMAE's) the round draws again until one fits; `exact_within` draws
+    are only a safety cap, after which the round's budget is filled with random free cells (never reached on ViT
+    grids)."""
     h_grid, w_grid, max_block, log_lo, log_hi = block_limits(grid, num_masked, max_block, aspect)
     mask = np.zeros((h_grid, w_grid), dtype=bool)
     count = 0
     while count < num_masked:
         budget = min(num_masked - count, max_block)
-        added = 0
-        for u_area, u_aspect, u_top, u_left in torch.rand(tries, 4, generator=generator, dtype=torch.float64).tolist():
-            area = min_block + (budget - min_block) * u_area
-            ratio = math.exp(log_lo + (log_hi - log_lo) * u_aspect)
-            h, w = int(round(math.sqrt(area * ratio))), int(round(math.sqrt(area / ratio)))
-            if not (h < h_grid and w < w_grid):
-                continue
-            top, left = int(u_top * (h_grid - h + 1)), int(u_left * (w_grid - w + 1))
-            window = mask[top : top + h, left : left + w]
-            new = h * w - int(window.sum())
-            if 0 < new <= budget:
-                window[...] = True
-                added = new
+        added, drawn = 0, 0
+        while added == 0 and drawn < (exact_within or tries):
+            drawn += tries
+            draws = torch.rand(tries, 4, generator=generator, dtype=torch.float64).tolist()
+            for u_area, u_aspect, u_top, u_left in draws:
+                area = min_block + (budget - min_block) * u_area
+                ratio = math.exp(log_lo + (log_hi - log_lo) * u_aspect)
+                h, w = int(round(math.sqrt(area * ratio))), int(round(math.sqrt(area / ratio)))
+                if not (0 < h < h_grid and 0 < w < w_grid):
+                    continue
+                top, left = int(u_top * (h_grid - h + 1)), int(u_left * (w_grid - w + 1))
+                window = mask[top : top + h, left : left + w]
+                new = h * w - int(window.sum())
+                if 0 < new <= budget:
+                    window[...] = True
+                    added = new
+                    break
+        if added == 0:
+            if exact_within is None:  # BEiT: no rectangle fitted in this round, the official generator stops here
                 break
-        if added == 0:  # no rectangle fitted in this round: the official generator stops here
-            break
+            free = np.flatnonzero(~mask)  # BootMAE's safety cap reached: the budget in random free cells
+            mask.flat[free[torch.randperm(free.size, generator=generator)[:budget].numpy()]] = True
+            added = budget
         count += added
-    return torch.from_numpy(mask)
+    return mask
+
+
+def block_mask(grid: tuple[int, int], num_masked: int, *, min_block: int = 16, max_block: int | None = None,
+               aspect: tuple[float, float] = (0.3, 1 / 0.3), generator: torch.Generator | None = None,
+               max_attempts: int = 100_000) -> torch.Tensor:  # fmt: skip
+    """Exact-count blockwise masking for one image, BootMAE's own generator (`mask.block_generator: exact`): (H, W)
+    bool mask with exactly `num_masked` ones. BEiT's rounds (see `_block_rounds`), except that each round draws
+    again until a rectangle fits instead of giving up after 10 tries, so the count always reaches the target
+    (MAE-style visible-token encoders need the same count in every image; BootMAE's hybrid mask places exactly
+    its 120 block patches). Near the target the budget falls below `min_block`, so the last rectangles mostly
+    grow the blocks already placed rather than start new ones."""
+    return torch.from_numpy(_block_rounds(grid, num_masked, min_block, max_block, aspect, generator, 10, max_attempts))
+
+
+def beit_block_mask(grid: tuple[int, int], num_masked: int, *, min_block: int = 16, max_block: int | None = None,
+                    aspect: tuple[float, float] = (0.3, 1 / 0.3), generator: torch.Generator | None = None,
+                    tries: int = 10) -> torch.Tensor:  # fmt: skip
+    """BEiT's own blockwise generator for one image: (H, W) bool mask with *at most* `num_masked` ones: a round
+    that places no rectangle in `tries` draws ends the mask, so the count can fall short of the target (what the
+    official code does; see `block_mask` for the exact-count variant). See `_block_rounds`."""
+    return torch.from_numpy(_block_rounds(grid, num_masked, min_block, max_block, aspect, generator, tries, None))
 
 
 BLOCK_GENERATORS = ("beit", "exact")
 
 
 def block_mask_for(generator_kind: str, grid: tuple[int, int], num_masked: int, **kwargs) -> torch.Tensor:
-    """`mask.block_generator` dispatch: "beit" (official, count may fall short) or "exact" (always `num_masked`)."""
+    """`mask.block_generator` dispatch: "beit" (BEiT's own, the count may fall short) or "exact" (BootMAE's own, always
+    `num_masked`)."""
     if generator_kind not in BLOCK_GENERATORS:
         raise ValueError(f"block generator must be one of {BLOCK_GENERATORS}, got {generator_kind!r}")
     return (beit_block_mask if generator_kind == "beit" else block_mask)(grid, num_masked, **kwargs)
@@ -165,11 +157,12 @@ def hybrid_mask(
     min_block: int = 16,
     max_roll: int = 3,
     generator: torch.Generator | None = None,
-    block_generator: str = "beit",
+    block_generator: str = "exact",
 ) -> torch.Tensor:
     """BootMAE's hybrid masking for one image: (H, W) bool mask with exactly `num_masked` ones.
 
-    A BEiT block mask of (at most, with the official "beit" generator) `num_block` patches is drawn first; the
+    A block mask of `num_block` patches is drawn first (BootMAE's own generator, "exact", places exactly that many;
+    BEiT's, "beit", can fall short); the
     visible set is then r random block-masked patches plus (keep - r) random patches outside the blocks,
     r ~ U{0..max_roll}: what BootMAE's "visible-by-block first, block-masked last, roll right by r, keep the first
     `keep`" permutation gives. So about num_block patches are masked in blocks and the rest at random; the total
@@ -239,17 +232,17 @@ def parallel_masks(batch_size: int, num_patches: int, parts: int, *, noise: torc
 
 
 def visible_token_masks(batch_size: int, num_patches: int, mask_ratio: float, parts: int = 1, *,
-                        noise: torch.Tensor | None = None, mask: torch.Tensor | None = None, device: Device = None,
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+                        count: int | None = None, noise: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                        device: Device = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(ids_keep, ids_restore, mask) for a visible-token encoder from the data pipeline's mask inputs: a given
-    `mask` (B, L) (block / hybrid masks), else `noise` of random masks, or of K parallel parts (`parts` > 1:
-    ids_keep (B, K, keep), ids_restore and mask flattened to (B*K, L))."""
+    `mask` (B, L) (block / hybrid masks), else `noise` of random masks (`count` masked, else `mask_ratio`), or of K
+    parallel parts (`parts` > 1: ids_keep (B, K, keep), ids_restore and mask flattened to (B*K, L))."""
     if mask is not None:
         return mask_to_ids(mask)
     if parts > 1:
         ids_keep, ids_restore, masks = parallel_masks(batch_size, num_patches, parts, noise=noise, device=device)
         return ids_keep, ids_restore.flatten(0, 1), masks.flatten(0, 1)
-    return random_mask(batch_size, num_patches, mask_ratio, noise=noise, device=device)
+    return random_mask(batch_size, num_patches, mask_ratio, count=count, noise=noise, device=device)
 
 
 def coarse_random_mask(grid: tuple[int, int], cell: int, mask_ratio: float,
@@ -270,13 +263,15 @@ class VisibleTokenMasks:
     """Per-sample mask inputs (drawn in the data pipeline from the sample's own generator) for encoders that see
     the visible patches only, so every image keeps the same count: `random` and `parallel` (EMAE's disjoint
     parts, split in the forward pass) give noise (L,); `block` (exact count) and `hybrid` (BootMAE's blocks
-    topped up at random to the exact total) give the mask (L,), 1 = masked."""
+    topped up at random to the exact total) give the mask (L,), 1 = masked. `count` (mask.count): the masked
+    patches per image, instead of the ratio's."""
 
-    def __init__(self, kind: str, grid: tuple[int, int], mask_ratio: float, *, block_generator: str = "exact",
-                 hybrid_block_ratio: float = 120 / 196, hybrid_max_block_ratio: float = 60 / 196):  # fmt: skip
+    def __init__(self, kind: str, grid: tuple[int, int], mask_ratio: float, *, count: int | None = None,
+                 block_generator: str = "exact", hybrid_block_ratio: float = 120 / 196,
+                 hybrid_max_block_ratio: float = 60 / 196):  # fmt: skip
         self.kind, self.grid, self.block_generator = kind, tuple(grid), block_generator
         self.num_patches = grid[0] * grid[1]
-        self.num_masked = self.num_patches - num_visible(self.num_patches, mask_ratio)
+        self.num_masked = self.num_patches - num_visible(self.num_patches, mask_ratio, count)
         self.num_block = max(1, round(hybrid_block_ratio * self.num_patches))
         self.max_block = max(1, round(hybrid_max_block_ratio * self.num_patches))
 

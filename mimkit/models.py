@@ -72,6 +72,44 @@ def create_beit_encoder(cfg) -> Beit:
     return Beit(**timm_beit_kwargs(cfg), drop_path_rate=cfg.model.drop_path_rate)
 
 
+def trunc_normal_sigma_(tensor: torch.Tensor, std: float) -> torch.Tensor:
+    """In place: N(0, std^2) cut at +-1 std, the BEiT family's `trunc_normal_(t, std)` (whose bounds are a = -std,
+    b = std, absolute: resulting std 0.5396 std). Drawn by rejection, each value redrawn until it lies strictly
+    inside the bounds, so no value sits on a bound (an inverse-CDF sampler clamps its rounding overshoots there)."""
+    if tensor.is_meta:
+        return tensor
+    with torch.no_grad():
+        values = torch.randn(tensor.shape, device=tensor.device) * std
+        outside = values.abs() >= std
+        while bool(outside.any()):
+            values[outside] = torch.randn(int(outside.sum()), device=tensor.device) * std
+            outside = values.abs() >= std
+        return tensor.copy_(values)
+
+
+def init_weights_beit(encoder: Beit, std: float = 0.02) -> None:
+    """The official BEiT / mc-BEiT pretraining init of a timm Beit: every Linear and the patch-embedding conv weight,
+    the cls token (and an absolute position embedding) ~ N(0, std) cut at +-std (`trunc_normal_sigma_`), zero
+    biases, LayerNorm (1, 0); then attn.proj and mlp.fc2 of block l (1-indexed) divided by sqrt(2 l). The relative
+    position bias tables, q / v biases and layer-scale gammas keep timm's init (zeros, zeros, init_values), as the
+    official code's."""
+    for module in encoder.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            trunc_normal_sigma_(module.weight, std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    trunc_normal_sigma_(encoder.cls_token, std)
+    if encoder.pos_embed is not None:
+        trunc_normal_sigma_(encoder.pos_embed, std)
+    with torch.no_grad():
+        for layer, block in enumerate(encoder.blocks, start=1):
+            block.attn.proj.weight.div_(math.sqrt(2.0 * layer))
+            block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
+
+
 def sincos_2d_pos_embed(dim: int, grid: int, cls_token: bool = True, row_first: bool = False) -> torch.Tensor:
     """MAE's fixed 2-D sin-cos table, (1, grid*grid [+1], dim): first half of the channels encodes
     the column (w) coordinate, second half the row (h); each half is [sin, cos]; cls row is zero.

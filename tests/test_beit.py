@@ -2,6 +2,7 @@
 two views of one crop, tiny pretraining runs that resume exactly, mimkit's own tokenizer training."""
 
 import json
+import math
 from collections import OrderedDict
 
 import numpy as np
@@ -102,9 +103,9 @@ def test_block_masks_default_to_beits_generator_and_the_count_can_fall_short():
         assert model.block_generator == "beit" and max(counts) <= model.num_masked and min(counts) < model.num_masked
         exact = tiny(method, *grid14, "mask.block_generator=exact")
         assert {int(exact.mask_inputs(torch.Generator().manual_seed(s))["mask"].sum()) for s in range(20)} == {79}
-    # MAE-style encoders keep exact counts; BootMAE's hybrid blocks are BEiT's (its total stays exact)
+    # MAE-style encoders keep exact counts; BootMAE's hybrid blocks come from its own exact-count generator (issue 36)
     assert tiny("mae", "mask.type=block").block_generator == "exact"
-    assert tiny("bootmae", "mask.type=hybrid").block_generator == "beit"
+    assert tiny("bootmae", "mask.type=hybrid").block_generator == "exact"
     with pytest.raises(ConfigError, match="mask.block_generator beit .* method mae"):
         load_config(None, TINY_MODEL + ["method=mae", "mask.type=block", "mask.block_generator=beit"])
 
@@ -428,3 +429,43 @@ def test_tokenizer_training_resumes_bit_identically_and_refuses_other_settings(t
     monkeypatch.setattr(DVAE, "loss", real_loss)
     fresh = train_tokenizer(cfg("c", "tokenizer.resume=none"), log_every=1000)
     assert fresh["history"] == straight["history"]
+
+
+# ---------------------------------------------------------------- initialisation (issue 36)
+
+
+@pytest.mark.parametrize("method", ["beit", "mcbeit"])
+def test_init_follows_the_official_bounds_and_never_sits_on_one(method):
+    """The official BEiT / mc-BEiT code draws trunc_normal_(std=0.02) with bounds +-std (one sigma, absolute): std
+    0.5396 x 0.02 = 0.0108, every |w| < 0.02; attn.proj / mlp.fc2 of block l then / sqrt(2l). timm's helper (bounds
+    +-2) gave std 0.02 and, once, an lm_head weight of exactly 2.0 (its clamp); no weight may sit on a bound."""
+    torch.manual_seed(0)
+    model = tiny(method, "model.embed_dim=64", "tokenizer.vocab_size=256")
+    enc, bound, cut_std = model.encoder, 0.02, 0.02 * 0.5396
+    drawn = [enc.patch_embed.proj.weight, enc.cls_token, model.mask_token, model.lm_head.weight]
+    drawn += [p for blk in enc.blocks for p in (blk.attn.qkv.weight, blk.mlp.fc1.weight)]
+    values = torch.cat([p.detach().flatten() for p in drawn])
+    assert values.numel() > 40_000
+    assert abs(float(values.std()) / cut_std - 1) < 0.02 and abs(float(values.mean())) < 1e-4
+    assert float(values.abs().max()) < bound and not bool((values.abs() == bound).any())
+    assert float(values.abs().max()) > 0.99 * bound  # the tails reach the cut: not a narrower distribution
+    for layer, blk in enumerate(enc.blocks, start=1):  # the depth rescaling, after the draw
+        for w in (blk.attn.proj.weight.detach(), blk.mlp.fc2.weight.detach()):
+            scaled = w * math.sqrt(2 * layer)
+            assert float(scaled.abs().max()) < bound and abs(float(scaled.std()) / cut_std - 1) < 0.1
+    for p in (model.lm_head.bias, enc.patch_embed.proj.bias, enc.blocks[0].attn.proj.bias):
+        assert not bool(p.detach().any())  # zero biases
+    assert not bool(enc.rel_pos_bias.relative_position_bias_table.detach().any())  # zero, as the official table
+
+
+def test_the_one_sigma_sampler_has_the_truncated_normals_moments_and_no_bound_value():
+    from mimkit.models import trunc_normal_sigma_
+
+    torch.manual_seed(0)
+    w = trunc_normal_sigma_(torch.empty(1_000_000), 0.02)
+    assert abs(float(w.std()) / (0.02 * 0.5396) - 1) < 0.003 and abs(float(w.mean())) < 3e-5
+    assert float(w.abs().max()) < 0.02 and not bool((w.abs() == 0.02).any())
+    # the share within half a sigma: (Phi(0.5) - Phi(-0.5)) / (Phi(1) - Phi(-1)) = 0.3829 / 0.6827
+    assert abs(float((w.abs() < 0.01).float().mean()) - 0.3829 / 0.6827) < 0.003
+    meta = trunc_normal_sigma_(torch.empty(3, device="meta"), 0.02)  # a meta-device model builds without values
+    assert meta.is_meta

@@ -355,31 +355,67 @@ def test_official_bootmae_weights_give_the_same_loss_with_mimkits_own_tables():
     torch.testing.assert_close(rebuilt.pred, imported.pred, rtol=1e-5, atol=1e-5)
 
 
-def test_official_pixel_head_maps_exactly_onto_the_linear_head():
+def test_official_pixel_head_is_the_default_and_loads_official_weights_exactly():
+    """Issue 36: the default pixel head is BootMAE's ConvTranspose2d (3 biases, one per colour channel): official
+    weights load into it bit for bit, it computes the transposed convolution, and its gradients are the
+    convolution's (so AdamW keeps the 3 biases shared, as the official head does). per_pixel keeps p*p*3 biases."""
+    from mimkit.decoders import ChannelBiasHead
     from mimkit.interop import convert_bootmae_official
     from mimkit.models import unpatchify
 
     sd = official_bootmae_state_dict(seed=1)
-    conv = convert_bootmae_official(sd, P)
+    model = tiny_bootmae("mask.type=hybrid")
+    head = model.pixel_decoder.head
+    assert isinstance(head, ChannelBiasHead) and model.pixel_head == "official" and head.bias.shape == (3,)
+    model.load_state_dict(convert_bootmae_official(sd, P).tensors, strict=True)
+    assert torch.equal(head.bias, sd["lm_head.proj.bias"])  # exactly, no repetition
+    deconv_w = sd["lm_head.proj.weight"]  # (dim, 3, p, p) -> rows in patchify order (i, j, c)
+    assert torch.equal(head.weight, deconv_w.permute(2, 3, 1, 0).reshape(-1, DEC))
     deconv = torch.nn.ConvTranspose2d(DEC, 3, kernel_size=P, stride=P)
-    deconv.load_state_dict({"weight": sd["lm_head.proj.weight"], "bias": sd["lm_head.proj.bias"]})
-    tokens = torch.randn(2, L, DEC)
-    with torch.no_grad():
-        official = deconv(tokens.transpose(1, 2).reshape(2, DEC, S // P, S // P))
-        ours = unpatchify(F.linear(tokens, conv.tensors["pixel_decoder.head.weight"],
-                                   conv.tensors["pixel_decoder.head.bias"]), P)  # fmt: skip
+    deconv.load_state_dict({"weight": deconv_w, "bias": sd["lm_head.proj.bias"]})
+    tokens, upstream = torch.randn(2, L, DEC), torch.randn(2, 3, S, S)
+    official = deconv(tokens.transpose(1, 2).reshape(2, DEC, S // P, S // P))
+    ours = unpatchify(head(tokens), P)
     torch.testing.assert_close(ours, official, rtol=1e-5, atol=1e-6)
+    (official * upstream).sum().backward()
+    (ours * upstream).sum().backward()
+    torch.testing.assert_close(head.bias.grad, deconv.bias.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(head.weight.grad, deconv.weight.grad.permute(2, 3, 1, 0).reshape(-1, DEC),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    # the switch: mimkit's per-pixel head, the 3 official biases repeated over the p*p pixels
+    per_pixel = tiny_bootmae("mask.type=hybrid", "bootmae.pixel_head=per_pixel")
+    per_pixel.load_state_dict(convert_bootmae_official(sd, P, pixel_head="per_pixel").tensors, strict=True)
+    assert isinstance(per_pixel.pixel_decoder.head, torch.nn.Linear)
+    assert torch.equal(per_pixel.pixel_decoder.head.bias, sd["lm_head.proj.bias"].repeat(P * P))
+    with torch.no_grad():
+        torch.testing.assert_close(unpatchify(per_pixel.pixel_decoder.head(tokens), P), official, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="pixel_decoder.head.bias"):  # the layouts do not mix silently
+        model.load_state_dict(per_pixel.state_dict())
+
+
+def test_a_checkpoint_config_from_before_the_switch_keeps_its_per_pixel_head():
+    from mimkit.config import config_from_dict, to_dict
+
+    saved = to_dict(load_config(None, TINY_MODEL + ["method=bootmae"]))
+    del saved["bootmae"]["pixel_head"]  # what every mimkit before bootmae.pixel_head wrote
+    assert config_from_dict(saved).bootmae.pixel_head == "per_pixel"
+    assert config_from_dict({"method": "bootmae", "bootmae": {"feature_weight": 0.5}}).bootmae.pixel_head == "official"
 
 
 def test_initialisation_follows_the_official_code():
     torch.manual_seed(0)
     model = tiny_bootmae("mae.decoder_dim=256", "bootmae.feature_decoder_dim=256")
     tokens = torch.cat([model.pixel_decoder.mask_token.flatten(), model.feature_decoder.mask_token.flatten()]).detach()
-    # N(0, 0.02) truncated at +-1 sigma: all within 0.02, std 0.02 * 0.5376 (the truncated normal's)
+    # N(0, 0.02) truncated at +-1 sigma: all within 0.02, std 0.02 * 0.5396 (the truncated normal's)
     assert float(tokens.abs().max()) <= 0.02 and 0.009 < float(tokens.std()) < 0.0125
-    # pixel head: ConvTranspose2d's default init, one bias per colour channel repeated over the patch's pixels
+    assert not bool((tokens.abs() == 0.02).any())  # drawn strictly inside the bounds: no clamped value
+    # pixel head: ConvTranspose2d's default init, U(+-1/sqrt(3 p^2)) for the weights and the 3 channel biases
     head, bound = model.pixel_decoder.head, 1 / (3 * P * P) ** 0.5
-    assert 0.9 * bound < float(head.weight.abs().max()) <= bound
-    per_pixel = head.bias.detach().view(P * P, 3)
+    assert 0.9 * bound < float(head.weight.detach().abs().max()) <= bound
+    biases = head.bias.detach()
+    assert biases.shape == (3,) and 0 < float(biases.abs().min()) <= float(biases.abs().max()) <= bound
+    # the per_pixel switch: those 3 biases repeated over the patch's pixels (tied at init, free in training)
+    torch.manual_seed(0)
+    per_pixel = tiny_bootmae("bootmae.pixel_head=per_pixel").pixel_decoder.head.bias.detach().view(P * P, 3)
     assert torch.equal(per_pixel, per_pixel[:1].expand(P * P, 3))
     assert 0 < float(per_pixel.abs().min()) and float(per_pixel.abs().max()) <= bound

@@ -138,3 +138,48 @@ def test_training_loop_uses_the_method_weight_decay_set(tiny_cfg):
     groups = torch.load(result.checkpoint, weights_only=True)["optimizer"]["param_groups"]  # keyed by names
     decayed = {n for g in groups if g["weight_decay"] > 0 for n in g["params"]}
     assert {"encoder.cls_token", "decoder.mask_token"} <= decayed
+
+
+# ---------------------------------------------------------------- mask.count (issue 36)
+
+
+def test_mask_count_overrides_the_ratio_in_every_method_that_takes_it():
+    from mimkit.methods import build_model
+
+    torch.manual_seed(0)
+    grid = ["model.img_size=32"]  # 8 x 8 = 64 patches; ratio 0.75 would mask 48
+    for method, extra in [("mae", ["mask.type=random"]), ("mae", ["mask.type=block"]),
+                          ("bootmae", ["mask.type=hybrid"]), ("beit", ["mask.type=block", *TINY_TOKENIZER]),
+                          ("mcbeit", ["mask.type=random", *TINY_TOKENIZER])]:  # fmt: skip
+        cfg = load_config(None, TINY_MODEL + grid + [f"method={method}", *extra, "mask.ratio=0.75", "mask.count=40"])
+        model = build_model(cfg)
+        drawn = model.mask_inputs(torch.Generator().manual_seed(0))
+        if "mask" in drawn and method in ("mae", "bootmae"):
+            assert int(drawn["mask"].sum()) == 40, (method, extra)
+        if method in ("mae", "bootmae"):  # the forward's masking: 40 masked, 24 kept, from noise or the given mask
+            out = model(torch.randn(2, 3, 32, 32), **{k: torch.stack([v, v]) for k, v in drawn.items()})
+            assert out.mask.sum(1).tolist() == [40.0, 40.0], (method, extra)
+        else:
+            assert model.num_masked == 40 and int(drawn["mask"].sum()) <= 40
+    assert load_config(None, TINY_MODEL + grid + ["mask.type=hybrid", "mask.count=40"]).mask.count == 40
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["mask.count=64"], r"^mask.count must be in \[1, 63\] \(patches masked of the 64 given by model.img_size 32"),
+        (["mask.count=0"], r"^mask.count must be in \[1, 63\]"),
+        (["mask.count=-5"], r"^mask.count must be in \[1, 63\]"),
+        (["mask.count=1.5"], r"^mask.count: expected an integer"),
+        (["method=emae", "mask.count=48"], r"^mask.count does not compose with method emae"),
+        (["method=simmim", "simmim.mask_patch_size=8", "mask.count=30"],
+         r"^mask.count does not compose with method simmim"),
+        (["mask.type=parallel", "mask.count=48"], r"^mask.count does not compose with method mae / mask.type parallel"),
+        (["mask.type=hybrid", "mask.count=20", "mask.hybrid_block_ratio=0.5"],
+         r"^mask.hybrid_block_ratio must be in \(0, mask.count / patches 0.3125\]"),
+    ],
+)
+def test_mask_count_is_validated_in_one_line_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(None, TINY_MODEL + ["model.img_size=32", *overrides])
+    assert "\n" not in str(err.value)

@@ -160,13 +160,14 @@ _BOOTMAE_BLOCK = {  # official Decode_Block sub-module -> mimkit DecoderBlock su
 }  # fmt: skip
 
 
-def convert_bootmae_official(sd: dict[str, torch.Tensor], patch_size: int) -> Converted:
+def convert_bootmae_official(sd: dict[str, torch.Tensor], patch_size: int, pixel_head: str = "official") -> Converted:
     """A whole official BootMAE pretraining model (``modeling_pretrain_bootmae.py`` names) -> mimkit ``BootMAE``
     keys: the encoder as :func:`convert_official` maps it, both cross-attention decoders, and the momentum
     encoder as a copy of the encoder (load ``model_ema`` the same way for the EMA one). Exact: BEiT-style
     q / v biases become fused biases with a zero k part; the cross-attention's fused ``kv`` splits into ``k`` /
-    ``v``; the pixel head ``ConvTranspose2d(dim, 3, p, p)`` becomes mimkit's Linear(dim, p*p*3) in patchify
-    order, its per-channel bias repeated over the p*p pixels."""
+    ``v``; the pixel head ``ConvTranspose2d(dim, 3, p, p)`` becomes mimkit's per-token (dim -> p*p*3) map in
+    patchify order, its 3 channel biases kept as they are (`pixel_head` official, `bootmae.pixel_head`'s default)
+    or repeated over the p*p pixels (per_pixel)."""
     decoder_side = ("decode_", "down", "lm_head", "mask_token", "de_pos_embed")
     encoder = convert_official({k: v for k, v in sd.items() if not k.startswith(decoder_side)}, "bootmae")
     conv = Converted(notes=list(encoder.notes), unexpected=dict(encoder.unexpected))
@@ -212,7 +213,10 @@ def convert_bootmae_official(sd: dict[str, torch.Tensor], patch_size: int) -> Co
     # output pixel (i, j) of channel c of a patch = sum_d x_d W[d, c, i, j] + b[c]; patchify order is (i, j, c)
     conv.put("pixel_decoder.head.weight", deconv_w.permute(2, 3, 1, 0).reshape(-1, deconv_w.shape[0]),
              "lm_head.proj.weight (ConvTranspose2d -> Linear)")  # fmt: skip
-    conv.put("pixel_decoder.head.bias", deconv_b.repeat(patch_size * patch_size), "lm_head.proj.bias (per channel)")
+    if pixel_head == "official":
+        conv.put("pixel_decoder.head.bias", deconv_b, "lm_head.proj.bias (one per channel)")
+    else:
+        conv.put("pixel_decoder.head.bias", deconv_b.repeat(patch_size * patch_size), "lm_head.proj.bias (per pixel)")
     for k in sd:
         if k.startswith(decoder_side) and k not in taken:
             conv.unexpected[k] = "not part of mimkit's BootMAE decoders"

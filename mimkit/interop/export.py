@@ -180,7 +180,9 @@ def hf_vit_mae_config(model, cfg: Config):
         decoder_intermediate_size=block.mlp.fc1.out_features
         if block is not None
         else 4 * dec.decoder_embed.out_features,
-        mask_ratio=float(model.mask_ratio),
+        # mask.count c: a ratio whose int(L * (1 - r)) is L - c, away from float rounding
+        mask_ratio=float(model.mask_ratio) if getattr(model, "mask_count", None) is None
+        else (model.mask_count - 0.5) / model.num_patches,
         norm_pix_loss=bool(model.norm_pix_loss),
     )
 

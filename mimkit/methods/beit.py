@@ -6,8 +6,10 @@ bias), so ``model.encoder.state_dict()`` loads into ``timm.models.beit.Beit(...,
 use_abs_pos_emb=False, init_values=..., num_classes=0, global_pool='')`` unchanged. Corruption: the patch
 embeddings of masked patches are *replaced* by a learned ``mask_token`` before the blocks; the encoder runs on
 all patches plus cls; ``lm_head`` (after the final LN) predicts the tokenizer's code at masked positions only.
-Init: trunc_normal(0.02) for Linear weights, cls / mask tokens and lm_head, then attn.proj and mlp.fc2 of block
-l (1-indexed) divided by sqrt(2l) (timm's Beit init is exactly this).
+Init (the official code's, `mimkit.models.init_weights_beit`): N(0, 0.02) cut at +-0.02 (the official
+``trunc_normal_(std)`` helper's bounds, one standard deviation; timm's helper cuts at +-2 absolute) for Linear and
+patch-embedding weights, cls / mask tokens and lm_head, drawn by rejection so that no weight sits on a bound; zero
+biases; then attn.proj and mlp.fc2 of block l (1-indexed) divided by sqrt(2l).
 
 - ``beit``: hard targets argmax(tokenizer logits), cross-entropy on masked patches (block masking, 40%).
 - ``mcbeit``: soft targets. p_j = softmax(z_j / tau) (tau 4) for every patch j; W = row-softmax(cos-sim of the
@@ -30,7 +32,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
 from timm.models.beit import Beit
 from torch import nn
 
@@ -39,7 +40,7 @@ from mimkit.data import ViewSpec
 from mimkit.losses import soft_cross_entropy
 from mimkit.masking import block_mask_for, num_visible
 from mimkit.methods.base import MIMMethod
-from mimkit.models import create_beit_encoder, encode_beit_with_mask_tokens
+from mimkit.models import create_beit_encoder, encode_beit_with_mask_tokens, init_weights_beit, trunc_normal_sigma_
 from mimkit.schedules import temperature_at
 from mimkit.targets import affinity, soft_targets, tokenizer_probs
 from mimkit.tokenizers import DVAESpec, Tokenizer, load_tokenizer
@@ -63,7 +64,7 @@ class BEiT(MIMMethod):
     soft = False
 
     def __init__(self, encoder: Beit, tokenizer: Tokenizer | None, *, mask_ratio: float = 0.4,
-                 mask_type: str = "block", tokenizer_size: int | None = None,
+                 mask_count: int | None = None, mask_type: str = "block", tokenizer_size: int | None = None,
                  tokenizer_interpolation: str | None = None, block_generator: str = "beit",
                  vocab_size: int | None = None):  # fmt: skip
         super().__init__()
@@ -71,12 +72,13 @@ class BEiT(MIMMethod):
         self.num_patches = encoder.patch_embed.num_patches
         self.grid = tuple(encoder.patch_embed.grid_size)
         self.mask_ratio, self.mask_type, self.block_generator = mask_ratio, mask_type, block_generator
-        self.num_masked = self.num_patches - num_visible(self.num_patches, mask_ratio)
+        self.num_masked = self.num_patches - num_visible(self.num_patches, mask_ratio, mask_count)  # count wins
         dim = encoder.embed_dim
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.lm_head = nn.Linear(dim, tokenizer.vocab_size if tokenizer is not None else vocab_size)
-        trunc_normal_(self.mask_token, std=0.02)
-        trunc_normal_(self.lm_head.weight, std=0.02)
+        init_weights_beit(encoder)
+        trunc_normal_sigma_(self.mask_token, 0.02)
+        trunc_normal_sigma_(self.lm_head.weight, 0.02)
         nn.init.zeros_(self.lm_head.bias)
         if tokenizer is None:  # no second view to ask the data pipeline for
             return
@@ -186,9 +188,9 @@ def build(cfg, encoder=None) -> BEiT:
     t, b = cfg.tokenizer, cfg.beit
     spec = DVAESpec(t.vocab_size, t.hidden, t.downsample, t.code_dim)
     tokenizer = None if t.kind == "none" else load_tokenizer(t.kind, t.path, spec, seed=cfg.train.seed)
-    kwargs = dict(mask_ratio=cfg.mask.ratio, mask_type=cfg.mask.type, tokenizer_size=t.size,
-                  tokenizer_interpolation=t.interpolation, block_generator=resolve_block_generator(cfg),
-                  vocab_size=t.vocab_size)  # fmt: skip
+    kwargs = dict(mask_ratio=cfg.mask.ratio, mask_count=cfg.mask.count, mask_type=cfg.mask.type,
+                  tokenizer_size=t.size, tokenizer_interpolation=t.interpolation,
+                  block_generator=resolve_block_generator(cfg), vocab_size=t.vocab_size)  # fmt: skip
     if cfg.method == "mcbeit":
         return McBEiT(create_beit_encoder(cfg), tokenizer, temperature=b.temperature, omega=b.omega,
                       sim_temperature=b.sim_temperature, stop_gradient=b.stop_gradient,

@@ -9,7 +9,9 @@ Two targets, two target-aware decoders, one encoder (a stock timm ViT run on the
   student's last-block tokens (before the final norm); both sides go through a LayerNorm without affine.
 Both losses are masked-token MSEs with larger weights at the centre of masked regions (1 + the masked fraction
 of the 3x3 neighbourhood), normalised by the number of masked tokens. L = R + lambda(e) * P, lambda ramped
-linearly over the first 25% of epochs. Masks: a BEiT block mask (120/196 patches) topped up at random to 75%.
+linearly over the first 25% of epochs. Masks: a block mask of exactly 120/196 patches (BootMAE's own generator,
+which draws until each block fits) topped up at random to 75%. The pixel head is BootMAE's ConvTranspose2d as a
+per-token linear map with one bias per colour channel (`bootmae.pixel_head: official`; per_pixel: p*p*3 biases).
 
 Every ingredient is a switch in the `bootmae:` config section (see mimkit.config.BootMAEConfig). The pixel
 decoder takes its size from `mae.decoder_*`. With `mask.type: parallel` the EMAE parallel masks are used: K
@@ -32,11 +34,11 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from mimkit.config import resolve_block_generator
-from mimkit.decoders import TargetAwareDecoder
+from mimkit.decoders import ChannelBiasHead, TargetAwareDecoder
 from mimkit.losses import center_weights, consistency_loss, weighted_mse
 from mimkit.masking import VisibleTokenMasks, parts_for_ratio, visible_token_masks
 from mimkit.methods.base import MIMMethod
-from mimkit.models import encode_visible, init_weights_bootmae, sincos_2d_pos_embed
+from mimkit.models import encode_visible, init_weights_bootmae, sincos_2d_pos_embed, trunc_normal_sigma_
 from mimkit.schedules import feature_weight_at, momentum_at
 from mimkit.targets import ema_update_, momentum_features, pixel_target, pixels_from_target
 
@@ -64,8 +66,9 @@ class BootMAE(MIMMethod):
     def __init__(self, encoder: VisionTransformer, *, decoder_dim: int = 512, decoder_depth: int = 2,
                  decoder_heads: int = 16, feature_decoder_dim: int | None = None,
                  feature_decoder_depth: int | None = None, feature_decoder_heads: int | None = None,
-                 mask_ratio: float = 0.75, mask_type: str = "hybrid", block_generator: str = "beit",
-                 hybrid_block_ratio: float = 120 / 196, hybrid_max_block_ratio: float = 60 / 196,
+                 mask_ratio: float = 0.75, mask_count: int | None = None, mask_type: str = "hybrid",
+                 block_generator: str = "exact", hybrid_block_ratio: float = 120 / 196,
+                 hybrid_max_block_ratio: float = 60 / 196, pixel_head: str = "official",
                  feature_target: str = "ema", feature_weight: float = 1.0, feature_weight_ramp: float = 0.25,
                  cross_attention: bool = True, pixel_context_layer: int = 0, feature_context_layer: int = -1,
                  pixel_norm: str = "patch_channel", center_weight: bool = True, mask_pos_only: bool = True,
@@ -79,8 +82,9 @@ class BootMAE(MIMMethod):
         self.grid = tuple(encoder.patch_embed.grid_size)
         self.num_patches = encoder.patch_embed.num_patches
         self.mask_ratio, self.mask_type, self.block_generator = mask_ratio, mask_type, block_generator
-        self.masks = VisibleTokenMasks(mask_type, self.grid, mask_ratio, block_generator=block_generator,
-                                       hybrid_block_ratio=hybrid_block_ratio,
+        self.mask_count = mask_count  # mask.count: masked patches per image, overrides the ratio
+        self.masks = VisibleTokenMasks(mask_type, self.grid, mask_ratio, count=mask_count,
+                                       block_generator=block_generator, hybrid_block_ratio=hybrid_block_ratio,
                                        hybrid_max_block_ratio=hybrid_max_block_ratio)  # fmt: skip
         self.parts = parts_for_ratio(mask_ratio) if mask_type == "parallel" else 1
         self.pixel_norm, self.center_weight = pixel_norm, center_weight
@@ -90,8 +94,12 @@ class BootMAE(MIMMethod):
         self.consistency_weight, self.stop_gradient, self.distance = consistency_weight, stop_gradient, distance
         self.pixel_layer, self.feature_layer = pixel_context_layer % depth, feature_context_layer % depth
         context = dim if cross_attention else None
+        if pixel_head not in ("official", "per_pixel"):
+            raise ValueError(f"pixel_head must be official or per_pixel, got {pixel_head!r}")
+        self.pixel_head = pixel_head
+        head = ChannelBiasHead(decoder_dim, self.patch_size) if pixel_head == "official" else None
         self.pixel_decoder = TargetAwareDecoder(dim, context, self.grid[0], decoder_dim, decoder_depth, decoder_heads,
-                                                self.patch_size**2 * 3, mask_pos_only)  # fmt: skip
+                                                self.patch_size**2 * 3, mask_pos_only, head=head)  # fmt: skip
         self.feature_decoder = self.ema_encoder = None
         if feature_target == "ema":
             fdim = feature_decoder_dim or dim
@@ -106,9 +114,10 @@ class BootMAE(MIMMethod):
 
     def initialize_weights(self) -> None:
         """Section 5.3: frozen row-first sin-cos pos-embed; BootMAE's xavier Linears (models.init_weights_bootmae);
-        cls ~ N(0, 1e-6); mask tokens ~ N(0, 0.02) truncated at +-1 sigma; the pixel head is BootMAE's
-        ConvTranspose2d(dim, 3, p, p) as a Linear in patchify order with PyTorch's default init, U(+-1/sqrt(3 p^2)),
-        one bias per colour channel repeated over the p*p pixels (tied at init, free in training)."""
+        cls ~ N(0, 1e-6); mask tokens ~ N(0, 0.02) truncated at +-1 sigma (strictly inside: models.trunc_normal_sigma_);
+        the pixel head is BootMAE's ConvTranspose2d(dim, 3, p, p) in patchify order with PyTorch's default init,
+        U(+-1/sqrt(3 p^2)) for weights and its 3 channel biases (the per_pixel head: those 3 repeated over the p*p
+        pixels, tied at init, free in training)."""
         enc = self.encoder
         enc.pos_embed.data.copy_(sincos_2d_pos_embed(enc.embed_dim, self.grid[0], row_first=True))
         enc.pos_embed.requires_grad_(False)  # frozen in pretraining; timm makes it learnable at fine-tune
@@ -119,11 +128,12 @@ class BootMAE(MIMMethod):
         nn.init.normal_(enc.cls_token, std=1e-6)
         for decoder in (self.pixel_decoder, self.feature_decoder):
             if decoder is not None:
-                nn.init.trunc_normal_(decoder.mask_token, std=0.02, a=-0.02, b=0.02)
+                trunc_normal_sigma_(decoder.mask_token, 0.02)
         head, pixels = self.pixel_decoder.head, self.patch_size**2
         bound = 1 / math.sqrt(3 * pixels)  # ConvTranspose2d's default: fan_in = out channels (3) x kernel area
         nn.init.uniform_(head.weight, -bound, bound)
-        head.bias.data.copy_(torch.empty(3).uniform_(-bound, bound).repeat(pixels))
+        biases = torch.empty(3).uniform_(-bound, bound)
+        head.bias.data.copy_(biases if self.pixel_head == "official" else biases.repeat(pixels))
 
     # ---------------------------------------------------------------- schedule and momentum encoder
 
@@ -173,8 +183,8 @@ class BootMAE(MIMMethod):
                 mask: torch.Tensor | None = None) -> BootMAEOutput:  # fmt: skip
         """`mask` (B, L, 1 = masked) from hybrid/block masking, or `noise` (B, L) for random/parallel masks."""
         b, num, parts = imgs.shape[0], self.num_patches, self.parts if mask is None else 1
-        ids_keep, ids_restore, masks = visible_token_masks(b, num, self.mask_ratio, parts, noise=noise, mask=mask,
-                                                           device=imgs.device)  # fmt: skip
+        ids_keep, ids_restore, masks = visible_token_masks(b, num, self.mask_ratio, parts, count=self.mask_count,
+                                                           noise=noise, mask=mask, device=imgs.device)  # fmt: skip
         per_part = (lambda t: t.repeat_interleave(parts, dim=0)) if parts > 1 else (lambda t: t)  # noqa: E731
         latent, features = encode_visible(self.encoder, imgs, ids_keep, (self.pixel_layer, self.feature_layer))
         weights = center_weights(masks, self.grid) if self.center_weight else masks
@@ -207,9 +217,10 @@ def build(cfg, encoder: VisionTransformer) -> BootMAE:
         "feature_decoder_dim", "feature_decoder_depth", "feature_decoder_heads", "feature_target", "feature_weight",
         "feature_weight_ramp", "cross_attention", "pixel_context_layer", "feature_context_layer", "pixel_norm",
         "center_weight", "mask_pos_only", "momentum", "momentum_mid", "momentum_mid_epoch", "momentum_final",
-        "momentum_final_epoch")}  # fmt: skip
+        "momentum_final_epoch", "pixel_head")}  # fmt: skip
     return BootMAE(encoder, decoder_dim=m.decoder_dim, decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads,
-                   mask_ratio=mask.ratio, mask_type=mask.type, block_generator=resolve_block_generator(cfg),
+                   mask_ratio=mask.ratio, mask_count=mask.count, mask_type=mask.type,
+                   block_generator=resolve_block_generator(cfg),
                    hybrid_block_ratio=mask.hybrid_block_ratio, hybrid_max_block_ratio=mask.hybrid_max_block_ratio,
                    consistency_weight=e.consistency_weight, stop_gradient=e.stop_gradient, distance=e.distance,
                    **same_names)  # fmt: skip

@@ -40,6 +40,7 @@ class MAE(MIMMethod):
         decoder_heads: int = 16,
         mask_ratio: float = 0.75,
         norm_pix_loss: bool = True,
+        mask_count: int | None = None,
         mask_type: str = "random",
         block_generator: str = "exact",
         hybrid_block_ratio: float = 120 / 196,
@@ -54,8 +55,9 @@ class MAE(MIMMethod):
         self.patch_size = encoder.patch_embed.patch_size[0]
         self.num_patches = encoder.patch_embed.num_patches
         self.mask_ratio = mask_ratio
+        self.mask_count = mask_count  # mask.count: masked patches per image, overrides the ratio
         self.mask_type, self.block_generator = mask_type, block_generator
-        self.masks = VisibleTokenMasks(mask_type, tuple(encoder.patch_embed.grid_size), mask_ratio,
+        self.masks = VisibleTokenMasks(mask_type, tuple(encoder.patch_embed.grid_size), mask_ratio, count=mask_count,
                                        block_generator=block_generator, hybrid_block_ratio=hybrid_block_ratio,
                                        hybrid_max_block_ratio=hybrid_max_block_ratio)  # fmt: skip
         self.norm_pix_loss = norm_pix_loss
@@ -108,8 +110,8 @@ class MAE(MIMMethod):
         """`noise` (B, L) drives random masking (as HF ViTMAE's `noise`); `mask` (B, L, 1 = masked,
         same count per image) gives the mask directly; neither: fresh random noise. `select_noise` (B, L):
         which masked patches the CrossMAE decoder reconstructs (fresh when None)."""
-        masking = visible_token_masks(imgs.shape[0], self.num_patches, self.mask_ratio, noise=noise, mask=mask,
-                                      device=imgs.device)  # fmt: skip
+        masking = visible_token_masks(imgs.shape[0], self.num_patches, self.mask_ratio, count=self.mask_count,
+                                      noise=noise, mask=mask, device=imgs.device)  # fmt: skip
         if isinstance(self.decoder, CrossMAEDecoder):
             return self._forward_crossmae(imgs, masking, select_noise)
         latent = encode_visible(self.encoder, imgs, masking.ids_keep)
@@ -145,6 +147,7 @@ def build(cfg, encoder: VisionTransformer) -> MAE:
         decoder_heads=cfg.mae.decoder_heads,
         mask_ratio=cfg.mask.ratio,
         norm_pix_loss=cfg.mae.norm_pix_loss,
+        mask_count=cfg.mask.count,
         mask_type=cfg.mask.type,
         block_generator=resolve_block_generator(cfg),
         hybrid_block_ratio=cfg.mask.hybrid_block_ratio,
