@@ -68,6 +68,7 @@ class BEiT(MIMMethod):
                  tokenizer_interpolation: str | None = None, block_generator: str = "beit",
                  vocab_size: int | None = None):  # fmt: skip
         super().__init__()
+        init_weights_beit(encoder)  # first: the encoder is a function of the RNG state timm's Beit left (eval's baseline)
         self.encoder, self.tokenizer = encoder, tokenizer
         self.num_patches = encoder.patch_embed.num_patches
         self.grid = tuple(encoder.patch_embed.grid_size)
@@ -76,7 +77,6 @@ class BEiT(MIMMethod):
         dim = encoder.embed_dim
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.lm_head = nn.Linear(dim, tokenizer.vocab_size if tokenizer is not None else vocab_size)
-        init_weights_beit(encoder)
         trunc_normal_sigma_(self.mask_token, 0.02)
         trunc_normal_sigma_(self.lm_head.weight, 0.02)
         nn.init.zeros_(self.lm_head.bias)
