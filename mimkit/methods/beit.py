@@ -68,7 +68,7 @@ class BEiT(MIMMethod):
                  tokenizer_interpolation: str | None = None, block_generator: str = "beit",
                  vocab_size: int | None = None):  # fmt: skip
         super().__init__()
-        init_weights_beit(encoder)  # first: the encoder is a function of the RNG state timm's Beit left (eval's baseline)
+        init_weights_beit(encoder)  # first: a function of the RNG state timm's Beit left (eval's random-init baseline)
         self.encoder, self.tokenizer = encoder, tokenizer
         self.num_patches = encoder.patch_embed.num_patches
         self.grid = tuple(encoder.patch_embed.grid_size)
