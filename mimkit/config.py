@@ -574,8 +574,9 @@ def dump_yaml(cfg: Config) -> str:
 
 def resolved(cfg: Config) -> Config:
     """A copy with the values the model takes from elsewhere written out: model.img_size / patch_size / embed_dim /
-    depth / num_heads from the model.arch preset, bootmae.feature_decoder_* from the encoder and mae.*. Loads back
-    to the same model (`--print-config` shows it)."""
+    depth / num_heads from the model.arch preset, bootmae.feature_decoder_* from the encoder and mae.*,
+    mask.block_generator's auto as the generator it means. Loads back to the same model (`--print-config` shows
+    it)."""
     p = get_preset(cfg.model.arch)
     m = cfg.model
     model = dataclasses.replace(m, img_size=m.img_size or p.img_size, patch_size=m.patch_size or p.patch_size,
@@ -585,4 +586,5 @@ def resolved(cfg: Config) -> Config:
     bootmae = dataclasses.replace(b, feature_decoder_dim=b.feature_decoder_dim or model.embed_dim,
                                   feature_decoder_depth=b.feature_decoder_depth or cfg.mae.decoder_depth,
                                   feature_decoder_heads=b.feature_decoder_heads or model.num_heads)  # fmt: skip
-    return dataclasses.replace(cfg, model=model, bootmae=bootmae)
+    mask = dataclasses.replace(cfg.mask, block_generator=resolve_block_generator(cfg))
+    return dataclasses.replace(cfg, model=model, mask=mask, bootmae=bootmae)

@@ -44,6 +44,7 @@ from mimkit.checkpoint import (
     set_rng_state,
 )
 from mimkit.config import (
+    BEIT_METHODS,
     TRAJECTORY_FREE,
     Config,
     check_pretrainable,
@@ -137,9 +138,14 @@ def saved_config(data: dict | None) -> dict:
     if not isinstance(data, dict):
         return {}
     try:
-        return to_dict(resolved(config_from_dict(data)))
+        out = to_dict(resolved(config_from_dict(data)))
     except MimkitError:
         return data
+    mask = data.get("mask") if isinstance(data.get("mask"), dict) else {}
+    if mask.get("block_generator", "auto") == "auto":  # saved before it was resolved: auto meant beit for hybrid too
+        hybrid = mask.get("type") == "hybrid"
+        out["mask"]["block_generator"] = "beit" if data.get("method") in BEIT_METHODS or hybrid else "exact"
+    return out
 
 
 def finished_loss(out_dir: Path, state: dict, step: int) -> float:

@@ -358,3 +358,17 @@ def test_a_stopped_finetune_resumes_bit_identical_and_a_stopped_knn_says_so(tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == EXIT_STOPPED and err[-1].startswith("mimkit: stopped by SIGTERM during feature extraction")
     assert not (tmp_path / "knn" / "metrics.json").exists()
+
+
+def test_a_checkpoint_saved_with_auto_is_compared_by_what_auto_meant_then(tiny_cfg):
+    """mask.block_generator auto meant BEiT's generator for BootMAE's hybrid blocks before it meant BootMAE's own:
+    a checkpoint that says auto is read as it was trained, so resuming it under the new meaning is refused."""
+    result = pretrain(tiny_cfg("method=bootmae", "mask.type=hybrid", "train.max_steps=2", out="bootmae"))
+    state = load_checkpoint(result.checkpoint)
+    assert state["config"]["mask"]["block_generator"] == "exact"  # written resolved from now on
+    state["config"]["mask"]["block_generator"] = "auto"
+    torch.save(state, result.checkpoint)
+    with pytest.raises(ConfigDrift, match="mask.block_generator beit -> exact"):
+        pretrain(tiny_cfg("method=bootmae", "mask.type=hybrid", "train.max_steps=4", out="bootmae"))
+    assert pretrain(tiny_cfg("method=bootmae", "mask.type=hybrid", "mask.block_generator=beit", "train.max_steps=4",
+                             out="bootmae")).step == 4  # fmt: skip

@@ -17,7 +17,7 @@ from mimkit import distributed as mdist
 from mimkit.checkpoint import CheckpointError, load_checkpoint
 from mimkit.config import BEIT_METHODS, ConfigError, config_from_dict
 from mimkit.methods import build_model, set_layer_norm_eps
-from mimkit.models import create_encoder, get_preset, timm_beit_kwargs
+from mimkit.models import create_encoder, get_preset, init_weights_beit, timm_beit_kwargs
 
 log = logging.getLogger("mimkit")
 
@@ -165,9 +165,11 @@ def build_encoder(src: EncoderSource, drop_path_rate: float = 0.0, seed: int = 0
 
         if src.state is not None:
             return Beit(**{**src.beit_kwargs, "drop_path_rate": drop_path_rate})
-        with torch.random.fork_rng(devices=[]):  # timm's Beit init, which BEiT pretraining keeps, from `seed` alone
+        with torch.random.fork_rng(devices=[]):  # BEiT pretraining's init (official bounds), from `seed` alone
             torch.manual_seed(seed)
-            return Beit(**{**src.beit_kwargs, "drop_path_rate": drop_path_rate})
+            encoder = Beit(**{**src.beit_kwargs, "drop_path_rate": drop_path_rate})
+            init_weights_beit(encoder)
+            return encoder
     if src.state is not None:
         return set_layer_norm_eps(create_encoder(m["arch"], m["img_size"], m["patch_size"], drop_path_rate,
                                                  m["embed_dim"], m["depth"], m["num_heads"]),
@@ -186,7 +188,7 @@ def load_pretrained(model: VisionTransformer, src: EncoderSource) -> KeyReport:
     resampling the position embedding if the grid differs, and report what matched."""
     report = KeyReport(src.source)
     if src.state is None:
-        report.notes.append("random init: timm Beit's initialisation (trunc-normal 0.02, BEiT's per-layer rescale)"
+        report.notes.append("random init: timm Beit, BEiT's official init (trunc-normal 0.02 cut at +-0.02, per-layer rescale)"
                             if src.beit_kwargs is not None else
                             "random init: the MAE initialisation (xavier-uniform, fixed 2-D sin-cos pos-embed)")  # fmt: skip
         return report
