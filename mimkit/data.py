@@ -24,6 +24,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
 from mimkit.datasets import open_torchvision
+from mimkit.extras import install_hint
 from mimkit.sources import (  # noqa: F401 (mimkit.data's names, as before)
     ArrayImages,
     CorruptImage,
@@ -82,9 +83,9 @@ def webdataset_urls(path: str) -> list[str]:
             __import__(name)
         except ImportError:
             missing.append(name)
-    if missing:  # optional at import time: npz / folder training runs without them
-        raise DataError(f"data.path: {path} is WebDataset shards, which need the {' and '.join(missing)} package(s) "
-                        "(pip install webdataset braceexpand)")  # fmt: skip
+    if missing:  # the webdataset extra: npz / folder / torchvision training runs without it
+        raise DataError(f"data.path: {path} is WebDataset shards, which need the {' and '.join(missing)} package(s): "
+                        f"{install_hint('webdataset')}")  # fmt: skip
     import braceexpand
 
     p = Path(path)

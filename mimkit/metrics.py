@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from mimkit.checkpoint import atomic_write_bytes
+from mimkit.extras import tensorboard_writer
 
 
 def _step_of(line: bytes) -> int:
@@ -26,8 +27,7 @@ class MetricsLog:
         if enabled and self.path.exists():
             self._keep_until(resumed_step)
         if enabled and tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
+            SummaryWriter = tensorboard_writer("run.tensorboard" if prefix == "knn" else "train.tensorboard")
             self.tb = SummaryWriter(str(out_dir / "tb"))
 
     def _keep_until(self, resumed_step: int | None) -> None:

@@ -146,8 +146,12 @@ def load_npz(path: str | os.PathLike, split: str = "train") -> ArrayImages:
 def skimage_photos() -> ArrayImages:
     """The embedded default dataset: scikit-image's bundled natural photos, square-cropped to 256 px.
     Real images, shipped inside a dependency, so the quickstart needs no download."""
-    from skimage import data as skdata
-    from skimage.transform import resize
+    try:
+        from skimage import data as skdata
+        from skimage.transform import resize
+    except ImportError as e:  # a required dependency, but an environment may lack it
+        raise DataError("data.path: skimage (the embedded photos) needs scikit-image, which is not installed: "
+                        "pip install scikit-image") from e  # fmt: skip
 
     names = ["astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "moon", "page", "text",
              "clock", "grass", "gravel", "brick", "hubble_deep_field", "immunohistochemistry", "retina",
