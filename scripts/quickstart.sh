@@ -8,5 +8,5 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 . .venv/bin/activate
-python -m pip install -q -e .
+python -m pip install -q -e ".[tensorboard]"  # the quickstart writes TensorBoard logs (train.tensorboard)
 mimkit pretrain configs/quickstart.yaml "$@"

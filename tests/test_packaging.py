@@ -209,3 +209,14 @@ def test_missing_tensorboard_through_the_cli(no_tensorboard, npz_data, tmp_path,
                                       "package: pip install 'mimkit[tensorboard]' (or train.tensorboard=false)")  # fmt: skip
     assert not list((tmp_path / "run").glob("checkpoint-*"))  # before any step
     assert main(run_args(tmp_path, npz_data, "train.tensorboard=false", "train.out_dir=" + str(tmp_path / "off"))) == 0
+
+
+def test_readme_install_names_every_extra_and_the_cpu_index():
+    readme = (REPO / "README.md").read_text()
+    install = readme[readme.index("## Install"):]
+    install = install[: install.index("\n## ", 1)]
+    assert "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu" in install
+    for extra in pyproject()["project"]["optional-dependencies"]:
+        if extra != "bench":  # benchmarks/ only, not a user's install
+            assert f"`mimkit[{extra}]`" in install, extra
+    assert 'pip install -e ".[dev]"' in (REPO / "scripts" / "test.sh").read_text()
