@@ -95,7 +95,8 @@ def test_optional_packages_are_extras_and_dev_has_everything():
     extras = project["optional-dependencies"]
     assert extra_closure(project, "webdataset") == {"webdataset", "braceexpand"}
     assert extra_closure(project, "tensorboard") == {"tensorboard"}
-    assert extra_closure(project, "all") >= extra_closure(project, "report") | extra_closure(project, "hf") | set(OPTIONAL)
+    every = extra_closure(project, "all")
+    assert every >= extra_closure(project, "report") | extra_closure(project, "hf") | set(OPTIONAL), every
     dev = extra_closure(project, "dev")
     assert dev >= extra_closure(project, "all"), "dev (scripts/test.sh) installs every extra"
     for extra in extras:
@@ -110,11 +111,15 @@ def test_optional_packages_are_extras_and_dev_has_everything():
     for folder, provided in needed.items():
         for path in (REPO / folder).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text())):
-                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
-                         [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])  # fmt: skip
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                    names = [node.module]
                 for top in {n.split(".")[0] for n in names} - local - set(sys.stdlib_module_names):
                     dists = {dist_name(d) for d in owners.get(top, [top])}
-                    assert dists & provided, f"{path.relative_to(REPO)} imports {top} ({dists}): not in {folder}'s requirements"
+                    where = f"{path.relative_to(REPO)} imports {top} ({dists})"
+                    assert dists & provided, f"{where}: not in the requirements of {folder}/"
 
 
 # ---------------------------------------------------------------- the wheel
@@ -126,8 +131,9 @@ def test_wheel_metadata_and_files(tmp_path):
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(REPO / name, src / name)
     shutil.copytree(REPO / "mimkit", src / "mimkit", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-                           "-q", "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w",
+               str(tmp_path / "dist"), str(src)]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("mimkit-*.whl")
     assert wheel.name.startswith(f"mimkit-{mimkit.__version__}-py3-none-any")
@@ -142,7 +148,8 @@ def test_wheel_metadata_and_files(tmp_path):
     assert meta["License-Expression"] == "Apache-2.0" and meta.get_all("License-File") == ["LICENSE"]
     assert "SimMIM" in meta["Summary"] and "CrossMAE" in meta["Summary"]
     assert "Topic :: Scientific/Engineering :: Image Recognition" in meta.get_all("Classifier")
-    assert {u.split(",")[0] for u in meta.get_all("Project-URL")} >= {"Homepage", "Documentation", "Issues", "Changelog"}
+    labels = {u.split(",")[0] for u in meta.get_all("Project-URL")}
+    assert labels >= {"Homepage", "Documentation", "Issues", "Changelog"}, labels
     assert meta["Requires-Python"] == ">=3.10"
     requires = meta.get_all("Requires-Dist")
     unconditional = {dist_name(r) for r in requires if "extra ==" not in r}
@@ -205,15 +212,16 @@ def test_missing_webdataset_through_the_cli(no_webdataset, tmp_path, capsys):
 
 def test_missing_tensorboard_through_the_cli(no_tensorboard, npz_data, tmp_path, capsys):
     assert main(run_args(tmp_path, npz_data)) == 2  # train.tensorboard defaults to true
-    assert one_error_line(capsys) == ("mimkit: error: train.tensorboard: TensorBoard logging needs the tensorboard "
-                                      "package: pip install 'mimkit[tensorboard]' (or train.tensorboard=false)")  # fmt: skip
+    expected = ("mimkit: error: train.tensorboard: TensorBoard logging needs the tensorboard package: "
+                "pip install 'mimkit[tensorboard]' (or train.tensorboard=false)")  # fmt: skip
+    assert one_error_line(capsys) == expected
     assert not list((tmp_path / "run").glob("checkpoint-*"))  # before any step
     assert main(run_args(tmp_path, npz_data, "train.tensorboard=false", "train.out_dir=" + str(tmp_path / "off"))) == 0
 
 
 def test_readme_install_names_every_extra_and_the_cpu_index():
     readme = (REPO / "README.md").read_text()
-    install = readme[readme.index("## Install"):]
+    install = readme[readme.index("## Install") :]
     install = install[: install.index("\n## ", 1)]
     assert "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu" in install
     for extra in pyproject()["project"]["optional-dependencies"]:
