@@ -242,7 +242,10 @@ class TrainConfig:
     save_every_epochs: int = 1
     keep_last: int = 3
     log_every: int = 10  # steps between JSONL / TensorBoard records
-    tensorboard: bool = True
+    # where the step records go besides OUT_DIR/metrics.jsonl (always written): tensorboard (OUT_DIR/tb), csv
+    # (OUT_DIR/metrics.csv, one row per logged step); a list or comma-separated; [] = the JSONL only
+    loggers: tuple[str, ...] | str = ("tensorboard",)
+    tensorboard: bool = True  # false: no TensorBoard even when train.loggers names it (the older switch)
     progress: bool = True  # tqdm bar on rank 0
     max_nonfinite_steps: int = 10  # consecutive skipped non-finite steps before the run stops
     vis_every_epochs: int = 10  # TensorBoard reconstruction grids every N epochs (0 = never)
@@ -258,13 +261,32 @@ class TrainConfig:
 # how often they are logged, checked and saved, and when the run stops. Everything else changes the trajectory.
 TRAJECTORY_FREE = frozenset(
     {f"train.{k}" for k in ("out_dir", "resume", "resume_allow", "stop_signal", "max_steps", "max_minutes",
-                            "save_every_steps", "save_every_epochs", "keep_last", "log_every", "tensorboard", "progress",
+                            "save_every_steps", "save_every_epochs", "keep_last", "log_every", "loggers", "tensorboard", "progress",
                             "max_nonfinite_steps", "vis_every_epochs", "vis_images", "knn_every_epochs", "knn_data",
                             "knn_val_split", "knn_samples", "device", "compile", "attention")}
     | {f"data.{k}" for k in ("num_workers", "root", "download", "decode")}
     | {"optim.implementation", "distributed.strategy", "distributed.activation_checkpointing",
        "distributed.timeout_minutes"}
 )  # fmt: skip
+
+
+LOGGERS = ("tensorboard", "csv")  # train.loggers (every command): what mimkit.metrics.MetricsLog writes besides the JSONL
+
+
+def check_loggers(value, key: str) -> tuple[str, ...]:
+    """train.loggers as a tuple of known names, in order, without repeats: a list or a comma-separated string."""
+    names = value.split(",") if isinstance(value, str) else list(value)
+    names = [str(n).strip() for n in names if str(n).strip()]
+    for name in names:
+        require(name in LOGGERS, f"{key}: '{name}' is not a logger; allowed: {', '.join(LOGGERS)} (a list, e.g. "
+                f"[tensorboard, csv], or [] for metrics.jsonl only)")  # fmt: skip
+    return tuple(dict.fromkeys(names))
+
+
+def active_loggers(section) -> tuple[str, ...]:
+    """The loggers a run section asks for: its `loggers`, less tensorboard when `tensorboard` is false."""
+    names = check_loggers(getattr(section, "loggers", ("tensorboard",)), "train.loggers")
+    return tuple(n for n in names if n != "tensorboard" or getattr(section, "tensorboard", True))
 
 
 @dataclass
@@ -423,6 +445,7 @@ def validate(cfg: Config) -> Config:
     # seed + rank + step, which then stay far inside torch's 64-bit seeds
     require(0 <= t.seed < 2**32, f"train.seed must be an integer in [0, {2**32 - 1}] (numpy's seed range; mimkit derives "
             f"seed * 1000003 + epoch for torch's 64-bit seeds), got {t.seed}")  # fmt: skip
+    t.loggers = check_loggers(t.loggers, "train.loggers")
     allow = t.resume_allow.split(",") if isinstance(t.resume_allow, str) else list(t.resume_allow)
     t.resume_allow = tuple(k.strip() for k in allow if k.strip())
     known = config_keys(Config)

@@ -207,12 +207,13 @@ class ResumableBatchSampler(Sampler):
     takes every world_size-th element of it. So 2 ranks x B equals 1 rank x 2B, and 2 micro-steps
     of B/2 equal one of B. Incomplete final steps are dropped (static shapes), unless `keep_partial`: then the
     epoch's remainder is one more, smaller step, split equally over micro-steps and ranks with at least
-    `min_per_rank` images each (only the few images such an equal split cannot place are left out).
+    `min_per_rank` images each (only the few images such an equal split cannot place are left out). `remedy`:
+    the config change the error for too few samples suggests.
     """
 
     def __init__(self, num_samples: int, batch_size: int, accum_steps: int = 1, rank: int = 0,
                  world_size: int = 1, seed: int = 0, shuffle: bool = True, keep_partial: bool = False,
-                 min_per_rank: int = 2):  # fmt: skip
+                 min_per_rank: int = 2, remedy: str = "lower train.batch_size or raise data.repeats"):  # fmt: skip
         self.n, self.batch_size, self.accum_steps = num_samples, batch_size, accum_steps
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self.global_step_size = batch_size * world_size * accum_steps
@@ -225,7 +226,7 @@ class ResumableBatchSampler(Sampler):
             raise DataError(
                 f"data: {num_samples} samples cannot fill one optimizer step of {self.global_step_size} "
                 f"(train.batch_size {batch_size} x {world_size} processes x train.accum_steps {accum_steps}); "
-                "lower train.batch_size or raise data.repeats"
+                f"{remedy}"
             )
         self.epoch, self.start_step = 0, 0
 

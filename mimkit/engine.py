@@ -56,7 +56,7 @@ def seed_everything(seed: int) -> None:
 class StepResult:
     loss: float  # mean over micro-steps and processes
     applied: bool  # False: non-finite loss or gradients, the update was skipped
-    grad_norm: float | None  # before clipping, when optim.clip_grad is set
+    grad_norm: float | None  # global L2 norm of the gradients (before clipping); None when the step was skipped
     extras: list[float]  # the loop's extra sums, summed over processes
     terms: dict[str, float] = field(default_factory=dict)  # the method's loss terms, this process, mean of micro-steps
 
@@ -111,6 +111,13 @@ class StepEngine:
             grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
             # fp16: the scaler skips overflowing gradients itself and lowers its scale
             applied = math.isfinite(grad_norm) or self.precision == "fp16"
+        elif applied:  # the norm only, read from the gradients: the update is exactly the one without it
+            grads = [p.grad for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+            if grads:
+                norm = torch.nn.utils.get_total_norm(grads)
+                norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+                # fp16: the gradients are still scaled (unscaling them is the scaler's step's business)
+                grad_norm = norm / float(self.scaler.get_scale()) if self.scaler.is_enabled() else norm
         if applied:
             self.scaler.step(self.optimizer)
             self.scaler.update()

@@ -1,9 +1,14 @@
 """Logging for the Python API: mimkit logs to the "mimkit" logger; when the program configured no logging at all
-(no handler on it or on the root logger), mimkit adds one INFO handler to stderr, as the command line shows."""
+(no handler on it or on the root logger), mimkit adds one INFO handler to stderr, as the command line shows.
+
+While a progress bar is shown (`progress_bar`), the console handlers of the "mimkit" and the root logger write
+through `tqdm.write`: each log line gets a line of its own above the bar instead of being printed onto it."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 
 FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
@@ -17,3 +22,73 @@ def ensure_logging() -> None:
     logger.addHandler(handler)
     if logger.level == logging.NOTSET:
         logger.setLevel(logging.INFO)
+
+
+def _is_console(handler: logging.Handler) -> bool:
+    return (type(handler) is logging.StreamHandler or isinstance(handler, _TqdmHandler)) and getattr(
+        handler, "stream", None) in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)  # fmt: skip
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """A console handler's stand-in while a bar is shown: the same stream, level, format and filters; the line
+    is written by tqdm.write, which clears the bar, writes the line and draws the bar again below it."""
+
+    def __init__(self, original: logging.StreamHandler):
+        super().__init__(original.stream)
+        self.setLevel(original.level)
+        self.setFormatter(original.formatter)
+        for f in original.filters:
+            self.addFilter(f)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def logging_through_tqdm():
+    """Within: the console handlers of the "mimkit" and root loggers write through tqdm.write (none is added, so a
+    line is never written twice; other handlers, e.g. files, are left as they are)."""
+    loggers = [logging.getLogger("mimkit"), logging.getLogger()]
+    saved = [lg.handlers for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.handlers = [_TqdmHandler(h) if _is_console(h) else h for h in lg.handlers]
+        yield
+    finally:
+        for lg, handlers in zip(loggers, saved):
+            lg.handlers = handlers
+
+
+def progress_bar(**kwargs):
+    """A tqdm bar (tqdm.auto) during whose life log lines go through tqdm.write (logging_through_tqdm); closing
+    the bar (or dropping it) restores the handlers."""
+    from tqdm.auto import tqdm
+
+    redirect = logging_through_tqdm()
+    redirect.__enter__()
+    try:
+        bar = tqdm(**kwargs)
+    except BaseException:
+        redirect.__exit__(None, None, None)
+        raise
+    close = bar.close
+    state = {"open": True}
+
+    def close_and_restore() -> None:
+        try:
+            close()
+        finally:
+            if state["open"]:
+                state["open"] = False
+                redirect.__exit__(None, None, None)
+
+    bar.close = close_and_restore
+    return bar

@@ -1,8 +1,11 @@
-"""The metrics log of every run: JSONL on rank 0, TensorBoard beside it, one record per step."""
+"""The metrics log of every run: JSONL on rank 0, TensorBoard and / or CSV beside it, one record per step."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from mimkit.checkpoint import atomic_write_bytes
@@ -17,15 +20,93 @@ def _step_of(line: bytes) -> int:
     return step if isinstance(step, int) else 0
 
 
-class MetricsLog:
-    """JSONL on rank 0 (always), TensorBoard alongside when enabled."""
+# record keys that are no curve: the wall clock (TensorBoard keeps its own) and the k-NN monitor's constants
+NOT_CURVES = frozenset({"time", "knn_k", "knn_train_images", "knn_val_images"})
 
-    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, prefix: str = "pretrain",
+
+def scalars(record: dict) -> dict[str, float]:
+    """The record's numbers, per-block dicts flattened to `key/name`, bools and non-numbers left out."""
+    out: dict[str, float] = {}
+    for k, v in record.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = v
+        elif isinstance(v, dict):  # e.g. per-block accuracies: one curve per entry
+            for name, x in v.items():
+                if isinstance(x, (int, float)) and not isinstance(x, bool):
+                    out[f"{k}/{name}"] = x
+    return out
+
+
+class CsvLog:
+    """OUT_DIR/metrics.csv: one row per logged step (a later record of the same step, e.g. the k-NN monitor's at an
+    epoch's end, fills in that row), the header the union of the records' scalar keys in first-seen order. Rows
+    are appended while the header holds; a new key or a filled-in row rewrites the file atomically. Opened, it is
+    rebuilt from metrics.jsonl (already cut back to the resumed step): the two always hold the same steps."""
+
+    def __init__(self, path: Path, records: list[dict]):
+        self.path, self.rows, self.header = path, {}, ["step"]
+        for record in records:
+            self._add(record)
+        self._rewrite()
+
+    def _add(self, record: dict) -> bool:
+        """Merge the record into its step's row; True when the file must be rewritten (not just appended to)."""
+        if not isinstance(record.get("step"), int) or "event" in record:
+            return False
+        values = scalars(record)
+        new_keys = [k for k in values if k not in self.header]
+        self.header += new_keys
+        step = record["step"]
+        refill = step in self.rows
+        self.rows.setdefault(step, {}).update(values)
+        return bool(new_keys) or refill or step != max(self.rows)
+
+    def _text(self, rows) -> str:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, self.header, lineterminator="\n")
+        for row in rows:
+            writer.writerow(row)
+        return buf.getvalue()
+
+    def _rewrite(self) -> None:
+        text = ",".join(self.header) + "\n" + self._text(self.rows[s] for s in sorted(self.rows))
+        atomic_write_bytes(self.path, lambda f: f.write(text.encode()))
+
+    def write(self, record: dict) -> None:
+        if self._add(record):
+            self._rewrite()
+        elif isinstance(record.get("step"), int) and "event" not in record:
+            with open(self.path, "a") as f:
+                f.write(self._text([self.rows[record["step"]]]))
+
+
+def _records(path: Path) -> list[dict]:
+    out = []
+    for line in path.read_bytes().split(b"\n"):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            out.append(record)
+    return out
+
+
+class MetricsLog:
+    """JSONL on rank 0 (always); TensorBoard and CSV alongside as `loggers` asks (a list of names; True / False:
+    TensorBoard or nothing, as before train.loggers)."""
+
+    def __init__(self, out_dir: Path, enabled: bool, loggers: bool | Sequence[str], prefix: str = "pretrain",
                  resumed_step: int | None = None):  # fmt: skip
         self.path = out_dir / "metrics.jsonl"
-        self.enabled, self.tb, self.prefix = enabled, None, prefix
+        self.enabled, self.tb, self.csv, self.prefix = enabled, None, None, prefix
+        if isinstance(loggers, bool):
+            loggers = ("tensorboard",) if loggers else ()
+        tensorboard = "tensorboard" in loggers
         if enabled and self.path.exists():
             self._keep_until(resumed_step)
+        if enabled and "csv" in loggers:
+            self.csv = CsvLog(out_dir / "metrics.csv", _records(self.path) if self.path.exists() else [])
         if enabled and tensorboard:
             SummaryWriter = tensorboard_writer("run.tensorboard" if prefix == "knn" else "train.tensorboard")
             self.tb = SummaryWriter(str(out_dir / "tb"))
@@ -47,14 +128,12 @@ class MetricsLog:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.csv is not None:
+            self.csv.write(record)
         if self.tb is not None and "step" in record:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+            for k, v in scalars(record).items():
+                if k != "step" and k not in NOT_CURVES:
                     self.tb.add_scalar(f"{self.prefix}/{k}", v, record["step"])
-                elif isinstance(v, dict):  # e.g. per-block accuracies: one curve per entry
-                    for name, x in v.items():
-                        if isinstance(x, (int, float)) and not isinstance(x, bool):
-                            self.tb.add_scalar(f"{self.prefix}/{k}/{name}", x, record["step"])
             self.tb.flush()
 
     def close(self) -> None:

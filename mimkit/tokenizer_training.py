@@ -10,10 +10,17 @@ from pathlib import Path
 
 import torch
 from torchvision.transforms import v2
-from tqdm.auto import tqdm
 
-from mimkit.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from mimkit.checkpoint import (
+    CheckpointError,
+    atomic_write_text,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from mimkit.data import open_source, resolve_format
+from mimkit.logs import progress_bar
 from mimkit.presets import get_preset
 from mimkit.tokenizers import DVAE, MINUS_ONE_ONE, DVAESpec, TokenizerError
 
@@ -105,7 +112,7 @@ def train_tokenizer(cfg, log_every: int = 50) -> dict:
         log.info("tokenizer: continuing from step %d (%s)", first, progress)
     batches = _tokenizer_batches(cfg, size, t.batch_size, data_rng)
     start = time.perf_counter()
-    bar = (tqdm(total=t.train_steps, initial=first, desc="tokenizer", unit="step", dynamic_ncols=True)
+    bar = (progress_bar(total=t.train_steps, initial=first, desc="tokenizer", unit="step", dynamic_ncols=True)
            if cfg.train.progress else None)  # fmt: skip
     # at low Gumbel temperatures the softmax and its gradient fill with subnormal floats, which CPUs compute slowly
     # (benchmarks/tokenizer_denormals.py: a 1.4-1.5x slower step at tau 1/16); flushed to zero for the loop only

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ from mimkit.config import (
     BEIT_METHODS,
     TRAJECTORY_FREE,
     Config,
+    active_loggers,
     check_pretrainable,
     config_from_dict,
     dump_yaml,
@@ -57,7 +59,7 @@ from mimkit.config import (
 from mimkit.engine import StepEngine, TrainingDiverged, adamw_kernel, seed_everything
 from mimkit.errors import MimkitError
 from mimkit.eval import knn_monitor, open_labelled_split
-from mimkit.logs import ensure_logging
+from mimkit.logs import ensure_logging, progress_bar
 from mimkit.methods import build_model, no_weight_decay_names
 from mimkit.metrics import MetricsLog
 from mimkit.models import compile_blocks, resolve_attention, resolve_compile, set_attention_kernel, transformer_blocks
@@ -190,7 +192,8 @@ def _pretrain(cfg: Config, cleanup: contextlib.ExitStack) -> RunResult:
     if t.knn_every_epochs:
         knn_path = t.knn_data or cfg.data.path
         knn_sources = (open_labelled_split(knn_path, "train", root=cfg.data.root, download=cfg.data.download),
-                       open_labelled_split(knn_path, t.knn_val_split, root=cfg.data.root, download=cfg.data.download))
+                       open_labelled_split(knn_path, t.knn_val_split, root=cfg.data.root, download=cfg.data.download,
+                                           split_key="train.knn_val_split"))
     model.to(device)
     if cfg.distributed.activation_checkpointing:
         model.set_grad_checkpointing(True)
@@ -299,7 +302,7 @@ def _pretrain(cfg: Config, cleanup: contextlib.ExitStack) -> RunResult:
         for note in questionable_settings(cfg, peak_lr, steps_per_epoch):
             log.warning("%s", note)
     # records past the starting step belong to an attempt that left no checkpoint after them: they are run again
-    metrics = MetricsLog(out_dir, dist.is_main, t.tensorboard, resumed_step=step)
+    metrics = MetricsLog(out_dir, dist.is_main, active_loggers(t), resumed_step=step)
     vis_images = None  # fixed images for TensorBoard reconstruction grids (rank 0, indexable sources only)
     if metrics.tb is not None and t.vis_every_epochs and getattr(data, "dataset", None) is not None and model.PREDICTS_PIXELS:
         vis_images = preview_images(data.dataset.source, model.encoder.patch_embed.img_size[0], t.vis_images)
@@ -344,13 +347,13 @@ def _pretrain(cfg: Config, cleanup: contextlib.ExitStack) -> RunResult:
     # ---- the loop
     progress = None
     if dist.is_main and t.progress:
-        from tqdm.auto import tqdm
-
-        progress = tqdm(total=last_step, initial=step, desc="pretrain", unit="step", dynamic_ncols=True)
+        progress = progress_bar(total=last_step, initial=step, desc="pretrain", unit="step", dynamic_ncols=True)
     engine.last_checkpoint = resume_from
     loss_value = float("nan")
     window_start, window_steps = time.perf_counter(), 0
     run_start = window_start
+    epoch_losses: list[float] = []  # this epoch's step losses (this segment's), for the epoch's summary line
+    epoch_start, epoch_train_s = window_start, 0.0  # the summary's img/s counts training time, not the k-NN monitor
     model.train()
     while step < last_step:
         epoch, in_epoch = divmod(step, steps_per_epoch)
@@ -383,6 +386,7 @@ def _pretrain(cfg: Config, cleanup: contextlib.ExitStack) -> RunResult:
                 raise
             loss_value, skipped_total = result.loss, skipped_total + int(result.extras[0])
             window_steps += 1
+            epoch_losses.append(loss_value)
 
             done = step + 1
             stopping = result.extras[2] > 0 and done < last_step  # a stop signal reached some rank: all stop here
@@ -417,6 +421,15 @@ def _pretrain(cfg: Config, cleanup: contextlib.ExitStack) -> RunResult:
                 engine.last_checkpoint = save(done) or engine.last_checkpoint
             if stopping:
                 raise _stopped(stop, done, engine.last_checkpoint, out_dir, metrics, progress)
+            if end_of_epoch and dist.is_main:
+                epoch_train_s += time.perf_counter() - epoch_start
+                finite = [x for x in epoch_losses if math.isfinite(x)]
+                log.info("epoch %d/%d | mean loss %s over %d steps | lr %.3g | %.1f img/s | elapsed %s",
+                         done // steps_per_epoch, -(-last_step // steps_per_epoch),
+                         f"{sum(finite) / len(finite):.4f}" if finite else "nan", len(epoch_losses), lr,
+                         len(epoch_losses) * effective_batch / max(epoch_train_s, 1e-9), _clock(time.perf_counter() - run_start))  # fmt: skip
+            if end_of_epoch:
+                epoch_losses, epoch_train_s = [], 0.0
             if knn_sources is not None and end_of_epoch and (done // steps_per_epoch) % t.knn_every_epochs == 0:
                 if fsdp:
                     model.unshard()  # the root's own parameters (embeddings, norm) are sharded
@@ -427,7 +440,13 @@ def _pretrain(cfg: Config, cleanup: contextlib.ExitStack) -> RunResult:
                 if fsdp:
                     model.reshard()
                 metrics.write({"step": done, "epoch": done // steps_per_epoch, **knn_stats})
+                if dist.is_main:
+                    log.info("epoch %d k-NN monitor: top-1 %.2f%% (k=%d, %d train / %d val images; a trend, not a "
+                             "quality measure)", done // steps_per_epoch, knn_stats["knn_top1"],
+                             knn_stats.get("knn_k", 20), knn_stats["knn_train_images"], knn_stats["knn_val_images"])  # fmt: skip
                 window_start = time.perf_counter()
+            if end_of_epoch:
+                epoch_start = time.perf_counter()  # the next epoch's clock starts after the monitor and the grids
             if vis_images is not None and end_of_epoch and (done // steps_per_epoch) % t.vis_every_epochs == 0:
                 log_reconstruction_grid(metrics.tb, model, vis_images, done, seed=t.seed, mean=cfg.data.mean,
                                         std=cfg.data.std)  # fmt: skip
@@ -440,6 +459,14 @@ def _pretrain(cfg: Config, cleanup: contextlib.ExitStack) -> RunResult:
     mdist.barrier()
     return RunResult(out_dir, engine.last_checkpoint, out_dir / "config.yaml", metrics.path, step, loss_value,
                      engine.nonfinite_total, skipped_total)  # fmt: skip
+
+
+def _clock(seconds: float) -> str:
+    """'1h02m03s', '2m03s', '3.4s'."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}h{m % 60:02d}m{s:02d}s" if m >= 60 else f"{m}m{s:02d}s"
 
 
 def _stopped(stop: GracefulStop, done: int, checkpoint: Path | None, out_dir: Path, metrics: MetricsLog,

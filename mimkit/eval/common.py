@@ -38,6 +38,7 @@ from mimkit.data import CorruptImage, DataError, FolderImages, load_npz, pretrai
 from mimkit.datasets import open_torchvision
 from mimkit.engine import autocast_context, seed_everything
 from mimkit.eval.encoders import encoder_features, feature_dim
+from mimkit.logs import progress_bar
 from mimkit.metrics import MetricsLog
 from mimkit.runs import GracefulStop, RunLock, RunStopped
 
@@ -77,10 +78,23 @@ def subset(source, count: int | None, seed: int = 0):
     return SubsetImages(source, np.sort(g.permutation(len(source))[:count]))
 
 
-def open_labelled_split(path: str, split: str, fmt: str = "auto", root: str = "data", download: bool = False):
+def open_labelled_split(path: str, split: str, fmt: str = "auto", root: str = "data", download: bool = False,
+                        split_key: str | None = None):  # fmt: skip
     """A labelled image source: `x_{split}` / `y_{split}` of a .npz, the ImageFolder tree path/split, or the split of
     a torchvision dataset (`torchvision:NAME` under `root`). The result has `.targets` (one int per image) and
-    `.load(i)` / `.describe(i)` like mimkit.data's sources."""
+    `.load(i)` / `.describe(i)` like mimkit.data's sources. `split_key`: the config key that chose `split`, named
+    when the split is missing."""
+    try:
+        return _open_labelled_split(path, split, fmt, root, download)
+    except DataError as e:
+        text = str(e)
+        missing = f"'x_{split}'" in text or "is not a folder" in text or f"split '{split}'" in text
+        if split_key is None or not missing:
+            raise
+        raise DataError(f"{text}; {split_key} is '{split}': set it to a split the data has") from None
+
+
+def _open_labelled_split(path: str, split: str, fmt: str, root: str, download: bool):
     if fmt == "auto":
         fmt = ("torchvision" if str(path).startswith("torchvision:")
                else "npz" if str(path).endswith(".npz") else "folder")  # fmt: skip
@@ -134,8 +148,8 @@ class LabelledData:
 
 def open_labelled(d, seed: int = 0) -> LabelledData:
     """The train and val splits of `data` (checked before any model is built), subsets applied."""
-    train = open_labelled_split(d.path, d.train_split, d.format, d.root, d.download)
-    val = open_labelled_split(d.path, d.val_split, d.format, d.root, d.download)
+    train = open_labelled_split(d.path, d.train_split, d.format, d.root, d.download, split_key="data.train_split")
+    val = open_labelled_split(d.path, d.val_split, d.format, d.root, d.download, split_key="data.val_split")
     if getattr(train, "classes", None) and getattr(val, "classes", None) and train.classes != val.classes:
         raise DataError(f"data.path: the class folders of '{d.train_split}' and '{d.val_split}' differ")
     num_classes = max(int(max(train.targets.max(), val.targets.max())) + 1, len(getattr(train, "classes", None) or []))
@@ -146,6 +160,14 @@ def open_labelled(d, seed: int = 0) -> LabelledData:
         raise DataError(f"data.path: {d.path}: '{d.val_split}' has labels absent from '{d.train_split}': "
                         f"{unseen[:10]} (out of range for a classifier trained on that split)")  # fmt: skip
     return LabelledData(subset(train, d.train_samples, seed), subset(val, d.val_samples, seed + 1), num_classes)
+
+
+def too_few_images_remedy(d) -> str:
+    """What to change when the train split cannot fill one optimizer step (the evaluation commands have no
+    data.repeats, which pretraining's message names)."""
+    more = (f"raise data.train_samples (now {d.train_samples}) or remove it" if d.train_samples is not None
+            else f"give data.train_split ('{d.train_split}') more images")  # fmt: skip
+    return f"lower train.batch_size or train.accum_steps, or {more}"
 
 
 def eval_transform(img_size: int, mean, std, crop_pct: float | None = None) -> v2.Compose:
@@ -265,9 +287,7 @@ def extract_features(encoder: VisionTransformer, dataset: Dataset, *, indices: l
                         pin_memory=device.type == "cuda", generator=torch.Generator())  # fmt: skip
     bar = None
     if desc and rank == 0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(positions), initial=done, desc=desc, unit="img", dynamic_ncols=True)
+        bar = progress_bar(total=len(positions), initial=done, desc=desc, unit="img", dynamic_ncols=True)
     for i, (imgs, y) in enumerate(loader, start=1):
         signalled = GracefulStop.requested_now()
         if signalled is not None and done < len(positions):
@@ -379,9 +399,7 @@ class RunBookkeeping:
         self.window_start, self.window_steps = time.perf_counter(), 0
         self.progress = None
         if is_main and t.progress:
-            from tqdm.auto import tqdm
-
-            self.progress = tqdm(total=last_step, initial=step, desc=command, unit="step", dynamic_ncols=True)
+            self.progress = progress_bar(total=last_step, initial=step, desc=command, unit="step", dynamic_ncols=True)
 
     def after_step(self, done: int, loss: float, lr: float, extra: dict | None = None, stop: float = 0.0) -> None:
         """`stop`: the summed stop flag of this step (see stop_flag): write a checkpoint and raise RunStopped."""

@@ -17,9 +17,10 @@ from typing import Any, Literal
 
 import yaml
 
-from mimkit.config import AttentionKernel
+from mimkit.config import AttentionKernel, check_loggers
 from mimkit.models import PRESETS
 from mimkit.typed_config import ConfigError, from_dict, read_recipe, require, to_dict
+from mimkit.typed_config import _merge as merge_dicts
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -102,7 +103,8 @@ class KnnRun:
     out_dir: str = "runs/knn"
     resume: Literal["auto", "none"] = "auto"  # auto: reuse / continue the feature caches in out_dir
     save_every_batches: int = 50  # partial feature caches, for resuming an interrupted extraction
-    tensorboard: bool = True
+    loggers: tuple[str, ...] | str = ("tensorboard",)  # besides metrics.jsonl: tensorboard, csv (as pretraining's)
+    tensorboard: bool = True  # false: no TensorBoard even when loggers names it
     progress: bool = True
 
 
@@ -134,7 +136,8 @@ class RunConfig:
     keep_last: int = 2
     eval_every_epochs: int = 1  # top-1 on the val split (and at the end)
     log_every: int = 20
-    tensorboard: bool = True
+    loggers: tuple[str, ...] | str = ("tensorboard",)  # besides metrics.jsonl: tensorboard, csv (as pretraining's)
+    tensorboard: bool = True  # false: no TensorBoard even when train.loggers names it
     progress: bool = True
     max_nonfinite_steps: int = 10
 
@@ -290,6 +293,7 @@ def _validate_run(t: RunConfig) -> None:
     for key in ("save_every_epochs", "keep_last", "eval_every_epochs", "log_every", "max_nonfinite_steps"):
         require(getattr(t, key) >= 1, f"train.{key} must be >= 1, got {getattr(t, key)}")
     _validate_device("train", t.device)
+    t.loggers = check_loggers(t.loggers, "train.loggers")
 
 
 def validate(cfg: Any) -> Any:
@@ -302,6 +306,7 @@ def validate(cfg: Any) -> Any:
         require(cfg.run.batch_size >= 1, f"run.batch_size must be >= 1, got {cfg.run.batch_size}")
         require(cfg.run.save_every_batches >= 1, f"run.save_every_batches must be >= 1, got {cfg.run.save_every_batches}")
         _validate_device("run", cfg.run.device)
+        cfg.run.loggers = check_loggers(cfg.run.loggers, "run.loggers")
     elif isinstance(cfg, LinprobeConfig):
         _validate_features("probe", cfg.probe)
         require(cfg.probe.head_init_std > 0, "probe.head_init_std must be positive")
@@ -343,8 +348,31 @@ def load_eval_config(command: str, path: str | Path | None = None, overrides: li
     """Defaults <- YAML recipe <- keyword sections (Python API) <- `key=value` overrides, for one command."""
     if command not in COMMANDS:
         raise ConfigError(f"unknown evaluation command '{command}'; allowed: {', '.join(COMMANDS)}")
-    data = read_recipe(path, overrides, sections)
-    return validate(from_dict(COMMANDS[command], data))
+    if command != "knn":
+        return validate(from_dict(COMMANDS[command], read_recipe(path, overrides, sections)))
+    # knn's output section is `run`; `train`, the other commands' name for it, is accepted too, layer by layer
+    # (recipe, keyword sections, overrides), so a later layer's train.X wins over an earlier one's run.X
+    data = _train_as_run(read_recipe(path, None, {}))
+    data = _train_as_run(read_recipe(None, None, dict(sections)), data)
+    return validate(from_dict(KnnConfig, _train_as_run(read_recipe(None, overrides, {}), data)))
+
+
+def _train_as_run(layer: dict, base: dict | None = None) -> dict:
+    """`layer` merged onto `base`, its `train` section read as knn's `run` section."""
+    layer = dict(layer)
+    train = layer.pop("train", None)
+    if train is not None and not isinstance(train, dict):
+        raise ConfigError(f"train: expected a mapping of run settings (knn's run section), got {train!r}")
+    if train:
+        run = layer.get("run")
+        if run is not None and not isinstance(run, dict):
+            raise ConfigError(f"run: expected a mapping of run settings, got {run!r}")
+        both = sorted(set(train) & set(run or {}))
+        if both and any(train[k] != run[k] for k in both):
+            raise ConfigError(f"knn: run.{both[0]} and train.{both[0]} are the same setting (train is an alias of "
+                              "knn's run section); set one")  # fmt: skip
+        layer["run"] = {**(run or {}), **train}
+    return merge_dicts(base or {}, layer)
 
 
 def eval_config_from_dict(command: str, data: dict):

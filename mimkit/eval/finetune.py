@@ -37,7 +37,7 @@ from torchvision.transforms import v2
 import mimkit
 from mimkit import distributed as mdist
 from mimkit.checkpoint import CheckpointError, atomic_write_text
-from mimkit.config import ConfigError, to_dict
+from mimkit.config import ConfigError, active_loggers, to_dict
 from mimkit.data import ResumableBatchSampler, stable_seed
 from mimkit.engine import StepEngine, TrainingDiverged, adamw_kernel, autocast_context, seed_everything
 from mimkit.eval.common import (
@@ -53,6 +53,7 @@ from mimkit.eval.common import (
     save_eval_checkpoint,
     start_eval_run,
     stop_flag,
+    too_few_images_remedy,
     topk_correct,
     write_final_metrics,
 )
@@ -194,7 +195,8 @@ def run_finetune(cfg: FinetuneConfig) -> EvalResult:
     img_size = model.patch_embed.img_size[0]
 
     train_set = LabelledDataset(data.train, finetune_train_transform(img_size, cfg))
-    sampler = ResumableBatchSampler(len(train_set), t.batch_size, t.accum_steps, dist.rank, dist.world_size, t.seed)
+    sampler = ResumableBatchSampler(len(train_set), t.batch_size, t.accum_steps, dist.rank, dist.world_size, t.seed,
+                                    remedy=too_few_images_remedy(cfg.data))
     workers, pin = cfg.data.num_workers, device.type == "cuda"
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=workers, pin_memory=pin,
                         persistent_workers=workers > 0, generator=torch.Generator())  # fmt: skip
@@ -256,7 +258,7 @@ def run_finetune(cfg: FinetuneConfig) -> EvalResult:
         log.info("%s", format_lr_table(table))
         if resume_from is not None:
             log.info("resumed from %s at step %d", resume_from, step)
-    metrics = EvalLog(out_dir, dist.is_main, t.tensorboard, "finetune", resumed_step=step if resume_from else None)
+    metrics = EvalLog(out_dir, dist.is_main, active_loggers(t), "finetune", resumed_step=step if resume_from else None)
     if resume_from is not None:
         metrics.write({"event": "resume", "from": str(resume_from), "resumed_step": step})
 

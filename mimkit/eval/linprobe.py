@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 import mimkit
 from mimkit import distributed as mdist
 from mimkit.checkpoint import atomic_write_text
-from mimkit.config import to_dict
+from mimkit.config import active_loggers, to_dict
 from mimkit.data import ResumableBatchSampler
 from mimkit.engine import StepEngine, TrainingDiverged, autocast_context
 from mimkit.eval.common import (
@@ -48,6 +48,7 @@ from mimkit.eval.common import (
     save_eval_checkpoint,
     start_eval_run,
     stop_flag,
+    too_few_images_remedy,
     topk_correct,
     write_final_metrics,
 )
@@ -134,7 +135,7 @@ def run_linprobe(cfg: LinprobeConfig) -> EvalResult:
     )  # fmt: skip
     # cached features: the remainder of an epoch is a last, smaller step (no image left out every epoch)
     sampler = ResumableBatchSampler(len(data.train), t.batch_size, t.accum_steps, dist.rank, dist.world_size, t.seed,
-                                    keep_partial=p.mode == "cached")  # fmt: skip
+                                    keep_partial=p.mode == "cached", remedy=too_few_images_remedy(cfg.data))  # fmt: skip
     loader = None
     if p.mode == "cached":
         f_train, y_train = extract_features(
@@ -190,7 +191,7 @@ def run_linprobe(cfg: LinprobeConfig) -> EvalResult:
         )  # fmt: skip
         if resume_from is not None:
             log.info("resumed from %s at step %d", resume_from, step)
-    metrics = EvalLog(out_dir, dist.is_main, t.tensorboard, "linprobe", resumed_step=step if resume_from else None)
+    metrics = EvalLog(out_dir, dist.is_main, active_loggers(t), "linprobe", resumed_step=step if resume_from else None)
 
     def evaluate(done: int) -> dict:
         accs = probe_accuracy(heads, f_val, y_val, device)
