@@ -299,8 +299,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# the flags of the commands that take `CONFIG [section.key=value ...]`: accepted anywhere among the overrides
+FLAGS_ANYWHERE = {"pretrain": ("--print-config", "--dry-run"), "knn": ("--print-config",),
+                  "linprobe": ("--print-config",), "finetune": ("--print-config",)}  # fmt: skip
+
+
+def flags_first(argv: list[str]) -> list[str]:
+    """`pretrain CONFIG --dry-run key=value` as `pretrain --dry-run CONFIG key=value`: argparse takes the positional
+    CONFIG and overrides in one go, so a flag between them would end them (its parse_intermixed_args does not go
+    into subcommands). The flags moved take no value; everything else keeps its order."""
+    command = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if command is None or argv[command] not in FLAGS_ANYWHERE:
+        return argv
+    head, rest = argv[: command + 1], argv[command + 1 :]
+    if "--" in rest:  # after a lone `--` everything is positional
+        cut = rest.index("--")
+        rest, tail = rest[:cut], rest[cut:]
+    else:
+        tail = []
+    flags = FLAGS_ANYWHERE[argv[command]] + ("-h", "--help")
+    moved = [a for a in rest if a in flags]
+    return head + moved + [a for a in rest if a not in flags] + tail
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(flags_first(list(sys.argv[1:] if argv is None else argv)))
     if args.command == "pretrain" and args.config and "=" in args.config:
         args.overrides.insert(0, args.config)
         args.config = None

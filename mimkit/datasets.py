@@ -13,10 +13,12 @@ own class) when `data.download=true`.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import io
 import logging
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +48,16 @@ def dataset_class(name: str, path: str):
     import torchvision.datasets as tvd
 
     cls = getattr(tvd, name, None)
-    generic = ("VisionDataset", "ImageFolder", "DatasetFolder", "FakeData")
-    if not (inspect.isclass(cls) and issubclass(cls, tvd.VisionDataset)) or name in generic:
+    if name == "FakeData":  # a class, but a generator of random images: no files, no splits, nothing to learn
+        raise DataError(f"data.path: {path}: torchvision's FakeData makes random images in memory; data.path="
+                        "torchvision:NAME opens only datasets stored under data.root that take split= or train= "
+                        "(e.g. CIFAR10, STL10). For a run without downloaded data use data.path=skimage (the "
+                        "quickstart's photos, shipped with scikit-image)")  # fmt: skip
+    generic = ("VisionDataset", "ImageFolder", "DatasetFolder")
+    if name in generic:  # base classes: a folder of images is data.path=FOLDER (data.format=folder) instead
+        raise DataError(f"data.path: {path}: {name} is one of torchvision's generic base classes, not a dataset; for "
+                        "a folder of images set data.path to the folder itself")  # fmt: skip
+    if not (inspect.isclass(cls) and issubclass(cls, tvd.VisionDataset)):
         known = ", ".join(["CIFAR10", "CIFAR100", "STL10", "Flowers102", "ImageNet", "SVHN", "Food101", "..."])
         raise DataError(f"data.path: {path}: torchvision has no dataset class '{name}' (e.g. {known}; names are "
                         "torchvision.datasets class names, case-sensitive)")  # fmt: skip
@@ -148,6 +158,34 @@ def _missing_hint(path: str, root: Path, expected: Path) -> str:
             "add data.download=true to download it there (torchvision), or set data.root")  # fmt: skip
 
 
+def _one_line(e: BaseException) -> str:
+    reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e  # URLError: its reason
+    return (str(reason).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def downloading(path: str, name: str, root: Path, where: str, download) -> None:
+    """Run torchvision's `download()`; when it fails (no network, a refused or broken file) remove what it left
+    under data.root (the folders it made, partial archives, half-extracted files) and say in one line which dataset
+    failed and where its files go when they are put there by hand."""
+    made = [p for p in (root, *root.parents) if not p.exists()]  # the folders this download creates
+    before = set(root.iterdir()) if root.is_dir() else set()
+    try:
+        download()
+    except (OSError, RuntimeError) as e:  # urllib's URLError is an OSError; torchvision's checks: RuntimeError
+        if root.is_dir():
+            for entry in set(root.iterdir()) - before:
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+        for folder in made:  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise DataError(f"data.path: {path}: downloading torchvision's {name} failed ({_one_line(e)}); nothing was "
+                        f"kept. Offline, put its files in {where} yourself (torchvision's layout, e.g. from a machine "
+                        "that ran with data.download=true) and run without data.download") from None  # fmt: skip
+
+
 def open_cifar(cls, path: str, root: Path, split: str, download: bool) -> ArrayImages:
     if split not in ("train", "test"):
         raise DataError(f"data.path: {path}: split '{split}' is not one of CIFAR's: train, test")
@@ -156,7 +194,8 @@ def open_cifar(cls, path: str, root: Path, split: str, download: bool) -> ArrayI
     if not all(f.is_file() for f in files) and download:
         downloader = cls.__new__(cls)
         downloader.root = str(root)
-        downloader.download()  # torchvision: its URL, md5-checked, extracted under root
+        # torchvision: its URL, md5-checked, extracted under root
+        downloading(path, cls.__name__, root, f"{folder} (or its archive {root / cls.filename})", downloader.download)
     if not all(f.is_file() for f in files):
         missing = next(f for f in files if not f.is_file())
         raise DataError(_missing_hint(path, root, missing.relative_to(root)))
@@ -237,7 +276,13 @@ def open_torchvision(path: str, split: str | None, root: str | Path, download: b
     elif download:
         log.warning("data.download: torchvision cannot download %s; reading it from %s", name, root)
     try:
-        dataset = cls(str(root), **kwargs)
+        if kwargs.get("download"):
+            found: list = []
+            downloading(path, name, root, f"{root} (torchvision.datasets.{name}'s layout)",
+                        lambda: found.append(cls(str(root), **kwargs)))  # fmt: skip
+            dataset = found[0]
+        else:
+            dataset = cls(str(root), **kwargs)
     except (RuntimeError, FileNotFoundError) as e:  # torchvision: "Dataset not found or corrupted ..."
         raise DataError(f"data.path: {path}: cannot open it under data.root {root} ({e}); "
                         + ("add data.download=true to download it there (torchvision), or set data.root"
