@@ -144,7 +144,9 @@ def saved_config(data: dict | None) -> dict:
     except MimkitError:
         return data
     mask = data.get("mask") if isinstance(data.get("mask"), dict) else {}
-    if mask.get("block_generator", "auto") == "auto":  # saved before it was resolved: auto meant beit for hybrid too
+    # saved as auto before it was written out, when auto meant BEiT's generator for BootMAE's hybrid blocks too
+    # (absent, as in 0.1.0, it was the exact-count generator, which auto means now)
+    if mask.get("block_generator") == "auto":
         hybrid = mask.get("type") == "hybrid"
         out["mask"]["block_generator"] = "beit" if data.get("method") in BEIT_METHODS or hybrid else "exact"
     return out
