@@ -14,7 +14,7 @@ from pathlib import Path
 import mimkit
 from mimkit import distributed as mdist
 from mimkit.checkpoint import load_checkpoint
-from mimkit.config import Config, dump_yaml, load_config, resolved
+from mimkit.config import Config, active_loggers, dump_yaml, load_config, resolved
 from mimkit.errors import MimkitError
 from mimkit.eval import RUNNERS, dump_eval_yaml, load_eval_config
 from mimkit.interop import ImportOptions, export_hf, export_timm, import_checkpoint, timm_usage
@@ -52,12 +52,19 @@ def _pretrain(args: argparse.Namespace) -> int:
         print(f"\ndone: step {result.step}, loss {result.loss:.4f}")
         print(f"  checkpoint: {result.checkpoint}")
         print(f"  config:     {result.config}")
-        print(f"  metrics:    {result.metrics} (TensorBoard: {result.out_dir / 'tb'})")
+        print(f"  metrics:    {result.metrics}{_beside(result.out_dir, active_loggers(cfg.train))}")
         print(f"  report:     mimkit report {result.out_dir}  (one HTML page: curves, reconstructions, evaluations)")
         if result.nonfinite_steps or result.skipped_images:
             print(f"  skipped:    {result.nonfinite_steps} non-finite steps, {result.skipped_images} corrupt images")
     mdist.cleanup()
     return 0
+
+
+def _beside(out_dir: Path, loggers) -> str:
+    """' (TensorBoard: OUT/tb, CSV: OUT/metrics.csv)' for the loggers a run wrote, '' for none."""
+    where = {"tensorboard": f"TensorBoard: {out_dir / 'tb'}", "csv": f"CSV: {out_dir / 'metrics.csv'}"}
+    named = [where[n] for n in loggers if n in where]
+    return f" ({', '.join(named)})" if named else ""
 
 
 # ---------------------------------------------------------------- visualize / export / import / attention
@@ -212,7 +219,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         if m.get("ema_top1") is not None:
             line += f", EMA top-1 {m['ema_top1']:.2f}%"
         print(line + f" on {m['val_images']} val images, {m['wall_clock_s']:.0f} s")
-        print(f"  metrics:    {result.metrics_path} (JSONL: {result.out_dir / 'metrics.jsonl'}, TensorBoard: {result.out_dir / 'tb'})")
+        section = cfg.run if args.command == "knn" else cfg.train
+        beside = _beside(result.out_dir, active_loggers(section))[2:-1]
+        print(f"  metrics:    {result.metrics_path} (JSONL: {result.out_dir / 'metrics.jsonl'}{', ' + beside if beside else ''})")
         if result.checkpoint is not None:
             print(f"  checkpoint: {result.checkpoint}")
     mdist.cleanup()

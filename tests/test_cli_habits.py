@@ -127,3 +127,13 @@ def test_offline_download_names_the_dataset_and_leaves_nothing(tmp_path, monkeyp
         assert sorted(p.name for p in root.iterdir()) == ["mine.txt"]
     else:
         assert not (tmp_path / "data").exists()
+
+
+def test_done_lines_name_the_files_the_loggers_wrote(tmp_path, npz_data, capsys, one_thread):
+    out = tmp_path / "run"
+    assert main(["pretrain", *TINY_MODEL, f"data.path={npz_data}", "data.num_workers=0", "train.batch_size=8",
+                 "train.precision=fp32", "train.progress=false", "train.max_steps=2", "train.loggers=csv",
+                 f"train.out_dir={out}"]) == 0  # fmt: skip
+    text = capsys.readouterr().out
+    assert f"(CSV: {out / 'metrics.csv'})" in text and "TensorBoard" not in text, text
+    assert (out / "metrics.csv").read_text().startswith("step,")

@@ -161,3 +161,14 @@ def test_loggers_key_is_checked_and_tensorboard_false_still_removes_it():
     cfg = load_eval_config("linprobe", None, ["encoder.arch=vit_tiny_patch16_224", "data.path=x.npz",
                                               "train.loggers=csv"])  # fmt: skip
     assert active_loggers(cfg.train) == ("csv",)
+
+
+def test_fp16_grad_norm_without_clipping_is_of_the_unscaled_gradients(tiny_cfg, one_thread):
+    """Under fp16 the gradients are still scaled when the norm is read without clipping: the logged norm is divided
+    by the scale, so it matches what unscale_ + clip_grad_norm_ reports (a clip too large to act)."""
+    plain = pretrain(tiny_cfg("train.precision=fp16", "train.max_steps=2", out="fp16"))
+    huge = pretrain(tiny_cfg("train.precision=fp16", "train.max_steps=2", "optim.clip_grad=1e30", out="fp16clip"))
+    a = [r.get("grad_norm") for r in records(Path(plain.metrics)) if "loss" in r]
+    b = [r.get("grad_norm") for r in records(Path(huge.metrics)) if "loss" in r]
+    assert len(a) == 2 and all(x is not None and 0 < x < 1e3 for x in a), a
+    assert np.allclose(a, b, rtol=1e-3), (a, b)
