@@ -233,7 +233,9 @@ def register_eval_commands(sub) -> None:
     for name, text in EVAL_HELP.items():
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("config", nargs="?", help=f"YAML recipe, e.g. configs/eval/{name}_vit_tiny_cifar10.yaml")
-        p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. encoder.checkpoint=runs/x/checkpoint-00001000.pt")
+        alias = " (knn's output section is run.*; train.* is accepted for it too)" if name == "knn" else ""
+        p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. "
+                       f"encoder.checkpoint=runs/x/checkpoint-00001000.pt train.out_dir=runs/{name}{alias}")  # fmt: skip
         p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
         p.set_defaults(func=_evaluate)
 

@@ -108,6 +108,8 @@ class KnnRun:
     progress: bool = True
 
 
+# knn's output section is `run` (it trains nothing); `train`, the other commands' name, is accepted as an alias
+# (train.out_dir=..., a YAML `train:` section): see load_eval_config
 @dataclass
 class KnnConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
