@@ -29,7 +29,8 @@ def console():
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(FORMAT, datefmt="%H:%M:%S"))
     logger.addHandler(handler)
-    level, logger.level = logger.level, logging.INFO
+    level = logger.level
+    logger.setLevel(logging.INFO)  # (not `.level =`: setLevel clears the logger's cached isEnabledFor answers)
     try:
         yield
     finally:
@@ -172,3 +173,24 @@ def test_fp16_grad_norm_without_clipping_is_of_the_unscaled_gradients(tiny_cfg, 
     b = [r.get("grad_norm") for r in records(Path(huge.metrics)) if "loss" in r]
     assert len(a) == 2 and all(x is not None and 0 < x < 1e3 for x in a), a
     assert np.allclose(a, b, rtol=1e-3), (a, b)
+
+
+def test_eval_loop_bar_keeps_log_lines_apart_and_writes_csv(tmp_path, labelled_npz, capsys, one_thread):
+    from mimkit.eval import load_eval_config
+    from mimkit.eval.linprobe import run_linprobe
+
+    cfg = load_eval_config("linprobe", None, [
+        "encoder.checkpoint=none", "encoder.arch=vit_tiny_patch4_32", "encoder.img_size=16", "encoder.patch_size=4",
+        "encoder.embed_dim=32", "encoder.depth=2", "encoder.num_heads=2", f"data.path={labelled_npz}",
+        "data.num_workers=0", "probe.mode=cached", "train.epochs=2", "train.batch_size=16", "train.log_every=1",
+        "train.precision=fp32", "train.progress=true", "train.loggers=[csv]", f"train.out_dir={tmp_path / 'lp'}",
+    ])  # fmt: skip
+    with console():
+        run_linprobe(cfg)
+    err = capsys.readouterr().err
+    assert "linprobe:" in err, err[-3000:]  # the bar was drawn
+    logged = [s for s in re.split(r"[\r\n]", err) if " INFO " in s or " WARNING " in s]
+    assert logged and all(TIMESTAMP.match(s) for s in logged), (logged, err[-3000:])
+    rows = read_csv(tmp_path / "lp" / "metrics.csv")
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6] and "top1" in rows[0]
+    assert not (tmp_path / "lp" / "tb").exists()
