@@ -25,8 +25,9 @@ def ensure_logging() -> None:
 
 
 def _is_console(handler: logging.Handler) -> bool:
-    return (type(handler) is logging.StreamHandler or isinstance(handler, _TqdmHandler)) and getattr(
-        handler, "stream", None) in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)  # fmt: skip
+    """A plain StreamHandler on stdout / stderr (not a file handler; not already a stand-in: bars nest)."""
+    return type(handler) is logging.StreamHandler and handler.stream in (sys.stdout, sys.stderr, sys.__stdout__,
+                                                                         sys.__stderr__)  # fmt: skip
 
 
 class _TqdmHandler(logging.StreamHandler):
@@ -57,14 +58,20 @@ def logging_through_tqdm():
     """Within: the console handlers of the "mimkit" and root loggers write through tqdm.write (none is added, so a
     line is never written twice; other handlers, e.g. files, are left as they are)."""
     loggers = [logging.getLogger("mimkit"), logging.getLogger()]
-    saved = [lg.handlers for lg in loggers]
+    swapped: dict[logging.Handler, logging.Handler] = {}  # stand-in -> the handler it stands for
     try:
         for lg in loggers:
-            lg.handlers = [_TqdmHandler(h) if _is_console(h) else h for h in lg.handlers]
-        yield
-    finally:
-        for lg, handlers in zip(loggers, saved):
+            handlers = []
+            for h in lg.handlers:
+                if _is_console(h):
+                    swapped[_TqdmHandler(h)] = h
+                    h = next(reversed(swapped))
+                handlers.append(h)
             lg.handlers = handlers
+        yield
+    finally:  # only the stand-ins are swapped back: handlers added or removed meanwhile stay so
+        for lg in loggers:
+            lg.handlers = [swapped.get(h, h) for h in lg.handlers]
 
 
 def progress_bar(**kwargs):
