@@ -194,3 +194,26 @@ def test_eval_loop_bar_keeps_log_lines_apart_and_writes_csv(tmp_path, labelled_n
     rows = read_csv(tmp_path / "lp" / "metrics.csv")
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6] and "top1" in rows[0]
     assert not (tmp_path / "lp" / "tb").exists()
+
+
+def test_nested_bars_restore_the_handlers_whatever_the_order():
+    from mimkit.logs import _TqdmHandler, progress_bar
+
+    logger = logging.getLogger("mimkit")
+    handler = logging.StreamHandler(sys.stderr)
+    logger.addHandler(handler)
+    try:
+        outer = progress_bar(total=2, disable=False)
+        inner = progress_bar(total=2, disable=False)
+        assert len(logger.handlers) == 1 and isinstance(logger.handlers[0], _TqdmHandler)
+        outer.close()  # out of order
+        inner.close()
+        assert logger.handlers == [handler]
+        dropped = progress_bar(total=1)
+        del dropped  # never closed: tqdm closes it when it is collected
+        import gc
+
+        gc.collect()
+        assert logger.handlers == [handler]
+    finally:
+        logger.removeHandler(handler)
