@@ -245,7 +245,9 @@ class TrainConfig:
     # where the step records go besides OUT_DIR/metrics.jsonl (always written): tensorboard (OUT_DIR/tb), csv
     # (OUT_DIR/metrics.csv, one row per logged step); a list or comma-separated; [] = the JSONL only
     loggers: tuple[str, ...] | str = ("tensorboard",)
-    tensorboard: bool = True  # false: no TensorBoard even when train.loggers names it (the older switch)
+    # auto: TensorBoard when the tensorboard package is installed (a core install has none: one line says so);
+    # true: required (one line naming the extra when missing); false: none even when train.loggers names it
+    tensorboard: bool | Literal["auto"] = "auto"
     progress: bool = True  # tqdm bar on rank 0
     max_nonfinite_steps: int = 10  # consecutive skipped non-finite steps before the run stops
     vis_every_epochs: int = 10  # TensorBoard reconstruction grids every N epochs (0 = never)
@@ -284,9 +286,13 @@ def check_loggers(value, key: str) -> tuple[str, ...]:
 
 
 def active_loggers(section) -> tuple[str, ...]:
-    """The loggers a run section asks for: its `loggers`, less tensorboard when `tensorboard` is false."""
+    """The loggers a run section asks for: its `loggers`, less tensorboard when `tensorboard` is false, and
+    `tensorboard-if-installed` for it when `tensorboard` is auto (mimkit.metrics.MetricsLog reads these names)."""
     names = check_loggers(getattr(section, "loggers", ("tensorboard",)), "train.loggers")
-    return tuple(n for n in names if n != "tensorboard" or getattr(section, "tensorboard", True))
+    tb = getattr(section, "tensorboard", "auto")
+    if tb is False:
+        return tuple(n for n in names if n != "tensorboard")
+    return tuple("tensorboard-if-installed" if n == "tensorboard" and tb == "auto" else n for n in names)
 
 
 @dataclass

@@ -5,11 +5,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 from mimkit.checkpoint import atomic_write_bytes
-from mimkit.extras import tensorboard_writer
+from mimkit.extras import MissingExtra, tensorboard_writer
+
+log = logging.getLogger("mimkit")
 
 
 def _step_of(line: bytes) -> int:
@@ -102,14 +105,22 @@ class MetricsLog:
         self.enabled, self.tb, self.csv, self.prefix = enabled, None, None, prefix
         if isinstance(loggers, bool):
             loggers = ("tensorboard",) if loggers else ()
-        tensorboard = "tensorboard" in loggers
+        tensorboard = "tensorboard" in loggers or "tensorboard-if-installed" in loggers
         if enabled and self.path.exists():
             self._keep_until(resumed_step)
         if enabled and "csv" in loggers:
             self.csv = CsvLog(out_dir / "metrics.csv", _records(self.path) if self.path.exists() else [])
         if enabled and tensorboard:
-            SummaryWriter = tensorboard_writer("run.tensorboard" if prefix == "knn" else "train.tensorboard")
-            self.tb = SummaryWriter(str(out_dir / "tb"))
+            key = "run.tensorboard" if prefix == "knn" else "train.tensorboard"
+            try:
+                SummaryWriter = tensorboard_writer(key)
+            except MissingExtra as e:
+                if "tensorboard" in loggers:  # asked for by name (tensorboard: true)
+                    raise
+                log.info("no TensorBoard logs: %s", str(e).split(": ", 1)[1].replace(f"{key}=false", f"{key}=true to "
+                         "require it"))  # fmt: skip
+            else:
+                self.tb = SummaryWriter(str(out_dir / "tb"))
 
     def _keep_until(self, resumed_step: int | None) -> None:
         """Drop a torn last line (a kill mid-write) and, on resume, every record past the step resumed from: those

@@ -155,7 +155,8 @@ def test_loggers_key_is_checked_and_tensorboard_false_still_removes_it():
     from mimkit.config import active_loggers
     from mimkit.eval import load_eval_config
 
-    assert active_loggers(load_config(None, []).train) == ("tensorboard",)
+    assert active_loggers(load_config(None, []).train) == ("tensorboard-if-installed",)  # tensorboard: auto
+    assert active_loggers(load_config(None, ["train.tensorboard=true"]).train) == ("tensorboard",)
     assert active_loggers(load_config(None, ["train.loggers=[tensorboard,csv]", "train.tensorboard=false"]).train) == ("csv",)
     with pytest.raises(ConfigError, match=r"train.loggers: 'wandb' is not a logger; allowed: tensorboard, csv"):
         load_config(None, ["train.loggers=[wandb]"])

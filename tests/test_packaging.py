@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import email.parser
 import importlib.metadata
+import logging
 import re
 import shutil
 import subprocess
@@ -210,8 +211,16 @@ def test_missing_webdataset_through_the_cli(no_webdataset, tmp_path, capsys):
     assert not list((tmp_path / "run").glob("checkpoint-*"))
 
 
-def test_missing_tensorboard_through_the_cli(no_tensorboard, npz_data, tmp_path, capsys):
-    assert main(run_args(tmp_path, npz_data)) == 2  # train.tensorboard defaults to true
+def test_missing_tensorboard_through_the_cli(no_tensorboard, npz_data, tmp_path, capsys, caplog):
+    # the default (train.tensorboard: auto) trains without it, as a core install does, and says so
+    with caplog.at_level(logging.INFO, logger="mimkit"):
+        assert main(run_args(tmp_path, npz_data, "train.out_dir=" + str(tmp_path / "auto"))) == 0
+    assert any(r.getMessage().startswith("no TensorBoard logs: TensorBoard logging needs the tensorboard package")
+               for r in caplog.records)  # fmt: skip
+    assert not (tmp_path / "auto" / "tb").exists() and (tmp_path / "auto" / "metrics.jsonl").is_file()
+    capsys.readouterr()
+    # asked for by name, it is required
+    assert main(run_args(tmp_path, npz_data, "train.tensorboard=true")) == 2
     expected = ("mimkit: error: train.tensorboard: TensorBoard logging needs the tensorboard package: "
                 "pip install 'mimkit[tensorboard]' (or train.tensorboard=false)")  # fmt: skip
     assert one_error_line(capsys) == expected

@@ -104,7 +104,7 @@ class KnnRun:
     resume: Literal["auto", "none"] = "auto"  # auto: reuse / continue the feature caches in out_dir
     save_every_batches: int = 50  # partial feature caches, for resuming an interrupted extraction
     loggers: tuple[str, ...] | str = ("tensorboard",)  # besides metrics.jsonl: tensorboard, csv (as pretraining's)
-    tensorboard: bool = True  # false: no TensorBoard even when loggers names it
+    tensorboard: bool | Literal["auto"] = "auto"  # auto: when installed; true: required; false: none
     progress: bool = True
 
 
@@ -139,7 +139,7 @@ class RunConfig:
     eval_every_epochs: int = 1  # top-1 on the val split (and at the end)
     log_every: int = 20
     loggers: tuple[str, ...] | str = ("tensorboard",)  # besides metrics.jsonl: tensorboard, csv (as pretraining's)
-    tensorboard: bool = True  # false: no TensorBoard even when train.loggers names it
+    tensorboard: bool | Literal["auto"] = "auto"  # auto: when installed; true: required; false: none
     progress: bool = True
     max_nonfinite_steps: int = 10
 
