@@ -29,6 +29,11 @@ AttentionKernel = Literal["auto", "sdpa", "eager"]  # train.attention of pretrai
 
 @dataclass
 class ModelConfig:
+    """The encoder: a timm VisionTransformer (a timm Beit for BEiT / mc-BEiT) sized by a preset.
+
+    Fields:
+        drop_path_rate: stochastic depth rate of the encoder blocks (0 = off)
+    """
     arch: str = "vit_tiny_patch4_32"  # one of mimkit.models.PRESETS
     img_size: int | None = None  # default: the preset's
     patch_size: int | None = None  # default: the preset's
@@ -62,6 +67,14 @@ class MaskConfig:
 
 @dataclass
 class MAEConfig:
+    """MAE's decoder and target (also the pixel decoder of BootMAE and EMAE).
+
+    Fields:
+        decoder_dim: width of the decoder blocks (MAE: 512)
+        decoder_depth: number of decoder blocks (MAE: 8)
+        decoder_heads: attention heads per decoder block (MAE: 16)
+        norm_pix_loss: normalise each target patch by its own mean and std (MAE's norm-pix target)
+    """
     decoder_dim: int = 512
     decoder_depth: int = 8
     decoder_heads: int = 16
@@ -84,6 +97,11 @@ class SimMIMConfig:
 
 @dataclass
 class EMAEConfig:
+    """EMAE's parallel disjoint masks and self-consistency term (K = 1 / (1 - mask.ratio) parts).
+
+    Fields:
+        distance: the consistency term's distance between two parts' predictions: squared L2 (mse) or l1
+    """
     # EMAE's parallel parts: K = 1 / (1 - mask.ratio), e.g. 4 at 0.75. Assumed defaults (no public code).
     consistency_weight: float = 1.0  # lambda; 0 = K independent MAE losses
     stop_gradient: bool = True  # detach the partner prediction in the consistency term
@@ -122,6 +140,12 @@ class BootMAEConfig:
 
 @dataclass
 class BEiTConfig:
+    """BEiT / mc-BEiT: the timm Beit backbone's options and mc-BEiT's soft targets.
+
+    Fields:
+        shared_rel_pos_bias: one relative position bias table shared by all blocks (BEiT's pretraining setting)
+        abs_pos_emb: an absolute position embedding besides the relative bias (BEiT: none)
+    """
     # BEiT / mc-BEiT backbone (timm Beit: shared relative position bias, layer scale, no absolute position
     # embedding) and mc-BEiT's soft targets (methods notes sections 3-4). Masking is mask.*: BEiT blocks of 75 of
     # 196 patches (mask.count 75; ratio 0.4 elsewhere), mc-BEiT's released recipe random 0.75 (147 of 196).
@@ -169,6 +193,16 @@ class TokenizerConfig:
 
 @dataclass
 class DataConfig:
+    """Pretraining data: the source, its augmentation and its loading.
+
+    Fields:
+        format: how data.path is read; auto infers it from the path (folder, npz, webdataset, skimage, torchvision)
+        crop_scale: RandomResizedCrop's area range, as fractions of the image (MAE: 0.2 to 1)
+        hflip: random horizontal flip
+        mean: per-channel mean the images are normalised with (RGB, 0-1 scale; ImageNet's by default)
+        std: per-channel standard deviation the images are normalised with (RGB, 0-1 scale)
+        num_workers: DataLoader worker processes per training process (0 = load in the main process)
+    """
     # "skimage" = the embedded default (scikit-image's bundled photos); "torchvision:NAME[:SPLIT]" = a torchvision
     # dataset class (CIFAR10, CIFAR100, STL10 (default split unlabeled), Flowers102, ImageNet, ...) under data.root;
     # otherwise a path to an ImageFolder tree / flat image folder, a .npz with x_train, or WebDataset shards (.tar,
@@ -191,6 +225,15 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    """AdamW and its warmup + cosine lr schedule.
+
+    Fields:
+        min_lr: the lr the cosine schedule ends at
+        warmup_epochs: linear lr warmup from 0, in epochs (fractions allowed)
+        weight_decay: AdamW's decoupled weight decay (never on 1-D parameters and biases)
+        betas: AdamW's (beta1, beta2); MAE: (0.9, 0.95)
+        eps: AdamW's epsilon
+    """
     blr: float = 1.5e-4  # lr = blr * effective_batch / 256 (MAE's linear scaling rule)
     lr: float | None = None  # absolute lr; overrides blr when set
     min_lr: float = 0.0
@@ -211,6 +254,16 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    """The run: its length, precision, device, output folder, checkpoints, logging and monitors.
+
+    Fields:
+        epochs: passes over the data (with data.repeats); sets the lr and method schedules unless schedule_steps
+        seed: seed of the initial weights, the data order and every sample's augmentation and mask
+        out_dir: the run folder: config.yaml, checkpoints, metrics.jsonl, tb/ (a resume continues from it)
+        save_every_epochs: write a checkpoint every N epochs (and at the end)
+        keep_last: checkpoints kept in out_dir; older ones are deleted after a newer one is written
+        knn_val_split: the split of knn_data the monitor scores
+    """
     epochs: int = 800
     batch_size: int = 64  # per process, per micro-step
     accum_steps: int = 1  # micro-steps per optimizer step
@@ -305,6 +358,11 @@ class DistributedConfig:
 
 @dataclass
 class Config:
+    """The pretraining config (`mimkit pretrain`, `mimkit.run`): one section per dataclass.
+
+    Fields:
+        method: the pretraining method; its own section (mae, emae, bootmae, beit, simmim) configures it
+    """
     method: Literal["mae", "emae", "bootmae", "beit", "mcbeit", "simmim"] = "mae"
     model: ModelConfig = field(default_factory=ModelConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)

@@ -73,6 +73,13 @@ log = logging.getLogger("mimkit")
 
 @dataclass
 class RunResult:
+    """What `mimkit.run` / `mimkit.pretrain` return: where the run went and how it ended.
+
+    Fields: `out_dir` (the run folder), `checkpoint` (the last one written; None if none), `config` (the resolved
+    config.yaml), `metrics` (metrics.jsonl), `step` (optimizer steps done), `loss` (the last step's), `nonfinite_steps`
+    and `skipped_images` (counted over the run), `already_finished` (the folder held a finished run: nothing was
+    trained, its result is returned).
+    """
     out_dir: Path
     checkpoint: Path | None
     config: Path

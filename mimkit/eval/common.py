@@ -458,6 +458,8 @@ def write_final_metrics(out_dir: Path, metrics: dict) -> Path:
 
 @dataclass
 class EvalResult:
+    """What `mimkit.eval.evaluate` returns: `out_dir` (the evaluation's folder), `metrics` (what metrics.json holds:
+    top1, top5, ...), `metrics_path` (that file) and `checkpoint` (the last checkpoint of a training evaluation)."""
     out_dir: Path
     metrics: dict  # what metrics.json holds
     metrics_path: Path

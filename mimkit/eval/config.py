@@ -61,6 +61,16 @@ class FeatureConfig:
 
 @dataclass
 class EvalDataConfig:
+    """Labelled data of the evaluation commands: a train split and a val split.
+
+    Fields:
+        format: how data.path is read; auto infers it (npz, folder, torchvision)
+        train_split: the split the k-NN bank / probe / fine-tune trains on
+        val_split: the split the top-1 is measured on
+        mean: per-channel mean the images are normalised with (RGB, 0-1 scale; ImageNet's by default)
+        std: per-channel standard deviation the images are normalised with (RGB, 0-1 scale)
+        num_workers: DataLoader worker processes per process (0 = load in the main process)
+    """
     # A .npz with x_{split} uint8 NHWC and y_{split} labels (CIFAR-10 layout), a folder holding one
     # ImageFolder tree per split (path/train/<class>/..., path/val/<class>/...), or torchvision:NAME (a
     # torchvision dataset class, e.g. CIFAR10, under data.root; the splits are its own: train / test ...).
@@ -89,6 +99,12 @@ class EvalDataConfig:
 
 @dataclass
 class KnnParams:
+    """The k-NN vote: cosine similarity, the k nearest training images weighted by exp(similarity / temperature).
+
+    Fields:
+        k: neighbours that vote
+        temperature: T of the vote's weights exp(similarity / T)
+    """
     k: int = 20
     temperature: float = 0.07
     chunk_size: int = 1024  # test images per similarity chunk (memory: chunk x train-set floats)
@@ -96,6 +112,14 @@ class KnnParams:
 
 @dataclass
 class KnnRun:
+    """How `mimkit knn` runs: batch, precision, device, output folder and logging.
+
+    Fields:
+        precision: autocast of the feature extraction: auto = bf16 where native (GPUs, CPUs with AVX512-BF16 / AMX)
+        device: auto | cpu | cuda | cuda:N
+        out_dir: where metrics.json, metrics.jsonl and the feature caches go
+        progress: tqdm bar on rank 0
+    """
     batch_size: int = 256  # feature extraction, per process
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     device: str = "auto"
@@ -124,6 +148,22 @@ class KnnConfig:
 
 @dataclass
 class RunConfig:
+    """The training run of `mimkit linprobe` and `mimkit finetune`, as pretraining's `train` section.
+
+    Fields:
+        epochs: passes over the training split; sets the lr schedule
+        accum_steps: micro-steps per optimizer step
+        precision: auto = bf16 autocast on GPUs and on CPUs with native bf16, else fp32
+        device: auto | cpu | cuda | cuda:N
+        seed: seed of the head's init, the data order and the augmentation
+        out_dir: the run folder: config.yaml, checkpoints, metrics.jsonl, metrics.json
+        save_every_steps: also save every N optimizer steps (mid-epoch); null = never
+        save_every_epochs: write a checkpoint every N epochs (and at the end)
+        keep_last: checkpoints kept in out_dir
+        log_every: steps between metrics.jsonl / TensorBoard records
+        progress: tqdm bar on rank 0
+        max_nonfinite_steps: consecutive skipped non-finite steps before the run stops
+    """
     epochs: int = 90
     batch_size: int = 256  # per process, per micro-step
     accum_steps: int = 1
@@ -163,6 +203,15 @@ class ProbeConfig(FeatureConfig):
 
 @dataclass
 class ProbeOptim:
+    """The linear head's optimizer (MAE's probe: LARS) and its warmup + cosine schedule.
+
+    Fields:
+        name: lars (MAE's protocol), sgd or adamw
+        lr: absolute lr; overrides blr when set
+        min_lr: the lr the cosine schedule ends at
+        warmup_epochs: linear lr warmup from 0, in epochs
+        weight_decay: weight decay of the head (MAE's probe: 0)
+    """
     name: Literal["lars", "sgd", "adamw"] = "lars"
     blr: float = 0.1  # lr = blr * effective_batch / 256
     lr: float | None = None
@@ -195,6 +244,11 @@ class LinprobeConfig:
 
 @dataclass
 class FinetuneModel:
+    """The fine-tuned network: the pretrained encoder with a pooling, a norm and a linear head.
+
+    Fields:
+        drop_path_rate: stochastic depth rate of the encoder blocks during fine-tuning (MAE ViT-B: 0.1)
+    """
     global_pool: Literal["avg", "token"] = "avg"  # avg: mean of patch tokens -> fc_norm -> head (MAE repo)
     drop_path_rate: float = 0.1
     head_init_std: float = 2e-5  # trunc_normal, as MAE
@@ -205,6 +259,13 @@ class FinetuneModel:
 
 @dataclass
 class AugConfig:
+    """Fine-tuning augmentation and regularisation (MAE's fine-tuning recipe).
+
+    Fields:
+        mixup_prob: probability that a batch gets Mixup or CutMix
+        mixup_switch_prob: probability of CutMix instead of Mixup when both are on
+        label_smoothing: label smoothing of the cross-entropy (with Mixup / CutMix: of the mixed targets)
+    """
     rand_augment: str | None = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec; null = none
     re_prob: float = 0.25  # random erasing
     mixup: float = 0.8  # alpha; 0 = off
@@ -216,6 +277,17 @@ class AugConfig:
 
 @dataclass
 class FinetuneOptim:
+    """AdamW with layer-wise lr decay, and its warmup + cosine schedule.
+
+    Fields:
+        lr: absolute lr; overrides blr when set
+        min_lr: the lr the cosine schedule ends at
+        warmup_epochs: linear lr warmup from 0, in epochs
+        weight_decay: AdamW's decoupled weight decay (not on 1-D parameters and biases)
+        betas: AdamW's (beta1, beta2)
+        eps: AdamW's epsilon
+        clip_grad: max global grad norm; null = no clipping
+    """
     blr: float = 1e-3  # lr = blr * effective_batch / 256
     lr: float | None = None
     min_lr: float = 1e-6
@@ -229,6 +301,12 @@ class FinetuneOptim:
 
 @dataclass
 class EmaConfig:
+    """An exponential moving average of the fine-tuned model's weights, evaluated beside it.
+
+    Fields:
+        enabled: keep the EMA model (and report its top-1)
+        decay: EMA decay per optimizer step
+    """
     enabled: bool = False
     decay: float = 0.9998
 
