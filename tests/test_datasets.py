@@ -179,7 +179,7 @@ def test_cifar_recipes_work_from_a_fresh_clone_given_torchvision_cifar10(tmp_pat
 
 
 def test_the_readme_python_evaluate_example(tmp_path, monkeypatch, npz_data, one_thread):
-    """README "The same from Python": the evaluate lines, on a tiny run's checkpoint and torchvision CIFAR-10 in data/."""
+    """docs/getting-started.md "The same from Python": the evaluate lines, on a tiny checkpoint, CIFAR-10 in data/."""
     import re
 
     write_cifar(tmp_path / "data")
@@ -189,7 +189,7 @@ def test_the_readme_python_evaluate_example(tmp_path, monkeypatch, npz_data, one
     result = pretrain(load_config(None, TINY_MODEL + [f"data.path={npz_data}", "data.num_workers=0", "train.max_steps=1",
                                                       "train.precision=fp32", "train.progress=false",
                                                       "train.tensorboard=false", "train.out_dir=run"]))  # fmt: skip
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "getting-started.md").read_text()
     lines = re.search(r"\nfrom mimkit\.eval import evaluate.*?\nprint\(ev\.metrics.*?\n", readme, re.S).group(0)
     lines = lines.replace('checkpoint={result.checkpoint}"]', 'checkpoint={result.checkpoint}", *quiet]')
     quiet = ["run.progress=false", "run.tensorboard=false", "data.num_workers=0"]
