@@ -3,27 +3,38 @@ summary of a pretraining run.
 
 What it shows, and where it comes from:
 
+* a summary line (`run_summary`): method, model, steps and epochs done of planned, images seen (steps x the
+  effective batch the newest checkpoint records), wall-clock training time (each start or resume from its first
+  logged step to its last, plus that first window, so the time between a stop and its resume is not counted),
+  final loss, resumes (stops, config changes), checkpoints kept;
 * curves against the optimizer step, from `RUN_DIR/metrics.jsonl`: the loss and its terms, the lr, img/s, the
-  non-finite steps and skipped images; one point per step (a step logged twice, by a log written before
-  resumes truncated it, keeps its last record); every resume (an `"event": "resume"` record) is a dashed line;
+  gradient norm, the non-finite steps and skipped images (only when there were any: a panel is drawn only when it
+  carries information, `curve_panels`); one point per step (a step logged twice, by a log written before resumes
+  truncated it, keeps its last record); every resume (an `"event": "resume"` record) is a dashed line;
 * reconstructions of fixed images (the run's own data, spread over it, or `--images`) by the initial model
-  (rebuilt from `train.seed`, exactly the weights step 0 started from) and by up to `--checkpoints` checkpoints
-  of the run, side by side (mimkit.visualize.reconstruct: the same masks in every column);
-* the k-NN trend: the monitor's records in metrics.jsonl (`train.knn_every_epochs`) and every `mimkit knn` run
-  on the run's checkpoints;
+  (rebuilt from `train.seed`, exactly the weights step 0 started from) and by every kept checkpoint (up to
+  `--checkpoints`, default DEFAULT_CHECKPOINTS, spread evenly), side by side (mimkit.visualize.reconstruct: the
+  same masks in every column), each panel at least MIN_PANEL_PX wide (small images upscaled, nearest);
+* the k-NN trend: the monitor's whole history in metrics.jsonl (`train.knn_every_epochs`) and every `mimkit knn`
+  run on the run's checkpoints, with a line on how the two differ (`knn_note`);
 * evaluation runs: every `metrics.json` of `mimkit knn | linprobe | finetune` whose `encoder` (the
   `encoder.checkpoint` it was given) is a checkpoint of this run, found under RUN_DIR (any depth), in RUN_DIR's
   sibling folders and their sub-folders (e.g. `runs/knn_x/`, `runs/evals/linprobe_y/`), and under every `--evals`
   folder (any depth). A relative `encoder.checkpoint` is matched against RUN_DIR from the current folder, and
   else by its last two parts (`<run folder name>/checkpoint-N...`), so a report made from another folder still
   finds them;
-* the resolved `config.yaml` and the machine making the report (CPU model from lscpu, GPUs, library versions;
-  each evaluation's own machine is in its table row).
+* the random-init baseline: evaluation runs found in the same places with `encoder.checkpoint=none` and the
+  run's architecture (their config.yaml's encoder section), a marked first row of each table; without one, the
+  command that makes one (`baseline_command`);
+* the config sections the run's method uses (`config_sections`), the whole resolved `config.yaml` folded below,
+  and the machine making the report (CPU model from lscpu, GPUs, library versions; each evaluation's own machine
+  is in its table row).
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import io
 import json
@@ -47,6 +58,8 @@ from mimkit.errors import MimkitError
 from mimkit.extras import require
 from mimkit.interop import load_mimkit_checkpoint
 from mimkit.methods import build_model
+from mimkit.presets import get_preset
+from mimkit.schedules import schedule_length
 from mimkit.visualize import (
     _expand_images,
     default_scale,
@@ -76,6 +89,15 @@ class RunLog:
     resumes: list[int]  # the steps runs resumed from
     knn: list[dict]  # k-NN monitor records (step, knn_top1, ...)
     config_changes: list[tuple[int, dict]] = field(default_factory=list)  # (step, {key: [old, new]}) allowed on resume
+    # one per start or resume, in file order: the step it started from and its timed records (step, time, img/s)
+    segments: list[Segment] = field(default_factory=list)
+    stops: list[int] = field(default_factory=list)  # steps of {"event": "stopped"} records (a signal stopped the run)
+
+
+@dataclass
+class Segment:
+    start: int  # the step this start (0) or resume began from
+    timed: list[tuple[int, float, float | None]] = field(default_factory=list)  # (step, time, img_per_s) in file order
 
 
 @dataclass
@@ -96,6 +118,10 @@ class Report:
     checkpoints_drawn: list[str]
     evals: list[EvalRun] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    summary: dict[str, str] = field(default_factory=dict)  # the summary line's fields (run_summary)
+    panels: list[str] = field(default_factory=list)  # the curve panels drawn (curve_panels)
+    baselines: list[EvalRun] = field(default_factory=list)  # random-init evaluations of the run's architecture
+    sections: list[str] = field(default_factory=list)  # the config sections shown (config_sections)
 
 
 # =============================================================================================
@@ -109,6 +135,8 @@ def read_metrics(path: Path) -> RunLog:
     knn: dict[int, dict] = {}
     resumes: list[int] = []
     changes: dict[int, dict] = {}
+    segments = [Segment(0)]
+    stops: list[int] = []
     if not path.is_file():
         raise ReportError(f"{path} does not exist: RUN_DIR must be a pretraining run's train.out_dir")
     for n, line in enumerate(path.read_text().splitlines(), start=1):
@@ -125,12 +153,38 @@ def read_metrics(path: Path) -> RunLog:
             resumes.append(rec["resumed_step"])
             if isinstance(rec.get("config_changes"), dict) and rec["config_changes"]:
                 changes[rec["resumed_step"]] = rec["config_changes"]
+            segments.append(Segment(rec["resumed_step"]))
+        elif rec.get("event") == "stopped" and isinstance(rec.get("step"), int):
+            stops.append(rec["step"])
         elif isinstance(rec.get("step"), int) and "knn_top1" in rec:
             knn[rec["step"]] = rec
         elif isinstance(rec.get("step"), int) and "loss" in rec and "event" not in rec:
             by_step[rec["step"]] = rec
+            if _number(rec.get("time")):
+                segments[-1].timed.append((rec["step"], float(rec["time"]),
+                                           float(rec["img_per_s"]) if _number(rec.get("img_per_s")) else None))
     return RunLog([by_step[s] for s in sorted(by_step)], sorted(set(resumes)), [knn[s] for s in sorted(knn)],
-                  sorted(changes.items()))
+                  sorted(changes.items()), segments, stops)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def training_seconds(runlog: RunLog, effective_batch: int | None) -> float | None:
+    """Wall-clock training time: per segment (a start or a resume), from its first logged step to its last, plus
+    that first step window (its steps x effective batch / its img/s, the time since the segment began); the gaps
+    between a stop and the resume are not counted. None when no record has a time."""
+    total, any_time = 0.0, False
+    for seg in runlog.segments:
+        if not seg.timed:
+            continue
+        any_time = True
+        (first_step, first_time, first_rate), (_, last_time, _) = seg.timed[0], seg.timed[-1]
+        total += max(0.0, last_time - first_time)
+        if effective_batch and first_rate and first_step > seg.start:
+            total += (first_step - seg.start) * effective_batch / first_rate
+    return total if any_time else None
 
 
 def read_config(run_dir: Path):
@@ -158,9 +212,7 @@ def _belongs_to(checkpoint: str, run_dir: Path) -> bool:
     return not p.is_absolute() and len(p.parts) >= 2 and p.parts[-2] == run_dir.resolve().name
 
 
-def find_evaluations(run_dir: Path, extra: list[str | Path] = ()) -> list[EvalRun]:
-    """Evaluation runs of this run's checkpoints (see the module docstring for where they are looked for)."""
-    run_dir = Path(run_dir)
+def _candidate_metrics(run_dir: Path, extra: list[str | Path] = ()) -> set[Path]:
     candidates: set[Path] = set(run_dir.rglob("metrics.json"))
     parent = run_dir.resolve().parent
     for sibling in parent.iterdir() if parent.is_dir() else []:
@@ -171,19 +223,90 @@ def find_evaluations(run_dir: Path, extra: list[str | Path] = ()) -> list[EvalRu
         if not Path(folder).is_dir():
             raise ReportError(f"--evals: {folder} is not a folder")
         candidates.update(Path(folder).rglob("metrics.json"))
+    return candidates
+
+
+def _eval_metrics(path: Path) -> dict | None:
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(metrics, dict) or metrics.get("command") not in EVAL_COMMANDS:
+        return None
+    return metrics
+
+
+def _sorted_evals(found) -> list[EvalRun]:
+    order = {c: i for i, c in enumerate(EVAL_COMMANDS)}
+    return sorted(found, key=lambda e: (order[e.command], e.step or 0, str(e.folder)))
+
+
+def find_evaluations(run_dir: Path, extra: list[str | Path] = ()) -> list[EvalRun]:
+    """Evaluation runs of this run's checkpoints (see the module docstring for where they are looked for)."""
+    run_dir = Path(run_dir)
     found: dict[Path, EvalRun] = {}
-    for path in candidates:
-        try:
-            metrics = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if not isinstance(metrics, dict) or metrics.get("command") not in EVAL_COMMANDS:
+    for path in _candidate_metrics(run_dir, extra):
+        metrics = _eval_metrics(path)
+        if metrics is None:
             continue
         ckpt = str(metrics.get("encoder") or "")
         if _belongs_to(ckpt, run_dir):
             found[path.resolve()] = EvalRun(metrics["command"], path.parent, ckpt, checkpoint_step(ckpt), metrics)
-    order = {c: i for i, c in enumerate(EVAL_COMMANDS)}
-    return sorted(found.values(), key=lambda e: (order[e.command], e.step or 0, str(e.folder)))
+    return _sorted_evals(found.values())
+
+
+def architecture(model: dict, family: str) -> tuple | None:
+    """(family, patch, width, depth, heads) of a model.* / encoder.* section, the arch preset filling what is unset."""
+    try:
+        preset = get_preset(str(model.get("arch")))
+    except ValueError:
+        return None
+    return (family, *(model.get(k) or getattr(preset, k) for k in ("patch_size", "embed_dim", "depth", "num_heads")))
+
+
+def run_architecture(cfg) -> tuple | None:
+    return architecture(dataclasses.asdict(cfg.model), "beit" if cfg.method in BEIT_METHODS else "vit")
+
+
+def _eval_config(folder: Path) -> dict:
+    try:
+        data = yaml.safe_load((folder / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def find_baselines(run_dir: Path, cfg, extra: list[str | Path] = ()) -> list[EvalRun]:
+    """Evaluation runs of a random-init encoder (`encoder.checkpoint=none`) of the run's architecture (family,
+    patch, width, depth, heads; read from the evaluation's config.yaml), looked for where evaluations are."""
+    want = run_architecture(cfg)
+    found: dict[Path, EvalRun] = {}
+    for path in _candidate_metrics(Path(run_dir), extra):
+        metrics = _eval_metrics(path)
+        if metrics is None or str(metrics.get("encoder")) != "none":
+            continue
+        enc = _eval_config(path.parent).get("encoder")
+        if not isinstance(enc, dict):
+            continue
+        family = "beit" if enc.get("family") == "beit" else "vit"
+        if want is not None and architecture(enc, family) == want:
+            found[path.resolve()] = EvalRun(metrics["command"], path.parent, "none", None, metrics)
+    return _sorted_evals(found.values())
+
+
+def baseline_command(run_dir: Path, cfg, evals: list[EvalRun]) -> str:
+    """The `mimkit knn` command line that evaluates a random-init encoder of the run's architecture on the data
+    the run's evaluations used (else train.knn_data / data.path), into a sibling folder the report finds."""
+    m = dataclasses.asdict(cfg.model)
+    preset = get_preset(cfg.model.arch)
+    sizes = [f"encoder.{k}={m[k]}" for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads")
+             if m.get(k) is not None and m[k] != getattr(preset, k)]  # fmt: skip
+    data = next((d for e in evals if (d := (_eval_config(e.folder).get("data") or {}).get("path"))), None)
+    data = data or cfg.train.knn_data or cfg.data.path
+    out = run_dir.resolve().parent / f"knn_random_init_{run_dir.resolve().name}"
+    return " ".join(["mimkit knn encoder.checkpoint=none", f"encoder.arch={cfg.model.arch}", *sizes,
+                     *(["encoder.family=beit"] if cfg.method in BEIT_METHODS else []), f"data.path={data}",
+                     f"train.out_dir={out}"])  # fmt: skip
 
 
 def machine_lines() -> list[str]:
@@ -194,7 +317,7 @@ def machine_lines() -> list[str]:
 
     cpu = None
     try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, check=False).stdout
         cpu = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), None)
     except (OSError, subprocess.SubprocessError):
         pass
@@ -235,21 +358,36 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def curves_figure(runlog: RunLog, evals: list[EvalRun]) -> bytes:
-    """Loss (and its terms), lr, img/s, skipped counts and the k-NN trend against the step, one PNG."""
+def curve_panels(runlog: RunLog, evals: list[EvalRun]) -> list[str]:
+    """The panels that carry information: loss, lr, img/s always; the gradient norm when logged; skipped only
+    when a step was non-finite or an image skipped; k-NN only with monitor records or `mimkit knn` runs."""
+    recs = runlog.steps
+    panels = ["loss", "lr", "img/s"]
+    if any(_number(r.get("grad_norm")) for r in recs):
+        panels.append("grad norm")
+    if any((_number(r.get(k)) and r[k] > 0) for r in recs for k in ("nonfinite_steps", "skipped_images")):
+        panels.append("skipped")
+    if runlog.knn or any(e.command == "knn" and e.step is not None for e in evals):
+        panels.append("k-NN")
+    return panels
+
+
+def curves_figure(runlog: RunLog, evals: list[EvalRun], baselines: list[EvalRun] = ()) -> tuple[bytes, list[str]]:
+    """Loss (and its terms), lr, img/s, gradient norm, skipped counts and the k-NN trend against the step, one PNG
+    (only the panels that carry information: `curve_panels`); with the panel names."""
     plt = _pyplot()
     recs = runlog.steps
     steps = [r["step"] for r in recs]
     knn_evals = [e for e in evals if e.command == "knn" and e.step is not None]
-    panels = ["loss", "lr", "img/s", "skipped"] + (["k-NN"] if runlog.knn or knn_evals else [])
-    cols = 3
+    panels = curve_panels(runlog, evals)
+    cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.2 * rows), squeeze=False)
     flat = axes.ravel()
+    ax_of = dict(zip(panels, flat, strict=False))
 
     def series(key):
-        pts = [(r["step"], r[key]) for r in recs
-               if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]  # fmt: skip
+        pts = [(r["step"], r[key]) for r in recs if _number(r.get(key))]
         return [p[0] for p in pts], [p[1] for p in pts]
 
     changed_at = {s for s, _ in runlog.config_changes}
@@ -260,7 +398,7 @@ def curves_figure(runlog: RunLog, evals: list[EvalRun]) -> bytes:
         for i, (s, _) in enumerate(runlog.config_changes):  # resumed with train.resume_allow: the config changed here
             ax.axvline(s, color="tab:red", linestyle="-.", linewidth=1.2, label="config change" if i == 0 else None)
 
-    ax = flat[0]
+    ax = ax_of["loss"]
     ax.plot(*series("loss"), marker=".", markersize=3, linewidth=1, label="loss")
     for term in LOSS_TERMS:
         if term in ("feature_weight", "momentum", "mlm_acc"):  # not loss terms: weights / accuracy
@@ -272,21 +410,27 @@ def curves_figure(runlog: RunLog, evals: list[EvalRun]) -> bytes:
     losses = [v for v in series("loss")[1] if math.isfinite(v)]
     if losses and min(losses) > 0 and max(losses) / min(losses) > 20:  # e.g. a diverging run
         ax.set_yscale("log")
-    for ax, key, title in ((flat[1], "lr", "learning rate"), (flat[2], "img_per_s", "images / s")):
-        ax.plot(*series(key), marker=".", markersize=3, linewidth=1, label=key)
-        ax.set_title(title)
-    ax = flat[3]
-    for key, label in (("nonfinite_steps", "non-finite steps (total)"), ("skipped_images", "skipped images (total)")):
-        ax.step(*series(key), where="post", label=label)
-    ax.set_title("skipped")
-    if "k-NN" in panels:
-        ax = flat[4]
+    for name, key, title in (("lr", "lr", "learning rate"), ("img/s", "img_per_s", "images / s"),
+                             ("grad norm", "grad_norm", "gradient norm (before clipping)")):  # fmt: skip
+        if name in ax_of:
+            ax_of[name].plot(*series(key), marker=".", markersize=3, linewidth=1, label=key)
+            ax_of[name].set_title(title)
+    if "skipped" in ax_of:
+        ax = ax_of["skipped"]
+        for key, label in (("nonfinite_steps", "non-finite steps (total)"), ("skipped_images", "skipped images (total)")):
+            ax.step(*series(key), where="post", label=label)
+        ax.set_title("skipped")
+    if "k-NN" in ax_of:
+        ax = ax_of["k-NN"]
         if runlog.knn:
             ax.plot([r["step"] for r in runlog.knn], [r["knn_top1"] for r in runlog.knn], marker="o",
                     label="monitor top-1")  # fmt: skip
         if knn_evals:
             ax.plot([e.step for e in knn_evals], [e.metrics.get("top1") for e in knn_evals], "s",
                     label="mimkit knn top-1")  # fmt: skip
+        for i, b in enumerate(x for x in baselines if x.command == "knn" and _number(x.metrics.get("top1"))):
+            ax.axhline(b.metrics["top1"], color="tab:gray", linestyle=":", linewidth=1.2,
+                       label="random init (mimkit knn)" if i == 0 else None)  # fmt: skip
         ax.set_title("k-NN top-1 (%), a trend")
     for ax in flat[: len(panels)]:
         mark_resumes(ax)
@@ -301,7 +445,28 @@ def curves_figure(runlog: RunLog, evals: list[EvalRun]) -> bytes:
     fig.tight_layout()
     data = _png(fig)
     plt.close(fig)
-    return data
+    return data, panels
+
+
+def knn_note(runlog: RunLog, evals: list[EvalRun], cfg) -> str:
+    """What the two k-NN series measure (mimkit.eval.knn: knn_monitor as train.py calls it, and run_knn)."""
+    last = runlog.knn[-1] if runlog.knn else {}
+    parts = []
+    if runlog.knn:
+        parts.append(f"the monitor (train.knn_every_epochs) takes the [cls] token of the last block after the final "
+                     f"LayerNorm (no pooling setting), k={last.get('knn_k', 20)}, T=0.07, on fixed seeded subsets of "
+                     f"{last.get('knn_train_images', '?')} train / {last.get('knn_val_images', '?')} val images "
+                     f"(train.knn_samples) of {cfg.train.knn_data or cfg.data.path}")  # fmt: skip
+    runs = [e for e in evals if e.command == "knn"]
+    if runs:
+        setups = sorted({f"features.pool={e.metrics.get('pool', '?')}, block {e.metrics.get('block', '?')}, "
+                         f"k={e.metrics.get('k', '?')}" for e in runs})  # fmt: skip
+        parts.append(f"`mimkit knn` pools as its own features.pool says ({'; '.join(setups)}) over every image of its "
+                     "own data splits")  # fmt: skip
+    elif runlog.knn:
+        parts.append("`mimkit knn` (features.pool cls | mean | cls_mean, features.block, knn.k) over whole splits "
+                     "gives the numbers to quote")  # fmt: skip
+    return "k-NN: " + "; ".join(parts) + ". Compare each series with itself: both are trends, not quality measures."
 
 
 def _initial_model(cfg):
@@ -320,8 +485,15 @@ def _initial_model(cfg):
     return model.eval()
 
 
-def pick_checkpoints(paths: list[Path], count: int) -> list[Path]:
-    """`count` checkpoints spread evenly from the oldest to the newest."""
+DEFAULT_CHECKPOINTS = 8  # checkpoints drawn besides the initial model: every kept one, up to this many
+
+
+def pick_checkpoints(paths: list[Path], count: int | None = None) -> list[Path]:
+    """`count` (default DEFAULT_CHECKPOINTS) checkpoints spread evenly from the oldest to the newest: every one
+    when there are no more than that."""
+    count = DEFAULT_CHECKPOINTS if count is None else count
+    if count <= 0:
+        return []
     if len(paths) <= count:
         return list(paths)
     picks = np.linspace(0, len(paths) - 1, num=count).round().astype(int)
@@ -359,8 +531,30 @@ def reconstructions_figure(run_dir: Path, cfg, checkpoints: list[Path], images: 
             panels.append((f"{i}/{label}", f"{label}: loss {recs[i].loss:.3f}", to_uint8(recs[i].pasted)))
     title = ("reconstructions (masked patches predicted, visible ones pasted back; same masks in every column)"
              + (", norm_pix un-normalised with each patch's ground-truth mean/std" if columns[0][1][0].norm_pix else ""))
-    grid = render_panels(panels, title=title, scale=default_scale(size, 96), max_cols=2 + len(columns))
+    laid_out, cols = _wrapped(panels, len(imgs), size)
+    grid = render_panels(laid_out, title=title, scale=panel_scale(size), max_cols=cols)
     return grid.image, [label for label, _ in models]
+
+
+MIN_PANEL_PX = 128  # reconstruction panels are at least this wide on the page (small images upscaled, nearest)
+MAX_GRID_PX = 1480  # the page's content width: wider grids wrap each image's row
+
+
+def panel_scale(size: int) -> int:
+    return default_scale(size, MIN_PANEL_PX)
+
+
+def _wrapped(panels: list[tuple[str, str, np.ndarray]], images: int, size: int):
+    """(panels, max_cols): each image's panels start a row and fill whole rows (blank panels pad the last)."""
+    per_image = len(panels) // images
+    cols = max(3, min(per_image, (MAX_GRID_PX - 4) // (size * panel_scale(size) + 4)))
+    rows = math.ceil(per_image / cols)
+    blank = np.full_like(panels[0][2], 255)
+    out = []
+    for i in range(images):
+        out += panels[i * per_image:(i + 1) * per_image]
+        out += [(f"{i}/blank{j}", "", blank) for j in range(rows * cols - per_image)]
+    return out, cols
 
 
 # =============================================================================================
@@ -393,43 +587,158 @@ EVAL_COLUMNS = {
 }  # fmt: skip
 
 
-def eval_tables(evals: list[EvalRun]) -> str:
-    if not evals:
-        return "<p>No evaluation run of this run's checkpoints was found (see <code>mimkit report --help</code>).</p>"
+def checkpoint_meta(path: Path) -> dict:
+    """A checkpoint's bookkeeping (step, steps_per_epoch, effective_batch, ...) without its tensors: a file is
+    memory-mapped (nothing read but what is asked for), a sharded folder's meta.pt read; {} when unreadable."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            state = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint just leaves the summary without its numbers
+        log.debug("report: cannot read %s's metadata: %s", path, e)
+        return {}
+    if not isinstance(state, dict):
+        return {}
+    return {k: v for k, v in state.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+
+
+def _clock(seconds: float) -> str:
+    """'1h02m03s', '2m03s', '3.4s'."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    m, s = divmod(round(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def _epochs(steps: float, per_epoch: int) -> str:
+    e = steps / per_epoch
+    return f"{e:.0f}" if abs(e - round(e)) < 5e-3 else f"{e:.2f}"
+
+
+def run_summary(cfg, runlog: RunLog, kept: list[Path]) -> dict[str, str]:
+    """The summary line's fields, in order: method, model, steps and epochs (done of planned), images seen (steps x
+    effective batch), training time (segments only: stop-to-resume gaps excluded), final loss, resumes (config
+    changes, stops), checkpoints kept. Steps per epoch and the effective batch come from the newest checkpoint (else
+    the metrics' epoch field and train.batch_size x accum_steps of one process)."""
+    meta = checkpoint_meta(kept[-1]) if kept else {}
+    last = runlog.steps[-1] if runlog.steps else {}
+    done = last.get("step", meta.get("step", 0)) if last else meta.get("step", 0)
+    per_epoch = meta.get("steps_per_epoch")
+    if not per_epoch:
+        dated = [r for r in runlog.steps if _number(r.get("epoch")) and r["epoch"] > 0]
+        per_epoch = round(dated[-1]["step"] / dated[-1]["epoch"]) if dated else None
+    batch = meta.get("effective_batch")
+    batch_note = ""
+    if not batch:
+        batch, batch_note = cfg.train.batch_size * cfg.train.accum_steps, " per process (no checkpoint says how many)"
+    m = cfg.model
+    out = {"method": cfg.method,
+           "model": f"{m.arch} ({m.embed_dim} wide, {m.depth} blocks, {m.num_heads} heads, patch {m.patch_size}, "
+                    f"{m.img_size} px)"}  # fmt: skip
+    if per_epoch:
+        total = schedule_length(cfg.train, per_epoch)
+        planned = min(total, cfg.train.max_steps or total)
+        out["steps"] = f"{done} of {planned}"
+        out["epochs"] = f"{_epochs(done, per_epoch)} of {_epochs(planned, per_epoch)} ({per_epoch} steps each)"
+    else:
+        out["steps"] = str(done)
+    out["images seen"] = f"{done * batch:,} ({done} steps x {batch}{batch_note})"
+    seconds = training_seconds(runlog, batch)
+    out["training time"] = (_clock(seconds) + (" (stop-to-resume gaps excluded)" if runlog.resumes else "")
+                            if seconds is not None else "unknown (no timed records)")  # fmt: skip
+    out["final loss"] = f"{last['loss']:.4f}" if last and _number(last.get("loss")) else "–"
+    resumes = f"{len(runlog.resumes)}" + (f" (at step {', '.join(map(str, runlog.resumes))})" if runlog.resumes else "")
+    if runlog.stops:
+        resumes += f"; stopped by a signal at step {', '.join(map(str, runlog.stops))}"
+    if runlog.config_changes:
+        resumes += "; config changed at step " + ", ".join(str(s) for s, _ in runlog.config_changes)
+    out["resumes"] = resumes
+    out["checkpoints kept"] = (f"{len(kept)}" + (f" (steps {', '.join(str(checkpoint_step(k)) for k in kept)})"
+                                                 if kept else ""))  # fmt: skip
+    return out
+
+
+# the config sections each method reads besides model, mask, data, optim, train, distributed
+METHOD_SECTIONS = {"mae": ["mae"], "emae": ["emae", "mae"], "bootmae": ["bootmae", "mae"], "simmim": ["simmim"],
+                   "beit": ["beit", "tokenizer"], "mcbeit": ["beit", "tokenizer"]}  # fmt: skip
+COMMON_SECTIONS = ["model", "mask", "data", "optim", "train", "distributed"]
+
+
+def config_sections(cfg) -> list[str]:
+    """The top-level config sections the run's method uses, in config order (bootmae with mask.type parallel also
+    reads emae.*)."""
+    own = set(COMMON_SECTIONS) | set(METHOD_SECTIONS.get(cfg.method, []))
+    if cfg.method == "bootmae" and cfg.mask.type == "parallel":
+        own.add("emae")
+    return [f.name for f in dataclasses.fields(cfg) if f.name in own]
+
+
+def own_config_text(cfg, config_text: str) -> str:
+    """config.yaml cut to `method` and the method's own sections (as the run wrote them)."""
+    data = yaml.safe_load(config_text) or {}
+    keep = {"method": data.get("method", cfg.method), **{k: data[k] for k in config_sections(cfg) if k in data}}
+    return yaml.safe_dump(keep, sort_keys=False)
+
+
+def eval_tables(evals: list[EvalRun], baselines: list[EvalRun] = (), hint: str | None = None) -> str:
+    """One table per command: the random-init baseline rows first (marked), then the runs of the checkpoints; a
+    one-line hint with the command that makes a baseline when none was found."""
     out = []
+    if not evals and not baselines:
+        out.append("<p>No evaluation run of this run's checkpoints was found (see <code>mimkit report --help</code>)."
+                   "</p>")  # fmt: skip
     for command in EVAL_COMMANDS:
+        base = [e for e in baselines if e.command == command]
         rows = [e for e in evals if e.command == command]
-        if not rows:
+        if not rows and not base:
             continue
-        cols = [c for c in EVAL_COLUMNS[command] if any(c in e.metrics for e in rows)]
+        cols = [c for c in EVAL_COLUMNS[command] if any(c in e.metrics for e in base + rows)]
         head = "".join(f"<th>{html.escape(c)}</th>" for c in ["checkpoint step", *cols, "folder"])
-        body = "".join(
-            "<tr>" + f"<td>{_fmt(e.step)}</td>" + "".join(f"<td>{_fmt(e.metrics.get(c))}</td>" for c in cols)
-            + f"<td><code>{html.escape(str(e.folder))}</code></td></tr>" for e in rows
-        )  # fmt: skip
+
+        def row(e: EvalRun, cls: str, first: str, cols: list[str] = cols) -> str:
+            return (f'<tr class="{cls}"><td>{first}</td>' + "".join(f"<td>{_fmt(e.metrics.get(c))}</td>" for c in cols)
+                    + f"<td><code>{html.escape(str(e.folder))}</code></td></tr>")  # fmt: skip
+
+        body = "".join(row(e, "baseline", "<b>random init (baseline)</b>") for e in base)
+        body += "".join(row(e, "checkpoint", _fmt(e.step)) for e in rows)
         out.append(f"<h3>{command}</h3><table><tr>{head}</tr>{body}</table>")
+    if hint:
+        out.append(f'<p id="baseline-hint">{hint}</p>')
     return "\n".join(out)
 
 
 PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>
-body {{ font-family: sans-serif; margin: 1.5em; color: #222; max-width: 1400px; }}
+body {{ font-family: sans-serif; margin: 1.5em; color: #222; max-width: 1500px; }}
 table {{ border-collapse: collapse; margin: 0.5em 0 1em; font-size: 0.9em; }}
 td, th {{ border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: left; }}
+tr.baseline td {{ background: #f1f1f1; font-style: italic; }}
 pre {{ background: #f6f6f6; padding: 0.8em; font-size: 0.85em; overflow-x: auto; }}
 img {{ max-width: 100%; }}
+#summary {{ font-size: 1.05em; line-height: 1.6; }}
+#summary span {{ white-space: nowrap; margin-right: 1.2em; }}
+.wide {{ overflow-x: auto; }}
+.wide img {{ max-width: none; }}
 </style></head><body>
 <h1>{title}</h1>
-<p>{summary}</p>
+<p id="summary">{summary}</p>
+{notes}
 <h2>Training curves</h2>
 {curves}
+{knn_note}
 <h2>Reconstructions</h2>
 {recon}
 <h2>Evaluations</h2>
 {evals}
-<h2>Resolved config</h2>
-<pre>{config}</pre>
+<h2>Config</h2>
+<p>The sections method {method} uses (config.yaml as the run wrote it, resolved):</p>
+<pre id="config">{config}</pre>
+<details><summary>the whole config.yaml (every section, also other methods')</summary><pre id="config-full">{config_full}</pre>
+</details>
 <h2>Machine</h2>
 <ul>{machine}</ul>
 <p><small>made by mimkit {version} (<code>mimkit report</code>)</small></p>
@@ -438,8 +747,10 @@ img {{ max-width: 100%; }}
 
 
 def build_report(run_dir: str | Path, out: str | Path | None = None, *, images: list[str | Path] | None = None,
-                 checkpoints: int = 3, num_images: int | None = None, evals: list[str | Path] = ()) -> Report:  # fmt: skip
-    """Write OUT (default RUN_DIR/report.html) and the PNG summary beside it (same name, .png)."""
+                 checkpoints: int | None = None, num_images: int | None = None,
+                 evals: list[str | Path] = ()) -> Report:  # fmt: skip
+    """Write OUT (default RUN_DIR/report.html) and the PNG summary beside it (same name, .png). `checkpoints`:
+    how many kept checkpoints to draw (default: all, up to DEFAULT_CHECKPOINTS, spread evenly)."""
     import mimkit
 
     run_dir = Path(run_dir)
@@ -449,10 +760,12 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, *, images: 
     cfg, config_text = read_config(run_dir)
     runlog = read_metrics(run_dir / "metrics.jsonl")
     found = find_evaluations(run_dir, list(evals))
+    baselines = find_baselines(run_dir, cfg, list(evals))
     notes: list[str] = []
-    curves_png = curves_figure(runlog, found)
+    curves_png, panels = curves_figure(runlog, found, baselines)
 
-    ckpts = pick_checkpoints(list_checkpoints(run_dir), checkpoints)
+    kept = list_checkpoints(run_dir)
+    ckpts = pick_checkpoints(kept, checkpoints)
     recon_png, drawn = None, []
     if cfg.method in BEIT_METHODS:
         notes.append(f"{cfg.method} predicts visual-token ids, not pixels: no reconstructions to draw")
@@ -464,33 +777,47 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, *, images: 
             notes.append(f"no reconstructions: {e}")
         except FileNotFoundError as e:
             raise ReportError(f"--images: {e}") from None
-    if not ckpts:
+    if not kept:
         notes.append("no checkpoint in the run folder")
+    elif len(ckpts) < len(kept):
+        notes.append(f"reconstructions by {len(ckpts)} of the {len(kept)} kept checkpoints, spread evenly "
+                     "(--checkpoints N draws more)")  # fmt: skip
 
     out = Path(out) if out else run_dir / "report.html"
     png_path = out.with_suffix(".png")
-    last = runlog.steps[-1] if runlog.steps else {}
     for step, changed in runlog.config_changes:
         notes.append(f"config changed at step {step} (train.resume_allow): "
                      + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()))  # fmt: skip
-    summary = (f"{cfg.method} · {cfg.model.arch} · {len(runlog.steps)} logged steps"
-               + (f", last step {last['step']}, loss {last['loss']:.4f}" if last else "")
-               + (f" · resumed at step {', '.join(map(str, runlog.resumes))}" if runlog.resumes else "")
-               + f" · {len(list_checkpoints(run_dir))} checkpoint(s) kept · {len(found)} evaluation run(s)")  # fmt: skip
+    summary = run_summary(cfg, runlog, kept)
+    hint = None
+    if not baselines:
+        hint = ("No random-init baseline of this architecture was found; this command makes one (where the report "
+                f"finds it): <code>{html.escape(baseline_command(run_dir, cfg, found))}</code> (linprobe and finetune "
+                "take encoder.checkpoint=none the same way).")  # fmt: skip
     page = PAGE.format(
         title=html.escape(f"mimkit run {run_dir.resolve().name}"),
-        summary=html.escape(summary) + "".join(f"<br>note: {html.escape(n)}" for n in notes),
+        summary=" ".join(
+            f'<span data-field="{html.escape(k)}"><b>{html.escape(k)}</b>: {html.escape(v)}</span>'
+            for k, v in summary.items()
+        ),
+        notes="".join(f'<p class="note">note: {html.escape(n)}</p>' for n in notes),
         curves=_img_tag(curves_png, "training curves", "curves"),
-        recon=_img_tag(recon_png, "reconstructions", "reconstructions") if recon_png else "<p>none</p>",
-        evals=eval_tables(found),
-        config=html.escape(config_text),
+        knn_note=f'<p id="knn-note"><small>{html.escape(knn_note(runlog, found, cfg))}</small></p>'
+        if "k-NN" in panels else "",
+        recon=f'<div class="wide">{_img_tag(recon_png, "reconstructions", "reconstructions")}</div>'
+        if recon_png else "<p>none</p>",
+        evals=eval_tables(found, baselines, hint),
+        method=html.escape(cfg.method),
+        config=html.escape(own_config_text(cfg, config_text)),
+        config_full=html.escape(config_text),
         machine="".join(f"<li>{html.escape(x)}</li>" for x in machine_lines()),
         version=mimkit.__version__,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page)
     _summary_png(curves_png, recon_png, png_path)
-    return Report(out, png_path, len(runlog.steps), runlog.resumes, drawn, found, notes)
+    return Report(out, png_path, len(runlog.steps), runlog.resumes, drawn, found, notes, summary=summary,
+                  panels=panels, baselines=baselines, sections=config_sections(cfg))
 
 
 def _summary_png(curves_png: bytes, recon_png: bytes | None, path: Path) -> None:

@@ -1,20 +1,29 @@
 """`mimkit report`: one self-contained HTML page and a PNG summary of a tiny resumed run (CPU, seconds).
 
 * the page embeds every image (base64 PNG, no other file referenced), the curves have one point per step and
-  mark the resume, the reconstruction columns are the initial model and the kept checkpoints;
+  mark the resume, the reconstruction columns are the initial model and every kept checkpoint, each panel at
+  least 128 px;
+* the summary line: steps and epochs of planned, images seen, training time without the stop-to-resume gap;
+* panels only with information (no "skipped" panel when nothing was skipped, no k-NN panel without k-NN data);
+* the random-init baseline row when a random-init evaluation of the architecture exists, else the one-line
+  command that makes one (and that command's run is then found);
+* the config block holds only the method's sections, the whole config.yaml folded below;
 * the "step 0" column is exactly the weights the run started from (lr is 0 at step 0, so checkpoint 1 holds them);
 * evaluation runs of the run's checkpoints are found (inside RUN_DIR, in a sibling folder, under --evals), others
   are not;
 * a missing matplotlib is one line naming `pip install 'mimkit[report]'`;
-* headless Chromium renders the page's images (marked `chromium`; scripts/test.sh installs it).
+* headless Chromium renders the page's images, the summary line and the baseline row (marked `chromium`;
+  scripts/test.sh installs it).
 """
 
 from __future__ import annotations
 
 import base64
+import html
 import io
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -22,24 +31,35 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_MODEL, make_images
 from PIL import Image
 
 from mimkit.cli import main
 from mimkit.config import load_config
 from mimkit.eval import evaluate
 from mimkit.interop import load_mimkit_checkpoint
-from mimkit.report import _initial_model, build_report, find_evaluations, read_metrics
+from mimkit.report import (
+    _initial_model,
+    build_report,
+    find_evaluations,
+    pick_checkpoints,
+    read_config,
+    read_metrics,
+    run_summary,
+    training_seconds,
+)
 from mimkit.train import pretrain
 
-from conftest import TINY_MODEL, make_images
-
 STEPS = 16  # 64 images / batch 8 = 8 steps per epoch, 2 epochs
+KEPT = [5, 8, 12, 16]  # saved every 4 steps, at the stop (5) and at the end; the last 4 kept
+PANEL = 16 * 8  # 16-px images upscaled 8x: 128-px panels
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A tiny run stopped at step 5 and resumed to the end, a k-NN evaluation of its last checkpoint in a sibling
-    folder, one inside RUN_DIR (absolute path), and one of another run's checkpoint (not this run's)."""
+    """A tiny run stopped at step 5 and resumed to the end (4 checkpoints kept), a k-NN evaluation of its last
+    checkpoint in a sibling folder, one inside RUN_DIR (absolute path), and one of a random-init encoder of the same
+    architecture (the baseline, not a run of this run's checkpoints)."""
     root = tmp_path_factory.mktemp("report")
     data = root / "tiny.npz"
     np.savez(data, x_train=make_images(64), y_train=np.arange(64) % 4, x_test=make_images(32, seed=1),
@@ -48,7 +68,8 @@ def run(tmp_path_factory):
     base = TINY_MODEL + [f"data.path={data}", "data.num_workers=0", "train.batch_size=8", "train.epochs=2",
                          "train.precision=fp32", "train.progress=false", "train.tensorboard=false", "train.log_every=1",
                          "optim.blr=1e-3", "optim.warmup_epochs=1", f"train.out_dir={root / 'runs' / 'tiny'}",
-                         "train.knn_every_epochs=1", "train.vis_images=2"]  # fmt: skip
+                         "train.knn_every_epochs=1", "train.vis_images=2", "train.save_every_steps=4",
+                         "train.keep_last=4"]  # fmt: skip
     pretrain(load_config(None, base + ["train.max_steps=5"]))
     pretrain(load_config(None, base))
     run_dir = root / "runs" / "tiny"
@@ -69,27 +90,105 @@ def embedded_pngs(page: str) -> dict[str, Image.Image]:
 
 
 def test_report_page_and_summary(run, tmp_path, capsys):
-    root, run_dir, _ = run
+    _, run_dir, _ = run
     out = tmp_path / "r" / "page.html"
-    assert main(["report", str(run_dir), "--out", str(out)]) == 0
+    assert main(["report", str(run_dir), "--out", str(out), "--checkpoints", "8"]) == 0
     printed = capsys.readouterr().out
     assert f"wrote {out}" in printed and "2 evaluation runs" in printed
-    assert "reconstructions by step 0 (init), step 5, step 8, step 16" in printed  # the kept checkpoints
+    assert "reconstructions by step 0 (init), step 5, step 8, step 12, step 16" in printed  # every kept checkpoint
     page = out.read_text()
     images = embedded_pngs(page)
     assert set(images) == {"curves", "reconstructions"}
     assert page.count("<img") == 2 and "src=\"http" not in page and "href=" not in page  # nothing outside the page
-    # reconstructions: 2 images x (original, masked, init + 3 kept checkpoints), each panel 16 px x 6
+    # reconstructions: 2 images x (original, masked, init + 4 kept checkpoints), each panel 16 px x 8 = 128 px
     recon = images["reconstructions"]
-    assert recon.width == 4 + 6 * (16 * 6 + 4) and recon.height > 2 * 16 * 6
-    assert "resumed at step 5" in page and f"{STEPS} logged steps" in page
+    assert recon.width == 4 + 7 * (PANEL + 4) and recon.height > 2 * PANEL
+    assert "1 (at step 5)" in page and f"{STEPS} of {STEPS}" in page
     assert "vit_tiny_patch4_32" in page and "norm_pix_loss: true" in page  # the resolved config
     assert f"torch {torch.__version__}" in page
-    # the evaluation table: the two k-NN runs of this run's checkpoints, not the random-init one
-    assert "knn_random" not in page and "knn_tiny" in page and "knn8" in page
+    # the evaluation table: the two k-NN runs of this run's checkpoints, and the random-init one as the baseline
+    assert "knn_tiny" in page and "knn8" in page
+    assert re.search(r'<tr class="baseline"><td><b>random init \(baseline\)</b></td>.*?knn_random', page)
     summary = Image.open(out.with_suffix(".png"))
     assert summary.width == max(images["curves"].width, recon.width)
     assert summary.height == images["curves"].height + recon.height
+
+
+def test_summary_checkpoints_baseline_panels_and_config(run, tmp_path):
+    _, run_dir, _ = run
+    report = build_report(run_dir, tmp_path / "report.html")  # the defaults: every kept checkpoint (up to 8)
+    assert report.summary["method"] == "mae" and report.summary["model"].startswith("vit_tiny_patch4_32 (32 wide")
+    assert report.summary["steps"] == f"{STEPS} of {STEPS}"
+    assert report.summary["epochs"] == "2 of 2 (8 steps each)"
+    assert report.summary["images seen"] == f"{STEPS * 8} ({STEPS} steps x 8)"
+    assert report.summary["resumes"] == "1 (at step 5)"
+    assert report.summary["checkpoints kept"] == "4 (steps 5, 8, 12, 16)"
+    assert report.summary["final loss"] == f"{read_metrics(run_dir / 'metrics.jsonl').steps[-1]['loss']:.4f}"
+    assert report.checkpoints_drawn == ["step 0 (init)"] + [f"step {s}" for s in KEPT]
+    assert embedded_pngs(report.html.read_text())["reconstructions"].width == 4 + 7 * (PANEL + 4)
+    # nothing was skipped and no step was non-finite: no "skipped" panel; the k-NN history is there
+    assert report.panels == ["loss", "lr", "img/s", "grad norm", "k-NN"]
+    page = report.html.read_text()
+    assert 'id="knn-note"' in page and "[cls] token of the last block" in page and "features.pool=cls" in page
+    # the baseline: the random-init k-NN run of the same architecture, not a run of this run's checkpoints
+    assert [(b.command, b.folder.name) for b in report.baselines] == [("knn", "knn_random")]
+    assert page.count('<tr class="baseline">') == 1 and 'id="baseline-hint"' not in page
+    # only MAE's config sections in the config block; the whole config.yaml folded below it
+    assert report.sections == ["model", "mask", "mae", "data", "optim", "train", "distributed"]
+    block = re.search(r'<pre id="config">(.*?)</pre>', page, re.DOTALL).group(1)
+    full = re.search(r'<details><summary>.*?<pre id="config-full">(.*?)</pre>', page, re.DOTALL).group(1)
+
+    def tops(text: str) -> list[str]:
+        return re.findall(r"^(\w+):", text, re.MULTILINE)
+
+    assert tops(block) == ["method", *report.sections]
+    assert {"bootmae", "beit", "emae", "simmim", "tokenizer"} <= set(tops(full))
+
+
+def test_training_time_leaves_out_the_gap_between_a_stop_and_the_resume(run, tmp_path):
+    _, run_dir, _ = run
+    cfg, _ = read_config(run_dir)
+    # 8 images per 10 s; steps 1-4, a stop, a day later the resume from step 4 and steps 5-8
+    recs = [{"step": k, "epoch": k / 8, "loss": 1.0, "img_per_s": 0.8, "time": 1000.0 + 10 * k} for k in range(1, 5)]
+    recs += [{"event": "stopped", "step": 4, "signal": "SIGTERM"}, {"event": "resume", "resumed_step": 4}]
+    recs += [{"step": k, "epoch": k / 8, "loss": 0.5, "img_per_s": 0.8, "time": 87400.0 + 10 * k} for k in range(5, 9)]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    log = read_metrics(path)
+    # each segment: its first step (10 s, from its img/s) + 3 x 10 s between its records
+    assert training_seconds(log, 8) == pytest.approx(80.0)
+    summary = run_summary(cfg, log, [])
+    assert summary["training time"].startswith("1m20s")
+    assert summary["steps"] == "8 of 16" and summary["epochs"] == "1 of 2 (8 steps each)"
+    assert summary["images seen"].startswith("64 (8 steps x 8")  # no checkpoint: the config's batch, one process
+    assert summary["resumes"] == "1 (at step 4); stopped by a signal at step 4"
+    assert summary["final loss"] == "0.5000" and summary["checkpoints kept"] == "0"
+
+
+def test_without_a_baseline_one_line_says_the_command_and_its_run_is_found(run, tmp_path, capsys):
+    _, run_dir, _ = run
+    alone = tmp_path / "runs" / "tiny"  # the run's folder without the evaluations beside it
+    alone.mkdir(parents=True)
+    for name in ("config.yaml", "metrics.jsonl", "checkpoint-00000016.pt"):
+        shutil.copy(run_dir / name, alone / name)
+    report = build_report(alone, checkpoints=1)
+    page = report.html.read_text()
+    assert report.baselines == [] and '<tr class="baseline">' not in page
+    hint = re.search(r'<p id="baseline-hint">(.*?)</p>', page).group(1)
+    command = html.unescape(re.search(r"<code>(.*?)</code>", hint).group(1))
+    assert command.startswith("mimkit knn encoder.checkpoint=none encoder.arch=vit_tiny_patch4_32 encoder.img_size=16")
+    assert main([*shlex.split(command)[1:], "run.progress=false", "data.num_workers=0"]) == 0  # it runs...
+    report = build_report(alone, checkpoints=1)
+    assert [b.command for b in report.baselines] == ["knn"]  # ...and the report finds its run as the baseline
+    assert '<tr class="baseline">' in report.html.read_text()
+
+
+def test_every_kept_checkpoint_up_to_eight():
+    paths = [f"checkpoint-{i:08d}.pt" for i in range(1, 13)]
+    assert pick_checkpoints(paths[:8]) == paths[:8]
+    picked = pick_checkpoints(paths)
+    assert len(picked) == 8 and picked[0] == paths[0] and picked[-1] == paths[-1]
+    assert pick_checkpoints(paths, 2) == [paths[0], paths[-1]]
 
 
 def test_one_point_per_step_and_resumes(run, tmp_path):
@@ -98,6 +197,8 @@ def test_one_point_per_step_and_resumes(run, tmp_path):
     assert [r["step"] for r in log.steps] == list(range(1, STEPS + 1))
     assert log.resumes == [5]
     assert [r["step"] for r in log.knn] == [8, 16]
+    assert [seg.start for seg in log.segments] == [0, 5]
+    assert [[t[0] for t in seg.timed] for seg in log.segments] == [[1, 2, 3, 4, 5], list(range(6, STEPS + 1))]
     # a log written before resumes truncated it repeats steps: the last record of a step wins
     old = tmp_path / "metrics.jsonl"
     lines = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}, {"event": "resume", "resumed_step": 1},
@@ -120,7 +221,7 @@ def test_the_init_column_is_the_weights_the_run_started_from(run, tmp_path):
 
 
 def test_which_evaluations_belong_to_the_run(run, tmp_path, monkeypatch):
-    root, run_dir, _ = run
+    _, run_dir, _ = run
     found = find_evaluations(run_dir)
     assert sorted((e.command, e.step) for e in found) == [("knn", 8), ("knn", 16)]
     # a relative encoder.checkpoint written from another folder, under --evals elsewhere
@@ -156,6 +257,10 @@ def test_a_beit_run_has_curves_and_says_why_no_reconstructions(tmp_path, npz_dat
     assert report.steps_plotted == 2 and report.checkpoints_drawn == []
     assert any("visual-token ids" in n for n in report.notes)
     assert set(embedded_pngs(report.html.read_text())) == {"curves"}
+    assert report.panels == ["loss", "lr", "img/s", "grad norm"]  # nothing skipped, no k-NN data
+    assert report.sections == ["model", "mask", "beit", "tokenizer", "data", "optim", "train", "distributed"]
+    page = report.html.read_text()
+    assert 'id="knn-note"' not in page and "encoder.family=beit" in page  # the baseline hint names the family
 
 
 def test_pretrain_prints_the_report_command_and_it_runs(tmp_path, npz_data, capsys, one_thread):
@@ -175,9 +280,16 @@ def test_not_a_run_folder(tmp_path, capsys):
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
-PROBE = ('<script>window.addEventListener("load", () => document.body.setAttribute("data-rendered", '
-         '[...document.images].filter(i => i.complete && i.naturalWidth > 0)'
-         '.map(i => i.id + ":" + i.naturalWidth + "x" + i.naturalHeight).join(",")));</script>')  # fmt: skip
+PROBE = ('<script>window.addEventListener("load", () => {'
+         'const b = document.body;'
+         'b.setAttribute("data-rendered", [...document.images].filter(i => i.complete && i.naturalWidth > 0)'
+         '.map(i => i.id + ":" + i.naturalWidth + "x" + i.naturalHeight).join(","));'
+         'b.setAttribute("data-shown", [...document.images].map(i => i.id + ":" + i.clientWidth).join(","));'
+         'const s = document.getElementById("summary");'
+         'b.setAttribute("data-summary", s && s.offsetHeight > 0 ? s.innerText.replace(/\\s+/g, " ") : "");'
+         'b.setAttribute("data-baseline", [...document.querySelectorAll("tr.baseline")]'
+         '.filter(r => r.offsetHeight > 0).map(r => r.innerText.replace(/\\s+/g, " ")).join("|"));'
+         '});</script>')  # fmt: skip
 
 
 @pytest.mark.chromium
@@ -192,14 +304,24 @@ def test_chromium_renders_the_images(run, tmp_path):
     probe.write_text(report.html.read_text().replace("</body>", PROBE + "</body>"))
     dom = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile1'}",
                           "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
-                         capture_output=True, text=True, timeout=120).stdout  # fmt: skip
+                         capture_output=True, text=True, timeout=120, check=False).stdout  # fmt: skip
     rendered = re.search(r'data-rendered="([^"]*)"', dom)
     assert rendered is not None, dom[-500:]
     expected = {f"{k}:{v.width}x{v.height}" for k, v in pngs.items()}
     assert set(rendered.group(1).split(",")) == expected
+    # the reconstructions are shown at their own size (128-px panels), not shrunk to the window
+    shown = dict(x.split(":") for x in re.search(r'data-shown="([^"]*)"', dom).group(1).split(","))
+    assert int(shown["reconstructions"]) == pngs["reconstructions"].width == 4 + 7 * (PANEL + 4)
+    # the summary line and the baseline row are on screen
+    summary = html.unescape(re.search(r'data-summary="([^"]*)"', dom).group(1))
+    for field in ("method: mae", f"steps: {STEPS} of {STEPS}", "epochs: 2 of 2", f"images seen: {STEPS * 8}",
+                  "training time:", "final loss:", "resumes: 1 (at step 5)", "checkpoints kept: 4"):  # fmt: skip
+        assert field in summary, summary
+    baseline = html.unescape(re.search(r'data-baseline="([^"]*)"', dom).group(1))
+    assert baseline.startswith("random init (baseline)") and "knn_random" in baseline, baseline
     shot = tmp_path / "shot.png"
     subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile2'}", "--window-size=1300,1400",
-                    f"--screenshot={shot}", report.html.as_uri()], capture_output=True, timeout=120)  # fmt: skip
+                    f"--screenshot={shot}", report.html.as_uri()], capture_output=True, timeout=120, check=False)  # fmt: skip
     pixels = np.asarray(Image.open(shot).convert("RGB")).reshape(-1, 3)
     # the curves' blue line (matplotlib's C0, #1f77b4) is on screen
     assert (np.abs(pixels.astype(int) - [31, 119, 180]).sum(axis=1) < 30).sum() > 100
