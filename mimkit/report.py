@@ -372,9 +372,10 @@ def curve_panels(runlog: RunLog, evals: list[EvalRun]) -> list[str]:
     return panels
 
 
-def curves_figure(runlog: RunLog, evals: list[EvalRun], baselines: list[EvalRun] = ()) -> tuple[bytes, list[str]]:
+def curves_figure(runlog: RunLog, evals: list[EvalRun], baselines: list[EvalRun] = (),
+                  summary: dict[str, str] | None = None) -> tuple[bytes, list[str]]:  # fmt: skip
     """Loss (and its terms), lr, img/s, gradient norm, skipped counts and the k-NN trend against the step, one PNG
-    (only the panels that carry information: `curve_panels`); with the panel names."""
+    (only the panels that carry information: `curve_panels`) titled with the summary line; with the panel names."""
     plt = _pyplot()
     recs = runlog.steps
     steps = [r["step"] for r in recs]
@@ -440,8 +441,14 @@ def curves_figure(runlog: RunLog, evals: list[EvalRun], baselines: list[EvalRun]
             ax.legend(fontsize=7)
     for ax in flat[len(panels):]:
         ax.axis("off")
-    fig.suptitle(f"{len(steps)} logged steps" + (f", resumed at step {', '.join(map(str, runlog.resumes))}"
-                                                   if runlog.resumes else ""), fontsize=10)  # fmt: skip
+    if summary:  # the PNG on its own says what run it is
+        first = ("method", "model", "steps", "epochs")
+        title = "\n".join(" · ".join(f"{k}: {v}" for k, v in summary.items() if (k in first) == top)
+                          for top in (True, False))  # fmt: skip
+    else:
+        title = f"{len(steps)} logged steps" + (f", resumed at step {', '.join(map(str, runlog.resumes))}"
+                                                if runlog.resumes else "")  # fmt: skip
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     data = _png(fig)
     plt.close(fig)
@@ -762,9 +769,10 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, *, images: 
     found = find_evaluations(run_dir, list(evals))
     baselines = find_baselines(run_dir, cfg, list(evals))
     notes: list[str] = []
-    curves_png, panels = curves_figure(runlog, found, baselines)
-
     kept = list_checkpoints(run_dir)
+    summary = run_summary(cfg, runlog, kept)
+    curves_png, panels = curves_figure(runlog, found, baselines, summary)
+
     ckpts = pick_checkpoints(kept, checkpoints)
     recon_png, drawn = None, []
     if cfg.method in BEIT_METHODS:
@@ -788,7 +796,6 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, *, images: 
     for step, changed in runlog.config_changes:
         notes.append(f"config changed at step {step} (train.resume_allow): "
                      + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()))  # fmt: skip
-    summary = run_summary(cfg, runlog, kept)
     hint = None
     if not baselines:
         hint = ("No random-init baseline of this architecture was found; this command makes one (where the report "

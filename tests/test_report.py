@@ -39,8 +39,10 @@ from mimkit.config import load_config
 from mimkit.eval import evaluate
 from mimkit.interop import load_mimkit_checkpoint
 from mimkit.report import (
+    RunLog,
     _initial_model,
     build_report,
+    curve_panels,
     find_evaluations,
     pick_checkpoints,
     read_config,
@@ -181,6 +183,15 @@ def test_without_a_baseline_one_line_says_the_command_and_its_run_is_found(run, 
     report = build_report(alone, checkpoints=1)
     assert [b.command for b in report.baselines] == ["knn"]  # ...and the report finds its run as the baseline
     assert '<tr class="baseline">' in report.html.read_text()
+
+
+def test_panels_only_with_information():
+    plain = [{"step": 1, "loss": 1.0, "lr": 0.1, "img_per_s": 5.0, "nonfinite_steps": 0, "skipped_images": 0}]
+    assert curve_panels(RunLog(plain, [], []), []) == ["loss", "lr", "img/s"]
+    skipped = [*plain, {"step": 2, "loss": 1.0, "lr": 0.1, "img_per_s": 5.0, "nonfinite_steps": 0, "skipped_images": 3,
+                        "grad_norm": 1.5}]  # fmt: skip
+    assert curve_panels(RunLog(skipped, [], [{"step": 2, "knn_top1": 30.0}]), []) == [
+        "loss", "lr", "img/s", "grad norm", "skipped", "k-NN"]  # fmt: skip
 
 
 def test_every_kept_checkpoint_up_to_eight():
