@@ -162,11 +162,11 @@ def _cell(text: str) -> str:
 
 def config_reference() -> str:
     parts = [HEADER, "# Config reference\n",
-             "Every key of every command's config: a YAML recipe sets them by section, `section.key=value` overrides "
-             "them on the command line (or in `mimkit.run(path, overrides)`). Types are the dataclass annotations; "
-             "`--print-config` shows a run's resolved values. The pretraining config is `mimkit.config.Config`, the "
-             "evaluation ones are in `mimkit.eval.config`; `mimkit tokenizer train` reads the pretraining config "
-             "(its `tokenizer`, `data` and `train.seed` keys).\n"]  # fmt: skip
+             ("Every key of every command's config: a YAML recipe sets them by section, `section.key=value` overrides "
+              "them on the command line (or in `mimkit.run(path, overrides)`). Types are the dataclass annotations; "
+              "`--print-config` shows a run's resolved values. The pretraining config is `mimkit.config.Config`, the "
+              "evaluation ones are in `mimkit.eval.config`; `mimkit tokenizer train` reads the pretraining config "
+              "(its `tokenizer`, `data` and `train.seed` keys).\n")]  # fmt: skip
     for title, cls in config_classes().items():
         parts.append(f"## `{title}`\n\n`{cls.__module__}.{cls.__name__}`\n")
         section = None
@@ -204,9 +204,9 @@ def cli_reference() -> str:
         parser = build_parser()
         parser.prog = "mimkit"
         parts = [HEADER, "# CLI reference\n",
-                 "Every subcommand's `--help`, as `mimkit.cli.build_parser()` prints it. Exit status: 0 done, 2 a "
-                 "problem with the input (one line naming the file, key or value), 75 stopped by a signal after a "
-                 "checkpoint (run the same command again to resume), 130 interrupted.\n",
+                 ("Every subcommand's `--help`, as `mimkit.cli.build_parser()` prints it. Exit status: 0 done, 2 a "
+                  "problem with the input (one line naming the file, key or value), 75 stopped by a signal after a "
+                  "checkpoint (run the same command again to resume), 130 interrupted.\n"),
                  "## `mimkit`\n", "```text", parser.format_help().rstrip(), "```\n"]  # fmt: skip
         for name, sub in _subcommands(parser, "mimkit"):
             parts += [f"## `{name}`\n", "```text", sub.format_help().rstrip(), "```\n"]
