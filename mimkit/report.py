@@ -294,19 +294,23 @@ def find_baselines(run_dir: Path, cfg, extra: list[str | Path] = ()) -> list[Eva
     return _sorted_evals(found.values())
 
 
-def baseline_command(run_dir: Path, cfg, evals: list[EvalRun]) -> str:
-    """The `mimkit knn` command line that evaluates a random-init encoder of the run's architecture on the data
-    the run's evaluations used (else train.knn_data / data.path), into a sibling folder the report finds."""
+def baseline_command(run_dir: Path, cfg, evals: list[EvalRun], monitored: bool = False) -> str:
+    """The `mimkit knn` command line that evaluates a random-init encoder of the run's architecture, into a sibling
+    folder the report finds, on labelled data: the data the run's evaluations used, else train.knn_data, else
+    data.path when the k-NN monitor ran on it (`monitored`), else a placeholder to fill in."""
     m = dataclasses.asdict(cfg.model)
     preset = get_preset(cfg.model.arch)
     sizes = [f"encoder.{k}={m[k]}" for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads")
              if m.get(k) is not None and m[k] != getattr(preset, k)]  # fmt: skip
     data = next((d for e in evals if (d := (_eval_config(e.folder).get("data") or {}).get("path"))), None)
-    data = data or cfg.train.knn_data or cfg.data.path
+    split = []
+    if data is None and (cfg.train.knn_data or monitored):
+        data = cfg.train.knn_data or cfg.data.path
+        split = [f"data.val_split={cfg.train.knn_val_split}"] if cfg.train.knn_val_split != "test" else []
     out = run_dir.resolve().parent / f"knn_random_init_{run_dir.resolve().name}"
     return " ".join(["mimkit knn encoder.checkpoint=none", f"encoder.arch={cfg.model.arch}", *sizes,
-                     *(["encoder.family=beit"] if cfg.method in BEIT_METHODS else []), f"data.path={data}",
-                     f"train.out_dir={out}"])  # fmt: skip
+                     *(["encoder.family=beit"] if cfg.method in BEIT_METHODS else []),
+                     f"data.path={data or 'LABELLED_DATA'}", *split, f"train.out_dir={out}"])  # fmt: skip
 
 
 def machine_lines() -> list[str]:
@@ -744,8 +748,8 @@ img {{ max-width: 100%; }}
 <h2>Config</h2>
 <p>The sections method {method} uses (config.yaml as the run wrote it, resolved):</p>
 <pre id="config">{config}</pre>
-<details><summary>the whole config.yaml (every section, also other methods')</summary><pre id="config-full">{config_full}</pre>
-</details>
+<details><summary>the whole config.yaml (every section, also other methods')</summary>
+<pre id="config-full">{config_full}</pre></details>
 <h2>Machine</h2>
 <ul>{machine}</ul>
 <p><small>made by mimkit {version} (<code>mimkit report</code>)</small></p>
@@ -798,9 +802,10 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, *, images: 
                      + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()))  # fmt: skip
     hint = None
     if not baselines:
+        command = html.escape(baseline_command(run_dir, cfg, found, bool(runlog.knn)))
         hint = ("No random-init baseline of this architecture was found; this command makes one (where the report "
-                f"finds it): <code>{html.escape(baseline_command(run_dir, cfg, found))}</code> (linprobe and finetune "
-                "take encoder.checkpoint=none the same way).")  # fmt: skip
+                f"finds it): <code>{command}</code> (on the data the checkpoints are evaluated on; linprobe and "
+                "finetune take encoder.checkpoint=none the same way).")  # fmt: skip
     page = PAGE.format(
         title=html.escape(f"mimkit run {run_dir.resolve().name}"),
         summary=" ".join(

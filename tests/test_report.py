@@ -138,7 +138,7 @@ def test_summary_checkpoints_baseline_panels_and_config(run, tmp_path):
     # only MAE's config sections in the config block; the whole config.yaml folded below it
     assert report.sections == ["model", "mask", "mae", "data", "optim", "train", "distributed"]
     block = re.search(r'<pre id="config">(.*?)</pre>', page, re.DOTALL).group(1)
-    full = re.search(r'<details><summary>.*?<pre id="config-full">(.*?)</pre>', page, re.DOTALL).group(1)
+    full = re.search(r'<details><summary>.*?</summary>\s*<pre id="config-full">(.*?)</pre>', page, re.DOTALL).group(1)
 
     def tops(text: str) -> list[str]:
         return re.findall(r"^(\w+):", text, re.MULTILINE)
@@ -272,6 +272,7 @@ def test_a_beit_run_has_curves_and_says_why_no_reconstructions(tmp_path, npz_dat
     assert report.sections == ["model", "mask", "beit", "tokenizer", "data", "optim", "train", "distributed"]
     page = report.html.read_text()
     assert 'id="knn-note"' not in page and "encoder.family=beit" in page  # the baseline hint names the family
+    assert "data.path=LABELLED_DATA" in page  # no evaluation, no k-NN monitor: no labelled data known
 
 
 def test_pretrain_prints_the_report_command_and_it_runs(tmp_path, npz_data, capsys, one_thread):
@@ -332,7 +333,8 @@ def test_chromium_renders_the_images(run, tmp_path):
     assert baseline.startswith("random init (baseline)") and "knn_random" in baseline, baseline
     shot = tmp_path / "shot.png"
     subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile2'}", "--window-size=1300,1400",
-                    f"--screenshot={shot}", report.html.as_uri()], capture_output=True, timeout=120, check=False)  # fmt: skip
+                    f"--screenshot={shot}", report.html.as_uri()],
+                   capture_output=True, timeout=120, check=False)  # fmt: skip
     pixels = np.asarray(Image.open(shot).convert("RGB")).reshape(-1, 3)
     # the curves' blue line (matplotlib's C0, #1f77b4) is on screen
     assert (np.abs(pixels.astype(int) - [31, 119, 180]).sum(axis=1) < 30).sum() > 100
