@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import html
 import inspect
 import io
 import os
@@ -157,7 +158,15 @@ def config_classes() -> dict[str, type]:
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    """A Markdown table cell: pipes escaped, and < > outside code spans (e.g. `<path stem>`) shown, not read as HTML."""
+    spans = re.split(r"(`[^`]*`)", text.replace("\n", " "))
+    spans = [x if x.startswith("`") else x.replace("<", "&lt;").replace(">", "&gt;") for x in spans]
+    return "".join(spans).replace("|", "\\|")
+
+
+def _code(text: str) -> str:
+    """A code cell: HTML, since a Markdown code span shows the backslash of an escaped table pipe."""
+    return "<code>" + html.escape(text.replace("\n", " "), quote=False).replace("|", "&#124;") + "</code>"
 
 
 def config_reference() -> str:
@@ -177,7 +186,7 @@ def config_reference() -> str:
                 anchor = f"{title.split()[-1]}-{head or 'top'}"
                 parts.append(f"\n### `{head}` {{#{anchor}}}\n" if head else f"\n### top level {{#{anchor}}}\n")
                 parts.append("| key | type | default | description |\n|---|---|---|---|")
-            parts.append(f"| `{doc.key}` | `{_cell(doc.type)}` | `{_cell(doc.default)}` | {_cell(doc.description)} |")
+            parts.append(f"| `{doc.key}` | {_code(doc.type)} | {_code(doc.default)} | {_cell(doc.description)} |")
         parts.append("")
     return "\n".join(parts).rstrip("\n") + "\n"
 
