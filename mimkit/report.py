@@ -307,7 +307,8 @@ def baseline_command(run_dir: Path, cfg, evals: list[EvalRun], monitored: bool =
     if data is None and (cfg.train.knn_data or monitored):
         data = cfg.train.knn_data or cfg.data.path
         split = [f"data.val_split={cfg.train.knn_val_split}"] if cfg.train.knn_val_split != "test" else []
-    out = run_dir.resolve().parent / f"knn_random_init_{run_dir.resolve().name}"
+    base = run_dir.parent if run_dir.name else run_dir.resolve().parent  # as given (runs/x -> runs/), else absolute
+    out = base / f"knn_random_init_{run_dir.resolve().name}"
     return " ".join(["mimkit knn encoder.checkpoint=none", f"encoder.arch={cfg.model.arch}", *sizes,
                      *(["encoder.family=beit"] if cfg.method in BEIT_METHODS else []),
                      f"data.path={data or 'LABELLED_DATA'}", *split, f"train.out_dir={out}"])  # fmt: skip
@@ -412,14 +413,20 @@ def curves_figure(runlog: RunLog, evals: list[EvalRun], baselines: list[EvalRun]
         if xs:
             ax.plot(xs, ys, marker=".", markersize=2, linewidth=1, label=term)
     ax.set_title("loss")
-    losses = [v for v in series("loss")[1] if math.isfinite(v)]
-    if losses and min(losses) > 0 and max(losses) / min(losses) > 20:  # e.g. a diverging run
-        ax.set_yscale("log")
+
+    def log_if_wide(ax, key):  # e.g. a diverging loss, the first steps' gradient norm
+        values = [v for v in series(key)[1] if math.isfinite(v)]
+        if values and min(values) > 0 and max(values) / min(values) > 20:
+            ax.set_yscale("log")
+
+    log_if_wide(ax, "loss")
     for name, key, title in (("lr", "lr", "learning rate"), ("img/s", "img_per_s", "images / s"),
                              ("grad norm", "grad_norm", "gradient norm (before clipping)")):  # fmt: skip
         if name in ax_of:
             ax_of[name].plot(*series(key), marker=".", markersize=3, linewidth=1, label=key)
             ax_of[name].set_title(title)
+    if "grad norm" in ax_of:
+        log_if_wide(ax_of["grad norm"], "grad_norm")
     if "skipped" in ax_of:
         ax = ax_of["skipped"]
         for key, label in (("nonfinite_steps", "non-finite steps (total)"), ("skipped_images", "skipped images (total)")):
