@@ -141,8 +141,8 @@ def _add_report_parser(sub) -> None:
     p.add_argument("--images", nargs="+", default=None, help="images (files or folders) to reconstruct (default: "
                    "train.vis_images images spread over the run's data)")
     p.add_argument("--num-images", type=int, default=None, help="how many images (default: the run's train.vis_images)")
-    p.add_argument("--checkpoints", type=int, default=3, help="checkpoints drawn besides the initial model, spread "
-                   "from the oldest kept to the newest (default 3)")
+    p.add_argument("--checkpoints", type=int, default=None, help="checkpoints drawn besides the initial model, spread "
+                   "from the oldest kept to the newest (default: every kept checkpoint, up to 8)")
     p.add_argument("--evals", nargs="+", default=[], help="more folders to search for evaluation runs (any depth)")
     p.set_defaults(func=_report)
 
@@ -282,7 +282,7 @@ PRETRAIN_DESCRIPTION = """Self-supervised pretraining of a timm ViT by masked im
 bootmae, beit, mcbeit or simmim. A YAML recipe, then section.key=value overrides; --print-config shows every
 resolved value. Several processes: torchrun / srun (distributed.strategy=ddp or fsdp).
 
-config sections and keys (README "Configuration"; mimkit/config.py documents each):
+config sections and keys (docs/reference/config.md; mimkit/config.py documents each):
 """
 
 
