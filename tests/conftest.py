@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -87,3 +91,30 @@ def knn_cli(checkpoint, data, out_dir) -> int:
     return main(["knn", f"encoder.checkpoint={checkpoint}", f"data.path={data}", "data.num_workers=0",
                  "data.val_split=train", "run.precision=fp32", "run.progress=false", "run.tensorboard=false",
                  f"run.out_dir={out_dir}"])  # fmt: skip
+
+
+def one_error_line(capsys) -> str:
+    """The last stderr line of a command that failed as a user error: `mimkit: error: ...`, no traceback."""
+    err = [x for x in capsys.readouterr().err.strip().splitlines() if x.strip()]
+    assert err and err[-1].startswith("mimkit: error: "), err[-5:]
+    assert not any(x.startswith("Traceback") for x in err), err
+    return err[-1]
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+
+
+def chromium_dom(page: Path, probe_script: str, probe: Path, profile: Path) -> str:
+    """Open `page` with `probe_script` appended to its body in headless Chromium (written as `probe`, which should
+    sit where the page's relative links resolve) and return the DOM once loaded. Skips when chromium is absent
+    (scripts/test.sh installs Debian's)."""
+    import pytest
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("needs Debian's chromium (scripts/test.sh installs it)")
+    probe.write_text(Path(page).read_text().replace("</body>", probe_script + "</body>"))
+    return subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=5000",
+                           "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120,
+                          check=False).stdout  # fmt: skip

@@ -14,7 +14,7 @@ import mimkit.checkpoint as checkpoint_module
 from mimkit.checkpoint import list_checkpoints, load_checkpoint
 from mimkit.cli import main
 
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, one_error_line
 
 
 @pytest.fixture
@@ -25,13 +25,6 @@ def run_args(npz_data, tmp_path):
                 f"train.out_dir={tmp_path / out}", *extra]  # fmt: skip
 
     return build
-
-
-def one_error_line(capsys) -> str:
-    err = [x for x in capsys.readouterr().err.strip().splitlines() if x.strip()]
-    assert err and err[-1].startswith("mimkit: error: "), err[-5:]
-    assert not any(x.startswith("Traceback") for x in err), err
-    return err[-1]
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torchvision
 import yaml
-from conftest import TINY_MODEL, make_images
+from conftest import TINY_MODEL, make_images, one_error_line
 from PIL import Image
 
 from mimkit.cli import build_parser, flags_first, main
@@ -19,13 +19,6 @@ from mimkit.typed_config import ConfigError
 
 TINY_ENCODER = ["encoder.checkpoint=none", "encoder.arch=vit_tiny_patch4_32", "encoder.img_size=16",
                 "encoder.patch_size=4", "encoder.embed_dim=32", "encoder.depth=2", "encoder.num_heads=2"]  # fmt: skip
-
-
-def one_error_line(capsys) -> str:
-    err = [x for x in capsys.readouterr().err.strip().splitlines() if x.strip()]
-    assert err and err[-1].startswith("mimkit: error: "), err[-5:]
-    assert not any(x.startswith("Traceback") for x in err), err
-    return err[-1]
 
 
 @pytest.fixture

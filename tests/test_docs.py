@@ -16,7 +16,7 @@ import typing
 from pathlib import Path
 
 import pytest
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, chromium_dom
 
 from mimkit.config import Config, config_keys
 from mimkit.eval.config import FinetuneConfig, KnnConfig, LinprobeConfig
@@ -219,8 +219,6 @@ def test_the_readme_python_example_runs_on_a_fresh_clone(tmp_path, monkeypatch, 
     assert scope["ev"].metrics["val_images"] == 200 and 0 <= scope["ev"].metrics["top1"] <= 100
 
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
 PROBE = ('<script>window.addEventListener("load", () => {'
          'const b = document.body, h = document.querySelector("article h1"), s = document.querySelector(".md-header");'
          'b.setAttribute("data-h1", h && h.offsetHeight > 0 ? h.innerText : "");'
@@ -231,15 +229,8 @@ PROBE = ('<script>window.addEventListener("load", () => {'
 
 @pytest.mark.chromium
 def test_chromium_renders_the_built_front_page(site, tmp_path):
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("needs Debian's chromium (scripts/test.sh installs it)")
-    page = site / "index.html"
-    probe = site / "probe.html"  # beside index.html, so that its stylesheets and scripts resolve the same
-    probe.write_text(page.read_text().replace("</body>", PROBE + "</body>"))
-    dom = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
-                          "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
-                         capture_output=True, text=True, timeout=120, check=False).stdout  # fmt: skip
+    # the probe beside index.html, so that its stylesheets and scripts resolve the same
+    dom = chromium_dom(site / "index.html", PROBE, site / "probe.html", tmp_path / "profile")
     assert "<title>mimkit</title>" in dom, dom[-500:]
     assert re.search(r'data-h1="mimkit', dom), dom[-500:]  # the page's heading is on screen
     assert re.search(r'data-header="sticky"', dom), dom[-500:]  # Material's stylesheet applied

@@ -23,7 +23,7 @@ from mimkit.data import webdataset_urls
 from mimkit.errors import MimkitError
 from mimkit.metrics import MetricsLog
 
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, one_error_line
 
 REPO = Path(__file__).resolve().parents[1]
 OPTIONAL = ("webdataset", "braceexpand", "tensorboard")  # extras now, never core requirements
@@ -49,13 +49,6 @@ def extra_closure(project: dict, extra: str) -> set[str]:
         else:
             names.add(dist_name(req))
     return names
-
-
-def one_error_line(capsys) -> str:
-    err = [x for x in capsys.readouterr().err.strip().splitlines() if x.strip()]
-    assert err and err[-1].startswith("mimkit: error: "), err[-5:]
-    assert not any(x.startswith("Traceback") for x in err), err
-    return err[-1]
 
 
 # ---------------------------------------------------------------- pyproject.toml

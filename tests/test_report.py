@@ -31,7 +31,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MODEL, make_images
+from conftest import CHROMIUM_FLAGS, TINY_MODEL, chromium_dom, make_images
 from PIL import Image
 
 from mimkit.cli import main
@@ -290,8 +290,6 @@ def test_not_a_run_folder(tmp_path, capsys):
     assert "config.yaml does not exist" in capsys.readouterr().err
 
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
 PROBE = ('<script>window.addEventListener("load", () => {'
          'const b = document.body;'
          'b.setAttribute("data-rendered", [...document.images].filter(i => i.complete && i.naturalWidth > 0)'
@@ -306,17 +304,11 @@ PROBE = ('<script>window.addEventListener("load", () => {'
 
 @pytest.mark.chromium
 def test_chromium_renders_the_images(run, tmp_path):
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("needs Debian's chromium (scripts/test.sh installs it)")
     _, run_dir, _ = run
     report = build_report(run_dir, tmp_path / "report.html")
     pngs = embedded_pngs(report.html.read_text())
-    probe = tmp_path / "probe.html"  # the page plus a script reporting each decoded image's size
-    probe.write_text(report.html.read_text().replace("</body>", PROBE + "</body>"))
-    dom = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile1'}",
-                          "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
-                         capture_output=True, text=True, timeout=120, check=False).stdout  # fmt: skip
+    # the page plus a script reporting each decoded image's size
+    dom = chromium_dom(report.html, PROBE, tmp_path / "probe.html", tmp_path / "profile1")
     rendered = re.search(r'data-rendered="([^"]*)"', dom)
     assert rendered is not None, dom[-500:]
     expected = {f"{k}:{v.width}x{v.height}" for k, v in pngs.items()}
@@ -332,6 +324,7 @@ def test_chromium_renders_the_images(run, tmp_path):
     baseline = html.unescape(re.search(r'data-baseline="([^"]*)"', dom).group(1))
     assert baseline.startswith("random init (baseline)") and "knn_random" in baseline, baseline
     shot = tmp_path / "shot.png"
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")  # chromium_dom skipped without it
     subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile2'}", "--window-size=1300,1400",
                     f"--screenshot={shot}", report.html.as_uri()],
                    capture_output=True, timeout=120, check=False)  # fmt: skip
