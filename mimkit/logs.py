@@ -99,3 +99,11 @@ def progress_bar(**kwargs):
 
     bar.close = close_and_restore
     return bar
+
+
+def clock_text(seconds: float) -> str:
+    """'1h02m03s', '2m03s', '3.4s'."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}h{m % 60:02d}m{s:02d}s" if m >= 60 else f"{m}m{s:02d}s"

@@ -59,7 +59,7 @@ from mimkit.config import (
 from mimkit.engine import StepEngine, TrainingDiverged, adamw_kernel, seed_everything
 from mimkit.errors import MimkitError
 from mimkit.eval import knn_monitor, open_labelled_split
-from mimkit.logs import ensure_logging, progress_bar
+from mimkit.logs import clock_text, ensure_logging, progress_bar
 from mimkit.methods import build_model, no_weight_decay_names
 from mimkit.metrics import MetricsLog
 from mimkit.models import compile_blocks, resolve_attention, resolve_compile, set_attention_kernel, transformer_blocks
@@ -436,7 +436,7 @@ def _pretrain(cfg: Config, cleanup: contextlib.ExitStack) -> RunResult:
                 log.info("epoch %d/%d | mean loss %s over %d steps | lr %.3g | %.1f img/s | elapsed %s",
                          done // steps_per_epoch, -(-last_step // steps_per_epoch),
                          f"{sum(finite) / len(finite):.4f}" if finite else "nan", len(epoch_losses), lr,
-                         len(epoch_losses) * effective_batch / max(epoch_train_s, 1e-9), _clock(time.perf_counter() - run_start))  # fmt: skip
+                         len(epoch_losses) * effective_batch / max(epoch_train_s, 1e-9), clock_text(time.perf_counter() - run_start))  # fmt: skip
             if end_of_epoch:
                 epoch_losses, epoch_train_s = [], 0.0
             if knn_sources is not None and end_of_epoch and (done // steps_per_epoch) % t.knn_every_epochs == 0:
@@ -469,13 +469,6 @@ def _pretrain(cfg: Config, cleanup: contextlib.ExitStack) -> RunResult:
     return RunResult(out_dir, engine.last_checkpoint, out_dir / "config.yaml", metrics.path, step, loss_value,
                      engine.nonfinite_total, skipped_total)  # fmt: skip
 
-
-def _clock(seconds: float) -> str:
-    """'1h02m03s', '2m03s', '3.4s'."""
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    m, s = divmod(int(seconds), 60)
-    return f"{m // 60}h{m % 60:02d}m{s:02d}s" if m >= 60 else f"{m}m{s:02d}s"
 
 
 def _stopped(stop: GracefulStop, done: int, checkpoint: Path | None, out_dir: Path, metrics: MetricsLog,

@@ -194,6 +194,14 @@ def test_eval_loop_bar_keeps_log_lines_apart_and_writes_csv(tmp_path, labelled_n
     assert logged and all(TIMESTAMP.match(s) for s in logged), (logged, err[-3000:])
     rows = read_csv(tmp_path / "lp" / "metrics.csv")
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6] and "top1" in rows[0]
+    # a summary line per epoch, as pretraining prints: the mean of the epoch's logged losses
+    summaries = [re.search(r"epoch (\d)/2 \| mean loss ([\d.]+) over 3 steps \| lr \S+ \| [\d.]+ img/s \| elapsed", s)
+                 for s in logged if "| mean loss" in s]  # fmt: skip
+    assert [m.group(1) for m in summaries if m] == ["1", "2"], logged
+    for m in summaries:
+        epoch = int(m.group(1))
+        losses = [float(r["loss"]) for r in rows if 3 * (epoch - 1) < int(r["step"]) <= 3 * epoch]
+        assert float(m.group(2)) == pytest.approx(sum(losses) / 3, abs=6e-5)
     assert not (tmp_path / "lp" / "tb").exists()
 
 

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -38,7 +39,7 @@ from mimkit.data import CorruptImage, DataError, FolderImages, load_npz, pretrai
 from mimkit.datasets import open_torchvision
 from mimkit.engine import autocast_context, seed_everything
 from mimkit.eval.encoders import encoder_features, feature_dim
-from mimkit.logs import progress_bar
+from mimkit.logs import clock_text, progress_bar
 from mimkit.metrics import MetricsLog
 from mimkit.runs import GracefulStop, RunLock, RunStopped
 
@@ -397,6 +398,8 @@ class RunBookkeeping:
         self.metrics, self.engine, self.evaluate, self.save, self.evals = metrics, engine, evaluate, save, evals
         self.describe, self.is_main = describe, is_main  # describe(record) -> the log line of an evaluation
         self.window_start, self.window_steps = time.perf_counter(), 0
+        self.run_start = self.epoch_start = time.perf_counter()
+        self.epoch_losses: list[float] = []  # this epoch's steps: the per-epoch summary line
         self.progress = None
         if is_main and t.progress:
             self.progress = progress_bar(total=last_step, initial=step, desc=command, unit="step", dynamic_ncols=True)
@@ -416,6 +419,15 @@ class RunBookkeeping:
         if self.progress is not None:
             self.progress.update(1)
         end_of_epoch = done % spe == 0
+        self.epoch_losses.append(loss)
+        if end_of_epoch and self.is_main:  # before the evaluation, whose time is not training's
+            finite = [x for x in self.epoch_losses if math.isfinite(x)]
+            img_s = len(self.epoch_losses) * self.effective_batch / max(time.perf_counter() - self.epoch_start, 1e-9)
+            log.info("epoch %d/%d | mean loss %s over %d steps | lr %.3g | %.1f img/s | elapsed %s", done // spe,
+                     -(-self.last_step // spe), f"{sum(finite) / len(finite):.4f}" if finite else "nan",
+                     len(self.epoch_losses), lr, img_s, clock_text(time.perf_counter() - self.run_start))  # fmt: skip
+        if end_of_epoch:
+            self.epoch_losses = []
         if (end_of_epoch and (done // spe) % t.eval_every_epochs == 0) or done == self.last_step:
             record = self.evaluate(done)
             self.evals.append(record)
@@ -427,6 +439,8 @@ class RunBookkeeping:
         )
         if (periodic and self.engine.consecutive_nonfinite == 0) or done == self.last_step or stopping:
             self.engine.last_checkpoint = self.save(done) or self.engine.last_checkpoint
+        if end_of_epoch:
+            self.epoch_start = time.perf_counter()  # the next epoch's clock starts after its evaluation and save
         if stopping:
             name = GracefulStop.requested_now() or "a signal on another process"
             self.metrics.write({"event": "stopped", "step": done, "signal": name})
