@@ -7,23 +7,20 @@ import itertools
 import json
 import math
 import os
-import platform
 import re
 import statistics
-import subprocess
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import timm
 import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-import mimkit
 from mimkit.checkpoint import atomic_write_text
 from mimkit.files import load_weights_file
+from mimkit.machine import machine_info
 from mimkit.sources import FolderImages
 from mimkit.tokenizers import DVAE, DVAESpec, load_tokenizer
 
@@ -327,22 +324,8 @@ def tokenizer_stats(path: str, kind: str, grid: int, test_source, history: Path 
 
 
 def machine() -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "timm": timm.__version__, "mimkit": mimkit.__version__, "cpus": os.cpu_count(),
-            "affinity": sorted(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads()}  # fmt: skip
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, check=False).stdout
-        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-        flags = set(fields.get("Flags", "").split())
-        info["cpu"] = fields.get("Model name", platform.processor()).strip()
-        wanted = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
-                  "asimd", "sve")  # what sets a CPU's matmul speed (fp32 / bf16)  # fmt: skip
-        info["cpu_flags"] = " ".join(f for f in wanted if f in flags)
-    except (OSError, subprocess.SubprocessError, ValueError):
-        info["cpu"] = platform.processor()
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
+    """The machine of a study run (mimkit.machine.machine_info, the description every report uses)."""
+    return machine_info()
 
 
 # ---------------------------------------------------------------- the report

@@ -9,13 +9,12 @@ long each takes and checks that.
 from __future__ import annotations
 
 import argparse
-import platform
-import subprocess
 import time
 
 import torch
 
 from mimkit.decoders import unshuffle_tokens
+from mimkit.machine import cpu_flags, cpu_model
 
 
 def official_assembly(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
@@ -24,15 +23,6 @@ def official_assembly(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: to
     patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
     return torch.cat([x[:, :1], patches], dim=1)
 
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        name = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-        flags = next(line.split(":", 1)[1].split() for line in out.splitlines() if line.startswith("Flags"))
-        return f"{name} ({', '.join(f for f in ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16') if f in flags)})"
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def seconds(fn, args, grad: torch.Tensor, repeats: int) -> float:
@@ -50,7 +40,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"# {cpu_model()} | {args.threads} thread(s) | torch {torch.__version__} | best of {args.repeats}")
+    print(f"# {cpu_model()} ({', '.join(cpu_flags())}) | {args.threads} thread(s) | torch {torch.__version__} | best of {args.repeats}")
     print("| decoder shape | official cat+gather+cat ms | mimkit one gather ms | speed-up | identical tokens and x grad |")
     print("|---|---:|---:|---:|---|")
     for label, batch, patches, keep, dim in [("ViT-T/4@32 (dec 128), batch 256", 256, 64, 16, 128),

@@ -12,11 +12,12 @@ max |g_mimkit - g_hf| / max |g_hf| (the largest over parameters; a fused qkv as 
 from __future__ import annotations
 
 import importlib.util
-import platform
 import sys
 from pathlib import Path
 
 import torch
+
+from mimkit.machine import cpu_model
 
 TESTS = Path(__file__).resolve().parent.parent / "tests"
 sys.path.insert(0, str(TESTS))
@@ -59,19 +60,12 @@ def measure(case, norm_pix: bool, attn: str) -> dict[str, float]:
     return out
 
 
-def cpu_name() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
 
 def main() -> None:
     torch.set_num_threads(1)
     import transformers
 
-    print(f"# {cpu_name()} | torch {torch.__version__} | transformers "
+    print(f"# {cpu_model()} | torch {torch.__version__} | transformers "
           f"{transformers.__version__} | fp32, 1 thread")  # fmt: skip
     print("| case | eval: loss rel | eval: pred max abs | train: loss rel | train: masked pred max abs (rel) | "
           "train: grad max rel (parameter) |")

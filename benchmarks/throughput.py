@@ -73,7 +73,8 @@ from mimkit.pipeline import PretrainData
 from mimkit.masking import num_visible
 from mimkit.methods import build_model
 from mimkit.models import compile_blocks, get_preset, resolve_attention, set_attention_kernel
-from mimkit.engine import adamw_kernel
+from mimkit.engine import adamw_kernel, autocast_context
+from mimkit.machine import cpu_flags, cpu_model
 
 MASK_RATIO = 0.75
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -208,12 +209,6 @@ def linear_gemms(layer: LinearLayer) -> list[tuple[int, int, int, str]]:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def autocast_for(precision: str, device: torch.device):
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def _proc_status_kib(field: str) -> int | None:
@@ -416,7 +411,7 @@ def training_step(spec: ModelSpec, impl: str, precision: str, device: torch.devi
     imgs = torch.randn(batch, 3, img_size, img_size, device=device)
 
     def step() -> None:
-        with autocast_for(precision, device):
+        with autocast_context(device, precision):
             loss = model(imgs).loss
         loss.backward()
         optimizer.step()
@@ -651,13 +646,7 @@ def load_average(when: str = "") -> str:
 
 
 def machine_info(device: torch.device) -> str:
-    if device.type == "cuda":
-        hardware = torch.cuda.get_device_name(device)
-    else:
-        hardware = platform.processor() or platform.machine()
-        with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-            match = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.MULTILINE)
-            hardware = match.group(1).strip() if match else hardware
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_model()} ({' '.join(cpu_flags())})"
     versions = f"torch {torch.__version__} | timm {timm.__version__}"
     if importlib.util.find_spec("transformers") is not None:
         import transformers

@@ -42,7 +42,6 @@ import logging
 import math
 import platform
 import re
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +56,7 @@ from mimkit.data import open_source
 from mimkit.errors import MimkitError
 from mimkit.extras import require
 from mimkit.interop import load_mimkit_checkpoint
+from mimkit.machine import cpu_model
 from mimkit.methods import build_model
 from mimkit.presets import get_preset
 from mimkit.schedules import schedule_length
@@ -315,26 +315,14 @@ def baseline_command(run_dir: Path, cfg, evals: list[EvalRun], monitored: bool =
 
 
 def machine_lines() -> list[str]:
-    """The machine making the report: CPU model (lscpu), GPUs, library versions."""
+    """The machine making the report: CPU model (mimkit.machine), GPUs, library versions."""
+    import os
+
     import timm
 
     import mimkit
 
-    cpu = None
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, check=False).stdout
-        cpu = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), None)
-    except (OSError, subprocess.SubprocessError):
-        pass
-    if cpu is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
-        except OSError:
-            pass
-    import os
-
-    lines = [f"CPU: {cpu or platform.processor() or platform.machine()} ({os.cpu_count()} logical cores)"]
+    lines = [f"CPU: {cpu_model()} ({os.cpu_count()} logical cores)"]
     if torch.cuda.is_available():
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         lines.append(f"GPUs: {', '.join(names)}")

@@ -40,6 +40,7 @@ from mimkit.datasets import open_torchvision
 from mimkit.engine import autocast_context, seed_everything
 from mimkit.eval.encoders import encoder_features, feature_dim
 from mimkit.logs import clock_text, progress_bar
+from mimkit.machine import cpu_model
 from mimkit.metrics import MetricsLog
 from mimkit.runs import GracefulStop, RunLock, RunStopped
 
@@ -491,21 +492,11 @@ class Stopwatch:
 def machine_description(device: torch.device) -> str:
     """'2 x Intel(R) Xeon(R) ... (torch 2.x, 2 threads)' or the GPU's name."""
     import os
-    import platform
 
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
     threads = torch.get_num_threads()
-    return f"{os.cpu_count()} x {name} (torch {torch.__version__}, {threads} thread{'s' if threads != 1 else ''})"
+    return f"{os.cpu_count()} x {cpu_model()} (torch {torch.__version__}, {threads} thread{'s' if threads != 1 else ''})"
 
 
 def frozen(module: nn.Module) -> nn.Module:
