@@ -104,10 +104,7 @@ def init_weights_beit(encoder: Beit, std: float = 0.02) -> None:
     trunc_normal_sigma_(encoder.cls_token, std)
     if encoder.pos_embed is not None:
         trunc_normal_sigma_(encoder.pos_embed, std)
-    with torch.no_grad():
-        for layer, block in enumerate(encoder.blocks, start=1):
-            block.attn.proj.weight.div_(math.sqrt(2.0 * layer))
-            block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
+    encoder.fix_init_weight()  # timm's own: attn.proj and mlp.fc2 of block l divided by sqrt(2 l)
 
 
 def sincos_2d_pos_embed(dim: int, grid: int, cls_token: bool = True, row_first: bool = False) -> torch.Tensor:
