@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import sys
+import time
 
 FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
@@ -107,3 +109,34 @@ def clock_text(seconds: float) -> str:
         return f"{seconds:.1f}s"
     m, s = divmod(int(seconds), 60)
     return f"{m // 60}h{m % 60:02d}m{s:02d}s" if m >= 60 else f"{m}m{s:02d}s"
+
+
+class EpochSummary:
+    """The line every training loop logs at an epoch's end: the mean of the epoch's finite step losses (this
+    segment's, after a mid-epoch resume), the lr, img/s over the epoch's training time (the evaluations and
+    monitors after it left out) and the time since the loop started."""
+
+    def __init__(self, steps_per_epoch: int, effective_batch: int, enabled: bool = True):
+        self.steps_per_epoch, self.effective_batch, self.enabled = steps_per_epoch, effective_batch, enabled
+        self.run_start = self.epoch_start = time.perf_counter()
+        self.losses: list[float] = []
+
+    def add(self, loss: float) -> None:
+        self.losses.append(loss)
+
+    def end_epoch(self, done: int, lr: float, last_step: int) -> None:
+        """At the epoch's last step, before its evaluation or monitor: log the line, start the next epoch's losses."""
+        if self.enabled:
+            finite = [x for x in self.losses if math.isfinite(x)]
+            img_s = len(self.losses) * self.effective_batch / max(time.perf_counter() - self.epoch_start, 1e-9)
+            logging.getLogger("mimkit").info(
+                "epoch %d/%d | mean loss %s over %d steps | lr %.3g | %.1f img/s | elapsed %s",
+                done // self.steps_per_epoch, -(-last_step // self.steps_per_epoch),
+                f"{sum(finite) / len(finite):.4f}" if finite else "nan", len(self.losses), lr, img_s,
+                clock_text(time.perf_counter() - self.run_start),
+            )  # fmt: skip
+        self.losses = []
+
+    def restart_clock(self) -> None:
+        """After the epoch's evaluation, monitor and checkpoint: the next epoch's training time starts now."""
+        self.epoch_start = time.perf_counter()

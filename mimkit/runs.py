@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from mimkit.distributed import barrier
 from mimkit.errors import MimkitError
 
 log = logging.getLogger("mimkit")
@@ -84,14 +85,9 @@ class GracefulStop:
             GracefulStop._active.remove(self)
 
     @classmethod
-    def current(cls) -> GracefulStop | None:
-        return cls._active[-1] if cls._active else None
-
-    @classmethod
     def requested_now(cls) -> str | None:
         """The signal that asked the innermost active stop to stop, if any."""
-        stop = cls.current()
-        return stop.requested if stop is not None else None
+        return cls._active[-1].requested if cls._active else None
 
     def restore(self) -> None:
         for s, handler in self._previous.items():
@@ -110,10 +106,26 @@ class GracefulStop:
         log.warning("%s received: finishing this step, then writing a checkpoint and stopping (send it again to stop "
                     "at once)", name)  # fmt: skip
 
-    def flag(self) -> float:
-        """1.0 once a stop was asked for: summed over processes in the step's all-reduce, so every rank stops at
-        the same step."""
-        return float(self.requested is not None)
+
+
+def stop_flag() -> float:
+    """1.0 once a stop signal arrived: an extra sum of the step's all-reduce, so every process stops at the same
+    step."""
+    return float(GracefulStop.requested_now() is not None)
+
+
+def announce_stop(done: int, checkpoint: Path | None, out_dir: Path, metrics, close) -> RunStopped:
+    """A training loop's graceful stop at step `done`, its checkpoint written: the `stopped` event in the metrics
+    log, `close()` (the loop's bar and logs), every rank waited for, and one line that says so: the RunStopped the
+    loop raises."""
+    name = GracefulStop.requested_now() or "a signal on another process"
+    metrics.write({"event": "stopped", "step": done, "signal": name, "checkpoint": str(checkpoint)})
+    close()
+    barrier()
+    message = (f"stopped by {name} at step {done}; checkpoint {checkpoint or '(named by rank 0)'}; run the same "
+               f"command to resume {out_dir} exactly")  # fmt: skip
+    log.warning("%s", message)
+    return RunStopped(message, signal_name=name, step=done, checkpoint=checkpoint)
 
 
 # ---------------------------------------------------------------- one writer per folder

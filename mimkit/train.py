@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -59,12 +58,21 @@ from mimkit.config import (
 from mimkit.engine import StepEngine, TrainingDiverged, adamw_kernel, seed_everything
 from mimkit.errors import MimkitError
 from mimkit.eval import knn_monitor, open_labelled_split
-from mimkit.logs import clock_text, ensure_logging, progress_bar
+from mimkit.logs import EpochSummary, ensure_logging, progress_bar
 from mimkit.methods import build_model, no_weight_decay_names
 from mimkit.metrics import MetricsLog
 from mimkit.models import compile_blocks, resolve_attention, resolve_compile, set_attention_kernel, transformer_blocks
 from mimkit.pipeline import PretrainData
-from mimkit.runs import GracefulStop, RunFolderBusy, RunLock, RunStopped, check_drift, config_changes, record_segment
+from mimkit.runs import (
+    GracefulStop,
+    RunFolderBusy,
+    RunLock,
+    announce_stop,
+    check_drift,
+    config_changes,
+    record_segment,
+    stop_flag,
+)
 from mimkit.schedules import lr_at, schedule_length
 from mimkit.visualize import log_reconstruction_grid, preview_images
 
@@ -184,7 +192,7 @@ def pretrain(cfg: Config) -> RunResult:
 
 
 def _pretrain(cfg: Config, cleanup: contextlib.ExitStack) -> RunResult:
-    stop = cleanup.enter_context(GracefulStop(cfg.train.stop_signal))
+    cleanup.enter_context(GracefulStop(cfg.train.stop_signal))
     # ---- setup: processes, model, data (checked before any compute)
     dist = mdist.init_distributed(cfg.train.device, cfg.distributed.timeout_minutes)
     device, t = dist.device, cfg.train
@@ -361,8 +369,7 @@ def _pretrain(cfg: Config, cleanup: contextlib.ExitStack) -> RunResult:
     loss_value = float("nan")
     window_start, window_steps = time.perf_counter(), 0
     run_start = window_start
-    epoch_losses: list[float] = []  # this epoch's step losses (this segment's), for the epoch's summary line
-    epoch_start, epoch_train_s = window_start, 0.0  # the summary's img/s counts training time, not the k-NN monitor
+    epoch_line = EpochSummary(steps_per_epoch, effective_batch, enabled=dist.is_main)
     model.train()
     while step < last_step:
         epoch, in_epoch = divmod(step, steps_per_epoch)
@@ -383,7 +390,7 @@ def _pretrain(cfg: Config, cleanup: contextlib.ExitStack) -> RunResult:
 
             def out_of_time_and_skipped() -> list[float]:
                 out_of_time = t.max_minutes is not None and time.perf_counter() - run_start > 60 * t.max_minutes
-                return [float(skipped), float(out_of_time), stop.flag()]
+                return [float(skipped), float(out_of_time), stop_flag()]
 
             try:
                 result = engine.step(step, forward, out_of_time_and_skipped, on_update=lambda: model.after_step(step))
@@ -395,7 +402,7 @@ def _pretrain(cfg: Config, cleanup: contextlib.ExitStack) -> RunResult:
                 raise
             loss_value, skipped_total = result.loss, skipped_total + int(result.extras[0])
             window_steps += 1
-            epoch_losses.append(loss_value)
+            epoch_line.add(loss_value)
 
             done = step + 1
             stopping = result.extras[2] > 0 and done < last_step  # a stop signal reached some rank: all stop here
@@ -429,16 +436,11 @@ def _pretrain(cfg: Config, cleanup: contextlib.ExitStack) -> RunResult:
             if (periodic and engine.consecutive_nonfinite == 0) or done == last_step or stopping:
                 engine.last_checkpoint = save(done) or engine.last_checkpoint
             if stopping:
-                raise _stopped(stop, done, engine.last_checkpoint, out_dir, metrics, progress)
-            if end_of_epoch and dist.is_main:
-                epoch_train_s += time.perf_counter() - epoch_start
-                finite = [x for x in epoch_losses if math.isfinite(x)]
-                log.info("epoch %d/%d | mean loss %s over %d steps | lr %.3g | %.1f img/s | elapsed %s",
-                         done // steps_per_epoch, -(-last_step // steps_per_epoch),
-                         f"{sum(finite) / len(finite):.4f}" if finite else "nan", len(epoch_losses), lr,
-                         len(epoch_losses) * effective_batch / max(epoch_train_s, 1e-9), clock_text(time.perf_counter() - run_start))  # fmt: skip
+                if progress is not None:
+                    progress.close()
+                raise announce_stop(done, engine.last_checkpoint, out_dir, metrics, metrics.close)
             if end_of_epoch:
-                epoch_losses, epoch_train_s = [], 0.0
+                epoch_line.end_epoch(done, lr, last_step)
             if knn_sources is not None and end_of_epoch and (done // steps_per_epoch) % t.knn_every_epochs == 0:
                 if fsdp:
                     model.unshard()  # the root's own parameters (embeddings, norm) are sharded
@@ -455,7 +457,7 @@ def _pretrain(cfg: Config, cleanup: contextlib.ExitStack) -> RunResult:
                              knn_stats.get("knn_k", 20), knn_stats["knn_train_images"], knn_stats["knn_val_images"])  # fmt: skip
                 window_start = time.perf_counter()
             if end_of_epoch:
-                epoch_start = time.perf_counter()  # the next epoch's clock starts after the monitor and the grids
+                epoch_line.restart_clock()  # the next epoch's training time starts after the monitor
             if vis_images is not None and end_of_epoch and (done // steps_per_epoch) % t.vis_every_epochs == 0:
                 log_reconstruction_grid(metrics.tb, model, vis_images, done, seed=t.seed, mean=cfg.data.mean,
                                         std=cfg.data.std)  # fmt: skip
@@ -468,22 +470,6 @@ def _pretrain(cfg: Config, cleanup: contextlib.ExitStack) -> RunResult:
     mdist.barrier()
     return RunResult(out_dir, engine.last_checkpoint, out_dir / "config.yaml", metrics.path, step, loss_value,
                      engine.nonfinite_total, skipped_total)  # fmt: skip
-
-
-
-def _stopped(stop: GracefulStop, done: int, checkpoint: Path | None, out_dir: Path, metrics: MetricsLog,
-             progress) -> RunStopped:
-    """Close the logs of a run stopped by a signal (its checkpoint at `done` is written) and say so in one line."""
-    if progress is not None:
-        progress.close()
-    signal_name = stop.requested or "a signal on another process"
-    metrics.write({"event": "stopped", "step": done, "signal": signal_name, "checkpoint": str(checkpoint)})
-    metrics.close()
-    mdist.barrier()
-    message = (f"stopped by {signal_name} at step {done}; checkpoint {checkpoint or '(written by every rank)'}; run the "
-               f"same command to resume {out_dir} exactly")  # fmt: skip
-    log.warning("%s", message)
-    return RunStopped(message, signal_name=signal_name, step=done, checkpoint=checkpoint)
 
 
 def run(config_path: str | None = None, overrides: list[str] | None = None, **sections) -> RunResult:

@@ -11,7 +11,6 @@ import contextlib
 import functools
 import json
 import logging
-import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -39,10 +38,10 @@ from mimkit.data import CorruptImage, DataError, FolderImages, load_npz, pretrai
 from mimkit.datasets import open_torchvision
 from mimkit.engine import autocast_context, seed_everything
 from mimkit.eval.encoders import encoder_features, feature_dim
-from mimkit.logs import clock_text, progress_bar
+from mimkit.logs import EpochSummary, progress_bar
 from mimkit.machine import cpu_model
 from mimkit.metrics import MetricsLog
-from mimkit.runs import GracefulStop, RunLock, RunStopped
+from mimkit.runs import GracefulStop, RunLock, RunStopped, announce_stop
 
 log = logging.getLogger("mimkit")
 
@@ -382,11 +381,6 @@ def guarded(run_command):
     return run
 
 
-def stop_flag() -> float:
-    """1.0 once a stop signal arrived: an extra sum of the step's all-reduce, so every process stops together."""
-    return float(GracefulStop.requested_now() is not None)
-
-
 class RunBookkeeping:
     """What the fine-tuning and probing loops do after each optimizer step: a metrics record every
     `train.log_every` steps (and the progress bar), an evaluation every `train.eval_every_epochs` epochs, a
@@ -399,8 +393,7 @@ class RunBookkeeping:
         self.metrics, self.engine, self.evaluate, self.save, self.evals = metrics, engine, evaluate, save, evals
         self.describe, self.is_main = describe, is_main  # describe(record) -> the log line of an evaluation
         self.window_start, self.window_steps = time.perf_counter(), 0
-        self.run_start = self.epoch_start = time.perf_counter()
-        self.epoch_losses: list[float] = []  # this epoch's steps: the per-epoch summary line
+        self.epoch_line = EpochSummary(steps_per_epoch, effective_batch, enabled=is_main)
         self.progress = None
         if is_main and t.progress:
             self.progress = progress_bar(total=last_step, initial=step, desc=command, unit="step", dynamic_ncols=True)
@@ -420,15 +413,9 @@ class RunBookkeeping:
         if self.progress is not None:
             self.progress.update(1)
         end_of_epoch = done % spe == 0
-        self.epoch_losses.append(loss)
-        if end_of_epoch and self.is_main:  # before the evaluation, whose time is not training's
-            finite = [x for x in self.epoch_losses if math.isfinite(x)]
-            img_s = len(self.epoch_losses) * self.effective_batch / max(time.perf_counter() - self.epoch_start, 1e-9)
-            log.info("epoch %d/%d | mean loss %s over %d steps | lr %.3g | %.1f img/s | elapsed %s", done // spe,
-                     -(-self.last_step // spe), f"{sum(finite) / len(finite):.4f}" if finite else "nan",
-                     len(self.epoch_losses), lr, img_s, clock_text(time.perf_counter() - self.run_start))  # fmt: skip
-        if end_of_epoch:
-            self.epoch_losses = []
+        self.epoch_line.add(loss)
+        if end_of_epoch:  # before the evaluation, whose time is not training's
+            self.epoch_line.end_epoch(done, lr, self.last_step)
         if (end_of_epoch and (done // spe) % t.eval_every_epochs == 0) or done == self.last_step:
             record = self.evaluate(done)
             self.evals.append(record)
@@ -441,16 +428,9 @@ class RunBookkeeping:
         if (periodic and self.engine.consecutive_nonfinite == 0) or done == self.last_step or stopping:
             self.engine.last_checkpoint = self.save(done) or self.engine.last_checkpoint
         if end_of_epoch:
-            self.epoch_start = time.perf_counter()  # the next epoch's clock starts after its evaluation and save
+            self.epoch_line.restart_clock()  # the next epoch's training time starts after its evaluation and save
         if stopping:
-            name = GracefulStop.requested_now() or "a signal on another process"
-            self.metrics.write({"event": "stopped", "step": done, "signal": name})
-            self.close()
-            mdist.barrier()
-            message = (f"stopped by {name} at step {done}; checkpoint {self.engine.last_checkpoint or '(rank 0 wrote it)'}; "
-                       f"run the same command to resume {self.metrics.path.parent} exactly")  # fmt: skip
-            log.warning("%s", message)
-            raise RunStopped(message, signal_name=name, step=done, checkpoint=self.engine.last_checkpoint)
+            raise announce_stop(done, self.engine.last_checkpoint, self.metrics.path.parent, self.metrics, self.close)
 
     def close(self) -> None:
         if self.progress is not None:

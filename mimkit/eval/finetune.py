@@ -52,7 +52,6 @@ from mimkit.eval.common import (
     resume_eval_run,
     save_eval_checkpoint,
     start_eval_run,
-    stop_flag,
     too_few_images_remedy,
     topk_correct,
     write_final_metrics,
@@ -60,6 +59,7 @@ from mimkit.eval.common import (
 from mimkit.eval.config import FinetuneConfig, dump_eval_yaml
 from mimkit.eval.encoders import KeyReport, build_encoder, encoder_source, load_pretrained, summarize_keys
 from mimkit.models import resolve_attention, set_attention_kernel
+from mimkit.runs import stop_flag
 from mimkit.schedules import lr_at
 
 log = logging.getLogger("mimkit")

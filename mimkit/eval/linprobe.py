@@ -47,7 +47,6 @@ from mimkit.eval.common import (
     resume_eval_run,
     save_eval_checkpoint,
     start_eval_run,
-    stop_flag,
     too_few_images_remedy,
     topk_correct,
     write_final_metrics,
@@ -55,6 +54,7 @@ from mimkit.eval.common import (
 from mimkit.eval.config import LinprobeConfig, dump_eval_yaml
 from mimkit.eval.encoders import encoder_features, feature_blocks, feature_dim, load_encoder
 from mimkit.eval.knn import knn_accuracy
+from mimkit.runs import stop_flag
 from mimkit.schedules import lr_at
 
 log = logging.getLogger("mimkit")
