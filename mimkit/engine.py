@@ -2,8 +2,8 @@
 
 A step is `accum_steps` micro-steps — forward under autocast, backward through the fp16 grad scaler,
 gradient synchronisation on the last micro-step only (DDP `no_sync`, FSDP2
-`set_requires_gradient_sync`) — then one all-reduce of the loss, a non-finite flag and any extra sums
-the loop asks for, optional gradient clipping, and the update, skipped when the loss or the gradients
+`set_requires_gradient_sync`) — then one all-reduce of the loss, a non-finite flag and any named extra
+sums the loop asks for (a stop flag, skipped images), optional gradient clipping, and the update, skipped when the loss or the gradients
 are not finite. Too many skipped steps in a row stop the run with `TrainingDiverged`.
 """
 
@@ -12,12 +12,13 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from mimkit import distributed as mdist
 from mimkit.errors import MimkitError
@@ -57,33 +58,43 @@ class StepResult:
     loss: float  # mean over micro-steps and processes
     applied: bool  # False: non-finite loss or gradients, the update was skipped
     grad_norm: float | None  # global L2 norm of the gradients (before clipping); None when the step was skipped
-    extras: list[float]  # the loop's extra sums, summed over processes
+    extras: dict[str, float]  # the loop's named extra sums (flags, counts), summed over processes
     terms: dict[str, float] = field(default_factory=dict)  # the method's loss terms, this process, mean of micro-steps
 
 
 class StepEngine:
-    """Owns the optimizer, the grad scaler and the non-finite bookkeeping of one training loop."""
+    """Owns the optimizer, the grad scaler and the non-finite bookkeeping of one training loop. Under DDP,
+    `distribute()` wraps the model once its weights are in place (after a resume) and returns what to call."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, device: torch.device,
-                 precision: str, accum_steps: int = 1, clip_grad: float | None = None,
-                 ddp: torch.nn.parallel.DistributedDataParallel | None = None, fsdp: bool = False,
+                 precision: str, accum_steps: int = 1, clip_grad: float | None = None, fsdp: bool = False,
                  max_nonfinite_steps: int = 20, name: str = "train", hint: str = "") -> None:  # fmt: skip
         self.model, self.optimizer, self.device, self.precision = model, optimizer, device, precision
-        self.accum_steps, self.clip_grad, self.ddp, self.fsdp = accum_steps, clip_grad, ddp, fsdp
+        self.accum_steps, self.clip_grad, self.fsdp = accum_steps, clip_grad, fsdp
+        self.ddp: DistributedDataParallel | None = None
         self.max_nonfinite_steps, self.name, self.hint = max_nonfinite_steps, name, hint
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.nonfinite_total, self.consecutive_nonfinite = 0, 0
         self.last_checkpoint = None  # set by the loop after each save, named when the run diverges
 
+    def distribute(self, enabled: bool) -> torch.nn.Module:
+        """The module the loop calls: the model wrapped in DistributedDataParallel when `enabled` (several processes,
+        no FSDP), the model itself otherwise. Called once, after the weights are loaded."""
+        if enabled and not self.fsdp:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.model, device_ids=ids)
+        return self.ddp or self.model
+
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def step(self, step: int, forward: Forward, extras: Callable[[], Sequence[float]] | Sequence[float] = (),
+    def step(self, step: int, forward: Forward,
+             extras: Callable[[], Mapping[str, float]] | Mapping[str, float] | None = None,
              on_update: Callable[[], None] | None = None) -> StepResult:  # fmt: skip
         """`forward(micro)` runs one micro-step's forward pass and returns (loss, loss terms); `extras` (or a
-        function called after the micro-steps) are sums to add over processes in the step's one all-reduce;
-        `on_update` runs after an applied update (e.g. an EMA)."""
+        function called after the micro-steps) are named sums to add over processes in the step's one all-reduce,
+        read back by name from `StepResult.extras`; `on_update` runs after an applied update (e.g. an EMA)."""
         loss_sum = torch.zeros((), device=self.device)
         terms: dict[str, float] = {}
         for micro in range(self.accum_steps):
@@ -99,9 +110,9 @@ class StepEngine:
                 terms[name] = terms.get(name, 0.0) + float(value) / self.accum_steps
 
         # one all-reduce per step: loss, non-finite flag and the loop's extra sums, over processes
-        extras = extras() if callable(extras) else extras
+        extras = dict((extras() if callable(extras) else extras) or {})
         stats = torch.stack([loss_sum / self.accum_steps, (~torch.isfinite(loss_sum)).float(),
-                             *[torch.tensor(float(x), device=self.device) for x in extras]])  # fmt: skip
+                             *[torch.tensor(float(x), device=self.device) for x in extras.values()]])  # fmt: skip
         stats = mdist.all_reduce_sum(stats)
         applied, grad_norm = float(stats[1]) == 0, None
         if applied and self.clip_grad is not None:
@@ -137,4 +148,5 @@ class StepEngine:
                 f"intact).{' ' + self.hint if self.hint else ''}"
             )
         world = mdist.world_size()
-        return StepResult(float(stats[0]) / world, applied, grad_norm, [float(x) for x in stats[2:]], terms)
+        summed = {name: float(x) for name, x in zip(extras, stats[2:])}
+        return StepResult(float(stats[0]) / world, applied, grad_norm, summed, terms)

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mimkit"
 # floor of each module (dotted name under mimkit); a package's modules share its floor unless listed
 FLOORS = {
     # runtime: processes, precision, config, files, data pipelines, the optimizer-step engine
-    "errors": 0, "extras": 0, "logs": 0, "sources": 0, "datasets": 0, "config": 0, "typed_config": 0, "presets": 0, "files": 0, "checkpoint": 0, "distributed": 0, "engine": 0,
+    "errors": 0, "extras": 0, "logs": 0, "sources": 0, "datasets": 0, "config": 0, "typed_config": 0, "presets": 0, "files": 0, "checkpoint": 0, "distributed": 0, "engine": 0, "loop": 0,
     "machine": 0, "metrics": 0, "runs": 0, "schedules": 0, "data": 0, "device_decode": 0, "pipeline": 0,
     # nn parts: encoders, decoders, masks, targets and losses, tokenizers
     "models": 1, "decoders": 1, "masking": 1, "losses": 1, "targets": 1, "tokenizers": 1,

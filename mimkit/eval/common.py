@@ -38,10 +38,11 @@ from mimkit.data import CorruptImage, DataError, FolderImages, load_npz, pretrai
 from mimkit.datasets import open_torchvision
 from mimkit.engine import autocast_context, seed_everything
 from mimkit.eval.encoders import encoder_features, feature_dim
-from mimkit.logs import EpochSummary, progress_bar
+from mimkit.logs import progress_bar
+from mimkit.loop import Hook
 from mimkit.machine import cpu_model
 from mimkit.metrics import MetricsLog
-from mimkit.runs import GracefulStop, RunLock, RunStopped, announce_stop
+from mimkit.runs import GracefulStop, RunLock, RunStopped
 
 log = logging.getLogger("mimkit")
 
@@ -381,61 +382,19 @@ def guarded(run_command):
     return run
 
 
-class RunBookkeeping:
-    """What the fine-tuning and probing loops do after each optimizer step: a metrics record every
-    `train.log_every` steps (and the progress bar), an evaluation every `train.eval_every_epochs` epochs, a
-    checkpoint every `train.save_every_steps` steps / `train.save_every_epochs` epochs (never after a skipped
-    step), and all three at the last step."""
+def evaluation_hook(every: int, evaluate, evals: list, metrics: MetricsLog, describe, is_main: bool) -> Hook:
+    """The evaluation of a fine-tuning or probing loop, every `every` epochs and at the last step, before the
+    checkpoint (which holds `evals`): `evaluate(done)` gives the record, appended to `evals` and the metrics log,
+    and `describe(record)` its log line."""
 
-    def __init__(self, t, *, command: str, step: int, last_step: int, steps_per_epoch: int, effective_batch: int,
-                 metrics: MetricsLog, engine, evaluate, save, evals: list, describe, is_main: bool):  # fmt: skip
-        self.t, self.last_step, self.steps_per_epoch, self.effective_batch = t, last_step, steps_per_epoch, effective_batch
-        self.metrics, self.engine, self.evaluate, self.save, self.evals = metrics, engine, evaluate, save, evals
-        self.describe, self.is_main = describe, is_main  # describe(record) -> the log line of an evaluation
-        self.window_start, self.window_steps = time.perf_counter(), 0
-        self.epoch_line = EpochSummary(steps_per_epoch, effective_batch, enabled=is_main)
-        self.progress = None
-        if is_main and t.progress:
-            self.progress = progress_bar(total=last_step, initial=step, desc=command, unit="step", dynamic_ncols=True)
+    def run(done: int) -> None:
+        record = evaluate(done)
+        evals.append(record)
+        metrics.write({**record, "time": time.time()})
+        if is_main:
+            log.info("%s", describe(record))
 
-    def after_step(self, done: int, loss: float, lr: float, extra: dict | None = None, stop: float = 0.0) -> None:
-        """`stop`: the summed stop flag of this step (see stop_flag): write a checkpoint and raise RunStopped."""
-        t, spe = self.t, self.steps_per_epoch
-        stopping = stop > 0 and done < self.last_step
-        self.window_steps += 1
-        if done % t.log_every == 0 or done == self.last_step:
-            img_s = self.window_steps * self.effective_batch / max(time.perf_counter() - self.window_start, 1e-9)
-            self.metrics.write({"step": done, "epoch": round(done / spe, 4), "loss": loss, "lr": lr,
-                                "img_per_s": round(img_s, 2), **(extra or {}), "time": time.time()})  # fmt: skip
-            if self.progress is not None:
-                self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}", refresh=False)
-            self.window_start, self.window_steps = time.perf_counter(), 0
-        if self.progress is not None:
-            self.progress.update(1)
-        end_of_epoch = done % spe == 0
-        self.epoch_line.add(loss)
-        if end_of_epoch:  # before the evaluation, whose time is not training's
-            self.epoch_line.end_epoch(done, lr, self.last_step)
-        if (end_of_epoch and (done // spe) % t.eval_every_epochs == 0) or done == self.last_step:
-            record = self.evaluate(done)
-            self.evals.append(record)
-            self.metrics.write({**record, "time": time.time()})
-            if self.is_main:
-                log.info("%s", self.describe(record))
-        periodic = (t.save_every_steps and done % t.save_every_steps == 0) or (
-            end_of_epoch and (done // spe) % t.save_every_epochs == 0
-        )
-        if (periodic and self.engine.consecutive_nonfinite == 0) or done == self.last_step or stopping:
-            self.engine.last_checkpoint = self.save(done) or self.engine.last_checkpoint
-        if end_of_epoch:
-            self.epoch_line.restart_clock()  # the next epoch's training time starts after its evaluation and save
-        if stopping:
-            raise announce_stop(done, self.engine.last_checkpoint, self.metrics.path.parent, self.metrics, self.close)
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.close()
-        self.metrics.close()
+    return Hook(every, run, before_save=True, at_last_step=True)
 
 
 def save_eval_checkpoint(out_dir: Path, done: int, keep_last: int, state: dict) -> Path:

@@ -18,6 +18,7 @@ mimkit.data.ResumableBatchSampler with per-sample augmentation seeds, and the st
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,23 +31,22 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.optim import param_groups_layer_decay
 from timm.utils import ModelEmaV3
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 import mimkit
 from mimkit import distributed as mdist
-from mimkit.checkpoint import CheckpointError, atomic_write_text
+from mimkit.checkpoint import CheckpointError
 from mimkit.config import ConfigError, active_loggers, to_dict
 from mimkit.data import ResumableBatchSampler, stable_seed
-from mimkit.engine import StepEngine, TrainingDiverged, adamw_kernel, autocast_context, seed_everything
+from mimkit.engine import StepEngine, adamw_kernel, autocast_context, seed_everything
 from mimkit.eval.common import (
     EvalLog,
     EvalResult,
     LabelledDataset,
-    RunBookkeeping,
     eval_loader,
     eval_transform,
+    evaluation_hook,
     guarded,
     machine_description,
     resume_eval_run,
@@ -58,8 +58,8 @@ from mimkit.eval.common import (
 )
 from mimkit.eval.config import FinetuneConfig, dump_eval_yaml
 from mimkit.eval.encoders import KeyReport, build_encoder, encoder_source, load_pretrained, summarize_keys
+from mimkit.loop import TrainLoop, prepare_run_folder
 from mimkit.models import resolve_attention, set_attention_kernel
-from mimkit.runs import stop_flag
 from mimkit.schedules import lr_at
 
 log = logging.getLogger("mimkit")
@@ -183,17 +183,59 @@ def evaluate_classifier(model: nn.Module, loader: DataLoader, device: torch.devi
 # ---------------------------------------------------------------- mimkit finetune
 
 
+@dataclass
+class FinetuneParts:
+    """What a fine-tuning step uses besides the model: the loss, Mixup / CutMix (None: off), the model EMA (None:
+    off), and the per-layer lr table."""
+    criterion: nn.Module
+    mixup: Mixup | None
+    ema: ModelEmaV3 | None
+    table: list[dict]
+
+
+def finetune_parts(cfg: FinetuneConfig, model: nn.Module, num_classes: int, peak_lr: float, groups: list[dict],
+                   ) -> FinetuneParts:  # fmt: skip
+    a = cfg.aug
+    mixup = None
+    if a.mixup > 0 or a.cutmix > 0:
+        mixup = Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, prob=a.mixup_prob, switch_prob=a.mixup_switch_prob,
+                      mode="batch", label_smoothing=a.label_smoothing, num_classes=num_classes)  # fmt: skip
+        criterion = SoftTargetCrossEntropy()
+    else:
+        criterion = nn.CrossEntropyLoss(label_smoothing=a.label_smoothing)
+    ema = ModelEmaV3(model, decay=cfg.ema.decay) if cfg.ema.enabled else None
+    return FinetuneParts(criterion, mixup, ema, lr_table(model, groups, peak_lr))
+
+
+def announce_finetune(cfg: FinetuneConfig, model: nn.Module, data, parts: FinetuneParts, dist, precision: str,
+                      sampler: ResumableBatchSampler, peak_lr: float) -> None:  # fmt: skip
+    """Rank 0's opening lines: the run's shape and the per-layer lr table."""
+    t, o, a = cfg.train, cfg.optim, cfg.aug
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info(
+        "mimkit %s | finetune | %s | %s pool, drop path %g, %s trainable params%s | %d train / %d val images, %d "
+        "classes | effective batch %d (%d x %d x accum %d), peak lr %.3g, layer decay %g | %d steps/epoch, %d steps "
+        "| mixup %g, cutmix %g, smoothing %g, %s, ema %s | %s, %s",
+        mimkit.__version__, cfg.encoder.checkpoint, cfg.model.global_pool, cfg.model.drop_path_rate, f"{trainable:,}",
+        "" if cfg.model.trainable_blocks is None else f" (last {cfg.model.trainable_blocks} blocks)",
+        len(data.train), len(data.val), data.num_classes, sampler.global_step_size, t.batch_size, dist.world_size,
+        t.accum_steps, peak_lr, o.layer_decay, sampler.steps_per_epoch, t.epochs * sampler.steps_per_epoch, a.mixup,
+        a.cutmix, a.label_smoothing, a.rand_augment or "no RandAugment", cfg.ema.decay if parts.ema else "off",
+        dist.device, precision,
+    )  # fmt: skip
+    log.info("%s", format_lr_table(parts.table))
+
+
 @guarded
 def run_finetune(cfg: FinetuneConfig) -> EvalResult:
     # ---- setup: processes, data (checked first), model with the pretrained encoder
-    t, o, a = cfg.train, cfg.optim, cfg.aug
+    t, o = cfg.train, cfg.optim
     clock, dist, precision, out_dir, data = start_eval_run(cfg, t)
     device = dist.device
     model, report = build_finetune_model(cfg, data.num_classes)
     model.to(device)
     set_attention_kernel(model, resolve_attention(t.attention, device, precision))
     img_size = model.patch_embed.img_size[0]
-
     train_set = LabelledDataset(data.train, finetune_train_transform(img_size, cfg))
     sampler = ResumableBatchSampler(len(train_set), t.batch_size, t.accum_steps, dist.rank, dist.world_size, t.seed,
                                     remedy=too_few_images_remedy(cfg.data))
@@ -202,30 +244,21 @@ def run_finetune(cfg: FinetuneConfig) -> EvalResult:
                         persistent_workers=workers > 0, generator=torch.Generator())  # fmt: skip
     val_set = LabelledDataset(data.val, eval_transform(img_size, cfg.data.mean, cfg.data.std, cfg.data.crop_pct))
     val_loader = eval_loader(val_set, t.batch_size, workers, dist.rank, dist.world_size, pin)
-    steps_per_epoch = sampler.steps_per_epoch
+    steps_per_epoch, effective_batch = sampler.steps_per_epoch, sampler.global_step_size
     total_steps = t.epochs * steps_per_epoch
-    last_step = min(total_steps, t.max_steps or total_steps)
-    effective_batch = sampler.global_step_size
     peak_lr = o.lr if o.lr is not None else o.blr * effective_batch / 256
 
     # ---- optimizer on layer-decay groups, loss, Mixup / CutMix, EMA
     groups = layer_decay_param_groups(model, o.weight_decay, o.layer_decay)
-    table = lr_table(model, groups, peak_lr)
+    parts = finetune_parts(cfg, model, data.num_classes, peak_lr, groups)
     optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=o.betas, eps=o.eps, **adamw_kernel("auto", sharded=False))
     engine = StepEngine(model, optimizer, device=device, precision=precision, accum_steps=t.accum_steps,
                         clip_grad=o.clip_grad, max_nonfinite_steps=t.max_nonfinite_steps, name="finetune",
                         hint="Try a lower optim.blr, optim.clip_grad, or train.precision=fp32.")
-    mixup = None
-    if a.mixup > 0 or a.cutmix > 0:
-        mixup = Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, prob=a.mixup_prob, switch_prob=a.mixup_switch_prob,
-                      mode="batch", label_smoothing=a.label_smoothing, num_classes=data.num_classes)  # fmt: skip
-        criterion = SoftTargetCrossEntropy()
-    else:
-        criterion = nn.CrossEntropyLoss(label_smoothing=a.label_smoothing)
-    ema = ModelEmaV3(model, decay=cfg.ema.decay) if cfg.ema.enabled else None
+    ema = parts.ema
 
     # ---- resume: model, optimizer, scaler, EMA, step (which fixes epoch, data position and lr), evaluations
-    step, evals, elapsed = 0, [], 0.0
+    step, evals = 0, []
     resume_from, state = resume_eval_run(t, "finetune", {"steps_per_epoch": steps_per_epoch})
     if resume_from is not None:
         model.load_state_dict(state["model"])
@@ -235,27 +268,11 @@ def run_finetune(cfg: FinetuneConfig) -> EvalResult:
             if "ema" not in state:
                 raise CheckpointError(f"cannot resume {resume_from} with ema.enabled: it has no EMA weights")
             ema.module.load_state_dict(state["ema"])
-        step, evals, elapsed, engine.nonfinite_total = state["step"], state["evals"], state["elapsed_s"], state["nonfinite_steps"]
-    clock.already = elapsed
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.enabled else None
-    train_model = ddp or model
-    engine.ddp = ddp
-
+        step, evals, clock.already, engine.nonfinite_total = state["step"], state["evals"], state["elapsed_s"], state["nonfinite_steps"]
+    train_model = engine.distribute(dist.enabled)
     if dist.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "config.yaml", dump_eval_yaml(cfg))
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        log.info(
-            "mimkit %s | finetune | %s | %s pool, drop path %g, %s trainable params%s | %d train / %d val images, %d "
-            "classes | effective batch %d (%d x %d x accum %d), peak lr %.3g, layer decay %g | %d steps/epoch, %d steps "
-            "| mixup %g, cutmix %g, smoothing %g, %s, ema %s | %s, %s",
-            mimkit.__version__, cfg.encoder.checkpoint, cfg.model.global_pool, cfg.model.drop_path_rate, f"{trainable:,}",
-            "" if cfg.model.trainable_blocks is None else f" (last {cfg.model.trainable_blocks} blocks)",
-            len(data.train), len(data.val), data.num_classes, effective_batch, t.batch_size, dist.world_size,
-            t.accum_steps, peak_lr, o.layer_decay, steps_per_epoch, total_steps, a.mixup, a.cutmix, a.label_smoothing,
-            a.rand_augment or "no RandAugment", cfg.ema.decay if ema else "off", device, precision,
-        )  # fmt: skip
-        log.info("%s", format_lr_table(table))
+        prepare_run_folder(out_dir, dump_eval_yaml(cfg))
+        announce_finetune(cfg, model, data, parts, dist, precision, sampler, peak_lr)
         if resume_from is not None:
             log.info("resumed from %s at step %d", resume_from, step)
     metrics = EvalLog(out_dir, dist.is_main, active_loggers(t), "finetune", resumed_step=step if resume_from else None)
@@ -284,48 +301,49 @@ def run_finetune(cfg: FinetuneConfig) -> EvalResult:
 
     # ---- the loop
     engine.last_checkpoint = resume_from
-    books = RunBookkeeping(t, command="finetune", step=step, last_step=last_step, steps_per_epoch=steps_per_epoch,
-                           effective_batch=effective_batch, metrics=metrics, engine=engine, evaluate=evaluate, save=save,
-                           evals=evals, is_main=dist.is_main, describe=lambda r: f"epoch {r['epoch']:.2f}: top-1 "
-                           f"{r['top1']:.2f}%" + (f", EMA top-1 {r['ema_top1']:.2f}%" if ema is not None else ""))  # fmt: skip
-    model.train()
-    done = step
-    while step < last_step:
-        epoch, in_epoch = divmod(step, steps_per_epoch)
+    describe = lambda r: f"epoch {r['epoch']:.2f}: top-1 {r['top1']:.2f}%" + (f", EMA top-1 {r['ema_top1']:.2f}%" if ema is not None else "")
+    loop = TrainLoop("finetune", t, engine=engine, metrics=metrics, save=save, out_dir=out_dir, is_main=dist.is_main,
+                     step=step, last_step=min(total_steps, t.max_steps or total_steps), steps_per_epoch=steps_per_epoch,
+                     effective_batch=effective_batch,
+                     hooks=(evaluation_hook(t.eval_every_epochs, evaluate, evals, metrics, describe, dist.is_main),))  # fmt: skip
+    def open_epoch(epoch: int, in_epoch: int):
         sampler.set_epoch(epoch, in_epoch)
-        batches = iter(loader)
-        for step in range(step, min((epoch + 1) * steps_per_epoch, last_step)):
-            seed_everything(stable_seed(t.seed, "finetune-step", step, dist.rank))  # drop path, Mixup / CutMix
-            lr = lr_at(step, steps_per_epoch, cfg, peak_lr)
-            set_lr(optimizer, lr)
+        return iter(loader)
 
-            def forward(micro: int):
-                imgs, y = next(batches)
-                imgs, y = imgs.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                if mixup is not None:
-                    imgs, y = mixup(imgs, y)
-                return criterion(train_model(imgs).float(), y), {}
+    model.train()
+    for step, batches in loop.steps(open_epoch):
+        seed_everything(stable_seed(t.seed, "finetune-step", step, dist.rank))  # drop path, Mixup / CutMix
+        lr = lr_at(step, steps_per_epoch, cfg, peak_lr)
+        set_lr(optimizer, lr)
 
-            try:
-                result = engine.step(step, forward, lambda: [stop_flag()],
-                                     on_update=(lambda: ema.update(model)) if ema is not None else None)
-            except TrainingDiverged:
-                books.close()
-                raise
-            done = step + 1
-            extra = {"nonfinite_steps": engine.nonfinite_total}
-            if result.grad_norm is not None:
-                extra["grad_norm"] = result.grad_norm
-            books.after_step(done, result.loss, lr, extra, stop=result.extras[0])
-        step = done
-    books.close()
+        def forward(micro: int):
+            imgs, y = next(batches)
+            imgs, y = imgs.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if parts.mixup is not None:
+                imgs, y = parts.mixup(imgs, y)
+            return parts.criterion(train_model(imgs).float(), y), {}
 
+        result = loop.step(step, forward, on_update=(lambda: ema.update(model)) if ema is not None else None)
+        fields = {"nonfinite_steps": engine.nonfinite_total}
+        if result.grad_norm is not None:
+            fields["grad_norm"] = result.grad_norm
+        loop.after_step(result, lr, fields)
+    loop.close()
+    return finetune_summary(cfg, loop.done, evals, evaluate, parts, data, report, clock, device, engine, peak_lr,
+                            effective_batch, out_dir, dist.is_main)  # fmt: skip
+
+
+def finetune_summary(cfg: FinetuneConfig, done: int, evals: list, evaluate, parts: FinetuneParts, data, report,
+                     clock, device, engine: StepEngine, peak_lr: float, effective_batch: int, out_dir: Path,
+                     is_main: bool) -> EvalResult:  # fmt: skip
+    """The last evaluation (run now unless the loop just ran it), the best one, and metrics.json."""
+    t, o, ema = cfg.train, cfg.optim, parts.ema
     final = evals[-1] if evals and evals[-1]["step"] == done else evaluate(done)
     best = max(evals or [final], key=lambda r: r["top1"])
     summary = {
         "command": "finetune", "top1": final["top1"], "top5": final["top5"], "best_top1": best["top1"],
         "best_epoch": best["epoch"], "epochs": t.epochs, "steps": done, "effective_batch": effective_batch,
-        "peak_lr": peak_lr, "layer_decay": o.layer_decay, "lr_table": table, "trainable_blocks": cfg.model.trainable_blocks,
+        "peak_lr": peak_lr, "layer_decay": o.layer_decay, "lr_table": parts.table, "trainable_blocks": cfg.model.trainable_blocks,
         "encoder": cfg.encoder.checkpoint, "key_report": report.to_dict(), "train_images": len(data.train),
         "val_images": len(data.val), "num_classes": data.num_classes, "wall_clock_s": round(clock.total(), 2),
         "machine": machine_description(device), "nonfinite_steps": engine.nonfinite_total, "mimkit_version": mimkit.__version__,
@@ -334,7 +352,7 @@ def run_finetune(cfg: FinetuneConfig) -> EvalResult:
         summary.update({"ema_top1": final["ema_top1"], "ema_top5": final["ema_top5"],
                        "best_ema_top1": max(r["ema_top1"] for r in evals or [final])})  # fmt: skip
     path = out_dir / "metrics.json"
-    if dist.is_main:
+    if is_main:
         path = write_final_metrics(out_dir, summary)
     mdist.barrier()
     return EvalResult(out_dir, summary, path, engine.last_checkpoint)

@@ -16,6 +16,7 @@ mimkit.data.ResumableBatchSampler and augmentations from per-sample seeds.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,22 +24,20 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from timm.optim import Lars
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 import mimkit
 from mimkit import distributed as mdist
-from mimkit.checkpoint import atomic_write_text
 from mimkit.config import active_loggers, to_dict
 from mimkit.data import ResumableBatchSampler
-from mimkit.engine import StepEngine, TrainingDiverged, autocast_context
+from mimkit.engine import StepEngine, autocast_context
 from mimkit.eval.common import (
     EvalLog,
     EvalResult,
     LabelledDataset,
-    RunBookkeeping,
     cache_meta,
     eval_transform,
+    evaluation_hook,
     extract_features,
     frozen,
     guarded,
@@ -54,7 +53,7 @@ from mimkit.eval.common import (
 from mimkit.eval.config import LinprobeConfig, dump_eval_yaml
 from mimkit.eval.encoders import encoder_features, feature_blocks, feature_dim, load_encoder
 from mimkit.eval.knn import knn_accuracy
-from mimkit.runs import stop_flag
+from mimkit.loop import TrainLoop, prepare_run_folder
 from mimkit.schedules import lr_at
 
 log = logging.getLogger("mimkit")
@@ -107,24 +106,26 @@ def probe_accuracy(heads: nn.Module, feats: torch.Tensor, labels: torch.Tensor, 
     return [{"top1": 100.0 * int(a) / n, "top5": 100.0 * int(b) / n} for a, b in hits.tolist()]
 
 
-@guarded
-def run_linprobe(cfg: LinprobeConfig) -> EvalResult:
-    # ---- setup: processes, data (checked first), frozen encoder, heads
-    t, o, p = cfg.train, cfg.optim, cfg.probe
-    clock, dist, precision, out_dir, data = start_eval_run(cfg, t)
-    device = dist.device
-    encoder, report = load_encoder(cfg.encoder, t.seed)
-    frozen(encoder).to(device)
-    img_size = encoder.patch_embed.img_size[0]
-    indices = feature_blocks(encoder, p.block, p.scan_blocks)
-    blocks = [i + 1 for i in indices]  # 1-based, as reported
-    conf = (len(blocks) - 1 if p.block == -1 else p.block - 1) if p.scan_blocks else 0  # the configured block's head
-    heads = ProbeHeads(len(indices), feature_dim(encoder, p.pool), data.num_classes, p.head_init_std).to(device)
-    if dist.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    mdist.barrier()
+@dataclass
+class ProbeData:
+    """The probe's features and batches: val features always (the encoder is fixed), train features in cached mode
+    (`loader` None) or augmented images through the encoder (`loader`), the sampler of both, and the k-NN record of
+    the cached features."""
+    f_val: torch.Tensor
+    y_val: torch.Tensor
+    sampler: ResumableBatchSampler
+    f_train: torch.Tensor | None = None
+    y_train: torch.Tensor | None = None
+    loader: DataLoader | None = None
+    knn: dict = field(default_factory=dict)
 
-    # ---- features: val always once (fixed encoder, fixed transform); train once in cached mode
+
+def probe_data(cfg: LinprobeConfig, encoder, data, indices: list[int], conf: int, dist, precision: str,
+               out_dir: Path) -> ProbeData:  # fmt: skip
+    """Extract (or reuse the caches of) the val features, and the train features in cached mode; the train sampler."""
+    t, p, device = cfg.train, cfg.probe, dist.device
+    img_size = encoder.patch_embed.img_size[0]
+    blocks = [i + 1 for i in indices]
     extract = dict(indices=indices, pool=p.pool, batch_size=t.batch_size, device=device, precision=precision,
                    num_workers=cfg.data.num_workers)  # fmt: skip
     plain = eval_transform(img_size, cfg.data.mean, cfg.data.std, cfg.data.crop_pct)
@@ -136,31 +137,46 @@ def run_linprobe(cfg: LinprobeConfig) -> EvalResult:
     # cached features: the remainder of an epoch is a last, smaller step (no image left out every epoch)
     sampler = ResumableBatchSampler(len(data.train), t.batch_size, t.accum_steps, dist.rank, dist.world_size, t.seed,
                                     keep_partial=p.mode == "cached", remedy=too_few_images_remedy(cfg.data))  # fmt: skip
-    loader = None
-    if p.mode == "cached":
-        f_train, y_train = extract_features(
-            encoder, LabelledDataset(data.train, plain), cache=out_dir / "features-train.pt",
-            meta=cache_meta(cfg.encoder, cfg.data, cfg.data.train_split, cfg.data.train_samples, img_size, t.seed),
-            desc="features (train)" if t.progress else None, **extract,
-        )  # fmt: skip
-        knn = {}
-        if p.knn_k:  # the same features as `mimkit knn` would extract for this block: no second pass over the images
-            acc = knn_accuracy(f_train[:, conf], y_train, f_val[:, conf], y_val, data.num_classes, p.knn_k,
-                               p.knn_temperature)  # fmt: skip
-            knn = {"knn_top1": acc["top1"], "knn_top5": acc["top5"], "knn_k": p.knn_k, "knn_block": blocks[conf]}
-            if dist.is_main:
-                log.info("k-NN on the cached features (k=%d, T=%g, block %d): top-1 %.2f%%", p.knn_k,
-                         p.knn_temperature, blocks[conf], acc["top1"])  # fmt: skip
-    else:
-        knn = {}
+    if p.mode != "cached":
         workers = cfg.data.num_workers
         loader = DataLoader(LabelledDataset(data.train, probe_train_transform(img_size, cfg.data)), batch_sampler=sampler,
                             num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                             generator=torch.Generator())  # fmt: skip
-    steps_per_epoch = sampler.steps_per_epoch
+        return ProbeData(f_val, y_val, sampler, loader=loader)
+    f_train, y_train = extract_features(
+        encoder, LabelledDataset(data.train, plain), cache=out_dir / "features-train.pt",
+        meta=cache_meta(cfg.encoder, cfg.data, cfg.data.train_split, cfg.data.train_samples, img_size, t.seed),
+        desc="features (train)" if t.progress else None, **extract,
+    )  # fmt: skip
+    knn = {}
+    if p.knn_k:  # the same features as `mimkit knn` would extract for this block: no second pass over the images
+        acc = knn_accuracy(f_train[:, conf], y_train, f_val[:, conf], y_val, data.num_classes, p.knn_k,
+                           p.knn_temperature)  # fmt: skip
+        knn = {"knn_top1": acc["top1"], "knn_top5": acc["top5"], "knn_k": p.knn_k, "knn_block": blocks[conf]}
+        if dist.is_main:
+            log.info("k-NN on the cached features (k=%d, T=%g, block %d): top-1 %.2f%%", p.knn_k,
+                     p.knn_temperature, blocks[conf], acc["top1"])  # fmt: skip
+    return ProbeData(f_val, y_val, sampler, f_train, y_train, knn=knn)
+
+
+@guarded
+def run_linprobe(cfg: LinprobeConfig) -> EvalResult:
+    # ---- setup: processes, data (checked first), frozen encoder, heads, features
+    t, o, p = cfg.train, cfg.optim, cfg.probe
+    clock, dist, precision, out_dir, data = start_eval_run(cfg, t)
+    device = dist.device
+    encoder, report = load_encoder(cfg.encoder, t.seed)
+    frozen(encoder).to(device)
+    indices = feature_blocks(encoder, p.block, p.scan_blocks)
+    blocks = [i + 1 for i in indices]  # 1-based, as reported
+    conf = (len(blocks) - 1 if p.block == -1 else p.block - 1) if p.scan_blocks else 0  # the configured block's head
+    heads = ProbeHeads(len(indices), feature_dim(encoder, p.pool), data.num_classes, p.head_init_std).to(device)
+    if dist.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    mdist.barrier()
+    pd = probe_data(cfg, encoder, data, indices, conf, dist, precision, out_dir)
+    steps_per_epoch, effective_batch = pd.sampler.steps_per_epoch, pd.sampler.global_step_size
     total_steps = t.epochs * steps_per_epoch
-    last_step = min(total_steps, t.max_steps or total_steps)
-    effective_batch = sampler.global_step_size
     peak_lr = o.lr if o.lr is not None else o.blr * effective_batch / 256
     optimizer = probe_optimizer(heads, o, peak_lr)
     # the heads train in fp32 (features are extracted under autocast, in forward below)
@@ -168,20 +184,16 @@ def run_linprobe(cfg: LinprobeConfig) -> EvalResult:
                         max_nonfinite_steps=t.max_nonfinite_steps, name="linprobe", hint="Try a lower optim.blr.")
 
     # ---- resume: heads, optimizer, step (which fixes epoch, data position and lr), evaluations so far
-    step, evals, elapsed = 0, [], 0.0
+    step, evals = 0, []
     resume_from, state = resume_eval_run(t, "linprobe", {"steps_per_epoch": steps_per_epoch, "blocks": blocks})
     if resume_from is not None:
         heads.load_state_dict(state["heads"])
         optimizer.load_state_dict(state["optimizer"])
-        step, evals, elapsed = state["step"], state["evals"], state["elapsed_s"]
+        step, evals, clock.already = state["step"], state["evals"], state["elapsed_s"]
         engine.nonfinite_total = state["nonfinite_steps"]
-    clock.already = elapsed
-    ddp = DistributedDataParallel(heads, device_ids=[device.index] if device.type == "cuda" else None) if dist.enabled else None
-    train_heads = ddp or heads
-    engine.ddp = ddp
-
+    train_heads = engine.distribute(dist.enabled)
     if dist.is_main:
-        atomic_write_text(out_dir / "config.yaml", dump_eval_yaml(cfg))
+        prepare_run_folder(out_dir, dump_eval_yaml(cfg))
         log.info(
             "mimkit %s | linprobe (%s) | %s | blocks %s, %s features, dim %d | %d train / %d val images, %d classes | "
             "%s, effective batch %d, peak lr %.3g, %d steps/epoch, %d steps | %d processes on %s, %s",
@@ -194,13 +206,12 @@ def run_linprobe(cfg: LinprobeConfig) -> EvalResult:
     metrics = EvalLog(out_dir, dist.is_main, active_loggers(t), "linprobe", resumed_step=step if resume_from else None)
 
     def evaluate(done: int) -> dict:
-        accs = probe_accuracy(heads, f_val, y_val, device)
+        accs = probe_accuracy(heads, pd.f_val, pd.y_val, device)
         best = max(range(len(accs)), key=lambda h: accs[h]["top1"])
-        record = {"step": done, "epoch": round(done / steps_per_epoch, 4), "top1": accs[conf]["top1"], "top5": accs[conf]["top5"],
-                  "best_block": blocks[best], "best_top1": accs[best]["top1"],
-                  "per_block_top1": {str(b): a["top1"] for b, a in zip(blocks, accs)},
-                  "per_block_top5": {str(b): a["top5"] for b, a in zip(blocks, accs)}}  # fmt: skip
-        return record
+        return {"step": done, "epoch": round(done / steps_per_epoch, 4), "top1": accs[conf]["top1"],
+                "top5": accs[conf]["top5"], "best_block": blocks[best], "best_top1": accs[best]["top1"],
+                "per_block_top1": {str(b): a["top1"] for b, a in zip(blocks, accs)},
+                "per_block_top5": {str(b): a["top5"] for b, a in zip(blocks, accs)}}  # fmt: skip
 
     def save(done: int) -> Path | None:
         if not dist.is_main:
@@ -214,42 +225,26 @@ def run_linprobe(cfg: LinprobeConfig) -> EvalResult:
 
     # ---- the loop
     engine.last_checkpoint = resume_from
-    books = RunBookkeeping(t, command="linprobe", step=step, last_step=last_step, steps_per_epoch=steps_per_epoch,
-                           effective_batch=effective_batch, metrics=metrics, engine=engine, evaluate=evaluate, save=save,
-                           evals=evals, is_main=dist.is_main, describe=lambda r: f"epoch {r['epoch']:.2f}: top-1 "
-                           f"{r['top1']:.2f}% (best block {r['best_block']}: {r['best_top1']:.2f}%)")  # fmt: skip
+    describe = lambda r: f"epoch {r['epoch']:.2f}: top-1 {r['top1']:.2f}% (best block {r['best_block']}: {r['best_top1']:.2f}%)"
+    loop = TrainLoop("linprobe", t, engine=engine, metrics=metrics, save=save, out_dir=out_dir, is_main=dist.is_main,
+                     step=step, last_step=min(total_steps, t.max_steps or total_steps), steps_per_epoch=steps_per_epoch,
+                     effective_batch=effective_batch,
+                     hooks=(evaluation_hook(t.eval_every_epochs, evaluate, evals, metrics, describe, dist.is_main),))  # fmt: skip
     heads.train()  # the encoder is never put in train mode
-    done = step
-    while step < last_step:
-        epoch, in_epoch = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch, in_epoch)
-        batches = iter(loader) if loader is not None else iter(sampler)
-        for step in range(step, min((epoch + 1) * steps_per_epoch, last_step)):
-            lr = lr_at(step, steps_per_epoch, cfg, peak_lr)
-            engine.set_lr(lr)
+    for step, batches in loop.steps(lambda epoch, in_epoch: probe_batches(pd, epoch, in_epoch)):
+        lr = lr_at(step, steps_per_epoch, cfg, peak_lr)
+        engine.set_lr(lr)
 
-            def forward(micro: int):
-                if loader is None:  # cached features: the sampler's (index, seed) pairs index them directly
-                    idx = torch.tensor([i for i, _ in next(batches)])
-                    feats, y = f_train[idx].to(device, non_blocking=True), y_train[idx].to(device, non_blocking=True)
-                else:
-                    imgs, y = next(batches)
-                    imgs, y = imgs.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    with torch.no_grad(), autocast_context(device, precision):
-                        feats = encoder_features(encoder, imgs, indices, p.pool)
-                logits = train_heads(feats).float()
-                return sum(F.cross_entropy(logits[:, h], y) for h in range(logits.shape[1])), {}
+        def forward(micro: int):
+            feats, y = probe_features(next(batches), pd, encoder, indices, p.pool, device, precision)
+            logits = train_heads(feats).float()
+            return sum(F.cross_entropy(logits[:, h], y) for h in range(logits.shape[1])), {}
 
-            try:
-                result = engine.step(step, forward, lambda: [stop_flag()])
-            except TrainingDiverged:
-                books.close()
-                raise
-            done = step + 1
-            books.after_step(done, result.loss / len(blocks), lr, stop=result.extras[0])  # logged: the mean loss over the heads
-        step = done
-    books.close()
+        result = loop.step(step, forward)
+        loop.after_step(result, lr, loss=result.loss / len(blocks))  # logged: the mean loss over the heads
+    loop.close()
 
+    done = loop.done
     final = evals[-1] if evals and evals[-1]["step"] == done else evaluate(done)
     summary = {
         "command": "linprobe", "top1": final["top1"], "top5": final["top5"], "best_block": final["best_block"],
@@ -258,10 +253,30 @@ def run_linprobe(cfg: LinprobeConfig) -> EvalResult:
         "epochs": t.epochs, "steps": done, "encoder": cfg.encoder.checkpoint, "key_report": report.to_dict(),
         "train_images": len(data.train), "val_images": len(data.val), "num_classes": data.num_classes,
         "wall_clock_s": round(clock.total(), 2), "machine": machine_description(device),
-        "nonfinite_steps": engine.nonfinite_total, "mimkit_version": mimkit.__version__, **knn,
+        "nonfinite_steps": engine.nonfinite_total, "mimkit_version": mimkit.__version__, **pd.knn,
     }  # fmt: skip
     path = out_dir / "metrics.json"
     if dist.is_main:
         path = write_final_metrics(out_dir, summary)
     mdist.barrier()
     return EvalResult(out_dir, summary, path, engine.last_checkpoint)
+
+
+def probe_batches(pd: ProbeData, epoch: int, in_epoch: int):
+    """The epoch's batches from its `in_epoch`-th step: images through the loader, or the sampler's (index, seed)
+    pairs that index the cached features."""
+    pd.sampler.set_epoch(epoch, in_epoch)
+    return iter(pd.loader) if pd.loader is not None else iter(pd.sampler)
+
+
+def probe_features(batch, pd: ProbeData, encoder, indices: list[int], pool: str, device: torch.device,
+                   precision: str) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(features, labels) of one micro-batch on `device`: cached ones indexed, or the frozen encoder's (no gradient,
+    under autocast) of the augmented images."""
+    if pd.loader is None:  # cached features: the sampler's (index, seed) pairs index them directly
+        idx = torch.tensor([i for i, _ in batch])
+        return pd.f_train[idx].to(device, non_blocking=True), pd.y_train[idx].to(device, non_blocking=True)
+    imgs, y = batch
+    imgs, y = imgs.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    with torch.no_grad(), autocast_context(device, precision):
+        return encoder_features(encoder, imgs, indices, pool), y
