@@ -20,7 +20,9 @@ from mimkit.checkpoint import (
     set_rng_state,
 )
 from mimkit.data import open_source, resolve_format
+from mimkit.engine import StepEngine
 from mimkit.logs import progress_bar
+from mimkit.loop import due
 from mimkit.presets import get_preset
 from mimkit.tokenizers import DVAE, MINUS_ONE_ONE, DVAESpec, TokenizerError
 
@@ -99,6 +101,8 @@ def train_tokenizer(cfg, log_every: int = 50) -> dict:
     torch.manual_seed(cfg.train.seed)
     model = DVAE(spec).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=t.lr)
+    # one optimizer step per batch, in fp32 (the engine also skips a non-finite one)
+    engine = StepEngine(model, opt, device=device, precision="fp32", name="tokenizer", hint="Try a lower tokenizer.lr.")
     data_rng = torch.Generator().manual_seed(cfg.train.seed)
     gumbel = torch.Generator().manual_seed(cfg.train.seed + 1)
     history, first = [], 0
@@ -121,23 +125,27 @@ def train_tokenizer(cfg, log_every: int = 50) -> dict:
         for step in range(first, t.train_steps):
             frac = step / max(t.train_steps - 1, 1)
             tau = t.tau_start * (t.tau_end / t.tau_start) ** frac
-            for group in opt.param_groups:
-                group["lr"] = t.lr * 0.5 * (1 + math.cos(math.pi * frac))
+            engine.set_lr(t.lr * 0.5 * (1 + math.cos(math.pi * frac)))
             x = next(batches).to(device)
-            loss, rec, kl, logits = model.loss(x, tau, t.kl_weight, gumbel)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            used = int(logits.argmax(1).unique().numel())
-            history.append({"step": step + 1, "loss": float(loss.detach()), "reconstruction": float(rec), "kl": float(kl),
-                            "tau": tau, "codes_used": used})  # fmt: skip
+            codes = []
+
+            def forward(micro: int):
+                loss, rec, kl, logits = model.loss(x, tau, t.kl_weight, gumbel)
+                codes.append(logits.argmax(1))
+                return loss, {"reconstruction": rec, "kl": kl}
+
+            result = engine.step(step, forward)
+            used = int(codes[-1].unique().numel())
+            rec, kl = result.terms["reconstruction"], result.terms["kl"]
+            history.append({"step": step + 1, "loss": result.loss, "reconstruction": rec, "kl": kl, "tau": tau,
+                            "codes_used": used})  # fmt: skip
             if bar is not None:
                 bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", codes=used, refresh=False)
                 bar.update(1)
-            if (step + 1) % log_every == 0 or step + 1 == t.train_steps:
+            if due(step + 1, log_every) or step + 1 == t.train_steps:
                 log.info("tokenizer step %d/%d loss %.4f rec %.4f kl %.3f tau %.3f codes in batch %d (%.1fs)", step + 1,
-                         t.train_steps, history[-1]["loss"], float(rec), float(kl), tau, used, time.perf_counter() - start)  # fmt: skip
-            if t.save_every_steps and (step + 1) % t.save_every_steps == 0 and step + 1 < t.train_steps:
+                         t.train_steps, history[-1]["loss"], rec, kl, tau, used, time.perf_counter() - start)  # fmt: skip
+            if due(step + 1, t.save_every_steps) and step + 1 < t.train_steps:
                 save_checkpoint(progress, {"step": step + 1, "settings": json.dumps(settings), "history": history,
                                            "model": model.state_dict(), "optimizer": opt.state_dict(),
                                            "data_rng": data_rng.get_state(), "gumbel_rng": gumbel.get_state(),

@@ -187,13 +187,14 @@ class Setup:
 @dataclass
 class Resumed:
     """Where a run starts: its step and skipped images so far, the checkpoint it resumes from and the config changes
-    since (`finished`: the folder holds a finished run, returned as is)."""
+    since (`finished`: the folder holds a finished run, returned as is); then the run's counts as it goes."""
     step: int = 0
     skipped: int = 0
     checkpoint: Path | None = None
     changes: dict = field(default_factory=dict)
     allowed: dict = field(default_factory=dict)
     finished: RunResult | None = None
+    loss: float = float("nan")  # the last step's
 
 
 def pretrain(cfg: Config) -> RunResult:
@@ -221,10 +222,10 @@ def pretrain(cfg: Config) -> RunResult:
             metrics.write({"event": "resume", "from": str(r.checkpoint), "resumed_step": r.step,
                            **({"config_changes": {k: [a, b] for k, (a, b) in r.allowed.items()}} if r.allowed else {})})
         engine.last_checkpoint = r.checkpoint
-        loop = TrainLoop("pretrain", t, engine=engine, metrics=metrics, save=checkpoint_writer(cfg, s, r, lambda: loop),
+        loop = TrainLoop("pretrain", t, engine=engine, metrics=metrics, save=checkpoint_writer(cfg, s, r),
                          out_dir=s.out_dir, is_main=dist.is_main, step=r.step, last_step=s.last_step,
                          steps_per_epoch=s.steps_per_epoch, effective_batch=s.effective_batch,
-                         hooks=monitors(cfg, s, metrics, lambda: loop), step_lines=True)  # fmt: skip
+                         hooks=monitors(cfg, s, metrics), step_lines=True)  # fmt: skip
 
         # ---- the loop: epochs of (accumulated) steps
         model.train()
@@ -244,7 +245,7 @@ def pretrain(cfg: Config) -> RunResult:
 
             result = loop.step(step, forward, lambda: {"skipped": float(skipped)},
                                on_update=lambda: model.after_step(step))  # fmt: skip
-            r.skipped += int(result.extras["skipped"])
+            r.skipped, r.loss = r.skipped + int(result.extras["skipped"]), result.loss
             tail = {"grad_norm": result.grad_norm} if result.grad_norm is not None else {}
             loop.after_step(result, lr, {"nonfinite_steps": engine.nonfinite_total, "skipped_images": r.skipped},
                             {**tail, **result.terms})  # the loss terms of this process's last step
@@ -368,9 +369,9 @@ def announce(cfg: Config, s: Setup, r: Resumed) -> None:
         log.warning("%s", note)
 
 
-def checkpoint_writer(cfg: Config, s: Setup, r: Resumed, loop: Callable[[], TrainLoop]) -> Callable[[int], Path | None]:
+def checkpoint_writer(cfg: Config, s: Setup, r: Resumed) -> Callable[[int], Path | None]:
     """save(step): the training state at `step` (sharded under FSDP, one file otherwise), the oldest pruned past
-    train.keep_last; the path on rank 0, None elsewhere. `loop()` gives the last step's loss."""
+    train.keep_last; the path on rank 0, None elsewhere. `r` holds the skipped images and the last step's loss."""
     model, optimizer, engine, out_dir, dist = s.model, s.optimizer, s.engine, s.out_dir, s.dist
 
     def save(step: int) -> Path | None:
@@ -379,7 +380,7 @@ def checkpoint_writer(cfg: Config, s: Setup, r: Resumed, loop: Callable[[], Trai
                 "steps_per_epoch": s.steps_per_epoch, "effective_batch": s.effective_batch,
                 "nonfinite_steps": engine.nonfinite_total, "skipped_images": r.skipped, "rng": rng,
                 "config": to_dict(resolved(cfg)), "mimkit_version": mimkit.__version__, "method": cfg.method,
-                "loss": loop().loss}  # the last step's: what a finished run, started again, reports  # fmt: skip
+                "loss": r.loss}  # the last step's: what a finished run, started again, reports  # fmt: skip
         path = checkpoint_path(out_dir, step, sharded=s.fsdp)
         try:
             if s.fsdp:  # every rank writes its shards; the folder appears once all are done
@@ -401,7 +402,7 @@ def checkpoint_writer(cfg: Config, s: Setup, r: Resumed, loop: Callable[[], Trai
     return save
 
 
-def monitors(cfg: Config, s: Setup, metrics: MetricsLog, loop: Callable[[], TrainLoop]) -> tuple[Hook, ...]:
+def monitors(cfg: Config, s: Setup, metrics: MetricsLog) -> tuple[Hook, ...]:
     """The end-of-epoch monitors: the k-NN trend (train.knn_every_epochs, on every rank: the images are split across
     processes and the features gathered) and TensorBoard reconstruction grids of fixed images (rank 0, indexable
     sources only)."""

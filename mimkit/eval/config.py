@@ -11,6 +11,7 @@ section that sets one key keeps the command's defaults for the others.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +22,8 @@ from mimkit.config import AttentionKernel, check_loggers
 from mimkit.models import PRESETS
 from mimkit.typed_config import ConfigError, from_dict, read_recipe, require, to_dict
 from mimkit.typed_config import _merge as merge_dicts
+
+log = logging.getLogger("mimkit")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -112,7 +115,8 @@ class KnnParams:
 
 @dataclass
 class KnnRun:
-    """How `mimkit knn` runs: batch, precision, device, output folder and logging.
+    """How `mimkit knn` runs: batch, precision, device, output folder and logging. Written `train.*` (a YAML `train:`
+    section), as in the other commands; `run.*`, its former name, still works with a deprecation warning.
 
     Fields:
         precision: autocast of the feature extraction: auto = bf16 where native (GPUs, CPUs with AVX512-BF16 / AMX)
@@ -132,8 +136,8 @@ class KnnRun:
     progress: bool = True
 
 
-# knn's output section is `run` (it trains nothing); `train`, the other commands' name, is accepted as an alias
-# (train.out_dir=..., a YAML `train:` section): see load_eval_config
+# knn's run section is written `train` (train.out_dir=..., a YAML `train:` section), as in the other commands, and
+# held in `run`; `run.*` itself is a deprecated alias: see load_eval_config
 @dataclass
 class KnnConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
@@ -430,11 +434,15 @@ def load_eval_config(command: str, path: str | Path | None = None, overrides: li
         raise ConfigError(f"unknown evaluation command '{command}'; allowed: {', '.join(COMMANDS)}")
     if command != "knn":
         return validate(from_dict(COMMANDS[command], read_recipe(path, overrides, sections)))
-    # knn's output section is `run`; `train`, the other commands' name for it, is accepted too, layer by layer
-    # (recipe, keyword sections, overrides), so a later layer's train.X wins over an earlier one's run.X
-    data = _train_as_run(read_recipe(path, None, {}))
-    data = _train_as_run(read_recipe(None, None, dict(sections)), data)
-    return validate(from_dict(KnnConfig, _train_as_run(read_recipe(None, overrides, {}), data)))
+    # knn's run section is written `train`, as in the other commands; `run`, its former name, is read too, layer by
+    # layer (recipe, keyword sections, overrides), so a later layer's train.X wins over an earlier one's run.X
+    layers = [read_recipe(path, None, {}), read_recipe(None, None, dict(sections)), read_recipe(None, overrides, {})]
+    if any("run" in layer for layer in layers):
+        log.warning("knn: run.* is deprecated; write train.* (a `train:` section), as in the other commands")
+    data: dict = {}
+    for layer in layers:
+        data = _train_as_run(layer, data)
+    return validate(from_dict(KnnConfig, data))
 
 
 def _train_as_run(layer: dict, base: dict | None = None) -> dict:
