@@ -258,7 +258,7 @@ def _train_command(args) -> int:
     if args.config and "=" in args.config:
         overrides.insert(0, args.config)
         args.config = None
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides, also_reads=("tokenizer",))
     try:
         result = train_tokenizer(cfg)
     except TokenizerError as e:

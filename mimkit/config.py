@@ -9,21 +9,16 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 
 from mimkit.presets import PRESETS, get_preset
-from mimkit.typed_config import (  # noqa: F401 (ConfigError, parse_overrides, to_dict re-exported)
-    ConfigError,
-    from_dict,
-    parse_overrides,
-    read_recipe,
-    require,
-    to_dict,
-)
+from mimkit.registry import COMMON_SECTIONS, custom_sections, method_spec
+from mimkit.typed_config import ConfigError, from_dict, parse_overrides, read_recipe, require  # noqa: F401
+from mimkit.typed_config import to_dict as plain_dict
 
-BEIT_METHODS = ("beit", "mcbeit")  # methods whose encoder is timm's Beit (token targets, relative position bias)
+BEIT_METHODS = ("beit", "mcbeit")  # transitional: train.py's saved_config still reads it (the registry's family)
 AttentionKernel = Literal["auto", "sdpa", "eager"]  # train.attention of pretraining and fine-tuning
 
 
@@ -361,9 +356,11 @@ class Config:
     """The pretraining config (`mimkit pretrain`, `mimkit.run`): one section per dataclass.
 
     Fields:
-        method: the pretraining method; its own section (mae, emae, bootmae, beit, simmim) configures it
+        method: the pretraining method, one of the registered ones (`mimkit methods` lists them); it reads its own
+            sections (mae, emae, bootmae, beit, simmim, tokenizer, or a section a user's method registered) and
+            a value set in a section it does not read is refused
     """
-    method: Literal["mae", "emae", "bootmae", "beit", "mcbeit", "simmim"] = "mae"
+    method: str = "mae"
     model: ModelConfig = field(default_factory=ModelConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     mae: MAEConfig = field(default_factory=MAEConfig)
@@ -376,6 +373,18 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    # the sections of methods registered from outside mimkit (name -> that section's dataclass), read as top-level
+    # sections `NAME:` in YAML and `NAME.key=value`; `cfg.NAME` reads them
+    sections: dict = field(default_factory=dict, metadata={"internal": True}, repr=False)
+
+    def __getattr__(self, name: str):
+        sections = self.__dict__.get("sections") or {}
+        if name in sections:
+            return sections[name]
+        raise AttributeError(f"Config has no section {name!r}")
+
+
+BUILTIN_METHOD_SECTIONS = ("mae", "emae", "simmim", "bootmae", "beit", "tokenizer")  # read only by the methods naming them
 
 
 # ---------------------------------------------------------------- range checks
@@ -387,6 +396,8 @@ def config_keys(cls, prefix: str = "") -> set[str]:
     """Every dotted key of a config dataclass, e.g. train.epochs."""
     keys = set()
     for f in dataclasses.fields(cls):
+        if f.metadata.get("internal"):
+            continue
         tp = cls.__dataclass_fields__[f.name].type
         sub = globals().get(tp) if isinstance(tp, str) else tp
         if dataclasses.is_dataclass(sub):
@@ -397,80 +408,128 @@ def config_keys(cls, prefix: str = "") -> set[str]:
 
 
 
-def validate(cfg: Config) -> Config:
-    """Range checks that types alone cannot express."""
+class Geometry(NamedTuple):
+    """The encoder's sizes, the model.arch preset's where model.* leaves them unset."""
+    img: int
+    patch: int
+    num_patches: int
+    dim: int
+    depth: int
+    heads: int
+
+
+def geometry(cfg: Config) -> Geometry:
+    p, m = get_preset(cfg.model.arch), cfg.model
+    img, patch = m.img_size or p.img_size, m.patch_size or p.patch_size
+    return Geometry(img, patch, (img // patch) ** 2, m.embed_dim or p.embed_dim, m.depth or p.depth,
+                    m.num_heads or p.num_heads)  # fmt: skip
+
+
+def validate(cfg: Config, strict: bool = True, also_reads: tuple[str, ...] = ()) -> Config:
+    """Range checks that types alone cannot express, the method's own checks (its registered spec), and the
+    keys the method never reads: refused when `strict` (a config a user wrote), reset to their defaults
+    otherwise (a saved config of an earlier version, which printed every section). `also_reads`: sections
+    the command reads besides the method's (tokenizer training reads tokenizer.*)."""
+    spec = method_spec(cfg.method)
+    _attach_custom_sections(cfg)
+    g = _validate_model(cfg)
+    _validate_mask(cfg, spec, g)
+    _unread_keys(cfg, spec, strict, also_reads)
+    _validate_tokenizer(cfg.tokenizer)
+    if spec.check is not None:
+        spec.check(cfg)
+    _validate_run(cfg)
+    return cfg
+
+
+def _attach_custom_sections(cfg: Config) -> None:
+    """Every registered method's own section, its defaults where the config sets none; unknown ones refused."""
+    registered = custom_sections()
+    for name in cfg.sections:
+        require(name in registered, f"unknown config key '{name}': no registered method has a section of that name")
+    cfg.sections = {name: cfg.sections.get(name) or cls() for name, cls in registered.items()}
+
+
+def _validate_model(cfg: Config) -> Geometry:
     require(cfg.model.arch in PRESETS, f"model.arch: unknown '{cfg.model.arch}'; allowed: {', '.join(sorted(PRESETS))}")
-    preset = get_preset(cfg.model.arch)
-    img, patch = cfg.model.img_size or preset.img_size, cfg.model.patch_size or preset.patch_size
-    for name, value in [("model.img_size", img), ("model.patch_size", patch), ("model.embed_dim", cfg.model.embed_dim),
-                        ("model.depth", cfg.model.depth), ("model.num_heads", cfg.model.num_heads),
-                        ("mae.decoder_dim", cfg.mae.decoder_dim), ("mae.decoder_heads", cfg.mae.decoder_heads)]:  # fmt: skip
+    m = cfg.model
+    for name, value in [("model.img_size", m.img_size), ("model.patch_size", m.patch_size),
+                        ("model.embed_dim", m.embed_dim), ("model.depth", m.depth), ("model.num_heads", m.num_heads)]:  # fmt: skip
         require(value is None or value > 0, f"{name} must be positive, got {value}")
+    g = geometry(cfg)
     require(
-        img % patch == 0,
-        f"model.img_size {img} is not divisible by the patch size {patch} (model.patch_size, default from "
+        g.img % g.patch == 0,
+        f"model.img_size {g.img} is not divisible by the patch size {g.patch} (model.patch_size, default from "
         f"model.arch); use an image size that is a multiple of the patch size",
     )
-    dim, heads = cfg.model.embed_dim or preset.embed_dim, cfg.model.num_heads or preset.num_heads
-    require(dim % heads == 0, f"model.embed_dim {dim} must be divisible by model.num_heads {heads}")
-    require(dim % 4 == 0, f"model.embed_dim must be divisible by 4 (sin-cos position embedding), got {dim}")
-    require(0.0 < cfg.model.layer_norm_eps < 1.0, f"model.layer_norm_eps must be in (0, 1), got {cfg.model.layer_norm_eps}")
-    require(0.0 <= cfg.model.drop_path_rate < 1.0, f"model.drop_path_rate must be in [0, 1), got {cfg.model.drop_path_rate}")
-    require(0.0 < cfg.mask.ratio < 1.0, f"mask.ratio must be in (0, 1) (exclusive), got {cfg.mask.ratio}")
-    num_patches = (img // patch) ** 2
-    if cfg.mask.count is None:
-        require(
-            int(num_patches * (1 - cfg.mask.ratio)) >= 1,
-            f"mask.ratio {cfg.mask.ratio} leaves no visible patch of the {num_patches} given by "
-            f"model.img_size {img} / model.patch_size {patch}",
-        )
+    require(g.dim % g.heads == 0, f"model.embed_dim {g.dim} must be divisible by model.num_heads {g.heads}")
+    require(g.dim % 4 == 0, f"model.embed_dim must be divisible by 4 (sin-cos position embedding), got {g.dim}")
+    require(0.0 < m.layer_norm_eps < 1.0, f"model.layer_norm_eps must be in (0, 1), got {m.layer_norm_eps}")
+    require(0.0 <= m.drop_path_rate < 1.0, f"model.drop_path_rate must be in [0, 1), got {m.drop_path_rate}")
+    return g
+
+
+def _validate_mask(cfg: Config, spec, g: Geometry) -> None:
+    mask = cfg.mask
+    require(0.0 < mask.ratio < 1.0, f"mask.ratio must be in (0, 1) (exclusive), got {mask.ratio}")
+    if mask.count is None:
+        require(int(g.num_patches * (1 - mask.ratio)) >= 1,
+                f"mask.ratio {mask.ratio} leaves no visible patch of the {g.num_patches} given by "
+                f"model.img_size {g.img} / model.patch_size {g.patch}")  # fmt: skip
     else:
-        _validate_mask_count(cfg, num_patches, img, patch)
-    m = cfg.mae
-    require(m.decoder_depth >= 0, f"mae.decoder_depth must be >= 0, got {m.decoder_depth}")
-    require(m.decoder_dim % m.decoder_heads == 0 or (cfg.method == "bootmae" and m.decoder_dim >= m.decoder_heads),
-             f"mae.decoder_dim {m.decoder_dim} must be divisible by mae.decoder_heads {m.decoder_heads}")  # fmt: skip
-    require(m.decoder_dim % 4 == 0, f"mae.decoder_dim must be divisible by 4 (sin-cos position embedding), got {m.decoder_dim}")
-    if m.decoder == "crossmae":
-        _validate_crossmae(cfg, (img // patch) ** 2, cfg.model.depth or preset.depth)
-    else:
-        require(m.reconstruct_ratio == 1.0 and m.decoder_context_blocks == (),
-                 "mae.reconstruct_ratio and mae.decoder_context_blocks apply to mae.decoder crossmae only")  # fmt: skip
-    if cfg.method == "emae" or (cfg.method == "mae" and cfg.mask.type == "parallel"):
-        k = 1.0 / (1.0 - cfg.mask.ratio)
-        require(abs(k - round(k)) < 1e-6 and round(k) >= 2,
-                 f"mask.ratio {cfg.mask.ratio} must be 1 - 1/K for a whole K >= 2 with method emae (0.5, 0.75, 0.8 ...)")  # fmt: skip
-        require(cfg.mask.type in ("random", "parallel"),
-                 "method emae draws its own parallel masks: mask.type must be random (or parallel)")
-        require(cfg.emae.consistency_weight >= 0, f"emae.consistency_weight must be >= 0, got {cfg.emae.consistency_weight}")
-    # parts compose: MAE and BootMAE take every visible-token mask; BEiT / mc-BEiT corrupt tokens in place (random
-    # or block); SimMIM draws its own coarse cells
-    allowed = {"mae": ("random", "block", "hybrid", "parallel"), "bootmae": ("random", "block", "hybrid", "parallel"),
-               "emae": ("random", "parallel"), "beit": ("random", "block"), "mcbeit": ("random", "block"),
-               "simmim": ("random",)}[cfg.method]  # fmt: skip
-    require(cfg.mask.type in allowed, f"mask.type {cfg.mask.type} does not compose with method {cfg.method}: "
-             f"allowed {', '.join(allowed)} (BEiT's in-place corruption has no parallel parts; hybrid / parallel "
-             "masks need a visible-token encoder)")  # fmt: skip
-    if cfg.mask.type == "hybrid":
-        bound = (f"mask.ratio {cfg.mask.ratio}" if cfg.mask.count is None
-                 else f"mask.count / patches {cfg.mask.count / num_patches:.4g}")  # fmt: skip
-        require(0.0 < cfg.mask.hybrid_block_ratio <= masked_fraction(cfg, num_patches),
-                 f"mask.hybrid_block_ratio must be in (0, {bound}], got {cfg.mask.hybrid_block_ratio}")  # fmt: skip
-        require(0.0 < cfg.mask.hybrid_max_block_ratio <= 1.0,
-                 f"mask.hybrid_max_block_ratio must be in (0, 1], got {cfg.mask.hybrid_max_block_ratio}")  # fmt: skip
-    require(cfg.mask.block_generator != "beit" or cfg.mask.type != "block" or cfg.method in BEIT_METHODS,
-             f"mask.block_generator beit varies the masked count per image, which method {cfg.method}'s "
-             "visible-token encoder cannot batch with mask.type block; use exact (or auto)")  # fmt: skip
-    if cfg.method == "simmim":
-        cell = cfg.simmim.mask_patch_size
-        require(cell > 0 and cell % patch == 0 and img % cell == 0,
-                 f"simmim.mask_patch_size {cell} must be a multiple of model.patch_size {patch} that divides "
-                 f"model.img_size {img}")  # fmt: skip
-    _validate_tokenizer(cfg.tokenizer)
-    if cfg.method in BEIT_METHODS:
-        _validate_beit(cfg)
-    if cfg.method == "bootmae":
-        _validate_bootmae(cfg, depth=cfg.model.depth or preset.depth, dim=dim, heads=heads)
+        _validate_mask_count(cfg, spec, g)
+    require(mask.type in spec.mask_types, f"mask.type {mask.type} does not compose with method {cfg.method}: "
+            f"allowed {', '.join(spec.mask_types)} (BEiT's in-place corruption has no parallel parts; hybrid / parallel "
+            "masks need a visible-token encoder)")  # fmt: skip
+    if mask.type == "hybrid":
+        bound = (f"mask.ratio {mask.ratio}" if mask.count is None
+                 else f"mask.count / patches {mask.count / g.num_patches:.4g}")  # fmt: skip
+        require(0.0 < mask.hybrid_block_ratio <= masked_fraction(cfg, g.num_patches),
+                f"mask.hybrid_block_ratio must be in (0, {bound}], got {mask.hybrid_block_ratio}")  # fmt: skip
+        require(0.0 < mask.hybrid_max_block_ratio <= 1.0,
+                f"mask.hybrid_max_block_ratio must be in (0, 1], got {mask.hybrid_max_block_ratio}")  # fmt: skip
+    require(mask.block_generator != "beit" or mask.type != "block" or spec.block_generator == "beit",
+            f"mask.block_generator beit varies the masked count per image, which method {cfg.method}'s "
+            "visible-token encoder cannot batch with mask.type block; use exact (or auto)")  # fmt: skip
+
+
+def method_sections(cfg: Config) -> tuple[str, ...]:
+    """Every section only some methods read: the built-in ones and those registered methods brought."""
+    return BUILTIN_METHOD_SECTIONS + tuple(cfg.sections)
+
+
+def sections_used(cfg: Config, also_reads: tuple[str, ...] = ()) -> dict[str, set[str] | None]:
+    """{method section: the keys of it the run reads, None = all} for the sections the run's method reads."""
+    used: dict[str, set[str] | None] = {}
+    for item in (*method_spec(cfg.method).sections_read(cfg), *also_reads):
+        section, _, key = item.partition(".")
+        if not key:
+            used[section] = None
+        elif used.get(section, set()) is not None:
+            used.setdefault(section, set()).add(key)
+    return used
+
+
+def _unread_keys(cfg: Config, spec, strict: bool, also_reads: tuple[str, ...]) -> None:
+    """A value changed from its default in a method section the method does not read is a mistake (it would do
+    nothing): refused in one line naming the key and the method; reset when not `strict`."""
+    used = sections_used(cfg, also_reads)
+    for section in method_sections(cfg):
+        current = getattr(cfg, section)
+        default = type(current)()
+        keep = used.get(section, set())
+        for f in dataclasses.fields(current):
+            if keep is None or f.name in keep or getattr(current, f.name) == getattr(default, f.name):
+                continue
+            if strict:
+                reads = ", ".join(spec.sections_read(cfg)) or "no method section"
+                raise ConfigError(f"{section}.{f.name}: method {cfg.method} does not read it (it would do nothing; "
+                                  f"{cfg.method} reads {reads}): remove it, or choose the method it belongs to")  # fmt: skip
+            setattr(current, f.name, getattr(default, f.name))
+
+
+def _validate_run(cfg: Config) -> None:
+    """data.*, optim.*, train.*, distributed.*."""
     d = cfg.data
     require(0.0 < d.crop_scale[0] <= d.crop_scale[1] <= 1.0, f"data.crop_scale must satisfy 0 < min <= max <= 1, got {d.crop_scale}")
     require(all(s > 0 for s in d.std), f"data.std must be positive, got {d.std}")
@@ -512,7 +571,7 @@ def validate(cfg: Config) -> Config:
     t.loggers = check_loggers(t.loggers, "train.loggers")
     allow = t.resume_allow.split(",") if isinstance(t.resume_allow, str) else list(t.resume_allow)
     t.resume_allow = tuple(k.strip() for k in allow if k.strip())
-    known = config_keys(Config)
+    known = config_keys(Config) | {f"{name}.{k}" for name, c in custom_sections().items() for k in config_keys(c)}
     for key in t.resume_allow:
         require(key in known, f"train.resume_allow: '{key}' is not a config key (e.g. train.epochs, optim.blr)")
     require(t.stop_signal.lower() == "none" or t.stop_signal.upper().removeprefix("SIG") in STOP_SIGNALS,
@@ -522,7 +581,6 @@ def validate(cfg: Config) -> Config:
         t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
         f"train.device: '{t.device}' is not allowed; allowed: auto, cpu, cuda, cuda:N",
     )
-    return cfg
 
 
 def resolve_block_generator(cfg: Config) -> str:
@@ -531,7 +589,7 @@ def resolve_block_generator(cfg: Config) -> str:
     MAE-style encoders need equal counts)."""
     if cfg.mask.block_generator != "auto":
         return cfg.mask.block_generator
-    return "beit" if cfg.method in BEIT_METHODS else "exact"
+    return method_spec(cfg.method).block_generator
 
 
 def masked_fraction(cfg: Config, num_patches: int) -> float:
@@ -539,77 +597,19 @@ def masked_fraction(cfg: Config, num_patches: int) -> float:
     return cfg.mask.ratio if cfg.mask.count is None else cfg.mask.count / num_patches
 
 
-def _validate_mask_count(cfg: Config, num_patches: int, img: int, patch: int) -> None:
+def _validate_mask_count(cfg: Config, spec, g: Geometry) -> None:
     count = cfg.mask.count
-    require(1 <= count < num_patches,
-            f"mask.count must be in [1, {num_patches - 1}] (patches masked of the {num_patches} given by "
-            f"model.img_size {img} / model.patch_size {patch}; it overrides mask.ratio), got {count}")  # fmt: skip
-    require(cfg.method not in ("emae", "simmim") and cfg.mask.type != "parallel",
+    require(1 <= count < g.num_patches,
+            f"mask.count must be in [1, {g.num_patches - 1}] (patches masked of the {g.num_patches} given by "
+            f"model.img_size {g.img} / model.patch_size {g.patch}; it overrides mask.ratio), got {count}")  # fmt: skip
+    require(spec.mask_count and cfg.mask.type != "parallel",
             f"mask.count does not compose with method {cfg.method} / mask.type {cfg.mask.type}: EMAE's parallel parts "
             "(K = 1 / (1 - mask.ratio)) and SimMIM's coarse cells take mask.ratio; leave mask.count null")  # fmt: skip
 
 
-def _validate_bootmae(cfg: Config, depth: int, dim: int, heads: int) -> None:
-    b = cfg.bootmae
-    if cfg.mask.type == "parallel":
-        k = 1.0 / (1.0 - cfg.mask.ratio)
-        require(abs(k - round(k)) < 1e-6 and round(k) >= 2,
-                 f"mask.ratio {cfg.mask.ratio} must be 1 - 1/K for a whole K >= 2 with mask.type parallel")  # fmt: skip
-        require(cfg.emae.consistency_weight >= 0, f"emae.consistency_weight must be >= 0, got {cfg.emae.consistency_weight}")
-    require(b.feature_weight >= 0, f"bootmae.feature_weight must be >= 0, got {b.feature_weight}")
-    require(0.0 <= b.feature_weight_ramp <= 1.0, f"bootmae.feature_weight_ramp must be in [0, 1], got {b.feature_weight_ramp}")
-    for name in ("momentum", "momentum_mid", "momentum_final"):
-        value = getattr(b, name)
-        require(value is None or 0.0 <= value <= 1.0, f"bootmae.{name} must be in [0, 1], got {value}")
-    require(b.momentum_mid_epoch > 0, f"bootmae.momentum_mid_epoch must be positive, got {b.momentum_mid_epoch}")
-    require(b.momentum_final is None or b.momentum_final_epoch > b.momentum_mid_epoch,
-             f"bootmae.momentum_final_epoch {b.momentum_final_epoch} must be after momentum_mid_epoch {b.momentum_mid_epoch}")  # fmt: skip
-    for name in ("pixel_context_layer", "feature_context_layer"):
-        layer = getattr(b, name)
-        require(-depth <= layer < depth, f"bootmae.{name} {layer} is not a block of the {depth}-block encoder")
-    fdim, fheads = b.feature_decoder_dim or dim, b.feature_decoder_heads or heads
-    for name, value in [("feature_decoder_dim", b.feature_decoder_dim), ("feature_decoder_depth", b.feature_decoder_depth),
-                        ("feature_decoder_heads", b.feature_decoder_heads)]:  # fmt: skip
-        require(value is None or value > 0, f"bootmae.{name} must be positive or null, got {value}")
-    require(fdim % 4 == 0 and fdim >= fheads,
-             f"bootmae.feature_decoder_dim {fdim} must be divisible by 4 and >= feature_decoder_heads {fheads}")  # fmt: skip
-
-
-def _validate_crossmae(cfg: Config, num_patches: int, depth: int) -> None:
-    m = cfg.mae
-    require(cfg.method == "mae", f"mae.decoder crossmae composes with method mae only, not {cfg.method}: "
-             "BootMAE, EMAE, BEiT and SimMIM build decoders / heads of their own")  # fmt: skip
-    require(cfg.mask.type != "parallel", "mae.decoder crossmae does not compose with mask.type parallel (EMAE): "
-             "its consistency loss compares patches masked in two parts, which partial decoding mostly leaves out")
-    masked = cfg.mask.count or num_patches - int(num_patches * (1 - cfg.mask.ratio))
-    require(0.0 < m.reconstruct_ratio <= 1.0 and round(m.reconstruct_ratio * masked) >= 1,
-             f"mae.reconstruct_ratio must be in (0, 1] and decode at least one of the {masked} masked patches, "
-             f"got {m.reconstruct_ratio}")  # fmt: skip
-    blocks = m.decoder_context_blocks
-    require(blocks == "all" or (all(-depth <= b < depth and b % depth != depth - 1 for b in blocks)
-                                and len({b % depth for b in blocks}) == len(blocks)),
-             f"mae.decoder_context_blocks {list(blocks)} must be all or distinct blocks before the last of the "
-             f"{depth}-block encoder (0..{depth - 2}, or -{depth}..-2), whose final-LN output is always read")  # fmt: skip
-
-
-def _validate_beit(cfg: Config) -> None:
-    b, t = cfg.beit, cfg.tokenizer
-    require(b.layer_scale_init > 0, f"beit.layer_scale_init must be positive, got {b.layer_scale_init}")
-    require(b.temperature > 0, f"beit.temperature must be positive, got {b.temperature}")
-    require(b.temperature_warmup is None or b.temperature_warmup > 0,
-             f"beit.temperature_warmup must be positive or null, got {b.temperature_warmup}")  # fmt: skip
-    require(b.temperature_warmup_epochs >= 1,
-             f"beit.temperature_warmup_epochs must be >= 1, got {b.temperature_warmup_epochs}")  # fmt: skip
-    require(b.sim_temperature > 0, f"beit.sim_temperature must be positive, got {b.sim_temperature}")
-    require(0.0 <= b.omega <= 1.0, f"beit.omega must be in [0, 1], got {b.omega}")
-    require(t.kind in ("random", "none") or t.path is not None,
-             f"tokenizer.path is required with tokenizer.kind {t.kind} (method {cfg.method}); "
-             "train one with `mimkit tokenizer train configs/tokenizer_cifar10.yaml`")  # fmt: skip
-
-
 def check_pretrainable(cfg: Config) -> None:
     """What only pretraining needs beyond a valid config: BEiT / mc-BEiT's tokenizer (an imported encoder has none)."""
-    require(cfg.method not in BEIT_METHODS or cfg.tokenizer.kind != "none",
+    require(not method_spec(cfg.method).needs_tokenizer or cfg.tokenizer.kind != "none",
              f"tokenizer.kind none: method {cfg.method} pretrains against a tokenizer and this config has none (an "
              "imported encoder's): set tokenizer.kind=mimkit|dalle|vqgan and tokenizer.path=FILE (a mimkit one comes "
              "from `mimkit tokenizer train configs/tokenizer_cifar10.yaml`)")  # fmt: skip
@@ -627,9 +627,22 @@ def _validate_tokenizer(t: TokenizerConfig) -> None:
     require(t.save_every_steps >= 0, f"tokenizer.save_every_steps must be >= 0 (0 = never), got {t.save_every_steps}")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **sections: Any) -> Config:
-    """Defaults <- YAML recipe <- keyword sections (Python API) <- `key=value` overrides."""
-    return validate(from_dict(Config, read_recipe(path, overrides, sections)))
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
+                also_reads: tuple[str, ...] = (), **sections: Any) -> Config:  # fmt: skip
+    """Defaults <- YAML recipe <- keyword sections (Python API) <- `key=value` overrides. A value set in a section
+    the method does not read is refused (`also_reads`: sections the command reads besides the method's)."""
+    return validate(config_from_raw(read_recipe(path, overrides, sections)), also_reads=also_reads)
+
+
+def config_from_raw(data: dict) -> Config:
+    """Typed Config from nested plain data; the sections registered methods brought are read by their dataclass."""
+    if not isinstance(data, dict):
+        return from_dict(Config, data)
+    registered = custom_sections()
+    own = {name: from_dict(registered[name], value, f"{name}.") for name, value in data.items() if name in registered}
+    cfg = from_dict(Config, {k: v for k, v in data.items() if k not in registered})
+    cfg.sections = own
+    return cfg
 
 
 # A saved config (a checkpoint's, a run's config.yaml) lists every key of its version: a key it lacks did not exist
@@ -652,7 +665,26 @@ def config_from_dict(data: dict) -> Config:
     value its version had (`_saved_before_keys`)."""
     if isinstance(data, dict):
         data = _saved_before_keys(data)
-    return validate(from_dict(Config, data))
+    return validate(config_from_raw(data), strict=False)
+
+
+def to_dict(cfg: Any) -> dict:
+    """A config as plain data (tuples as lists). A pretraining Config gives `method`, the common sections and only
+    what the method reads of the method sections: what a run saves, and what loads back to the same run."""
+    if not isinstance(cfg, Config):
+        return plain_dict(cfg)
+    data = plain_dict(cfg)
+    data.pop("sections")
+    data.update({name: plain_dict(section) for name, section in cfg.sections.items()})
+    used = sections_used(cfg)
+    out = {}
+    for name, value in data.items():
+        if name not in method_sections(cfg):
+            out[name] = value
+        elif name in used:
+            keys = used[name]
+            out[name] = value if keys is None else {k: v for k, v in value.items() if k in keys}
+    return out
 
 
 def dump_yaml(cfg: Config) -> str:
@@ -670,8 +702,9 @@ def resolved(cfg: Config) -> Config:
                                 embed_dim=m.embed_dim or p.embed_dim, depth=m.depth or p.depth,
                                 num_heads=m.num_heads or p.num_heads)  # fmt: skip
     b = cfg.bootmae
-    bootmae = dataclasses.replace(b, feature_decoder_dim=b.feature_decoder_dim or model.embed_dim,
-                                  feature_decoder_depth=b.feature_decoder_depth or cfg.mae.decoder_depth,
-                                  feature_decoder_heads=b.feature_decoder_heads or model.num_heads)  # fmt: skip
+    if "bootmae" in sections_used(cfg):  # written out only where read: elsewhere they would be refused as unread
+        b = dataclasses.replace(b, feature_decoder_dim=b.feature_decoder_dim or model.embed_dim,
+                                feature_decoder_depth=b.feature_decoder_depth or cfg.mae.decoder_depth,
+                                feature_decoder_heads=b.feature_decoder_heads or model.num_heads)  # fmt: skip
     mask = dataclasses.replace(cfg.mask, block_generator=resolve_block_generator(cfg))
-    return dataclasses.replace(cfg, model=model, mask=mask, bootmae=bootmae)
+    return dataclasses.replace(cfg, model=model, mask=mask, bootmae=b)

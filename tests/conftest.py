@@ -10,23 +10,38 @@ import numpy as np
 import pytest
 import torch
 
-from mimkit.config import load_config
+from mimkit.config import load_config, sections_used
+from mimkit.registry import method_names
 
-TINY_MODEL = [
+TINY_ENCODER = [
     "model.arch=vit_tiny_patch4_32",
     "model.img_size=16",
     "model.patch_size=4",
     "model.embed_dim=32",
     "model.depth=2",
     "model.num_heads=2",
-    "mae.decoder_dim=32",
-    "mae.decoder_depth=1",
-    "mae.decoder_heads=2",
 ]
+TINY_DECODER = ["mae.decoder_dim=32", "mae.decoder_depth=1", "mae.decoder_heads=2"]  # MAE's pixel decoder, tiny
+TINY_MODEL = TINY_ENCODER + TINY_DECODER  # MAE's (the default method)
 
 
 TINY_TOKENIZER = ["tokenizer.kind=random", "tokenizer.vocab_size=32", "tokenizer.hidden=8", "tokenizer.code_dim=8",
                   "tokenizer.downsample=2"]  # fmt: skip
+
+
+def tiny_model(method: str = "mae", *composition: str) -> list[str]:
+    """`method=NAME` with the tiny encoder and the tiny versions of the parts that method reads (MAE's pixel
+    decoder, a random tokenizer); `composition`: overrides that change what it reads (e.g. mask.type=parallel)."""
+    used = sections_used(load_config(None, [f"method={method}", *composition, "tokenizer.kind=random",
+                                            *TINY_ENCODER[:3], "simmim.mask_patch_size=8"],
+                                     also_reads=("tokenizer", "simmim")))  # fmt: skip
+    reads_decoder = "mae" in used and (used["mae"] is None or "decoder_dim" in used["mae"])
+    return [*TINY_ENCODER, f"method={method}", *(TINY_DECODER if reads_decoder else []),
+            *(TINY_TOKENIZER if "tokenizer" in used else []),
+            *(["simmim.mask_patch_size=8"] if "simmim" in used else []), *composition]  # 2 x 2 patches per cell
+
+
+METHODS = method_names()  # every registered method: tests that loop over methods take them from here
 
 
 @pytest.fixture
@@ -56,8 +71,9 @@ def npz_data(tmp_path):
 
 @pytest.fixture
 def tiny_cfg(tmp_path, npz_data):
-    def build(*overrides: str, out: str = "run"):
-        base = TINY_MODEL + [
+    def build(*overrides: str, out: str = "run", also_reads: tuple[str, ...] = ()):
+        method = next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("method=")), "mae")
+        base = tiny_model(method) + [
             f"data.path={npz_data}",
             "data.num_workers=0",
             "train.batch_size=8",
@@ -70,7 +86,7 @@ def tiny_cfg(tmp_path, npz_data):
             "optim.warmup_epochs=1",
             f"train.out_dir={tmp_path / out}",
         ]
-        return load_config(None, base + list(overrides))
+        return load_config(None, base + list(overrides), also_reads=also_reads)
 
     return build
 

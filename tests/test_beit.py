@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_MODEL, TINY_TOKENIZER, make_images
+from conftest import TINY_ENCODER, TINY_MODEL, TINY_TOKENIZER, make_images, tiny_model
 from timm.models.beit import Beit
 
 from mimkit.checkpoint import load_checkpoint
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(method: str, *overrides):
-    return build_model(load_config(None, TINY_MODEL + [f"method={method}", *TINY_TOKENIZER, *overrides]))
+    return build_model(load_config(None, tiny_model(method) + list(overrides)))
 
 
 # ---------------------------------------------------------------- targets
@@ -150,14 +150,14 @@ def test_mcbeit_temperature_warms_up_as_the_official_schedule():
     flat.set_progress(0, 1, 100)
     assert flat.current_temperature() == 4.0 and flat.temperature_warmup is None
     with pytest.raises(ConfigError, match="beit.temperature_warmup_epochs must be >= 1"):
-        load_config(None, TINY_MODEL + ["method=mcbeit", *TINY_TOKENIZER, "beit.temperature_warmup_epochs=0"])
+        load_config(None, tiny_model("mcbeit") + [*TINY_TOKENIZER, "beit.temperature_warmup_epochs=0"])
 
 
 # ---------------------------------------------------------------- backbone
 
 
 def test_encoder_loads_into_timm_beit_unchanged():
-    cfg = load_config(None, TINY_MODEL + ["method=beit", *TINY_TOKENIZER])
+    cfg = load_config(None, tiny_model("beit") + [*TINY_TOKENIZER])
     model = build_model(cfg).eval()
     timm_model = Beit(**timm_beit_kwargs(cfg)).eval()
     timm_model.load_state_dict(model.encoder.state_dict(), strict=True)
@@ -307,7 +307,7 @@ def test_mimkit_tokenizer_trains_and_loads(tiny_cfg, tmp_path):
     np.savez(few, x_train=make_images(8, size=16))
     cfg = tiny_cfg(f"data.path={few}", "data.hflip=false", "tokenizer.vocab_size=64", "tokenizer.hidden=8", "tokenizer.code_dim=8", "tokenizer.downsample=4",
                    "tokenizer.train_steps=50", "tokenizer.batch_size=8", "tokenizer.lr=1e-2", "tokenizer.kl_weight=0",
-                   "data.crop_scale=[1.0,1.0]", f"tokenizer.path={path}")  # fmt: skip
+                   "data.crop_scale=[1.0,1.0]", f"tokenizer.path={path}", also_reads=("tokenizer",))  # fmt: skip
     result = train_tokenizer(cfg, log_every=1000)
     rec = [h["reconstruction"] for h in result["history"]]
     assert np.mean(rec[-5:]) < 0.85 * np.mean(rec[:5])
@@ -316,7 +316,7 @@ def test_mimkit_tokenizer_trains_and_loads(tiny_cfg, tmp_path):
     tok = load_tokenizer("mimkit", str(path))
     assert tok(torch.zeros(1, 3, 16, 16)).shape == (1, 64, 4, 4)
     # and a BEiT run reads it (16 px, patch 4 -> 4x4 grid = 16 px / downsample 4)
-    model = build_model(load_config(None, TINY_MODEL + ["method=beit", f"tokenizer.path={path}"]))
+    model = build_model(load_config(None, TINY_ENCODER + ["method=beit", f"tokenizer.path={path}"]))
     assert model.second_view.size == 16 and model.tokenizer.vocab_size == 64
 
 
@@ -395,7 +395,7 @@ def test_tokenizer_training_resumes_bit_identically_and_refuses_other_settings(t
     def cfg(name, *extra):
         return tiny_cfg("tokenizer.vocab_size=16", "tokenizer.hidden=8", "tokenizer.code_dim=8", "tokenizer.train_steps=6",
                         "tokenizer.batch_size=4", "tokenizer.save_every_steps=2", f"tokenizer.path={tmp_path / name / 'tok.pt'}",
-                        *extra)  # fmt: skip
+                        *extra, also_reads=("tokenizer",))  # fmt: skip
 
     straight = train_tokenizer(cfg("a"), log_every=1000)
     assert not resume_path(tmp_path / "a" / "tok.pt").exists()  # removed once the tokenizer is written

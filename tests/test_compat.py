@@ -12,7 +12,7 @@ from mimkit.checkpoint import load_checkpoint
 from mimkit.interop import export_timm, load_mimkit_checkpoint
 from mimkit.train import pretrain
 
-from conftest import TINY_MODEL, TINY_TOKENIZER, make_images
+from conftest import TINY_TOKENIZER, make_images, tiny_model
 
 FIXTURES = Path(__file__).parent / "fixtures" / "v0.1.0"
 METHODS = {"mae": [], "emae": ["method=emae"],
@@ -39,7 +39,7 @@ def data(tmp_path):
 def run_args(method, data, out, *extra):
     from mimkit.config import load_config
 
-    return load_config(None, TINY_MODEL + METHODS[method] + [
+    return load_config(None, tiny_model(method) + METHODS[method] + [
         f"data.path={data}", "data.num_workers=0", "train.batch_size=8", "train.epochs=2", "train.precision=fp32",
         "train.progress=false", "train.tensorboard=false", "optim.blr=1e-3", "optim.warmup_epochs=1",
         "train.keep_last=10", f"train.out_dir={out}",

@@ -10,7 +10,7 @@ from mimkit.config import ConfigError, load_config
 from mimkit.methods import build_model
 from mimkit.train import pretrain
 
-from conftest import TINY_MODEL, knn_cli
+from conftest import TINY_MODEL, knn_cli, tiny_model
 
 COMPOSITIONS = {
     "mae+block": ["mask.type=block"],
@@ -69,4 +69,4 @@ def test_mae_hybrid_masks_have_the_exact_count_and_blocks():
 ])  # fmt: skip
 def test_an_undefined_combination_is_refused_with_the_reason(method, mask, why):
     with pytest.raises(ConfigError, match=why):
-        load_config(None, TINY_MODEL + [f"method={method}", f"mask.type={mask}", "tokenizer.kind=random"])
+        load_config(None, tiny_model(method) + [f"mask.type={mask}", "tokenizer.kind=random"])

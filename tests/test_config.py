@@ -4,7 +4,7 @@ import yaml
 
 from mimkit.config import ConfigError, load_config, parse_overrides, to_dict
 
-from conftest import TINY_MODEL, TINY_TOKENIZER
+from conftest import tiny_model, TINY_MODEL, TINY_TOKENIZER
 
 
 def test_defaults_follow_the_mae_paper():
@@ -32,8 +32,8 @@ def test_every_shipped_recipe_is_valid():
 
     recipes = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
     assert recipes
-    for recipe in recipes:
-        load_config(recipe)
+    for recipe in recipes:  # the tokenizer recipe is `mimkit tokenizer train`'s, which reads tokenizer.* too
+        load_config(recipe, also_reads=("tokenizer",) if recipe.stem.startswith("tokenizer") else ())
 
 
 @pytest.mark.parametrize(
@@ -81,14 +81,14 @@ def test_override_syntax():
 # ---------------------------------------------------------------- weight-decay sets (issue 16, item 3)
 
 
-def _decay_groups(*overrides: str) -> tuple[set[str], set[str], set[str]]:
+def _decay_groups(method: str, *overrides: str) -> tuple[set[str], set[str], set[str]]:
     """(decayed, not decayed, not optimised) parameter names of a tiny model, as the training loop groups them."""
     from timm.optim import param_groups_weight_decay
 
     from mimkit.methods import build_model, no_weight_decay_names
 
     torch.manual_seed(0)
-    cfg = load_config(None, TINY_MODEL + TINY_TOKENIZER + list(overrides))
+    cfg = load_config(None, tiny_model(method) + list(overrides))
     model = build_model(cfg)
     names = {id(p): n for n, p in model.named_parameters()}
     groups = param_groups_weight_decay(model, 0.05, no_weight_decay_list=no_weight_decay_names(model, cfg))
@@ -99,17 +99,17 @@ def _decay_groups(*overrides: str) -> tuple[set[str], set[str], set[str]]:
 
 def test_weight_decay_sets_default_to_the_official_ones():
     # MAE: only 1-D params and biases are exempt; its cls and mask tokens are decayed, the fixed tables frozen
-    decayed, exempt, frozen = _decay_groups("method=mae")
+    decayed, exempt, frozen = _decay_groups("mae")
     assert {"encoder.cls_token", "decoder.mask_token"} <= decayed and frozen == {"encoder.pos_embed",
                                                                                 "decoder.decoder_pos_embed"}
     assert all(n.endswith("bias") or "norm" in n for n in exempt) and "encoder.blocks.0.attn.qkv.weight" in decayed
     # BootMAE: pos_embed and cls_token exempt (the former frozen anyway); both decoders' mask tokens decayed
-    decayed, exempt, frozen = _decay_groups("method=bootmae")
+    decayed, exempt, frozen = _decay_groups("bootmae")
     assert "encoder.cls_token" in exempt and {"pixel_decoder.mask_token", "feature_decoder.mask_token"} <= decayed
     assert "encoder.pos_embed" in frozen and not any(n.startswith("ema_encoder.") for n in decayed | exempt)
     # BEiT / mc-BEiT: cls exempt; the [MASK] embedding and the shared relative position bias table decayed
     for method in ("beit", "mcbeit"):
-        decayed, exempt, _ = _decay_groups(f"method={method}")
+        decayed, exempt, _ = _decay_groups(method)
         assert "encoder.cls_token" in exempt and "encoder.blocks.0.gamma_1" in exempt
         assert {"mask_token", "encoder.rel_pos_bias.relative_position_bias_table", "lm_head.weight"} <= decayed
 
@@ -117,12 +117,12 @@ def test_weight_decay_sets_default_to_the_official_ones():
 def test_weight_decay_exempt_set_is_a_config_key():
     # the pre-issue-16 mimkit behaviour, spelled as patterns
     old = "optim.no_weight_decay=['*pos_embed','*cls_token','*mask_token']"
-    decayed, exempt, _ = _decay_groups("method=bootmae", old)
+    decayed, exempt, _ = _decay_groups("bootmae", old)
     assert {"encoder.cls_token", "pixel_decoder.mask_token", "feature_decoder.mask_token"} <= exempt
-    decayed, exempt, _ = _decay_groups("method=mae", "optim.no_weight_decay=[decoder.mask_token]")
+    decayed, exempt, _ = _decay_groups("mae", "optim.no_weight_decay=[decoder.mask_token]")
     assert "decoder.mask_token" in exempt and "encoder.cls_token" in decayed
     with pytest.raises(ConfigError, match=r"optim.no_weight_decay: 'decoder.mask_tokn' matches no parameter"):
-        _decay_groups("method=mae", "optim.no_weight_decay=[decoder.mask_tokn]")
+        _decay_groups("mae", "optim.no_weight_decay=[decoder.mask_tokn]")
     for bad, message in [("optim.no_weight_decay=cls_token", "optim.no_weight_decay: expected a list"),
                          ("optim.no_weight_decay=[1]", r"optim.no_weight_decay\[0\]: expected a string"),
                          ("optim.no_weight_decay=['']", "optim.no_weight_decay: names must be non-empty")]:  # fmt: skip
@@ -149,9 +149,9 @@ def test_mask_count_overrides_the_ratio_in_every_method_that_takes_it():
     torch.manual_seed(0)
     grid = ["model.img_size=32"]  # 8 x 8 = 64 patches; ratio 0.75 would mask 48
     for method, extra in [("mae", ["mask.type=random"]), ("mae", ["mask.type=block"]),
-                          ("bootmae", ["mask.type=hybrid"]), ("beit", ["mask.type=block", *TINY_TOKENIZER]),
-                          ("mcbeit", ["mask.type=random", *TINY_TOKENIZER])]:  # fmt: skip
-        cfg = load_config(None, TINY_MODEL + grid + [f"method={method}", *extra, "mask.ratio=0.75", "mask.count=40"])
+                          ("bootmae", ["mask.type=hybrid"]), ("beit", ["mask.type=block"]),
+                          ("mcbeit", ["mask.type=random"])]:  # fmt: skip
+        cfg = load_config(None, tiny_model(method) + grid + [*extra, "mask.ratio=0.75", "mask.count=40"])
         model = build_model(cfg)
         drawn = model.mask_inputs(torch.Generator().manual_seed(0))
         if "mask" in drawn and method in ("mae", "bootmae"):

@@ -25,16 +25,10 @@ from mimkit.methods import build_model
 from mimkit.models import compile_blocks
 from mimkit.train import pretrain
 
+from conftest import METHODS as REGISTERED
 
-TINY_TOKENIZER = ["tokenizer.kind=random", "tokenizer.vocab_size=32", "tokenizer.hidden=8", "tokenizer.code_dim=8",
-                  "tokenizer.downsample=2"]  # fmt: skip
-METHODS = {
-    "mae": [],
-    "bootmae": ["method=bootmae"],
-    "emae": ["method=emae"],
-    "beit": ["method=beit", "mask.type=block", "mask.ratio=0.4", *TINY_TOKENIZER],
-    "mcbeit": ["method=mcbeit", "mask.ratio=0.4", *TINY_TOKENIZER],
-}
+
+METHODS = {m: [f"method={m}"] for m in REGISTERED}  # every registered method, its defaults
 
 
 def on(device: torch.device, *overrides: str) -> list[str]:

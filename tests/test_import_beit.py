@@ -27,7 +27,7 @@ from mimkit.interop import ImportOptions, import_checkpoint, load_mimkit_checkpo
 from mimkit.methods import build_model
 from mimkit.train import pretrain
 
-from conftest import TINY_MODEL, TINY_TOKENIZER, knn_cli
+from conftest import TINY_MODEL, TINY_TOKENIZER, knn_cli, tiny_model
 
 D, DEPTH, HEADS, P, SIZE, VOCAB = 32, 2, 2, 4, 16, 64
 
@@ -90,7 +90,7 @@ def test_official_beit_imports_into_timm_beit_with_its_relative_position_bias(tm
     assert torch.equal(model.mask_token.detach(), sd["mask_token"])
     assert torch.equal(model.lm_head.weight.detach(), sd["lm_head.weight"])
     # laid out as a checkpoint of mimkit's own BEiT (minus the tokenizer it does not have)
-    own = build_model(load_config(None, TINY_MODEL + ["method=beit", *TINY_TOKENIZER,
+    own = build_model(load_config(None, tiny_model("beit") + [*TINY_TOKENIZER,
                                                       f"beit.shared_rel_pos_bias={str(shared).lower()}"]))  # fmt: skip
     assert set(raw["model"]) == {k for k in own.state_dict() if not k.startswith("tokenizer.")}
     report = raw["imported_from"]

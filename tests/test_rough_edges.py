@@ -28,7 +28,7 @@ from mimkit.methods import build_model
 from mimkit.train import pretrain
 from mimkit.visualize import _font, attention_grid, attention_maps, colormap, prepare_image, render_panels
 
-from conftest import TINY_MODEL, TINY_TOKENIZER, make_images
+from conftest import METHODS, TINY_MODEL, TINY_TOKENIZER, make_images, tiny_model
 from test_visualize import write_checkpoint, write_image
 
 REPO = Path(__file__).resolve().parent.parent
@@ -68,7 +68,7 @@ def test_print_config_shows_the_values_the_preset_resolves(capsys, tmp_path):
 
 
 def test_beit_without_a_tokenizer_points_at_tokenizer_train(tmp_path, npz_data, capsys):
-    code = main(["pretrain", *TINY_MODEL, "method=beit", f"data.path={npz_data}", "tokenizer.kind=mimkit",
+    code = main(["pretrain", *tiny_model("beit"), f"data.path={npz_data}", "tokenizer.kind=mimkit",
                  f"tokenizer.path={tmp_path / 'missing.pt'}", f"train.out_dir={tmp_path / 'run'}"])  # fmt: skip
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0
@@ -111,7 +111,7 @@ def test_tokenizer_training_shows_a_progress_bar(tiny_cfg, tmp_path, capsys):
     from mimkit.tokenizer_training import train_tokenizer
 
     cfg = tiny_cfg(*TINY_TOKENIZER[1:], "tokenizer.kind=mimkit", "tokenizer.train_steps=3", "tokenizer.batch_size=4",
-                   f"tokenizer.path={tmp_path / 'tok.pt'}", "train.progress=true")  # fmt: skip
+                   f"tokenizer.path={tmp_path / 'tok.pt'}", "train.progress=true", also_reads=("tokenizer",))  # fmt: skip
     train_tokenizer(cfg)
     assert re.search(r"tokenizer: 100%.*3/3", capsys.readouterr().err)
 
@@ -203,12 +203,11 @@ def test_linprobe_cached_on_fewer_images_than_a_batch(tmp_path):
     assert result.metrics["steps"] == 2 and result.metrics["train_images"] == 20
 
 
-@pytest.mark.parametrize("method", ["mae", "emae", "bootmae", "beit", "mcbeit"])
+@pytest.mark.parametrize("method", METHODS)
 def test_forward_outputs_are_not_views(method):
     """FSDP2 hooks the root module's outputs and warns about views ("returned a view tensor ... wrong
     gradients"): the methods return their own tensors."""
-    extra = TINY_TOKENIZER if method in ("beit", "mcbeit") else []
-    model = build_model(load_config(None, TINY_MODEL + [f"method={method}", *extra]))
+    model = build_model(load_config(None, tiny_model(method)))
     inputs = [model.mask_inputs(torch.Generator().manual_seed(i)) for i in range(2)]
     batch = {k: torch.stack([d[k] for d in inputs]) for k in inputs[0]}
     view = getattr(model, "second_view", None)

@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import TINY_MODEL, knn_cli
+from conftest import TINY_MODEL, knn_cli, tiny_model
 
 from mimkit.checkpoint import load_checkpoint
 from mimkit.config import ConfigError, load_config
@@ -38,7 +38,7 @@ def test_the_mask_masks_whole_cells_at_the_ratio():
 
 def test_masked_patches_enter_the_encoder_as_the_mask_token_and_the_loss_is_l1_on_their_pixels():
     torch.manual_seed(0)
-    model = build_model(load_config(None, TINY_MODEL + SIMMIM)).eval()
+    model = build_model(load_config(None, tiny_model("simmim") + SIMMIM)).eval()
     assert isinstance(model, SimMIM)
     imgs = torch.randn(2, 3, 16, 16)
     mask = torch.zeros(2, 16)
@@ -62,9 +62,9 @@ def test_masked_patches_enter_the_encoder_as_the_mask_token_and_the_loss_is_l1_o
 
 def test_config_checks_the_mask_cell():
     with pytest.raises(ConfigError, match="simmim.mask_patch_size 6 must be a multiple"):
-        load_config(None, TINY_MODEL + ["method=simmim", "simmim.mask_patch_size=6"])
+        load_config(None, tiny_model("simmim") + ["simmim.mask_patch_size=6"])
     with pytest.raises(ConfigError, match="mask.type block does not compose with method simmim"):
-        load_config(None, TINY_MODEL + SIMMIM + ["mask.type=block"])
+        load_config(None, tiny_model("simmim") + SIMMIM + ["mask.type=block"])
 
 
 def test_simmim_trains_resumes_evaluates_and_exports(tiny_cfg, tmp_path, capsys):

@@ -1,4 +1,5 @@
-"""Pretraining methods. Each is one file composing an encoder, a mask generator, a target and a loss."""
+"""Pretraining methods. Each is one file composing an encoder, a mask generator, a target and a loss, and
+declaring itself once with a `MethodSpec` (mimkit.registry) that everything else reads."""
 
 from __future__ import annotations
 
@@ -6,52 +7,26 @@ import fnmatch
 
 from torch import nn
 
-from mimkit.config import BEIT_METHODS, ConfigError
-from mimkit.methods import beit, bootmae, emae, mae, simmim
-from mimkit.models import create_encoder
+# importing each method's file registers it (in this order: `mimkit methods` and the docs list them so)
+from mimkit.methods import mae, emae, bootmae, simmim, beit  # noqa: F401  # isort: skip
+from mimkit.methods.base import MIMMethod, set_layer_norm_eps, vit_encoder  # noqa: F401 (the contract, for users)
+from mimkit.registry import MethodSpec, method_names, method_spec, register  # noqa: F401
+from mimkit.typed_config import ConfigError
 
 
 def build_model(cfg) -> nn.Module:
-    if cfg.method in BEIT_METHODS:  # timm Beit backbone, built by the method
-        return beit.build(cfg)
-    m = cfg.model
-    encoder = create_encoder(m.arch, m.img_size, m.patch_size, m.drop_path_rate, m.embed_dim, m.depth, m.num_heads)
-    builders = {"mae": mae.build, "emae": emae.build, "bootmae": bootmae.build, "simmim": simmim.build}
-    if cfg.method == "mae" and cfg.mask.type == "parallel":  # MAE's parts + parallel masks + consistency = EMAE
-        return set_layer_norm_eps(emae.build(cfg, encoder), m.layer_norm_eps)
-    return set_layer_norm_eps(builders[cfg.method](cfg, encoder), m.layer_norm_eps)
-
-
-def set_layer_norm_eps(module: nn.Module, eps: float) -> nn.Module:
-    """Every LayerNorm module of `module` with this eps (model.layer_norm_eps; 1e-6 is what the builders use)."""
-    if eps != 1e-6:
-        for norm in module.modules():
-            if isinstance(norm, nn.LayerNorm):
-                norm.eps = eps
-    return module
-
-
-# Parameters the official code exempts from weight decay besides 1-D ones and biases (which it never decays) and
-# frozen ones (never optimised), in mimkit's names. MAE: timm's add_weight_decay with an empty skip list, so its cls
-# and mask tokens are decayed. BootMAE, BEiT, mc-BEiT: the model's no_weight_decay() = {pos_embed, cls_token}, the
-# encoder's (mask tokens, and BEiT's relative position bias table, are decayed). EMAE has no public code: MAE's.
-OFFICIAL_NO_WEIGHT_DECAY: dict[str, tuple[str, ...]] = {
-    "mae": (),
-    "emae": (),
-    "bootmae": ("encoder.pos_embed", "encoder.cls_token"),
-    "beit": ("encoder.pos_embed", "encoder.cls_token"),
-    "mcbeit": ("encoder.pos_embed", "encoder.cls_token"),
-    "simmim": ("encoder.pos_embed", "encoder.cls_token", "mask_token"),  # its model's no_weight_decay()
-}
+    """The method `cfg.method` names, built from its registered spec."""
+    return method_spec(cfg.method).build(cfg)
 
 
 def no_weight_decay_names(model: nn.Module, cfg) -> set[str]:
-    """Names of the parameters `optim.no_weight_decay` exempts (default: the method's official set), for
-    timm's ``param_groups_weight_decay(..., no_weight_decay_list=...)``, which also exempts 1-D params and biases."""
+    """Names of the parameters `optim.no_weight_decay` exempts (default: the method's official set, its spec's
+    `no_weight_decay`), for timm's ``param_groups_weight_decay(..., no_weight_decay_list=...)``, which also exempts
+    1-D params and biases."""
     patterns = cfg.optim.no_weight_decay
     chosen_by_user = patterns is not None
     if patterns is None:
-        patterns = OFFICIAL_NO_WEIGHT_DECAY[cfg.method]
+        patterns = method_spec(cfg.method).no_weight_decay
     names = [name for name, _ in model.named_parameters()]
     exempt: set[str] = set()
     for pattern in patterns:

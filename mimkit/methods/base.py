@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from mimkit.data import ViewSpec
-from mimkit.models import patchify
+from mimkit.models import create_encoder, patchify
 
 
 class MIMMethod(nn.Module):
@@ -50,3 +50,18 @@ class MIMMethod(nn.Module):
         """Pixel predictions (B, L, p*p*3) back in pixel space, undoing the target's normalisation with the
         ground truth's statistics (for reconstruction pictures)."""
         return pred
+
+
+def vit_encoder(cfg) -> nn.Module:
+    """The stock timm VisionTransformer `cfg.model` describes (the encoder of the visible-token methods)."""
+    m = cfg.model
+    return create_encoder(m.arch, m.img_size, m.patch_size, m.drop_path_rate, m.embed_dim, m.depth, m.num_heads)
+
+
+def set_layer_norm_eps(module: nn.Module, eps: float) -> nn.Module:
+    """Every LayerNorm module of `module` with this eps (model.layer_norm_eps; 1e-6 is what the builders use)."""
+    if eps != 1e-6:
+        for norm in module.modules():
+            if isinstance(norm, nn.LayerNorm):
+                norm.eps = eps
+    return module

@@ -39,11 +39,13 @@ from mimkit.config import resolve_block_generator
 from mimkit.data import ViewSpec
 from mimkit.losses import soft_cross_entropy
 from mimkit.masking import block_mask_for, num_visible
-from mimkit.methods.base import MIMMethod
+from mimkit.methods.base import MIMMethod, set_layer_norm_eps
 from mimkit.models import create_beit_encoder, encode_beit_with_mask_tokens, init_weights_beit, trunc_normal_sigma_
+from mimkit.registry import MethodSpec, register
 from mimkit.schedules import temperature_at
 from mimkit.targets import affinity, soft_targets, tokenizer_probs
 from mimkit.tokenizers import DVAESpec, Tokenizer, load_tokenizer
+from mimkit.typed_config import require
 
 
 class BEiTOutput(NamedTuple):
@@ -183,8 +185,8 @@ class McBEiT(BEiT):
         return loss, logits_all[m], z.argmax(-1)[m]
 
 
-def build(cfg, encoder=None) -> BEiT:
-    """`encoder` is ignored: BEiT builds timm's Beit (build_model's ViT is for the MAE family)."""
+def build(cfg) -> BEiT:
+    """timm's Beit encoder, the tokenizer the config names, the masked-token head."""
     t, b = cfg.tokenizer, cfg.beit
     spec = DVAESpec(t.vocab_size, t.hidden, t.downsample, t.code_dim)
     tokenizer = None if t.kind == "none" else load_tokenizer(t.kind, t.path, spec, seed=cfg.train.seed)
@@ -192,9 +194,45 @@ def build(cfg, encoder=None) -> BEiT:
                   tokenizer_size=t.size, tokenizer_interpolation=t.interpolation,
                   block_generator=resolve_block_generator(cfg), vocab_size=t.vocab_size)  # fmt: skip
     if cfg.method == "mcbeit":
-        return McBEiT(create_beit_encoder(cfg), tokenizer, temperature=b.temperature, omega=b.omega,
-                      sim_temperature=b.sim_temperature, stop_gradient=b.stop_gradient,
-                      temperature_warmup=b.temperature_warmup, temperature_warmup_epochs=b.temperature_warmup_epochs,
-                      **kwargs)  # fmt: skip
-    return BEiT(create_beit_encoder(cfg), tokenizer, **kwargs)
+        model = McBEiT(create_beit_encoder(cfg), tokenizer, temperature=b.temperature, omega=b.omega,
+                       sim_temperature=b.sim_temperature, stop_gradient=b.stop_gradient,
+                       temperature_warmup=b.temperature_warmup, temperature_warmup_epochs=b.temperature_warmup_epochs,
+                       **kwargs)  # fmt: skip
+    else:
+        model = BEiT(create_beit_encoder(cfg), tokenizer, **kwargs)
+    return set_layer_norm_eps(model, cfg.model.layer_norm_eps)
 
+
+def check(cfg) -> None:
+    b, t = cfg.beit, cfg.tokenizer
+    require(b.layer_scale_init > 0, f"beit.layer_scale_init must be positive, got {b.layer_scale_init}")
+    require(b.temperature > 0, f"beit.temperature must be positive, got {b.temperature}")
+    require(b.temperature_warmup is None or b.temperature_warmup > 0,
+            f"beit.temperature_warmup must be positive or null, got {b.temperature_warmup}")  # fmt: skip
+    require(b.temperature_warmup_epochs >= 1,
+            f"beit.temperature_warmup_epochs must be >= 1, got {b.temperature_warmup_epochs}")  # fmt: skip
+    require(b.sim_temperature > 0, f"beit.sim_temperature must be positive, got {b.sim_temperature}")
+    require(0.0 <= b.omega <= 1.0, f"beit.omega must be in [0, 1], got {b.omega}")
+    require(t.kind in ("random", "none") or t.path is not None,
+            f"tokenizer.path is required with tokenizer.kind {t.kind} (method {cfg.method}); "
+            "train one with `mimkit tokenizer train configs/tokenizer_cifar10.yaml`")  # fmt: skip
+
+
+# BEiT's backbone keys (timm Beit's options); mc-BEiT reads the whole section (its soft targets too)
+BEIT_BACKBONE_KEYS = ("beit.layer_scale_init", "beit.shared_rel_pos_bias", "beit.abs_pos_emb")
+# the official code's no_weight_decay() = {pos_embed, cls_token} of the encoder (mask tokens and the relative
+# position bias table are decayed)
+BEIT_NO_WEIGHT_DECAY = ("encoder.pos_embed", "encoder.cls_token")
+
+SPEC = register(MethodSpec(
+    name="beit", build=build, check=check, reads=(*BEIT_BACKBONE_KEYS, "tokenizer"), family="beit",
+    summary="BEiT (Bao et al. 2022): visual-token ids of masked patches, timm's Beit encoder",
+    mask_types=("random", "block"), block_generator="beit", needs_tokenizer=True, predicts_pixels=False,
+    logged=("mlm_acc",), no_weight_decay=BEIT_NO_WEIGHT_DECAY,
+))  # fmt: skip
+MCBEIT_SPEC = register(MethodSpec(
+    name="mcbeit", build=build, check=check, reads=("beit", "tokenizer"), family="beit",
+    summary="mc-BEiT (Li et al. 2022): BEiT with soft, refined multi-choice token targets",
+    mask_types=("random", "block"), block_generator="beit", needs_tokenizer=True, predicts_pixels=False,
+    logged=("mlm_acc",), no_weight_decay=BEIT_NO_WEIGHT_DECAY,
+))  # fmt: skip

@@ -33,13 +33,17 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from mimkit.config import resolve_block_generator
+from mimkit.config import geometry, resolve_block_generator
 from mimkit.decoders import ChannelBiasHead, TargetAwareDecoder
 from mimkit.losses import center_weights, consistency_loss, weighted_mse
 from mimkit.masking import VisibleTokenMasks, parts_for_ratio, visible_token_masks
-from mimkit.methods.base import MIMMethod
+from mimkit.methods.base import MIMMethod, set_layer_norm_eps, vit_encoder
+from mimkit.methods.emae import check_parallel_masks
+from mimkit.methods.mae import PIXEL_DECODER_KEYS, check_pixel_decoder
 from mimkit.models import encode_visible, init_weights_bootmae, sincos_2d_pos_embed, trunc_normal_sigma_
 from mimkit.schedules import feature_weight_at, momentum_at
+from mimkit.typed_config import require
+from mimkit.registry import MethodSpec, register
 from mimkit.targets import ema_update_, momentum_features, pixel_target, pixels_from_target
 
 FEATURE_EPS = 1e-6  # the affine-free LayerNorm on feature target and prediction
@@ -211,16 +215,52 @@ class BootMAE(MIMMethod):
                              lam, momentum, None if feature_pred is None else feature_pred.clone())  # no views (FSDP2)
 
 
-def build(cfg, encoder: VisionTransformer) -> BootMAE:
+def build(cfg) -> BootMAE:
     m, bm, e, mask = cfg.mae, cfg.bootmae, cfg.emae, cfg.mask
     same_names = {name: getattr(bm, name) for name in (
         "feature_decoder_dim", "feature_decoder_depth", "feature_decoder_heads", "feature_target", "feature_weight",
         "feature_weight_ramp", "cross_attention", "pixel_context_layer", "feature_context_layer", "pixel_norm",
         "center_weight", "mask_pos_only", "momentum", "momentum_mid", "momentum_mid_epoch", "momentum_final",
         "momentum_final_epoch", "pixel_head")}  # fmt: skip
-    return BootMAE(encoder, decoder_dim=m.decoder_dim, decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads,
-                   mask_ratio=mask.ratio, mask_count=mask.count, mask_type=mask.type,
-                   block_generator=resolve_block_generator(cfg),
-                   hybrid_block_ratio=mask.hybrid_block_ratio, hybrid_max_block_ratio=mask.hybrid_max_block_ratio,
-                   consistency_weight=e.consistency_weight, stop_gradient=e.stop_gradient, distance=e.distance,
-                   **same_names)  # fmt: skip
+    model = BootMAE(vit_encoder(cfg), decoder_dim=m.decoder_dim, decoder_depth=m.decoder_depth,
+                    decoder_heads=m.decoder_heads, mask_ratio=mask.ratio, mask_count=mask.count, mask_type=mask.type,
+                    block_generator=resolve_block_generator(cfg),
+                    hybrid_block_ratio=mask.hybrid_block_ratio, hybrid_max_block_ratio=mask.hybrid_max_block_ratio,
+                    consistency_weight=e.consistency_weight, stop_gradient=e.stop_gradient, distance=e.distance,
+                    **same_names)  # fmt: skip
+    return set_layer_norm_eps(model, cfg.model.layer_norm_eps)
+
+
+def check(cfg) -> None:
+    b, g = cfg.bootmae, geometry(cfg)
+    check_pixel_decoder(cfg, heads_divide=False)  # its target-aware blocks take any width >= heads
+    if cfg.mask.type == "parallel":
+        check_parallel_masks(cfg)
+    require(b.feature_weight >= 0, f"bootmae.feature_weight must be >= 0, got {b.feature_weight}")
+    require(0.0 <= b.feature_weight_ramp <= 1.0, f"bootmae.feature_weight_ramp must be in [0, 1], got {b.feature_weight_ramp}")
+    for name in ("momentum", "momentum_mid", "momentum_final"):
+        value = getattr(b, name)
+        require(value is None or 0.0 <= value <= 1.0, f"bootmae.{name} must be in [0, 1], got {value}")
+    require(b.momentum_mid_epoch > 0, f"bootmae.momentum_mid_epoch must be positive, got {b.momentum_mid_epoch}")
+    require(b.momentum_final is None or b.momentum_final_epoch > b.momentum_mid_epoch,
+            f"bootmae.momentum_final_epoch {b.momentum_final_epoch} must be after momentum_mid_epoch {b.momentum_mid_epoch}")  # fmt: skip
+    for name in ("pixel_context_layer", "feature_context_layer"):
+        layer = getattr(b, name)
+        require(-g.depth <= layer < g.depth, f"bootmae.{name} {layer} is not a block of the {g.depth}-block encoder")
+    fdim, fheads = b.feature_decoder_dim or g.dim, b.feature_decoder_heads or g.heads
+    for name in ("feature_decoder_dim", "feature_decoder_depth", "feature_decoder_heads"):
+        value = getattr(b, name)
+        require(value is None or value > 0, f"bootmae.{name} must be positive or null, got {value}")
+    require(fdim % 4 == 0 and fdim >= fheads,
+            f"bootmae.feature_decoder_dim {fdim} must be divisible by 4 and >= feature_decoder_heads {fheads}")  # fmt: skip
+
+
+SPEC = register(MethodSpec(
+    name="bootmae", build=build, check=check,
+    reads=lambda cfg: (*PIXEL_DECODER_KEYS, "bootmae", *(("emae",) if cfg.mask.type == "parallel" else ())),
+    summary="BootMAE (Dong et al. 2022): pixels plus the features of a momentum encoder, target-aware decoders",
+    mask_types=("random", "block", "hybrid", "parallel"),
+    loss_terms=("reconstruction", "feature", "consistency"),
+    logged=("feature_weight", "momentum"),
+    no_weight_decay=("encoder.pos_embed", "encoder.cls_token"),  # the encoder's no_weight_decay()
+))  # fmt: skip

@@ -19,8 +19,11 @@ import torch
 
 from mimkit.losses import consistency_loss, masked_mse
 from mimkit.masking import parallel_masks, parts_for_ratio
-from mimkit.methods.mae import MAE
+from mimkit.methods.base import set_layer_norm_eps, vit_encoder
+from mimkit.methods.mae import MAE, PIXEL_DECODER_KEYS, check_pixel_decoder
 from mimkit.models import encode_visible
+from mimkit.registry import MethodSpec, register
+from mimkit.typed_config import require
 
 
 class EMAEOutput(NamedTuple):
@@ -59,10 +62,10 @@ class EMAE(MAE):
         return EMAEOutput(loss, pred.clone(), masks.mask, reconstruction.detach(), consistency.detach())  # no view: FSDP2
 
 
-def build(cfg, encoder) -> EMAE:
+def build(cfg) -> EMAE:
     m = cfg.mae
-    return EMAE(
-        encoder,
+    return set_layer_norm_eps(EMAE(
+        vit_encoder(cfg),
         consistency_weight=cfg.emae.consistency_weight,
         stop_gradient=cfg.emae.stop_gradient,
         distance=cfg.emae.distance,
@@ -71,4 +74,28 @@ def build(cfg, encoder) -> EMAE:
         decoder_heads=m.decoder_heads,
         mask_ratio=cfg.mask.ratio,
         norm_pix_loss=m.norm_pix_loss,
-    )
+    ), cfg.model.layer_norm_eps)  # fmt: skip
+
+
+def check_parallel_masks(cfg) -> None:
+    """K = 1 / (1 - mask.ratio) whole parts, and a consistency weight (EMAE, and BootMAE with mask.type parallel)."""
+    k = 1.0 / (1.0 - cfg.mask.ratio)
+    require(abs(k - round(k)) < 1e-6 and round(k) >= 2,
+            f"mask.ratio {cfg.mask.ratio} must be 1 - 1/K for a whole K >= 2 with mask.type parallel / method emae "
+            "(0.5, 0.75, 0.8 ...)")  # fmt: skip
+    require(cfg.emae.consistency_weight >= 0, f"emae.consistency_weight must be >= 0, got {cfg.emae.consistency_weight}")
+
+
+def check(cfg) -> None:
+    check_pixel_decoder(cfg)
+    check_parallel_masks(cfg)
+
+
+SPEC = register(MethodSpec(
+    name="emae", build=build, check=check, reads=(*PIXEL_DECODER_KEYS, "mae.norm_pix_loss", "emae"),
+    summary="EMAE (Li et al. 2024): MAE with K disjoint parallel masks per image and a self-consistency term",
+    mask_types=("random", "parallel"),  # it draws its own parallel parts
+    mask_count=False,  # K comes from mask.ratio
+    loss_terms=("reconstruction", "consistency"),
+    no_weight_decay=(),  # no public code: MAE's
+))  # fmt: skip

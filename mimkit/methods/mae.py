@@ -12,13 +12,15 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from mimkit.config import resolve_block_generator
+from mimkit.config import geometry, resolve_block_generator
 from mimkit.decoders import CrossMAEDecoder, MAEDecoder, resolve_context_blocks
 from mimkit.losses import masked_mse, per_patch_normalize
 from mimkit.masking import (RandomMask, VisibleTokenMasks, masked_patch_ids, put_patches, reconstruction_ids,
                             take_patches, visible_token_masks)
-from mimkit.methods.base import MIMMethod
+from mimkit.methods.base import MIMMethod, set_layer_norm_eps, vit_encoder
 from mimkit.models import encode_visible, init_weights_mae, patchify, sincos_2d_pos_embed
+from mimkit.registry import MethodSpec, method_spec, register
+from mimkit.typed_config import require
 
 
 class MAEOutput(NamedTuple):
@@ -139,9 +141,11 @@ class MAE(MIMMethod):
                          put_patches(in_loss, ids, self.num_patches))
 
 
-def build(cfg, encoder: VisionTransformer) -> MAE:
-    return MAE(
-        encoder,
+def build(cfg) -> MAE:
+    if cfg.mask.type == "parallel":  # MAE's parts with EMAE's parallel masks and consistency term: EMAE (its spec reads)
+        return method_spec("emae").build(cfg)
+    return set_layer_norm_eps(MAE(
+        vit_encoder(cfg),
         decoder_dim=cfg.mae.decoder_dim,
         decoder_depth=cfg.mae.decoder_depth,
         decoder_heads=cfg.mae.decoder_heads,
@@ -156,4 +160,58 @@ def build(cfg, encoder: VisionTransformer) -> MAE:
         reconstruct_ratio=cfg.mae.reconstruct_ratio,
         decoder_context_blocks=cfg.mae.decoder_context_blocks,
         decode_visible=cfg.mae.decode_visible,
-    )
+    ), cfg.model.layer_norm_eps)  # fmt: skip
+
+
+# the keys of mae.* that size MAE's pixel decoder and choose its target: what EMAE and BootMAE read of it
+PIXEL_DECODER_KEYS = ("mae.decoder_dim", "mae.decoder_depth", "mae.decoder_heads")
+
+
+def check_pixel_decoder(cfg, heads_divide: bool = True) -> None:
+    m = cfg.mae
+    require(m.decoder_dim > 0 and m.decoder_heads > 0,
+            f"mae.decoder_dim and mae.decoder_heads must be positive, got {m.decoder_dim}, {m.decoder_heads}")
+    require(m.decoder_depth >= 0, f"mae.decoder_depth must be >= 0, got {m.decoder_depth}")
+    require(m.decoder_dim % m.decoder_heads == 0 or (not heads_divide and m.decoder_dim >= m.decoder_heads),
+            f"mae.decoder_dim {m.decoder_dim} must be divisible by mae.decoder_heads {m.decoder_heads}")  # fmt: skip
+    require(m.decoder_dim % 4 == 0, f"mae.decoder_dim must be divisible by 4 (sin-cos position embedding), got {m.decoder_dim}")
+
+
+def check(cfg) -> None:
+    check_pixel_decoder(cfg)
+    if cfg.mask.type == "parallel":
+        require(cfg.mae.decoder != "crossmae", "mae.decoder crossmae does not compose with mask.type parallel (EMAE): "
+                "its consistency loss compares patches masked in two parts, which partial decoding mostly leaves out")
+        method_spec("emae").check(cfg)
+    elif cfg.mae.decoder == "crossmae":
+        check_crossmae(cfg)
+
+
+def check_crossmae(cfg) -> None:
+    m, g = cfg.mae, geometry(cfg)
+    masked = cfg.mask.count or g.num_patches - int(g.num_patches * (1 - cfg.mask.ratio))
+    require(0.0 < m.reconstruct_ratio <= 1.0 and round(m.reconstruct_ratio * masked) >= 1,
+            f"mae.reconstruct_ratio must be in (0, 1] and decode at least one of the {masked} masked patches, "
+            f"got {m.reconstruct_ratio}")  # fmt: skip
+    blocks, depth = m.decoder_context_blocks, g.depth
+    require(blocks == "all" or (all(-depth <= b < depth and b % depth != depth - 1 for b in blocks)
+                                and len({b % depth for b in blocks}) == len(blocks)),
+            f"mae.decoder_context_blocks {list(blocks)} must be all or distinct blocks before the last of the "
+            f"{depth}-block encoder (0..{depth - 2}, or -{depth}..-2), whose final-LN output is always read")  # fmt: skip
+
+
+def reads(cfg) -> tuple[str, ...]:
+    parallel = ("emae",) if cfg.mask.type == "parallel" else ()  # EMAE's composition reads its section
+    if cfg.mae.decoder == "crossmae":
+        return ("mae", *parallel)
+    return (*PIXEL_DECODER_KEYS, "mae.norm_pix_loss", "mae.decoder", *(parallel or ("mae.decode_visible",)))
+
+
+SPEC = register(MethodSpec(
+    name="mae", build=build, check=check, reads=reads,
+    summary="MAE (He et al. 2022): pixels of the masked patches from the visible ones; CrossMAE's decoder with "
+            "mae.decoder=crossmae, EMAE's parallel masks with mask.type=parallel",
+    mask_types=("random", "block", "hybrid", "parallel"),
+    loss_terms=("reconstruction", "consistency"),  # with mask.type parallel (EMAE's terms)
+    no_weight_decay=(),  # timm's add_weight_decay with an empty skip list: its cls and mask tokens are decayed
+))  # fmt: skip

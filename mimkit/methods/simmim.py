@@ -19,8 +19,11 @@ from torch import nn
 
 from mimkit.losses import masked_l1
 from mimkit.masking import coarse_random_mask
-from mimkit.methods.base import MIMMethod
+from mimkit.config import geometry
+from mimkit.methods.base import MIMMethod, set_layer_norm_eps, vit_encoder
 from mimkit.models import encode_with_mask_tokens
+from mimkit.registry import MethodSpec, register
+from mimkit.typed_config import require
 
 
 class SimMIMOutput(NamedTuple):
@@ -60,5 +63,22 @@ class SimMIM(MIMMethod):
         return SimMIMOutput(masked_l1(pred, self.target(imgs), mask), pred, mask)
 
 
-def build(cfg, encoder: VisionTransformer) -> SimMIM:
-    return SimMIM(encoder, mask_ratio=cfg.mask.ratio, mask_patch_size=cfg.simmim.mask_patch_size)
+def build(cfg) -> SimMIM:
+    model = SimMIM(vit_encoder(cfg), mask_ratio=cfg.mask.ratio, mask_patch_size=cfg.simmim.mask_patch_size)
+    return set_layer_norm_eps(model, cfg.model.layer_norm_eps)
+
+
+def check(cfg) -> None:
+    cell, g = cfg.simmim.mask_patch_size, geometry(cfg)
+    require(cell > 0 and cell % g.patch == 0 and g.img % cell == 0,
+            f"simmim.mask_patch_size {cell} must be a multiple of model.patch_size {g.patch} that divides "
+            f"model.img_size {g.img}")  # fmt: skip
+
+
+SPEC = register(MethodSpec(
+    name="simmim", build=build, check=check, reads=("simmim",),
+    summary="SimMIM (Xie et al. 2022): mask tokens inside the encoder, a linear head, L1 on masked pixels",
+    mask_types=("random",),  # it draws its own coarse cells
+    mask_count=False,  # coarse cells take mask.ratio
+    no_weight_decay=("encoder.pos_embed", "encoder.cls_token", "mask_token"),  # its model's no_weight_decay()
+))  # fmt: skip

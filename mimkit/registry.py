@@ -1,0 +1,112 @@
+"""The method registry: each pretraining method declares itself once, in its own file, with a `MethodSpec`.
+
+Everything that needs to know what a method is — config validation (which sections and mask types it takes,
+its own checks, keys it never reads), the weight-decay groups, the training loop's logged values, the report,
+evaluation and export (its backbone family), the study harness and the tests — reads the registry, so a new
+method is one file plus a recipe. A user registers a method from their own module the same way:
+
+    from mimkit.registry import MethodSpec, register
+    register(MethodSpec(name="toy", build=build_toy, reads=("toy",), section=ToyConfig))
+    mimkit.pretrain(mimkit.load_config(None, ["method=toy", "toy.width=8"]))
+
+This module sits on the runtime floor: the config reads it, and the methods (two floors up) fill it in when
+`mimkit.methods` is imported (the package's `__init__` does that).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from mimkit.typed_config import ConfigError
+
+# The config sections every method reads; the method sections (mae, emae, bootmae, beit, simmim, tokenizer and
+# the sections users register) are read only by the methods whose spec names them.
+COMMON_SECTIONS = ("model", "mask", "data", "optim", "train", "distributed")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a method is, said once.
+
+    Fields:
+        name: the value of the config's `method`
+        build: config -> the method (an `nn.Module` following mimkit.methods.base.MIMMethod, encoder included)
+        summary: one line for the CLI, the docs and the report
+        reads: config sections ("mae") or single keys ("beit.temperature") the method reads besides the common
+            sections; or a function of the config returning them (when a composition changes what is read). A
+            value set elsewhere in a method section is refused.
+        mask_types: the mask.type values that compose with it
+        family: the encoder: "vit" (timm VisionTransformer) or "beit" (timm Beit)
+        no_weight_decay: parameter names (fnmatch patterns) the official code exempts from weight decay besides
+            1-D parameters and biases (the default of optim.no_weight_decay)
+        loss_terms: output fields that are parts of the loss, logged and plotted beside it
+        logged: other output fields logged each step but not parts of the loss (weights, momenta, accuracies)
+        check: the method's own config checks (raise ConfigError with the key), run after the common ones
+        block_generator: what mask.block_generator auto means for it (beit | exact)
+        needs_tokenizer: pretraining needs a visual tokenizer (tokenizer.kind none is refused)
+        predicts_pixels: its output `pred` holds per-patch pixels (reconstruction pictures)
+        mask_count: takes mask.count (a fixed number of masked patches) instead of mask.ratio
+        section: a config section of its own, a dataclass read under the method's name (for methods defined
+            outside mimkit; built-in sections are fields of mimkit.config.Config)
+    """
+    name: str
+    build: Callable[[Any], Any]
+    summary: str = ""
+    reads: tuple[str, ...] | Callable[[Any], Iterable[str]] = ()
+    mask_types: tuple[str, ...] = ("random",)
+    family: Literal["vit", "beit"] = "vit"
+    no_weight_decay: tuple[str, ...] = ()
+    loss_terms: tuple[str, ...] = ()
+    logged: tuple[str, ...] = ()
+    check: Callable[[Any], None] | None = None
+    block_generator: Literal["beit", "exact"] = "exact"
+    needs_tokenizer: bool = False
+    predicts_pixels: bool = True
+    mask_count: bool = True
+    section: type | None = None
+
+    def __post_init__(self):
+        if not self.name.isidentifier():
+            raise ValueError(f"method name {self.name!r} must be an identifier (it is a config value and a section)")
+        if self.section is not None and not dataclasses.is_dataclass(self.section):
+            raise ValueError(f"method {self.name}: section must be a dataclass, got {self.section!r}")
+
+    def sections_read(self, cfg) -> tuple[str, ...]:
+        """The method sections / keys this config's run reads (besides COMMON_SECTIONS)."""
+        return tuple(self.reads(cfg) if callable(self.reads) else self.reads)
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register(spec: MethodSpec, replace: bool = False) -> MethodSpec:
+    """Add a method. Registering a name twice is refused unless `replace` (e.g. a notebook cell run again)."""
+    if spec.name in _REGISTRY and not replace and _REGISTRY[spec.name] is not spec:
+        raise ValueError(f"method {spec.name!r} is already registered ({_REGISTRY[spec.name].summary or 'built in'})")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def unregister(name: str) -> None:
+    _REGISTRY.pop(name, None)
+
+
+def method_names() -> tuple[str, ...]:
+    """Registered method names, built-in ones first (in the order mimkit.methods registers them)."""
+    return tuple(_REGISTRY)
+
+
+def method_spec(name: str) -> MethodSpec:
+    """The spec of a registered method; a one-line ConfigError naming the registered ones otherwise."""
+    if name not in _REGISTRY:
+        known = ", ".join(_REGISTRY) or "none (import mimkit.methods to register the built-in ones)"
+        raise ConfigError(f"method: {name!r} is not a registered method; allowed: {known}")
+    return _REGISTRY[name]
+
+
+def custom_sections() -> dict[str, type]:
+    """Sections declared by registered methods (name -> dataclass)."""
+    return {s.name: s.section for s in _REGISTRY.values() if s.section is not None}
