@@ -74,6 +74,10 @@ class MAEConfig:
     decoder_depth: int = 8
     decoder_heads: int = 16
     norm_pix_loss: bool = True
+    # what the pixel decoder predicts per patch (mimkit.targets): norm_pix (MAE's per-patch normalised pixels), pixels
+    # (raw), hog (MaskFeat's per-channel HOG, 9 orientation bins in cells of patch/2 pixels); auto = norm_pix when
+    # norm_pix_loss else pixels (what earlier configs and checkpoints train). Methods mae and emae
+    target: Literal["auto", "norm_pix", "pixels", "hog"] = "auto"
     # mae: self-attention over every token; crossmae: CrossMAE's cross-attention-only decoder (method mae)
     decoder: Literal["mae", "crossmae"] = "mae"
     reconstruct_ratio: float = 1.0  # crossmae: fraction of the masked patches decoded (per sample) and in the loss
