@@ -410,6 +410,15 @@ def write_final_metrics(out_dir: Path, metrics: dict) -> Path:
     return path
 
 
+def finish_eval(out_dir: Path, summary: dict, checkpoint: Path | None, is_main: bool) -> "EvalResult":
+    """metrics.json written by rank 0, every rank waited for: the command's result."""
+    path = out_dir / "metrics.json"
+    if is_main:
+        path = write_final_metrics(out_dir, summary)
+    mdist.barrier()
+    return EvalResult(out_dir, summary, path, checkpoint)
+
+
 @dataclass
 class EvalResult:
     """What `mimkit.eval.evaluate` returns: `out_dir` (the evaluation's folder), `metrics` (what metrics.json holds:

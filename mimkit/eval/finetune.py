@@ -17,6 +17,7 @@ mimkit.data.ResumableBatchSampler with per-sample augmentation seeds, and the st
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,7 @@ from mimkit.eval.common import (
     eval_loader,
     eval_transform,
     evaluation_hook,
+    finish_eval,
     guarded,
     machine_description,
     resume_eval_run,
@@ -54,7 +56,6 @@ from mimkit.eval.common import (
     start_eval_run,
     too_few_images_remedy,
     topk_correct,
-    write_final_metrics,
 )
 from mimkit.eval.config import FinetuneConfig, dump_eval_yaml
 from mimkit.eval.encoders import KeyReport, build_encoder, encoder_source, load_pretrained, summarize_keys
@@ -226,6 +227,44 @@ def announce_finetune(cfg: FinetuneConfig, model: nn.Module, data, parts: Finetu
     log.info("%s", format_lr_table(parts.table))
 
 
+def finetune_loaders(cfg: FinetuneConfig, data, img_size: int, dist) -> tuple[ResumableBatchSampler, DataLoader,
+                                                                            DataLoader]:  # fmt: skip
+    """The train batches (resumable sampler, timm's augmentation with per-sample seeds) and this rank's val share."""
+    t, device = cfg.train, dist.device
+    train_set = LabelledDataset(data.train, finetune_train_transform(img_size, cfg))
+    sampler = ResumableBatchSampler(len(train_set), t.batch_size, t.accum_steps, dist.rank, dist.world_size, t.seed,
+                                    remedy=too_few_images_remedy(cfg.data))
+    workers, pin = cfg.data.num_workers, device.type == "cuda"
+    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=workers, pin_memory=pin,
+                        persistent_workers=workers > 0, generator=torch.Generator())  # fmt: skip
+    val_set = LabelledDataset(data.val, eval_transform(img_size, cfg.data.mean, cfg.data.std, cfg.data.crop_pct))
+    return sampler, loader, eval_loader(val_set, t.batch_size, workers, dist.rank, dist.world_size, pin)
+
+
+def loader_epoch(sampler: ResumableBatchSampler, loader: DataLoader, epoch: int, in_epoch: int):
+    """The loader's batches of `epoch` from its `in_epoch`-th step on."""
+    sampler.set_epoch(epoch, in_epoch)
+    return iter(loader)
+
+
+def resume_finetune(t, engine: StepEngine, ema: ModelEmaV3 | None, steps_per_epoch: int, clock,
+                    ) -> tuple[Path | None, int, list]:  # fmt: skip
+    """(checkpoint, step, evaluations so far) of the run resumed per train.resume, its model, optimizer, scaler and
+    EMA loaded (the step fixes epoch, data position and lr); (None, 0, []) for a new run."""
+    resume_from, state = resume_eval_run(t, "finetune", {"steps_per_epoch": steps_per_epoch})
+    if resume_from is None:
+        return None, 0, []
+    engine.model.load_state_dict(state["model"])
+    engine.optimizer.load_state_dict(state["optimizer"])
+    engine.scaler.load_state_dict(state["scaler"])
+    if ema is not None:
+        if "ema" not in state:
+            raise CheckpointError(f"cannot resume {resume_from} with ema.enabled: it has no EMA weights")
+        ema.module.load_state_dict(state["ema"])
+    clock.already, engine.nonfinite_total = state["elapsed_s"], state["nonfinite_steps"]
+    return resume_from, state["step"], state["evals"]
+
+
 @guarded
 def run_finetune(cfg: FinetuneConfig) -> EvalResult:
     # ---- setup: processes, data (checked first), model with the pretrained encoder
@@ -235,15 +274,7 @@ def run_finetune(cfg: FinetuneConfig) -> EvalResult:
     model, report = build_finetune_model(cfg, data.num_classes)
     model.to(device)
     set_attention_kernel(model, resolve_attention(t.attention, device, precision))
-    img_size = model.patch_embed.img_size[0]
-    train_set = LabelledDataset(data.train, finetune_train_transform(img_size, cfg))
-    sampler = ResumableBatchSampler(len(train_set), t.batch_size, t.accum_steps, dist.rank, dist.world_size, t.seed,
-                                    remedy=too_few_images_remedy(cfg.data))
-    workers, pin = cfg.data.num_workers, device.type == "cuda"
-    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=workers, pin_memory=pin,
-                        persistent_workers=workers > 0, generator=torch.Generator())  # fmt: skip
-    val_set = LabelledDataset(data.val, eval_transform(img_size, cfg.data.mean, cfg.data.std, cfg.data.crop_pct))
-    val_loader = eval_loader(val_set, t.batch_size, workers, dist.rank, dist.world_size, pin)
+    sampler, loader, val_loader = finetune_loaders(cfg, data, model.patch_embed.img_size[0], dist)
     steps_per_epoch, effective_batch = sampler.steps_per_epoch, sampler.global_step_size
     total_steps = t.epochs * steps_per_epoch
     peak_lr = o.lr if o.lr is not None else o.blr * effective_batch / 256
@@ -258,17 +289,7 @@ def run_finetune(cfg: FinetuneConfig) -> EvalResult:
     ema = parts.ema
 
     # ---- resume: model, optimizer, scaler, EMA, step (which fixes epoch, data position and lr), evaluations
-    step, evals = 0, []
-    resume_from, state = resume_eval_run(t, "finetune", {"steps_per_epoch": steps_per_epoch})
-    if resume_from is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        engine.scaler.load_state_dict(state["scaler"])
-        if ema is not None:
-            if "ema" not in state:
-                raise CheckpointError(f"cannot resume {resume_from} with ema.enabled: it has no EMA weights")
-            ema.module.load_state_dict(state["ema"])
-        step, evals, clock.already, engine.nonfinite_total = state["step"], state["evals"], state["elapsed_s"], state["nonfinite_steps"]
+    resume_from, step, evals = resume_finetune(t, engine, ema, steps_per_epoch, clock)
     train_model = engine.distribute(dist.enabled)
     if dist.is_main:
         prepare_run_folder(out_dir, dump_eval_yaml(cfg))
@@ -306,12 +327,8 @@ def run_finetune(cfg: FinetuneConfig) -> EvalResult:
                      step=step, last_step=min(total_steps, t.max_steps or total_steps), steps_per_epoch=steps_per_epoch,
                      effective_batch=effective_batch,
                      hooks=(evaluation_hook(t.eval_every_epochs, evaluate, evals, metrics, describe, dist.is_main),))  # fmt: skip
-    def open_epoch(epoch: int, in_epoch: int):
-        sampler.set_epoch(epoch, in_epoch)
-        return iter(loader)
-
     model.train()
-    for step, batches in loop.steps(open_epoch):
+    for step, batches in loop.steps(functools.partial(loader_epoch, sampler, loader)):
         seed_everything(stable_seed(t.seed, "finetune-step", step, dist.rank))  # drop path, Mixup / CutMix
         lr = lr_at(step, steps_per_epoch, cfg, peak_lr)
         set_lr(optimizer, lr)
@@ -324,10 +341,8 @@ def run_finetune(cfg: FinetuneConfig) -> EvalResult:
             return parts.criterion(train_model(imgs).float(), y), {}
 
         result = loop.step(step, forward, on_update=(lambda: ema.update(model)) if ema is not None else None)
-        fields = {"nonfinite_steps": engine.nonfinite_total}
-        if result.grad_norm is not None:
-            fields["grad_norm"] = result.grad_norm
-        loop.after_step(result, lr, fields)
+        norm = {"grad_norm": result.grad_norm} if result.grad_norm is not None else {}
+        loop.after_step(result, lr, {"nonfinite_steps": engine.nonfinite_total, **norm})
     loop.close()
     return finetune_summary(cfg, loop.done, evals, evaluate, parts, data, report, clock, device, engine, peak_lr,
                             effective_batch, out_dir, dist.is_main)  # fmt: skip
@@ -351,8 +366,4 @@ def finetune_summary(cfg: FinetuneConfig, done: int, evals: list, evaluate, part
     if ema is not None:
         summary.update({"ema_top1": final["ema_top1"], "ema_top5": final["ema_top5"],
                        "best_ema_top1": max(r["ema_top1"] for r in evals or [final])})  # fmt: skip
-    path = out_dir / "metrics.json"
-    if is_main:
-        path = write_final_metrics(out_dir, summary)
-    mdist.barrier()
-    return EvalResult(out_dir, summary, path, engine.last_checkpoint)
+    return finish_eval(out_dir, summary, engine.last_checkpoint, is_main)

@@ -39,6 +39,7 @@ from mimkit.eval.common import (
     eval_transform,
     evaluation_hook,
     extract_features,
+    finish_eval,
     frozen,
     guarded,
     machine_description,
@@ -48,7 +49,6 @@ from mimkit.eval.common import (
     start_eval_run,
     too_few_images_remedy,
     topk_correct,
-    write_final_metrics,
 )
 from mimkit.eval.config import LinprobeConfig, dump_eval_yaml
 from mimkit.eval.encoders import encoder_features, feature_blocks, feature_dim, load_encoder
@@ -124,6 +124,9 @@ def probe_data(cfg: LinprobeConfig, encoder, data, indices: list[int], conf: int
                out_dir: Path) -> ProbeData:  # fmt: skip
     """Extract (or reuse the caches of) the val features, and the train features in cached mode; the train sampler."""
     t, p, device = cfg.train, cfg.probe, dist.device
+    if dist.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    mdist.barrier()
     img_size = encoder.patch_embed.img_size[0]
     blocks = [i + 1 for i in indices]
     extract = dict(indices=indices, pool=p.pool, batch_size=t.batch_size, device=device, precision=precision,
@@ -171,9 +174,6 @@ def run_linprobe(cfg: LinprobeConfig) -> EvalResult:
     blocks = [i + 1 for i in indices]  # 1-based, as reported
     conf = (len(blocks) - 1 if p.block == -1 else p.block - 1) if p.scan_blocks else 0  # the configured block's head
     heads = ProbeHeads(len(indices), feature_dim(encoder, p.pool), data.num_classes, p.head_init_std).to(device)
-    if dist.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    mdist.barrier()
     pd = probe_data(cfg, encoder, data, indices, conf, dist, precision, out_dir)
     steps_per_epoch, effective_batch = pd.sampler.steps_per_epoch, pd.sampler.global_step_size
     total_steps = t.epochs * steps_per_epoch
@@ -194,13 +194,11 @@ def run_linprobe(cfg: LinprobeConfig) -> EvalResult:
     train_heads = engine.distribute(dist.enabled)
     if dist.is_main:
         prepare_run_folder(out_dir, dump_eval_yaml(cfg))
-        log.info(
-            "mimkit %s | linprobe (%s) | %s | blocks %s, %s features, dim %d | %d train / %d val images, %d classes | "
-            "%s, effective batch %d, peak lr %.3g, %d steps/epoch, %d steps | %d processes on %s, %s",
-            mimkit.__version__, p.mode, cfg.encoder.checkpoint, blocks if len(blocks) < 6 else f"1-{blocks[-1]}", p.pool,
-            feature_dim(encoder, p.pool), len(data.train), len(data.val), data.num_classes, o.name, effective_batch,
-            peak_lr, steps_per_epoch, total_steps, dist.world_size, device, precision,
-        )  # fmt: skip
+        log.info("mimkit %s | linprobe (%s) | %s | blocks %s, %s features, dim %d | %d train / %d val images, %d "
+                 "classes | %s, effective batch %d, peak lr %.3g, %d steps/epoch, %d steps | %d processes on %s, %s",
+                 mimkit.__version__, p.mode, cfg.encoder.checkpoint, blocks if len(blocks) < 6 else f"1-{blocks[-1]}",
+                 p.pool, feature_dim(encoder, p.pool), len(data.train), len(data.val), data.num_classes, o.name,
+                 effective_batch, peak_lr, steps_per_epoch, total_steps, dist.world_size, device, precision)  # fmt: skip
         if resume_from is not None:
             log.info("resumed from %s at step %d", resume_from, step)
     metrics = EvalLog(out_dir, dist.is_main, active_loggers(t), "linprobe", resumed_step=step if resume_from else None)
@@ -244,22 +242,25 @@ def run_linprobe(cfg: LinprobeConfig) -> EvalResult:
         loop.after_step(result, lr, loss=result.loss / len(blocks))  # logged: the mean loss over the heads
     loop.close()
 
-    done = loop.done
-    final = evals[-1] if evals and evals[-1]["step"] == done else evaluate(done)
-    summary = {
+    final = evals[-1] if evals and evals[-1]["step"] == loop.done else evaluate(loop.done)
+    summary = linprobe_summary(cfg, final, loop.done, blocks[conf], peak_lr, effective_batch, report, data, pd.knn,
+                               engine.nonfinite_total, clock.total(), device)  # fmt: skip
+    return finish_eval(out_dir, summary, engine.last_checkpoint, dist.is_main)
+
+
+def linprobe_summary(cfg: LinprobeConfig, final: dict, done: int, block: int, peak_lr: float, effective_batch: int,
+                     report, data, knn: dict, nonfinite_steps: int, wall_clock_s: float, device) -> dict:  # fmt: skip
+    """What metrics.json holds: the last evaluation, the configured block's and the best block's, and the run."""
+    t, o, p = cfg.train, cfg.optim, cfg.probe
+    return {
         "command": "linprobe", "top1": final["top1"], "top5": final["top5"], "best_block": final["best_block"],
-        "best_top1": final["best_top1"], "per_block_top1": final["per_block_top1"], "block": blocks[conf],
+        "best_top1": final["best_top1"], "per_block_top1": final["per_block_top1"], "block": block,
         "pool": p.pool, "mode": p.mode, "optimizer": o.name, "peak_lr": peak_lr, "effective_batch": effective_batch,
         "epochs": t.epochs, "steps": done, "encoder": cfg.encoder.checkpoint, "key_report": report.to_dict(),
         "train_images": len(data.train), "val_images": len(data.val), "num_classes": data.num_classes,
-        "wall_clock_s": round(clock.total(), 2), "machine": machine_description(device),
-        "nonfinite_steps": engine.nonfinite_total, "mimkit_version": mimkit.__version__, **pd.knn,
+        "wall_clock_s": round(wall_clock_s, 2), "machine": machine_description(device),
+        "nonfinite_steps": nonfinite_steps, "mimkit_version": mimkit.__version__, **knn,
     }  # fmt: skip
-    path = out_dir / "metrics.json"
-    if dist.is_main:
-        path = write_final_metrics(out_dir, summary)
-    mdist.barrier()
-    return EvalResult(out_dir, summary, path, engine.last_checkpoint)
 
 
 def probe_batches(pd: ProbeData, epoch: int, in_epoch: int):
