@@ -11,7 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-import mimkit
+from mimkit.version import __version__
 from mimkit import distributed as mdist
 from mimkit.checkpoint import load_checkpoint
 from mimkit.config import Config, active_loggers, dump_yaml, load_config, resolved
@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog="exit status: 0 done; 2 a problem with the input, said in one line; "
                                      f"{EXIT_STOPPED} stopped by SIGTERM / SIGINT / train.stop_signal after writing a "
                                      "checkpoint (resumable: run the same command again); 130 interrupted")  # fmt: skip
-    parser.add_argument("--version", action="version", version=f"mimkit {mimkit.__version__}")
+    parser.add_argument("--version", action="version", version=f"mimkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("pretrain", help="pretrain an encoder (MAE, EMAE, BootMAE, BEiT, mc-BEiT: method=...); run under "
                        "torchrun/srun for several processes", description=PRETRAIN_DESCRIPTION,

@@ -9,6 +9,8 @@ import subprocess
 
 import torch
 
+from mimkit.version import __version__
+
 # what sets a CPU's matmul speed (fp32 / bf16): compare speeds only between machines with the same ones
 MATMUL_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
                 "asimd", "sve")  # fmt: skip
@@ -45,10 +47,9 @@ def machine_info() -> dict:
     affinity, torch_threads, cpu, cpu_flags, and gpu when one is visible."""
     import timm
 
-    import mimkit
 
     info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "timm": timm.__version__, "mimkit": mimkit.__version__, "cpus": os.cpu_count(),
+            "timm": timm.__version__, "mimkit": __version__, "cpus": os.cpu_count(),
             "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "torch_threads": torch.get_num_threads(), "cpu": cpu_model(), "cpu_flags": " ".join(cpu_flags())}  # fmt: skip
     if torch.cuda.is_available():

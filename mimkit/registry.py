@@ -107,6 +107,13 @@ def method_spec(name: str) -> MethodSpec:
     return _REGISTRY[name]
 
 
+def encoder_family(method: str) -> str:
+    """"vit" (timm VisionTransformer) or "beit" (timm Beit): the encoder a method's checkpoints hold; "vit" for a
+    name no registered method has (evaluation and export read a checkpoint's encoder only)."""
+    spec = _REGISTRY.get(method)
+    return spec.family if spec is not None else "vit"
+
+
 def custom_sections() -> dict[str, type]:
     """Sections declared by registered methods (name -> dataclass)."""
     return {s.name: s.section for s in _REGISTRY.values() if s.section is not None}

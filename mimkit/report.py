@@ -51,7 +51,7 @@ import yaml
 from PIL import Image
 
 from mimkit.checkpoint import list_checkpoints
-from mimkit.config import BEIT_METHODS, ConfigError, config_from_dict
+from mimkit.config import ConfigError, config_from_dict, sections_used, to_dict
 from mimkit.data import open_source
 from mimkit.errors import MimkitError
 from mimkit.extras import require
@@ -59,7 +59,9 @@ from mimkit.interop import load_mimkit_checkpoint
 from mimkit.machine import cpu_model
 from mimkit.methods import build_model
 from mimkit.presets import get_preset
+from mimkit.registry import COMMON_SECTIONS, encoder_family, method_spec
 from mimkit.schedules import schedule_length
+from mimkit.version import __version__
 from mimkit.visualize import (
     _expand_images,
     default_scale,
@@ -75,8 +77,6 @@ log = logging.getLogger("mimkit")
 EVAL_COMMANDS = ("knn", "linprobe", "finetune")
 CKPT_NAME = re.compile(r"^checkpoint-(\d+)(\.pt)?$")
 # per-step fields that are not curves of their own
-NOT_CURVES = {"step", "epoch", "time", "event"}
-LOSS_TERMS = ("reconstruction", "consistency", "feature", "mlm_acc", "feature_weight", "momentum")
 
 
 class ReportError(MimkitError, ValueError):
@@ -265,7 +265,7 @@ def architecture(model: dict, family: str) -> tuple | None:
 
 
 def run_architecture(cfg) -> tuple | None:
-    return architecture(dataclasses.asdict(cfg.model), "beit" if cfg.method in BEIT_METHODS else "vit")
+    return architecture(dataclasses.asdict(cfg.model), encoder_family(cfg.method))
 
 
 def _eval_config(folder: Path) -> dict:
@@ -310,7 +310,7 @@ def baseline_command(run_dir: Path, cfg, evals: list[EvalRun], monitored: bool =
     base = run_dir.parent if run_dir.name else run_dir.resolve().parent  # as given (runs/x -> runs/), else absolute
     out = base / f"knn_random_init_{run_dir.resolve().name}"
     return " ".join(["mimkit knn encoder.checkpoint=none", f"encoder.arch={cfg.model.arch}", *sizes,
-                     *(["encoder.family=beit"] if cfg.method in BEIT_METHODS else []),
+                     *(["encoder.family=beit"] if encoder_family(cfg.method) == "beit" else []),
                      f"data.path={data or 'LABELLED_DATA'}", *split, f"train.out_dir={out}"])  # fmt: skip
 
 
@@ -320,8 +320,6 @@ def machine_lines() -> list[str]:
 
     import timm
 
-    import mimkit
-
     lines = [f"CPU: {cpu_model()} ({os.cpu_count()} logical cores)"]
     if torch.cuda.is_available():
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
@@ -329,7 +327,7 @@ def machine_lines() -> list[str]:
     else:
         lines.append("GPUs: none visible")
     lines.append(f"python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, "
-                 f"mimkit {mimkit.__version__}, {platform.system()} {platform.release()}")  # fmt: skip
+                 f"mimkit {__version__}, {platform.system()} {platform.release()}")  # fmt: skip
     return lines
 
 
@@ -366,7 +364,7 @@ def curve_panels(runlog: RunLog, evals: list[EvalRun]) -> list[str]:
 
 
 def curves_figure(runlog: RunLog, evals: list[EvalRun], baselines: list[EvalRun] = (),
-                  summary: dict[str, str] | None = None) -> tuple[bytes, list[str]]:  # fmt: skip
+                  summary: dict[str, str] | None = None, loss_terms: tuple[str, ...] = ()) -> tuple[bytes, list[str]]:  # fmt: skip
     """Loss (and its terms), lr, img/s, gradient norm, skipped counts and the k-NN trend against the step, one PNG
     (only the panels that carry information: `curve_panels`) titled with the summary line; with the panel names."""
     plt = _pyplot()
@@ -394,9 +392,7 @@ def curves_figure(runlog: RunLog, evals: list[EvalRun], baselines: list[EvalRun]
 
     ax = ax_of["loss"]
     ax.plot(*series("loss"), marker=".", markersize=3, linewidth=1, label="loss")
-    for term in LOSS_TERMS:
-        if term in ("feature_weight", "momentum", "mlm_acc"):  # not loss terms: weights / accuracy
-            continue
+    for term in loss_terms:  # the method's (its spec's loss_terms; values it logs besides are not plotted here)
         xs, ys = series(term)
         if xs:
             ax.plot(xs, ys, marker=".", markersize=2, linewidth=1, label=term)
@@ -668,18 +664,11 @@ def run_summary(cfg, runlog: RunLog, kept: list[Path]) -> dict[str, str]:
 
 
 # the config sections each method reads besides model, mask, data, optim, train, distributed
-METHOD_SECTIONS = {"mae": ["mae"], "emae": ["emae", "mae"], "bootmae": ["bootmae", "mae"], "simmim": ["simmim"],
-                   "beit": ["beit", "tokenizer"], "mcbeit": ["beit", "tokenizer"]}  # fmt: skip
-COMMON_SECTIONS = ["model", "mask", "data", "optim", "train", "distributed"]
-
-
 def config_sections(cfg) -> list[str]:
-    """The top-level config sections the run's method uses, in config order (bootmae with mask.type parallel also
-    reads emae.*)."""
-    own = set(COMMON_SECTIONS) | set(METHOD_SECTIONS.get(cfg.method, []))
-    if cfg.method == "bootmae" and cfg.mask.type == "parallel":
-        own.add("emae")
-    return [f.name for f in dataclasses.fields(cfg) if f.name in own]
+    """The top-level config sections the run's method uses, in config order: the common ones and the method
+    sections its registered spec reads with this config (bootmae with mask.type parallel also reads emae.*)."""
+    used = sections_used(cfg)
+    return [name for name in to_dict(cfg) if name in COMMON_SECTIONS or name in used]
 
 
 def own_config_text(cfg, config_text: str) -> str:
@@ -757,8 +746,6 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, *, images: 
                  evals: list[str | Path] = ()) -> Report:  # fmt: skip
     """Write OUT (default RUN_DIR/report.html) and the PNG summary beside it (same name, .png). `checkpoints`:
     how many kept checkpoints to draw (default: all, up to DEFAULT_CHECKPOINTS, spread evenly)."""
-    import mimkit
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ReportError(f"run folder {run_dir} does not exist (give a pretraining run's train.out_dir)")
@@ -770,12 +757,13 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, *, images: 
     notes: list[str] = []
     kept = list_checkpoints(run_dir)
     summary = run_summary(cfg, runlog, kept)
-    curves_png, panels = curves_figure(runlog, found, baselines, summary)
+    curves_png, panels = curves_figure(runlog, found, baselines, summary, method_spec(cfg.method).loss_terms)
 
     ckpts = pick_checkpoints(kept, checkpoints)
     recon_png, drawn = None, []
-    if cfg.method in BEIT_METHODS:
-        notes.append(f"{cfg.method} predicts visual-token ids, not pixels: no reconstructions to draw")
+    spec = method_spec(cfg.method)
+    if not spec.predicts_pixels:
+        notes.append(f"{cfg.method} does not predict pixels ({spec.summary}): no reconstructions to draw")
     else:
         try:
             recon, drawn = reconstructions_figure(run_dir, cfg, ckpts, images, num_images or cfg.train.vis_images)
@@ -818,7 +806,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, *, images: 
         config=html.escape(own_config_text(cfg, config_text)),
         config_full=html.escape(config_text),
         machine="".join(f"<li>{html.escape(x)}</li>" for x in machine_lines()),
-        version=mimkit.__version__,
+        version=__version__,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from mimkit.config import BEIT_METHODS
+from mimkit.registry import encoder_family, method_names, method_spec
 from mimkit.data import CorruptImage, DataError, load_image
 from mimkit.interop import InteropError, load_mimkit_checkpoint
 from mimkit.models import unpatchify
@@ -329,9 +329,11 @@ def visualize(
 ) -> list[Visualization]:
     """One PNG grid per image (files, or folders searched recursively): OUT/<image stem>_reconstruction.png."""
     model, cfg, state = load_mimkit_checkpoint(ckpt)
-    if cfg.method in BEIT_METHODS:
-        raise InteropError(f"{ckpt}: a {cfg.method} model predicts visual-token ids, not pixels, so it has no "
-                         "reconstruction to draw; `mimkit visualize` takes MAE, EMAE and BootMAE checkpoints")  # fmt: skip
+    spec = method_spec(cfg.method)
+    if not spec.predicts_pixels:
+        pixel_methods = ", ".join(n for n in method_names() if method_spec(n).predicts_pixels)
+        raise InteropError(f"{ckpt}: a {cfg.method} model does not predict pixels ({spec.summary}), so it has no "
+                           f"reconstruction to draw; `mimkit visualize` takes checkpoints of {pixel_methods}")  # fmt: skip
     size = model.encoder.patch_embed.img_size[0]
     out_dir = Path(out_dir)
     done = []
@@ -484,7 +486,7 @@ def attention_figure(
     ckpt: str | Path, image: str | Path, out: str | Path | None = None, scale: int | None = None
 ) -> tuple[Path, AttentionMaps]:
     model, cfg, state = load_mimkit_checkpoint(ckpt)
-    if cfg.method in BEIT_METHODS:  # its attention adds a relative position bias the maps would leave out
+    if encoder_family(cfg.method) == "beit":  # its attention adds a relative position bias the maps would leave out
         raise InteropError(f"{ckpt}: attention maps of timm Beit encoders ({cfg.method}) are not supported yet; "
                          "they cover timm VisionTransformer encoders (MAE, EMAE, BootMAE)")  # fmt: skip
     encoder = model.encoder

@@ -383,7 +383,7 @@ def test_visualize_and_attention_refuse_beit_checkpoints_with_a_message(tiny_cfg
     image = tmp_path / "img.png"
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(image)
     assert main(["visualize", str(ckpt), str(image), "--out", str(tmp_path / "vis")]) == 2
-    assert "predicts visual-token ids, not pixels" in capsys.readouterr().err
+    assert "does not predict pixels (BEiT" in capsys.readouterr().err
     assert main(["attention", str(ckpt), str(image)]) == 2
     assert "not supported yet" in capsys.readouterr().err
 

@@ -15,9 +15,10 @@ from timm.models.vision_transformer import VisionTransformer
 
 from mimkit import distributed as mdist
 from mimkit.checkpoint import CheckpointError, load_checkpoint
-from mimkit.config import BEIT_METHODS, ConfigError, config_from_dict
+from mimkit.config import ConfigError, config_from_dict
 from mimkit.methods import build_model, set_layer_norm_eps
 from mimkit.models import create_encoder, get_preset, init_weights_beit, timm_beit_kwargs
+from mimkit.registry import encoder_family
 
 log = logging.getLogger("mimkit")
 
@@ -122,7 +123,7 @@ def encoder_source(ecfg) -> EncoderSource:
         pcfg = config_from_dict(state["config"])
     except ConfigError as e:
         raise ConfigError(f"encoder.checkpoint: {path} has an invalid config: {e}") from None
-    family = "beit" if pcfg.method in BEIT_METHODS else "vit"
+    family = encoder_family(pcfg.method)
     if ecfg.family not in ("auto", family):
         raise ConfigError(f"encoder.family: {ecfg.family!r}, but {path} holds a {family} encoder ({pcfg.method} "
                           "pretraining); leave encoder.family at auto for a checkpoint")  # fmt: skip
@@ -144,7 +145,7 @@ def encoder_source(ecfg) -> EncoderSource:
         model["img_size"] = ecfg.img_size
     step = state.get("step")
     beit_kwargs = None
-    if pcfg.method in BEIT_METHODS:  # the encoder is timm's Beit (relative position bias, layer scale)
+    if family == "beit":  # the encoder is timm's Beit (relative position bias, layer scale)
 
         beit_kwargs = timm_beit_kwargs(pcfg)
         if ecfg.img_size is not None and ecfg.img_size != ckpt["img_size"]:

@@ -16,7 +16,8 @@ import torch
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.models.beit import checkpoint_filter_fn as beit_checkpoint_filter_fn
 
-from mimkit.config import BEIT_METHODS, ConfigError, load_config
+from mimkit.config import ConfigError, load_config
+from mimkit.registry import encoder_family
 from mimkit.files import InteropError
 from mimkit.interop.convert import Converted
 from mimkit.interop.import_base import (
@@ -82,7 +83,7 @@ def _sections(encoder: dict, head: dict, src: Path, opts: ImportOptions, hints: 
     base = hints.get("mimkit_config") or {}
     sections = {
         # mc-BEiT's released weights have BEiT's layout; the method matters to pretraining only
-        "method": base["method"] if base.get("method") in BEIT_METHODS else "beit",
+        "method": base["method"] if encoder_family(str(base.get("method"))) == "beit" else "beit",
         "model": model_section(sizes, opts),
         "beit": {"shared_rel_pos_bias": shared, "abs_pos_emb": "pos_embed" in encoder},
         "tokenizer": {"kind": "none", "path": None, "vocab_size": vocab},

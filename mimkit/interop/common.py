@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from mimkit.checkpoint import CheckpointError, load_checkpoint
-from mimkit.config import BEIT_METHODS, Config, ConfigError, config_from_dict
+from mimkit.config import Config, ConfigError, config_from_dict
+from mimkit.registry import encoder_family
 from mimkit.files import InteropError, load_weights_file
 from mimkit.methods import build_model
 from mimkit.models import PRESETS
@@ -151,6 +152,6 @@ def encoder_spec(encoder) -> dict:
 
 
 def _timm_name(cfg: Config) -> str:
-    if cfg.method in BEIT_METHODS:  # the sizes travel in model_args; any Beit entry point builds it
+    if encoder_family(cfg.method) == "beit":  # the sizes travel in model_args; any Beit entry point builds it
         return "beit_base_patch16_224"
     return PRESETS[cfg.model.arch].timm_name

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import torch
 
-import mimkit
+from mimkit.version import __version__
 from mimkit.checkpoint import atomic_write_bytes, atomic_write_text, current_umask
-from mimkit.config import BEIT_METHODS, Config
+from mimkit.config import Config
+from mimkit.registry import encoder_family
 from mimkit.files import InteropError
 from mimkit.interop.common import _read_json, _timm_name, encoder_spec, load_mimkit_checkpoint
 from mimkit.interop.hf_keys import hf_beit_config, hf_beit_key_map, hf_key_map, mimkit_to_hf
@@ -51,11 +52,11 @@ def export_timm(ckpt: str | Path, out: str | Path) -> dict[str, Path]:
             ckpt, cfg.model.layer_norm_eps, cfg.model.layer_norm_eps)  # fmt: skip
     tensors = {k: v.detach().clone().contiguous() for k, v in enc.state_dict().items()}
     weights = out / "model.safetensors"
-    data = save(tensors, metadata={"format": "pt", "producer": f"mimkit {mimkit.__version__}"})
+    data = save(tensors, metadata={"format": "pt", "producer": f"mimkit {__version__}"})
     atomic_write_bytes(weights, lambda f: f.write(data))  # mode 0o666 less the umask (safetensors' own: 0o600)
     mean, std = _data_stats(cfg)
     size = spec["img_size"]
-    if cfg.method in BEIT_METHODS:  # timm's Beit: relative position bias, layer scale, no abs. pos-embed
+    if encoder_family(cfg.method) == "beit":  # timm's Beit: relative position bias, layer scale, no abs. pos-embed
 
         model_args = timm_beit_kwargs(cfg)
     else:
@@ -92,7 +93,7 @@ def export_timm(ckpt: str | Path, out: str | Path) -> dict[str, Path]:
             "classifier": "head",
         },
         "mimkit": {
-            "version": mimkit.__version__,
+            "version": __version__,
             "method": cfg.method,
             "step": state.get("step"),
             "source": str(ckpt),
@@ -229,7 +230,7 @@ def _export_hf(model, cfg: Config, ckpt, out: Path) -> dict[str, Path]:
 
     state = model.state_dict()
     written = {}
-    if cfg.method in BEIT_METHODS:
+    if encoder_family(cfg.method) == "beit":
         written = _export_hf_beit(model, cfg, state, ckpt, out)
         _save_image_processor(cfg, written, int(model.encoder.patch_embed.img_size[0]))
         return written

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-import mimkit
+from mimkit.version import __version__
 from mimkit.checkpoint import save_checkpoint
 from mimkit.config import Config, to_dict
 from mimkit.files import InteropError
@@ -218,7 +218,7 @@ def save_imported(out: str | Path | None, model: nn.Module, cfg: Config, report:
             "config": to_dict(cfg),
             "step": 0,
             "epoch": 0.0,
-            "mimkit_version": mimkit.__version__,
+            "mimkit_version": __version__,
             "method": cfg.method,
             "imported_from": report.to_dict(),
         },
