@@ -36,9 +36,11 @@ def unshuffle_tokens(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: tor
 
 class MAEDecoder(nn.Module):
     """Linear embed -> mask tokens appended and un-shuffled -> fixed sin-cos pos -> blocks -> LN ->
-    per-patch pixel head. The cls token passes through and is dropped from the output."""
+    per-patch head (pixels, or the target's `out_dim` values). The cls token passes through and is dropped from the output."""
 
-    def __init__(self, encoder_dim: int, num_patches: int, patch_size: int, dim: int, depth: int, heads: int):
+    def __init__(self, encoder_dim: int, num_patches: int, patch_size: int, dim: int, depth: int, heads: int,
+                 out_dim: int | None = None):  # fmt: skip
+        """out_dim: values predicted per patch (the target's width; default p*p*3, pixels)."""
         super().__init__()
         grid = int(num_patches**0.5)
         norm = partial(nn.LayerNorm, eps=1e-6)
@@ -49,12 +51,13 @@ class MAEDecoder(nn.Module):
             *[ReadoutBlock(dim, heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=norm) for _ in range(depth)]
         )
         self.decoder_norm = norm(dim)
-        self.decoder_pred = nn.Linear(dim, patch_size * patch_size * 3)
+        self.decoder_pred = nn.Linear(dim, out_dim or patch_size * patch_size * 3)
         self.grad_checkpointing = False
 
     def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor, readout: torch.Tensor | None = None
                 ) -> torch.Tensor:  # fmt: skip
-        """(B, L, p*p*3) pixels of every patch; with `readout` (B, M) patch indices, (B, M, p*p*3) of those only:
+        """(B, L, out_dim) predictions (pixels: p*p*3) of every patch; with `readout` (B, M) patch indices, (B, M, out_dim)
+        of those only:
         the last block's queries and MLP and the pixel head then run at those patches alone (the keys and values
         at every token), which changes none of their values (MAE's loss reads the masked patches only)."""
         x = unshuffle_tokens(self.decoder_embed(latent), self.mask_token, ids_restore) + self.decoder_pos_embed
@@ -236,7 +239,8 @@ class CrossMAEDecoder(nn.Module):
     encoder blocks' outputs, each layer-normalised, all embedded by one linear map and mixed per decoder block."""
 
     def __init__(self, encoder_dim: int, num_patches: int, patch_size: int, dim: int, depth: int, heads: int,
-                 context_blocks: tuple[int, ...] = ()):  # fmt: skip
+                 context_blocks: tuple[int, ...] = (), out_dim: int | None = None):  # fmt: skip
+        """out_dim: values predicted per patch (the target's width; default p*p*3, pixels)."""
         super().__init__()
         norm = partial(nn.LayerNorm, eps=1e-6)
         self.context_blocks = context_blocks  # encoder block indices (>= 0), read besides the final-LN output
@@ -248,13 +252,13 @@ class CrossMAEDecoder(nn.Module):
         contexts = 1 + len(context_blocks)
         self.decoder_blocks = nn.ModuleList([CrossAttentionBlock(dim, heads, contexts) for _ in range(depth)])
         self.decoder_norm = norm(dim)
-        self.decoder_pred = nn.Linear(dim, patch_size * patch_size * 3)
+        self.decoder_pred = nn.Linear(dim, out_dim or patch_size * patch_size * 3)
         self.grad_checkpointing = False
 
     def forward(self, latent: torch.Tensor, ids: torch.Tensor, features: dict[int, torch.Tensor] | None = None
                 ) -> torch.Tensor:  # fmt: skip
         """latent: final-LN encoder tokens (B, T, E); features: {block: output} of `context_blocks` (encode_visible's
-        keep_blocks); ids (B, N): the patches to decode. Returns their pixel predictions (B, N, p*p*3)."""
+        keep_blocks); ids (B, N): the patches to decode. Returns their predictions (B, N, out_dim)."""
         contexts = [latent] + [n(features[b]) for n, b in zip(self.context_norms, self.context_blocks, strict=True)]
         context = self.decoder_embed(torch.stack(contexts) if len(contexts) > 1 else latent)
         x = (self.mask_token + take_patches(self.decoder_pos_embed, ids)).to(context.dtype)

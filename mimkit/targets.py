@@ -1,11 +1,18 @@
 """Targets the methods predict, and their inverses for pictures: normalised pixels (MAE's norm-pix per patch,
-BootMAE's per patch and channel), a momentum encoder's features (BootMAE), a tokenizer's soft codes (mc-BEiT)."""
+BootMAE's per patch and channel), MaskFeat's HOG features, a tokenizer's soft codes (mc-BEiT). A momentum encoder's
+features (BootMAE, data2vec 2.0) are mimkit.teachers'.
+
+The per-patch targets are parts behind one small interface, `Target`: `width(patch_size, in_chans)` values per
+patch, `target(imgs)` (B, L, width), and `pixels_from(pred, imgs)` where the target maps back to pixels
+(`PREDICTS_PIXELS`); `make_target(name, patch_size)` builds one by its config name (`mae.target`)."""
 
 from __future__ import annotations
 
+import math
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from mimkit.losses import per_patch_normalize
 from mimkit.models import patchify
@@ -42,24 +49,129 @@ def pixels_from_target(pred: torch.Tensor, imgs: torch.Tensor, patch_size: int, 
     return (p * std + t.mean(2, keepdim=True)).view(pred.shape)
 
 
-@torch.no_grad()
-def momentum_features(ema_encoder: nn.Module, imgs: torch.Tensor) -> torch.Tensor:
-    """A momentum copy of a timm ViT on the full image: last-block patch tokens before the final norm, (B, L, D)."""
-    enc = ema_encoder
-    x = enc.patch_embed(imgs) + enc.pos_embed[:, 1:]
-    cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-    return enc.blocks(torch.cat([cls, x], dim=1))[:, 1:]
+class Target:
+    """A per-patch target: `width(patch_size, in_chans)` values per patch, `target(imgs)` (B, L, width) from
+    normalised images (B, C, H, W) in fp32, and `pixels_from(pred, imgs)` -> (B, L, p*p*C) pixels (normalised image
+    space) where `PREDICTS_PIXELS` (reconstruction pictures); targets that are not pixels have none."""
+
+    name = ""
+    PREDICTS_PIXELS = True
+
+    def __init__(self, patch_size: int, in_chans: int = 3):
+        self.patch_size, self.in_chans = patch_size, in_chans
+
+    def width(self, patch_size: int | None = None, in_chans: int | None = None) -> int:
+        raise NotImplementedError
+
+    def __call__(self, imgs: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def pixels_from(self, pred: torch.Tensor, imgs: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"the {self.name} target does not map back to pixels")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name}, patch_size={self.patch_size}, width={self.width()})"
 
 
-@torch.no_grad()
-def ema_update_(ema_encoder: nn.Module, student: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * student, for every parameter the student trains and every floating
-    buffer (frozen ones, e.g. a sin-cos pos-embed, stay equal)."""
-    pairs = [(e, s) for e, s in zip(ema_encoder.parameters(), student.parameters()) if s.requires_grad]
-    pairs += [(e, s) for e, s in zip(ema_encoder.buffers(), student.buffers()) if s.is_floating_point()]
-    ema, weights = [e for e, _ in pairs], [s.detach() for _, s in pairs]
-    torch._foreach_mul_(ema, decay)
-    torch._foreach_add_(ema, torch._foreach_mul(weights, 1.0 - decay))
+class PixelTarget(Target):
+    """The patch's pixels in patchify layout (`pixel_target`): norm none (raw), patch (MAE's norm_pix) or
+    patch_channel (BootMAE's)."""
+
+    NAMES: ClassVar[dict[str, str]] = {"none": "pixels", "patch": "norm_pix", "patch_channel": "patch_channel"}
+
+    def __init__(self, patch_size: int, norm: str = "patch", in_chans: int = 3):
+        if norm not in self.NAMES:
+            raise ValueError(f"pixel norm must be one of {', '.join(self.NAMES)}, got {norm!r}")
+        if norm == "patch_channel" and in_chans != 3:
+            raise ValueError("the patch_channel pixel target is defined for 3 channels")
+        super().__init__(patch_size, in_chans)
+        self.norm, self.name = norm, self.NAMES[norm]
+
+    def width(self, patch_size: int | None = None, in_chans: int | None = None) -> int:
+        return (patch_size or self.patch_size) ** 2 * (in_chans or self.in_chans)
+
+    def __call__(self, imgs: torch.Tensor) -> torch.Tensor:
+        return pixel_target(imgs, self.patch_size, self.norm)
+
+    def pixels_from(self, pred: torch.Tensor, imgs: torch.Tensor) -> torch.Tensor:
+        return pixels_from_target(pred, imgs, self.patch_size, self.norm)
+
+
+HOG_BINS = 9  # MaskFeat: 9 orientation bins over 180 degrees (unsigned gradients)
+
+
+def _gaussian_window(size: int, device: torch.device) -> torch.Tensor:
+    """(size, size) separable gaussian centred on the window, std size / 2, summing to 1."""
+    n = torch.arange(size, dtype=torch.float32, device=device)
+    g = torch.exp(-0.5 * ((n - n.mean()) / (size / 2)) ** 2)
+    w = g[:, None] * g[None, :]
+    return w / w.sum()
+
+
+def hog_features(imgs: torch.Tensor, patch_size: int, bins: int = HOG_BINS, cell: int | None = None) -> torch.Tensor:
+    """MaskFeat's HOG target (Wei et al., CVPR 2022), per colour channel: Sobel gradients (reflect-padded), each
+    pixel's magnitude weighted by a gaussian window over its patch (std = patch / 2) and added to the bin of its
+    unsigned orientation (hard binning; `bins` over 180 degrees, bin 0 = gradients along the image's vertical axis, i.e.
+    horizontal edges), summed in square cells of `cell` pixels (default patch / 2: 8x8 at patch 16, 2x2 cells per
+    patch), each cell's histogram L2-normalised. (B, C, H, W) -> (B, L, C * bins * (patch / cell)^2), per patch in
+    (channel, bin, cell row, cell column) order; fp32, no gradient."""
+    cell = cell or patch_size // 2
+    b, c, h, w = imgs.shape
+    if cell < 1 or patch_size % cell or h % patch_size or w % patch_size:
+        raise ValueError(f"HOG cells of {cell} px must tile the {patch_size} px patches of a {h}x{w} image")
+    with torch.no_grad():
+        x = F.pad(imgs.float(), (1, 1, 1, 1), mode="reflect")
+        sobel = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=x.device)
+        gx = F.conv2d(x, sobel.expand(c, 1, 3, 3), groups=c)  # d/dx (columns), per channel
+        gy = F.conv2d(x, sobel.t().expand(c, 1, 3, 3), groups=c)  # d/dy (rows)
+        magnitude = torch.sqrt(gx * gx + gy * gy)
+        window = _gaussian_window(patch_size, x.device).repeat(h // patch_size, w // patch_size)
+        magnitude = magnitude * window
+        orientation = torch.remainder(torch.atan2(gx, gy), math.pi)  # from the vertical axis, in [0, pi]
+        index = torch.floor(orientation * (bins / math.pi)).long().clamp_(0, bins - 1)
+        hc, wc = h // cell, w // cell
+        # one bin at a time, summed per cell by a reshape: fixed summation order (no scatter atomics), small peak memory
+        hist = torch.stack([(magnitude * (index == k)).view(b, c, hc, cell, wc, cell).sum(dim=(3, 5))
+                            for k in range(bins)], dim=2)  # (B, C, bins, hc, wc)  # fmt: skip
+        hist = F.normalize(hist, p=2, dim=2)
+        u = patch_size // cell
+        gh, gw = h // patch_size, w // patch_size
+        hist = hist.reshape(b, c * bins, gh, u, gw, u).permute(0, 2, 4, 1, 3, 5)
+        return hist.reshape(b, gh * gw, c * bins * u * u)
+
+
+class HOGTarget(Target):
+    """MaskFeat's HOG features of each patch (`hog_features`); not pixels, so no pictures."""
+
+    name = "hog"
+    PREDICTS_PIXELS = False
+
+    def __init__(self, patch_size: int, in_chans: int = 3, bins: int = HOG_BINS, cell: int | None = None):
+        super().__init__(patch_size, in_chans)
+        self.bins, self.cell = bins, cell or patch_size // 2
+        if self.cell < 1 or patch_size % self.cell:
+            raise ValueError(f"the hog target needs an even patch size (cells of patch / 2 px), got {patch_size}")
+
+    def width(self, patch_size: int | None = None, in_chans: int | None = None) -> int:
+        p = patch_size or self.patch_size
+        cells = (p // (self.cell if patch_size is None else max(p // 2, 1))) ** 2
+        return (in_chans or self.in_chans) * self.bins * cells
+
+    def __call__(self, imgs: torch.Tensor) -> torch.Tensor:
+        return hog_features(imgs, self.patch_size, self.bins, self.cell)
+
+
+TARGET_NAMES = ("norm_pix", "pixels", "hog")  # mae.target (besides auto)
+
+
+def make_target(name: str, patch_size: int, in_chans: int = 3) -> Target:
+    """The per-patch target by its config name: norm_pix, pixels, patch_channel (BootMAE's) or hog."""
+    norms = {v: k for k, v in PixelTarget.NAMES.items()}
+    if name in norms:
+        return PixelTarget(patch_size, norms[name], in_chans)
+    if name == "hog":
+        return HOGTarget(patch_size, in_chans)
+    raise ValueError(f"unknown target {name!r}: one of {', '.join((*norms, 'hog'))}")
 
 
 def tokenizer_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -41,10 +41,11 @@ from mimkit.methods.base import MIMMethod, set_layer_norm_eps, vit_encoder
 from mimkit.methods.emae import check_parallel_masks
 from mimkit.methods.mae import PIXEL_DECODER_KEYS, check_pixel_decoder
 from mimkit.models import encode_visible, init_weights_bootmae, sincos_2d_pos_embed, trunc_normal_sigma_
-from mimkit.schedules import feature_weight_at, momentum_at
-from mimkit.typed_config import require
 from mimkit.registry import MethodSpec, register
-from mimkit.targets import ema_update_, momentum_features, pixel_target, pixels_from_target
+from mimkit.schedules import feature_weight_at, momentum_at
+from mimkit.targets import PixelTarget
+from mimkit.teachers import ema_update_, teacher_targets
+from mimkit.typed_config import require
 
 FEATURE_EPS = 1e-6  # the affine-free LayerNorm on feature target and prediction
 
@@ -92,6 +93,7 @@ class BootMAE(MIMMethod):
                                        hybrid_max_block_ratio=hybrid_max_block_ratio)  # fmt: skip
         self.parts = parts_for_ratio(mask_ratio) if mask_type == "parallel" else 1
         self.pixel_norm, self.center_weight = pixel_norm, center_weight
+        self.pixel_target = PixelTarget(self.patch_size, pixel_norm)  # a part (no state): mimkit.targets
         self.norm_pix_loss = pixel_norm != "none"  # for reconstruction captions
         self.feature_weight, self.feature_weight_ramp = feature_weight, feature_weight_ramp
         self.momentum_schedule = (momentum, momentum_mid, momentum_mid_epoch, momentum_final, momentum_final_epoch)
@@ -113,6 +115,8 @@ class BootMAE(MIMMethod):
                                                       mask_pos_only)  # fmt: skip
         self.initialize_weights()
         if feature_target == "ema":  # the momentum copy starts equal to the student
+            # the teacher's encoder itself (not a mimkit.teachers.EMATeacher, which would add a level to the
+            # state-dict keys `ema_encoder.*`); its logic is mimkit.teachers' functions
             self.ema_encoder = copy.deepcopy(encoder).requires_grad_(False).eval()
         self.set_progress(0, 1, 1)
 
@@ -155,7 +159,7 @@ class BootMAE(MIMMethod):
         return momentum_at((self.step if step is None else step) // self.steps_per_epoch, *self.momentum_schedule)
 
     def after_step(self, step: int) -> None:
-        """EMA update after optimizer step `step` (targets.ema_update_)."""
+        """EMA update after optimizer step `step` (teachers.ema_update_)."""
         if self.ema_encoder is not None:
             ema_update_(self.ema_encoder, self.encoder, self.current_momentum(step))
 
@@ -178,10 +182,14 @@ class BootMAE(MIMMethod):
         return self.masks(generator)
 
     def target(self, imgs: torch.Tensor) -> torch.Tensor:
-        return pixel_target(imgs, self.patch_size, self.pixel_norm)
+        return self.pixel_target(imgs)
 
     def pixels_from_pred(self, pred: torch.Tensor, imgs: torch.Tensor) -> torch.Tensor:
-        return pixels_from_target(pred, imgs, self.patch_size, self.pixel_norm)
+        return self.pixel_target.pixels_from(pred, imgs)
+
+    def feature_target(self, imgs: torch.Tensor) -> torch.Tensor:
+        """The momentum encoder's last-block patch tokens before the final norm, (B, L, D) (mimkit.teachers)."""
+        return teacher_targets(self.ema_encoder, imgs, (-1,))[0]
 
     def forward(self, imgs: torch.Tensor, noise: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> BootMAEOutput:  # fmt: skip
@@ -200,7 +208,7 @@ class BootMAE(MIMMethod):
         lam = self.current_feature_weight()
         if self.feature_decoder is not None:
             feature_pred = self.feature_decoder(latent, ids_restore, masks, features[self.feature_layer])
-            target = per_part(momentum_features(self.ema_encoder, imgs)).float()
+            target = per_part(self.feature_target(imgs)).float()
             norm = lambda f: F.layer_norm(f.float(), target.shape[-1:], eps=FEATURE_EPS)  # noqa: E731
             feature = weighted_mse(norm(feature_pred), norm(target), weights, count)
             loss = loss + lam * feature

@@ -28,7 +28,7 @@ from mimkit.typed_config import require
 
 class EMAEOutput(NamedTuple):
     loss: torch.Tensor  # reconstruction + weight * consistency
-    pred: torch.Tensor  # (B, K, L, p*p*3)
+    pred: torch.Tensor  # (B, K, L, width): the target's (pixels: p*p*3)
     mask: torch.Tensor  # (B, K, L), 1 = masked in that part
     reconstruction: torch.Tensor
     consistency: torch.Tensor
@@ -74,6 +74,7 @@ def build(cfg) -> EMAE:
         decoder_heads=m.decoder_heads,
         mask_ratio=cfg.mask.ratio,
         norm_pix_loss=m.norm_pix_loss,
+        target=m.target,
     ), cfg.model.layer_norm_eps)  # fmt: skip
 
 
@@ -92,7 +93,7 @@ def check(cfg) -> None:
 
 
 SPEC = register(MethodSpec(
-    name="emae", build=build, check=check, reads=(*PIXEL_DECODER_KEYS, "mae.norm_pix_loss", "emae"),
+    name="emae", build=build, check=check, reads=(*PIXEL_DECODER_KEYS, "mae.norm_pix_loss", "mae.target", "emae"),
     summary="EMAE (Li et al. 2024): MAE with K disjoint parallel masks per image and a self-consistency term",
     mask_types=("random", "parallel"),  # it draws its own parallel parts
     mask_count=False,  # K comes from mask.ratio

@@ -14,18 +14,26 @@ from torch import nn
 
 from mimkit.config import geometry, resolve_block_generator
 from mimkit.decoders import CrossMAEDecoder, MAEDecoder, resolve_context_blocks
-from mimkit.losses import masked_mse, per_patch_normalize
-from mimkit.masking import (RandomMask, VisibleTokenMasks, masked_patch_ids, put_patches, reconstruction_ids,
-                            take_patches, visible_token_masks)
+from mimkit.losses import masked_mse
+from mimkit.masking import (
+    RandomMask,
+    VisibleTokenMasks,
+    masked_patch_ids,
+    put_patches,
+    reconstruction_ids,
+    take_patches,
+    visible_token_masks,
+)
 from mimkit.methods.base import MIMMethod, set_layer_norm_eps, vit_encoder
-from mimkit.models import encode_visible, init_weights_mae, patchify, sincos_2d_pos_embed
+from mimkit.models import encode_visible, init_weights_mae, sincos_2d_pos_embed
 from mimkit.registry import MethodSpec, method_spec, register
+from mimkit.targets import make_target
 from mimkit.typed_config import require
 
 
 class MAEOutput(NamedTuple):
     loss: torch.Tensor  # scalar, fp32
-    pred: torch.Tensor  # (B, L, p*p*3) predictions for every patch (normalised space if norm_pix); in training
+    pred: torch.Tensor  # (B, L, width) predictions for every patch, in the target's space (pixels: p*p*3); in training
     # zeros at the patches not decoded (MAE: the visible ones, unless decode_visible; CrossMAE: all but its readout)
     mask: torch.Tensor  # (B, L) 1 = masked
     loss_mask: torch.Tensor | None = None  # (B, L) 1 = in the loss (CrossMAE's decoded masked patches); None: mask
@@ -51,7 +59,10 @@ class MAE(MIMMethod):
         reconstruct_ratio: float = 1.0,
         decoder_context_blocks: tuple[int, ...] | str = (),
         decode_visible: bool = False,
+        target: str = "auto",
     ):
+        """target: the per-patch target (mimkit.targets.make_target: norm_pix, pixels or hog); auto: norm_pix when
+        norm_pix_loss, else pixels. The decoder's head predicts the target's width per patch."""
         super().__init__()
         self.encoder = encoder
         self.patch_size = encoder.patch_embed.patch_size[0]
@@ -62,15 +73,20 @@ class MAE(MIMMethod):
         self.masks = VisibleTokenMasks(mask_type, tuple(encoder.patch_embed.grid_size), mask_ratio, count=mask_count,
                                        block_generator=block_generator, hybrid_block_ratio=hybrid_block_ratio,
                                        hybrid_max_block_ratio=hybrid_max_block_ratio)  # fmt: skip
-        self.norm_pix_loss = norm_pix_loss
+        if target == "auto":
+            target = "norm_pix" if norm_pix_loss else "pixels"
+        self.target_part = make_target(target, self.patch_size, encoder.patch_embed.proj.in_channels)
+        self.norm_pix_loss = target == "norm_pix"  # for captions and export
+        self.PREDICTS_PIXELS = self.target_part.PREDICTS_PIXELS  # hog: no reconstruction pictures
         sizes = (encoder.embed_dim, self.num_patches, self.patch_size, decoder_dim, decoder_depth, decoder_heads)
+        width = self.target_part.width(self.patch_size)
         self.reconstruct_ratio = reconstruct_ratio
         self.decode_visible = decode_visible  # training: also predict the visible patches (the official code's work)
         if decoder == "crossmae":
             context_blocks = resolve_context_blocks(decoder_context_blocks, len(encoder.blocks))
-            self.decoder = CrossMAEDecoder(*sizes, context_blocks=context_blocks)
+            self.decoder = CrossMAEDecoder(*sizes, context_blocks=context_blocks, out_dim=width)
         else:
-            self.decoder = MAEDecoder(*sizes)
+            self.decoder = MAEDecoder(*sizes, out_dim=width)
         self.initialize_weights()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -96,14 +112,14 @@ class MAE(MIMMethod):
         return inputs
 
     def target(self, imgs: torch.Tensor) -> torch.Tensor:
-        target = patchify(imgs.float(), self.patch_size)
-        return per_patch_normalize(target) if self.norm_pix_loss else target
+        return self.target_part(imgs)
 
     def pixels_from_pred(self, pred: torch.Tensor, imgs: torch.Tensor) -> torch.Tensor:
-        if not self.norm_pix_loss:
-            return pred
-        raw = patchify(imgs.float(), self.patch_size)
-        return pred * (raw.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + raw.mean(dim=-1, keepdim=True)
+        """Pixels of the predictions; a target that is not pixels (hog) has none to show: zeros (the data mean, a
+        flat grey in the pictures), shaped as pixels."""
+        if not self.target_part.PREDICTS_PIXELS:
+            return pred.new_zeros(*pred.shape[:-1], self.patch_size**2 * imgs.shape[1])
+        return self.target_part.pixels_from(pred, imgs)
 
     def forward(
         self, imgs: torch.Tensor, noise: torch.Tensor | None = None, mask: torch.Tensor | None = None,
@@ -160,6 +176,7 @@ def build(cfg) -> MAE:
         reconstruct_ratio=cfg.mae.reconstruct_ratio,
         decoder_context_blocks=cfg.mae.decoder_context_blocks,
         decode_visible=cfg.mae.decode_visible,
+        target=cfg.mae.target,
     ), cfg.model.layer_norm_eps)  # fmt: skip
 
 
@@ -175,6 +192,9 @@ def check_pixel_decoder(cfg, heads_divide: bool = True) -> None:
     require(m.decoder_dim % m.decoder_heads == 0 or (not heads_divide and m.decoder_dim >= m.decoder_heads),
             f"mae.decoder_dim {m.decoder_dim} must be divisible by mae.decoder_heads {m.decoder_heads}")  # fmt: skip
     require(m.decoder_dim % 4 == 0, f"mae.decoder_dim must be divisible by 4 (sin-cos position embedding), got {m.decoder_dim}")
+    patch = geometry(cfg).patch
+    require(m.target != "hog" or patch % 2 == 0,
+            f"mae.target hog needs an even patch size (HOG cells of patch / 2 px, 2x2 per patch), got {patch}")
 
 
 def check(cfg) -> None:
@@ -204,7 +224,8 @@ def reads(cfg) -> tuple[str, ...]:
     parallel = ("emae",) if cfg.mask.type == "parallel" else ()  # EMAE's composition reads its section
     if cfg.mae.decoder == "crossmae":
         return ("mae", *parallel)
-    return (*PIXEL_DECODER_KEYS, "mae.norm_pix_loss", "mae.decoder", *(parallel or ("mae.decode_visible",)))
+    return (*PIXEL_DECODER_KEYS, "mae.norm_pix_loss", "mae.target", "mae.decoder",
+            *(parallel or ("mae.decode_visible",)))
 
 
 SPEC = register(MethodSpec(
