@@ -24,7 +24,6 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-import mimkit
 from mimkit import distributed as mdist
 from mimkit.checkpoint import (
     CheckpointError,
@@ -62,6 +61,7 @@ from mimkit.models import compile_blocks, resolve_attention, resolve_compile, se
 from mimkit.pipeline import PretrainData
 from mimkit.runs import GracefulStop, check_drift, config_changes
 from mimkit.schedules import lr_at, schedule_length
+from mimkit.version import __version__
 from mimkit.visualize import log_reconstruction_grid, preview_images
 
 log = logging.getLogger("mimkit")
@@ -182,6 +182,7 @@ class Setup:
     peak_lr: float
     optimizer: torch.optim.Optimizer
     engine: StepEngine
+    knn_sources: tuple | None  # labelled train / val splits of the k-NN trend monitor
 
 
 @dataclass
@@ -256,8 +257,8 @@ def pretrain(cfg: Config) -> RunResult:
 
 
 def setup(cfg: Config) -> Setup:
-    """Processes, the model (sharded, compiled, its attention kernel set), the data (its problems surface here,
-    before any compute), the schedule's lengths and the optimizer: AdamW, no weight decay on 1-D params, biases
+    """Processes, the model (sharded, compiled, its attention kernel set), the data and the k-NN monitor's (their
+    problems surface here, before any compute), the schedule's lengths and the optimizer: AdamW, no weight decay on 1-D params, biases
     and optim.no_weight_decay (default: the official set)."""
     t = cfg.train
     dist = mdist.init_distributed(t.device, cfg.distributed.timeout_minutes)
@@ -270,6 +271,12 @@ def setup(cfg: Config) -> Setup:
     data = PretrainData(cfg, model.encoder.patch_embed.img_size[0], model.mask_inputs, t.batch_size, t.accum_steps,
                         dist.rank, dist.world_size, t.seed, pin_memory=device.type == "cuda",
                         second_view=model.second_view, device=device)  # fmt: skip
+    knn_sources = None  # labelled train / val splits for the k-NN trend monitor
+    if t.knn_every_epochs:
+        knn_path = t.knn_data or cfg.data.path
+        knn_sources = (open_labelled_split(knn_path, "train", root=cfg.data.root, download=cfg.data.download),
+                       open_labelled_split(knn_path, t.knn_val_split, root=cfg.data.root, download=cfg.data.download,
+                                           split_key="train.knn_val_split"))  # fmt: skip
     model.to(device)
     if cfg.distributed.activation_checkpointing:
         model.set_grad_checkpointing(True)
@@ -293,7 +300,8 @@ def setup(cfg: Config) -> Setup:
                         clip_grad=cfg.optim.clip_grad, fsdp=fsdp, max_nonfinite_steps=t.max_nonfinite_steps,
                         name="pretrain", hint="Try a lower optim.blr, optim.clip_grad, or train.precision=bf16/fp32.")
     return Setup(dist, precision, out_dir, model, data, fsdp, attention, compiled, steps_per_epoch, total_steps,
-                 min(total_steps, t.max_steps or total_steps), effective_batch, peak_lr, optimizer, engine)  # fmt: skip
+                 min(total_steps, t.max_steps or total_steps), effective_batch, peak_lr, optimizer, engine,
+                 knn_sources)  # fmt: skip
 
 
 def resume(cfg: Config, s: Setup) -> Resumed:
@@ -356,7 +364,7 @@ def announce(cfg: Config, s: Setup, r: Resumed) -> None:
     log.info(
         "mimkit %s | %s %s | %d processes on %s | effective batch %d (%d x %d x accum %d) | peak lr %.3g | "
         "%d steps/epoch, %d steps total | precision %s, %s attention%s%s",
-        mimkit.__version__, cfg.method, cfg.model.arch, dist.world_size, dist.device, s.effective_batch, t.batch_size,
+        __version__, cfg.method, cfg.model.arch, dist.world_size, dist.device, s.effective_batch, t.batch_size,
         dist.world_size, t.accum_steps, s.peak_lr, s.steps_per_epoch, s.total_steps, s.precision, s.attention,
         " | compiled blocks" if s.compiled else "", " | FSDP2" if s.fsdp else " | DDP" if s.engine.ddp is not None else "",
     )  # fmt: skip
@@ -379,7 +387,7 @@ def checkpoint_writer(cfg: Config, s: Setup, r: Resumed) -> Callable[[int], Path
         meta = {"scaler": engine.scaler.state_dict(), "step": step, "epoch": step / s.steps_per_epoch,
                 "steps_per_epoch": s.steps_per_epoch, "effective_batch": s.effective_batch,
                 "nonfinite_steps": engine.nonfinite_total, "skipped_images": r.skipped, "rng": rng,
-                "config": to_dict(resolved(cfg)), "mimkit_version": mimkit.__version__, "method": cfg.method,
+                "config": to_dict(resolved(cfg)), "mimkit_version": __version__, "method": cfg.method,
                 "loss": r.loss}  # the last step's: what a finished run, started again, reports  # fmt: skip
         path = checkpoint_path(out_dir, step, sharded=s.fsdp)
         try:
@@ -408,11 +416,8 @@ def monitors(cfg: Config, s: Setup, metrics: MetricsLog) -> tuple[Hook, ...]:
     sources only)."""
     t, model, dist = cfg.train, s.model, s.dist
     hooks = []
-    if t.knn_every_epochs:
-        knn_path = t.knn_data or cfg.data.path
-        knn_sources = (open_labelled_split(knn_path, "train", root=cfg.data.root, download=cfg.data.download),
-                       open_labelled_split(knn_path, t.knn_val_split, root=cfg.data.root, download=cfg.data.download,
-                                           split_key="train.knn_val_split"))  # fmt: skip
+    if s.knn_sources is not None:
+        knn_sources = s.knn_sources
 
         def knn(done: int) -> None:
             if s.fsdp:

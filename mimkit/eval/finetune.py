@@ -35,7 +35,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-import mimkit
 from mimkit import distributed as mdist
 from mimkit.checkpoint import CheckpointError
 from mimkit.config import ConfigError, active_loggers, to_dict
@@ -62,6 +61,7 @@ from mimkit.eval.encoders import KeyReport, build_encoder, encoder_source, load_
 from mimkit.loop import TrainLoop, prepare_run_folder
 from mimkit.models import resolve_attention, set_attention_kernel
 from mimkit.schedules import lr_at
+from mimkit.version import __version__
 
 log = logging.getLogger("mimkit")
 
@@ -217,7 +217,7 @@ def announce_finetune(cfg: FinetuneConfig, model: nn.Module, data, parts: Finetu
         "mimkit %s | finetune | %s | %s pool, drop path %g, %s trainable params%s | %d train / %d val images, %d "
         "classes | effective batch %d (%d x %d x accum %d), peak lr %.3g, layer decay %g | %d steps/epoch, %d steps "
         "| mixup %g, cutmix %g, smoothing %g, %s, ema %s | %s, %s",
-        mimkit.__version__, cfg.encoder.checkpoint, cfg.model.global_pool, cfg.model.drop_path_rate, f"{trainable:,}",
+        __version__, cfg.encoder.checkpoint, cfg.model.global_pool, cfg.model.drop_path_rate, f"{trainable:,}",
         "" if cfg.model.trainable_blocks is None else f" (last {cfg.model.trainable_blocks} blocks)",
         len(data.train), len(data.val), data.num_classes, sampler.global_step_size, t.batch_size, dist.world_size,
         t.accum_steps, peak_lr, o.layer_decay, sampler.steps_per_epoch, t.epochs * sampler.steps_per_epoch, a.mixup,
@@ -315,7 +315,7 @@ def run_finetune(cfg: FinetuneConfig) -> EvalResult:
                  "scaler": engine.scaler.state_dict(), "step": done, "epoch": done / steps_per_epoch,
                  "steps_per_epoch": steps_per_epoch, "evals": evals, "elapsed_s": clock.total(),
                  "nonfinite_steps": engine.nonfinite_total, "num_classes": data.num_classes, "config": to_dict(cfg),
-                 "key_report": report.to_dict(), "mimkit_version": mimkit.__version__}  # fmt: skip
+                 "key_report": report.to_dict(), "mimkit_version": __version__}  # fmt: skip
         if ema is not None:
             state["ema"] = ema.module.state_dict()
         return save_eval_checkpoint(out_dir, done, t.keep_last, state)
@@ -361,7 +361,7 @@ def finetune_summary(cfg: FinetuneConfig, done: int, evals: list, evaluate, part
         "peak_lr": peak_lr, "layer_decay": o.layer_decay, "lr_table": parts.table, "trainable_blocks": cfg.model.trainable_blocks,
         "encoder": cfg.encoder.checkpoint, "key_report": report.to_dict(), "train_images": len(data.train),
         "val_images": len(data.val), "num_classes": data.num_classes, "wall_clock_s": round(clock.total(), 2),
-        "machine": machine_description(device), "nonfinite_steps": engine.nonfinite_total, "mimkit_version": mimkit.__version__,
+        "machine": machine_description(device), "nonfinite_steps": engine.nonfinite_total, "mimkit_version": __version__,
     }  # fmt: skip
     if ema is not None:
         summary.update({"ema_top1": final["ema_top1"], "ema_top5": final["ema_top5"],

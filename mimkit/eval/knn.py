@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-import mimkit
 from mimkit import distributed as mdist
 from mimkit.checkpoint import atomic_write_text
 from mimkit.config import active_loggers
@@ -35,6 +34,7 @@ from mimkit.eval.common import (
 )
 from mimkit.eval.config import IMAGENET_MEAN, IMAGENET_STD, KnnConfig, dump_eval_yaml
 from mimkit.eval.encoders import feature_blocks, load_encoder
+from mimkit.version import __version__
 
 log = logging.getLogger("mimkit")
 
@@ -126,7 +126,7 @@ def knn_monitor(
 @guarded
 def run_knn(cfg: KnnConfig) -> EvalResult:
     """Extract (or reuse) train and val features, vote, write metrics. Resuming = the feature caches in
-    run.out_dir: finished ones are reused, an interrupted extraction continues where it stopped."""
+    train.out_dir (run.out_dir): finished ones are reused, an interrupted extraction continues where it stopped."""
     r = cfg.run
     clock, dist, precision, out_dir, data = start_eval_run(cfg, r)
     device = dist.device
@@ -138,7 +138,7 @@ def run_knn(cfg: KnnConfig) -> EvalResult:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "config.yaml", dump_eval_yaml(cfg))
         log.info("mimkit %s | knn | %s | block %d, %s features | k %d, T %g | %d train / %d val images, %d classes | %s",
-                 mimkit.__version__, cfg.encoder.checkpoint, indices[0] + 1, cfg.features.pool, cfg.knn.k,
+                 __version__, cfg.encoder.checkpoint, indices[0] + 1, cfg.features.pool, cfg.knn.k,
                  cfg.knn.temperature, len(data.train), len(data.val), data.num_classes, device)  # fmt: skip
         log.info("note: %s", KNN_NOTE)
     mdist.barrier()
@@ -165,7 +165,7 @@ def run_knn(cfg: KnnConfig) -> EvalResult:
         "encoder": cfg.encoder.checkpoint, "key_report": report.to_dict(), "train_images": len(data.train),
         "val_images": len(data.val), "num_classes": data.num_classes, "epochs": 0,
         "wall_clock_s": round(clock.total(), 2), "machine": machine_description(device), "note": KNN_NOTE,
-        "mimkit_version": mimkit.__version__,
+        "mimkit_version": __version__,
     }  # fmt: skip
     path = out_dir / "metrics.json"
     if dist.is_main:

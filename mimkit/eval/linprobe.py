@@ -26,7 +26,6 @@ from timm.optim import Lars
 from torch import nn
 from torch.utils.data import DataLoader
 
-import mimkit
 from mimkit import distributed as mdist
 from mimkit.config import active_loggers, to_dict
 from mimkit.data import ResumableBatchSampler
@@ -55,6 +54,7 @@ from mimkit.eval.encoders import encoder_features, feature_blocks, feature_dim, 
 from mimkit.eval.knn import knn_accuracy
 from mimkit.loop import TrainLoop, prepare_run_folder
 from mimkit.schedules import lr_at
+from mimkit.version import __version__
 
 log = logging.getLogger("mimkit")
 
@@ -196,7 +196,7 @@ def run_linprobe(cfg: LinprobeConfig) -> EvalResult:
         prepare_run_folder(out_dir, dump_eval_yaml(cfg))
         log.info("mimkit %s | linprobe (%s) | %s | blocks %s, %s features, dim %d | %d train / %d val images, %d "
                  "classes | %s, effective batch %d, peak lr %.3g, %d steps/epoch, %d steps | %d processes on %s, %s",
-                 mimkit.__version__, p.mode, cfg.encoder.checkpoint, blocks if len(blocks) < 6 else f"1-{blocks[-1]}",
+                 __version__, p.mode, cfg.encoder.checkpoint, blocks if len(blocks) < 6 else f"1-{blocks[-1]}",
                  p.pool, feature_dim(encoder, p.pool), len(data.train), len(data.val), data.num_classes, o.name,
                  effective_batch, peak_lr, steps_per_epoch, total_steps, dist.world_size, device, precision)  # fmt: skip
         if resume_from is not None:
@@ -218,7 +218,7 @@ def run_linprobe(cfg: LinprobeConfig) -> EvalResult:
             "command": "linprobe", "heads": heads.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
             "epoch": done / steps_per_epoch, "steps_per_epoch": steps_per_epoch, "blocks": blocks, "evals": evals,
             "elapsed_s": clock.total(), "nonfinite_steps": engine.nonfinite_total, "config": to_dict(cfg),
-            "key_report": report.to_dict(), "mimkit_version": mimkit.__version__,
+            "key_report": report.to_dict(), "mimkit_version": __version__,
         })  # fmt: skip
 
     # ---- the loop
@@ -259,7 +259,7 @@ def linprobe_summary(cfg: LinprobeConfig, final: dict, done: int, block: int, pe
         "epochs": t.epochs, "steps": done, "encoder": cfg.encoder.checkpoint, "key_report": report.to_dict(),
         "train_images": len(data.train), "val_images": len(data.val), "num_classes": data.num_classes,
         "wall_clock_s": round(wall_clock_s, 2), "machine": machine_description(device),
-        "nonfinite_steps": nonfinite_steps, "mimkit_version": mimkit.__version__, **knn,
+        "nonfinite_steps": nonfinite_steps, "mimkit_version": __version__, **knn,
     }  # fmt: skip
 
 
