@@ -215,4 +215,5 @@ def test_mae_on_hog_trains_resumes_exactly_and_draws_pictures(tiny_cfg, tmp_path
     masked = rec.reconstruction[:, rec.mask]
     assert torch.allclose(masked, masked[:, :1].expand_as(masked)) and np.isfinite(rec.loss)
     report = build_report(straight.out_dir, tmp_path / "report.html")
-    assert report.html.is_file()
+    assert report.html.is_file() and report.checkpoints_drawn  # reconstructions drawn (flat), not skipped
+    assert not any("no reconstructions" in n for n in report.notes), report.notes
