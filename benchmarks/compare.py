@@ -77,7 +77,7 @@ from compare_helpers import (
 )
 
 from mimkit.checkpoint import atomic_write_text, checkpoint_path, list_checkpoints
-from mimkit.config import load_config, resolved
+from mimkit.config import load_config, reads_key, resolved
 from mimkit.data import die_with_parent
 from mimkit.errors import MimkitError
 from mimkit.eval import evaluate, load_eval_config, open_labelled_split
@@ -210,8 +210,9 @@ class Study:
         if spec.family == "beit":
             fixed += [f"tokenizer.kind={self.args.tokenizer_kind}", f"tokenizer.path={self.tokenizer}"]
         fixed += spec.part_overrides()
-        user = self.sets["pretrain"] + spec.overrides
-        try:
+        try:  # a --set applies to the runs whose method reads it (mae.decoder_dim: the pixel methods)
+            own = load_config(recipe, fixed + self.sets["pretrain"] + spec.overrides, strict=False)
+            user = [o for o in self.sets["pretrain"] if reads_key(own, o.split("=", 1)[0])] + spec.overrides
             cfg = load_config(recipe, fixed + user)
             n = min(self.info.num_train * cfg.data.repeats, cfg.data.num_samples or math.inf)
             steps_per_epoch = int(n // (cfg.train.batch_size * cfg.train.accum_steps))
@@ -299,7 +300,7 @@ class Study:
                     raise SpecError(f"{command} settings (--set {command}:...): {e}") from None
         if self.needs_tokenizer() and not self.args.tokenizer:
             try:
-                load_config(CONFIGS / "tokenizer_cifar10.yaml", self.tokenizer_overrides())
+                load_config(CONFIGS / "tokenizer_cifar10.yaml", self.tokenizer_overrides(), also_reads=("tokenizer",))
             except MimkitError as e:
                 raise SpecError(f"tokenizer settings (--set tokenizer:...): {e}") from None
         elif self.needs_tokenizer() and not self.tokenizer.is_file():

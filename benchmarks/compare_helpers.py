@@ -21,11 +21,12 @@ from torchvision.transforms import v2
 from mimkit.checkpoint import atomic_write_text
 from mimkit.files import load_weights_file
 from mimkit.machine import machine_info
+from mimkit.methods import method_names  # importing mimkit.methods registers the built-in methods
+from mimkit.registry import encoder_family
 from mimkit.sources import FolderImages
 from mimkit.tokenizers import DVAE, DVAESpec, load_tokenizer
 
-METHODS = ("mae", "emae", "bootmae", "beit", "mcbeit", "simmim")
-BEIT_FAMILY = ("beit", "mcbeit")  # timm Beit encoders; every other method pretrains a timm VisionTransformer
+METHODS = method_names()  # the registered methods (mimkit.registry)
 # What a spec's `+part` adds to its method's recipe: pretraining overrides. A new part is one more entry.
 PARTS: dict[str, list[str]] = {
     "random": ["mask.type=random"],
@@ -71,7 +72,7 @@ class RunSpec:
 
     @property
     def family(self) -> str:
-        return "beit" if self.method in BEIT_FAMILY else "vit"
+        return encoder_family(self.method)  # timm Beit (BEiT, mc-BEiT) or VisionTransformer
 
     def part_overrides(self) -> list[str]:
         return [o for p in self.parts for o in PARTS[p]]

@@ -11,6 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+from mimkit.registry import method_names, method_spec
 from mimkit.version import __version__
 from mimkit import distributed as mdist
 from mimkit.checkpoint import load_checkpoint
@@ -293,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "checkpoint (resumable: run the same command again); 130 interrupted")  # fmt: skip
     parser.add_argument("--version", action="version", version=f"mimkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("pretrain", help="pretrain an encoder (MAE, EMAE, BootMAE, BEiT, mc-BEiT: method=...); run under "
+    p = sub.add_parser("pretrain", help="pretrain an encoder (method=NAME: `mimkit methods` lists them); run under "
                        "torchrun/srun for several processes", description=PRETRAIN_DESCRIPTION,
                        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.description += _config_sections()
@@ -303,11 +304,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="run one step and one checkpoint save on every rank (in OUT_DIR/dry-run), then exit")
     p.set_defaults(func=_pretrain)
+    p = sub.add_parser("methods", help="the registered pretraining methods: name, encoder, mask types, what they learn")
+    p.set_defaults(func=_methods)
     _add_tool_parsers(sub)
     _add_report_parser(sub)
     register_eval_commands(sub)  # knn, linprobe, finetune
     register_tokenizer_commands(sub)  # tokenizer train
     return parser
+
+
+def _methods(args: argparse.Namespace) -> int:
+    """One line per registered method (mimkit.registry): what `method=` takes."""
+    for name in method_names():
+        spec = method_spec(name)
+        print(f"{name:<8} {spec.family:<4} mask.type {'|'.join(spec.mask_types):<28} {spec.summary}")
+    return 0
 
 
 # the flags of the commands that take `CONFIG [section.key=value ...]`: accepted anywhere among the overrides

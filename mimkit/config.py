@@ -240,7 +240,7 @@ class OptimConfig:
     weight_decay: float = 0.05
     # parameters exempt from weight decay besides 1-D ones and biases (never decayed; frozen ones are never
     # optimised): names or fnmatch patterns of the model's parameters, e.g. [encoder.cls_token, "*mask_token"].
-    # null = the method's official set (mimkit.methods.OFFICIAL_NO_WEIGHT_DECAY): none for MAE / EMAE (their cls
+    # null = the method's official set (its MethodSpec.no_weight_decay): none for MAE / EMAE (their cls
     # and mask tokens are decayed), encoder.pos_embed and encoder.cls_token for BootMAE, BEiT and mc-BEiT.
     no_weight_decay: tuple[str, ...] | None = None
     betas: tuple[float, float] = (0.9, 0.95)
@@ -514,6 +514,15 @@ def sections_used(cfg: Config, also_reads: tuple[str, ...] = ()) -> dict[str, se
     return used
 
 
+def reads_key(cfg: Config, key: str) -> bool:
+    """Whether the run of `cfg` reads the dotted key (a common section's, or one its method reads)."""
+    section, _, name = key.partition(".")
+    if section not in method_sections(cfg):
+        return True
+    used = sections_used(cfg)
+    return section in used and (used[section] is None or name in used[section])
+
+
 def _unread_keys(cfg: Config, spec, strict: bool, also_reads: tuple[str, ...]) -> None:
     """A value changed from its default in a method section the method does not read is a mistake (it would do
     nothing): refused in one line naming the key and the method; reset when not `strict`."""
@@ -632,10 +641,11 @@ def _validate_tokenizer(t: TokenizerConfig) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
-                also_reads: tuple[str, ...] = (), **sections: Any) -> Config:  # fmt: skip
+                also_reads: tuple[str, ...] = (), strict: bool = True, **sections: Any) -> Config:  # fmt: skip
     """Defaults <- YAML recipe <- keyword sections (Python API) <- `key=value` overrides. A value set in a section
-    the method does not read is refused (`also_reads`: sections the command reads besides the method's)."""
-    return validate(config_from_raw(read_recipe(path, overrides, sections)), also_reads=also_reads)
+    the method does not read is refused (`also_reads`: sections the command reads besides the method's), or reset
+    to its default when not `strict`."""
+    return validate(config_from_raw(read_recipe(path, overrides, sections)), strict=strict, also_reads=also_reads)
 
 
 def config_from_raw(data: dict) -> Config:
