@@ -7,17 +7,15 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import tiny_model
 
 from mimkit.checkpoint import load_checkpoint
 from mimkit.config import load_config
 from mimkit.methods import build_model
 from mimkit.models import create_encoder, patchify
-from mimkit.targets import HOGTarget, PixelTarget, hog_features, make_target
+from mimkit.targets import HOGTarget, hog_features, make_target
 from mimkit.teachers import EMATeacher, ema_update_, teacher_blocks, teacher_targets
 from mimkit.train import pretrain
-
-from conftest import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
