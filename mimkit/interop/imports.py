@@ -11,6 +11,7 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
+from torch import nn
 
 from mimkit.checkpoint import CheckpointError, load_checkpoint
 from mimkit.config import ConfigError, config_from_dict, load_config
@@ -232,12 +233,29 @@ def import_checkpoint(src: str | Path, out: str | Path | None, opts: ImportOptio
         hints["rel_pos_entries"] = int(rel.shape[0])
     if fmt == "beit" and has_relative_position_bias(sd):
         return import_beit(src, out, sd, hints, notes, opts)
-    if fmt == "hf":
-        conv = convert_hf(sd)
-    elif fmt == "mimkit":
-        conv = convert_mimkit(sd)
-    else:
-        conv = convert_official(sd, fmt)
+    conv = _convert(src, sd, fmt, notes)
+    try:
+        cfg = load_config(None, None, **_infer_sections(conv, src, opts, hints))
+    except ConfigError as e:
+        raise InteropError(f"{src}: the inferred configuration is invalid: {e}") from None
+    torch.manual_seed(0)  # what is not in the source is initialised reproducibly (MAE's init)
+    model = build_model(cfg)
+    report = ImportReport(source=str(src), format=fmt)
+    _through_timm_filter(conv, model.encoder, report)
+    new_state = _place_tensors(src, conv, model, report)
+    if fmt in ("beit", "bootmae") and not any(k.startswith("decoder.") for k in conv.tensors):
+        conv.notes.append(f"{fmt}: only the encoder maps onto mimkit; the MAE decoder is freshly initialised")
+    report.unexpected.update(conv.unexpected)
+    report.notes = conv.notes
+    report.check_strict(opts.strict)
+    model.load_state_dict(new_state, strict=True)
+    save_imported(out, model, cfg, report)
+    return report
+
+
+def _convert(src: Path, sd: dict, fmt: str, notes: list[str]) -> Converted:
+    """The source's tensors under mimkit's ViT / MAE names (a BEiT without relative position bias is a plain ViT)."""
+    conv = convert_hf(sd) if fmt == "hf" else convert_mimkit(sd) if fmt == "mimkit" else convert_official(sd, fmt)
     if not conv.tensors:
         raise InteropError(
             f"{src}: no tensor maps onto a mimkit ViT ({fmt} layout); first keys: {', '.join(list(sd)[:6])}"
@@ -246,17 +264,14 @@ def import_checkpoint(src: str | Path, out: str | Path | None, opts: ImportOptio
     if fmt == "beit":
         conv.notes.append("beit: no relative position bias in the source, so its encoder is exactly a plain ViT "
                           "(imported as one)")  # fmt: skip
+    return conv
 
-    try:
-        cfg = load_config(None, None, **_infer_sections(conv, src, opts, hints))
-    except ConfigError as e:
-        raise InteropError(f"{src}: the inferred configuration is invalid: {e}") from None
-    torch.manual_seed(0)  # what is not in the source is initialised reproducibly (MAE's init)
-    model = build_model(cfg)
+
+def _place_tensors(src: Path, conv: Converted, model: nn.Module, report: ImportReport) -> dict:
+    """The model's state dict with every converted tensor in place (decoder position table rebuilt or resampled
+    for the grid), the key report filled in: matched, unexpected, initialised (a decoder the source lacks), missing."""
     target = model.state_dict()
     grid = model.encoder.patch_embed.grid_size[0]
-    report = ImportReport(source=str(src), format=fmt)
-    _through_timm_filter(conv, model.encoder, report)
     new_state = dict(target)
     has_decoder = any(k.startswith("decoder.") for k in conv.tensors)
     for key, tensor in conv.tensors.items():
@@ -265,23 +280,8 @@ def import_checkpoint(src: str | Path, out: str | Path | None, opts: ImportOptio
             report.unexpected[origin] = "no such tensor in mimkit's ViT / MAE decoder"
             continue
         want = target[key].shape
-        if (
-            key == "decoder.decoder_pos_embed"
-            and tensor.shape != want
-            and tensor.ndim == 3
-            and tensor.shape[-1] == want[-1]
-        ):
-            old = math.isqrt(tensor.shape[1] - 1)
-            if _is_sincos(tensor, old):  # MAE's table is a fixed function of the grid: rebuilt, not interpolated
-                tensor = sincos_2d_pos_embed(want[-1], grid).to(tensor.dtype)
-                conv.notes.append(
-                    f"decoder_pos_embed: fixed sin-cos table rebuilt for a {grid}x{grid} grid (was {old}x{old})"
-                )
-            else:
-                tensor = resample_abs_pos_embed(tensor, new_size=[grid, grid], old_size=[old, old], num_prefix_tokens=1)
-                conv.notes.append(
-                    f"{origin}: resampled {old}x{old} -> {grid}x{grid} with timm.layers.resample_abs_pos_embed"
-                )
+        if key == "decoder.decoder_pos_embed" and tensor.shape != want and tensor.ndim == 3 and tensor.shape[-1] == want[-1]:
+            tensor = _decoder_table_for(tensor, want[-1], grid, origin, conv.notes)
         if tensor.shape != want:
             raise InteropError(
                 f"{src}: '{origin}' has shape {tuple(tensor.shape)}; mimkit's '{key}' needs {tuple(want)}"
@@ -302,11 +302,13 @@ def import_checkpoint(src: str | Path, out: str | Path | None, opts: ImportOptio
         for key in report.missing:
             if key.endswith("attn.qkv.bias"):
                 new_state[key] = torch.zeros_like(target[key])
-    if fmt in ("beit", "bootmae") and not has_decoder:
-        conv.notes.append(f"{fmt}: only the encoder maps onto mimkit; the MAE decoder is freshly initialised")
-    report.unexpected.update(conv.unexpected)
-    report.notes = conv.notes
-    report.check_strict(opts.strict)
-    model.load_state_dict(new_state, strict=True)
-    save_imported(out, model, cfg, report)
-    return report
+    return new_state
+
+
+def _decoder_table_for(tensor: torch.Tensor, dim: int, grid: int, origin: str, notes: list[str]) -> torch.Tensor:
+    old = math.isqrt(tensor.shape[1] - 1)
+    if _is_sincos(tensor, old):  # MAE's table is a fixed function of the grid: rebuilt, not interpolated
+        notes.append(f"decoder_pos_embed: fixed sin-cos table rebuilt for a {grid}x{grid} grid (was {old}x{old})")
+        return sincos_2d_pos_embed(dim, grid).to(tensor.dtype)
+    notes.append(f"{origin}: resampled {old}x{old} -> {grid}x{grid} with timm.layers.resample_abs_pos_embed")
+    return resample_abs_pos_embed(tensor, new_size=[grid, grid], old_size=[old, old], num_prefix_tokens=1)
