@@ -363,14 +363,36 @@ def curve_panels(runlog: RunLog, evals: list[EvalRun]) -> list[str]:
     return panels
 
 
+def _knn_panel(ax, runlog: RunLog, knn_evals: list[EvalRun], baselines: list[EvalRun]) -> None:
+    """The monitor's k-NN trend, `mimkit knn` on the checkpoints, and the random-init baseline."""
+    if runlog.knn:
+        ax.plot([r["step"] for r in runlog.knn], [r["knn_top1"] for r in runlog.knn], marker="o",
+                label="monitor top-1")  # fmt: skip
+    if knn_evals:
+        ax.plot([e.step for e in knn_evals], [e.metrics.get("top1") for e in knn_evals], "s",
+                label="mimkit knn top-1")  # fmt: skip
+    for i, b in enumerate(x for x in baselines if x.command == "knn" and _number(x.metrics.get("top1"))):
+        ax.axhline(b.metrics["top1"], color="tab:gray", linestyle=":", linewidth=1.2,
+                   label="random init (mimkit knn)" if i == 0 else None)  # fmt: skip
+    ax.set_title("k-NN top-1 (%), a trend")
+
+
+def _figure_title(summary: dict[str, str] | None, runlog: RunLog) -> str:
+    """The summary line (the PNG on its own says what run it is), or the logged steps and resumes."""
+    if summary:
+        first = ("method", "model", "steps", "epochs")
+        return "\n".join(" · ".join(f"{k}: {v}" for k, v in summary.items() if (k in first) == top)
+                         for top in (True, False))  # fmt: skip
+    return f"{len(runlog.steps)} logged steps" + (f", resumed at step {', '.join(map(str, runlog.resumes))}"
+                                                  if runlog.resumes else "")  # fmt: skip
+
+
 def curves_figure(runlog: RunLog, evals: list[EvalRun], baselines: list[EvalRun] = (),
                   summary: dict[str, str] | None = None, loss_terms: tuple[str, ...] = ()) -> tuple[bytes, list[str]]:  # fmt: skip
     """Loss (and its terms), lr, img/s, gradient norm, skipped counts and the k-NN trend against the step, one PNG
     (only the panels that carry information: `curve_panels`) titled with the summary line; with the panel names."""
     plt = _pyplot()
     recs = runlog.steps
-    steps = [r["step"] for r in recs]
-    knn_evals = [e for e in evals if e.command == "knn" and e.step is not None]
     panels = curve_panels(runlog, evals)
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
@@ -417,17 +439,7 @@ def curves_figure(runlog: RunLog, evals: list[EvalRun], baselines: list[EvalRun]
             ax.step(*series(key), where="post", label=label)
         ax.set_title("skipped")
     if "k-NN" in ax_of:
-        ax = ax_of["k-NN"]
-        if runlog.knn:
-            ax.plot([r["step"] for r in runlog.knn], [r["knn_top1"] for r in runlog.knn], marker="o",
-                    label="monitor top-1")  # fmt: skip
-        if knn_evals:
-            ax.plot([e.step for e in knn_evals], [e.metrics.get("top1") for e in knn_evals], "s",
-                    label="mimkit knn top-1")  # fmt: skip
-        for i, b in enumerate(x for x in baselines if x.command == "knn" and _number(x.metrics.get("top1"))):
-            ax.axhline(b.metrics["top1"], color="tab:gray", linestyle=":", linewidth=1.2,
-                       label="random init (mimkit knn)" if i == 0 else None)  # fmt: skip
-        ax.set_title("k-NN top-1 (%), a trend")
+        _knn_panel(ax_of["k-NN"], runlog, [e for e in evals if e.command == "knn" and e.step is not None], baselines)
     for ax in flat[: len(panels)]:
         mark_resumes(ax)
         ax.set_xlabel("step")
@@ -436,14 +448,7 @@ def curves_figure(runlog: RunLog, evals: list[EvalRun], baselines: list[EvalRun]
             ax.legend(fontsize=7)
     for ax in flat[len(panels):]:
         ax.axis("off")
-    if summary:  # the PNG on its own says what run it is
-        first = ("method", "model", "steps", "epochs")
-        title = "\n".join(" · ".join(f"{k}: {v}" for k, v in summary.items() if (k in first) == top)
-                          for top in (True, False))  # fmt: skip
-    else:
-        title = f"{len(steps)} logged steps" + (f", resumed at step {', '.join(map(str, runlog.resumes))}"
-                                                if runlog.resumes else "")  # fmt: skip
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(_figure_title(summary, runlog), fontsize=9)
     fig.tight_layout()
     data = _png(fig)
     plt.close(fig)
