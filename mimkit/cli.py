@@ -24,7 +24,7 @@ from mimkit.runs import EXIT_STOPPED, RunStopped
 from mimkit.tokenizer_training import train_tokenizer
 from mimkit.tokenizers import TokenizerError
 from mimkit.train import pretrain
-from mimkit.visualize import _expand_images, attention_figure, visualize
+from mimkit.visualize import expand_images, attention_figure, visualize
 
 
 def _pretrain(args: argparse.Namespace) -> int:
@@ -110,7 +110,7 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _attention(args: argparse.Namespace) -> int:
-    images = _expand_images(args.images)
+    images = expand_images(args.images)
     single_file = len(images) == 1 and args.out is not None and args.out.lower().endswith(".png")
     for image in images:
         out = Path(args.out) if single_file else Path(args.out or ".") / f"{image.stem}_attention.png"

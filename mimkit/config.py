@@ -15,7 +15,7 @@ import yaml
 
 from mimkit.presets import PRESETS, get_preset
 from mimkit.registry import COMMON_SECTIONS, custom_sections, method_spec
-from mimkit.typed_config import ConfigError, from_dict, parse_overrides, read_recipe, require  # noqa: F401
+from mimkit.typed_config import ConfigError, from_dict, read_recipe, require
 from mimkit.typed_config import to_dict as plain_dict
 
 BEIT_METHODS = ("beit", "mcbeit")  # transitional: train.py's saved_config still reads it (the registry's family)

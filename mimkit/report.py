@@ -63,7 +63,7 @@ from mimkit.registry import COMMON_SECTIONS, encoder_family, method_spec
 from mimkit.schedules import schedule_length
 from mimkit.version import __version__
 from mimkit.visualize import (
-    _expand_images,
+    expand_images,
     default_scale,
     prepare_image,
     preview_images,
@@ -509,7 +509,7 @@ def pick_checkpoints(paths: list[Path], count: int | None = None) -> list[Path]:
 
 def fixed_images(cfg, size: int, images: list[str | Path] | None, count: int) -> torch.Tensor:
     if images:
-        return torch.stack([prepare_image(p, size) for p in _expand_images(images)[:count]])
+        return torch.stack([prepare_image(p, size) for p in expand_images(images)[:count]])
 
     source = open_source(cfg.data.path, cfg.data.format, cfg.data.root)
     if source is None:

@@ -337,7 +337,7 @@ def visualize(
     size = model.encoder.patch_embed.img_size[0]
     out_dir = Path(out_dir)
     done = []
-    for path in _expand_images(images):
+    for path in expand_images(images):
         rec = reconstruct(model, prepare_image(path, size), cfg.data.mean, cfg.data.std, seed)[0]
         title = describe(rec, f"{Path(path).name} | {Path(ckpt).name} step {state.get('step', '?')}")
         grid = reconstruction_grid(rec, title, scale)
@@ -345,7 +345,7 @@ def visualize(
     return done
 
 
-def _expand_images(images: list[str | Path]) -> list[Path]:
+def expand_images(images: list[str | Path]) -> list[Path]:
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
     out = []

@@ -2,7 +2,8 @@ import pytest
 import torch
 import yaml
 
-from mimkit.config import ConfigError, load_config, parse_overrides, to_dict
+from mimkit.config import ConfigError, load_config, to_dict
+from mimkit.typed_config import parse_overrides
 
 from conftest import tiny_model, TINY_MODEL, TINY_TOKENIZER
 

@@ -19,7 +19,7 @@ from mimkit.models import PRESETS
 FORMATS = ("auto", "mimkit", "mae", "beit", "bootmae", "hf")
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -36,14 +36,14 @@ def read_hf_folder(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict, d
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise InteropError(f"{folder}: not a Hugging Face model folder (no config.json)")
-    config = _read_json(config_path)
+    config = read_json(config_path)
     state: dict[str, torch.Tensor] = {}
     for index_name, single in (
         ("model.safetensors.index.json", "model.safetensors"),
         ("pytorch_model.bin.index.json", "pytorch_model.bin"),
     ):
         if (folder / index_name).is_file():
-            shards = sorted(set(_read_json(folder / index_name).get("weight_map", {}).values()))
+            shards = sorted(set(read_json(folder / index_name).get("weight_map", {}).values()))
             for shard in shards:
                 state.update(_as_state_dict(load_weights_file(folder / shard), folder / shard))
             break
@@ -53,7 +53,7 @@ def read_hf_folder(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict, d
     else:
         raise InteropError(f"{folder}: no model.safetensors or pytorch_model.bin (or sharded index) found")
     pre = folder / "preprocessor_config.json"
-    return state, config, (_read_json(pre) if pre.is_file() else None)
+    return state, config, (read_json(pre) if pre.is_file() else None)
 
 
 def _as_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -151,7 +151,7 @@ def encoder_spec(encoder) -> dict:
     }
 
 
-def _timm_name(cfg: Config) -> str:
+def timm_name(cfg: Config) -> str:
     if encoder_family(cfg.method) == "beit":  # the sizes travel in model_args; any Beit entry point builds it
         return "beit_base_patch16_224"
     return PRESETS[cfg.model.arch].timm_name

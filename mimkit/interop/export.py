@@ -15,7 +15,7 @@ from mimkit.checkpoint import atomic_write_bytes, atomic_write_text, current_uma
 from mimkit.config import Config
 from mimkit.registry import encoder_family
 from mimkit.files import InteropError
-from mimkit.interop.common import _read_json, _timm_name, encoder_spec, load_mimkit_checkpoint
+from mimkit.interop.common import read_json, timm_name, encoder_spec, load_mimkit_checkpoint
 from mimkit.interop.hf_keys import hf_beit_config, hf_beit_key_map, hf_key_map, mimkit_to_hf
 from mimkit.methods.mae import MAEDecoder
 from mimkit.models import timm_beit_kwargs
@@ -72,7 +72,7 @@ def export_timm(ckpt: str | Path, out: str | Path) -> dict[str, Path]:
             "global_pool": "token",
         }
     config = {
-        "architecture": _timm_name(cfg),
+        "architecture": timm_name(cfg),
         "num_classes": 0,
         "num_features": spec["embed_dim"],
         "global_pool": model_args["global_pool"],
@@ -110,7 +110,7 @@ def timm_create_kwargs(out: str | Path) -> tuple[str, dict]:
     local-dir scheme: the weights file and the preprocessing (mean/std, input size) go in
     ``pretrained_cfg_overlay``, the sizes in the model arguments."""
     out = Path(out)
-    cfg = _read_json(out / "config.json")
+    cfg = read_json(out / "config.json")
     pre = cfg["pretrained_cfg"]
     overlay = {
         "file": str(out / "model.safetensors"),

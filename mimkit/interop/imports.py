@@ -17,7 +17,7 @@ from mimkit.checkpoint import CheckpointError, load_checkpoint
 from mimkit.config import ConfigError, config_from_dict, load_config
 from mimkit.files import InteropError, is_weights_file, load_weights_file
 from mimkit.interop.beit_import import has_relative_position_bias, import_beit, strip_encoder_prefix
-from mimkit.interop.common import FORMATS, _read_json, read_hf_folder, unwrap_state_dict
+from mimkit.interop.common import FORMATS, read_json, read_hf_folder, unwrap_state_dict
 from mimkit.interop.convert import Converted, convert_hf, convert_mimkit, convert_official, detect_format
 from mimkit.interop.import_base import (
     ImportOptions,
@@ -112,7 +112,7 @@ def _through_timm_filter(conv: Converted, encoder: VisionTransformer, report: Im
 def _read_timm_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict, list[str]]:
     """A timm hub-style folder (config.json with 'architecture', model.safetensors): a timm ViT
     state dict, i.e. the official MAE encoder layout."""
-    config = _read_json(folder / "config.json")
+    config = read_json(folder / "config.json")
     weights = next((folder / n for n in ("model.safetensors", "pytorch_model.bin") if (folder / n).is_file()), None)
     if weights is None:
         raise InteropError(f"{folder}: timm folder without model.safetensors / pytorch_model.bin")
@@ -147,7 +147,7 @@ def read_source(src: str | Path, key: str | None = None) -> tuple[dict[str, torc
     notes: list[str] = []
     if src.is_dir() and (src / "meta.pt").is_file() and (src / ".metadata").is_file():  # a mimkit sharded checkpoint
         return _mimkit_source(_read_sharded(src), src, key, hints, notes)
-    if src.is_dir() and (src / "config.json").is_file() and "architecture" in _read_json(src / "config.json"):
+    if src.is_dir() and (src / "config.json").is_file() and "architecture" in read_json(src / "config.json"):
         return _read_timm_folder(src)
     if src.is_dir():
         sd, config, pre = read_hf_folder(src)
