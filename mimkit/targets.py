@@ -119,7 +119,7 @@ def hog_features(imgs: torch.Tensor, patch_size: int, bins: int = HOG_BINS, cell
     b, c, h, w = imgs.shape
     if cell < 1 or patch_size % cell or h % patch_size or w % patch_size:
         raise ValueError(f"HOG cells of {cell} px must tile the {patch_size} px patches of a {h}x{w} image")
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(imgs.device.type, enabled=False):  # fp32 even in a bf16 step
         x = F.pad(imgs.float(), (1, 1, 1, 1), mode="reflect")
         sobel = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=x.device)
         gx = F.conv2d(x, sobel.expand(c, 1, 3, 3), groups=c)  # d/dx (columns), per channel

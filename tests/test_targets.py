@@ -169,6 +169,8 @@ def test_hog_ignores_brightness_and_contrast_per_channel():
     imgs = torch.rand(2, 3, 32, 32)
     scale, shift = torch.tensor([2.0, 0.5, 3.0]).view(1, 3, 1, 1), torch.tensor([0.1, -1.0, 4.0]).view(1, 3, 1, 1)
     a, b = hog_features(imgs, 8), hog_features(imgs * scale + shift, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # computed in fp32 inside a mixed-precision step
+        assert torch.equal(hog_features(imgs, 8), a)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(a, hog_features(imgs.transpose(2, 3), 8), atol=1e-2)  # orientation does matter
 
