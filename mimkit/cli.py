@@ -18,6 +18,8 @@ from mimkit.checkpoint import load_checkpoint
 from mimkit.config import Config, active_loggers, dump_yaml, load_config, resolved
 from mimkit.errors import MimkitError
 from mimkit.eval import RUNNERS, dump_eval_yaml, load_eval_config
+from mimkit.eval.config import IMAGENET_MEAN, IMAGENET_STD
+from mimkit.eval.embed import embed_images
 from mimkit.interop import ImportOptions, export_hf, export_timm, import_checkpoint, timm_usage
 from mimkit.report import build_report
 from mimkit.runs import EXIT_STOPPED, RunStopped
@@ -95,6 +97,46 @@ def _export(args: argparse.Namespace) -> int:
             print(f"wrote transformers.ViTMAEForPreTraining folder {written['vit_mae']} "
                   f"(ViTMAEForPreTraining.from_pretrained('{written['vit_mae']}'))")
     return 0
+
+
+def _embed(args: argparse.Namespace) -> int:
+    e = embed_images(args.checkpoint, args.data, args.out, pool=args.pool, block=args.block, split=args.split,
+                     arch=args.arch, img_size=args.img_size, batch_size=args.batch_size, device=args.device,
+                     precision=args.precision, mean=tuple(args.mean), std=tuple(args.std), crop_pct=args.crop_pct,
+                     num_workers=args.num_workers, root=args.root, download=args.download)  # fmt: skip
+    labels = f", labels of {len(e.classes or []) or 'unnamed'} classes" if e.labels is not None else ""
+    print(f"wrote {args.out}: {e.features.shape[0]} images x {e.features.shape[1]} features ({args.pool}, block "
+          f"{args.block}){labels}")
+    return 0
+
+
+def _add_embed_parser(sub) -> None:
+    p = sub.add_parser("embed", help="features without masking of every image of a folder, .npz or dataset -> "
+                       ".npy / .npz / .parquet", description="Encoder features (no masking) of every image, pooled as "
+                       "the evaluation commands pool them (features.pool, features.block), written with the image "
+                       "identities: relative paths for a folder, indices for arrays and datasets (.npz: features, ids, "
+                       "labels and classes when known; .npy: the features, the ids in OUT.ids.txt; .parquet: needs "
+                       "pyarrow, pip install 'mimkit[parquet]').")  # fmt: skip
+    p.add_argument("checkpoint", help="a mimkit checkpoint (pretraining or `mimkit import`ed), or 'none' (random "
+                   "init of --arch)")
+    p.add_argument("data", help="a folder of images (ImageFolder tree or flat), a .npz (x_SPLIT, y_SPLIT optional), "
+                   "or torchvision:NAME[:SPLIT]")
+    p.add_argument("--out", required=True, help="the file to write: .npy, .npz or .parquet")
+    p.add_argument("--pool", default="cls", choices=("cls", "mean", "cls_mean"), help="features.pool (default cls)")
+    p.add_argument("--block", type=int, default=-1, help="features.block: 1-based block, -1 = last (default)")
+    p.add_argument("--split", default=None, help=".npz: x_SPLIT (default train); torchvision: the split")
+    p.add_argument("--arch", default=None, help="encoder preset (required with checkpoint none)")
+    p.add_argument("--img-size", type=int, default=None, help="input size (default: the checkpoint's)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--precision", default="fp32", choices=("auto", "bf16", "fp16", "fp32"))
+    p.add_argument("--mean", type=float, nargs=3, default=list(IMAGENET_MEAN), help="normalisation mean (ImageNet's)")
+    p.add_argument("--std", type=float, nargs=3, default=list(IMAGENET_STD), help="normalisation std (ImageNet's)")
+    p.add_argument("--crop-pct", type=float, default=None, help="data.crop_pct (default 0.875 from 128 px, else 1)")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    p.add_argument("--root", default="data", help="torchvision datasets: data.root")
+    p.add_argument("--download", action="store_true", help="torchvision datasets: download into --root if missing")
+    p.set_defaults(func=_embed)
 
 
 def _import(args: argparse.Namespace) -> int:
@@ -307,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods", help="the registered pretraining methods: name, encoder, mask types, what they learn")
     p.set_defaults(func=_methods)
     _add_tool_parsers(sub)
+    _add_embed_parser(sub)
     _add_report_parser(sub)
     register_eval_commands(sub)  # knn, linprobe, finetune
     register_tokenizer_commands(sub)  # tokenizer train
