@@ -29,7 +29,69 @@ from mimkit.train import pretrain
 from mimkit.visualize import expand_images, attention_figure, visualize
 
 
+# ---------------------------------------------------------------- shipped recipes
+
+
+def recipes_dir() -> Path:
+    """The recipes that ship with the package: mimkit/recipes in an installed wheel (setup.py copies configs/
+    there), the repository's configs/ in a source checkout (an editable install)."""
+    here = Path(__file__).resolve().parent
+    return here / "recipes" if (here / "recipes").is_dir() else here.parent / "configs"
+
+
+def shipped_recipes(kind: str = "pretrain") -> dict[str, Path]:
+    """name -> file of the shipped recipes: pretraining (and tokenizer) ones, or the evaluation ones (kind 'eval')."""
+    folder = recipes_dir() / ("eval" if kind == "eval" else "")
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+def resolve_recipe(config: str | None, kind: str = "pretrain") -> str | None:
+    """A recipe argument as a path: an existing file as is, a bare name (no folder, optionally .yaml) as the shipped
+    recipe of that name; anything else as given (load_config names a missing file)."""
+    if config is None or Path(config).exists() or "/" in config or Path(config).suffix not in ("", ".yaml"):
+        return config
+    found = shipped_recipes(kind).get(Path(config).stem)
+    if found is None:
+        names = ", ".join(shipped_recipes(kind)) or "none"
+        raise MimkitError(f"recipe {config!r}: no such file and no shipped recipe of that name (shipped: {names}; "
+                          "`mimkit recipes` lists them)")  # fmt: skip
+    return str(found)
+
+
+def _first_comment(path: Path) -> str:
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def _recipes(args: argparse.Namespace) -> int:
+    for kind, usage in (("pretrain", "mimkit pretrain NAME (tokenizer_*: mimkit tokenizer train NAME)"),
+                        ("eval", "mimkit knn | linprobe | finetune NAME")):  # fmt: skip
+        found = shipped_recipes(kind)
+        print(f"{usage}  [{recipes_dir() / ('eval' if kind == 'eval' else '')}]")
+        width = max((len(n) for n in found), default=0)
+        for name, path in found.items():
+            print(f"  {name:<{width}}  {_first_comment(path)}")
+    return 0
+
+
+DEFAULT_SCHEDULE_KEYS = ("train.epochs=", "train.max_steps=", "optim.warmup_epochs=")
+
+
+def _warn_default_schedule(config: str | None, overrides: list[str]) -> None:
+    """No recipe and no schedule set: the defaults are ImageNet's (800 epochs, 40 warmup epochs), said in one line."""
+    if config is None and not any(o.startswith(DEFAULT_SCHEDULE_KEYS) for o in overrides):
+        d = Config()
+        logging.getLogger("mimkit").warning(
+            "no recipe: the default schedule is ImageNet's (%d epochs, %d warmup epochs, cosine); for a short run pass "
+            "a recipe (`mimkit recipes` lists them, e.g. mimkit pretrain quickstart) or set train.epochs and "
+            "optim.warmup_epochs", d.train.epochs, d.optim.warmup_epochs)  # fmt: skip
+
+
 def _pretrain(args: argparse.Namespace) -> int:
+    args.config = resolve_recipe(args.config)
+    _warn_default_schedule(args.config, args.overrides)
     overrides = list(args.overrides)
     if args.dry_run:  # one step and one checkpoint save on every rank, in a scratch folder
         base = load_config(args.config, overrides)
@@ -249,7 +311,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.config and "=" in args.config:  # `mimkit knn key=value ...` without a recipe
         args.overrides.insert(0, args.config)
         args.config = None
-    cfg = load_eval_config(args.command, args.config, args.overrides)
+    cfg = load_eval_config(args.command, resolve_recipe(args.config, "eval"), args.overrides)
     if args.print_config:
         print(dump_eval_yaml(cfg), end="")
         return 0
@@ -301,7 +363,7 @@ def _train_command(args) -> int:
     if args.config and "=" in args.config:
         overrides.insert(0, args.config)
         args.config = None
-    cfg = load_config(args.config, overrides, also_reads=("tokenizer",))
+    cfg = load_config(resolve_recipe(args.config), overrides, also_reads=("tokenizer",))
     try:
         result = train_tokenizer(cfg)
     except TokenizerError as e:
@@ -346,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="run one step and one checkpoint save on every rank (in OUT_DIR/dry-run), then exit")
     p.set_defaults(func=_pretrain)
+    p = sub.add_parser("recipes", help="the recipes shipped with mimkit (name and first line); pass a name where a "
+                       "recipe file goes, e.g. mimkit pretrain mae_vit_tiny_cifar10")  # fmt: skip
+    p.set_defaults(func=_recipes)
     p = sub.add_parser("methods", help="the registered pretraining methods: name, encoder, mask types, what they learn")
     p.set_defaults(func=_methods)
     _add_tool_parsers(sub)
