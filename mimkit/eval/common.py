@@ -372,11 +372,11 @@ def guarded(run_command):
 
     @functools.wraps(run_command)
     def run(cfg):
-        section, key = (cfg.train, "train.out_dir") if hasattr(cfg, "train") else (cfg.run, "run.out_dir")
+        section = cfg.train if hasattr(cfg, "train") else cfg.run  # knn's, written train.* too
         with contextlib.ExitStack() as stack:
             stack.enter_context(GracefulStop())
             if mdist.world_from_env()[0] == 0:
-                stack.enter_context(RunLock(section.out_dir, key=key))
+                stack.enter_context(RunLock(section.out_dir, key="train.out_dir"))
             return run_command(cfg)
 
     return run
