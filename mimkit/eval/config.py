@@ -463,19 +463,11 @@ def _train_as_run(layer: dict, base: dict | None = None) -> dict:
     return merge_dicts(base or {}, layer)
 
 
-def eval_config_from_dict(command: str, data: dict):
-    return validate(from_dict(COMMANDS[command], data))
-
-
 def dump_eval_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def command_of(cfg: Any) -> str:
-    return next(name for name, cls in COMMANDS.items() if isinstance(cfg, cls))
-
-
 __all__ = [
     "COMMANDS", "EncoderConfig", "EvalDataConfig", "FeatureConfig", "FinetuneConfig", "KnnConfig", "LinprobeConfig",
-    "command_of", "dataclasses", "dump_eval_yaml", "eval_config_from_dict", "load_eval_config",
+    "dataclasses", "dump_eval_yaml", "load_eval_config",
 ]  # fmt: skip
