@@ -18,9 +18,19 @@ from mimkit.checkpoint import load_checkpoint
 from mimkit.config import Config, active_loggers, dump_yaml, load_config, resolved
 from mimkit.errors import MimkitError
 from mimkit.eval import RUNNERS, dump_eval_yaml, load_eval_config
+from mimkit.eval.common import eval_transform
 from mimkit.eval.config import IMAGENET_MEAN, IMAGENET_STD
 from mimkit.eval.embed import embed_images
-from mimkit.interop import ImportOptions, export_hf, export_timm, import_checkpoint, timm_usage
+from mimkit.interop import ImportOptions, InteropError, export_hf, export_timm, import_checkpoint, timm_usage
+from mimkit.interop.classifier import (
+    export_classifier_hf,
+    export_classifier_timm,
+    finetuned_classifier,
+    load_classifier,
+    predict_topk,
+    write_topk_csv,
+)
+from mimkit.logs import progress_bar
 from mimkit.report import build_report
 from mimkit.runs import EXIT_STOPPED, RunStopped
 from mimkit.tokenizer_training import train_tokenizer
@@ -142,6 +152,46 @@ def _visualize(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    try:
+        if args.ema:
+            raise InteropError(f"{args.checkpoint}: --ema is for fine-tuned checkpoints")
+        return _export_pretrained(args)
+    except InteropError:  # not a pretraining checkpoint: a fine-tuned classifier (mimkit finetune), or the error
+        classifier = finetuned_classifier(args.checkpoint, ema=args.ema)
+        if classifier is None:
+            raise
+    if args.to == "timm":
+        written = export_classifier_timm(classifier, args.out)
+        print(f"wrote the fine-tuned classifier ({classifier.model_args['num_classes']} classes) to {written['weights']} "
+              f"and {written['config']}\nload with: timm.create_model('local-dir:{args.out}', pretrained=True)")
+        return 0
+    written = export_classifier_hf(classifier, args.out)
+    print(f"wrote transformers.{written['class']} folder {written['folder']} "
+          f"({written['class']}.from_pretrained('{written['folder']}'))")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.suffix.lower() != ".csv":
+        raise InteropError(f"--out: {out} has suffix '{out.suffix}'; predict writes a .csv table")
+    if args.top_k < 1:
+        raise InteropError(f"--top-k: {args.top_k}; give 1 or more")
+    images = expand_images(args.images)
+    classifier = load_classifier(args.classifier)
+    transform = eval_transform(classifier.img_size, classifier.mean, classifier.std, classifier.crop_pct)
+    bar = progress_bar(total=len(images), desc="predict", unit="img", dynamic_ncols=True)
+    try:
+        rows = predict_topk(classifier, images, transform, args.top_k, args.batch_size,
+                            mdist.resolve_device(args.device), bar)  # fmt: skip
+    finally:
+        bar.close()
+    write_topk_csv(out, images, rows)
+    print(f"wrote {out}: top-{min(args.top_k, classifier.model_args['num_classes'])} classes of {len(images)} images")
+    return 0
+
+
+def _export_pretrained(args: argparse.Namespace) -> int:
     if args.to == "timm":
         written = export_timm(args.checkpoint, args.out)
         print(f"wrote {written['weights']} and {written['config']}\nload with:\n{timm_usage(args.out)}")
@@ -265,7 +315,20 @@ def _add_tool_parsers(sub) -> None:
     p.add_argument("checkpoint", help="a mimkit checkpoint (.pt)")
     p.add_argument("--to", choices=("timm", "hf"), required=True, help="target library")
     p.add_argument("out", help="output folder")
+    p.add_argument("--ema", action="store_true", help="a fine-tuned checkpoint: export its EMA weights")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("predict", help="top-k classes of images by a fine-tuned classifier, as a CSV table",
+                       description="The top-k classes (and probabilities) of every image, by a fine-tuned checkpoint "
+                       "(mimkit finetune) or its timm export (mimkit export --to timm): one CSV line per image, path, "
+                       "class_1, probability_1, ..., class_k, probability_k.")  # fmt: skip
+    p.add_argument("classifier", help="a fine-tuned checkpoint (.pt) or a timm export folder of one")
+    p.add_argument("images", nargs="+", help="image files or folders of images")
+    p.add_argument("--top-k", type=int, default=5, help="classes per image (default 5, at most the class count)")
+    p.add_argument("--out", default="predictions.csv", help="the CSV table to write (default predictions.csv)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.set_defaults(func=_predict)
 
     p = sub.add_parser("import", help="official MAE / BEiT / mc-BEiT / BootMAE / HF ViTMAE -> mimkit checkpoint")
     p.add_argument("source", help="a .pth/.pt/.bin/.safetensors file, or a Hugging Face / timm model folder")
