@@ -124,15 +124,15 @@ class TrainLoop:
     def steps(self, open_epoch: Callable[[int, int], Any]) -> Iterator[tuple[int, Any]]:
         """(step, its epoch's batches) for every step left; `open_epoch(epoch, in_epoch)` gives an epoch's batches
         from its `in_epoch`-th step on. Ends early when the time limit shortens the run."""
-        step = self.done
-        while step < self.last_step:
-            epoch, in_epoch = divmod(step, self.steps_per_epoch)
+        start = self.done
+        while start < self.last_step:
+            epoch, in_epoch = divmod(start, self.steps_per_epoch)
             batches = open_epoch(epoch, in_epoch)
-            for step in range(step, min((epoch + 1) * self.steps_per_epoch, self.last_step)):
+            for step in range(start, min((epoch + 1) * self.steps_per_epoch, self.last_step)):
                 yield step, batches
                 if self.done >= self.last_step:  # max_minutes reached mid-epoch
                     break
-            step = self.done
+            start = self.done
 
     def step(self, step: int, forward: Forward, extras: Callable[[], Mapping[str, float]] | None = None,
              on_update: Callable[[], None] | None = None) -> StepResult:  # fmt: skip
