@@ -311,8 +311,9 @@ def _add_tool_parsers(sub) -> None:
     p.add_argument("--scale", type=int, default=None, help="integer upscaling of the panels (default: to >= 192 px)")
     p.set_defaults(func=_visualize)
 
-    p = sub.add_parser("export", help="export for timm or Hugging Face transformers (safetensors + config)")
-    p.add_argument("checkpoint", help="a mimkit checkpoint (.pt)")
+    p = sub.add_parser("export", help="export for timm or Hugging Face transformers (safetensors + config); a "
+                       "fine-tuned checkpoint exports its classifier (head, class names)")  # fmt: skip
+    p.add_argument("checkpoint", help="a mimkit checkpoint (.pt): pretraining, imported, or fine-tuned (mimkit finetune)")
     p.add_argument("--to", choices=("timm", "hf"), required=True, help="target library")
     p.add_argument("out", help="output folder")
     p.add_argument("--ema", action="store_true", help="a fine-tuned checkpoint: export its EMA weights")
@@ -400,7 +401,8 @@ def register_eval_commands(sub) -> None:
     """Add `mimkit knn | linprobe | finetune CONFIG [section.key=value ...] [--print-config]`."""
     for name, text in EVAL_HELP.items():
         p = sub.add_parser(name, help=text, description=text)
-        p.add_argument("config", nargs="?", help=f"YAML recipe, e.g. configs/eval/{name}_vit_tiny_cifar10.yaml")
+        p.add_argument("config", nargs="?", help=f"YAML recipe, e.g. configs/eval/{name}_vit_tiny_cifar10.yaml, or "
+                       f"a shipped recipe's name, e.g. {name}_vit_tiny_cifar10")
         alias = " (knn's output section is run.*; train.* is accepted for it too)" if name == "knn" else ""
         p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. "
                        f"encoder.checkpoint=runs/x/checkpoint-00001000.pt train.out_dir=runs/{name}{alias}")  # fmt: skip
@@ -416,7 +418,8 @@ def register_tokenizer_commands(sub) -> None:
     p = sub.add_parser("tokenizer", help="visual tokenizers for BEiT / mc-BEiT (train mimkit's own dVAE)")
     tsub = p.add_subparsers(dest="tokenizer_command", required=True)
     q = tsub.add_parser("train", help="train mimkit's dVAE tokenizer on data.path; writes tokenizer.path")
-    q.add_argument("config", nargs="?", help="YAML recipe, e.g. configs/tokenizer_cifar10.yaml")
+    q.add_argument("config", nargs="?", help="YAML recipe, e.g. configs/tokenizer_cifar10.yaml, or its name "
+                   "tokenizer_cifar10")
     q.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. tokenizer.train_steps=100")
     q.set_defaults(func=_train_command)
 
@@ -465,7 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "torchrun/srun for several processes", description=PRETRAIN_DESCRIPTION,
                        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.description += _config_sections()
-    p.add_argument("config", nargs="?", help="YAML recipe, e.g. configs/quickstart.yaml (default: built-in defaults)")
+    p.add_argument("config", nargs="?", help="YAML recipe, e.g. configs/quickstart.yaml, or a shipped recipe's name "
+                   "(`mimkit recipes`), e.g. quickstart (default: built-in defaults, ImageNet's schedule)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.epochs=5 optim.blr=1e-3")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--dry-run", action="store_true",

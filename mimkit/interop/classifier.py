@@ -237,7 +237,7 @@ def hf_classifier(c: Classifier):
         raise InteropError("export --to hf needs transformers >= 5: pip install 'mimkit[hf]'") from e
     a, sd = c.model_args, c.model.state_dict()
     common = dict(hidden_size=a["embed_dim"], num_hidden_layers=a["depth"], num_attention_heads=a["num_heads"],
-                  intermediate_size=int(round(a["mlp_ratio"] * a["embed_dim"])), image_size=a["img_size"],
+                  intermediate_size=round(a["mlp_ratio"] * a["embed_dim"]), image_size=a["img_size"],
                   patch_size=a["patch_size"], num_channels=a["in_chans"], hidden_act="gelu", hidden_dropout_prob=0.0,
                   attention_probs_dropout_prob=0.0, layer_norm_eps=c.info.get("eps", 1e-6), **_hf_labels(c))  # fmt: skip
     state = {**{f"encoder.{k}": v for k, v in sd.items()}, **sd}
