@@ -139,6 +139,8 @@ def field_docs(cls, prefix: str = "") -> list[FieldDoc]:
                 hints[name] = (annotation or old[0], description or old[1])
     out = []
     for f in dataclasses.fields(cls):
+        if f.metadata.get("internal"):  # set by code (Config.sections: registered methods' own sections)
+            continue
         value = _default(f)
         if dataclasses.is_dataclass(value):
             out += field_docs(type(value), f"{prefix}{f.name}.")

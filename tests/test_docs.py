@@ -97,6 +97,8 @@ def dotted_keys(cls, prefix: str = "") -> set[str]:
     keys = set()
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if f.metadata.get("internal"):  # not a key a user writes
+            continue
         if dataclasses.is_dataclass(hints[f.name]):
             keys |= dotted_keys(hints[f.name], f"{prefix}{f.name}.")
         else:
