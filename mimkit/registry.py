@@ -47,7 +47,8 @@ class MethodSpec:
         check: the method's own config checks (raise ConfigError with the key), run after the common ones
         block_generator: what mask.block_generator auto means for it (beit | exact)
         needs_tokenizer: pretraining needs a visual tokenizer (tokenizer.kind none is refused)
-        predicts_pixels: its output `pred` holds per-patch pixels (reconstruction pictures)
+        predicts_pixels: its output `pred` holds per-patch pixels (reconstruction pictures); or a function of the
+            config (MAE with mae.target hog predicts HOG features)
         mask_count: takes mask.count (a fixed number of masked patches) instead of mask.ratio
         section: a config section of its own, a dataclass read under the method's name (for methods defined
             outside mimkit; built-in sections are fields of mimkit.config.Config)
@@ -64,7 +65,7 @@ class MethodSpec:
     check: Callable[[Any], None] | None = None
     block_generator: Literal["beit", "exact"] = "exact"
     needs_tokenizer: bool = False
-    predicts_pixels: bool = True
+    predicts_pixels: bool | Callable[[Any], bool] = True
     mask_count: bool = True
     section: type | None = None
 
@@ -73,6 +74,10 @@ class MethodSpec:
             raise ValueError(f"method name {self.name!r} must be an identifier (it is a config value and a section)")
         if self.section is not None and not dataclasses.is_dataclass(self.section):
             raise ValueError(f"method {self.name}: section must be a dataclass, got {self.section!r}")
+
+    def pixels(self, cfg) -> bool:
+        """Whether this config's run predicts pixels (pictures of its reconstructions can be drawn)."""
+        return bool(self.predicts_pixels(cfg) if callable(self.predicts_pixels) else self.predicts_pixels)
 
     def sections_read(self, cfg) -> tuple[str, ...]:
         """The method sections / keys this config's run reads (besides COMMON_SECTIONS)."""

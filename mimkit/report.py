@@ -767,8 +767,8 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, *, images: 
     ckpts = pick_checkpoints(kept, checkpoints)
     recon_png, drawn = None, []
     spec = method_spec(cfg.method)
-    if not spec.predicts_pixels:
-        notes.append(f"{cfg.method} does not predict pixels ({spec.summary}): no reconstructions to draw")
+    if not spec.pixels(cfg):
+        notes.append(f"this {cfg.method} run does not predict pixels ({spec.summary}): no reconstructions to draw")
     else:
         try:
             recon, drawn = reconstructions_figure(run_dir, cfg, ckpts, images, num_images or cfg.train.vis_images)

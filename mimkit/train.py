@@ -59,6 +59,7 @@ from mimkit.methods import build_model, no_weight_decay_names
 from mimkit.metrics import MetricsLog
 from mimkit.models import compile_blocks, resolve_attention, resolve_compile, set_attention_kernel, transformer_blocks
 from mimkit.pipeline import PretrainData
+from mimkit.registry import method_spec
 from mimkit.runs import GracefulStop, check_drift, config_changes
 from mimkit.schedules import lr_at, schedule_length
 from mimkit.version import __version__
@@ -229,6 +230,8 @@ def pretrain(cfg: Config) -> RunResult:
                          hooks=monitors(cfg, s, metrics), step_lines=True)  # fmt: skip
 
         # ---- the loop: epochs of (accumulated) steps
+        spec = method_spec(cfg.method)  # the output fields logged beside the loss: its loss terms, then other values
+        logged = (*spec.loss_terms, *spec.logged)
         model.train()
         for step, batches in loop.steps(data.epoch_batches):
             lr = lr_at(step, s.steps_per_epoch, cfg, s.peak_lr)
@@ -242,7 +245,7 @@ def pretrain(cfg: Config) -> RunResult:
                 imgs = batch.pop("image").to(s.dist.device, non_blocking=True)
                 skipped += int(batch.pop("skipped").sum())
                 out = train_model(imgs, **{k: v.to(s.dist.device, non_blocking=True) for k, v in batch.items()})
-                return out.loss, {name: getattr(out, name) for name in model.LOSS_TERMS}
+                return out.loss, {name: getattr(out, name) for name in logged if hasattr(out, name)}
 
             result = loop.step(step, forward, lambda: {"skipped": float(skipped)},
                                on_update=lambda: model.after_step(step))  # fmt: skip
@@ -435,7 +438,7 @@ def monitors(cfg: Config, s: Setup, metrics: MetricsLog) -> tuple[Hook, ...]:
                          stats["knn_val_images"])  # fmt: skip
 
         hooks.append(Hook(t.knn_every_epochs, knn))
-    if metrics.tb is not None and t.vis_every_epochs and getattr(s.data, "dataset", None) is not None and model.PREDICTS_PIXELS:
+    if metrics.tb is not None and t.vis_every_epochs and getattr(s.data, "dataset", None) is not None and method_spec(cfg.method).pixels(cfg):
         vis_images = preview_images(s.data.dataset.source, model.encoder.patch_embed.img_size[0], t.vis_images)
         hooks.append(Hook(t.vis_every_epochs, lambda done: log_reconstruction_grid(
             metrics.tb, model, vis_images, done, seed=t.seed, mean=cfg.data.mean, std=cfg.data.std)))  # fmt: skip

@@ -330,10 +330,9 @@ def visualize(
     """One PNG grid per image (files, or folders searched recursively): OUT/<image stem>_reconstruction.png."""
     model, cfg, state = load_mimkit_checkpoint(ckpt)
     spec = method_spec(cfg.method)
-    if not spec.predicts_pixels:
-        pixel_methods = ", ".join(n for n in method_names() if method_spec(n).predicts_pixels)
-        raise InteropError(f"{ckpt}: a {cfg.method} model does not predict pixels ({spec.summary}), so it has no "
-                           f"reconstruction to draw; `mimkit visualize` takes checkpoints of {pixel_methods}")  # fmt: skip
+    if not spec.pixels(cfg):
+        raise InteropError(f"{ckpt}: this {cfg.method} model does not predict pixels ({spec.summary}), so it has no "
+                           "reconstruction to draw; `mimkit visualize` takes checkpoints of runs with pixel targets")  # fmt: skip
     size = model.encoder.patch_embed.img_size[0]
     out_dir = Path(out_dir)
     done = []

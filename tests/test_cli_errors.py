@@ -14,13 +14,15 @@ import mimkit.checkpoint as checkpoint_module
 from mimkit.checkpoint import list_checkpoints, load_checkpoint
 from mimkit.cli import main
 
-from conftest import TINY_MODEL, one_error_line
+from conftest import TINY_ENCODER, TINY_MODEL, one_error_line
 
 
 @pytest.fixture
 def run_args(npz_data, tmp_path):
     def build(*extra, out="run"):
-        return ["pretrain", *TINY_MODEL, f"data.path={npz_data}", "data.num_workers=0", "train.batch_size=8",
+        method = next((e.split("=", 1)[1] for e in reversed(extra) if e.startswith("method=")), "mae")
+        tiny = TINY_ENCODER if method != "mae" else TINY_MODEL  # MAE's tiny decoder only where it is read
+        return ["pretrain", *tiny, f"data.path={npz_data}", "data.num_workers=0", "train.batch_size=8",
                 "train.precision=fp32", "train.progress=false", "train.tensorboard=false",
                 f"train.out_dir={tmp_path / out}", *extra]  # fmt: skip
 

@@ -7,13 +7,11 @@ Called by the loop, in this order, every optimizer step:
       depend on (seed, epoch, sample) only, not on workers, ranks or resumes);
   `set_progress(step, steps_per_epoch, total_steps)` — before the step (schedules of the method's own);
   `forward(images, **mask_inputs)` — returns a NamedTuple with `loss` (a scalar) and the fields named in
-      `LOSS_TERMS`, which are logged beside the loss;
+      its spec's `loss_terms` and `logged` (mimkit.registry.MethodSpec), which are logged beside the loss;
   `after_step(step)` — after an applied update (e.g. a momentum encoder's EMA).
 """
 
 from __future__ import annotations
-
-from typing import ClassVar
 
 import torch
 from torch import nn
@@ -23,8 +21,6 @@ from mimkit.models import create_encoder, patchify
 
 
 class MIMMethod(nn.Module):
-    LOSS_TERMS: ClassVar[tuple[str, ...]] = ()  # output fields logged beside the loss
-    PREDICTS_PIXELS: ClassVar[bool] = True  # output `pred` holds per-patch pixels (reconstruction pictures)
     second_view: ViewSpec | None = None  # a second view of each crop the data pipeline must deliver (BEiT)
     norm_pix_loss: bool = False  # predictions are per-patch normalised pixels (shown on reconstruction panels)
     encoder: nn.Module

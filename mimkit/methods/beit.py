@@ -60,8 +60,6 @@ class BEiT(MIMMethod):
     ``tokenizer=None`` (tokenizer.kind none: an imported encoder) builds the same model without one, lm_head
     ``vocab_size`` wide: it evaluates and exports; a training forward says that it needs a tokenizer."""
 
-    LOSS_TERMS = ("mlm_acc",)
-    PREDICTS_PIXELS = False  # token ids, not pixels
 
     soft = False
 

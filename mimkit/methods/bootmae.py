@@ -66,8 +66,6 @@ class BootMAE(MIMMethod):
     """`encoder` (the student, a stock timm ViT), `pixel_decoder`, `feature_decoder` and `ema_encoder` (the
     momentum copy of the encoder, requires_grad False) are its submodules; the last two only with an EMA target."""
 
-    LOSS_TERMS = ("reconstruction", "feature", "consistency", "feature_weight", "momentum")
-
     def __init__(self, encoder: VisionTransformer, *, decoder_dim: int = 512, decoder_depth: int = 2,
                  decoder_heads: int = 16, feature_decoder_dim: int | None = None,
                  feature_decoder_depth: int | None = None, feature_decoder_heads: int | None = None,

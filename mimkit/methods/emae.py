@@ -38,8 +38,6 @@ class EMAE(MAE):
     """MAE's encoder, decoder, target and checkpoint layout, trained with parallel masks. Part 0 of an
     image's K parts has exactly MAE's random mask for the same noise."""
 
-    LOSS_TERMS = ("reconstruction", "consistency")
-
     def __init__(self, encoder, *, consistency_weight: float = 1.0, stop_gradient: bool = True,
                  distance: str = "mse", **mae_kwargs):  # fmt: skip
         super().__init__(encoder, **mae_kwargs)
@@ -98,5 +96,6 @@ SPEC = register(MethodSpec(
     mask_types=("random", "parallel"),  # it draws its own parallel parts
     mask_count=False,  # K comes from mask.ratio
     loss_terms=("reconstruction", "consistency"),
+    predicts_pixels=lambda cfg: cfg.mae.target != "hog",
     no_weight_decay=(),  # no public code: MAE's
 ))  # fmt: skip

@@ -77,7 +77,6 @@ class MAE(MIMMethod):
             target = "norm_pix" if norm_pix_loss else "pixels"
         self.target_part = make_target(target, self.patch_size, encoder.patch_embed.proj.in_channels)
         self.norm_pix_loss = target == "norm_pix"  # for captions and export
-        self.PREDICTS_PIXELS = self.target_part.PREDICTS_PIXELS  # hog: no reconstruction pictures
         sizes = (encoder.embed_dim, self.num_patches, self.patch_size, decoder_dim, decoder_depth, decoder_heads)
         width = self.target_part.width(self.patch_size)
         self.reconstruct_ratio = reconstruct_ratio
@@ -230,9 +229,10 @@ def reads(cfg) -> tuple[str, ...]:
 
 SPEC = register(MethodSpec(
     name="mae", build=build, check=check, reads=reads,
-    summary="MAE (He et al. 2022): pixels of the masked patches from the visible ones; CrossMAE's decoder with "
-            "mae.decoder=crossmae, EMAE's parallel masks with mask.type=parallel",
+    summary="MAE (He et al. 2022): pixels (or mae.target=hog: MaskFeat's HOG) of the masked patches from the visible "
+            "ones; CrossMAE's decoder with mae.decoder=crossmae, EMAE's parallel masks with mask.type=parallel",
     mask_types=("random", "block", "hybrid", "parallel"),
     loss_terms=("reconstruction", "consistency"),  # with mask.type parallel (EMAE's terms)
+    predicts_pixels=lambda cfg: cfg.mae.target != "hog",
     no_weight_decay=(),  # timm's add_weight_decay with an empty skip list: its cls and mask tokens are decayed
 ))  # fmt: skip
