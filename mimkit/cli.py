@@ -388,8 +388,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         if m.get("ema_top1") is not None:
             line += f", EMA top-1 {m['ema_top1']:.2f}%"
         print(line + f" on {m['val_images']} val images, {m['wall_clock_s']:.0f} s")
-        section = cfg.run if args.command == "knn" else cfg.train
-        beside = _beside(result.out_dir, active_loggers(section))[2:-1]
+        beside = _beside(result.out_dir, active_loggers(cfg.train))[2:-1]
         print(f"  metrics:    {result.metrics_path} (JSONL: {result.out_dir / 'metrics.jsonl'}{', ' + beside if beside else ''})")
         if result.checkpoint is not None:
             print(f"  checkpoint: {result.checkpoint}")
@@ -403,7 +402,7 @@ def register_eval_commands(sub) -> None:
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("config", nargs="?", help=f"YAML recipe, e.g. configs/eval/{name}_vit_tiny_cifar10.yaml, or "
                        f"a shipped recipe's name, e.g. {name}_vit_tiny_cifar10")
-        alias = " (knn's output section is run.*; train.* is accepted for it too)" if name == "knn" else ""
+        alias = " (run.*, knn's former name for train.*, is still read)" if name == "knn" else ""
         p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. "
                        f"encoder.checkpoint=runs/x/checkpoint-00001000.pt train.out_dir=runs/{name}{alias}")  # fmt: skip
         p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")

@@ -18,7 +18,6 @@ from mimkit.registry import COMMON_SECTIONS, custom_sections, method_spec
 from mimkit.typed_config import ConfigError, from_dict, read_recipe, require
 from mimkit.typed_config import to_dict as plain_dict
 
-BEIT_METHODS = ("beit", "mcbeit")  # transitional: train.py's saved_config still reads it (the registry's family)
 AttentionKernel = Literal["auto", "sdpa", "eager"]  # train.attention of pretraining and fine-tuning
 
 

@@ -111,7 +111,7 @@ class MetricsLog:
         if enabled and "csv" in loggers:
             self.csv = CsvLog(out_dir / "metrics.csv", _records(self.path) if self.path.exists() else [])
         if enabled and tensorboard:
-            key = "run.tensorboard" if prefix == "knn" else "train.tensorboard"
+            key = "train.tensorboard"
             try:
                 SummaryWriter = tensorboard_writer(key)
             except MissingExtra as e:

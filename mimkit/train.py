@@ -39,7 +39,6 @@ from mimkit.checkpoint import (
     set_rng_state,
 )
 from mimkit.config import (
-    BEIT_METHODS,
     TRAJECTORY_FREE,
     Config,
     active_loggers,
@@ -59,7 +58,7 @@ from mimkit.methods import build_model, no_weight_decay_names
 from mimkit.metrics import MetricsLog
 from mimkit.models import compile_blocks, resolve_attention, resolve_compile, set_attention_kernel, transformer_blocks
 from mimkit.pipeline import PretrainData
-from mimkit.registry import method_spec
+from mimkit.registry import encoder_family, method_spec
 from mimkit.runs import GracefulStop, check_drift, config_changes
 from mimkit.schedules import lr_at, schedule_length
 from mimkit.version import __version__
@@ -147,7 +146,7 @@ def saved_config(data: dict | None) -> dict:
     # (absent, as in 0.1.0, it was the exact-count generator, which auto means now)
     if mask.get("block_generator") == "auto":
         hybrid = mask.get("type") == "hybrid"
-        out["mask"]["block_generator"] = "beit" if data.get("method") in BEIT_METHODS or hybrid else "exact"
+        out["mask"]["block_generator"] = "beit" if encoder_family(str(data.get("method"))) == "beit" or hybrid else "exact"
     return out
 
 

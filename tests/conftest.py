@@ -105,8 +105,8 @@ def knn_cli(checkpoint, data, out_dir) -> int:
     from mimkit.cli import main
 
     return main(["knn", f"encoder.checkpoint={checkpoint}", f"data.path={data}", "data.num_workers=0",
-                 "data.val_split=train", "run.precision=fp32", "run.progress=false", "run.tensorboard=false",
-                 f"run.out_dir={out_dir}"])  # fmt: skip
+                 "data.val_split=train", "train.precision=fp32", "train.progress=false", "train.tensorboard=false",
+                 f"train.out_dir={out_dir}"])  # fmt: skip
 
 
 def one_error_line(capsys) -> str:

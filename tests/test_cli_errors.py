@@ -208,7 +208,7 @@ def tool_argv(command, ckpt, tmp_path, image, npz_data):
             "attention": ["attention", str(ckpt), str(image)],
             "import": ["import", str(ckpt), str(tmp_path / "imported.pt")],
             "knn": ["knn", f"encoder.checkpoint={ckpt}", f"data.path={labelled}", "data.num_workers=0",
-                    f"run.out_dir={tmp_path / 'knn'}"],
+                    f"train.out_dir={tmp_path / 'knn'}"],
             "pretrain resume": ["pretrain", *TINY_MODEL, f"data.path={npz_data}", "data.num_workers=0",
                                 "train.progress=false", "train.tensorboard=false", f"train.resume={ckpt}",
                                 f"train.out_dir={tmp_path / 'run'}"]}[command]  # fmt: skip

@@ -50,21 +50,21 @@ def test_print_config_and_dry_run_between_overrides(tmp_path, npz_data, capsys, 
     assert "dry run OK" in capsys.readouterr().out
     assert main(["knn", *TINY_ENCODER[:2], "--print-config", *TINY_ENCODER[2:], "data.path=x.npz",
                  "train.out_dir=elsewhere"]) == 0  # fmt: skip
-    assert yaml.safe_load(capsys.readouterr().out)["run"]["out_dir"] == "elsewhere"
+    assert yaml.safe_load(capsys.readouterr().out)["train"]["out_dir"] == "elsewhere"
 
 
 def test_knn_takes_train_keys_as_its_run_section(tmp_path):
     cfg = load_eval_config("knn", None, [*TINY_ENCODER, "data.path=x.npz", "train.out_dir=o", "train.batch_size=7"])
-    assert (cfg.run.out_dir, cfg.run.batch_size) == ("o", 7)
+    assert (cfg.train.out_dir, cfg.train.batch_size) == ("o", 7)
     recipe = tmp_path / "knn.yaml"
     recipe.write_text(yaml.safe_dump({"data": {"path": "x.npz"}, "train": {"out_dir": "from_yaml", "seed": 3}}))
     cfg = load_eval_config("knn", recipe, [*TINY_ENCODER, "run.out_dir=from_override"])
-    assert (cfg.run.out_dir, cfg.run.seed) == ("from_override", 3)  # the later layer wins, whatever its name
+    assert (cfg.train.out_dir, cfg.train.seed) == ("from_override", 3)  # the later layer wins, whatever its name
     cfg = load_eval_config("knn", "configs/eval/knn_vit_tiny_cifar10.yaml", ["train.out_dir=o2"])  # a run: recipe
-    assert cfg.run.out_dir == "o2"
+    assert cfg.train.out_dir == "o2"
     with pytest.raises(ConfigError, match="run.out_dir and train.out_dir are the same setting"):
         load_eval_config("knn", None, [*TINY_ENCODER, "data.path=x.npz", "train.out_dir=a", "run.out_dir=b"])
-    with pytest.raises(ConfigError, match="unknown config key 'run.epochs'"):
+    with pytest.raises(ConfigError, match="unknown config key 'train.epochs'"):
         load_eval_config("knn", None, [*TINY_ENCODER, "data.path=x.npz", "train.epochs=3"])
 
 

@@ -133,8 +133,8 @@ def test_pretrain_knn_monitor_and_knn_eval_on_torchvision_cifar(cifar_root, tmp_
     lines = (tmp_path / "run" / "metrics.jsonl").read_text()
     assert '"knn_top1"' in lines and '"knn_val_images": 8' in lines
     out = evaluate("knn", None, [f"encoder.checkpoint={result.checkpoint}", "data.path=torchvision:CIFAR10",
-                                 f"data.root={root}", "data.num_workers=0", "run.progress=false",
-                                 "run.tensorboard=false", f"run.out_dir={tmp_path / 'knn'}"])  # fmt: skip
+                                 f"data.root={root}", "data.num_workers=0", "train.progress=false",
+                                 "train.tensorboard=false", f"train.out_dir={tmp_path / 'knn'}"])  # fmt: skip
     assert out.metrics["train_images"] == 40 and out.metrics["val_images"] == 8 and out.metrics["num_classes"] == 10
 
 
@@ -165,12 +165,12 @@ def test_cifar_recipes_work_from_a_fresh_clone_given_torchvision_cifar10(tmp_pat
     monkeypatch.chdir(tmp_path)
     recipes = sorted((REPO / "configs").glob("*cifar10.yaml"))
     assert len(recipes) >= 6
-    for recipe in recipes:  # every CIFAR recipe reads torchvision's CIFAR-10 from ./data
-        cfg = load_config(recipe)
+    for recipe in recipes:  # every CIFAR recipe reads torchvision's CIFAR-10 from ./data (the tokenizer's: its command's)
+        cfg = load_config(recipe, also_reads=("tokenizer",) if recipe.stem.startswith("tokenizer") else ())
         assert (cfg.data.path, cfg.data.root) == ("torchvision:CIFAR10", "data"), recipe
         assert len(open_source(cfg.data.path, cfg.data.format, cfg.data.root)) == 40
-    code = main(["knn", str(REPO / "configs/eval/knn_vit_tiny_cifar10.yaml"), "run.progress=false",
-                 "run.tensorboard=false", "data.num_workers=0"])  # fmt: skip
+    code = main(["knn", str(REPO / "configs/eval/knn_vit_tiny_cifar10.yaml"), "train.progress=false",
+                 "train.tensorboard=false", "data.num_workers=0"])  # fmt: skip
     assert code == 0, capsys.readouterr().err
     assert "done: knn top-1" in capsys.readouterr().out and (tmp_path / "runs/knn_vit_tiny_cifar10/metrics.json").is_file()
     for command in ("linprobe", "finetune"):
@@ -192,7 +192,7 @@ def test_the_readme_python_evaluate_example(tmp_path, monkeypatch, npz_data, one
     readme = (REPO / "docs" / "getting-started.md").read_text()
     lines = re.search(r"\nfrom mimkit\.eval import evaluate.*?\nprint\(ev\.metrics.*?\n", readme, re.S).group(0)
     lines = lines.replace('checkpoint={result.checkpoint}"]', 'checkpoint={result.checkpoint}", *quiet]')
-    quiet = ["run.progress=false", "run.tensorboard=false", "data.num_workers=0"]
+    quiet = ["train.progress=false", "train.tensorboard=false", "data.num_workers=0"]
     scope = {"result": result, "quiet": quiet}
     exec(lines, scope)  # noqa: S102 - the README's own example
     assert scope["ev"].metrics["val_images"] == 8 and scope["ev"].metrics_path.is_file()

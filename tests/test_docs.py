@@ -112,7 +112,7 @@ def test_the_config_reference_has_every_key_of_every_command():
     for command, cls in {"mimkit pretrain": Config, "mimkit knn": KnnConfig, "mimkit linprobe": LinprobeConfig,
                          "mimkit finetune": FinetuneConfig}.items():  # fmt: skip
         assert keys[command] == dotted_keys(cls), command
-    assert "train.loggers" in keys["mimkit pretrain"] and "run.out_dir" in keys["mimkit knn"]
+    assert "train.loggers" in keys["mimkit pretrain"] and "train.out_dir" in keys["mimkit knn"]
 
 
 def test_the_cli_reference_has_every_subcommand():
@@ -209,11 +209,11 @@ def test_the_readme_python_example_runs_on_a_fresh_clone(tmp_path, monkeypatch, 
     call = '"train.out_dir=runs/readme"])'
     assert call in code
     code = code.replace(call, '"train.out_dir=runs/readme", *quick])')
-    code = code.replace('"run.out_dir=runs/readme_knn"]', '"run.out_dir=runs/readme_knn", *quiet]')
+    code = code.replace('"train.out_dir=runs/readme_knn"]', '"train.out_dir=runs/readme_knn", *quiet]')
     shutil.copytree(REPO / "configs", tmp_path / "configs")
     (tmp_path / "runs").mkdir()
     monkeypatch.chdir(tmp_path)
-    scope = {"quick": TINY_MODEL + quick, "quiet": ["run.progress=false", "run.tensorboard=false",
+    scope = {"quick": TINY_MODEL + quick, "quiet": ["train.progress=false", "train.tensorboard=false",
                                                     "data.num_workers=0"]}  # fmt: skip
     exec(code, scope)  # noqa: S102 - the README's own example
     assert scope["result"].step == 2 and scope["result"].checkpoint.is_file()

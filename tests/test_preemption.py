@@ -353,8 +353,8 @@ def test_a_stopped_finetune_resumes_bit_identical_and_a_stopped_knn_says_so(tmp_
         return real_features(*args, **kwargs)
 
     monkeypatch.setattr(common, "encoder_features", features)
-    rc = main(["knn", *encoder, f"data.path={data}", "data.num_workers=0", "run.precision=fp32", "run.progress=false",
-               "run.tensorboard=false", "run.batch_size=8", f"run.out_dir={tmp_path / 'knn'}"])  # fmt: skip
+    rc = main(["knn", *encoder, f"data.path={data}", "data.num_workers=0", "train.precision=fp32", "train.progress=false",
+               "train.tensorboard=false", "train.batch_size=8", f"train.out_dir={tmp_path / 'knn'}"])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == EXIT_STOPPED and err[-1].startswith("mimkit: stopped by SIGTERM during feature extraction")
     assert not (tmp_path / "knn" / "metrics.json").exists()

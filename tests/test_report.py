@@ -75,14 +75,14 @@ def run(tmp_path_factory):
     pretrain(load_config(None, base + ["train.max_steps=5"]))
     pretrain(load_config(None, base))
     run_dir = root / "runs" / "tiny"
-    knn = ["data.path=" + str(data), "run.progress=false", "run.tensorboard=false", "data.num_workers=0"]
+    knn = ["data.path=" + str(data), "train.progress=false", "train.tensorboard=false", "data.num_workers=0"]
     evaluate("knn", None, knn + [f"encoder.checkpoint={run_dir / 'checkpoint-00000016.pt'}",
-                                 f"run.out_dir={root / 'runs' / 'knn_tiny'}"])  # fmt: skip
+                                 f"train.out_dir={root / 'runs' / 'knn_tiny'}"])  # fmt: skip
     evaluate("knn", None, knn + [f"encoder.checkpoint={run_dir / 'checkpoint-00000008.pt'}",
-                                 f"run.out_dir={run_dir / 'eval' / 'knn8'}", "knn.k=5"])  # fmt: skip
+                                 f"train.out_dir={run_dir / 'eval' / 'knn8'}", "knn.k=5"])  # fmt: skip
     evaluate("knn", None, knn + ["encoder.checkpoint=none", "encoder.arch=vit_tiny_patch4_32", "encoder.img_size=16",
                                  "encoder.embed_dim=32", "encoder.depth=2", "encoder.num_heads=2",
-                                 f"run.out_dir={root / 'runs' / 'knn_random'}"])  # fmt: skip
+                                 f"train.out_dir={root / 'runs' / 'knn_random'}"])  # fmt: skip
     return root, run_dir, base
 
 
@@ -180,7 +180,7 @@ def test_without_a_baseline_one_line_says_the_command_and_its_run_is_found(run, 
     hint = re.search(r'<p id="baseline-hint">(.*?)</p>', page).group(1)
     command = html.unescape(re.search(r"<code>(.*?)</code>", hint).group(1))
     assert command.startswith("mimkit knn encoder.checkpoint=none encoder.arch=vit_tiny_patch4_32 encoder.img_size=16")
-    assert main([*shlex.split(command)[1:], "run.progress=false", "data.num_workers=0"]) == 0  # it runs...
+    assert main([*shlex.split(command)[1:], "train.progress=false", "data.num_workers=0"]) == 0  # it runs...
     report = build_report(alone, checkpoints=1)
     assert [b.command for b in report.baselines] == ["knn"]  # ...and the report finds its run as the baseline
     assert '<tr class="baseline">' in report.html.read_text()

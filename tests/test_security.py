@@ -89,7 +89,7 @@ def cli_commands(c):
         "attention": ["attention", f, str(c["image"]), "--out", str(t / "att.png")],
         "pretrain resume auto": [*pre, f"train.out_dir={c['run']}"],
         "pretrain resume path": [*pre, f"train.out_dir={t / 'other'}", f"train.resume={f}"],
-        "knn": ["knn", f"encoder.checkpoint={f}", *[x.replace("train.", "run.") for x in common], f"run.out_dir={t / 'knn'}"],
+        "knn": ["knn", f"encoder.checkpoint={f}", *common, f"train.out_dir={t / 'knn'}"],
         "linprobe": ["linprobe", f"encoder.checkpoint={f}", *common, f"train.out_dir={t / 'lp'}", "train.epochs=1"],
         "finetune": ["finetune", f"encoder.checkpoint={f}", *common, f"train.out_dir={t / 'ft'}", "train.max_steps=1"],
     }

@@ -372,11 +372,10 @@ def guarded(run_command):
 
     @functools.wraps(run_command)
     def run(cfg):
-        section = cfg.train if hasattr(cfg, "train") else cfg.run  # knn's, written train.* too
         with contextlib.ExitStack() as stack:
             stack.enter_context(GracefulStop())
             if mdist.world_from_env()[0] == 0:
-                stack.enter_context(RunLock(section.out_dir, key="train.out_dir"))
+                stack.enter_context(RunLock(cfg.train.out_dir, key="train.out_dir"))
             return run_command(cfg)
 
     return run

@@ -144,7 +144,7 @@ class KnnConfig:
     features: FeatureConfig = field(default_factory=FeatureConfig)
     knn: KnnParams = field(default_factory=KnnParams)
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
-    run: KnnRun = field(default_factory=KnnRun)
+    train: KnnRun = field(default_factory=KnnRun)  # `run` before 0.2: still read, with a deprecation line
 
 
 # ---------------------------------------------------------------- shared training-run settings
@@ -387,10 +387,11 @@ def validate(cfg: Any) -> Any:
         require(cfg.knn.k >= 1, f"knn.k must be >= 1, got {cfg.knn.k}")
         require(cfg.knn.temperature > 0, f"knn.temperature must be positive, got {cfg.knn.temperature}")
         require(cfg.knn.chunk_size >= 1, f"knn.chunk_size must be >= 1, got {cfg.knn.chunk_size}")
-        require(cfg.run.batch_size >= 1, f"run.batch_size must be >= 1, got {cfg.run.batch_size}")
-        require(cfg.run.save_every_batches >= 1, f"run.save_every_batches must be >= 1, got {cfg.run.save_every_batches}")
-        _validate_device("run", cfg.run.device)
-        cfg.run.loggers = check_loggers(cfg.run.loggers, "run.loggers")
+        t = cfg.train
+        require(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
+        require(t.save_every_batches >= 1, f"train.save_every_batches must be >= 1, got {t.save_every_batches}")
+        _validate_device("train", t.device)
+        t.loggers = check_loggers(t.loggers, "train.loggers")
     elif isinstance(cfg, LinprobeConfig):
         _validate_features("probe", cfg.probe)
         require(cfg.probe.head_init_std > 0, "probe.head_init_std must be positive")
@@ -434,32 +435,32 @@ def load_eval_config(command: str, path: str | Path | None = None, overrides: li
         raise ConfigError(f"unknown evaluation command '{command}'; allowed: {', '.join(COMMANDS)}")
     if command != "knn":
         return validate(from_dict(COMMANDS[command], read_recipe(path, overrides, sections)))
-    # knn's run section is written `train`, as in the other commands; `run`, its former name, is read too, layer by
-    # layer (recipe, keyword sections, overrides), so a later layer's train.X wins over an earlier one's run.X
+    # knn's run section is `train`, as in the other commands; `run`, its former name, is read too, layer by layer
+    # (recipe, keyword sections, overrides), so a later layer's train.X wins over an earlier one's run.X
     layers = [read_recipe(path, None, {}), read_recipe(None, None, dict(sections)), read_recipe(None, overrides, {})]
     if any("run" in layer for layer in layers):
         log.warning("knn: run.* is deprecated; write train.* (a `train:` section), as in the other commands")
     data: dict = {}
     for layer in layers:
-        data = _train_as_run(layer, data)
+        data = _run_as_train(layer, data)
     return validate(from_dict(KnnConfig, data))
 
 
-def _train_as_run(layer: dict, base: dict | None = None) -> dict:
-    """`layer` merged onto `base`, its `train` section read as knn's `run` section."""
+def _run_as_train(layer: dict, base: dict | None = None) -> dict:
+    """`layer` merged onto `base`, its `run` section (the former name) read as knn's `train` section."""
     layer = dict(layer)
-    train = layer.pop("train", None)
-    if train is not None and not isinstance(train, dict):
-        raise ConfigError(f"train: expected a mapping of run settings (knn's run section), got {train!r}")
-    if train:
-        run = layer.get("run")
-        if run is not None and not isinstance(run, dict):
-            raise ConfigError(f"run: expected a mapping of run settings, got {run!r}")
-        both = sorted(set(train) & set(run or {}))
+    run = layer.pop("run", None)
+    if run is not None and not isinstance(run, dict):
+        raise ConfigError(f"run: expected a mapping of run settings (knn's train section), got {run!r}")
+    if run:
+        train = layer.get("train")
+        if train is not None and not isinstance(train, dict):
+            raise ConfigError(f"train: expected a mapping of run settings, got {train!r}")
+        both = sorted(set(train or {}) & set(run))
         if both and any(train[k] != run[k] for k in both):
-            raise ConfigError(f"knn: run.{both[0]} and train.{both[0]} are the same setting (train is an alias of "
-                              "knn's run section); set one")  # fmt: skip
-        layer["run"] = {**(run or {}), **train}
+            raise ConfigError(f"knn: run.{both[0]} and train.{both[0]} are the same setting (run is the former name "
+                              "of knn's train section); set one")  # fmt: skip
+        layer["train"] = {**run, **(train or {})}
     return merge_dicts(base or {}, layer)
 
 

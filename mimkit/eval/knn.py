@@ -127,7 +127,7 @@ def knn_monitor(
 def run_knn(cfg: KnnConfig) -> EvalResult:
     """Extract (or reuse) train and val features, vote, write metrics. Resuming = the feature caches in
     train.out_dir (run.out_dir): finished ones are reused, an interrupted extraction continues where it stopped."""
-    r = cfg.run
+    r = cfg.train
     clock, dist, precision, out_dir, data = start_eval_run(cfg, r)
     device = dist.device
     encoder, report = load_encoder(cfg.encoder, r.seed)
