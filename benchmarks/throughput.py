@@ -72,7 +72,8 @@ from mimkit.config import load_config
 from mimkit.pipeline import PretrainData
 from mimkit.masking import num_visible
 from mimkit.methods import build_model
-from mimkit.models import compile_blocks, get_preset, resolve_attention, set_attention_kernel
+from mimkit.models import compile_blocks, resolve_attention, set_attention_kernel
+from mimkit.presets import get_preset
 from mimkit.engine import adamw_kernel, autocast_context
 from mimkit.machine import cpu_flags, cpu_model
 

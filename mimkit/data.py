@@ -25,16 +25,7 @@ from torchvision.transforms import v2
 
 from mimkit.datasets import open_torchvision
 from mimkit.extras import install_hint
-from mimkit.sources import (  # noqa: F401 (mimkit.data's names, as before)
-    ArrayImages,
-    CorruptImage,
-    DataError,
-    FolderImages,
-    load_image,
-    load_npz,
-    skimage_photos,
-    to_rgb,
-)
+from mimkit.sources import CorruptImage, DataError, FolderImages, load_npz, skimage_photos, to_rgb
 
 log = logging.getLogger("mimkit")
 

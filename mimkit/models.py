@@ -18,7 +18,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from mimkit.errors import MimkitError
-from mimkit.presets import PRESETS, VitPreset, get_preset  # noqa: F401 (mimkit.models.PRESETS, as before)
+from mimkit.presets import get_preset
 
 
 def create_encoder(

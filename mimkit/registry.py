@@ -100,14 +100,14 @@ def unregister(name: str) -> None:
 
 
 def method_names() -> tuple[str, ...]:
-    """Registered method names, built-in ones first (in the order mimkit.methods registers them)."""
-    return tuple(_REGISTRY)
+    """Registered method names, in alphabetical order."""
+    return tuple(sorted(_REGISTRY))
 
 
 def method_spec(name: str) -> MethodSpec:
     """The spec of a registered method; a one-line ConfigError naming the registered ones otherwise."""
     if name not in _REGISTRY:
-        known = ", ".join(_REGISTRY) or "none (import mimkit.methods to register the built-in ones)"
+        known = ", ".join(method_names()) or "none (import mimkit.methods to register the built-in ones)"
         raise ConfigError(f"method: {name!r} is not a registered method; allowed: {known}")
     return _REGISTRY[name]
 
@@ -121,4 +121,4 @@ def encoder_family(method: str) -> str:
 
 def custom_sections() -> dict[str, type]:
     """Sections declared by registered methods (name -> dataclass)."""
-    return {s.name: s.section for s in _REGISTRY.values() if s.section is not None}
+    return {name: _REGISTRY[name].section for name in method_names() if _REGISTRY[name].section is not None}

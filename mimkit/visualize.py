@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from mimkit.registry import encoder_family, method_names, method_spec
-from mimkit.data import CorruptImage, DataError, load_image
+from mimkit.sources import CorruptImage, DataError, load_image
 from mimkit.interop import InteropError, load_mimkit_checkpoint
 from mimkit.models import unpatchify
 

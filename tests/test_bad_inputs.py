@@ -8,7 +8,7 @@ import PIL.Image
 import pytest
 from PIL import Image
 
-from mimkit.data import DataError, load_npz
+from mimkit.sources import DataError, load_npz
 from mimkit.train import pretrain
 
 from conftest import make_images

@@ -12,7 +12,7 @@ from conftest import TINY_MODEL, make_images, one_error_line
 from PIL import Image
 
 from mimkit.cli import build_parser, flags_first, main
-from mimkit.data import DataError
+from mimkit.sources import DataError
 from mimkit.datasets import open_torchvision
 from mimkit.eval import load_eval_config
 from mimkit.typed_config import ConfigError

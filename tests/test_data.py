@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mimkit.data import DataError, FolderImages, ResumableBatchSampler, load_image, open_source
+from mimkit.data import ResumableBatchSampler, open_source
+from mimkit.sources import DataError, FolderImages, load_image
 from mimkit.train import pretrain
 
 from conftest import make_images

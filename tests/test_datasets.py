@@ -21,7 +21,8 @@ import torchvision
 
 from mimkit.cli import main
 from mimkit.config import load_config
-from mimkit.data import DataError, open_source
+from mimkit.data import open_source
+from mimkit.sources import DataError
 from mimkit.eval import evaluate, open_labelled_split
 from mimkit.train import pretrain
 

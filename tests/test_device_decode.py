@@ -24,7 +24,8 @@ from torchvision.transforms import v2
 from mimkit import device_decode
 from mimkit.checkpoint import load_checkpoint
 from mimkit.config import ConfigError, load_config
-from mimkit.data import DataError, ViewSpec, pretrain_transform
+from mimkit.data import ViewSpec, pretrain_transform
+from mimkit.sources import DataError
 from mimkit.device_decode import draw_crop_and_flip, resolve_decode
 from mimkit.pipeline import PretrainData
 from mimkit.train import pretrain

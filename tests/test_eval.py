@@ -331,7 +331,7 @@ def test_checkpoint_architecture_mismatch_is_named(eval_cfg, pretrained):
 
 
 def test_missing_labels_or_split_fail_before_any_model(tmp_path, npz_data):
-    from mimkit.data import DataError
+    from mimkit.sources import DataError
 
     with pytest.raises(DataError, match="has no array 'x_test'"):
         open_labelled_split(npz_data, "test")

@@ -132,7 +132,7 @@ def test_a_registered_method_checks_its_own_section(toy):
 def test_registering_a_name_twice_is_refused(toy):
     with pytest.raises(ValueError, match="method 'toy' is already registered"):
         register(MethodSpec(name="toy", build=build_toy))
-    with pytest.raises(ConfigError, match=r"^method: 'tyo' is not a registered method; allowed: mae, emae"):
+    with pytest.raises(ConfigError, match=r"^method: 'tyo' is not a registered method; allowed: beit, bootmae, emae, mae, mcbeit, simmim"):
         load_config(None, ["method=tyo"])
 
 

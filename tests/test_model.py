@@ -4,8 +4,10 @@ import torch
 
 from mimkit.config import load_config
 from mimkit.methods import build_model
-from mimkit.methods.mae import MAE, masked_mse, per_patch_normalize
-from mimkit.models import PRESETS, create_encoder, get_preset, patchify, sincos_2d_pos_embed, unpatchify
+from mimkit.losses import masked_mse, per_patch_normalize
+from mimkit.methods.mae import MAE
+from mimkit.models import create_encoder, patchify, sincos_2d_pos_embed, unpatchify
+from mimkit.presets import PRESETS, get_preset
 
 from conftest import TINY_MODEL
 

@@ -23,7 +23,8 @@ from PIL import Image, ImageDraw
 import mimkit
 from mimkit.cli import main
 from mimkit.config import load_config
-from mimkit.data import ArrayImages, CorruptImage, PretrainDataset, ResumableBatchSampler
+from mimkit.data import PretrainDataset, ResumableBatchSampler
+from mimkit.sources import ArrayImages, CorruptImage
 from mimkit.methods import build_model
 from mimkit.train import pretrain
 from mimkit.visualize import _font, attention_grid, attention_maps, colormap, prepare_image, render_panels

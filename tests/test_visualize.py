@@ -22,7 +22,7 @@ import mimkit
 from mimkit.checkpoint import save_checkpoint
 from mimkit.cli import main
 from mimkit.config import load_config, to_dict
-from mimkit.data import ArrayImages
+from mimkit.sources import ArrayImages
 from mimkit.methods import build_model
 from mimkit.methods.mae import MAEOutput
 from mimkit.visualize import (

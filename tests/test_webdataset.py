@@ -14,7 +14,7 @@ import webdataset as wds
 from PIL import Image
 
 from mimkit.checkpoint import load_checkpoint
-from mimkit.data import DataError
+from mimkit.sources import DataError
 from mimkit.train import pretrain
 
 from conftest import TINY_MODEL, make_images

@@ -34,7 +34,8 @@ from mimkit.checkpoint import (
     resume_point,
     save_checkpoint,
 )
-from mimkit.data import CorruptImage, DataError, FolderImages, load_npz, pretrain_transform
+from mimkit.data import pretrain_transform
+from mimkit.sources import CorruptImage, DataError, FolderImages, load_npz
 from mimkit.datasets import open_torchvision
 from mimkit.engine import autocast_context, seed_everything
 from mimkit.eval.encoders import encoder_features, feature_dim

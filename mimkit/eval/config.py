@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from mimkit.config import AttentionKernel, check_loggers
-from mimkit.models import PRESETS
+from mimkit.presets import PRESETS
 from mimkit.typed_config import ConfigError, from_dict, read_recipe, require, to_dict
 from mimkit.typed_config import _merge as merge_dicts
 

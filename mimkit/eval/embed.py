@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from mimkit import distributed as mdist
 from mimkit.checkpoint import atomic_write_bytes, atomic_write_text
 from mimkit.config import ConfigError
-from mimkit.data import CorruptImage, DataError, FolderImages, load_npz
+from mimkit.sources import CorruptImage, DataError, FolderImages, load_npz
 from mimkit.datasets import open_torchvision
 from mimkit.eval.common import eval_transform, extract_features
 from mimkit.eval.config import IMAGENET_MEAN, IMAGENET_STD, EncoderConfig

@@ -17,7 +17,8 @@ from mimkit import distributed as mdist
 from mimkit.checkpoint import CheckpointError, load_checkpoint
 from mimkit.config import ConfigError, config_from_dict
 from mimkit.methods import build_model, set_layer_norm_eps
-from mimkit.models import create_encoder, get_preset, init_weights_beit, timm_beit_kwargs
+from mimkit.models import create_encoder, init_weights_beit, timm_beit_kwargs
+from mimkit.presets import get_preset
 from mimkit.registry import encoder_family
 
 log = logging.getLogger("mimkit")

@@ -14,7 +14,7 @@ from mimkit.config import Config, ConfigError, config_from_dict
 from mimkit.registry import encoder_family
 from mimkit.files import InteropError, load_weights_file
 from mimkit.methods import build_model
-from mimkit.models import PRESETS
+from mimkit.presets import PRESETS
 
 FORMATS = ("auto", "mimkit", "mae", "beit", "bootmae", "hf")
 

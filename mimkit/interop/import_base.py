@@ -18,7 +18,7 @@ from mimkit.checkpoint import save_checkpoint
 from mimkit.config import Config, to_dict
 from mimkit.files import InteropError
 from mimkit.interop.convert import Converted
-from mimkit.models import PRESETS
+from mimkit.presets import PRESETS
 
 _HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}  # ViT-Ti/S/B/L/H
 

@@ -31,7 +31,8 @@ from mimkit.interop.import_base import (
     save_imported,
 )
 from mimkit.methods import build_model
-from mimkit.models import PRESETS, sincos_2d_pos_embed
+from mimkit.models import sincos_2d_pos_embed
+from mimkit.presets import PRESETS
 
 # =============================================================================================
 # Import: configuration inferred from the converted tensors

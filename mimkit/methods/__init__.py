@@ -4,14 +4,19 @@ declaring itself once with a `MethodSpec` (mimkit.registry) that everything else
 from __future__ import annotations
 
 import fnmatch
+import importlib
+import pkgutil
 
 from torch import nn
 
-# importing each method's file registers it (in this order: `mimkit methods` and the docs list them so)
-from mimkit.methods import mae, emae, bootmae, simmim, beit  # noqa: F401  # isort: skip
 from mimkit.methods.base import MIMMethod, set_layer_norm_eps, vit_encoder  # noqa: F401 (the contract, for users)
 from mimkit.registry import MethodSpec, method_names, method_spec, register  # noqa: F401
 from mimkit.typed_config import ConfigError
+
+# every file of this package but the contract declares its method(s) when imported: a new method is a new file here
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    if _module != "base":
+        importlib.import_module(f"{__name__}.{_module}")
 
 
 def build_model(cfg) -> nn.Module:

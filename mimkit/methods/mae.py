@@ -14,7 +14,7 @@ from torch import nn
 
 from mimkit.config import geometry, resolve_block_generator
 from mimkit.decoders import CrossMAEDecoder, MAEDecoder, resolve_context_blocks
-from mimkit.losses import masked_mse, per_patch_normalize  # noqa: F401 (re-exported)
+from mimkit.losses import masked_mse
 from mimkit.masking import (
     RandomMask,
     VisibleTokenMasks,
