@@ -165,8 +165,9 @@ def build_encoder(src: EncoderSource, drop_path_rate: float = 0.0, seed: int = 0
     if src.beit_kwargs is not None:
         from timm.models.beit import Beit
 
-        if src.state is not None:
-            return Beit(**{**src.beit_kwargs, "drop_path_rate": drop_path_rate})
+        if src.state is not None:  # with the pretraining's LayerNorm eps (model.layer_norm_eps)
+            return set_layer_norm_eps(Beit(**{**src.beit_kwargs, "drop_path_rate": drop_path_rate}),
+                                      m.get("layer_norm_eps", 1e-6))  # fmt: skip
         with torch.random.fork_rng(devices=[]):  # BEiT pretraining's init (official bounds), from `seed` alone
             torch.manual_seed(seed)
             encoder = Beit(**{**src.beit_kwargs, "drop_path_rate": drop_path_rate})
