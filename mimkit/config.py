@@ -162,6 +162,24 @@ class BEiTConfig:
 
 
 @dataclass
+class IJEPAConfig:
+    """I-JEPA (Assran et al. 2023): multi-block masks, a narrow ViT predictor, an EMA target encoder (official ViT-H/14
+    values; the predictor's heads default to the encoder's, as the official code's)."""
+    predictor_dim: int = 384
+    predictor_depth: int = 12
+    predictor_heads: int | None = None  # default: the encoder's heads
+    num_targets: int = 4  # target blocks per image
+    target_scale: tuple[float, float] = (0.15, 0.2)  # area of each target block, fraction of the patches
+    target_aspect: tuple[float, float] = (0.75, 1.5)  # height / width of the target blocks
+    context_scale: tuple[float, float] = (0.85, 1.0)  # area of the (square) context block before the targets leave it
+    min_keep: int = 10  # every block keeps more than this many patches (context: after the targets are removed)
+    loss: Literal["smooth_l1", "l2"] = "smooth_l1"
+    momentum: float = 0.996  # target-encoder EMA, linear to momentum_final over the run
+    momentum_final: float = 1.0
+    weight_decay_final: float = 0.4  # optim.weight_decay (0.04) -> this, cosine over the run (official schedule)
+
+
+@dataclass
 class TokenizerConfig:
     # BEiT / mc-BEiT visual tokenizer (mimkit/tokenizers.py). mimkit: written by `mimkit tokenizer train`;
     # dalle: DALL-E dVAE encoder state dict; vqgan: taming Gumbel-VQGAN last.ckpt; random: untrained mimkit dVAE;
@@ -371,6 +389,7 @@ class Config:
     simmim: SimMIMConfig = field(default_factory=SimMIMConfig)
     bootmae: BootMAEConfig = field(default_factory=BootMAEConfig)
     beit: BEiTConfig = field(default_factory=BEiTConfig)
+    ijepa: IJEPAConfig = field(default_factory=IJEPAConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -387,7 +406,7 @@ class Config:
         raise AttributeError(f"Config has no section {name!r}")
 
 
-BUILTIN_METHOD_SECTIONS = ("mae", "emae", "simmim", "bootmae", "beit", "tokenizer")  # read only by the methods naming them
+BUILTIN_METHOD_SECTIONS = ("mae", "emae", "simmim", "bootmae", "beit", "ijepa", "tokenizer")  # read only by the methods naming them
 
 
 # ---------------------------------------------------------------- range checks
