@@ -162,6 +162,24 @@ class BEiTConfig:
 
 
 @dataclass
+class Data2Vec2Config:
+    """data2vec 2.0 (Baevski et al. 2023): several inverse block masks per image sharing one EMA-teacher pass, targets the
+    mean of the teacher's top-K instance-normalised block outputs, a convolutional decoder (fairseq's image values)."""
+    num_masks: int = 8  # M: masks per image (the paper's multi-mask; the student batch is B x M)
+    top_k_blocks: int = 8  # targets: mean of the teacher's last K block outputs (all blocks when the encoder has fewer)
+    mask_length: int = 3  # inverse block masks: side of the square blocks kept visible (mask.type block)
+    mask_prob_adjust: float = 0.07  # inverse block masks: extra block centres drawn, as a fraction of the patches
+    decoder_dim: int | None = None  # conv decoder width; default: the encoder width
+    decoder_layers: int = 6
+    decoder_kernel: int = 3
+    decoder_groups: int = 16
+    mask_noise_std: float = 0.01  # the decoder's masked positions: N(0, std) noise (no learned mask token)
+    cls_loss_weight: float = 0.0  # the image recipe's cls term (its 0.01 is per batch sum; see docs/methods.md); 0 = off
+    ema_decay: float = 0.9998  # teacher EMA decay, annealed linearly to ema_end_decay over the run
+    ema_end_decay: float = 0.99999
+
+
+@dataclass
 class IJEPAConfig:
     """I-JEPA (Assran et al. 2023): multi-block masks, a narrow ViT predictor, an EMA target encoder (official ViT-H/14
     values; the predictor's heads default to the encoder's, as the official code's)."""
@@ -390,6 +408,7 @@ class Config:
     bootmae: BootMAEConfig = field(default_factory=BootMAEConfig)
     beit: BEiTConfig = field(default_factory=BEiTConfig)
     ijepa: IJEPAConfig = field(default_factory=IJEPAConfig)
+    data2vec2: Data2Vec2Config = field(default_factory=Data2Vec2Config)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -406,7 +425,7 @@ class Config:
         raise AttributeError(f"Config has no section {name!r}")
 
 
-BUILTIN_METHOD_SECTIONS = ("mae", "emae", "simmim", "bootmae", "beit", "ijepa", "tokenizer")  # read only by the methods naming them
+BUILTIN_METHOD_SECTIONS = ("mae", "emae", "simmim", "bootmae", "beit", "ijepa", "data2vec2", "tokenizer")  # read only by the methods naming them
 
 
 # ---------------------------------------------------------------- range checks
