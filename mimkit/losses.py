@@ -14,9 +14,10 @@ def per_patch_normalize(target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over masked patches of the per-patch mean squared error (computed in fp32)."""
+    """Mean over masked patches of the per-patch mean squared error (computed in fp32); 0 when no patch is masked
+    (BEiT's block generator can place no block on a small grid)."""
     per_patch = (pred.float() - target.float()).pow(2).mean(dim=-1)
-    return (per_patch * mask).sum() / mask.sum()
+    return (per_patch * mask).sum() / mask.sum().clamp_min(1)
 
 
 def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, count: torch.Tensor) -> torch.Tensor:

@@ -108,25 +108,29 @@ def _gaussian_window(size: int, device: torch.device) -> torch.Tensor:
     return w / w.sum()
 
 
-def hog_features(imgs: torch.Tensor, patch_size: int, bins: int = HOG_BINS, cell: int | None = None) -> torch.Tensor:
+def hog_features(imgs: torch.Tensor, patch_size: int, bins: int = HOG_BINS, cell: int | None = None,
+                 gradient: str = "sobel", window: bool = True) -> torch.Tensor:  # fmt: skip
     """MaskFeat's HOG target (Wei et al., CVPR 2022), per colour channel: Sobel gradients (reflect-padded), each
     pixel's magnitude weighted by a gaussian window over its patch (std = patch / 2) and added to the bin of its
     unsigned orientation (hard binning; `bins` over 180 degrees, bin 0 = gradients along the image's vertical axis, i.e.
     horizontal edges), summed in square cells of `cell` pixels (default patch / 2: 8x8 at patch 16, 2x2 cells per
     patch), each cell's histogram L2-normalised. (B, C, H, W) -> (B, L, C * bins * (patch / cell)^2), per patch in
-    (channel, bin, cell row, cell column) order; fp32, no gradient."""
+    (channel, bin, cell row, cell column) order; fp32, no gradient. `gradient` central (a [-1, 0, 1] difference) and
+    `window` False give scikit-image's `hog` per channel (cells_per_block 1, L2), on the transposed image: it
+    measures orientations from the horizontal axis (tests/test_maskfeat.py)."""
     cell = cell or patch_size // 2
     b, c, h, w = imgs.shape
     if cell < 1 or patch_size % cell or h % patch_size or w % patch_size:
         raise ValueError(f"HOG cells of {cell} px must tile the {patch_size} px patches of a {h}x{w} image")
     with torch.no_grad(), torch.autocast(imgs.device.type, enabled=False):  # fp32 even in a bf16 step
         x = F.pad(imgs.float(), (1, 1, 1, 1), mode="reflect")
-        sobel = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=x.device)
-        gx = F.conv2d(x, sobel.expand(c, 1, 3, 3), groups=c)  # d/dx (columns), per channel
-        gy = F.conv2d(x, sobel.t().expand(c, 1, 3, 3), groups=c)  # d/dy (rows)
+        smooth = [1.0, 2.0, 1.0] if gradient == "sobel" else [0.0, 1.0, 0.0]
+        kernel = torch.tensor(smooth, device=x.device)[:, None] * torch.tensor([-1.0, 0.0, 1.0], device=x.device)
+        gx = F.conv2d(x, kernel.expand(c, 1, 3, 3), groups=c)  # d/dx (columns), per channel
+        gy = F.conv2d(x, kernel.t().expand(c, 1, 3, 3), groups=c)  # d/dy (rows)
         magnitude = torch.sqrt(gx * gx + gy * gy)
-        window = _gaussian_window(patch_size, x.device).repeat(h // patch_size, w // patch_size)
-        magnitude = magnitude * window
+        if window:
+            magnitude = magnitude * _gaussian_window(patch_size, x.device).repeat(h // patch_size, w // patch_size)
         orientation = torch.remainder(torch.atan2(gx, gy), math.pi)  # from the vertical axis, in [0, pi]
         index = torch.floor(orientation * (bins / math.pi)).long().clamp_(0, bins - 1)
         hc, wc = h // cell, w // cell
