@@ -266,3 +266,40 @@ class CrossMAEDecoder(nn.Module):
         for blk in self.decoder_blocks:
             x = checkpoint(blk, x, context, use_reentrant=False) if recompute else blk(x, context)
         return self.decoder_pred(self.decoder_norm(x))
+
+
+class ConvDecoderBlock(nn.Module):
+    """One block of data2vec 2.0's image decoder on (B, C, H, W): a grouped k x k convolution ("same" padding), a
+    LayerNorm over the channels without affine, GELU."""
+
+    def __init__(self, in_dim: int, dim: int, kernel: int = 3, groups: int = 16, eps: float = 1e-5):
+        super().__init__()
+        self.conv = nn.Conv2d(in_dim, dim, kernel, padding=kernel // 2, groups=groups)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x).permute(0, 2, 3, 1)
+        return F.gelu(F.layer_norm(x, x.shape[-1:], eps=self.eps)).permute(0, 3, 1, 2)
+
+
+class ConvDecoder2d(nn.Module):
+    """data2vec 2.0's light image decoder: the tokens of every patch (B, L, in_dim), in image order, laid out on the
+    patch grid, through `layers` ConvDecoderBlocks, each with a residual connection where its input and output
+    widths agree, then a per-patch Linear to `out_dim` (default in_dim): (B, L, out_dim). No attention, no position
+    embedding (the convolutions see the layout)."""
+
+    def __init__(self, in_dim: int, grid: tuple[int, int], dim: int, layers: int, kernel: int = 3, groups: int = 16,
+                 out_dim: int | None = None):  # fmt: skip
+        super().__init__()
+        self.grid = tuple(grid)
+        self.blocks = nn.ModuleList([ConvDecoderBlock(in_dim if i == 0 else dim, dim, kernel, groups)
+                                     for i in range(layers)])  # fmt: skip
+        self.proj = nn.Linear(dim, out_dim or in_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, num, c = x.shape
+        x = x.transpose(1, 2).reshape(b, c, *self.grid)
+        for block in self.blocks:
+            y = block(x)
+            x = y + x if y.shape[1] == x.shape[1] else y
+        return self.proj(x.flatten(2).transpose(1, 2))

@@ -317,3 +317,107 @@ def reconstruction_ids(mask: torch.Tensor, ratio: float | None, noise: torch.Ten
     if noise is None:
         noise = torch.rand(b, num, device=mask.device)
     return torch.argsort(noise.float().masked_fill(mask == 0, float("inf")), dim=1)[:, :count]
+
+
+# ---------------------------------------------------------------- I-JEPA's multi-block masks (Assran et al. 2023)
+
+
+def multiblock_size(grid: tuple[int, int], scale: tuple[float, float], aspect: tuple[float, float],
+                    u: float) -> tuple[int, int]:  # fmt: skip
+    """The (h, w) of an I-JEPA block from one uniform draw `u`, as the official collator: the same `u` sets the scale
+    and the aspect (so larger blocks are also taller); area int(H W scale), h = round(sqrt(area aspect)),
+    w = round(sqrt(area / aspect)), each shrunk below the grid's side (a block never spans a whole side)."""
+    h_grid, w_grid = grid
+    area = int(h_grid * w_grid * (scale[0] + u * (scale[1] - scale[0])))
+    ratio = aspect[0] + u * (aspect[1] - aspect[0])
+    h, w = int(round(math.sqrt(area * ratio))), int(round(math.sqrt(area / ratio)))
+    return max(1, min(h, h_grid - 1)), max(1, min(w, w_grid - 1))
+
+
+def multiblock_place(grid: tuple[int, int], size: tuple[int, int], generator: torch.Generator | None,
+                     min_keep: int, allowed: list[torch.Tensor] = (), tries: int = 20) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """One block of `size` at a uniform position (top in [0, H - h), left in [0, W - w): the official collator's
+    range, which never starts a block on its last possible row / column), cut to the `allowed` (H, W) regions; drawn
+    again until it keeps more than `min_keep` patches. After every `tries` failures the last allowed region is
+    dropped (the official relaxation), so a context block always ends up valid. Returns (mask, the block uncut)."""
+    (h_grid, w_grid), (h, w) = grid, size
+    relaxed, failures = 0, 0
+    while True:
+        top = int(torch.randint(0, h_grid - h, (1,), generator=generator))
+        left = int(torch.randint(0, w_grid - w, (1,), generator=generator))
+        block = torch.zeros(h_grid, w_grid, dtype=torch.bool)
+        block[top : top + h, left : left + w] = True
+        mask = block.clone()
+        for region in allowed[: max(len(allowed) - relaxed, 0)]:
+            mask &= region
+        if int(mask.sum()) > min_keep:
+            return mask, block
+        if not allowed or relaxed >= len(allowed):
+            raise ValueError(f"a {h}x{w} block cannot keep more than min_keep={min_keep} patches")
+        failures += 1
+        if failures % tries == 0:
+            relaxed += 1
+
+
+class MultiBlockMasks:
+    """I-JEPA's multi-block masks for one image, from its own generator (`mask_inputs`): `num_targets` target blocks
+    of one size (scale `target_scale`, aspect `target_aspect`; they may overlap each other) and one context block
+    (scale `context_scale`, square) less every target block (the official allow_overlap=False), each keeping more
+    than `min_keep` patches. Returns {"context": (L,) bool, "targets": (num_targets, L) bool}, 1 = in the block: a
+    fixed-size form the DataLoader batches. The official collator draws the block sizes once per batch and truncates
+    every context to the batch's smallest; here the sizes are drawn per image (a mask depends on its sample only),
+    and the method truncates contexts and targets to the batch's smallest counts, keeping the first patches in
+    row-major order, as the official truncation does (`multiblock_ids`)."""
+
+    def __init__(self, grid: tuple[int, int], num_targets: int = 4, target_scale=(0.15, 0.2),
+                 target_aspect=(0.75, 1.5), context_scale=(0.85, 1.0), min_keep: int = 10):  # fmt: skip
+        self.grid, self.num_targets, self.min_keep = tuple(grid), num_targets, min_keep
+        self.target_scale, self.target_aspect, self.context_scale = target_scale, target_aspect, context_scale
+
+    def __call__(self, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        u_target, u_context = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
+        target_size = multiblock_size(self.grid, self.target_scale, self.target_aspect, u_target)
+        context_size = multiblock_size(self.grid, self.context_scale, (1.0, 1.0), u_context)
+        targets, outside = [], []
+        for _ in range(self.num_targets):
+            mask, block = multiblock_place(self.grid, target_size, generator, self.min_keep)
+            targets.append(mask.flatten())
+            outside.append(~block)
+        context, _ = multiblock_place(self.grid, context_size, generator, self.min_keep, outside)
+        return {"context": context.flatten(), "targets": torch.stack(targets)}
+
+
+def multiblock_ids(mask: torch.Tensor) -> torch.Tensor:
+    """(..., L) bool masks -> (..., n) indices of their first n patches in row-major order, n the smallest count of
+    the batch (the official collator's truncation to the batch minimum)."""
+    count = int(mask.sum(-1).min())
+    return torch.argsort(mask.to(torch.uint8), dim=-1, descending=True, stable=True)[..., :count]
+
+
+def inverse_block_mask(grid: tuple[int, int], mask_ratio: float, *, mask_length: int = 3, prob_adjust: float = 0.07,
+                       count: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:  # fmt: skip
+    """data2vec 2.0's inverse block mask for one image: (H, W) bool, 1 = masked, with exactly `num_visible(L, ratio)`
+    visible patches (L - `count` with a masked count), so samples batch. The blocks are the *visible* ones: int(L *
+    (keep fraction + prob_adjust) / mask_length^2) block centres are drawn uniformly (with replacement), each opens a
+    mask_length x mask_length square (clipped at the border: a centre near the edge opens a smaller one); then
+    visible patches drawn uniformly are closed (too many) or masked ones opened (too few) until the count is exact;
+    everything else is masked. A pure function of the generator's state (fairseq's compute_block_mask_2d with
+    inverse_mask and require_same_masks, as read; there the keep fraction is 1 - mask_prob)."""
+    h, w = grid
+    num = h * w
+    keep = num_visible(num, mask_ratio, count)
+    kept = torch.zeros(h, w, dtype=torch.bool)
+    centres = int(num * ((1.0 - mask_ratio if count is None else keep / num) + prob_adjust) / mask_length**2)
+    if centres > 0:
+        flat = torch.randint(0, num, (centres,), generator=generator)
+        rows, cols, low = flat // w, flat % w, mask_length // 2
+        for dy in range(-low, mask_length - low):
+            for dx in range(-low, mask_length - low):
+                kept[(rows + dy).clamp(0, h - 1), (cols + dx).clamp(0, w - 1)] = True
+    kept = kept.flatten()
+    have = int(kept.sum())
+    if have > keep:  # close visible patches drawn uniformly among the open ones
+        kept[torch.multinomial(kept.float(), have - keep, replacement=False, generator=generator)] = False
+    elif have < keep:  # open masked ones drawn uniformly
+        kept[torch.multinomial((~kept).float(), keep - have, replacement=False, generator=generator)] = True
+    return (~kept).view(h, w)

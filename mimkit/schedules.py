@@ -52,3 +52,11 @@ def temperature_at(epoch: int, final: float, warmup: float | None, warmup_epochs
     if warmup_epochs == 1:
         return warmup
     return epoch * ((final - warmup) / (warmup_epochs - 1)) + warmup  # linspace's own arithmetic
+
+
+def ema_decay_at(step: int, total_steps: int, start: float, end: float) -> float:
+    """data2vec 2.0's teacher EMA decay: linear from `start` at step 0 to `end` at `total_steps` (fairseq's annealed
+    rate, end - (end - start) * (1 - step / total)), `end` after."""
+    if total_steps <= 0 or step >= total_steps:
+        return end
+    return end - (end - start) * (1.0 - step / total_steps)
