@@ -183,14 +183,16 @@ class Data2Vec2Config:
 class IJEPAConfig:
     """I-JEPA (Assran et al. 2023): multi-block masks, a narrow ViT predictor, an EMA target encoder (official ViT-H/14
     values; the predictor's heads default to the encoder's, as the official code's)."""
-    predictor_dim: int = 384
+    predictor_dim: int | None = None  # default: the encoder's width, at most 384 (the official ViT-H value)
     predictor_depth: int = 12
     predictor_heads: int | None = None  # default: the encoder's heads
     num_targets: int = 4  # target blocks per image
     target_scale: tuple[float, float] = (0.15, 0.2)  # area of each target block, fraction of the patches
     target_aspect: tuple[float, float] = (0.75, 1.5)  # height / width of the target blocks
     context_scale: tuple[float, float] = (0.85, 1.0)  # area of the (square) context block before the targets leave it
-    min_keep: int = 10  # every block keeps more than this many patches (context: after the targets are removed)
+    # every block keeps more than this many patches (context: after the targets leave it); default: the official 10,
+    # lowered below the smallest target block on small grids (the official collator would draw forever)
+    min_keep: int | None = None
     loss: Literal["smooth_l1", "l2"] = "smooth_l1"
     momentum: float = 0.996  # target-encoder EMA, linear to momentum_final over the run
     momentum_final: float = 1.0

@@ -52,6 +52,8 @@ class MethodSpec:
         mask_count: takes mask.count (a fixed number of masked patches) instead of mask.ratio
         section: a config section of its own, a dataclass read under the method's name (for methods defined
             outside mimkit; built-in sections are fields of mimkit.config.Config)
+        pool: how evaluation pools its encoder's tokens by default: "cls" (the cls token) or "mean" (the patch
+            tokens' mean: encoders without a cls token, I-JEPA); fine-tuning's global pool follows it
     """
     name: str
     build: Callable[[Any], Any]
@@ -68,6 +70,7 @@ class MethodSpec:
     predicts_pixels: bool | Callable[[Any], bool] = True
     mask_count: bool = True
     section: type | None = None
+    pool: Literal["cls", "mean"] = "cls"
 
     def __post_init__(self):
         if not self.name.isidentifier():

@@ -235,6 +235,10 @@ def pretrain(cfg: Config) -> RunResult:
         for step, batches in loop.steps(data.epoch_batches):
             lr = lr_at(step, s.steps_per_epoch, cfg, s.peak_lr)
             engine.set_lr(lr)
+            if hasattr(model, "weight_decay_at"):  # a method's own weight-decay schedule (I-JEPA's), on the decayed group
+                for group in s.optimizer.param_groups:
+                    if group["weight_decay"] > 0:
+                        group["weight_decay"] = model.weight_decay_at(step, s.total_steps)
             model.set_progress(step, s.steps_per_epoch, s.total_steps)  # step-dependent terms (BootMAE's ramps, EMA)
             skipped = 0
 
