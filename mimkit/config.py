@@ -332,7 +332,9 @@ class TrainConfig:
     keep_last: int = 3
     log_every: int = 10  # steps between JSONL / TensorBoard records
     # where the step records go besides OUT_DIR/metrics.jsonl (always written): tensorboard (OUT_DIR/tb), csv
-    # (OUT_DIR/metrics.csv, one row per logged step); a list or comma-separated; [] = the JSONL only
+    # (OUT_DIR/metrics.csv, one row per logged step), wandb (Weights & Biases; WANDB_PROJECT / WANDB_MODE=offline),
+    # mlflow (MLFLOW_TRACKING_URI, default OUT_DIR/mlruns): the run's resolved config as their hyperparameters, a
+    # resume continuing the same run; a list or comma-separated; [] = the JSONL only
     loggers: tuple[str, ...] | str = ("tensorboard",)
     # auto: TensorBoard when the tensorboard package is installed (a core install has none: one line says so);
     # true: required (one line naming the extra when missing); false: none even when train.loggers names it
@@ -361,7 +363,7 @@ TRAJECTORY_FREE = frozenset(
 )  # fmt: skip
 
 
-LOGGERS = ("tensorboard", "csv")  # train.loggers (every command): what mimkit.metrics.MetricsLog writes besides the JSONL
+LOGGERS = ("tensorboard", "csv", "wandb", "mlflow")  # train.loggers (every command): mimkit.metrics.MetricsLog's besides the JSONL
 
 
 def check_loggers(value, key: str) -> tuple[str, ...]:

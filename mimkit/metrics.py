@@ -1,4 +1,5 @@
-"""The metrics log of every run: JSONL on rank 0, TensorBoard and / or CSV beside it, one record per step."""
+"""The metrics log of every run: JSONL on rank 0; TensorBoard, CSV, Weights & Biases and / or MLflow beside it, one
+record per step."""
 
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ import csv
 import io
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from mimkit.checkpoint import atomic_write_bytes
-from mimkit.extras import MissingExtra, tensorboard_writer
+from mimkit.extras import MissingExtra, require, tensorboard_writer
 
 log = logging.getLogger("mimkit")
 
@@ -83,6 +85,58 @@ class CsvLog:
                 f.write(self._text([self.rows[record["step"]]]))
 
 
+def flat_params(config: dict, prefix: str = "") -> dict[str, object]:
+    """A nested config as `section.key: value` (lists as text): the run's hyperparameters for W&B and MLflow."""
+    out: dict[str, object] = {}
+    for k, v in config.items():
+        if isinstance(v, dict):
+            out.update(flat_params(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+    return out
+
+
+class TrackerLog:
+    """A Weights & Biases or MLflow run for the run folder: created on the first start with the config as its
+    hyperparameters, continued on a resume (its id is kept in OUT_DIR/.NAME_run_id), one point per step record.
+    Where they go is each tool's own setting: W&B's WANDB_PROJECT / WANDB_MODE (offline works without a network),
+    MLflow's MLFLOW_TRACKING_URI (default: OUT_DIR/mlruns) and MLFLOW_EXPERIMENT_NAME."""
+
+    def __init__(self, kind: str, out_dir: Path, config: dict | None, prefix: str):
+        self.kind, self.prefix = kind, prefix
+        id_file = out_dir / f".{kind}_run_id"
+        known = id_file.read_text().strip() if id_file.is_file() else None
+        params = flat_params(config or {})
+        if kind == "wandb":
+            wandb = require("wandb", "wandb", "train.loggers: wandb")
+            self.run = wandb.init(project=None, name=out_dir.name, dir=str(out_dir), id=known, resume="allow",
+                                  config=params)  # fmt: skip
+            run_id = self.run.id
+        else:
+            self.mlflow = require("mlflow", "mlflow", "train.loggers: mlflow")
+            if "MLFLOW_TRACKING_URI" not in os.environ:  # a store in the run folder unless one is named
+                self.mlflow.set_tracking_uri((out_dir / "mlruns").resolve().as_uri())
+            self.run = self.mlflow.start_run(run_id=known, run_name=None if known else out_dir.name)
+            run_id = self.run.info.run_id
+            if known is None:  # parameters are written once: a resume continues the same run
+                self.mlflow.log_params(params)
+        if known != run_id:
+            atomic_write_bytes(id_file, lambda f: f.write(f"{run_id}\n".encode()))
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        named = {f"{self.prefix}/{k}": v for k, v in values.items()}
+        if self.kind == "wandb":
+            self.run.log(named, step=step)
+        else:
+            self.mlflow.log_metrics(named, step=step)
+
+    def close(self) -> None:
+        if self.kind == "wandb":
+            self.run.finish()
+        else:
+            self.mlflow.end_run()
+
+
 def _records(path: Path) -> list[dict]:
     out = []
     for line in path.read_bytes().split(b"\n"):
@@ -100,9 +154,11 @@ class MetricsLog:
     TensorBoard or nothing, as before train.loggers)."""
 
     def __init__(self, out_dir: Path, enabled: bool, loggers: bool | Sequence[str], prefix: str = "pretrain",
-                 resumed_step: int | None = None):  # fmt: skip
+                 resumed_step: int | None = None, config: dict | None = None):  # fmt: skip
         self.path = out_dir / "metrics.jsonl"
         self.enabled, self.tb, self.csv, self.prefix = enabled, None, None, prefix
+        self.trackers = [TrackerLog(kind, out_dir, config, prefix) for kind in ("wandb", "mlflow")
+                         if enabled and kind in (loggers if not isinstance(loggers, bool) else ())]  # fmt: skip
         if isinstance(loggers, bool):
             loggers = ("tensorboard",) if loggers else ()
         tensorboard = "tensorboard" in loggers or "tensorboard-if-installed" in loggers
@@ -141,12 +197,18 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
         if self.csv is not None:
             self.csv.write(record)
-        if self.tb is not None and "step" in record:
-            for k, v in scalars(record).items():
-                if k != "step" and k not in NOT_CURVES:
-                    self.tb.add_scalar(f"{self.prefix}/{k}", v, record["step"])
+        if "step" not in record:
+            return
+        curves = {k: v for k, v in scalars(record).items() if k != "step" and k not in NOT_CURVES}
+        if self.tb is not None:
+            for k, v in curves.items():
+                self.tb.add_scalar(f"{self.prefix}/{k}", v, record["step"])
             self.tb.flush()
+        for tracker in self.trackers:
+            tracker.write(record["step"], curves)
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        for tracker in self.trackers:
+            tracker.close()

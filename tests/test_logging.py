@@ -158,8 +158,9 @@ def test_loggers_key_is_checked_and_tensorboard_false_still_removes_it():
     assert active_loggers(load_config(None, []).train) == ("tensorboard-if-installed",)  # tensorboard: auto
     assert active_loggers(load_config(None, ["train.tensorboard=true"]).train) == ("tensorboard",)
     assert active_loggers(load_config(None, ["train.loggers=[tensorboard,csv]", "train.tensorboard=false"]).train) == ("csv",)
-    with pytest.raises(ConfigError, match=r"train.loggers: 'wandb' is not a logger; allowed: tensorboard, csv"):
-        load_config(None, ["train.loggers=[wandb]"])
+    with pytest.raises(ConfigError, match=r"train.loggers: 'wand' is not a logger; allowed: tensorboard, csv, wandb, mlflow"):
+        load_config(None, ["train.loggers=[wand]"])
+    assert load_config(None, ["train.loggers=csv,wandb,mlflow"]).train.loggers == ("csv", "wandb", "mlflow")
     cfg = load_eval_config("linprobe", None, ["encoder.arch=vit_tiny_patch16_224", "data.path=x.npz",
                                               "train.loggers=csv"])  # fmt: skip
     assert active_loggers(cfg.train) == ("csv",)

@@ -56,8 +56,9 @@ class EncoderConfig:
 @dataclass
 class FeatureConfig:
     # Which tokens: cls (after the final LayerNorm; MAE's linear-probe feature), mean (mean of the patch
-    # tokens, cls excluded), or cls_mean ([cls ‖ mean], BEiT's linear-eval feature; 2 x width).
-    pool: Literal["cls", "mean", "cls_mean"] = "cls"
+    # tokens, cls excluded), or cls_mean ([cls ‖ mean], BEiT's linear-eval feature; 2 x width); auto: the
+    # checkpoint's method's (its MethodSpec.pool: cls, or mean for an encoder without a cls token, I-JEPA).
+    pool: Literal["auto", "cls", "mean", "cls_mean"] = "auto"
     # Which block's output (1-based; -1 = the last). The final LayerNorm is applied to any block's tokens.
     block: int = -1
 
@@ -131,7 +132,7 @@ class KnnRun:
     out_dir: str = "runs/knn"
     resume: Literal["auto", "none"] = "auto"  # auto: reuse / continue the feature caches in out_dir
     save_every_batches: int = 50  # partial feature caches, for resuming an interrupted extraction
-    loggers: tuple[str, ...] | str = ("tensorboard",)  # besides metrics.jsonl: tensorboard, csv (as pretraining's)
+    loggers: tuple[str, ...] | str = ("tensorboard",)  # besides metrics.jsonl: tensorboard, csv, wandb, mlflow (as pretraining's)
     tensorboard: bool | Literal["auto"] = "auto"  # auto: when installed; true: required; false: none
     progress: bool = True
 
@@ -182,7 +183,7 @@ class RunConfig:
     keep_last: int = 2
     eval_every_epochs: int = 1  # top-1 on the val split (and at the end)
     log_every: int = 20
-    loggers: tuple[str, ...] | str = ("tensorboard",)  # besides metrics.jsonl: tensorboard, csv (as pretraining's)
+    loggers: tuple[str, ...] | str = ("tensorboard",)  # besides metrics.jsonl: tensorboard, csv, wandb, mlflow (as pretraining's)
     tensorboard: bool | Literal["auto"] = "auto"  # auto: when installed; true: required; false: none
     progress: bool = True
     max_nonfinite_steps: int = 10
