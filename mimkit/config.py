@@ -170,13 +170,13 @@ class Data2Vec2Config:
     mask_length: int = 3  # inverse block masks: side of the square blocks kept visible (mask.type block)
     mask_prob_adjust: float = 0.07  # inverse block masks: extra block centres drawn, as a fraction of the patches
     decoder_dim: int | None = None  # conv decoder width; default: the encoder width
-    decoder_layers: int = 6
-    decoder_kernel: int = 3
-    decoder_groups: int = 16
+    decoder_layers: int = 6  # conv decoder blocks (each: grouped conv, LayerNorm without affine, GELU, residual)
+    decoder_kernel: int = 3  # conv decoder kernel side (odd: same padding over the patch grid)
+    decoder_groups: int = 16  # conv decoder groups: divide the decoder and encoder widths
     mask_noise_std: float = 0.01  # the decoder's masked positions: N(0, std) noise (no learned mask token)
     cls_loss_weight: float = 0.0  # the image recipe's cls term (its 0.01 is per batch sum; see docs/methods.md); 0 = off
     ema_decay: float = 0.9998  # teacher EMA decay, annealed linearly to ema_end_decay over the run
-    ema_end_decay: float = 0.99999
+    ema_end_decay: float = 0.99999  # the teacher's decay at the end of the run (train.epochs / schedule_steps)
 
 
 @dataclass
