@@ -498,6 +498,9 @@ def _methods(args: argparse.Namespace) -> int:
 # the flags of the commands that take `CONFIG [section.key=value ...]`: accepted anywhere among the overrides
 FLAGS_ANYWHERE = {"pretrain": ("--print-config", "--dry-run"), "knn": ("--print-config",),
                   "linprobe": ("--print-config",), "finetune": ("--print-config",)}  # fmt: skip
+# the one-value options of the commands that take a list of images: accepted anywhere among the images
+OPTIONS_ANYWHERE = {"visualize": ("--out", "--seed", "--scale"), "attention": ("--out", "--scale"),
+                    "predict": ("--top-k", "--out", "--batch-size", "--device")}  # fmt: skip
 
 
 def flags_first(argv: list[str]) -> list[str]:
@@ -505,6 +508,8 @@ def flags_first(argv: list[str]) -> list[str]:
     CONFIG and overrides in one go, so a flag between them would end them (its parse_intermixed_args does not go
     into subcommands). The flags moved take no value; everything else keeps its order."""
     command = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if command is not None and argv[command] in OPTIONS_ANYWHERE:
+        return options_first(argv, command, OPTIONS_ANYWHERE[argv[command]])
     if command is None or argv[command] not in FLAGS_ANYWHERE:
         return argv
     head, rest = argv[: command + 1], argv[command + 1 :]
@@ -516,6 +521,25 @@ def flags_first(argv: list[str]) -> list[str]:
     flags = FLAGS_ANYWHERE[argv[command]] + ("-h", "--help")
     moved = [a for a in rest if a in flags]
     return head + moved + [a for a in rest if a not in flags] + tail
+
+
+def options_first(argv: list[str], command: int, options: tuple[str, ...]) -> list[str]:
+    """`visualize CKPT a.png --out x b.png` as `visualize --out x CKPT a.png b.png`: a list of images ends at an
+    option, so the one-value options (`--out x`, `--out=x`) move before the positionals."""
+    head, rest, moved, kept = argv[: command + 1], argv[command + 1 :], [], []
+    i = 0
+    while i < len(rest):
+        a = rest[i]
+        if a == "--":
+            kept += rest[i:]
+            break
+        if a in options and i + 1 < len(rest):
+            moved += rest[i : i + 2]
+            i += 2
+            continue
+        (moved if a.split("=", 1)[0] in options else kept).append(a)
+        i += 1
+    return head + moved + kept
 
 
 def main(argv: list[str] | None = None) -> int:

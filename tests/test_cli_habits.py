@@ -38,6 +38,12 @@ def test_flags_anywhere_among_the_overrides():
     assert (args.config, args.overrides, args.print_config) == ("a.yaml", ["run.k=1", "data.path=y"], True)
     assert flags_first(["export", "c.pt", "--to", "timm", "out"]) == ["export", "c.pt", "--to", "timm", "out"]
     assert flags_first(["pretrain", "--", "--dry-run"]) == ["pretrain", "--", "--dry-run"]
+    # the image-list commands take their one-value options anywhere among the images
+    args = parser.parse_args(flags_first(["visualize", "c.pt", "a.png", "--out", "o", "b.png", "--seed=3", "c.png"]))
+    assert (args.checkpoint, args.images, args.out, args.seed) == ("c.pt", ["a.png", "b.png", "c.png"], "o", 3)
+    args = parser.parse_args(flags_first(["attention", "c.pt", "a.png", "--scale", "2", "b.png"]))
+    assert (args.images, args.scale) == (["a.png", "b.png"], 2)
+    assert flags_first(["visualize", "c.pt", "--", "--out"]) == ["visualize", "c.pt", "--", "--out"]
 
 
 def test_print_config_and_dry_run_between_overrides(tmp_path, npz_data, capsys, one_thread):
