@@ -29,9 +29,11 @@ def create_encoder(
     embed_dim: int | None = None,
     depth: int | None = None,
     num_heads: int | None = None,
+    **timm_args,
 ) -> VisionTransformer:
     """A timm VisionTransformer (cls token, learnable-shaped pos_embed incl. cls, final LayerNorm,
-    no head). LayerNorm eps 1e-6 and qkv bias, as in MAE / BEiT."""
+    no head). LayerNorm eps 1e-6 and qkv bias, as in MAE / BEiT. `timm_args`: other arguments of timm's
+    VisionTransformer (I-JEPA's class_token=False, global_pool="avg", fc_norm=False)."""
     p = get_preset(arch)
     img_size = img_size or p.img_size
     patch_size = patch_size or p.patch_size
@@ -49,9 +51,9 @@ def create_encoder(
         mlp_ratio=4.0,
         qkv_bias=True,
         num_classes=0,
-        global_pool="token",
         norm_layer=partial(nn.LayerNorm, eps=1e-6),
         drop_path_rate=drop_path_rate,
+        **{"global_pool": "token", **timm_args},
     )
 
 

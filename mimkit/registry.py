@@ -122,6 +122,13 @@ def encoder_family(method: str) -> str:
     return spec.family if spec is not None else "vit"
 
 
+def method_pool(method: str) -> str:
+    """How evaluation pools a method's encoder by default (MethodSpec.pool): "cls", or "mean" for an encoder without a
+    cls token; "cls" for a name no registered method has."""
+    spec = _REGISTRY.get(method)
+    return spec.pool if spec is not None else "cls"
+
+
 def custom_sections() -> dict[str, type]:
     """Sections declared by registered methods (name -> dataclass)."""
     return {name: _REGISTRY[name].section for name in method_names() if _REGISTRY[name].section is not None}

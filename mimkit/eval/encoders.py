@@ -19,9 +19,11 @@ from mimkit.config import ConfigError, config_from_dict
 from mimkit.methods import build_model, set_layer_norm_eps
 from mimkit.models import create_encoder, init_weights_beit, timm_beit_kwargs
 from mimkit.presets import get_preset
-from mimkit.registry import encoder_family
+from mimkit.registry import encoder_family, method_pool
 
 log = logging.getLogger("mimkit")
+
+NO_CLS_TOKEN = {"class_token": False, "global_pool": "avg", "fc_norm": False}  # timm ViT arguments (I-JEPA's encoder)
 
 
 @dataclass
@@ -82,6 +84,7 @@ class EncoderSource:
     source: str
     checkpoint_img_size: int | None = None
     beit_kwargs: dict | None = None  # a BEiT / mc-BEiT checkpoint: timm Beit's arguments (else a timm ViT)
+    timm_args: dict = field(default_factory=dict)  # other timm ViT arguments (no cls token: I-JEPA's)
 
 
 def _resolved(model: dict) -> dict:
@@ -153,8 +156,9 @@ def encoder_source(ecfg) -> EncoderSource:
             raise ConfigError(f"encoder.img_size: {ecfg.img_size} differs from the BEiT checkpoint {path} "
                               f"({ckpt['img_size']}); resampling relative position tables is not supported, "
                               "leave encoder.img_size unset")  # fmt: skip
+    timm_args = NO_CLS_TOKEN if method_pool(pcfg.method) == "mean" else {}  # no cls token (I-JEPA's encoder)
     return EncoderSource(model, enc, f"{path}" + (f" (step {step})" if step is not None else ""), ckpt["img_size"],
-                         beit_kwargs)  # fmt: skip
+                         beit_kwargs, timm_args)  # fmt: skip
 
 
 def build_encoder(src: EncoderSource, drop_path_rate: float = 0.0, seed: int = 0) -> VisionTransformer:
@@ -175,7 +179,7 @@ def build_encoder(src: EncoderSource, drop_path_rate: float = 0.0, seed: int = 0
             return encoder
     if src.state is not None:
         return set_layer_norm_eps(create_encoder(m["arch"], m["img_size"], m["patch_size"], drop_path_rate,
-                                                 m["embed_dim"], m["depth"], m["num_heads"]),
+                                                 m["embed_dim"], m["depth"], m["num_heads"], **src.timm_args),
                                   m.get("layer_norm_eps", 1e-6))  # fmt: skip
 
     cfg = config_from_dict({"model": {**m, "drop_path_rate": drop_path_rate}})
@@ -237,16 +241,29 @@ def feature_blocks(encoder: VisionTransformer, block: int, scan: bool) -> list[i
     return [depth - 1 if block == -1 else block - 1]
 
 
+def resolve_pool(pool: str, encoder) -> str:
+    """features.pool auto: the checkpoint's method's pooling (MethodSpec.pool): mean for an encoder without a cls
+    token (I-JEPA), cls otherwise. A cls pooling of an encoder without one is refused."""
+    has_cls = getattr(encoder, "cls_token", None) is not None
+    if pool == "auto":
+        return "cls" if has_cls else "mean"
+    if not has_cls and pool != "mean":
+        raise ConfigError(f"features.pool {pool}: the encoder has no cls token (I-JEPA); use mean or auto")
+    return pool
+
+
 def feature_dim(encoder: VisionTransformer, pool: str) -> int:
     return encoder.embed_dim * (2 if pool == "cls_mean" else 1)
 
 
 def encoder_features(encoder: VisionTransformer, imgs: torch.Tensor, indices: list[int], pool: str) -> torch.Tensor:
     """(B, len(indices), D) features: each block's tokens after the encoder's final LayerNorm, pooled."""
-    outs = encoder.forward_intermediates(imgs, indices=indices, norm=True, return_prefix_tokens=True,
+    prefixed = bool(getattr(encoder, "num_prefix_tokens", 1))  # no cls token (I-JEPA): patch tokens only, pool mean
+    outs = encoder.forward_intermediates(imgs, indices=indices, norm=True, return_prefix_tokens=prefixed,
                                          output_fmt="NLC", intermediates_only=True, stop_early=True)  # fmt: skip
+    outs = outs if prefixed else [(o, None) for o in outs]
     pooled = []
     for patches, prefix in outs:
-        cls, mean = prefix[:, 0], patches.mean(dim=1)
-        pooled.append(cls if pool == "cls" else mean if pool == "mean" else torch.cat([cls, mean], dim=-1))
+        mean = patches.mean(dim=1)
+        pooled.append(mean if pool == "mean" else prefix[:, 0] if pool == "cls" else torch.cat([prefix[:, 0], mean], -1))
     return torch.stack(pooled, dim=1).float()

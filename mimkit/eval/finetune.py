@@ -87,6 +87,8 @@ def build_finetune_model(cfg: FinetuneConfig, num_classes: int) -> tuple[VisionT
     trainable unless model.trainable_blocks restricts them."""
     m = cfg.model
     src = encoder_source(cfg.encoder)
+    if m.global_pool == "token" and src.timm_args.get("class_token") is False:
+        raise ConfigError("model.global_pool token: the checkpoint's encoder has no cls token (I-JEPA); use avg")
     model = to_classifier(build_encoder(src, m.drop_path_rate, cfg.train.seed), num_classes, m.global_pool,
                           m.head_init_std)  # fmt: skip
     report = load_pretrained(model, src)

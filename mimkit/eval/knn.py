@@ -33,7 +33,7 @@ from mimkit.eval.common import (
     write_final_metrics,
 )
 from mimkit.eval.config import IMAGENET_MEAN, IMAGENET_STD, KnnConfig, dump_eval_yaml
-from mimkit.eval.encoders import feature_blocks, load_encoder
+from mimkit.eval.encoders import feature_blocks, load_encoder, resolve_pool
 from mimkit.version import __version__
 
 log = logging.getLogger("mimkit")
@@ -131,6 +131,7 @@ def run_knn(cfg: KnnConfig) -> EvalResult:
     clock, dist, precision, out_dir, data = start_eval_run(cfg, r)
     device = dist.device
     encoder, report = load_encoder(cfg.encoder, r.seed)
+    cfg.features.pool = resolve_pool(cfg.features.pool, encoder)  # auto: the checkpoint's method's
     frozen(encoder).to(device)
     img_size = encoder.patch_embed.img_size[0]
     indices = feature_blocks(encoder, cfg.features.block, scan=False)

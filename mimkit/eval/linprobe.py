@@ -50,7 +50,7 @@ from mimkit.eval.common import (
     topk_correct,
 )
 from mimkit.eval.config import LinprobeConfig, dump_eval_yaml
-from mimkit.eval.encoders import encoder_features, feature_blocks, feature_dim, load_encoder
+from mimkit.eval.encoders import encoder_features, feature_blocks, feature_dim, load_encoder, resolve_pool
 from mimkit.eval.knn import knn_accuracy
 from mimkit.loop import TrainLoop, prepare_run_folder
 from mimkit.schedules import lr_at
@@ -169,6 +169,7 @@ def run_linprobe(cfg: LinprobeConfig) -> EvalResult:
     clock, dist, precision, out_dir, data = start_eval_run(cfg, t)
     device = dist.device
     encoder, report = load_encoder(cfg.encoder, t.seed)
+    p.pool = resolve_pool(p.pool, encoder)  # auto: the checkpoint's method's
     frozen(encoder).to(device)
     indices = feature_blocks(encoder, p.block, p.scan_blocks)
     blocks = [i + 1 for i in indices]  # 1-based, as reported

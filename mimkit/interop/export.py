@@ -71,6 +71,8 @@ def export_timm(ckpt: str | Path, out: str | Path) -> dict[str, Path]:
             "num_classes": 0,
             "global_pool": "token",
         }
+        if enc.cls_token is None:  # I-JEPA's encoder: no cls token, mean of the final-norm patch tokens
+            model_args.update({"class_token": False, "global_pool": "avg", "fc_norm": False})
     config = {
         "architecture": timm_name(cfg),
         "num_classes": 0,
@@ -235,6 +237,10 @@ def _export_hf(model, cfg: Config, ckpt, out: Path) -> dict[str, Path]:
         _save_image_processor(cfg, written, int(model.encoder.patch_embed.img_size[0]))
         return written
     spec = encoder_spec(model.encoder)
+    if model.encoder.cls_token is None:  # I-JEPA: no cls token, transformers' IJepaModel
+        written = _export_hf_ijepa(model, state, spec["depth"], ckpt, out)
+        _save_image_processor(cfg, written, spec["img_size"])
+        return written
 
     vit = ViTModel(hf_vit_config(model, cfg), add_pooling_layer=False)
     vit_map = hf_key_map(spec["depth"], None, prefix="")
@@ -252,6 +258,17 @@ def _export_hf(model, cfg: Config, ckpt, out: Path) -> dict[str, Path]:
 
     _save_image_processor(cfg, written, spec["img_size"])
     return written
+
+
+def _export_hf_ijepa(model, state: dict, depth: int, ckpt, out: Path) -> dict[str, Path]:
+    """I-JEPA: ``OUT`` a ``transformers.IJepaModel`` folder (the encoder; ViT key names without a cls token; load with
+    ``add_pooling_layer=False``; its last_hidden_state is the timm encoder's forward_features, mean-pool it)."""
+    from transformers import IJepaConfig, IJepaModel
+
+    hf = IJepaModel(IJepaConfig(**hf_encoder_kwargs(model.encoder)), add_pooling_layer=False)
+    _load_exact(hf, mimkit_to_hf(state, hf_key_map(depth, None, prefix="", cls_token=False)), f"{ckpt} -> IJepaModel")
+    hf.eval().save_pretrained(out)
+    return {"vit": out, "ijepa": out}
 
 
 def _export_hf_beit(model, cfg: Config, state: dict, ckpt, out: Path) -> dict[str, Path]:

@@ -41,14 +41,16 @@ def hf_canonical_key(key: str) -> str:
 
 
 def hf_key_map(
-    encoder_depth: int, decoder_depth: int | None = None, prefix: str = "vit."
+    encoder_depth: int, decoder_depth: int | None = None, prefix: str = "vit.", cls_token: bool = True
 ) -> dict[str, tuple[str, int | None]]:
     """HF key -> (mimkit key, chunk of timm's fused qkv or None). ``prefix`` is ``vit.`` for
-    ViTMAEForPreTraining, ``""`` for ViTModel / ViTMAEModel; ``decoder_depth`` None: no decoder."""
+    ViTMAEForPreTraining, ``""`` for ViTModel / ViTMAEModel / IJepaModel; ``decoder_depth`` None: no decoder;
+    ``cls_token`` False: an encoder without one (I-JEPA's, IJepaModel: ViT's names otherwise)."""
     m: dict[str, tuple[str, int | None]] = {
-        f"{prefix}embeddings.cls_token": ("encoder.cls_token", None),
         f"{prefix}embeddings.position_embeddings": ("encoder.pos_embed", None),
     }
+    if cls_token:
+        m[f"{prefix}embeddings.cls_token"] = ("encoder.cls_token", None)
     if decoder_depth is not None:
         m["decoder.mask_token"] = ("decoder.mask_token", None)
         m["decoder.decoder_pos_embed"] = ("decoder.decoder_pos_embed", None)

@@ -25,8 +25,7 @@ from torch import nn
 from mimkit.config import geometry
 from mimkit.masking import MultiBlockMasks, multiblock_ids, multiblock_size, take_patches
 from mimkit.methods.base import MIMMethod, set_layer_norm_eps
-from mimkit.models import run_blocks, sincos_2d_pos_embed
-from mimkit.presets import get_preset
+from mimkit.models import create_encoder, run_blocks, sincos_2d_pos_embed
 from mimkit.registry import MethodSpec, register
 from mimkit.teachers import ema_update_, layer_norm_tokens
 from mimkit.typed_config import require
@@ -41,12 +40,9 @@ class IJEPAOutput(NamedTuple):
 
 def ijepa_encoder(cfg) -> VisionTransformer:
     """The stock timm ViT without a cls token `cfg.model` describes (LayerNorm eps 1e-6, qkv bias)."""
-    m, p = cfg.model, get_preset(cfg.model.arch)
-    return VisionTransformer(img_size=m.img_size or p.img_size, patch_size=m.patch_size or p.patch_size,
-                             embed_dim=m.embed_dim or p.embed_dim, depth=m.depth or p.depth,
-                             num_heads=m.num_heads or p.num_heads, mlp_ratio=4.0, qkv_bias=True, num_classes=0,
-                             norm_layer=partial(nn.LayerNorm, eps=1e-6), drop_path_rate=m.drop_path_rate,
-                             **TIMM_ARGS)  # fmt: skip
+    m = cfg.model
+    return create_encoder(m.arch, m.img_size, m.patch_size, m.drop_path_rate, m.embed_dim, m.depth, m.num_heads,
+                          **TIMM_ARGS)  # fmt: skip
 
 
 def init_weights_ijepa(module: nn.Module, std: float = 0.02) -> None:
