@@ -297,7 +297,7 @@ class ConvDecoder2d(nn.Module):
         self.proj = nn.Linear(dim, out_dim or in_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, num, c = x.shape
+        b, _, c = x.shape
         x = x.transpose(1, 2).reshape(b, c, *self.grid)
         for block in self.blocks:
             y = block(x)
