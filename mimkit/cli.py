@@ -15,6 +15,7 @@ from mimkit.registry import method_names, method_spec
 from mimkit.version import __version__
 from mimkit import distributed as mdist
 from mimkit.checkpoint import load_checkpoint
+from mimkit.compare.command import add_compare_parser
 from mimkit.config import Config, active_loggers, dump_yaml, load_config, resolved
 from mimkit.errors import MimkitError
 from mimkit.eval import RUNNERS, dump_eval_yaml, load_eval_config
@@ -482,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tool_parsers(sub)
     _add_embed_parser(sub)
     _add_report_parser(sub)
+    add_compare_parser(sub)  # compare: the equal-compute study (mimkit.compare)
     register_eval_commands(sub)  # knn, linprobe, finetune
     register_tokenizer_commands(sub)  # tokenizer train
     return parser

@@ -710,6 +710,9 @@ def eval_tables(evals: list[EvalRun], baselines: list[EvalRun] = (), hint: str |
     return "\n".join(out)
 
 
+# pages of other folders: (is_it(folder), build(folder, out) -> Report), tried first (a study folder: mimkit.compare.page)
+FOLDER_PAGES: list = []
+
 PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>
@@ -752,6 +755,9 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, *, images: 
     """Write OUT (default RUN_DIR/report.html) and the PNG summary beside it (same name, .png). `checkpoints`:
     how many kept checkpoints to draw (default: all, up to DEFAULT_CHECKPOINTS, spread evenly)."""
     run_dir = Path(run_dir)
+    for is_it, build in FOLDER_PAGES:  # e.g. a study folder (compare.json): its own page
+        if run_dir.is_dir() and is_it(run_dir):
+            return build(run_dir, out)
     if not run_dir.is_dir():
         raise ReportError(f"run folder {run_dir} does not exist (give a pretraining run's train.out_dir)")
     _pyplot()  # a missing matplotlib is said before any work

@@ -21,7 +21,7 @@ FLOORS = {
     # io: import / export formats
     "interop": 3,
     # tasks: pretraining, evaluation, pictures, tokenizer training
-    "train": 4, "eval": 4, "visualize": 4, "tokenizer_training": 4, "report": 4,
+    "train": 4, "eval": 4, "visualize": 4, "tokenizer_training": 4, "report": 4, "compare": 4,
     # the command line and the package's front door
     "cli": 5, "__init__": 5,
 }  # fmt: skip

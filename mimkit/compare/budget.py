@@ -1,0 +1,93 @@
+"""A run's budget and its clock. Epochs (or optimizer steps) are counted; a core-minute budget is measured: the
+run stops on its own clock (train.max_minutes = what is left of the budget / its threads, a checkpoint written at
+the stop), so a slow start or a noisy neighbour changes how many steps it gets, not how much compute. The learning
+rate schedule still needs its length beforehand (train.schedule_steps, which also caps the run): a short timed
+calibration estimates it from its fastest step, the most steps the budget can buy, and sets nothing else. Core-minutes = training-loop wall-clock (summed from the run's metrics.jsonl, one record per step) x
+the threads the run pretrains on."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import statistics
+from pathlib import Path
+
+CALIBRATION_STEPS = 6  # timed steps of a core-minute budget's calibration run (the first counts as their median)
+EVERY = 10**6  # keep_last / save_every_epochs: every checkpoint is kept, none at epoch ends
+CORE_MINUTES = ("training-loop wall-clock summed from each run's metrics.jsonl (one record per step; a process's first "
+                "step counted at its median step) x pretraining threads; start-up and evaluation excluded; a "
+                "core-minute budget stops the run on this clock (train.max_minutes), the calibration sets only the "
+                "length of its learning-rate schedule")  # fmt: skip
+
+
+def schedule(cfg, steps_per_epoch: int, epochs: float | None, core_minutes: float | None, threads: int,
+             calibration: dict | None) -> list[str]:  # fmt: skip
+    """Schedule overrides: `epochs` (default the recipe's), or a core-minute budget whose schedule length comes from
+    `calibration` (seconds per step); its stop is `clock_stop`, set at each launch."""
+    if core_minutes is None:
+        epochs = epochs or cfg.train.epochs
+        warmup = min(cfg.optim.warmup_epochs, 0.1 * epochs)  # the recipes' 1 of 10 epochs, kept for longer runs
+        steps = max(1, round(epochs * steps_per_epoch))
+        return [f"train.epochs={max(1, math.ceil(epochs))}", f"train.schedule_steps={steps}",
+                f"optim.warmup_epochs={warmup:.4g}"]  # fmt: skip
+    if calibration is None:  # before the calibration (plan checks): values of the right type
+        return ["train.schedule_steps=1", "optim.warmup_epochs=0"]
+    # the fastest calibration step: a neighbour only slows steps, so this is the most steps the budget can buy, and
+    # the run's own clock (clock_stop) ends it at the budget, at or before the schedule's end
+    fastest = calibration.get("s_per_step_fastest") or calibration["s_per_step"]
+    steps = max(1, int(core_minutes * 60 / threads / fastest))
+    return [f"train.epochs={max(1, math.ceil(steps / steps_per_epoch))}", f"train.schedule_steps={steps}",
+            f"optim.warmup_epochs={0.1 * steps / steps_per_epoch:.4g}"]  # fmt: skip
+
+
+def clock_stop(core_minutes: float | None, threads: int, metrics: Path) -> list[str]:
+    """train.max_minutes of the next launch: the budget less what the run's clock has measured (a resumed run gets
+    what is left), over its threads; none for an epoch budget."""
+    if core_minutes is None:
+        return []
+    clock = step_clock(metrics)
+    spent = clock[max(clock)][1] / 60 * threads if clock else 0.0
+    left = max(core_minutes - spent, 1e-3)
+    return [f"train.max_minutes={left / threads:.6g}"]
+
+
+def measured_core_minutes(metrics: Path, threads: int) -> float | None:
+    clock = step_clock(metrics)
+    return round(clock[max(clock)][1] / 60 * threads, 5) if clock else None
+
+
+def step_clock(metrics: Path) -> dict[int, tuple[float, float]]:
+    """step -> (epoch, seconds of training up to and including it), from a run's metrics.jsonl written with
+    train.log_every=1. Inside one process's stretch of records (a resume, or a step number that goes back, starts
+    the next) a step takes the time since the record before it, a checkpoint written in between included; the
+    first step of a stretch, whose time since the process started also holds imports, data loading and model
+    building, counts as the stretch's median step. A step run again after a kill replaces the lost one."""
+    stretches: list[list[dict]] = [[]]
+    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if "event" in record or ("loss" in record and stretches[-1] and record["step"] <= stretches[-1][-1]["step"]):
+            stretches.append([])
+        if "loss" in record and "time" in record:
+            stretches[-1].append(record)
+    gaps = [[b["time"] - a["time"] for a, b in itertools.pairwise(s)] for s in stretches]
+    fallback = statistics.median([d for g in gaps for d in g] or [0.0])
+    steps: dict[int, tuple[float, float]] = {}
+    for stretch, gap in zip(stretches, gaps):
+        for record, seconds in zip(stretch, [statistics.median(gap) if gap else fallback, *gap]):
+            steps[record["step"]] = (record["epoch"], seconds)
+    clock, total = {}, 0.0
+    for step in sorted(steps):
+        total += steps[step][1]
+        clock[step] = (steps[step][0], total)
+    return clock
+
+
+def is_scored_step(step: int, every: int | None, final: int | None) -> bool:
+    """Whether a checkpoint is scored: every one the plan names (each `every` steps) and the final one. (A
+    checkpoint written near the final one is scored too: a clock-stopped run's final step is not known beforehand,
+    and a written checkpoint the plan names is never left unscored.)"""
+    return step == final or (bool(every) and step % every == 0)
