@@ -2,7 +2,8 @@
 run stops on its own clock (train.max_minutes = what is left of the budget / its threads, a checkpoint written at
 the stop), so a slow start or a noisy neighbour changes how many steps it gets, not how much compute. The learning
 rate schedule still needs its length beforehand (train.schedule_steps, which also caps the run): a short timed
-calibration estimates it from its fastest step, the most steps the budget can buy, and sets nothing else. Core-minutes = training-loop wall-clock (summed from the run's metrics.jsonl, one record per step) x
+calibration estimates it from its fastest step (the most steps the budget can buy) x SCHEDULE_SLACK, so that the
+clock, not the schedule, ends the run; the calibration sets nothing else. Core-minutes = training-loop wall-clock (summed from the run's metrics.jsonl, one record per step) x
 the threads the run pretrains on."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 CALIBRATION_STEPS = 6  # timed steps of a core-minute budget's calibration run (the first counts as their median)
 EVERY = 10**6  # keep_last / save_every_epochs: every checkpoint is kept, none at epoch ends
+SCHEDULE_SLACK = 1.25  # the schedule is this much longer than the steps the budget buys: the clock ends the run
 CORE_MINUTES = ("training-loop wall-clock summed from each run's metrics.jsonl (one record per step; a process's first "
                 "step counted at its median step) x pretraining threads; start-up and evaluation excluded; a "
                 "core-minute budget stops the run on this clock (train.max_minutes), the calibration sets only the "
@@ -36,7 +38,7 @@ def schedule(cfg, steps_per_epoch: int, epochs: float | None, core_minutes: floa
     # the fastest calibration step: a neighbour only slows steps, so this is the most steps the budget can buy, and
     # the run's own clock (clock_stop) ends it at the budget, at or before the schedule's end
     fastest = calibration.get("s_per_step_fastest") or calibration["s_per_step"]
-    steps = max(1, int(core_minutes * 60 / threads / fastest))
+    steps = max(1, int(SCHEDULE_SLACK * core_minutes * 60 / threads / fastest))
     return [f"train.epochs={max(1, math.ceil(steps / steps_per_epoch))}", f"train.schedule_steps={steps}",
             f"optim.warmup_epochs={0.1 * steps / steps_per_epoch:.4g}"]  # fmt: skip
 
