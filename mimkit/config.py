@@ -184,7 +184,7 @@ class IJEPAConfig:
     """I-JEPA (Assran et al. 2023): multi-block masks, a narrow ViT predictor, an EMA target encoder (official ViT-H/14
     values; the predictor's heads default to the encoder's, as the official code's)."""
     predictor_dim: int | None = None  # default: the encoder's width, at most 384 (the official ViT-H value)
-    predictor_depth: int = 12
+    predictor_depth: int = 12  # predictor blocks (the official ViT-H/14 predictor's 12)
     predictor_heads: int | None = None  # default: the encoder's heads
     num_targets: int = 4  # target blocks per image
     target_scale: tuple[float, float] = (0.15, 0.2)  # area of each target block, fraction of the patches
@@ -193,9 +193,9 @@ class IJEPAConfig:
     # every block keeps more than this many patches (context: after the targets leave it); default: the official 10,
     # lowered below the smallest target block on small grids (the official collator would draw forever)
     min_keep: int | None = None
-    loss: Literal["smooth_l1", "l2"] = "smooth_l1"
+    loss: Literal["smooth_l1", "l2"] = "smooth_l1"  # smooth_l1 (official, beta 1) or l2 (MSE) over the target blocks
     momentum: float = 0.996  # target-encoder EMA, linear to momentum_final over the run
-    momentum_final: float = 1.0
+    momentum_final: float = 1.0  # the target-encoder momentum at the end of the run
     weight_decay_final: float = 0.4  # optim.weight_decay (0.04) -> this, cosine over the run (official schedule)
 
 
