@@ -13,6 +13,10 @@ from conftest import knn_cli, tiny_model
 
 from mimkit.checkpoint import load_checkpoint
 from mimkit.config import ConfigError, load_config
+from mimkit.eval.config import load_eval_config
+from mimkit.eval.embed import embed
+from mimkit.eval.finetune import build_finetune_model
+from mimkit.eval.linprobe import run_linprobe
 from mimkit.interop import export_timm, load_mimkit_checkpoint
 from mimkit.masking import MultiBlockMasks, multiblock_ids, multiblock_place, multiblock_size
 from mimkit.methods import build_model
@@ -204,6 +208,21 @@ def test_ijepa_trains_resumes_evaluates_and_exports(tiny_cfg, tmp_path, capsys):
     assert knn_cli(straight.checkpoint, data, tmp_path / "knn") == 0
     assert "done: knn top-1" in capsys.readouterr().out
     assert "pool: mean" in (tmp_path / "knn" / "config.yaml").read_text()
+    common = [f"encoder.checkpoint={straight.checkpoint}", f"data.path={data}", "data.num_workers=0",
+              "data.val_split=train", "train.precision=fp32", "train.progress=false", "train.tensorboard=false",
+              "train.batch_size=8", "train.epochs=1", "train.max_steps=2"]  # fmt: skip
+    probe = run_linprobe(load_eval_config("linprobe", None, [*common, "probe.mode=cached", f"train.out_dir={tmp_path / 'lp'}"]))
+    assert probe.metrics["pool"] == "mean"
+    cfg = load_eval_config("finetune", None, [*common, f"train.out_dir={tmp_path / 'ft'}"])
+    net, report = build_finetune_model(cfg, num_classes=3)
+    assert report.missing == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"] and net.cls_token is None
+    assert net.global_pool == "avg" and net(x).shape == (2, 3)
+    with pytest.raises(ConfigError, match="no cls token"):
+        build_finetune_model(load_eval_config("finetune", None, [*common, "model.global_pool=token"]), num_classes=3)
+    with pytest.raises(ConfigError, match="no cls token"):
+        run_linprobe(load_eval_config("linprobe", None, [*common, "probe.pool=cls", f"train.out_dir={tmp_path / 'x'}"]))
+    emb = embed(str(straight.checkpoint), data, split="train", progress=False)
+    assert emb.shape[1] == 32
 
 
 def test_the_recipe_loads():

@@ -24,13 +24,13 @@ from mimkit.sources import CorruptImage, DataError, FolderImages, load_npz
 from mimkit.datasets import open_torchvision
 from mimkit.eval.common import eval_transform, extract_features
 from mimkit.eval.config import IMAGENET_MEAN, IMAGENET_STD, EncoderConfig
-from mimkit.eval.encoders import feature_blocks, load_encoder
+from mimkit.eval.encoders import feature_blocks, load_encoder, resolve_pool
 from mimkit.extras import MissingExtra, install_hint
 
 log = logging.getLogger("mimkit")
 
 OUT_SUFFIXES = (".npy", ".npz", ".parquet")
-POOLS = ("cls", "mean", "cls_mean")
+POOLS = ("auto", "cls", "mean", "cls_mean")  # auto: the checkpoint's method's (mean for I-JEPA, else cls)
 
 
 @dataclass
@@ -102,7 +102,7 @@ def check_out(out: str | Path | None) -> Path | None:
     return out
 
 
-def embed(checkpoint: str, data: str, out: str | Path | None = None, *, pool: str = "cls", block: int = -1,
+def embed(checkpoint: str, data: str, out: str | Path | None = None, *, pool: str = "auto", block: int = -1,
           split: str | None = None, arch: str | None = None, img_size: int | None = None, batch_size: int = 64,
           device: str = "auto", precision: str = "fp32", mean=IMAGENET_MEAN, std=IMAGENET_STD,
           crop_pct: float | None = None, num_workers: int = 0, root: str = "data", download: bool = False,
@@ -111,13 +111,13 @@ def embed(checkpoint: str, data: str, out: str | Path | None = None, *, pool: st
     return embed_images(**{k: v for k, v in locals().items()}).features
 
 
-def embed_images(checkpoint: str, data: str, out: str | Path | None = None, *, pool: str = "cls", block: int = -1,
+def embed_images(checkpoint: str, data: str, out: str | Path | None = None, *, pool: str = "auto", block: int = -1,
                  split: str | None = None, arch: str | None = None, img_size: int | None = None, batch_size: int = 64,
                  device: str = "auto", precision: str = "fp32", mean=IMAGENET_MEAN, std=IMAGENET_STD,
                  crop_pct: float | None = None, num_workers: int = 0, root: str = "data", download: bool = False,
                  progress: bool = True, seed: int = 0) -> Embedding:  # fmt: skip
     """Features of `data` by the encoder of `checkpoint` (a mimkit checkpoint, or 'none' with `arch`), pooled
-    (`pool`: cls | mean | cls_mean) at `block` (1-based, -1 = last) after the final LayerNorm, as the evaluation
+    (`pool`: auto (the checkpoint's method's: mean for I-JEPA, else cls) | cls | mean | cls_mean) at `block` (1-based, -1 = last) after the final LayerNorm, as the evaluation
     commands read them; the evaluation transform (resize, centre crop img_size, normalise by mean / std)."""
     out = check_out(out)
     if pool not in POOLS:
@@ -126,6 +126,7 @@ def embed_images(checkpoint: str, data: str, out: str | Path | None = None, *, p
         raise ConfigError("encoder.arch: required with checkpoint 'none' (the preset of the random init)")
     source, ids, labels, classes = open_images(data, split, root, download)  # the data first: before any model
     encoder, _ = load_encoder(EncoderConfig(checkpoint=str(checkpoint), arch=arch, img_size=img_size), seed=seed)
+    pool = resolve_pool(pool, encoder)
     dev = mdist.resolve_device(device)
     encoder.to(dev)
     size = int(encoder.patch_embed.img_size[0])
