@@ -13,9 +13,9 @@ import time
 
 import numpy as np
 from PIL import Image
+from test_compare import ROOT, SETS, labelled_npz
 
 import mimkit
-from test_compare import ROOT, SETS, labelled_npz
 
 
 def image_folder(root, npz) -> None:

@@ -9,11 +9,14 @@ import json
 import math
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
+from conftest import CHROMIUM_FLAGS, chromium_dom
+from PIL import Image
 
-from conftest import chromium_dom
 from mimkit.cli import main as cli_main
 from mimkit.compare import build_study_page, is_study, read_study
 from mimkit.compare.readout import summary_sentences
@@ -95,3 +98,9 @@ def test_chromium_shows_the_study_page(tmp_path):
     summary = html.unescape(re.search(r'data-summary="([^"]*)"', dom).group(1))
     assert "mae+crossmae leads mae by 1.7 ± 0.7 probe points" in summary
     assert 'data-runs="2"' in dom
+    shot = tmp_path / "shot.png"  # a screenshot: the curves' first line (matplotlib's C0, #1f77b4) is on screen
+    subprocess.run([shutil.which("chromium") or shutil.which("chromium-browser"), *CHROMIUM_FLAGS,
+                    f"--user-data-dir={tmp_path / 'profile2'}", "--window-size=1300,1400", f"--screenshot={shot}",
+                    page.as_uri()], capture_output=True, timeout=120, check=False)  # fmt: skip
+    pixels = np.asarray(Image.open(shot).convert("RGB")).reshape(-1, 3)
+    assert (np.abs(pixels.astype(int) - [31, 119, 180]).sum(axis=1) < 30).sum() > 100

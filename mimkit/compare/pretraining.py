@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import logging
 import os
 import re
@@ -68,7 +69,7 @@ class Pretraining:
         shutil.rmtree(scratch, ignore_errors=True)
         seconds = clock[max(clock)][1] / len(clock)
         times = [clock[k][1] for k in sorted(clock)]
-        fastest = min((b - a for a, b in zip(times, times[1:])), default=seconds)  # the schedule's length: budget.schedule
+        fastest = min((b - a for a, b in itertools.pairwise(times)), default=seconds)  # the schedule's length: budget.schedule
         log.info("%s: %.3f s per step here (fastest %.3f s)", run.spec.text, seconds, fastest)
         return {"s_per_step": seconds, "s_per_step_fastest": fastest, "steps": len(clock), "threads": self.threads,
                 "at": now(), "cpu": machine().get("cpu")}  # fmt: skip
