@@ -204,6 +204,10 @@ def _export_pretrained(args: argparse.Namespace) -> int:
             print(f"wrote transformers.BeitForMaskedImageModeling folder {written['beit_mim']} "
                   f"(BeitForMaskedImageModeling.from_pretrained('{written['beit_mim']}'))")
             return 0
+        if "ijepa" in written:  # I-JEPA: no cls token, transformers' IJepaModel
+            print(f"wrote transformers.IJepaModel folder {written['ijepa']} "
+                  f"(IJepaModel.from_pretrained('{written['ijepa']}', add_pooling_layer=False))")
+            return 0
         print(f"wrote transformers.ViTModel folder {written['vit']} "
               f"(ViTModel.from_pretrained('{written['vit']}', add_pooling_layer=False))")
         if "vit_mae" in written:
@@ -235,7 +239,8 @@ def _add_embed_parser(sub) -> None:
     p.add_argument("data", help="a folder of images (ImageFolder tree or flat), a .npz (x_SPLIT, y_SPLIT optional), "
                    "or torchvision:NAME[:SPLIT]")
     p.add_argument("--out", required=True, help="the file to write: .npy, .npz or .parquet")
-    p.add_argument("--pool", default="cls", choices=("cls", "mean", "cls_mean"), help="features.pool (default cls)")
+    p.add_argument("--pool", default="auto", choices=("auto", "cls", "mean", "cls_mean"),
+                   help="features.pool (default auto: the checkpoint's method's, cls, or mean for I-JEPA)")
     p.add_argument("--block", type=int, default=-1, help="features.block: 1-based block, -1 = last (default)")
     p.add_argument("--split", default=None, help=".npz: x_SPLIT (default train); torchvision: the split")
     p.add_argument("--arch", default=None, help="encoder preset (required with checkpoint none)")

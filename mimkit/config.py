@@ -568,7 +568,9 @@ def _unread_keys(cfg: Config, spec, strict: bool, also_reads: tuple[str, ...]) -
     """A value changed from its default in a method section the method does not read is a mistake (it would do
     nothing): refused in one line naming the key and the method; reset when not `strict`."""
     used = sections_used(cfg, also_reads)
-    for section in method_sections(cfg):
+    if not spec.reads_mask:  # the method draws its own masks from its section: mask.* would do nothing
+        used["mask"] = {"block_generator"}  # written out (resolved) in every saved config
+    for section in (*method_sections(cfg), *(() if spec.reads_mask else ("mask",))):
         current = getattr(cfg, section)
         default = type(current)()
         keep = used.get(section, set())

@@ -39,6 +39,7 @@ class MethodSpec:
             sections; or a function of the config returning them (when a composition changes what is read). A
             value set elsewhere in a method section is refused.
         mask_types: the mask.type values that compose with it
+        reads_mask: False when it draws its own masks from its own section (I-JEPA): a value set in mask.* is refused
         family: the encoder: "vit" (timm VisionTransformer) or "beit" (timm Beit)
         no_weight_decay: parameter names (fnmatch patterns) the official code exempts from weight decay besides
             1-D parameters and biases (the default of optim.no_weight_decay)
@@ -60,6 +61,7 @@ class MethodSpec:
     summary: str = ""
     reads: tuple[str, ...] | Callable[[Any], Iterable[str]] = ()
     mask_types: tuple[str, ...] = ("random",)
+    reads_mask: bool = True
     family: Literal["vit", "beit"] = "vit"
     no_weight_decay: tuple[str, ...] = ()
     loss_terms: tuple[str, ...] = ()

@@ -201,3 +201,14 @@ def test_mimkit_methods_lists_every_registered_method(toy, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == list(method_names()) and lines[-1].split()[0] == "toy"
     assert "a test's own method" in lines[-1] and lines[method_names().index("beit")].split()[1] == "beit"
+
+
+def test_a_method_that_draws_its_own_masks_refuses_mask_keys():
+    """I-JEPA's masks come from its own section (ijepa.*): a mask.* value would do nothing."""
+    assert not method_spec("ijepa").reads_mask and method_spec("mae").reads_mask
+    with pytest.raises(ConfigError, match=r"^mask.ratio: method ijepa does not read it"):
+        load_config(None, tiny_model("ijepa") + ["mask.ratio=0.5"])
+    from mimkit.config import config_from_dict, resolved
+
+    saved = to_dict(resolved(load_config(None, tiny_model("ijepa"))))  # the resolved block generator is written out
+    assert config_from_dict(saved).method == "ijepa" and load_config(None, tiny_model("ijepa")).mask.ratio == 0.75

@@ -211,7 +211,7 @@ SPEC = register(MethodSpec(
     name="ijepa", build=build, check=check, reads=("ijepa",),
     summary="I-JEPA (Assran et al. 2023): an EMA target encoder's layer-normed features of 4 target blocks predicted "
             "from one context block by a narrow ViT predictor; no cls token (evaluation pools patch tokens)",
-    mask_types=("random",),  # it draws its own multi-block masks (ijepa.*); mask.* is not read
+    mask_types=("random",), reads_mask=False,  # it draws its own multi-block masks (ijepa.*): mask.* is refused
     mask_count=False, predicts_pixels=False, family="vit", pool="mean",
     logged=("momentum",),
     no_weight_decay=(),  # the official groups: only biases and 1-D parameters are exempt
