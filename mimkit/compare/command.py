@@ -37,7 +37,11 @@ printed), probe_vs_epochs.png, probe_vs_core_minutes.png, compare.log; runs/<run
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
+
+import torch
 
 from mimkit.compare.page import build_study_page
 from mimkit.compare.readout import markdown
@@ -155,11 +159,32 @@ def main(argv: list[str] | None = None, prog: str = "mimkit compare") -> int:
 
 def compare(data: str | list[str], methods: str = "mae", **options) -> dict:
     """The study in Python: `mimkit.compare("cifar10.npz", "mae,mae+crossmae", core_minutes=30, eval_every=0.5,
-    out="study")` runs what `mimkit compare` runs (options: its flags, - as _) and returns compare.json's record."""
+    out="study")` runs what `mimkit compare` runs (options: its flags, - as _) and returns compare.json's record.
+
+    Args:
+        data: a labelled .npz, a folder with train/ and val/ (or test/) ImageFolder trees, or [TRAIN, VAL] folders.
+        methods: comma-separated run specs, `METHOD[+PART...][:section.key=value,...]`.
+        **options (object): epochs, core_minutes, eval_every, out, role, threads, cpus, set (a list), sweep, reach, ...
+
+    Returns:
+        The study's record, as OUT/compare.json holds it (runs, baselines, readouts, summary).
+    """
     args = parser().parse_args(["--data", *([data] if isinstance(data, str) else data), "--methods", methods])
     unknown = sorted(set(options) - set(vars(args)))
     if unknown:
         raise TypeError(f"compare(): unknown option(s) {', '.join(unknown)}; options: {', '.join(sorted(vars(args)))}")
     for key, value in options.items():
         setattr(args, key, list(value) if isinstance(value, tuple) else value)
-    return run_study(args)[1]
+    root, cpus, threads = logging.getLogger(), os.sched_getaffinity(0), torch.get_num_threads()
+    handlers, level = list(root.handlers), root.level
+    try:
+        return run_study(args)[1]
+    finally:  # the caller's logging, cores and threads as they were (the study's log: OUT/compare.log)
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+            handler.close()
+        for handler in handlers:
+            root.addHandler(handler)
+        root.setLevel(level)
+        os.sched_setaffinity(0, cpus)
+        torch.set_num_threads(threads)
