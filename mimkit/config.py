@@ -36,6 +36,10 @@ class ModelConfig:
     depth: int | None = None
     num_heads: int | None = None
     drop_path_rate: float = 0.0
+    # image channels the patch embedding reads: 3 (RGB), 1 (grayscale), or C bands (.npy / .npz / TIFF); the data
+    # must have as many (a grayscale image is repeated to 3 only when in_chans is 3). Methods mae, emae, maskfeat and
+    # data2vec2; beit, mcbeit (a DALL-E tokenizer), bootmae, simmim and ijepa read RGB only
+    in_chans: int = 3
     # LayerNorm eps of the encoder and the decoder: 1e-6 as MAE / timm; an imported Hugging Face ViTMAE keeps its own
     # (its config's layer_norm_eps, 1e-12 by default)
     layer_norm_eps: float = 1e-6
@@ -235,8 +239,9 @@ class DataConfig:
         format: how data.path is read; auto infers it from the path (folder, npz, webdataset, skimage, torchvision)
         crop_scale: RandomResizedCrop's area range, as fractions of the image (MAE: 0.2 to 1)
         hflip: random horizontal flip
-        mean: per-channel mean the images are normalised with (RGB, 0-1 scale; ImageNet's by default)
-        std: per-channel standard deviation the images are normalised with (RGB, 0-1 scale)
+        mean: per-channel mean the images are normalised with (0-1 scale; ImageNet's RGB one by default), one value per
+            model.in_chans channel, or auto: measured on a sample of the training data (the numbers go in config.yaml)
+        std: per-channel standard deviation the images are normalised with (0-1 scale), one per channel, or auto
         num_workers: DataLoader worker processes per training process (0 = load in the main process)
     """
     # "skimage" = the embedded default (scikit-image's bundled photos); "torchvision:NAME[:SPLIT]" = a torchvision
@@ -250,8 +255,8 @@ class DataConfig:
     num_samples: int | None = None  # required for webdataset (epoch length); optional cap otherwise
     crop_scale: tuple[float, float] = (0.2, 1.0)
     hflip: bool = True
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, ...] | Literal["auto"] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] | Literal["auto"] = (0.229, 0.224, 0.225)
     num_workers: int = 2
     repeats: int = 1  # virtual epoch = dataset repeated; useful for tiny sets like the quickstart
     # where JPEGs are decoded and augmented: auto = on the GPU (nvJPEG, batched) for folder / WebDataset sources
@@ -320,6 +325,12 @@ class TrainConfig:
     seed: int = 0
     out_dir: str = "runs/mae"
     resume: str = "auto"  # auto (newest checkpoint in out_dir, if any) | none | path to a checkpoint
+    # a new run's first weights (continued pretraining): a mimkit checkpoint, or a file `mimkit import` reads (official
+    # MAE / BEiT / BootMAE, a Hugging Face folder, a timm ViT state dict); every tensor that fits is taken (position
+    # tables fitted to the grid, the patch embedding to the channels), the rest initialised as usual, the key report
+    # in OUT_DIR/init_from.json; the optimizer and schedules start fresh. A resume continues from the run's own
+    # checkpoints and does not read it.
+    init_from: str | None = None
     # keys whose change on resume is meant (e.g. train.epochs to lengthen a run; comma-separated or a list): a resume
     # that would change anything that alters the trajectory is refused otherwise; the change goes to
     # config_history.jsonl. Logging, eval cadence, workers, kernels and the device may change freely.
@@ -353,7 +364,7 @@ class TrainConfig:
 # Keys a resume may change without a word (recorded in config_history.jsonl): where and how fast the same steps run,
 # how often they are logged, checked and saved, and when the run stops. Everything else changes the trajectory.
 TRAJECTORY_FREE = frozenset(
-    {f"train.{k}" for k in ("out_dir", "resume", "resume_allow", "stop_signal", "max_steps", "max_minutes",
+    {f"train.{k}" for k in ("out_dir", "resume", "init_from", "resume_allow", "stop_signal", "max_steps", "max_minutes",
                             "save_every_steps", "save_every_epochs", "keep_last", "log_every", "loggers", "tensorboard", "progress",
                             "max_nonfinite_steps", "vis_every_epochs", "vis_images", "knn_every_epochs", "knn_data",
                             "knn_val_split", "knn_samples", "device", "compile", "attention")}
@@ -470,6 +481,9 @@ def geometry(cfg: Config) -> Geometry:
                     m.num_heads or p.num_heads)  # fmt: skip
 
 
+RGB_ONLY_METHODS = ("beit", "mcbeit", "bootmae", "simmim", "ijepa")  # a DALL-E tokenizer / a p*p*3 pixel head / to do
+
+
 def validate(cfg: Config, strict: bool = True, also_reads: tuple[str, ...] = ()) -> Config:
     """Range checks that types alone cannot express, the method's own checks (its registered spec), and the
     keys the method never reads: refused when `strict` (a config a user wrote), reset to their defaults
@@ -511,6 +525,10 @@ def _validate_model(cfg: Config) -> Geometry:
     require(g.dim % 4 == 0, f"model.embed_dim must be divisible by 4 (sin-cos position embedding), got {g.dim}")
     require(0.0 < m.layer_norm_eps < 1.0, f"model.layer_norm_eps must be in (0, 1), got {m.layer_norm_eps}")
     require(0.0 <= m.drop_path_rate < 1.0, f"model.drop_path_rate must be in [0, 1), got {m.drop_path_rate}")
+    require(1 <= m.in_chans <= 256, f"model.in_chans must be in 1..256, got {m.in_chans}")
+    require(m.in_chans == 3 or cfg.method not in RGB_ONLY_METHODS,
+            f"model.in_chans {m.in_chans}: method {cfg.method} reads RGB images only (3 channels); "
+            f"use model.in_chans 3 or a method among mae, emae, maskfeat, data2vec2")  # fmt: skip
     return g
 
 
@@ -588,7 +606,12 @@ def _validate_run(cfg: Config) -> None:
     """data.*, optim.*, train.*, distributed.*."""
     d = cfg.data
     require(0.0 < d.crop_scale[0] <= d.crop_scale[1] <= 1.0, f"data.crop_scale must satisfy 0 < min <= max <= 1, got {d.crop_scale}")
-    require(all(s > 0 for s in d.std), f"data.std must be positive, got {d.std}")
+    c = cfg.model.in_chans if hasattr(cfg, "model") else 3
+    for key, value in (("data.mean", d.mean), ("data.std", d.std)):
+        require(value == "auto" or len(value) == c,
+                f"{key} has {0 if value == 'auto' else len(value)} values but model.in_chans is {c}: give one per "
+                f"channel, or auto (measured on the training data)")  # fmt: skip
+    require(d.std == "auto" or all(s > 0 for s in d.std), f"data.std must be positive, got {d.std}")
     require(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
     require(d.repeats >= 1, f"data.repeats must be >= 1, got {d.repeats}")
     require(d.num_samples is None or d.num_samples > 0, f"data.num_samples must be positive, got {d.num_samples}")

@@ -51,6 +51,8 @@ class MethodSpec:
         predicts_pixels: its output `pred` holds per-patch pixels (reconstruction pictures); or a function of the
             config (MAE with mae.target hog predicts HOG features)
         mask_count: takes mask.count (a fixed number of masked patches) instead of mask.ratio
+        teachers: state-dict prefixes of frozen copies of the encoder (EMA teachers, e.g. "ema_encoder."): started
+            from the encoder's weights when train.init_from gives the encoder only
         section: a config section of its own, a dataclass read under the method's name (for methods defined
             outside mimkit; built-in sections are fields of mimkit.config.Config)
         pool: how evaluation pools its encoder's tokens by default: "cls" (the cls token) or "mean" (the patch
@@ -71,6 +73,7 @@ class MethodSpec:
     needs_tokenizer: bool = False
     predicts_pixels: bool | Callable[[Any], bool] = True
     mask_count: bool = True
+    teachers: tuple[str, ...] = ()
     section: type | None = None
     pool: Literal["cls", "mean"] = "cls"
 

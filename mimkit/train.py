@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
 from mimkit import distributed as mdist
 from mimkit.checkpoint import (
     CheckpointError,
+    atomic_write_text,
     check_out_dir,
     checkpoint_path,
     load_sharded_into,
@@ -54,6 +55,7 @@ from mimkit.errors import MimkitError
 from mimkit.eval import knn_monitor, open_labelled_split
 from mimkit.logs import ensure_logging
 from mimkit.loop import Hook, TrainLoop, claim_run_folder, prepare_run_folder
+from mimkit.interop.init_weights import InitReport, initial_state
 from mimkit.methods import build_model, no_weight_decay_names
 from mimkit.metrics import MetricsLog
 from mimkit.models import compile_blocks, resolve_attention, resolve_compile, set_attention_kernel, transformer_blocks
@@ -196,6 +198,7 @@ class Resumed:
     allowed: dict = field(default_factory=dict)
     finished: RunResult | None = None
     loss: float = float("nan")  # the last step's
+    init: InitReport | None = None  # a new run's train.init_from: what was taken
 
 
 def pretrain(cfg: Config) -> RunResult:
@@ -219,6 +222,11 @@ def pretrain(cfg: Config) -> RunResult:
             announce(cfg, s, r)
         # records past the starting step belong to an attempt that left no checkpoint after them: they are run again
         metrics = MetricsLog(s.out_dir, dist.is_main, active_loggers(t), resumed_step=r.step)
+        if r.init is not None and dist.is_main:  # the key report, kept with the run
+            log.info("%s", r.init.summary())
+            atomic_write_text(s.out_dir / "init_from.json", json.dumps(r.init.to_dict(), indent=1) + "\n")
+            metrics.write({"event": "init_from", "source": r.init.source, "kind": r.init.kind,
+                           "taken": len(r.init.matched) + len(r.init.fitted), "initialised": len(r.init.missing)})
         if r.checkpoint is not None:
             metrics.write({"event": "resume", "from": str(r.checkpoint), "resumed_step": r.step,
                            **({"config_changes": {k: [a, b] for k, (a, b) in r.allowed.items()}} if r.allowed else {})})
@@ -314,8 +322,8 @@ def resume(cfg: Config, s: Setup) -> Resumed:
     """The checkpoint train.resume names, checked (this method's, this model's shapes, no refused config drift),
     loaded into the model, optimizer and scaler with the RNG states; a finished run's result."""
     resume_from, state = resume_point(cfg.train.out_dir, cfg.train.resume)
-    if resume_from is None:
-        return Resumed()
+    if resume_from is None:  # a new run: its first weights from train.init_from, if set
+        return Resumed(init=initialize(cfg, s) if cfg.train.init_from else None)
     check_resumable(resume_from, state, s.model, cfg.method)
     # the folder is the truth: a change that alters the trajectory is refused unless named
     changes = config_changes(saved_config(state.get("config")), to_dict(resolved(cfg)))
@@ -342,6 +350,16 @@ def resume(cfg: Config, s: Setup) -> Resumed:
         log.warning("resuming with %d processes from a %d-process run: RNG streams re-seeded", s.dist.world_size, len(rngs))
         seed_everything(cfg.train.seed + s.dist.rank + step)
     return Resumed(step, state["skipped_images"], resume_from, changes, allowed)
+
+
+def initialize(cfg: Config, s: Setup) -> InitReport:
+    """train.init_from at step 0: the source's tensors in the model on every rank (full tensors: FSDP shards them
+    on load); the optimizer and the schedules start fresh."""
+    full = StateDictOptions(full_state_dict=True)
+    new, report = initial_state(s.model, get_model_state_dict(s.model, options=full), cfg.train.init_from,
+                                method_spec(cfg.method).teachers)  # fmt: skip
+    set_model_state_dict(s.model, new, options=full)
+    return report
 
 
 def load_training_state(path: Path, state: dict, s: Setup) -> None:

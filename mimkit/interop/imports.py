@@ -86,7 +86,7 @@ def _infer_sections(conv: Converted, src: Path, opts: ImportOptions, hints: dict
 # Import: the whole operation
 
 
-def _is_sincos(table: torch.Tensor, grid: int) -> bool:
+def is_sincos_table(table: torch.Tensor, grid: int) -> bool:
     dim = table.shape[-1]
     if dim % 4 or table.shape[1] != grid * grid + 1:
         return False
@@ -308,7 +308,7 @@ def _place_tensors(src: Path, conv: Converted, model: nn.Module, report: ImportR
 
 def _decoder_table_for(tensor: torch.Tensor, dim: int, grid: int, origin: str, notes: list[str]) -> torch.Tensor:
     old = math.isqrt(tensor.shape[1] - 1)
-    if _is_sincos(tensor, old):  # MAE's table is a fixed function of the grid: rebuilt, not interpolated
+    if is_sincos_table(tensor, old):  # MAE's table is a fixed function of the grid: rebuilt, not interpolated
         notes.append(f"decoder_pos_embed: fixed sin-cos table rebuilt for a {grid}x{grid} grid (was {old}x{old})")
         return sincos_2d_pos_embed(dim, grid).to(tensor.dtype)
     notes.append(f"{origin}: resampled {old}x{old} -> {grid}x{grid} with timm.layers.resample_abs_pos_embed")

@@ -269,4 +269,5 @@ SPEC = register(MethodSpec(
     loss_terms=("reconstruction", "feature", "consistency"),
     logged=("feature_weight", "momentum"),
     no_weight_decay=("encoder.pos_embed", "encoder.cls_token"),  # the encoder's no_weight_decay()
+    teachers=("ema_encoder.",),
 ))  # fmt: skip

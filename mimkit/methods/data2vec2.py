@@ -179,7 +179,7 @@ SPEC = register(MethodSpec(
     mask_types=("block", "random"),  # block: data2vec 2.0's inverse block masks (blocks kept visible)
     mask_count=False,  # the visible count comes from mask.ratio
     loss_terms=("regression", "cls"),
-    logged=("ema_decay",),
+    logged=("ema_decay",), teachers=("teacher.encoder.",),
     predicts_pixels=False,
     no_weight_decay=(),  # fairseq exempts only 1-D parameters and biases (its cls token is decayed)
 ))  # fmt: skip

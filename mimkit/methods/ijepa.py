@@ -213,6 +213,6 @@ SPEC = register(MethodSpec(
             "from one context block by a narrow ViT predictor; no cls token (evaluation pools patch tokens)",
     mask_types=("random",), reads_mask=False,  # it draws its own multi-block masks (ijepa.*): mask.* is refused
     mask_count=False, predicts_pixels=False, family="vit", pool="mean",
-    logged=("momentum",),
+    logged=("momentum",), teachers=("target_encoder.",),
     no_weight_decay=(),  # the official groups: only biases and 1-D parameters are exempt
 ))  # fmt: skip
