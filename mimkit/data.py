@@ -25,7 +25,7 @@ from torchvision.transforms import v2
 
 from mimkit.datasets import open_torchvision
 from mimkit.extras import install_hint
-from mimkit.sources import CorruptImage, DataError, FolderImages, load_npz, skimage_photos, to_rgb
+from mimkit.sources import CorruptImage, DataError, FolderImages, check_channels, load_npz, skimage_photos, to_rgb  # noqa: F401
 
 log = logging.getLogger("mimkit")
 
@@ -39,7 +39,7 @@ def resolve_format(path: str, fmt: str) -> str:
         return "skimage"
     if path.startswith("torchvision:"):
         return "torchvision"
-    if path.endswith(".npz"):
+    if path.endswith((".npz", ".npy")):
         return "npz"
     if path.endswith(".tar") or "{" in path or "::" in path:
         return "webdataset"
@@ -49,22 +49,57 @@ def resolve_format(path: str, fmt: str) -> str:
     return "folder"
 
 
-def open_source(path: str, fmt: str = "auto", root: str = "data", download: bool = False):
-    """Check the configured data exists and is usable, before any model is built."""
+def open_source(path: str, fmt: str = "auto", root: str = "data", download: bool = False, in_chans: int = 3):
+    """Check the configured data exists and is usable, before any model is built. `in_chans` (model.in_chans): 3
+    reads every image as RGB; another count keeps the images' own channels (grayscale, 16-bit, C bands)."""
     fmt = resolve_format(path, fmt)
     if fmt == "skimage":
+        if in_chans != 3:
+            raise DataError(f"data.path: skimage (the embedded photos) is RGB, but model.in_chans is {in_chans}")
         return skimage_photos()
     if fmt == "torchvision":  # torchvision:NAME[:SPLIT] under root (mimkit/datasets.py)
-        return open_torchvision(path, None, root, download)
+        source = open_torchvision(path, None, root, download)
+        source.in_chans = in_chans
+        return source
     if fmt == "webdataset":
+        if in_chans != 3:
+            raise DataError(f"data.path: WebDataset shards are read as RGB; model.in_chans {in_chans} needs a folder, "
+                            ".npz / .npy or torchvision dataset")  # fmt: skip
         return None  # streamed; checked by webdataset_urls
     if not Path(path).exists():
         raise DataError(f"data.path: {path} does not exist")
     if fmt == "npz":
-        return load_npz(path)
+        return load_npz(path, in_chans=in_chans)
     if not Path(path).is_dir():
         raise DataError(f"data.path: {path} is not a folder (format 'folder')")
-    return FolderImages(path)
+    return FolderImages(path, in_chans)
+
+
+AUTO_STATS_IMAGES = 1000  # images data.mean / data.std auto are measured on (evenly spaced over the source)
+
+
+def channel_stats(source, max_images: int = AUTO_STATS_IMAGES) -> tuple[tuple[float, ...], tuple[float, ...], int]:
+    """Per-channel mean and standard deviation (0-1 scale, over every pixel) of up to `max_images` images of the
+    source, evenly spaced; corrupt images are skipped. Returns (mean, std, images used)."""
+    n = len(source)
+    picks = sorted({int(i) for i in torch.linspace(0, n - 1, min(n, max_images)).round().tolist()})
+    total = total_sq = None
+    pixels, used = 0, 0
+    for i in picks:
+        try:
+            image = source.load(i)
+        except CorruptImage:
+            continue
+        x = v2.functional.to_dtype(v2.functional.to_image(image), torch.float32, scale=True).double()
+        x = x.reshape(x.shape[0], -1)
+        s, sq = x.sum(1), (x * x).sum(1)
+        total, total_sq = (s, sq) if total is None else (total + s, total_sq + sq)
+        pixels, used = pixels + x.shape[1], used + 1
+    if not used:
+        raise DataError("data.mean / data.std auto: no readable image in the sample of the training data")
+    mean = total / pixels
+    std = (total_sq / pixels - mean * mean).clamp_min(0).sqrt().clamp_min(1e-6)
+    return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std), used
 
 
 def webdataset_urls(path: str) -> list[str]:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from mimkit.files import NUMERIC_KINDS, numeric_dtype, numeric_scalar
-from mimkit.sources import ArrayImages, CorruptImage, DataError, to_rgb
+from mimkit.sources import ArrayImages, CorruptImage, DataError, array_to_tensor, to_channels, to_rgb
 
 log = logging.getLogger("mimkit")
 
@@ -220,8 +220,8 @@ def open_cifar(cls, path: str, root: Path, split: str, download: bool) -> ArrayI
 class TorchvisionImages:
     """A torchvision dataset as a mimkit image source: images as RGB PIL images, labels as `targets`."""
 
-    def __init__(self, dataset, name: str):
-        self.dataset, self.name = dataset, name
+    def __init__(self, dataset, name: str, in_chans: int = 3):
+        self.dataset, self.name, self.in_chans = dataset, name, in_chans
         labels = next((getattr(dataset, a) for a in ("targets", "labels", "_labels") if hasattr(dataset, a)), None)
         if labels is None and hasattr(dataset, "samples"):  # ImageFolder-like
             labels = [t for _, t in dataset.samples]
@@ -237,8 +237,8 @@ class TorchvisionImages:
         except (OSError, ValueError, SyntaxError) as e:
             raise CorruptImage(f"{self.describe(index)}: {type(e).__name__}: {e}") from e
         if isinstance(image, np.ndarray):
-            return image
-        return to_rgb(image)
+            return image if self.in_chans == 3 else array_to_tensor(image)
+        return to_rgb(image) if self.in_chans == 3 else to_channels(image, self.in_chans)
 
     def describe(self, index: int) -> str:
         return f"{self.name}[{index}]"

@@ -29,11 +29,13 @@ def create_encoder(
     embed_dim: int | None = None,
     depth: int | None = None,
     num_heads: int | None = None,
+    in_chans: int = 3,
     **timm_args,
 ) -> VisionTransformer:
     """A timm VisionTransformer (cls token, learnable-shaped pos_embed incl. cls, final LayerNorm,
     no head). LayerNorm eps 1e-6 and qkv bias, as in MAE / BEiT. `timm_args`: other arguments of timm's
-    VisionTransformer (I-JEPA's class_token=False, global_pool="avg", fc_norm=False)."""
+    VisionTransformer (I-JEPA's class_token=False, global_pool="avg", fc_norm=False). `in_chans`: the image
+    channels the patch embedding reads (timm's in_chans)."""
     p = get_preset(arch)
     img_size = img_size or p.img_size
     patch_size = patch_size or p.patch_size
@@ -45,6 +47,7 @@ def create_encoder(
     return VisionTransformer(
         img_size=img_size,
         patch_size=patch_size,
+        in_chans=in_chans,
         embed_dim=embed_dim or p.embed_dim,
         depth=depth or p.depth,
         num_heads=num_heads or p.num_heads,
@@ -64,6 +67,7 @@ def timm_beit_kwargs(cfg) -> dict:
     p = get_preset(m.arch)
     return dict(
         img_size=m.img_size or p.img_size, patch_size=m.patch_size or p.patch_size, num_classes=0, global_pool="",
+        in_chans=getattr(m, "in_chans", 3),
         embed_dim=m.embed_dim or p.embed_dim, depth=m.depth or p.depth, num_heads=m.num_heads or p.num_heads,
         mlp_ratio=4.0, qkv_bias=True, init_values=b.layer_scale_init, use_abs_pos_emb=b.abs_pos_emb,
         use_rel_pos_bias=not b.shared_rel_pos_bias, use_shared_rel_pos_bias=b.shared_rel_pos_bias,

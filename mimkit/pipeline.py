@@ -4,18 +4,22 @@ mask inputs behind a resumable sampler, on the CPU path (PIL in the workers) or 
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader
 
 from mimkit.data import (
+    AUTO_STATS_IMAGES,
     DataError,
     MaskInputs,
     PretrainDataset,
     ResumableBatchSampler,
     TwoViewTransform,
     ViewSpec,
+    channel_stats,
+    check_channels,
     WebDatasetStream,
     loader_rng_and_workers,
     open_source,
@@ -33,6 +37,23 @@ from mimkit.device_decode import (
 )
 
 
+log = logging.getLogger("mimkit")
+
+
+def resolve_auto_stats(d, source) -> None:
+    """data.mean / data.std `auto`: measured on a sample of the training data, written into the config in place (so the
+    run's config.yaml and its checkpoints hold the numbers, and a resume reads them back)."""
+    if source is None:
+        raise DataError("data.mean / data.std auto: WebDataset shards cannot be sampled up front; give the numbers")
+    mean, std, used = channel_stats(source, AUTO_STATS_IMAGES)
+    if d.mean == "auto":
+        d.mean = mean
+    if d.std == "auto":
+        d.std = std
+    log.info("data.mean / data.std auto: measured on %d of %d training images: mean %s, std %s", used, len(source),
+             list(d.mean), list(d.std))  # fmt: skip
+
+
 class PretrainData:
     """Batches for the training loop: `epoch_batches(epoch, start_step)` yields this rank's
     micro-batches from the given optimizer step of the epoch on."""
@@ -41,7 +62,13 @@ class PretrainData:
                  rank: int = 0, world_size: int = 1, seed: int = 0, pin_memory: bool = False,
                  second_view: ViewSpec | None = None, device: torch.device | None = None):  # fmt: skip
         d = cfg.data if hasattr(cfg, "data") else cfg
+        in_chans = cfg.model.in_chans if hasattr(cfg, "model") else 3
         self.fmt = resolve_format(d.path, d.format)
+        source = None if self.fmt == "webdataset" else open_source(d.path, self.fmt, d.root, d.download, in_chans)
+        if in_chans != 3 and source is not None:
+            check_channels(source, in_chans)
+        if "auto" in (d.mean, d.std):
+            resolve_auto_stats(d, source)
         self.transform = pretrain_transform(img_size, d) if second_view is None else TwoViewTransform(img_size, d, second_view)
         self.mask_inputs, self.num_workers, self.pin_memory = mask_inputs, d.num_workers, pin_memory
         self.batch_size, self.accum_steps, self.rank, self.world_size, self.seed = (
@@ -55,7 +82,6 @@ class PretrainData:
                 raise DataError(f"data.num_samples {d.num_samples} cannot fill one optimizer step of {self.global_step_size}")
             self.steps_per_epoch = d.num_samples // self.global_step_size
         else:
-            source = open_source(d.path, self.fmt, d.root, d.download)
             self.dataset = PretrainDataset(source, self.transform, mask_inputs, d.repeats, d.num_samples)
             self.sampler = ResumableBatchSampler(len(self.dataset), batch_size, accum_steps, rank, world_size, seed)
             self.steps_per_epoch = self.sampler.steps_per_epoch
@@ -65,7 +91,10 @@ class PretrainData:
                 **loader_rng_and_workers(seed, rank),
             )  # fmt: skip
         self.device_augment = None  # data.decode: JPEGs decoded and augmented on the training device
-        self.decode = resolve_decode(getattr(d, "decode", "auto"), self.fmt, device, self.transform)
+        decode = getattr(d, "decode", "auto")
+        if in_chans != 3 and decode == "device":
+            raise DataError(f"data.decode device: nvJPEG decodes RGB only; model.in_chans {in_chans} needs data.decode cpu")
+        self.decode = resolve_decode("cpu" if in_chans != 3 else decode, self.fmt, device, self.transform)
         if self.decode == "device":
             self._use_device_decode(device or torch.device("cpu"))
 

@@ -1,0 +1,89 @@
+"""Any number of channels (model.in_chans): grayscale PNG folders, 16-bit PNGs and C-band .npz arrays pretrain,
+resume, draw pictures, evaluate and export; data.mean / data.std auto are measured on the data and recorded; a
+channel mismatch is one line."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from mimkit.config import load_config
+from mimkit.data import channel_stats, open_source
+from mimkit.train import pretrain
+
+from conftest import TINY_MODEL, make_images
+
+
+def gray_folder(root, n: int = 24, size: int = 16):
+    """Grayscale 8-bit PNGs in two class folders, and one 16-bit PNG."""
+    images = make_images(n, size)[..., 0]
+    for i, img in enumerate(images):
+        (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img, mode="L").save(root / f"c{i % 2}" / f"{i:03d}.png")
+    sixteen = (images[0].astype(np.uint16) * 257)
+    Image.fromarray(sixteen).save(root / "c0" / "sixteen.png")
+    return root
+
+
+def bands_npz(path, n: int = 32, size: int = 16, bands: int = 5):
+    rgb = make_images(n, size).astype(np.uint16) * 257
+    x = np.concatenate([rgb, rgb[..., :2] // 2], axis=-1)[..., :bands]
+    np.savez(path, x_train=x, y_train=np.arange(n) % 4)
+    return x
+
+
+def channel_cfg(tmp_path, data, in_chans, *overrides, out="run"):
+    return load_config(None, TINY_MODEL + [
+        f"data.path={data}", f"model.in_chans={in_chans}", "data.mean=auto", "data.std=auto", "data.num_workers=0",
+        "train.batch_size=8", "train.epochs=1", "train.precision=fp32", "train.progress=false",
+        "train.tensorboard=false", "optim.warmup_epochs=0", f"train.out_dir={tmp_path / out}", *overrides])
+
+
+def test_gray_folder_sources_keep_one_channel(tmp_path):
+    root = gray_folder(tmp_path / "g")
+    source = open_source(str(root), in_chans=1)
+    shapes = {tuple(source.load(i).shape) for i in range(len(source))}
+    assert shapes == {(1, 16, 16)}
+    sixteen = source.load(source.files.index(root / "c0" / "sixteen.png"))
+    assert sixteen.dtype == torch.float32 and float(sixteen.max()) <= 1.0
+    rgb = open_source(str(root))  # in_chans 3: unchanged, grayscale as RGB
+    assert rgb.load(0).mode == "RGB"
+
+
+def test_auto_statistics_match_numpy(tmp_path):
+    x = bands_npz(tmp_path / "b.npz")
+    mean, std, used = channel_stats(open_source(str(tmp_path / "b.npz"), in_chans=5))
+    ref = x.astype(np.float64) / 65535
+    assert used == len(x)
+    np.testing.assert_allclose(mean, ref.mean((0, 1, 2)), atol=2e-6)
+    np.testing.assert_allclose(std, ref.std((0, 1, 2)), atol=2e-6)
+
+
+@pytest.mark.parametrize("kind", ["gray", "bands"])
+def test_pretrain_resume_records_statistics(tmp_path, kind):
+    if kind == "gray":
+        data, c = gray_folder(tmp_path / "g"), 1
+    else:
+        bands_npz(tmp_path / "b.npz")
+        data, c = tmp_path / "b.npz", 5
+    result = pretrain(channel_cfg(tmp_path, data, c))
+    saved = yaml.safe_load(open(result.config))
+    assert saved["model"]["in_chans"] == c
+    assert len(saved["data"]["mean"]) == c and len(saved["data"]["std"]) == c
+    state = torch.load(result.checkpoint, map_location="cpu", weights_only=False)
+    assert state["model"]["encoder.patch_embed.proj.weight"].shape[1] == c
+    again = pretrain(channel_cfg(tmp_path, data, c, "train.epochs=2", "train.resume_allow=train.epochs"))  # resumes from its checkpoint
+    assert again.step > result.step
+
+
+def test_channel_mismatch_is_one_line(tmp_path):
+    bands_npz(tmp_path / "b.npz")
+    with pytest.raises(Exception) as e:
+        pretrain(channel_cfg(tmp_path, tmp_path / "b.npz", 1))
+    assert "5 channel" in str(e.value) and "model.in_chans is 1" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(Exception) as e:
+        load_config(None, TINY_MODEL + ["model.in_chans=1"])
+    assert "data.mean has 3 values but model.in_chans is 1" in str(e.value)
