@@ -39,3 +39,26 @@ def test_a_core_minute_budget_stops_each_run_on_its_own_clock(tmp_path):
     assert steps["mae+block"] < steps["mae"]  # the slowed run got fewer steps for the same compute
     (calibrated,) = {r["calibration"]["s_per_step_fastest"] < 1.0 for r in study["runs"]}
     assert calibrated  # the slow steps did not set the schedule
+
+
+def test_budgets_become_schedules_and_a_clock_stop(tmp_path):
+    from types import SimpleNamespace
+
+    from mimkit.compare.budget import SCHEDULE_SLACK, clock_stop, schedule
+
+    cfg = SimpleNamespace(train=SimpleNamespace(epochs=10), optim=SimpleNamespace(warmup_epochs=1.0))
+    assert schedule(cfg, 6, None, None, 1, None) == ["train.epochs=10", "train.schedule_steps=60",
+                                                     "optim.warmup_epochs=1"]  # fmt: skip
+    assert schedule(cfg, 6, 7 / 6, None, 1, None) == ["train.epochs=2", "train.schedule_steps=7",
+                                                      "optim.warmup_epochs=0.1167"]  # --steps 7  # fmt: skip
+    # 2 core-minutes on 2 threads, the fastest calibration step 0.5 s: 120 steps, the schedule 1.25x as long
+    calibration = {"s_per_step": 2.0, "s_per_step_fastest": 0.5}
+    steps = int(SCHEDULE_SLACK * 120)
+    assert schedule(cfg, 6, None, 2.0, 2, calibration) == [f"train.epochs={steps // 6}", f"train.schedule_steps={steps}",
+                                                           f"optim.warmup_epochs={0.1 * steps / 6:.4g}"]  # fmt: skip
+    metrics = tmp_path / "metrics.jsonl"
+    assert clock_stop(2.0, 2, metrics) == ["train.max_minutes=1"] and clock_stop(None, 2, metrics) == []
+    # a resumed run gets what is left: 4 steps of 10 s on 2 threads measured, 1.33 of the 2 core-minutes spent
+    metrics.write_text("\n".join(json.dumps({"step": s, "epoch": s / 6, "loss": 1.0, "time": 10.0 * s})
+                                 for s in range(1, 5)) + "\n")  # fmt: skip
+    assert clock_stop(2.0, 2, metrics) == ["train.max_minutes=0.333333"]

@@ -75,7 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--methods", default="mae", help="comma-separated run specs (default: mae)")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--epochs", type=float, default=None, help="pretraining epochs per run (default: the recipe's)")
-    budget.add_argument("--core-minutes", type=float, default=None, help="pretraining core-minutes per run")
+    budget.add_argument("--steps", type=int, default=None, help="pretraining optimizer steps per run")
+    budget.add_argument("--core-minutes", type=float, default=None, help="pretraining core-minutes per run, measured "
+                        "by each run's own clock (wall-clock x threads), which stops it")
     add("--eval-every", type=float, default=1.0, help="epochs between evaluated checkpoints (0: the final one only)")
     add("--out", default=None, help="study folder (default: runs/compare/<data name>)")
     add("--role", choices=("all", "train", "eval"), default="all",

@@ -170,8 +170,9 @@ class Plan:
                    self.out / "evals" / spec.name)  # fmt: skip
 
     def budget(self, cfg, steps_per_epoch: int, calibration: dict | None) -> list[str]:
-        """Schedule overrides of --epochs or --core-minutes (mimkit.compare.budget.schedule)."""
-        return schedule(cfg, steps_per_epoch, self.args.epochs, self.args.core_minutes, self.threads, calibration)
+        """Schedule overrides of --epochs, --steps or --core-minutes (mimkit.compare.budget.schedule)."""
+        epochs = self.args.steps / steps_per_epoch if getattr(self.args, "steps", None) else self.args.epochs
+        return schedule(cfg, steps_per_epoch, epochs, self.args.core_minutes, self.threads, calibration)
 
     def save_every(self, run: Run) -> int | None:
         return max(1, round(self.eval_every * run.steps_per_epoch)) if self.eval_every > 0 else None

@@ -85,8 +85,8 @@ class Study(Plan, Pretraining, Scoring):
         tokenizer = {k: v for k, v in read_json(self.tokenizer.parent / "stats.json").items() if k != "stamp"}
         study = {"command": sys.argv, "updated": now(), "data_path": " ".join(a.data), "data": asdict(self.info),
                  "img_size": self.img, "patch_size": self.patch, "mean": self.mean, "std": self.std,
-                 "threads": self.threads, "budget": {"epochs": a.epochs, "core_minutes": a.core_minutes,
-                                                     "max_steps": a.max_steps},
+                 "threads": self.threads, "budget": {"epochs": a.epochs, "steps": a.steps,
+                                                     "core_minutes": a.core_minutes, "max_steps": a.max_steps},
                  "eval_every_epochs": self.eval_every, "finetune_epochs": a.finetune_epochs, "machine": machine_info(),
                  "core_minutes_note": CORE_MINUTES, "cpu_scale": self.cpu_scale, "runs": runs,
                  "baselines": [self.baseline_row(b) for b in self.baselines], "readouts": readouts(runs, a.reach),
