@@ -147,7 +147,7 @@ def _beside(out_dir: Path, loggers) -> str:
 
 
 def _visualize(args: argparse.Namespace) -> int:
-    for done in visualize(args.checkpoint, args.images, args.out, seed=args.seed, scale=args.scale):
+    for done in visualize(args.checkpoint, args.images, args.out, seed=args.seed, scale=args.scale, bands=args.bands):
         print(done.path)
     return 0
 
@@ -315,6 +315,8 @@ def _add_tool_parsers(sub) -> None:
     p.add_argument("--out", default="visualizations", help="output folder (default: visualizations)")
     p.add_argument("--seed", type=int, default=0, help="masking seed (default 0): same seed, same mask")
     p.add_argument("--scale", type=int, default=None, help="integer upscaling of the panels (default: to >= 192 px)")
+    p.add_argument("--bands", type=lambda v: tuple(int(b) for b in v.split(",")), default=None,
+                   help="multi-band models: three 1-based bands drawn as R,G,B, e.g. 3,2,1 (default: 1,2,3)")
     p.set_defaults(func=_visualize)
 
     p = sub.add_parser("export", help="export for timm or Hugging Face transformers (safetensors + config); a "
@@ -506,7 +508,7 @@ def _methods(args: argparse.Namespace) -> int:
 FLAGS_ANYWHERE = {"pretrain": ("--print-config", "--dry-run"), "knn": ("--print-config",),
                   "linprobe": ("--print-config",), "finetune": ("--print-config",)}  # fmt: skip
 # the one-value options of the commands that take a list of images: accepted anywhere among the images
-OPTIONS_ANYWHERE = {"visualize": ("--out", "--seed", "--scale"), "attention": ("--out", "--scale"),
+OPTIONS_ANYWHERE = {"visualize": ("--out", "--seed", "--scale", "--bands"), "attention": ("--out", "--scale"),
                     "predict": ("--top-k", "--out", "--batch-size", "--device")}  # fmt: skip
 
 

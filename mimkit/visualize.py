@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from mimkit.registry import encoder_family, method_names, method_spec
-from mimkit.sources import CorruptImage, DataError, load_image
+from mimkit.sources import CorruptImage, DataError, array_to_tensor, load_image, to_channels
 from mimkit.interop import InteropError, load_mimkit_checkpoint
 from mimkit.models import unpatchify
 
@@ -45,11 +45,15 @@ NORM_PIX_NOTE = "(norm_pix: un-normalised with the ground-truth patch mean/std)"
 # Images in
 
 
-def prepare_image(image, size: int) -> torch.Tensor:
+def prepare_image(image, size: int, in_chans: int = 3) -> torch.Tensor:
     """An image file path, PIL image, uint8 (C, H, W) tensor or uint8 (H, W, C) array -> (3, size,
     size) float tensor in [0, 1]: shorter side resized to ``size`` (bicubic, antialiased, rounded
-    to uint8), centre-cropped. Values are exactly k / 255, so a panel converts back to the same bytes."""
+    to uint8), centre-cropped. Values are exactly k / 255, so a panel converts back to the same bytes. `in_chans`
+    other than 3: the image's own C channels are kept (uint8 as k / 255, 16-bit and float on their 0-1 scale)."""
     from torchvision.transforms.v2 import functional as F
+
+    if in_chans != 3:
+        return _prepare_channels(image, size, in_chans)
 
 
     if isinstance(image, (str, os.PathLike)):
@@ -73,6 +77,42 @@ def prepare_image(image, size: int) -> torch.Tensor:
     return t.float() / 255.0
 
 
+def _prepare_channels(image, size: int, in_chans: int) -> torch.Tensor:
+    from torchvision.transforms.v2 import functional as F
+
+    if isinstance(image, (str, os.PathLike)):
+        image = np.load(image, allow_pickle=False) if str(image).endswith(".npy") else load_image(image, in_chans)
+    if isinstance(image, Image.Image):
+        image = to_channels(image, in_chans)
+    elif isinstance(image, np.ndarray):
+        image = array_to_tensor(image)
+    t = F.to_dtype(F.to_image(image), torch.float32, scale=True).as_subclass(torch.Tensor)
+    if t.shape[0] != in_chans:
+        raise ValueError(f"the image has {t.shape[0]} channel(s) but the model reads {in_chans} (model.in_chans)")
+    t = F.resize(t, size, interpolation=F.InterpolationMode.BICUBIC, antialias=True)
+    return F.center_crop(t, [size, size]).clamp(0.0, 1.0)
+
+
+def display_bands(in_chans: int, bands: tuple[int, ...] | None = None) -> tuple[int, ...] | None:
+    """The 1-based bands a C-band picture is drawn with as (R, G, B): `bands`, checked, or the first three; None for
+    1 (drawn gray) and 3 (RGB) channels without a choice."""
+    if bands is None:
+        return None if in_chans in (1, 3) else (1, 2, 3)
+    if len(bands) != 3 or not all(1 <= b <= in_chans for b in bands):
+        raise InteropError(f"--bands {','.join(map(str, bands))}: give three band numbers in 1..{in_chans} "
+                         f"(the model reads {in_chans} channels), e.g. 3,2,1")  # fmt: skip
+    return tuple(bands)
+
+
+def to_display(img: torch.Tensor, bands: tuple[int, ...] | None = None) -> torch.Tensor:
+    """(C, H, W) -> (3, H, W) to draw: one channel as gray, the chosen bands (1-based) as R, G, B, else as is."""
+    if bands is not None:
+        return img[[b - 1 for b in bands]]
+    if img.shape[0] == 1:
+        return img.expand(3, -1, -1)
+    return img
+
+
 def preview_images(source, img_size: int, count: int = 4) -> torch.Tensor:
     """``count`` images of a mimkit data source (``mimkit.data.open_source``), spread evenly over
     it, as a fixed (B, 3, S, S) batch in [0, 1] for TensorBoard grids. Corrupt images are skipped."""
@@ -81,7 +121,7 @@ def preview_images(source, img_size: int, count: int = 4) -> torch.Tensor:
     for i in np.linspace(0, n - 1, num=min(count, n)).round().astype(int):
         for j in range(int(i), n):
             try:
-                images.append(prepare_image(source.load(j), img_size))
+                images.append(prepare_image(source.load(j), img_size, getattr(source, "in_chans", 3)))
                 break
             except CorruptImage:
                 continue
@@ -109,8 +149,8 @@ class Reconstruction:
 
 
 def _stats(mean, std, device) -> tuple[torch.Tensor, torch.Tensor]:
-    m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     return m, s
 
 
@@ -150,7 +190,7 @@ def reconstruct(
         raw_pred, out_mask = raw_pred[:, 0], out_mask[:, 0]
     norm_pix = model.norm_pix_loss
     pred = model.pixels_from_pred(raw_pred, x)  # undoes the method's target normalisation with the ground truth's
-    rec01 = (unpatchify(pred, p, grid) * s + m).clamp(0.0, 1.0)
+    rec01 = (unpatchify(pred, p, grid, channels=x.shape[1]) * s + m).clamp(0.0, 1.0)
     patch_mask = out_mask.float()
     pix = patch_mask.view(-1, *grid).repeat_interleave(p, dim=1).repeat_interleave(p, dim=2).bool()  # (B, S, S)
     pix3 = pix.unsqueeze(1).expand_as(x01)
@@ -291,14 +331,21 @@ def default_scale(size: int, target: int = 192) -> int:
     return max(1, math.ceil(target / size))
 
 
-def reconstruction_grid(rec: Reconstruction, title: str = "", scale: int | None = None) -> Grid:
+def reconstruction_grid(rec: Reconstruction, title: str = "", scale: int | None = None,
+                        bands: tuple[int, ...] | None = None) -> Grid:
+    """`bands`: the 1-based bands of a C-band image drawn as R, G, B (default: the first three; one channel: gray)."""
     size = rec.original.shape[-1]
+    c = rec.original.shape[0]
+    bands = display_bands(c, bands)
+    if bands is not None:
+        said = f"bands {','.join(map(str, bands))} of {c} as R,G,B"
+        title = f"{title} | {said}" if title else said
     scale = scale or default_scale(size)
     captions = dict(PANEL_LABELS)
     if rec.norm_pix:
         captions["reconstruction"] += f" {NORM_PIX_NOTE}"
         captions["pasted"] += f" {NORM_PIX_NOTE}"
-    panels = [(name, captions[name], to_uint8(getattr(rec, name))) for name in PANEL_LABELS]
+    panels = [(name, captions[name], to_uint8(to_display(getattr(rec, name), bands))) for name in PANEL_LABELS]
     return render_panels(panels, title=title, scale=scale)
 
 
@@ -326,20 +373,24 @@ def visualize(
     out_dir: str | Path = "visualizations",
     seed: int = 0,
     scale: int | None = None,
+    bands: tuple[int, ...] | None = None,
 ) -> list[Visualization]:
-    """One PNG grid per image (files, or folders searched recursively): OUT/<image stem>_reconstruction.png."""
+    """One PNG grid per image (files, or folders searched recursively): OUT/<image stem>_reconstruction.png.
+    `bands`: for a C-band model, the three 1-based bands drawn as R, G, B (said on the panel's title)."""
     model, cfg, state = load_mimkit_checkpoint(ckpt)
     spec = method_spec(cfg.method)
     if not spec.pixels(cfg):
         raise InteropError(f"{ckpt}: this {cfg.method} model does not predict pixels ({spec.summary}), so it has no "
                            "reconstruction to draw; `mimkit visualize` takes checkpoints of runs with pixel targets")  # fmt: skip
     size = model.encoder.patch_embed.img_size[0]
+    in_chans = model.encoder.patch_embed.proj.in_channels
+    bands = display_bands(in_chans, tuple(bands) if bands else None)  # a bad choice fails before any image
     out_dir = Path(out_dir)
     done = []
     for path in expand_images(images):
-        rec = reconstruct(model, prepare_image(path, size), cfg.data.mean, cfg.data.std, seed)[0]
+        rec = reconstruct(model, prepare_image(path, size, in_chans), cfg.data.mean, cfg.data.std, seed)[0]
         title = describe(rec, f"{Path(path).name} | {Path(ckpt).name} step {state.get('step', '?')}")
-        grid = reconstruction_grid(rec, title, scale)
+        grid = reconstruction_grid(rec, title, scale, bands)
         done.append(Visualization(grid.save(out_dir / f"{Path(path).stem}_reconstruction.png"), grid, rec))
     return done
 
@@ -351,7 +402,7 @@ def expand_images(images: list[str | Path]) -> list[Path]:
     for item in images:
         p = Path(item)
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMG_EXTENSIONS)
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in (*IMG_EXTENSIONS, ".npy"))
             if not found:
                 raise FileNotFoundError(f"no images in folder {p}")
             out += found

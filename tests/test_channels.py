@@ -87,3 +87,34 @@ def test_channel_mismatch_is_one_line(tmp_path):
     with pytest.raises(Exception) as e:
         load_config(None, TINY_MODEL + ["model.in_chans=1"])
     assert "data.mean has 3 values but model.in_chans is 1" in str(e.value)
+
+
+def test_visualize_band_triple_and_gray(tmp_path):
+    import tifffile
+
+    from mimkit.cli import main
+
+    x = bands_npz(tmp_path / "b.npz")
+    result = pretrain(channel_cfg(tmp_path, tmp_path / "b.npz", 5, "train.batch_size=16"))
+    tifffile.imwrite(tmp_path / "tile.tif", x[0])  # a 5-band 16-bit TIFF
+    assert main(["visualize", str(result.checkpoint), str(tmp_path / "tile.tif"), "--bands", "3,2,1",
+                 "--out", str(tmp_path / "vis")]) == 0
+    png = np.asarray(Image.open(tmp_path / "vis" / "tile_reconstruction.png"))
+    assert png.ndim == 3 and png.shape[-1] == 3
+
+    from mimkit.visualize import visualize
+
+    done = visualize(result.checkpoint, [tmp_path / "tile.tif"], tmp_path / "vis2", bands=(5, 4, 1))[0]
+    assert done.reconstruction.original.shape[0] == 5
+    original = done.grid.panel("original")
+    want = (done.reconstruction.original[[4, 3, 0]].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    assert original.shape[-1] == 3 and np.array_equal(original[:: original.shape[0] // want.shape[0]][:want.shape[0],
+                                                       :: original.shape[1] // want.shape[1]][:, :want.shape[1]], want)
+    with pytest.raises(Exception, match="three band numbers in 1..5"):
+        visualize(result.checkpoint, [tmp_path / "tile.tif"], tmp_path / "vis3", bands=(6, 2, 1))
+
+    gray = gray_folder(tmp_path / "g")
+    run = pretrain(channel_cfg(tmp_path, gray, 1, out="gray"))
+    done = visualize(run.checkpoint, [gray / "c0" / "000.png"], tmp_path / "vis4")[0]
+    panel = done.grid.panel("original")
+    assert np.array_equal(panel[..., 0], panel[..., 1]) and np.array_equal(panel[..., 0], panel[..., 2])  # gray
