@@ -118,3 +118,19 @@ def test_visualize_band_triple_and_gray(tmp_path):
     done = visualize(run.checkpoint, [gray / "c0" / "000.png"], tmp_path / "vis4")[0]
     panel = done.grid.panel("original")
     assert np.array_equal(panel[..., 0], panel[..., 1]) and np.array_equal(panel[..., 0], panel[..., 2])  # gray
+
+
+@pytest.mark.parametrize("bands", [1, 5])
+def test_knn_evaluates_with_the_checkpoint_channels(tmp_path, bands):
+    from conftest import knn_cli
+
+    if bands == 1:
+        x = make_images(32, 16)[..., 0]  # (N, H, W): one band
+        np.savez(tmp_path / "b.npz", x_train=x, y_train=np.arange(32) % 4)
+    else:
+        bands_npz(tmp_path / "b.npz")
+    result = pretrain(channel_cfg(tmp_path, tmp_path / "b.npz", bands))
+    assert knn_cli(result.checkpoint, tmp_path / "b.npz", tmp_path / "knn") == 0
+    saved = yaml.safe_load(open(result.config))
+    evaluated = yaml.safe_load(open(tmp_path / "knn" / "config.yaml"))
+    assert evaluated["data"]["mean"] == pytest.approx(saved["data"]["mean"])

@@ -35,7 +35,7 @@ from mimkit.checkpoint import (
     save_checkpoint,
 )
 from mimkit.data import pretrain_transform
-from mimkit.sources import CorruptImage, DataError, FolderImages, load_npz
+from mimkit.sources import CorruptImage, DataError, FolderImages, check_channels, load_npz
 from mimkit.datasets import open_torchvision
 from mimkit.engine import autocast_context, seed_everything
 from mimkit.eval.encoders import encoder_features, feature_dim
@@ -82,13 +82,13 @@ def subset(source, count: int | None, seed: int = 0):
 
 
 def open_labelled_split(path: str, split: str, fmt: str = "auto", root: str = "data", download: bool = False,
-                        split_key: str | None = None):  # fmt: skip
+                        split_key: str | None = None, in_chans: int = 3):  # fmt: skip
     """A labelled image source: `x_{split}` / `y_{split}` of a .npz, the ImageFolder tree path/split, or the split of
     a torchvision dataset (`torchvision:NAME` under `root`). The result has `.targets` (one int per image) and
     `.load(i)` / `.describe(i)` like mimkit.data's sources. `split_key`: the config key that chose `split`, named
     when the split is missing."""
     try:
-        return _open_labelled_split(path, split, fmt, root, download)
+        return _open_labelled_split(path, split, fmt, root, download, in_chans)
     except DataError as e:
         text = str(e)
         missing = f"'x_{split}'" in text or "is not a folder" in text or f"split '{split}'" in text
@@ -97,16 +97,18 @@ def open_labelled_split(path: str, split: str, fmt: str = "auto", root: str = "d
         raise DataError(f"{text}; {split_key} is '{split}': set it to a split the data has") from None
 
 
-def _open_labelled_split(path: str, split: str, fmt: str, root: str, download: bool):
+def _open_labelled_split(path: str, split: str, fmt: str, root: str, download: bool, in_chans: int = 3):
     if fmt == "auto":
         fmt = ("torchvision" if str(path).startswith("torchvision:")
                else "npz" if str(path).endswith(".npz") else "folder")  # fmt: skip
     if fmt == "torchvision":
-        return open_torchvision(path, split, root, download, purpose="labelled")
+        source = open_torchvision(path, split, root, download, purpose="labelled")
+        source.in_chans = in_chans
+        return source
     if not Path(path).exists():
         raise DataError(f"data.path: {path} does not exist")
     if fmt == "npz":
-        source = load_npz(path, split)
+        source = load_npz(path, split, in_chans=in_chans)
         if source.targets is None:
             raise DataError(f"data.path: {path} has x_{split} but no labels y_{split}")
         source.targets = np.asarray(source.targets).astype(np.int64).reshape(-1)
@@ -117,7 +119,7 @@ def _open_labelled_split(path: str, split: str, fmt: str, root: str, download: b
     if not root.is_dir():
         raise DataError(f"data.path: {root} is not a folder (expected one ImageFolder tree per split: "
                         f"{Path(path) / 'train'}, {Path(path) / 'val'}, ...)")  # fmt: skip
-    source = FolderImages(root)
+    source = FolderImages(root, in_chans)
     if any(t < 0 for t in source.targets):
         raise DataError(f"data.path: {root} has images outside class sub-folders; expected {root}/<class>/<image>")
     source.targets = np.asarray(source.targets, dtype=np.int64)
@@ -139,7 +141,36 @@ def start_eval_run(cfg, run) -> RunStart:
     dist = mdist.init_distributed(run.device)
     precision = mdist.resolve_precision(run.precision, dist.device)
     seed_everything(run.seed)
-    return RunStart(clock, dist, precision, Path(run.out_dir), open_labelled(cfg.data, run.seed))
+    in_chans = checkpoint_channels(cfg)
+    return RunStart(clock, dist, precision, Path(run.out_dir), open_labelled(cfg.data, run.seed, in_chans))
+
+
+def checkpoint_channels(cfg) -> int:
+    """The image channels of the evaluated checkpoint's encoder (its model.in_chans; 3 without a checkpoint). For a
+    C-channel checkpoint other than 3, data.mean / data.std left at their (RGB) defaults become the checkpoint's own
+    statistics, the ones it was pretrained with."""
+    path = getattr(getattr(cfg, "encoder", None), "checkpoint", "none")
+    if path in (None, "none") or not Path(path).exists():
+        return 3
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError:
+        return 3  # the encoder loader names the problem
+    saved = state.get("config") if isinstance(state, dict) else None
+    if not isinstance(saved, dict):
+        return 3
+    in_chans = int((saved.get("model") or {}).get("in_chans", 3))
+    if in_chans != 3:
+        d, trained = cfg.data, saved.get("data") or {}
+        for key in ("mean", "std"):
+            if len(getattr(d, key)) != in_chans:
+                value = trained.get(key)
+                if not isinstance(value, (list, tuple)) or len(value) != in_chans:
+                    raise DataError(f"data.{key}: {len(getattr(d, key))} values but the checkpoint {path} reads "
+                                    f"{in_chans} channels; give {in_chans} values")  # fmt: skip
+                setattr(d, key, tuple(float(v) for v in value))
+        log.info("%s reads %d channel(s): data.mean %s, data.std %s", path, in_chans, list(d.mean), list(d.std))
+    return in_chans
 
 
 @dataclass
@@ -149,10 +180,15 @@ class LabelledData:
     num_classes: int
 
 
-def open_labelled(d, seed: int = 0) -> LabelledData:
-    """The train and val splits of `data` (checked before any model is built), subsets applied."""
-    train = open_labelled_split(d.path, d.train_split, d.format, d.root, d.download, split_key="data.train_split")
-    val = open_labelled_split(d.path, d.val_split, d.format, d.root, d.download, split_key="data.val_split")
+def open_labelled(d, seed: int = 0, in_chans: int = 3) -> LabelledData:
+    """The train and val splits of `data` (checked before any model is built), subsets applied. `in_chans`: the
+    encoder's image channels (3: RGB)."""
+    train = open_labelled_split(d.path, d.train_split, d.format, d.root, d.download, split_key="data.train_split",
+                                in_chans=in_chans)  # fmt: skip
+    val = open_labelled_split(d.path, d.val_split, d.format, d.root, d.download, split_key="data.val_split",
+                              in_chans=in_chans)  # fmt: skip
+    if in_chans != 3:
+        check_channels(train, in_chans)
     if getattr(train, "classes", None) and getattr(val, "classes", None) and train.classes != val.classes:
         raise DataError(f"data.path: the class folders of '{d.train_split}' and '{d.val_split}' differ")
     num_classes = max(int(max(train.targets.max(), val.targets.max())) + 1, len(getattr(train, "classes", None) or []))

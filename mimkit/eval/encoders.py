@@ -133,6 +133,8 @@ def encoder_source(ecfg) -> EncoderSource:
                           "pretraining); leave encoder.family at auto for a checkpoint")  # fmt: skip
     model = {k: getattr(pcfg.model, k) for k in ("arch", "img_size", "patch_size", "embed_dim", "depth", "num_heads",
                                                  "layer_norm_eps")}  # fmt: skip
+    if pcfg.model.in_chans != 3:  # a C-channel encoder (left out for RGB, so the dict is as before)
+        model["in_chans"] = pcfg.model.in_chans
     ckpt = _resolved(model)
     asked = {"arch": ecfg.arch, **{k: getattr(ecfg, k) for k in sizes}}
     have = {"arch": model["arch"], **{k: ckpt[k] for k in sizes}}
@@ -179,7 +181,8 @@ def build_encoder(src: EncoderSource, drop_path_rate: float = 0.0, seed: int = 0
             return encoder
     if src.state is not None:
         return set_layer_norm_eps(create_encoder(m["arch"], m["img_size"], m["patch_size"], drop_path_rate,
-                                                 m["embed_dim"], m["depth"], m["num_heads"], **src.timm_args),
+                                                 m["embed_dim"], m["depth"], m["num_heads"],
+                                                 in_chans=m.get("in_chans", 3), **src.timm_args),
                                   m.get("layer_norm_eps", 1e-6))  # fmt: skip
 
     cfg = config_from_dict({"model": {**m, "drop_path_rate": drop_path_rate}})
