@@ -25,11 +25,11 @@ def test_a_core_minute_budget_stops_each_run_on_its_own_clock(tmp_path):
                            "mae,mae+block", "--core-minutes", str(BUDGET), "--eval-every", str(EVERY), "--out",
                            "study", "--no-page", *TINY], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=900, check=False)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
     study = json.loads((tmp_path / "study" / "compare.json").read_text())
     steps = {}
     for run in study["runs"]:
-        assert run["done"] and abs(run["core_minutes_spent"] - BUDGET) <= 0.1 * BUDGET, run
+        assert run["done"] and abs(run["core_minutes_spent"] - BUDGET) <= 0.1 * BUDGET, (run, done.stdout[-3000:])
         (segment,) = run["segments"]
         assert segment["stop"] == [f"train.max_minutes={BUDGET:.6g}"]  # the run's own clock stopped it
         every, final = EVERY * run["steps_per_epoch"], run["final_step"]

@@ -14,7 +14,7 @@ import math
 import statistics
 from pathlib import Path
 
-CALIBRATION_STEPS = 6  # timed steps of a core-minute budget's calibration run (the first counts as their median)
+CALIBRATION_STEPS = 10  # timed steps of a core-minute budget's calibration run (its fastest sets the schedule)
 EVERY = 10**6  # keep_last / save_every_epochs: every checkpoint is kept, none at epoch ends
 SCHEDULE_SLACK = 1.25  # the schedule is this much longer than the steps the budget buys: the clock ends the run
 CORE_MINUTES = ("training-loop wall-clock summed from each run's metrics.jsonl (one record per step; a process's first "

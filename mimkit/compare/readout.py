@@ -271,10 +271,11 @@ def gap(a: dict, b: dict, key: str = "probe") -> tuple[float, float]:
 
 def _lead(where: str, lead: str, other: str, diff: float, se: float) -> str:
     """'At 26 core-minutes, mae+crossmae leads mae by 1.7 ± 0.7 probe points (2.4 standard errors).'"""
-    ratio = diff / se if se > 0 else math.inf
+    ratio = abs(diff) / se if se > 0 else math.inf
     verdict = (f"{ratio:.1f} standard errors" if math.isfinite(ratio) else "no standard error known") + (
         "" if ratio >= 2 else ": within two standard errors, not a difference these test images can show")
-    return f"At {where}, {lead} leads {other} by {diff:.1f} ± {se:.1f} probe points ({verdict})."
+    ahead = "leads" if diff >= 0 else "trails"  # a best run below a random init trails it
+    return f"At {where}, {lead} {ahead} {other} by {abs(diff):.1f} ± {se:.1f} probe points ({verdict})."
 
 
 def summary_sentences(study: dict) -> list[str]:
