@@ -134,3 +134,44 @@ def test_knn_evaluates_with_the_checkpoint_channels(tmp_path, bands):
     saved = yaml.safe_load(open(result.config))
     evaluated = yaml.safe_load(open(tmp_path / "knn" / "config.yaml"))
     assert evaluated["data"]["mean"] == pytest.approx(saved["data"]["mean"])
+
+
+@pytest.mark.parametrize("bands", [1, 5])
+def test_export_timm_and_hf_carry_in_chans(tmp_path, bands):
+    import json
+
+    import timm
+
+    from mimkit.interop import load_mimkit_checkpoint
+    from mimkit.interop.export import export_timm
+
+    if bands == 1:
+        gray = gray_folder(tmp_path / "g")
+        result = pretrain(channel_cfg(tmp_path, gray, 1))
+    else:
+        bands_npz(tmp_path / "b.npz")
+        result = pretrain(channel_cfg(tmp_path, tmp_path / "b.npz", 5))
+    model, cfg, _ = load_mimkit_checkpoint(result.checkpoint)
+    export_timm(result.checkpoint, tmp_path / "timm")
+    config = json.loads((tmp_path / "timm" / "config.json").read_text())
+    assert config["model_args"]["in_chans"] == bands and config["pretrained_cfg"]["input_size"][0] == bands
+    assert len(config["pretrained_cfg"]["mean"]) == bands and len(config["pretrained_cfg"]["std"]) == bands
+    loaded = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
+    x = torch.randn(2, bands, 16, 16)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded.forward_features(x), model.encoder.forward_features(x))
+
+    transformers = pytest.importorskip("transformers")
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("Hugging Face export needs transformers >= 5")
+    from mimkit.interop.export import export_hf
+
+    from transformers import ViTModel
+
+    written = export_hf(result.checkpoint, tmp_path / "hf")
+    vit = ViTModel.from_pretrained(written["vit"], add_pooling_layer=False).eval()
+    assert vit.config.num_channels == bands
+    with torch.no_grad():
+        hf = vit(pixel_values=x).last_hidden_state
+        torch.testing.assert_close(hf, model.encoder.forward_features(x), atol=1e-5, rtol=1e-5)

@@ -71,6 +71,8 @@ def export_timm(ckpt: str | Path, out: str | Path) -> dict[str, Path]:
             "num_classes": 0,
             "global_pool": "token",
         }
+        if enc.patch_embed.proj.in_channels != 3:  # a C-channel encoder (RGB ones keep timm's default, unwritten)
+            model_args["in_chans"] = enc.patch_embed.proj.in_channels
         if enc.cls_token is None:  # I-JEPA's encoder: no cls token, mean of the final-norm patch tokens
             model_args.update({"class_token": False, "global_pool": "avg", "fc_norm": False})
     config = {
@@ -82,7 +84,7 @@ def export_timm(ckpt: str | Path, out: str | Path) -> dict[str, Path]:
         "pretrained_cfg": {
             "tag": "mimkit",
             "custom_load": False,
-            "input_size": [3, size, size],
+            "input_size": [enc.patch_embed.proj.in_channels, size, size],
             "fixed_input_size": True,
             "interpolation": "bicubic",
             "crop_pct": 0.875,
@@ -161,7 +163,7 @@ def hf_encoder_kwargs(encoder) -> dict:
         intermediate_size=spec["mlp_hidden"],
         image_size=spec["img_size"],
         patch_size=spec["patch_size"],
-        num_channels=3,
+        num_channels=encoder.patch_embed.proj.in_channels,
         qkv_bias=True,
         layer_norm_eps=encoder.norm.eps,
         hidden_act="gelu",

@@ -130,7 +130,7 @@ def hf_beit_config(model, cfg: Config, *, mim_head: bool = False):
         vocab_size=int(model.lm_head.out_features), hidden_size=kw["embed_dim"], num_hidden_layers=kw["depth"],
         num_attention_heads=kw["num_heads"], intermediate_size=int(kw["mlp_ratio"] * kw["embed_dim"]),
         hidden_act="gelu", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.0,
-        image_size=kw["img_size"], patch_size=kw["patch_size"], num_channels=3, layer_norm_eps=1e-6,
+        image_size=kw["img_size"], patch_size=kw["patch_size"], num_channels=kw.get("in_chans", 3), layer_norm_eps=1e-6,
         use_mask_token=True, use_absolute_position_embeddings=kw["use_abs_pos_emb"],
         use_relative_position_bias=kw["use_rel_pos_bias"],
         use_shared_relative_position_bias=kw["use_shared_rel_pos_bias"], layer_scale_init_value=kw["init_values"],
