@@ -3,6 +3,7 @@ photos; decoding that turns every image into 8-bit RGB and every undecodable fil
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import warnings
@@ -15,6 +16,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from mimkit.errors import MimkitError
+from mimkit.extras import install_hint
 
 log = logging.getLogger("mimkit")
 
@@ -121,7 +123,10 @@ def load_image(path: str | os.PathLike, in_chans: int = 3) -> Image.Image | torc
             img.load()
             return to_rgb(img) if in_chans == 3 else to_channels(img, in_chans)
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... depending on the codec
-        raise CorruptImage(f"{path}: {type(e).__name__}: {e}") from e
+        hint = ""
+        if in_chans != 3 and str(path).lower().endswith(TIFF_SUFFIXES) and importlib.util.find_spec("tifffile") is None:
+            hint = f" (multi-band TIFFs need tifffile: {install_hint('tiff')})"
+        raise CorruptImage(f"{path}: {type(e).__name__}: {e}{hint}") from e
 
 
 def channels_of(image) -> int:

@@ -4,6 +4,8 @@ channel mismatch is one line."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,8 @@ from mimkit.data import channel_stats, open_source
 from mimkit.train import pretrain
 
 from conftest import TINY_MODEL, make_images
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def gray_folder(root, n: int = 24, size: int = 16):
@@ -175,3 +179,34 @@ def test_export_timm_and_hf_carry_in_chans(tmp_path, bands):
     with torch.no_grad():
         hf = vit(pixel_values=x).last_hidden_state
         torch.testing.assert_close(hf, model.encoder.forward_features(x), atol=1e-5, rtol=1e-5)
+
+
+def fake_fashion_mnist(root, n: int = 32):
+    """torchvision's FashionMNIST layout (raw idx files) with n generated 28 px images per split."""
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    images = make_images(n, 28)[..., 0]
+    for split in ("train", "t10k"):
+        (raw / f"{split}-images-idx3-ubyte").write_bytes(
+            np.array([2051, n, 28, 28], dtype=">i4").tobytes() + images.tobytes())
+        (raw / f"{split}-labels-idx1-ubyte").write_bytes(
+            np.array([2049, n], dtype=">i4").tobytes() + (np.arange(n) % 4).astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_recipe_end_to_end(tmp_path):
+    fake_fashion_mnist(tmp_path / "data")
+    cfg = load_config(str(REPO / "configs/mae_vit_tiny_fashionmnist.yaml"), [
+        f"data.root={tmp_path / 'data'}", "data.num_workers=0", "model.embed_dim=32", "model.depth=2",
+        "model.num_heads=2", "mae.decoder_dim=32", "mae.decoder_depth=1", "mae.decoder_heads=2", "train.epochs=1",
+        "train.batch_size=8", "train.precision=fp32", "train.progress=false", "train.tensorboard=false",
+        f"train.out_dir={tmp_path / 'run'}"])
+    assert cfg.model.in_chans == 1 and cfg.model.img_size == 28
+    result = pretrain(cfg)
+    state = torch.load(result.checkpoint, map_location="cpu", weights_only=False)
+    assert state["model"]["encoder.patch_embed.proj.weight"].shape[1] == 1
+    from mimkit.cli import main
+
+    assert main(["knn", str(REPO / "configs/eval/knn_vit_tiny_fashionmnist.yaml"), f"encoder.checkpoint={result.checkpoint}",
+                 f"data.root={tmp_path / 'data'}", "data.num_workers=0", "train.precision=fp32",
+                 "train.progress=false", "train.tensorboard=false", "train.batch_size=16",
+                 f"train.out_dir={tmp_path / 'knn'}"]) == 0
