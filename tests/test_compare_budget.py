@@ -23,7 +23,7 @@ def test_a_core_minute_budget_stops_each_run_on_its_own_clock(tmp_path):
            "MIMKIT_TEST_SLOW_STEPS": "mask.type=block:2:4:2.0"}  # mae+block: steps 2-4 take 2 s more  # fmt: skip
     done = subprocess.run([sys.executable, "-m", "mimkit.cli", "compare", "--data", str(data), "--methods",
                            "mae,mae+block", "--core-minutes", str(BUDGET), "--eval-every", str(EVERY), "--out",
-                           "study", "--no-page", *TINY], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           "study", "--no-page", "--isolate", *TINY], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=900, check=False)  # fmt: skip
     assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
     study = json.loads((tmp_path / "study" / "compare.json").read_text())

@@ -13,10 +13,10 @@ Run specs: METHOD[+PART...][:section.key=value,...], e.g. mae, bootmae+parallel,
 'mae:optim.blr=3e-4,train.batch_size=64' (parts: mimkit.compare.spec.PARTS). The base recipe is
 configs/<method>_vit_tiny_cifar10.yaml with the data's fields replaced: data.path / format / mean / std (computed from
 the training images unless --mean / --std), model.img_size (the images' side) and model.patch_size (a grid of at most
-14 tokens a side; --patch-size). Pretraining runs in a subprocess (`python -m mimkit.cli pretrain`) on --threads
-threads, data.num_workers=0 so that all of its work is on those threads; --cpus pins the study (taskset-style list).
+14 tokens a side; --patch-size). Pretraining is a function call (mimkit.train.pretrain; --isolate: a
+`mimkit pretrain` process each) on --threads threads, data.num_workers=0 so that all of its work is on those threads; --cpus pins the study (taskset-style list).
 
-Budget: --epochs E (default: the recipe's) or --core-minutes C per run. Core-minutes = training-loop wall-clock x
+Budget: --epochs E (default: the recipe's), --steps N or --core-minutes C per run. Core-minutes = training-loop wall-clock x
 pretraining threads, the wall-clock summed from the run's metrics.jsonl (one record per step; see
 mimkit.compare.budget.step_clock). A core-minute budget stops each run on its own clock
 (train.max_minutes = the budget left / its threads; a checkpoint is written at the stop); a short timed calibration
@@ -108,6 +108,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "epochs and core-minutes at which each run's probe first reaches these top-1 accuracies")
     add("--train-samples", type=int, default=None, help="a seeded subset of the training images (.npz; smoke runs)")
     add("--test-samples", type=int, default=None, help="a seeded subset of the test images (.npz; smoke runs)")
+    add("--isolate", action="store_true", help="pretrain each run in a process of its own (`mimkit pretrain`; its "
+        "output in runs/RUN/train.log; a crash ends that run only) instead of a function call in this process")
     add("--no-page", action="store_true", help="do not write the study page (report.html; `mimkit report DIR` does)")
     add("--max-steps", type=int, default=None, help="stop each pretraining after N steps (smoke runs)")
     p.set_defaults(func=run_command)

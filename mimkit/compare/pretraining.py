@@ -15,6 +15,9 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from mimkit import distributed as mdist
 from mimkit.checkpoint import list_checkpoints
 from mimkit.compare.budget import CALIBRATION_STEPS, clock_stop, step_clock
 from mimkit.compare.plan import (
@@ -31,9 +34,13 @@ from mimkit.compare.plan import (
 )
 from mimkit.compare.spec import SpecError
 from mimkit.compare.tokenizer import tokenizer_stats
+from mimkit.config import load_config
 from mimkit.data import die_with_parent
+from mimkit.errors import MimkitError
 from mimkit.eval import open_labelled_split
 from mimkit.machine import machine_info as machine
+from mimkit.runs import RunStopped
+from mimkit.train import pretrain
 
 log = logging.getLogger("compare")
 
@@ -42,6 +49,37 @@ class Pretraining:
     """The pretraining half of a Study (mimkit.compare.study): needs the Plan's attributes."""
 
     def launch(self, argv: list[str], log_path: Path) -> int:
+        """`mimkit ARGV`: a pretraining as a function call in this process (--isolate: in a process of its own);
+        0 done, else failed (said in the study's log)."""
+        if argv[0] == "pretrain" and not getattr(self.args, "isolate", False):
+            return self.pretrain_here(argv[1], argv[2:], log_path)
+        return self.launch_process(argv, log_path)
+
+    def pretrain_here(self, recipe: str, overrides: list[str], log_path: Path) -> int:
+        """mimkit.train.pretrain in this process, on its threads and cores; its log lines also appended to
+        log_path. A stop signal (RunStopped, its checkpoint written) stops the study too."""
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_path, mode="a")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
+        mimkit_log = logging.getLogger("mimkit")
+        mimkit_log.addHandler(handler)
+        try:
+            with open(log_path, "a") as f:
+                f.write(f"\n# {now()} mimkit.train.pretrain {recipe} {' '.join(overrides)}\n")
+            torch.set_num_threads(self.threads)
+            pretrain(load_config(recipe, overrides))
+            return 0
+        except RunStopped:
+            raise
+        except (MimkitError, RuntimeError, ValueError, OSError) as e:  # the run failed; the study goes on
+            log.error("pretraining %s failed: %s: %s (log: %s)", recipe, type(e).__name__, e, log_path)
+            return 1
+        finally:
+            mimkit_log.removeHandler(handler)
+            handler.close()
+            mdist.cleanup()
+
+    def launch_process(self, argv: list[str], log_path: Path) -> int:
         """`python -m mimkit.cli ARGV` on this study's threads and cores, output appended to log_path; it dies with
         this process (a killed study leaves no orphan writing into its run folder)."""
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads),
