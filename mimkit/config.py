@@ -529,6 +529,9 @@ def _validate_model(cfg: Config) -> Geometry:
     require(m.in_chans == 3 or cfg.method not in RGB_ONLY_METHODS,
             f"model.in_chans {m.in_chans}: method {cfg.method} reads RGB images only (3 channels); "
             f"use model.in_chans 3 or a method among mae, emae, maskfeat, data2vec2")  # fmt: skip
+    require(m.in_chans == 3 or not getattr(getattr(cfg, "train", None), "knn_every_epochs", None),
+            f"train.knn_every_epochs: the k-NN monitor reads RGB images, and model.in_chans is {m.in_chans}; "
+            "set train.knn_every_epochs=0 and run `mimkit knn` on the checkpoints (it reads their channels)")  # fmt: skip
     return g
 
 

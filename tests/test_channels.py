@@ -210,3 +210,29 @@ def test_fashion_mnist_recipe_end_to_end(tmp_path):
                  f"data.root={tmp_path / 'data'}", "data.num_workers=0", "train.precision=fp32",
                  "train.progress=false", "train.tensorboard=false", "train.batch_size=16",
                  f"train.out_dir={tmp_path / 'knn'}"]) == 0
+
+
+def test_tensorboard_pictures_of_a_one_channel_run(tmp_path):
+    pytest.importorskip("tensorboard")
+    gray = gray_folder(tmp_path / "g")
+    result = pretrain(channel_cfg(tmp_path, gray, 1, "train.tensorboard=true", "train.vis_every_epochs=1",
+                                  "train.vis_images=2"))
+    assert result.step > 0 and any((tmp_path / "run").rglob("events.out.tfevents*"))
+
+
+def test_mismatch_on_the_command_line_is_one_line(tmp_path, capsys):
+    from conftest import one_error_line
+
+    from mimkit.cli import main
+
+    bands_npz(tmp_path / "b.npz")
+    assert main(["pretrain", *TINY_MODEL, f"data.path={tmp_path / 'b.npz'}", "model.in_chans=3",
+                 f"train.out_dir={tmp_path / 'run'}"]) != 0
+    line = one_error_line(capsys)
+    assert "(N, H, W, C), C in 1/3/4" in line and "set model.in_chans=5" in line
+    assert main(["pretrain", *TINY_MODEL, f"data.path={tmp_path / 'b.npz'}", "model.in_chans=2", "data.mean=auto",
+                 "data.std=auto", f"train.out_dir={tmp_path / 'run2'}"]) != 0
+    line = one_error_line(capsys)
+    assert "has 5 channel(s)" in line and "model.in_chans is 2" in line
+    assert main(["pretrain", *TINY_MODEL, "model.in_chans=1", f"train.out_dir={tmp_path / 'run3'}"]) != 0
+    assert "data.mean has 3 values but model.in_chans is 1" in one_error_line(capsys)
