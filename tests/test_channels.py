@@ -236,3 +236,28 @@ def test_mismatch_on_the_command_line_is_one_line(tmp_path, capsys):
     assert "has 5 channel(s)" in line and "model.in_chans is 2" in line
     assert main(["pretrain", *TINY_MODEL, "model.in_chans=1", f"train.out_dir={tmp_path / 'run3'}"]) != 0
     assert "data.mean has 3 values but model.in_chans is 1" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("bands", [1, 5])
+def test_linear_probe_and_fine_tune(tmp_path, bands):
+    from mimkit.eval import finetune as ft
+    from mimkit.eval import linprobe as lp
+    from mimkit.eval.config import load_eval_config
+
+    if bands == 1:
+        np.savez(tmp_path / "b.npz", x_train=make_images(32, 16)[..., 0], y_train=np.arange(32) % 4)
+    else:
+        bands_npz(tmp_path / "b.npz")
+    ckpt = pretrain(channel_cfg(tmp_path, tmp_path / "b.npz", bands)).checkpoint
+    base = [f"encoder.checkpoint={ckpt}", f"data.path={tmp_path / 'b.npz'}", "data.val_split=train",
+            "data.num_workers=0", "train.precision=fp32", "train.progress=false", "train.tensorboard=false",
+            "train.batch_size=8", "train.epochs=1", "optim.warmup_epochs=0"]
+    for mode in ("augment", "cached"):
+        lp.run_linprobe(load_eval_config("linprobe", None, base + [f"probe.mode={mode}",
+                                                                   f"train.out_dir={tmp_path / mode}"]))
+    finetune = load_eval_config("finetune", None, base + [f"train.out_dir={tmp_path / 'ft'}"])
+    if bands == 1:
+        ft.run_finetune(finetune)
+    else:  # timm's PIL training transform: 1 or 3 channels; refused in one line before any model is built
+        with pytest.raises(Exception, match="reads 5 channels; fine-tuning augments with timm's"):
+            ft.run_finetune(finetune)

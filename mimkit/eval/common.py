@@ -160,6 +160,9 @@ def checkpoint_channels(cfg) -> int:
     if not isinstance(saved, dict):
         return 3
     in_chans = int((saved.get("model") or {}).get("in_chans", 3))
+    if in_chans not in (1, 3) and hasattr(cfg, "aug"):  # fine-tuning: timm's training transform (RandAugment, PIL)
+        raise DataError(f"encoder.checkpoint: {path} reads {in_chans} channels; fine-tuning augments with timm's "
+                        "PIL-based training transform (1 or 3 channels); evaluate it with mimkit linprobe or mimkit knn")  # fmt: skip
     if in_chans != 3:
         d, trained = cfg.data, saved.get("data") or {}
         for key in ("mean", "std"):
