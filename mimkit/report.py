@@ -92,6 +92,7 @@ class RunLog:
     # one per start or resume, in file order: the step it started from and its timed records (step, time, img/s)
     segments: list[Segment] = field(default_factory=list)
     stops: list[int] = field(default_factory=list)  # steps of {"event": "stopped"} records (a signal stopped the run)
+    init_from: dict | None = None  # the {"event": "init_from"} record: the weights the run started from
 
 
 @dataclass
@@ -137,6 +138,7 @@ def read_metrics(path: Path) -> RunLog:
     changes: dict[int, dict] = {}
     segments = [Segment(0)]
     stops: list[int] = []
+    init_from = None
     if not path.is_file():
         raise ReportError(f"{path} does not exist: RUN_DIR must be a pretraining run's train.out_dir")
     for n, line in enumerate(path.read_text().splitlines(), start=1):
@@ -156,6 +158,8 @@ def read_metrics(path: Path) -> RunLog:
             segments.append(Segment(rec["resumed_step"]))
         elif rec.get("event") == "stopped" and isinstance(rec.get("step"), int):
             stops.append(rec["step"])
+        elif rec.get("event") == "init_from":
+            init_from = rec
         elif isinstance(rec.get("step"), int) and "knn_top1" in rec:
             knn[rec["step"]] = rec
         elif isinstance(rec.get("step"), int) and "loss" in rec and "event" not in rec:
@@ -164,7 +168,7 @@ def read_metrics(path: Path) -> RunLog:
                 segments[-1].timed.append((rec["step"], float(rec["time"]),
                                            float(rec["img_per_s"]) if _number(rec.get("img_per_s")) else None))
     return RunLog([by_step[s] for s in sorted(by_step)], sorted(set(resumes)), [knn[s] for s in sorted(knn)],
-                  sorted(changes.items()), segments, stops)
+                  sorted(changes.items()), segments, stops, init_from)
 
 
 def _number(v) -> bool:
@@ -652,6 +656,10 @@ def run_summary(cfg, runlog: RunLog, kept: list[Path]) -> dict[str, str]:
         out["epochs"] = f"{_epochs(done, per_epoch)} of {_epochs(planned, per_epoch)} ({per_epoch} steps each)"
     else:
         out["steps"] = str(done)
+    if runlog.init_from is not None:  # train.init_from: continued from other weights (OUT_DIR/init_from.json)
+        i = runlog.init_from
+        out["started from"] = (f"{i.get('source')} ({i.get('kind')}: {i.get('taken')} tensors taken, "
+                               f"{i.get('initialised')} initialised)")  # fmt: skip
     out["images seen"] = f"{done * batch:,} ({done} steps x {batch}{batch_note})"
     seconds = training_seconds(runlog, batch)
     out["training time"] = (_clock(seconds) + (" (stop-to-resume gaps excluded)" if runlog.resumes else "")

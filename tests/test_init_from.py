@@ -64,6 +64,10 @@ def test_a_run_starts_from_the_source_records_it_and_a_resume_does_not_read_it(t
     path.unlink()  # a resume continues from the run's own checkpoints
     resumed = pretrain(tiny_cfg(*args, "train.max_steps=2"))
     assert resumed.step == 2
+    from mimkit.report import build_report  # the report says where the run started
+
+    summary = build_report(first.out_dir).summary
+    assert summary["started from"].startswith(f"{path} (mae weights, converted: {events[0]['taken']} tensors taken")
 
 
 def test_tables_and_channels_are_fitted_as_timm_fits_them():
