@@ -57,7 +57,7 @@ def test_print_config_shows_the_values_the_preset_resolves(capsys, tmp_path):
     printed = capsys.readouterr().out
     data = yaml.safe_load(printed)
     assert data["model"] == {"arch": "vit_tiny_patch16_224", "img_size": 224, "patch_size": 16, "embed_dim": 192,
-                                  "depth": 12, "num_heads": 3, "drop_path_rate": 0.0, "layer_norm_eps": 1e-6}  # fmt: skip
+                                  "depth": 12, "num_heads": 3, "drop_path_rate": 0.0, "in_chans": 3, "layer_norm_eps": 1e-6}  # fmt: skip
     b = data["bootmae"]
     assert (b["feature_decoder_dim"], b["feature_decoder_depth"], b["feature_decoder_heads"]) == (192, 8, 3)
     # the printed config is a valid recipe for the same model
