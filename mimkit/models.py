@@ -67,10 +67,10 @@ def timm_beit_kwargs(cfg) -> dict:
     p = get_preset(m.arch)
     return dict(
         img_size=m.img_size or p.img_size, patch_size=m.patch_size or p.patch_size, num_classes=0, global_pool="",
-        in_chans=getattr(m, "in_chans", 3),
         embed_dim=m.embed_dim or p.embed_dim, depth=m.depth or p.depth, num_heads=m.num_heads or p.num_heads,
         mlp_ratio=4.0, qkv_bias=True, init_values=b.layer_scale_init, use_abs_pos_emb=b.abs_pos_emb,
         use_rel_pos_bias=not b.shared_rel_pos_bias, use_shared_rel_pos_bias=b.shared_rel_pos_bias,
+        **({"in_chans": m.in_chans} if getattr(m, "in_chans", 3) != 3 else {}),  # RGB: timm's default, unwritten
     )  # fmt: skip
 
 

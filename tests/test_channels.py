@@ -67,16 +67,23 @@ def test_auto_statistics_match_numpy(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["gray", "bands"])
-def test_pretrain_resume_records_statistics(tmp_path, kind):
+def test_pretrain_resume_records_statistics(tmp_path, kind, caplog):
     if kind == "gray":
         data, c = gray_folder(tmp_path / "g"), 1
     else:
-        bands_npz(tmp_path / "b.npz")
+        x = bands_npz(tmp_path / "b.npz")
         data, c = tmp_path / "b.npz", 5
-    result = pretrain(channel_cfg(tmp_path, data, c))
+    with caplog.at_level("INFO", logger="mimkit"):
+        result = pretrain(channel_cfg(tmp_path, data, c))
     saved = yaml.safe_load(open(result.config))
     assert saved["model"]["in_chans"] == c
     assert len(saved["data"]["mean"]) == c and len(saved["data"]["std"]) == c
+    images = 25 if kind == "gray" else 32
+    assert f"data.mean / data.std auto: measured on {images} of {images} training images" in caplog.text
+    if kind == "bands":  # config.yaml holds numpy's numbers for the same data
+        ref = x.astype(np.float64) / 65535
+        np.testing.assert_allclose(saved["data"]["mean"], ref.mean((0, 1, 2)), atol=2e-6)
+        np.testing.assert_allclose(saved["data"]["std"], ref.std((0, 1, 2)), atol=2e-6)
     state = torch.load(result.checkpoint, map_location="cpu", weights_only=False)
     assert state["model"]["encoder.patch_embed.proj.weight"].shape[1] == c
     again = pretrain(channel_cfg(tmp_path, data, c, "train.epochs=2", "train.resume_allow=train.epochs"))  # resumes from its checkpoint
