@@ -75,7 +75,7 @@ def test_pretrain_resume_records_statistics(tmp_path, kind, caplog):
         data, c = tmp_path / "b.npz", 5
     with caplog.at_level("INFO", logger="mimkit"):
         result = pretrain(channel_cfg(tmp_path, data, c))
-    saved = yaml.safe_load(open(result.config))
+    saved = yaml.safe_load(Path(result.config).read_text())
     assert saved["model"]["in_chans"] == c
     assert len(saved["data"]["mean"]) == c and len(saved["data"]["std"]) == c
     images = 25 if kind == "gray" else 32
@@ -142,8 +142,8 @@ def test_knn_evaluates_with_the_checkpoint_channels(tmp_path, bands):
         bands_npz(tmp_path / "b.npz")
     result = pretrain(channel_cfg(tmp_path, tmp_path / "b.npz", bands))
     assert knn_cli(result.checkpoint, tmp_path / "b.npz", tmp_path / "knn") == 0
-    saved = yaml.safe_load(open(result.config))
-    evaluated = yaml.safe_load(open(tmp_path / "knn" / "config.yaml"))
+    saved = yaml.safe_load(Path(result.config).read_text())
+    evaluated = yaml.safe_load(Path(tmp_path / "knn" / "config.yaml").read_text())
     assert evaluated["data"]["mean"] == pytest.approx(saved["data"]["mean"])
 
 
@@ -162,7 +162,7 @@ def test_export_timm_and_hf_carry_in_chans(tmp_path, bands):
     else:
         bands_npz(tmp_path / "b.npz")
         result = pretrain(channel_cfg(tmp_path, tmp_path / "b.npz", 5))
-    model, cfg, _ = load_mimkit_checkpoint(result.checkpoint)
+    model, _, _ = load_mimkit_checkpoint(result.checkpoint)
     export_timm(result.checkpoint, tmp_path / "timm")
     config = json.loads((tmp_path / "timm" / "config.json").read_text())
     assert config["model_args"]["in_chans"] == bands and config["pretrained_cfg"]["input_size"][0] == bands
