@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+import yaml
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -151,6 +152,14 @@ def checkpoint_channels(cfg) -> int:
     statistics, the ones it was pretrained with."""
     path = getattr(getattr(cfg, "encoder", None), "checkpoint", "none")
     if path in (None, "none") or not Path(path).exists():
+        return 3
+    beside = Path(path).parent / "config.yaml"  # the run's config: an RGB run's checkpoint is not read twice
+    try:
+        run_config = yaml.safe_load(beside.read_text()) if Path(path).is_file() and beside.is_file() else None
+    except (OSError, yaml.YAMLError):
+        run_config = None
+    if isinstance(run_config, dict) and isinstance(run_config.get("model"), dict) \
+            and run_config["model"].get("in_chans", 3) == 3:  # fmt: skip
         return 3
     try:
         state = load_checkpoint(path)
