@@ -114,7 +114,8 @@ class TrackerLog:
             run_id = self.run.id
         else:
             self.mlflow = require("mlflow", "mlflow", "train.loggers: mlflow")
-            if "MLFLOW_TRACKING_URI" not in os.environ:  # a store in the run folder unless one is named
+            if "MLFLOW_TRACKING_URI" not in os.environ:  # a store in the run folder unless one is named: MLflow's
+                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # file store (no server, no database)
                 self.mlflow.set_tracking_uri((out_dir / "mlruns").resolve().as_uri())
             self.run = self.mlflow.start_run(run_id=known, run_name=None if known else out_dir.name)
             run_id = self.run.info.run_id

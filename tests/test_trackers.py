@@ -94,3 +94,29 @@ def test_only_rank_0_tracks_and_a_missing_package_is_one_line(tmp_path, monkeypa
     with pytest.raises(MissingExtra, match=r"^train.loggers: wandb needs wandb, which is not installed: pip install "
                                            r"'mimkit\[wandb\]'"):
         MetricsLog(tmp_path, True, ("wandb",), config=CONFIG)
+
+
+def test_the_real_packages_offline(tmp_path, monkeypatch):
+    """W&B in offline mode and MLflow's local store, as a user without a server has them: the same run continued on
+    a resume, the config as parameters, every step's loss."""
+    import mlflow
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "run"
+    out.mkdir()
+    log = MetricsLog(out, True, ("wandb", "mlflow"), config=CONFIG)
+    log.write({"step": 1, "loss": 2.0})
+    log.write({"step": 2, "loss": 1.0})
+    log.close()
+    resumed = MetricsLog(out, True, ("wandb", "mlflow"), config=CONFIG, resumed_step=2)
+    resumed.write({"step": 3, "loss": 0.5})
+    resumed.close()
+    run_id = (out / ".mlflow_run_id").read_text().strip()
+    assert mlflow.get_run(run_id).data.params == {k: str(v) for k, v in flat_params(CONFIG).items()}
+    history = mlflow.tracking.MlflowClient().get_metric_history(run_id, "pretrain/loss")
+    assert [(m.step, m.value) for m in history] == [(1, 2.0), (2, 1.0), (3, 0.5)]
+    wandb_id = (out / ".wandb_run_id").read_text().strip()
+    offline = sorted(p.name for p in (out / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and all(name.endswith(wandb_id) for name in offline)
