@@ -53,9 +53,9 @@ from mimkit.config import (
 from mimkit.engine import StepEngine, adamw_kernel, seed_everything
 from mimkit.errors import MimkitError
 from mimkit.eval import knn_monitor, open_labelled_split
+from mimkit.interop.init_weights import InitReport, initial_state
 from mimkit.logs import ensure_logging
 from mimkit.loop import Hook, TrainLoop, claim_run_folder, prepare_run_folder
-from mimkit.interop.init_weights import InitReport, initial_state
 from mimkit.methods import build_model, no_weight_decay_names
 from mimkit.metrics import MetricsLog
 from mimkit.models import compile_blocks, resolve_attention, resolve_compile, set_attention_kernel, transformer_blocks
@@ -221,7 +221,8 @@ def pretrain(cfg: Config) -> RunResult:
             prepare_run_folder(s.out_dir, dump_yaml(resolved(cfg)), (r.step, r.changes, r.allowed, r.checkpoint))
             announce(cfg, s, r)
         # records past the starting step belong to an attempt that left no checkpoint after them: they are run again
-        metrics = MetricsLog(s.out_dir, dist.is_main, active_loggers(t), resumed_step=r.step)
+        metrics = MetricsLog(s.out_dir, dist.is_main, active_loggers(t), resumed_step=r.step,
+                             config=to_dict(resolved(cfg)))  # the hyperparameters of a W&B / MLflow run
         if r.init is not None and dist.is_main:  # the key report, kept with the run
             log.info("%s", r.init.summary())
             atomic_write_text(s.out_dir / "init_from.json", json.dumps(r.init.to_dict(), indent=1) + "\n")

@@ -120,3 +120,12 @@ def test_the_real_packages_offline(tmp_path, monkeypatch):
     wandb_id = (out / ".wandb_run_id").read_text().strip()
     offline = sorted(p.name for p in (out / "wandb").glob("offline-run-*"))
     assert len(offline) == 2 and all(name.endswith(wandb_id) for name in offline)
+
+
+def test_pretraining_sends_its_resolved_config(fake_wandb, tiny_cfg):
+    from mimkit.train import pretrain
+
+    pretrain(tiny_cfg("train.loggers=[wandb]", "train.max_steps=2"))
+    init = fake_wandb[0][1]
+    assert init["config"]["method"] == "mae" and init["config"]["model.depth"] == 2 and "simmim.mask_patch_size" not in init["config"]
+    assert [c[2] for c in fake_wandb if c[0] == "log"] == [1, 2] and fake_wandb[-1] == ("finish",)

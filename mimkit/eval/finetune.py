@@ -298,7 +298,8 @@ def run_finetune(cfg: FinetuneConfig) -> EvalResult:
         announce_finetune(cfg, model, data, parts, dist, precision, sampler, peak_lr)
         if resume_from is not None:
             log.info("resumed from %s at step %d", resume_from, step)
-    metrics = EvalLog(out_dir, dist.is_main, active_loggers(t), "finetune", resumed_step=step if resume_from else None)
+    metrics = EvalLog(out_dir, dist.is_main, active_loggers(t), "finetune", resumed_step=step if resume_from else None,
+                      config=to_dict(cfg))  # fmt: skip
     if resume_from is not None:
         metrics.write({"event": "resume", "from": str(resume_from), "resumed_step": step})
 

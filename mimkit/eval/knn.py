@@ -16,7 +16,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from mimkit import distributed as mdist
 from mimkit.checkpoint import atomic_write_text
-from mimkit.config import active_loggers
+from mimkit.config import active_loggers, to_dict
 from mimkit.eval.common import (
     KNN_NOTE,
     EvalLog,
@@ -170,7 +170,7 @@ def run_knn(cfg: KnnConfig) -> EvalResult:
     }  # fmt: skip
     path = out_dir / "metrics.json"
     if dist.is_main:
-        mlog = EvalLog(out_dir, True, active_loggers(r), "knn")
+        mlog = EvalLog(out_dir, True, active_loggers(r), "knn", config=to_dict(cfg))
         mlog.write({"step": 0, "knn_top1": acc["top1"], "knn_top5": acc["top5"], "time": time.time()})
         mlog.close()
         path = write_final_metrics(out_dir, metrics)

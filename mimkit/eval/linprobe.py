@@ -202,7 +202,8 @@ def run_linprobe(cfg: LinprobeConfig) -> EvalResult:
                  effective_batch, peak_lr, steps_per_epoch, total_steps, dist.world_size, device, precision)  # fmt: skip
         if resume_from is not None:
             log.info("resumed from %s at step %d", resume_from, step)
-    metrics = EvalLog(out_dir, dist.is_main, active_loggers(t), "linprobe", resumed_step=step if resume_from else None)
+    metrics = EvalLog(out_dir, dist.is_main, active_loggers(t), "linprobe", resumed_step=step if resume_from else None,
+                      config=to_dict(cfg))  # fmt: skip
 
     def evaluate(done: int) -> dict:
         accs = probe_accuracy(heads, pd.f_val, pd.y_val, device)
