@@ -14,7 +14,7 @@ from typing import Any, Literal, NamedTuple
 import yaml
 
 from mimkit.presets import PRESETS, get_preset
-from mimkit.registry import COMMON_SECTIONS, custom_sections, method_spec
+from mimkit.registry import COMMON_SECTIONS, custom_sections, method_names, method_spec
 from mimkit.typed_config import ConfigError, from_dict, read_recipe, require
 from mimkit.typed_config import to_dict as plain_dict
 
@@ -481,7 +481,6 @@ def geometry(cfg: Config) -> Geometry:
                     m.num_heads or p.num_heads)  # fmt: skip
 
 
-RGB_ONLY_METHODS = ("beit", "mcbeit", "bootmae", "simmim", "ijepa")  # a DALL-E tokenizer / a p*p*3 pixel head / to do
 
 
 def validate(cfg: Config, strict: bool = True, also_reads: tuple[str, ...] = ()) -> Config:
@@ -526,12 +525,10 @@ def _validate_model(cfg: Config) -> Geometry:
     require(0.0 < m.layer_norm_eps < 1.0, f"model.layer_norm_eps must be in (0, 1), got {m.layer_norm_eps}")
     require(0.0 <= m.drop_path_rate < 1.0, f"model.drop_path_rate must be in [0, 1), got {m.drop_path_rate}")
     require(1 <= m.in_chans <= 256, f"model.in_chans must be in 1..256, got {m.in_chans}")
-    require(m.in_chans == 3 or cfg.method not in RGB_ONLY_METHODS,
-            f"model.in_chans {m.in_chans}: method {cfg.method} reads RGB images only (3 channels); "
-            f"use model.in_chans 3 or a method among mae, emae, maskfeat, data2vec2")  # fmt: skip
-    require(m.in_chans == 3 or not getattr(getattr(cfg, "train", None), "knn_every_epochs", None),
-            f"train.knn_every_epochs: the k-NN monitor reads RGB images, and model.in_chans is {m.in_chans}; "
-            "set train.knn_every_epochs=0 and run `mimkit knn` on the checkpoints (it reads their channels)")  # fmt: skip
+    if m.in_chans != 3 and method_spec(cfg.method).rgb_only:
+        others = ", ".join(n for n in method_names() if not method_spec(n).rgb_only)
+        raise ConfigError(f"model.in_chans {m.in_chans}: method {cfg.method} reads RGB images only (3 channels); use "
+                          f"model.in_chans 3 or one of {others}")  # fmt: skip
     return g
 
 

@@ -48,6 +48,8 @@ class MethodSpec:
         check: the method's own config checks (raise ConfigError with the key), run after the common ones
         block_generator: what mask.block_generator auto means for it (beit | exact)
         needs_tokenizer: pretraining needs a visual tokenizer (tokenizer.kind none is refused)
+        rgb_only: it reads 3-channel images only (model.in_chans other than 3 is refused): a tokenizer trained on RGB
+            (BEiT, mc-BEiT), a 3-channel head (BootMAE's per-colour bias)
         predicts_pixels: its output `pred` holds per-patch pixels (reconstruction pictures); or a function of the
             config (MAE with mae.target hog predicts HOG features)
         mask_count: takes mask.count (a fixed number of masked patches) instead of mask.ratio
@@ -72,6 +74,7 @@ class MethodSpec:
     block_generator: Literal["beit", "exact"] = "exact"
     needs_tokenizer: bool = False
     predicts_pixels: bool | Callable[[Any], bool] = True
+    rgb_only: bool = False
     mask_count: bool = True
     teachers: tuple[str, ...] = ()
     section: type | None = None

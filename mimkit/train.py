@@ -60,7 +60,7 @@ from mimkit.methods import build_model, no_weight_decay_names
 from mimkit.metrics import MetricsLog
 from mimkit.models import compile_blocks, resolve_attention, resolve_compile, set_attention_kernel, transformer_blocks
 from mimkit.pipeline import PretrainData
-from mimkit.registry import encoder_family, method_spec
+from mimkit.registry import encoder_family, method_pool, method_spec
 from mimkit.runs import GracefulStop, check_drift, config_changes
 from mimkit.schedules import lr_at, schedule_length
 from mimkit.version import __version__
@@ -289,9 +289,9 @@ def setup(cfg: Config) -> Setup:
     knn_sources = None  # labelled train / val splits for the k-NN trend monitor
     if t.knn_every_epochs:
         knn_path = t.knn_data or cfg.data.path
-        knn_sources = (open_labelled_split(knn_path, "train", root=cfg.data.root, download=cfg.data.download),
-                       open_labelled_split(knn_path, t.knn_val_split, root=cfg.data.root, download=cfg.data.download,
-                                           split_key="train.knn_val_split"))  # fmt: skip
+        opts = dict(root=cfg.data.root, download=cfg.data.download, in_chans=cfg.model.in_chans)
+        knn_sources = (open_labelled_split(knn_path, "train", **opts),
+                       open_labelled_split(knn_path, t.knn_val_split, split_key="train.knn_val_split", **opts))
     model.to(device)
     if cfg.distributed.activation_checkpointing:
         model.set_grad_checkpointing(True)
@@ -448,6 +448,7 @@ def monitors(cfg: Config, s: Setup, metrics: MetricsLog) -> tuple[Hook, ...]:
             if s.fsdp:
                 model.unshard()  # the root's own parameters (embeddings, norm) are sharded
             stats = knn_monitor(model.encoder, *knn_sources, mean=cfg.data.mean, std=cfg.data.std, device=dist.device,
+                                pool=method_pool(cfg.method),  # the method's (I-JEPA's encoder has no cls token)
                                 precision=s.precision, max_train=t.knn_samples[0], max_val=t.knn_samples[1],
                                 seed=t.seed)  # fmt: skip
             if s.fsdp:

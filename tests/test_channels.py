@@ -4,6 +4,7 @@ channel mismatch is one line."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +13,11 @@ import torch
 import yaml
 from PIL import Image
 
-from mimkit.config import load_config
+from mimkit.config import ConfigError, load_config
 from mimkit.data import channel_stats, open_source
 from mimkit.train import pretrain
 
-from conftest import TINY_MODEL, make_images
+from conftest import TINY_MODEL, make_images, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -268,3 +269,20 @@ def test_linear_probe_and_fine_tune(tmp_path, bands):
     else:  # timm's PIL training transform: 1 or 3 channels; refused in one line before any model is built
         with pytest.raises(Exception, match="reads 5 channels; fine-tuning augments with timm's"):
             ft.run_finetune(finetune)
+
+
+def test_the_knn_monitor_and_other_methods_take_the_channels(tmp_path):
+    """The k-NN trend monitor reads the run's channels; SimMIM and I-JEPA pretrain on 5 bands; BootMAE says why not."""
+    x = bands_npz(tmp_path / "b.npz")
+    np.savez(tmp_path / "l.npz", x_train=x, y_train=np.arange(len(x)) % 4, x_test=x[:8], y_test=np.arange(8) % 4)
+    result = pretrain(channel_cfg(tmp_path, tmp_path / "l.npz", 5, "train.knn_every_epochs=1", "train.knn_samples=[16,8]"))
+    records = [json.loads(line) for line in result.metrics.read_text().splitlines()]
+    assert any("knn_top1" in r for r in records)
+    for method, extra in (("simmim", ["simmim.mask_patch_size=8"]), ("ijepa", [])):
+        cfg = load_config(None, [*tiny_model(method), *extra, f"data.path={tmp_path / 'b.npz'}", "model.in_chans=5",
+                                 "data.mean=auto", "data.std=auto", "data.num_workers=0", "train.batch_size=8",
+                                 "train.max_steps=2", "train.precision=fp32", "train.progress=false",
+                                 "train.tensorboard=false", f"train.out_dir={tmp_path / method}"])  # fmt: skip
+        assert np.isfinite(pretrain(cfg).loss), method
+    with pytest.raises(ConfigError, match=r"^model.in_chans 5: method bootmae reads RGB images only .* one of .*simmim"):
+        load_config(None, [*tiny_model("bootmae"), "model.in_chans=5", "data.mean=auto", "data.std=auto"])

@@ -226,11 +226,11 @@ SPEC = register(MethodSpec(
     name="beit", build=build, check=check, reads=(*BEIT_BACKBONE_KEYS, "tokenizer"), family="beit",
     summary="BEiT (Bao et al. 2022): visual-token ids of masked patches, timm's Beit encoder",
     mask_types=("random", "block"), block_generator="beit", needs_tokenizer=True, predicts_pixels=False,
-    logged=("mlm_acc",), no_weight_decay=BEIT_NO_WEIGHT_DECAY,
+    logged=("mlm_acc",), no_weight_decay=BEIT_NO_WEIGHT_DECAY, rgb_only=True,  # its tokenizers read RGB
 ))  # fmt: skip
 MCBEIT_SPEC = register(MethodSpec(
     name="mcbeit", build=build, check=check, reads=("beit", "tokenizer"), family="beit",
     summary="mc-BEiT (Li et al. 2022): BEiT with soft, refined multi-choice token targets",
     mask_types=("random", "block"), block_generator="beit", needs_tokenizer=True, predicts_pixels=False,
-    logged=("mlm_acc",), no_weight_decay=BEIT_NO_WEIGHT_DECAY,
+    logged=("mlm_acc",), no_weight_decay=BEIT_NO_WEIGHT_DECAY, rgb_only=True,
 ))  # fmt: skip

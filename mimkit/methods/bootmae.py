@@ -269,5 +269,5 @@ SPEC = register(MethodSpec(
     loss_terms=("reconstruction", "feature", "consistency"),
     logged=("feature_weight", "momentum"),
     no_weight_decay=("encoder.pos_embed", "encoder.cls_token"),  # the encoder's no_weight_decay()
-    teachers=("ema_encoder.",),
+    teachers=("ema_encoder.",), rgb_only=True,  # its official pixel head has one bias per colour channel
 ))  # fmt: skip

@@ -42,7 +42,7 @@ def ijepa_encoder(cfg) -> VisionTransformer:
     """The stock timm ViT without a cls token `cfg.model` describes (LayerNorm eps 1e-6, qkv bias)."""
     m = cfg.model
     return create_encoder(m.arch, m.img_size, m.patch_size, m.drop_path_rate, m.embed_dim, m.depth, m.num_heads,
-                          **TIMM_ARGS)  # fmt: skip
+                          in_chans=m.in_chans, **TIMM_ARGS)  # fmt: skip
 
 
 def init_weights_ijepa(module: nn.Module, std: float = 0.02) -> None:

@@ -47,7 +47,7 @@ class SimMIM(MIMMethod):
         self.cell, self.mask_ratio = mask_patch_size // self.patch_size, mask_ratio
         self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder.embed_dim))
         trunc_normal_(self.mask_token, std=0.02)
-        self.head = nn.Linear(encoder.embed_dim, self.patch_size**2 * 3)
+        self.head = nn.Linear(encoder.embed_dim, self.patch_size**2 * encoder.patch_embed.proj.in_channels)
 
     def mask_inputs(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
         return {"mask": coarse_random_mask(self.grid, self.cell, self.mask_ratio, generator).flatten()}
