@@ -286,3 +286,20 @@ def test_the_knn_monitor_and_other_methods_take_the_channels(tmp_path):
         assert np.isfinite(pretrain(cfg).loss), method
     with pytest.raises(ConfigError, match=r"^model.in_chans 5: method bootmae reads RGB images only .* one of .*simmim"):
         load_config(None, [*tiny_model("bootmae"), "model.in_chans=5", "data.mean=auto", "data.std=auto"])
+
+
+def test_embed_reads_the_checkpoint_channels_and_statistics(tmp_path):
+    from mimkit.eval.embed import embed_images
+    from mimkit.interop import load_mimkit_checkpoint
+
+    bands_npz(tmp_path / "b.npz")
+    result = pretrain(channel_cfg(tmp_path, tmp_path / "b.npz", 5, "train.max_steps=2"))
+    e = embed_images(str(result.checkpoint), str(tmp_path / "b.npz"), progress=False)
+    model, cfg, _ = load_mimkit_checkpoint(result.checkpoint)
+    source = open_source(str(tmp_path / "b.npz"), "auto", in_chans=5)
+    x = torch.stack([source.load(i) for i in range(2)]) if torch.is_tensor(source.load(0)) else None
+    assert e.features.shape == (32, 32) and x is not None and x.shape[1] == 5
+    mean, std = torch.tensor(cfg.data.mean).view(1, 5, 1, 1), torch.tensor(cfg.data.std).view(1, 5, 1, 1)
+    with torch.no_grad():
+        expected = model.encoder.eval().forward_features((x - mean) / std)[:, 0]
+    np.testing.assert_allclose(e.features[:2], expected.numpy(), atol=1e-5)

@@ -13,6 +13,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -20,12 +21,12 @@ from torch.utils.data import Dataset
 from mimkit import distributed as mdist
 from mimkit.checkpoint import atomic_write_bytes, atomic_write_text
 from mimkit.config import ConfigError
-from mimkit.sources import CorruptImage, DataError, FolderImages, load_npz
 from mimkit.datasets import open_torchvision
-from mimkit.eval.common import eval_transform, extract_features
+from mimkit.eval.common import checkpoint_channels, eval_transform, extract_features
 from mimkit.eval.config import IMAGENET_MEAN, IMAGENET_STD, EncoderConfig
 from mimkit.eval.encoders import feature_blocks, load_encoder, resolve_pool
 from mimkit.extras import MissingExtra, install_hint
+from mimkit.sources import CorruptImage, DataError, FolderImages, load_npz
 
 log = logging.getLogger("mimkit")
 
@@ -63,21 +64,23 @@ class _Images(Dataset):
         return self.transform(image), int(self.targets[index]) if self.targets is not None else -1
 
 
-def open_images(data: str, split: str | None = None, root: str = "data", download: bool = False):
-    """(source, ids, labels or None, classes or None) of a folder, a .npz or `torchvision:NAME[:SPLIT]`."""
+def open_images(data: str, split: str | None = None, root: str = "data", download: bool = False, in_chans: int = 3):
+    """(source, ids, labels or None, classes or None) of a folder, a .npz or `torchvision:NAME[:SPLIT]`, read with
+    `in_chans` channels."""
     if str(data).startswith("torchvision:"):
         source = open_torchvision(data, split, root, download)
+        source.in_chans = in_chans
         ids = [str(i) for i in range(len(source))]
     elif str(data).endswith(".npz"):
         if not Path(data).is_file():
             raise DataError(f"data: {data} does not exist")
-        source = load_npz(data, split or "train")
+        source = load_npz(data, split or "train", in_chans=in_chans)
         ids = [str(i) for i in range(len(source))]
     else:
         folder = Path(data)
         if not folder.is_dir():
             raise DataError(f"data: {data} is not a folder, a .npz or torchvision:NAME[:SPLIT]")
-        source = FolderImages(folder)
+        source = FolderImages(folder, in_chans)
         ids = [p.relative_to(folder).as_posix() for p in source.files]
     targets = getattr(source, "targets", None)
     labels = None if targets is None else np.asarray(targets, dtype=np.int64).reshape(-1)
@@ -124,7 +127,11 @@ def embed_images(checkpoint: str, data: str, out: str | Path | None = None, *, p
         raise ConfigError(f"features.pool: {pool!r}; allowed: {', '.join(POOLS)}")
     if checkpoint == "none" and arch is None:
         raise ConfigError("encoder.arch: required with checkpoint 'none' (the preset of the random init)")
-    source, ids, labels, classes = open_images(data, split, root, download)  # the data first: before any model
+    # the checkpoint's channels, and its own statistics where mean / std are left at the RGB defaults
+    stats = SimpleNamespace(encoder=SimpleNamespace(checkpoint=str(checkpoint)), data=SimpleNamespace(mean=mean, std=std))
+    in_chans = checkpoint_channels(stats)
+    mean, std = stats.data.mean, stats.data.std
+    source, ids, labels, classes = open_images(data, split, root, download, in_chans)  # the data before any model
     encoder, _ = load_encoder(EncoderConfig(checkpoint=str(checkpoint), arch=arch, img_size=img_size), seed=seed)
     pool = resolve_pool(pool, encoder)
     dev = mdist.resolve_device(device)
