@@ -13,14 +13,14 @@ from pathlib import Path
 from test_compare import ROOT, TINY, labelled_npz
 
 HOOK = Path(__file__).parent / "fixtures" / "slow_steps"
-BUDGET = 0.4  # core-minutes per run, on 1 thread: 24 s of training each
+BUDGET = 0.25  # core-minutes per run, on 1 thread: 15 s of training each
 EVERY = 20  # epochs between scored checkpoints: 120 steps of 6
 
 
 def test_a_core_minute_budget_stops_each_run_on_its_own_clock(tmp_path):
     data = labelled_npz(tmp_path / "tiny.npz")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HOOK), str(ROOT)]), "OMP_NUM_THREADS": "1",
-           "MIMKIT_TEST_SLOW_STEPS": "mask.type=block:2:4:2.0"}  # mae+block: steps 2-4 take 2 s more  # fmt: skip
+           "MIMKIT_TEST_SLOW_STEPS": "mask.type=block:2:4:1.5"}  # mae+block: steps 2-4 take 1.5 s more  # fmt: skip
     done = subprocess.run([sys.executable, "-m", "mimkit.cli", "compare", "--data", str(data), "--methods",
                            "mae,mae+block", "--core-minutes", str(BUDGET), "--eval-every", str(EVERY), "--out",
                            "study", "--no-page", "--isolate", *TINY], cwd=tmp_path, env=env, capture_output=True, text=True,
