@@ -16,7 +16,8 @@ PY
 lscpu | grep -E "Model name|Flags" | sed 's/Flags:.*\(avx512_bf16\|amx_bf16\).*/Flags: (bf16 matmul: yes)/' | head -2
 common=(model.arch=vit_tiny_patch4_32 model.in_chans=1 data.path="$out/gray.npz" data.mean=auto data.std=auto
         data.num_workers=1 train.precision=fp32 train.progress=false)
-mimkit pretrain configs/mae_vit_tiny_cifar10.yaml "${common[@]}" train.epochs="$epochs" train.out_dir="$out/mae"
+mimkit pretrain configs/mae_vit_tiny_cifar10.yaml "${common[@]}" train.epochs="$epochs" optim.warmup_epochs=0.25 \
+    train.out_dir="$out/mae"
 ckpt=$(ls -d "$out"/mae/checkpoint-* | sort | tail -1)
 knn=(data.path="$out/gray.npz" data.val_split=test data.num_workers=1 train.precision=fp32 train.progress=false)
 mimkit knn encoder.checkpoint="$ckpt" "${knn[@]}" train.out_dir="$out/knn_mae"
