@@ -339,7 +339,7 @@ def machine_lines() -> list[str]:
 # Figures
 
 
-def _pyplot():
+def pyplot():
     matplotlib = require("matplotlib", "report", "mimkit report")
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
@@ -347,7 +347,7 @@ def _pyplot():
     return plt
 
 
-def _png(fig) -> bytes:
+def png_bytes(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     return buf.getvalue()
@@ -395,7 +395,7 @@ def curves_figure(runlog: RunLog, evals: list[EvalRun], baselines: list[EvalRun]
                   summary: dict[str, str] | None = None, loss_terms: tuple[str, ...] = ()) -> tuple[bytes, list[str]]:  # fmt: skip
     """Loss (and its terms), lr, img/s, gradient norm, skipped counts and the k-NN trend against the step, one PNG
     (only the panels that carry information: `curve_panels`) titled with the summary line; with the panel names."""
-    plt = _pyplot()
+    plt = pyplot()
     recs = runlog.steps
     panels = curve_panels(runlog, evals)
     cols = min(3, len(panels))
@@ -454,7 +454,7 @@ def curves_figure(runlog: RunLog, evals: list[EvalRun], baselines: list[EvalRun]
         ax.axis("off")
     fig.suptitle(_figure_title(summary, runlog), fontsize=9)
     fig.tight_layout()
-    data = _png(fig)
+    data = png_bytes(fig)
     plt.close(fig)
     return data, panels
 
@@ -572,7 +572,7 @@ def _wrapped(panels: list[tuple[str, str, np.ndarray]], images: int, size: int):
 # The page
 
 
-def _img_tag(png: bytes, alt: str, ident: str) -> str:
+def img_tag(png: bytes, alt: str, ident: str) -> str:
     data = base64.b64encode(png).decode("ascii")
     return f'<img id="{ident}" alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
@@ -721,15 +721,18 @@ def eval_tables(evals: list[EvalRun], baselines: list[EvalRun] = (), hint: str |
 # pages of other folders: (is_it(folder), build(folder, out) -> Report), tried first (a study folder: mimkit.compare.page)
 FOLDER_PAGES: list = []
 
-PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
-<style>
-body {{ font-family: sans-serif; margin: 1.5em; color: #222; max-width: 1500px; }}
+# the pages' shared style (the run report's and the study page's), braces doubled for str.format
+BASE_STYLE = """body {{ font-family: sans-serif; margin: 1.5em; color: #222; max-width: 1500px; }}
 table {{ border-collapse: collapse; margin: 0.5em 0 1em; font-size: 0.9em; }}
 td, th {{ border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: left; }}
 tr.baseline td {{ background: #f1f1f1; font-style: italic; }}
-pre {{ background: #f6f6f6; padding: 0.8em; font-size: 0.85em; overflow-x: auto; }}
 img {{ max-width: 100%; }}
+"""
+
+PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+""" + BASE_STYLE + """pre {{ background: #f6f6f6; padding: 0.8em; font-size: 0.85em; overflow-x: auto; }}
 #summary {{ font-size: 1.05em; line-height: 1.6; }}
 #summary span {{ white-space: nowrap; margin-right: 1.2em; }}
 .wide {{ overflow-x: auto; }}
@@ -768,7 +771,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, *, images: 
             return build(run_dir, out)
     if not run_dir.is_dir():
         raise ReportError(f"run folder {run_dir} does not exist (give a pretraining run's train.out_dir)")
-    _pyplot()  # a missing matplotlib is said before any work
+    pyplot()  # a missing matplotlib is said before any work
     cfg, config_text = read_config(run_dir)
     runlog = read_metrics(run_dir / "metrics.jsonl")
     found = find_evaluations(run_dir, list(evals))
@@ -815,10 +818,10 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, *, images: 
             for k, v in summary.items()
         ),
         notes="".join(f'<p class="note">note: {html.escape(n)}</p>' for n in notes),
-        curves=_img_tag(curves_png, "training curves", "curves"),
+        curves=img_tag(curves_png, "training curves", "curves"),
         knn_note=f'<p id="knn-note"><small>{html.escape(knn_note(runlog, found, cfg))}</small></p>'
         if "k-NN" in panels else "",
-        recon=f'<div class="wide">{_img_tag(recon_png, "reconstructions", "reconstructions")}</div>'
+        recon=f'<div class="wide">{img_tag(recon_png, "reconstructions", "reconstructions")}</div>'
         if recon_png else "<p>none</p>",
         evals=eval_tables(found, baselines, hint),
         method=html.escape(cfg.method),

@@ -211,21 +211,8 @@ def load_npz(path: str | os.PathLike, split: str = "train", in_chans: int = 3) -
     key = f"x_{split}"
     if in_chans != 3 or str(path).endswith(".npy"):
         return _load_bands(path, key, in_chans)
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except Exception as e:
-        raise DataError(f"data.path: cannot read {path} as .npz: {e}") from e
-    with archive:
-        if key not in archive.files:
-            raise DataError(f"data.path: {path} has no array '{key}' (found: {', '.join(archive.files) or 'none'})")
-        try:
-            x = archive[key]
-            y = archive[f"y_{split}"] if f"y_{split}" in archive.files else None
-        except ValueError as e:  # object arrays (e.g. images of mixed sizes) need pickle: refused
-            raise DataError(
-                f"data.path: {path} '{key}' is not a plain array ({e}); store uint8 images of one size as "
-                "(N, H, W, C), or put images of mixed sizes in a folder"
-            ) from e
+    x, y, name = _read_arrays(path, key, "store uint8 images of one size as (N, H, W, C), or put images of mixed "
+                              "sizes in a folder")  # fmt: skip
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3, 4):
         raise DataError(
             f"data.path: {path} '{key}' must be uint8 with shape (N, H, W, C), C in 1/3/4; "
@@ -234,27 +221,29 @@ def load_npz(path: str | os.PathLike, split: str = "train", in_chans: int = 3) -
         )
     if len(x) == 0:
         raise DataError(f"data.path: {path} '{key}' holds no images")
-    return ArrayImages(x, y, name=f"{path}:{key}")
+    return ArrayImages(x, y, name=name)
 
 
-def _load_bands(path: str | os.PathLike, key: str, in_chans: int) -> ArrayImages:
+def _read_arrays(path: str | os.PathLike, key: str, hint: str) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """(x, y or None, name) of a .npz (x = archive[key], y = its y_ twin) or a .npy (x alone), without pickle."""
     try:
         archive = np.load(path, allow_pickle=False)
     except Exception as e:
         raise DataError(f"data.path: cannot read {path} as .npz / .npy: {e}") from e
-    y = None
     if isinstance(archive, np.ndarray):
-        x, name = archive, str(path)
-    else:
-        with archive:
-            if key not in archive.files:
-                raise DataError(f"data.path: {path} has no array '{key}' (found: {', '.join(archive.files) or 'none'})")
-            try:
-                x = archive[key]
-                y = archive[f"y_{key[2:]}"] if f"y_{key[2:]}" in archive.files else None
-            except ValueError as e:
-                raise DataError(f"data.path: {path} '{key}' is not a plain array ({e}); store (N, H, W, C)") from e
-        name = f"{path}:{key}"
+        return archive, None, str(path)
+    with archive:
+        if key not in archive.files:
+            raise DataError(f"data.path: {path} has no array '{key}' (found: {', '.join(archive.files) or 'none'})")
+        try:
+            y_key = f"y_{key[2:]}"
+            return archive[key], archive[y_key] if y_key in archive.files else None, f"{path}:{key}"
+        except ValueError as e:  # object arrays (e.g. images of mixed sizes) need pickle: refused
+            raise DataError(f"data.path: {path} '{key}' is not a plain array ({e}); {hint}") from e
+
+
+def _load_bands(path: str | os.PathLike, key: str, in_chans: int) -> ArrayImages:
+    x, y, name = _read_arrays(path, key, "store (N, H, W, C)")
     if x.ndim == 3:
         x = x[..., None]
     numeric = np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)

@@ -11,18 +11,13 @@ import re
 from pathlib import Path
 
 from mimkit.compare.readout import PANELS, probe_panel, summary_sentences
-from mimkit.report import FOLDER_PAGES, Report, ReportError, _img_tag, _png, _pyplot
+from mimkit.report import BASE_STYLE, FOLDER_PAGES, Report, ReportError, img_tag, png_bytes, pyplot
 from mimkit.version import __version__
 
 STUDY_PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>
-body {{ font-family: sans-serif; margin: 1.5em; color: #222; max-width: 1500px; }}
-table {{ border-collapse: collapse; margin: 0.5em 0 1em; font-size: 0.9em; }}
-td, th {{ border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: left; }}
-tr.baseline td {{ background: #f1f1f1; font-style: italic; }}
-img {{ max-width: 100%; }}
-#summary li {{ line-height: 1.6; }}
+""" + BASE_STYLE + """#summary li {{ line-height: 1.6; }}
 </style></head><body>
 <h1>{title}</h1>
 <p id="data">{data}</p>
@@ -56,13 +51,13 @@ def read_study(folder: Path) -> dict:
 
 
 def curves_png(study: dict) -> bytes:
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for ax, (key, label, _) in zip(axes, PANELS):
         probe_panel(ax, study, key, label)
     axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    data = _png(fig)
+    data = png_bytes(fig)
     plt.close(fig)
     return data
 
@@ -140,7 +135,7 @@ def build_study_page(folder: str | Path, out: str | Path | None = None) -> Repor
     note = ("± is one standard error of the test-set accuracy, sqrt(p(1-p)/n) over the n test images; a lead's is "
             "the two in quadrature. Core-minutes: " + study.get("core_minutes_note", "wall-clock x threads"))
     page = STUDY_PAGE.format(title=html.escape(f"mimkit study {folder.resolve().name}"), data=data, summary=summary,
-                             curves=_img_tag(png, "probe top-1 against epochs and core-minutes", "curves"),
+                             curves=img_tag(png, "probe top-1 against epochs and core-minutes", "curves"),
                              tables=readout_tables(study), runs=runs_table(study, folder),
                              machine=machine_items(study), note=html.escape(note), version=__version__)  # fmt: skip
     out = Path(out) if out else folder / "report.html"

@@ -26,6 +26,13 @@ class MIMMethod(nn.Module):
     encoder: nn.Module
     patch_size: int
 
+    def use_encoder(self, encoder: nn.Module) -> None:
+        """`encoder` as the method's, with what its patch embedding fixes: patch_size, grid, num_patches."""
+        self.encoder = encoder
+        self.patch_size = encoder.patch_embed.patch_size[0]
+        self.grid = tuple(encoder.patch_embed.grid_size)
+        self.num_patches = encoder.patch_embed.num_patches
+
     def mask_inputs(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 

@@ -79,11 +79,8 @@ class BootMAE(MIMMethod):
                  momentum_final: float | None = None, momentum_final_epoch: float = 400,
                  consistency_weight: float = 1.0, stop_gradient: bool = True, distance: str = "mse"):  # fmt: skip
         super().__init__()
-        self.encoder = encoder
+        self.use_encoder(encoder)
         dim, depth = encoder.embed_dim, len(encoder.blocks)
-        self.patch_size = encoder.patch_embed.patch_size[0]
-        self.grid = tuple(encoder.patch_embed.grid_size)
-        self.num_patches = encoder.patch_embed.num_patches
         self.mask_ratio, self.mask_type, self.block_generator = mask_ratio, mask_type, block_generator
         self.mask_count = mask_count  # mask.count: masked patches per image, overrides the ratio
         self.masks = VisibleTokenMasks(mask_type, self.grid, mask_ratio, count=mask_count,

@@ -58,11 +58,8 @@ class Data2Vec2(MIMMethod):
                  decoder_groups: int = 16, mask_noise_std: float = 0.01, cls_loss_weight: float = 0.0,
                  ema_decay: float = 0.9998, ema_end_decay: float = 0.99999):  # fmt: skip
         super().__init__()
-        self.encoder = encoder
+        self.use_encoder(encoder)
         dim, depth = encoder.embed_dim, len(encoder.blocks)
-        self.patch_size = encoder.patch_embed.patch_size[0]
-        self.grid = tuple(encoder.patch_embed.grid_size)
-        self.num_patches = encoder.patch_embed.num_patches
         self.mask_ratio, self.mask_type, self.num_masks = mask_ratio, mask_type, num_masks
         self.mask_length, self.mask_prob_adjust = mask_length, mask_prob_adjust
         self.keep = num_visible(self.num_patches, mask_ratio)
