@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -76,13 +78,19 @@ def test_embed_of_a_random_init_preset(folder, tmp_path, one_thread):
 def test_a_bad_out_is_one_line_before_compute(pretrained, folder, tmp_path, capsys, monkeypatch, out, words):
     import mimkit.eval.embed as em
 
-    if out.endswith(".parquet"):
-        try:
-            import pyarrow  # noqa: F401
-
-            pytest.skip("pyarrow is installed")
-        except ImportError:
-            pass
+    if out.endswith(".parquet"):  # as without the extra, installed or not: `import pyarrow` fails
+        monkeypatch.setitem(sys.modules, "pyarrow", None)
     monkeypatch.setattr(em, "load_encoder", lambda *a, **k: pytest.fail("the model was built"))
     assert main(["embed", str(pretrained), str(folder), "--out", str(tmp_path / out)]) == 2
     assert words in one_error_line(capsys)
+
+
+def test_embed_writes_parquet_rows_of_id_label_and_feature(pretrained, folder, tmp_path, one_thread):
+    import pyarrow.parquet as pq
+
+    npz = mimkit.embed(str(pretrained), str(folder), tmp_path / "f.npz", device="cpu", progress=False)
+    mimkit.embed(str(pretrained), str(folder), tmp_path / "f.parquet", device="cpu", progress=False)
+    table = pq.read_table(tmp_path / "f.parquet").to_pydict()
+    saved = np.load(tmp_path / "f.npz")
+    assert table["id"] == list(saved["ids"]) and table["label"] == list(saved["labels"])
+    np.testing.assert_array_equal(np.array(table["feature"], dtype=np.float32), npz)
