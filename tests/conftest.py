@@ -134,3 +134,29 @@ def chromium_dom(page: Path, probe_script: str, probe: Path, profile: Path) -> s
     return subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=5000",
                            "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120,
                           check=False).stdout  # fmt: skip
+
+
+def trains_resumes_evaluates_and_exports(tiny_cfg, tmp_path, *args: str) -> tuple[dict, Path]:
+    """What every method's checkpoints must do: 6 steps straight equal 3 + 3 resumed bit for bit (finite loss), the
+    encoder exports to timm with identical features, `mimkit knn` scores it. Returns the straight run's checkpoint
+    (as read, and its path)."""
+    import timm
+
+    from mimkit.checkpoint import load_checkpoint
+    from mimkit.interop import export_timm, load_mimkit_checkpoint
+    from mimkit.train import pretrain
+
+    straight = pretrain(tiny_cfg(*args, "train.max_steps=6", out="a"))
+    pretrain(tiny_cfg(*args, "train.max_steps=3", out="b"))
+    resumed = pretrain(tiny_cfg(*args, "train.max_steps=6", out="b"))
+    a, b = load_checkpoint(straight.checkpoint), load_checkpoint(resumed.checkpoint)
+    assert a["model"].keys() == b["model"].keys() and np.isfinite(straight.loss)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    model, _, _ = load_mimkit_checkpoint(straight.checkpoint)
+    export_timm(straight.checkpoint, tmp_path / "timm")
+    exported = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
+    x = torch.randn(2, model.encoder.patch_embed.proj.in_channels, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(exported.forward_features(x), model.encoder.eval().forward_features(x))
+    assert knn_cli(straight.checkpoint, tiny_cfg().data.path, tmp_path / "knn") == 0
+    return a, straight.checkpoint

@@ -4,18 +4,14 @@ evaluates and exports like every method (the registry-driven tests cover exact r
 
 import numpy as np
 import pytest
-import timm
 import torch
-from conftest import knn_cli, tiny_model
+from conftest import tiny_model, trains_resumes_evaluates_and_exports
 from skimage.feature import hog
 
-from mimkit.checkpoint import load_checkpoint
 from mimkit.config import ConfigError, load_config
 from mimkit.files import InteropError
-from mimkit.interop import export_timm, load_mimkit_checkpoint
 from mimkit.methods import build_model
 from mimkit.targets import hog_features
-from mimkit.train import pretrain
 from mimkit.visualize import visualize
 
 MASKFEAT = ["method=maskfeat", "mask.type=block", "mask.ratio=0.4"]
@@ -74,22 +70,11 @@ def test_block_masks_at_40_percent_and_the_config_checks():
         load_config(None, tiny_model("maskfeat") + ["mask.type=parallel"])
 
 
-def test_maskfeat_trains_resumes_evaluates_and_exports(tiny_cfg, tmp_path, npz_data):
-    args = [*MASKFEAT, "model.drop_path_rate=0.1"]
-    straight = pretrain(tiny_cfg(*args, "train.max_steps=6", out="a"))
-    pretrain(tiny_cfg(*args, "train.max_steps=3", out="b"))
-    resumed = pretrain(tiny_cfg(*args, "train.max_steps=6", out="b"))
-    a, b = load_checkpoint(straight.checkpoint), load_checkpoint(resumed.checkpoint)
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]) and np.isfinite(straight.loss)
-    assert knn_cli(straight.checkpoint, npz_data, tmp_path / "knn") == 0
-    model, _, _ = load_mimkit_checkpoint(straight.checkpoint)
-    export_timm(straight.checkpoint, tmp_path / "timm")
-    exported = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
-    x = torch.randn(2, 3, 16, 16)
-    with torch.no_grad():
-        assert torch.equal(exported.forward_features(x), model.encoder.eval().forward_features(x))
+def test_maskfeat_trains_resumes_evaluates_and_exports(tiny_cfg, tmp_path):
+    a, checkpoint = trains_resumes_evaluates_and_exports(tiny_cfg, tmp_path, *MASKFEAT, "model.drop_path_rate=0.1")
+    assert a["model"]["head.weight"].shape == (3 * 9 * 4, 32)  # the HOG width
     with pytest.raises(InteropError, match="does not predict pixels"):
-        visualize(straight.checkpoint, [], tmp_path / "vis")
+        visualize(checkpoint, [], tmp_path / "vis")
 
 
 def test_the_recipe_loads():
