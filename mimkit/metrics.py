@@ -198,7 +198,7 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
         if self.csv is not None:
             self.csv.write(record)
-        if "step" not in record:
+        if "step" not in record or (self.tb is None and not self.trackers):
             return
         curves = {k: v for k, v in scalars(record).items() if k != "step" and k not in NOT_CURVES}
         if self.tb is not None:

@@ -142,17 +142,18 @@ def start_eval_run(cfg, run) -> RunStart:
     dist = mdist.init_distributed(run.device)
     precision = mdist.resolve_precision(run.precision, dist.device)
     seed_everything(run.seed)
-    in_chans = checkpoint_channels(cfg)
+    checkpoint = getattr(getattr(cfg, "encoder", None), "checkpoint", "none")
+    in_chans, cfg.data.mean, cfg.data.std = checkpoint_channels(checkpoint, cfg.data.mean, cfg.data.std,
+                                                                fine_tuning=hasattr(cfg, "aug"))  # fmt: skip
     return RunStart(clock, dist, precision, Path(run.out_dir), open_labelled(cfg.data, run.seed, in_chans))
 
 
-def checkpoint_channels(cfg) -> int:
-    """The image channels of the evaluated checkpoint's encoder (its model.in_chans; 3 without a checkpoint). For a
-    C-channel checkpoint other than 3, data.mean / data.std left at their (RGB) defaults become the checkpoint's own
-    statistics, the ones it was pretrained with."""
-    path = getattr(getattr(cfg, "encoder", None), "checkpoint", "none")
+def checkpoint_channels(path, mean, std, fine_tuning: bool = False) -> tuple[int, tuple, tuple]:
+    """(channels, mean, std) of the evaluated checkpoint's encoder (its model.in_chans; 3 without a checkpoint). For
+    a C-channel checkpoint other than 3, a mean / std of another length (the RGB defaults) becomes the checkpoint's
+    own statistics, the ones it was pretrained with."""
     if path in (None, "none") or not Path(path).exists():
-        return 3
+        return 3, mean, std
     beside = Path(path).parent / "config.yaml"  # the run's config: an RGB run's checkpoint is not read twice
     try:
         run_config = yaml.safe_load(beside.read_text()) if Path(path).is_file() and beside.is_file() else None
@@ -160,29 +161,30 @@ def checkpoint_channels(cfg) -> int:
         run_config = None
     if isinstance(run_config, dict) and isinstance(run_config.get("model"), dict) \
             and run_config["model"].get("in_chans", 3) == 3:  # fmt: skip
-        return 3
+        return 3, mean, std
     try:
         state = load_checkpoint(path)
     except CheckpointError:
-        return 3  # the encoder loader names the problem
+        return 3, mean, std  # the encoder loader names the problem
     saved = state.get("config") if isinstance(state, dict) else None
     if not isinstance(saved, dict):
-        return 3
+        return 3, mean, std
     in_chans = int((saved.get("model") or {}).get("in_chans", 3))
-    if in_chans not in (1, 3) and hasattr(cfg, "aug"):  # fine-tuning: timm's training transform (RandAugment, PIL)
+    if in_chans not in (1, 3) and fine_tuning:  # fine-tuning: timm's training transform (RandAugment, PIL)
         raise DataError(f"encoder.checkpoint: {path} reads {in_chans} channels; fine-tuning augments with timm's "
                         "PIL-based training transform (1 or 3 channels); evaluate it with mimkit linprobe or mimkit knn")  # fmt: skip
     if in_chans != 3:
-        d, trained = cfg.data, saved.get("data") or {}
-        for key in ("mean", "std"):
-            if len(getattr(d, key)) != in_chans:
+        stats, trained = {"mean": mean, "std": std}, saved.get("data") or {}
+        for key, given in stats.items():
+            if len(given) != in_chans:
                 value = trained.get(key)
                 if not isinstance(value, (list, tuple)) or len(value) != in_chans:
-                    raise DataError(f"data.{key}: {len(getattr(d, key))} values but the checkpoint {path} reads "
+                    raise DataError(f"data.{key}: {len(given)} values but the checkpoint {path} reads "
                                     f"{in_chans} channels; give {in_chans} values")  # fmt: skip
-                setattr(d, key, tuple(float(v) for v in value))
-        log.info("%s reads %d channel(s): data.mean %s, data.std %s", path, in_chans, list(d.mean), list(d.std))
-    return in_chans
+                stats[key] = tuple(float(v) for v in value)
+        mean, std = stats["mean"], stats["std"]
+        log.info("%s reads %d channel(s): data.mean %s, data.std %s", path, in_chans, list(mean), list(std))
+    return in_chans, mean, std
 
 
 @dataclass

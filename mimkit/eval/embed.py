@@ -13,7 +13,6 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -128,9 +127,7 @@ def embed_images(checkpoint: str, data: str, out: str | Path | None = None, *, p
     if checkpoint == "none" and arch is None:
         raise ConfigError("encoder.arch: required with checkpoint 'none' (the preset of the random init)")
     # the checkpoint's channels, and its own statistics where mean / std are left at the RGB defaults
-    stats = SimpleNamespace(encoder=SimpleNamespace(checkpoint=str(checkpoint)), data=SimpleNamespace(mean=mean, std=std))
-    in_chans = checkpoint_channels(stats)
-    mean, std = stats.data.mean, stats.data.std
+    in_chans, mean, std = checkpoint_channels(str(checkpoint), mean, std)
     source, ids, labels, classes = open_images(data, split, root, download, in_chans)  # the data before any model
     encoder, _ = load_encoder(EncoderConfig(checkpoint=str(checkpoint), arch=arch, img_size=img_size), seed=seed)
     pool = resolve_pool(pool, encoder)

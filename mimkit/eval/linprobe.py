@@ -162,6 +162,18 @@ def probe_data(cfg: LinprobeConfig, encoder, data, indices: list[int], conf: int
     return ProbeData(f_val, y_val, sampler, f_train, y_train, knn=knn)
 
 
+def resume_probe(t, heads, engine: StepEngine, clock, expected: dict) -> tuple[Path | None, int, list]:
+    """(checkpoint, step, evaluations so far) of a resumed probe, its heads, optimizer and counters loaded;
+    (None, 0, []) for a new one."""
+    resume_from, state = resume_eval_run(t, "linprobe", expected)
+    if resume_from is None:
+        return None, 0, []
+    heads.load_state_dict(state["heads"])
+    engine.optimizer.load_state_dict(state["optimizer"])
+    clock.already, engine.nonfinite_total = state["elapsed_s"], state["nonfinite_steps"]
+    return resume_from, state["step"], state["evals"]
+
+
 @guarded
 def run_linprobe(cfg: LinprobeConfig) -> EvalResult:
     # ---- setup: processes, data (checked first), frozen encoder, heads, features
@@ -185,13 +197,8 @@ def run_linprobe(cfg: LinprobeConfig) -> EvalResult:
                         max_nonfinite_steps=t.max_nonfinite_steps, name="linprobe", hint="Try a lower optim.blr.")
 
     # ---- resume: heads, optimizer, step (which fixes epoch, data position and lr), evaluations so far
-    step, evals = 0, []
-    resume_from, state = resume_eval_run(t, "linprobe", {"steps_per_epoch": steps_per_epoch, "blocks": blocks})
-    if resume_from is not None:
-        heads.load_state_dict(state["heads"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, evals, clock.already = state["step"], state["evals"], state["elapsed_s"]
-        engine.nonfinite_total = state["nonfinite_steps"]
+    resume_from, step, evals = resume_probe(t, heads, engine, clock, {"steps_per_epoch": steps_per_epoch,
+                                                                      "blocks": blocks})  # fmt: skip
     train_heads = engine.distribute(dist.enabled)
     if dist.is_main:
         prepare_run_folder(out_dir, dump_eval_yaml(cfg))
