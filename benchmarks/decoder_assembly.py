@@ -24,7 +24,6 @@ def official_assembly(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: to
     return torch.cat([x[:, :1], patches], dim=1)
 
 
-
 def seconds(fn, args, grad: torch.Tensor, repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):
@@ -40,8 +39,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"# {cpu_model()} ({', '.join(cpu_flags())}) | {args.threads} thread(s) | torch {torch.__version__} | best of {args.repeats}")
-    print("| decoder shape | official cat+gather+cat ms | mimkit one gather ms | speed-up | identical tokens and x grad |")
+    print(
+        f"# {cpu_model()} ({', '.join(cpu_flags())}) | {args.threads} thread(s) | torch {torch.__version__} | best of {args.repeats}"
+    )
+    print(
+        "| decoder shape | official cat+gather+cat ms | mimkit one gather ms | speed-up | identical tokens and x grad |"
+    )
     print("|---|---:|---:|---:|---|")
     for label, batch, patches, keep, dim in [("ViT-T/4@32 (dec 128), batch 256", 256, 64, 16, 128),
                                              ("ViT-B/16@224 (dec 512), batch 16", 16, 196, 49, 512)]:  # fmt: skip

@@ -104,7 +104,9 @@ def full_disk_run(data: Path, work: Path, steps: int, drop_path: float, checkpoi
     mount = work / "small-disk"
     mount.mkdir()
     size = int(checkpoint_bytes * 1.5) + (1 << 20)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if done.returncode:
         return False, f"could not mount a tmpfs (needs root): {done.stderr.strip()}"
     try:
@@ -414,30 +416,44 @@ def main() -> int:
     print()
     print(f"drop path {args.drop_path}; full-disk run: {'OK' if disk_ok else 'FAILED'} ({disk_note})")
     print()
-    print("| kills | of which mid-write | launches | unreadable checkpoints | final model + optimizer + RNG bit-identical "
-          "| one metrics record per step | workers outlived the kill by (max) | full disk: clear error, previous "
-          "checkpoint loadable | runs lost |")
+    print(
+        "| kills | of which mid-write | launches | unreadable checkpoints | final model + optimizer + RNG bit-identical "
+        "| one metrics record per step | workers outlived the kill by (max) | full disk: clear error, previous "
+        "checkpoint loadable | runs lost |"
+    )
     print("|---:|---:|---:|---:|---|---|---:|---|---:|")
-    print(f"| {kills} | {during_write} | {launches} | {unreadable} | {identical} | {per_step} | {worst_orphan:.2f} s "
-          f"| {disk_ok} | {int(not (identical and unreadable == 0 and per_step and disk_ok))} |")
+    print(
+        f"| {kills} | {during_write} | {launches} | {unreadable} | {identical} | {per_step} | {worst_orphan:.2f} s "
+        f"| {disk_ok} | {int(not (identical and unreadable == 0 and per_step and disk_ok))} |"
+    )
     print()
-    print("| SIGTERM stops | of which mid-write | to the process group | launches | exit 75 with one line | checkpoint at "
-          "the stopped step | unreadable checkpoints | final model + optimizer + RNG bit-identical | one metrics record "
-          "per step | runs lost |")
+    print(
+        "| SIGTERM stops | of which mid-write | to the process group | launches | exit 75 with one line | checkpoint at "
+        "the stopped step | unreadable checkpoints | final model + optimizer + RNG bit-identical | one metrics record "
+        "per step | runs lost |"
+    )
     print("|---:|---:|---:|---:|---|---|---:|---|---|---:|")
-    print(f"| {term['stops']} | {term['mid_write']} | {term['group']} | {term['launches']} | "
-          f"{term['stops'] - term['bad_exits']}/{term['stops']} | {term['stops'] - term['not_at_stop']}/{term['stops']} | "
-          f"{term['unreadable']} | {term_identical} | {term_per_step} | {int(not term_ok)} |")
+    print(
+        f"| {term['stops']} | {term['mid_write']} | {term['group']} | {term['launches']} | "
+        f"{term['stops'] - term['bad_exits']}/{term['stops']} | {term['stops'] - term['not_at_stop']}/{term['stops']} | "
+        f"{term['unreadable']} | {term_identical} | {term_per_step} | {int(not term_ok)} |"
+    )
     if fsdp and not fsdp.get("failed"):
         print()
-        print("| 2-process FSDP SIGTERM stops | launches | every rank stopped at one step | unreadable checkpoints | final "
-              "state bit-identical | stopped run resumed in 1 process (exit, final step) | runs lost |")
+        print(
+            "| 2-process FSDP SIGTERM stops | launches | every rank stopped at one step | unreadable checkpoints | final "
+            "state bit-identical | stopped run resumed in 1 process (exit, final step) | runs lost |"
+        )
         print("|---:|---:|---|---:|---|---|---:|")
-        print(f"| {fsdp['stops']} | {fsdp['launches']} | {fsdp['stops'] - fsdp['bad_stops']}/{fsdp['stops']} | "
-              f"{fsdp['unreadable']} | {fsdp['identical']} | {fsdp['one_process']} | {int(not fsdp_ok)} |")
+        print(
+            f"| {fsdp['stops']} | {fsdp['launches']} | {fsdp['stops'] - fsdp['bad_stops']}/{fsdp['stops']} | "
+            f"{fsdp['unreadable']} | {fsdp['identical']} | {fsdp['one_process']} | {int(not fsdp_ok)} |"
+        )
     print()
-    print("| changed config on resume refused in one line, folder untouched | second writer refused in one line, the "
-          "other bit-identical |")
+    print(
+        "| changed config on resume refused in one line, folder untouched | second writer refused in one line, the "
+        "other bit-identical |"
+    )
     print("|---|---|")
     print(f"| {guards['drift']} | {guards['writers']} |")
     lost += failed_guards

@@ -32,9 +32,17 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-TINY_MODEL = ["model.arch=vit_tiny_patch4_32", "model.img_size=16", "model.patch_size=4", "model.embed_dim=32",
-              "model.depth=2", "model.num_heads=2", "mae.decoder_dim=32", "mae.decoder_depth=1",
-              "mae.decoder_heads=2"]  # tests/conftest.py's TINY_MODEL
+TINY_MODEL = [
+    "model.arch=vit_tiny_patch4_32",
+    "model.img_size=16",
+    "model.patch_size=4",
+    "model.embed_dim=32",
+    "model.depth=2",
+    "model.num_heads=2",
+    "mae.decoder_dim=32",
+    "mae.decoder_depth=1",
+    "mae.decoder_heads=2",
+]  # tests/conftest.py's TINY_MODEL
 TARGET_MFU, TARGET_VS_HF = 0.50, 1.3  # issue 19: ViT-B/16 MAE bf16
 
 

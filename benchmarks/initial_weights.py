@@ -39,7 +39,7 @@ def dump(path: str) -> None:
 
 def compare(old_path: str, new_path: str) -> int:
     old, new = torch.load(old_path), torch.load(new_path)
-    print(f"| run | tensors | same keys | bit-identical |\n|---|---|---|---|")
+    print("| run | tensors | same keys | bit-identical |\n|---|---|---|---|")
     bad = 0
     for name in old:
         a, b = old[name], new.get(name, {})

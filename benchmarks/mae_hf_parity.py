@@ -33,8 +33,10 @@ def measure(case, norm_pix: bool, attn: str) -> dict[str, float]:
     with torch.no_grad():  # eval mode: every patch decoded by both
         ours, ref = mae(imgs, noise=noise), hf(pixel_values=imgs, noise=noise)
     assert torch.equal(ours.mask, ref.mask)
-    out = {"eval pred max abs": (ours.pred - ref.logits).abs().max().item(),
-           "eval loss rel": abs(ours.loss.item() - ref.loss.item()) / abs(ref.loss.item())}
+    out = {
+        "eval pred max abs": (ours.pred - ref.logits).abs().max().item(),
+        "eval loss rel": abs(ours.loss.item() - ref.loss.item()) / abs(ref.loss.item()),
+    }
     mae.train()
     hf.train()  # no dropout, no drop path: train mode changes only mimkit's readout
     ours, ref = mae(imgs, noise=noise), hf(pixel_values=imgs, noise=noise)
@@ -47,7 +49,7 @@ def measure(case, norm_pix: bool, attn: str) -> dict[str, float]:
     worst, where = 0.0, ""
     mapping = parity.key_map(len(mae.encoder.blocks), len(mae.decoder.decoder_blocks))
     theirs: dict[str, list] = {}  # mimkit name -> HF grads in its layout (fused qkv: the q, k, v chunks in order)
-    for hf_key, (mk_key, chunk) in sorted(mapping.items(), key=lambda kv: kv[1][1] or 0):
+    for hf_key, (mk_key, _chunk) in sorted(mapping.items(), key=lambda kv: kv[1][1] or 0):
         theirs.setdefault(mk_key, []).append(hf.get_parameter(hf_key).grad)
     for mk_key, param in mae.named_parameters():
         if param.grad is None:  # the frozen sin-cos tables
@@ -60,15 +62,16 @@ def measure(case, norm_pix: bool, attn: str) -> dict[str, float]:
     return out
 
 
-
 def main() -> None:
     torch.set_num_threads(1)
     import transformers
 
     print(f"# {cpu_model()} | torch {torch.__version__} | transformers "
           f"{transformers.__version__} | fp32, 1 thread")  # fmt: skip
-    print("| case | eval: loss rel | eval: pred max abs | train: loss rel | train: masked pred max abs (rel) | "
-          "train: grad max rel (parameter) |")
+    print(
+        "| case | eval: loss rel | eval: pred max abs | train: loss rel | train: masked pred max abs (rel) | "
+        "train: grad max rel (parameter) |"
+    )
     print("|---|---:|---:|---:|---:|---|")
     for name, case in parity.CASES.items():
         for norm_pix in (True, False):

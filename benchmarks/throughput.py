@@ -69,13 +69,13 @@ import torch
 from PIL import Image
 
 from mimkit.config import load_config
-from mimkit.pipeline import PretrainData
+from mimkit.engine import adamw_kernel, autocast_context
+from mimkit.machine import cpu_flags, cpu_model
 from mimkit.masking import num_visible
 from mimkit.methods import build_model
 from mimkit.models import compile_blocks, resolve_attention, set_attention_kernel
+from mimkit.pipeline import PretrainData
 from mimkit.presets import get_preset
-from mimkit.engine import adamw_kernel, autocast_context
-from mimkit.machine import cpu_flags, cpu_model
 
 MASK_RATIO = 0.75
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -89,8 +89,14 @@ GPU_BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 
 # attention kernel forced (the mimkit row uses train.attention=auto, as `mimkit pretrain` does), and torch's
 # default AdamW (foreach) in place of the fused kernel the training loop picks, and mae.decode_visible=true (the
 # last decoder block and the pixel head also at the cls token and the visible patches, as the official code)
-OPTIONAL_IMPLS = ("mimkit-compiled", "mimkit-sdpa", "mimkit-eager", "mimkit-default-adamw", "mimkit-decode-visible",
-                  "hf-sdpa-compiled")
+OPTIONAL_IMPLS = (
+    "mimkit-compiled",
+    "mimkit-sdpa",
+    "mimkit-eager",
+    "mimkit-default-adamw",
+    "mimkit-decode-visible",
+    "hf-sdpa-compiled",
+)
 OTHER_DECODER_IMPLS = ("mimkit-crossmae",)  # a different network at the same sizes (not one of the ablations above)
 
 
@@ -366,9 +372,12 @@ def hf_mae_config(spec: ModelSpec, attn_implementation: str):
     )
 
 
-def build_mae(impl: str, spec: ModelSpec, precision: str = "fp32", device: torch.device = torch.device("cpu")) -> torch.nn.Module:
+def build_mae(
+    impl: str, spec: ModelSpec, precision: str = "fp32", device: torch.device | None = None
+) -> torch.nn.Module:
     """The MAE of `impl` at `spec`'s sizes. For both kinds `model(imgs).loss` is the training loss,
     with masking noise drawn inside the forward on the images' device."""
+    device = torch.device("cpu") if device is None else device
     if impl.startswith("mimkit"):
         crossmae = ["mae.decoder=crossmae", f"mae.reconstruct_ratio={spec.reconstruct_ratio}"]
         cfg = load_config(None, [
@@ -463,7 +472,7 @@ def time_interleaved(spec: ModelSpec, impls: list[str], precision: str, device: 
         out[impl] = {"peak_memory_mib": memory.mib, "parameters": parameter_counts(model), "per_round": []}
         del model
     for r in range(rounds):
-        for impl in impls[r % len(impls):] + impls[: r % len(impls)]:
+        for impl in impls[r % len(impls) :] + impls[: r % len(impls)]:
             out[impl]["per_round"].append(timed(built[impl], steps, device))
     for timing in out.values():
         timing["seconds_per_step"] = float(np.median(timing["per_round"]))
@@ -487,13 +496,17 @@ def profile_training_step(spec: ModelSpec, impl: str, precision: str, device: to
         synchronize(device)
         wall = time.perf_counter() - start
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(f"\n# torch.profiler, one training step of {impl} {spec.label} {precision} batch {batch}, top {rows} by self time")
+    print(
+        f"\n# torch.profiler, one training step of {impl} {spec.label} {precision} batch {batch}, top {rows} by self time"
+    )
     averages = prof.key_averages(group_by_input_shape=by_shape)
     print(averages.table(sort_by=sort, row_limit=rows, max_name_column_width=40))
     if device.type == "cpu":  # what no op accounts for: Python, the autograd engine, freeing memory between ops
         in_ops = averages.self_cpu_time_total / 1e6
-        print(f"# the profiled step took {wall:.3f} s wall-clock; its ops' self time sums to {in_ops:.3f} s "
-              f"({1 - in_ops / wall:.1%} outside any op)")
+        print(
+            f"# the profiled step took {wall:.3f} s wall-clock; its ops' self time sums to {in_ops:.3f} s "
+            f"({1 - in_ops / wall:.1%} outside any op)"
+        )
 
 
 # ---------------------------------------------------------------- input pipeline (--data-only)
@@ -529,8 +542,12 @@ def time_input_pipeline(data_path: Path | str, spec: ModelSpec, batch: int, batc
                         num_samples: int | None = None) -> dict:  # fmt: skip
     """img/s of mimkit's pretraining input pipeline alone, built and iterated as `mimkit pretrain` does; `decode`
     is data.decode (device: batches decoded and augmented on `device`)."""
-    overrides = [f"model.arch={spec.arch}", f"data.path={data_path}", f"mask.ratio={MASK_RATIO}",
-                 f"data.decode={decode}"]
+    overrides = [
+        f"model.arch={spec.arch}",
+        f"data.path={data_path}",
+        f"mask.ratio={MASK_RATIO}",
+        f"data.decode={decode}",
+    ]
     overrides += [f"data.num_workers={workers}"] if workers is not None else []
     overrides += [f"data.num_samples={num_samples}"] if num_samples is not None else []
     cfg = load_config(None, overrides)
@@ -540,11 +557,11 @@ def time_input_pipeline(data_path: Path | str, spec: ModelSpec, batch: int, batc
     data = PretrainData(cfg, img_size, model.mask_inputs, batch, accum_steps=1, rank=0, world_size=1, seed=0,
                         pin_memory=device.type == "cuda", device=device)  # fmt: skip
 
-    def all_batches():  # epochs back to back, as the training loop runs them
+    def all_batches(data: PretrainData):  # epochs back to back, as the training loop runs them
         for epoch in itertools.count():
             yield from data.epoch_batches(epoch)
 
-    stream = all_batches()
+    stream = all_batches(data)
     # each worker's first batch includes its start-up, and the workers deliver their first batches together
     untimed = max(warmup, data.num_workers, 1)
     for _ in range(untimed):
@@ -598,15 +615,19 @@ def default_batch(spec: ModelSpec, device: torch.device) -> int:
 def run_data_only(args: argparse.Namespace, device: torch.device) -> list[dict]:
     rows = []
     decode_device = torch.device(args.decode_device or device.type)
-    print("| input pipeline | decode | model | batch | workers | timed batches | s/batch | img/s | "
-          "mimkit step img/s | pipeline / step |")
+    print(
+        "| input pipeline | decode | model | batch | workers | timed batches | s/batch | img/s | "
+        "mimkit step img/s | pipeline / step |"
+    )
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory(prefix="mimkit-throughput-") as tmp:
         cases = []
         if Path(args.data).exists():
             cases.append((MODELS["tiny"], Path(args.data), f"npz {Path(args.data).name}", "cpu", None))
         else:
-            cases.append((MODELS["tiny"], random_npz(Path(tmp), 4096), "npz of random pixels (no CIFAR file)", "cpu", None))
+            cases.append(
+                (MODELS["tiny"], random_npz(Path(tmp), 4096), "npz of random pixels (no CIFAR file)", "cpu", None)
+            )
         root = random_jpeg_folder(Path(tmp), args.jpeg_images)
         kib = sum(f.stat().st_size for f in root.rglob("*.jpg")) / args.jpeg_images / 1024
         label = f"JPEG folder, {args.jpeg_images} x 500x375 ({kib:.0f} KiB avg)"
@@ -647,7 +668,9 @@ def load_average(when: str = "") -> str:
 
 
 def machine_info(device: torch.device) -> str:
-    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_model()} ({' '.join(cpu_flags())})"
+    hardware = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_model()} ({' '.join(cpu_flags())})"
+    )
     versions = f"torch {torch.__version__} | timm {timm.__version__}"
     if importlib.util.find_spec("transformers") is not None:
         import transformers
@@ -687,10 +710,14 @@ def run_model_steps(args: argparse.Namespace, models: list[ModelSpec], precision
     peak = gpu_bf16_peak_tflops(device)
     extra = device.type == "cuda" or args.square > 0
     if device.type == "cuda":
-        print(f"# {torch.cuda.get_device_name(device)}: dense bf16 datasheet peak "
-              f"{f'{peak:.1f} TFLOP/s' if peak else 'unknown (not in GPU_BF16_PEAK_TFLOPS)'}")
-    print("| model | impl | precision | batch | s/step | img/s | × fastest baseline | TFLOP/s | "
-          "matmul ceiling TFLOP/s | MFU | peak mem MiB |" + (" MFU (peak) | square matmul TFLOP/s |" if extra else ""))
+        print(
+            f"# {torch.cuda.get_device_name(device)}: dense bf16 datasheet peak "
+            f"{f'{peak:.1f} TFLOP/s' if peak else 'unknown (not in GPU_BF16_PEAK_TFLOPS)'}"
+        )
+    print(
+        "| model | impl | precision | batch | s/step | img/s | × fastest baseline | TFLOP/s | "
+        "matmul ceiling TFLOP/s | MFU | peak mem MiB |" + (" MFU (peak) | square matmul TFLOP/s |" if extra else "")
+    )
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if extra else ""))
     rows = []
     square = {}  # precision -> TFLOP/s of one large square product
@@ -705,8 +732,11 @@ def run_model_steps(args: argparse.Namespace, models: list[ModelSpec], precision
             interleaved = (time_interleaved(spec, impls, precision, device, batch, args.steps, args.warmup,
                                             args.rounds) if args.rounds > 1 else None)  # fmt: skip
             for impl in impls:
-                timing = interleaved[impl] if interleaved else time_training_steps(
-                    spec, impl, precision, device, batch, args.steps, args.warmup)
+                timing = (
+                    interleaved[impl]
+                    if interleaved
+                    else time_training_steps(spec, impl, precision, device, batch, args.steps, args.warmup)
+                )
                 images_per_second = batch / timing["seconds_per_step"]
                 achieved_tflops = images_per_second * flops_per_image(spec, impl)["train_step"] / 1e12
                 row = {
@@ -759,22 +789,40 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tiny,small,base", help=f"comma list of {','.join(MODELS)}")
     parser.add_argument("--precisions", default="bf16,fp32", help="comma list of bf16,fp32")
-    parser.add_argument("--impls", default=",".join(IMPLS),
-                        help=f"comma list of {','.join(IMPLS + OPTIONAL_IMPLS + OTHER_DECODER_IMPLS)}")
-    parser.add_argument("--reconstruct-ratio", type=float, default=0.25,
-                        help="mimkit-crossmae: fraction of the masked patches its decoder reconstructs")
+    parser.add_argument(
+        "--impls",
+        default=",".join(IMPLS),
+        help=f"comma list of {','.join(IMPLS + OPTIONAL_IMPLS + OTHER_DECODER_IMPLS)}",
+    )
+    parser.add_argument(
+        "--reconstruct-ratio",
+        type=float,
+        default=0.25,
+        help="mimkit-crossmae: fraction of the masked patches its decoder reconstructs",
+    )
     parser.add_argument("--batch", type=int, default=0, help="override every model's batch (0: the model's own)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per row (CPU: ViT-B bf16 is ~1 min/step)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps (batches with --data-only) per row")
-    parser.add_argument("--rounds", type=int, default=1, help="> 1: build every impl of a model / precision, then "
-                        "time --steps steps of each per round, in rotated order; report medians (ratios per round)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="> 1: build every impl of a model / precision, then "
+        "time --steps steps of each per round, in rotated order; report medians (ratios per round)",
+    )
     parser.add_argument("--gemm-seconds", type=float, default=0.3, help="min seconds per GEMM ceiling trial")
-    parser.add_argument("--square", type=int, default=0,
-                        help="side of the square matmul ceiling (0: 8192 on CUDA, none on CPU; >0 forces it)")
+    parser.add_argument(
+        "--square",
+        type=int,
+        default=0,
+        help="side of the square matmul ceiling (0: 8192 on CUDA, none on CPU; >0 forces it)",
+    )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--json", metavar="OUT", help="also write the rows to this JSON file")
-    parser.add_argument("--profile", metavar="IMPL", help="after the table, profile one step of IMPL per model / precision")
+    parser.add_argument(
+        "--profile", metavar="IMPL", help="after the table, profile one step of IMPL per model / precision"
+    )
     parser.add_argument("--profile-shapes", action="store_true", help="--profile: split each op by its input shapes")
     parser.add_argument("--profile-rows", type=int, default=15, help="--profile: ops listed (the top N by self time)")
     data = parser.add_argument_group("input pipeline (--data-only)")
@@ -784,8 +832,12 @@ def main() -> None:
     data.add_argument("--jpeg-images", type=int, default=256, help="JPEGs generated for the ImageFolder case")
     data.add_argument("--step-json", help="a --json file of a model-step run, to compare img/s with")
     data.add_argument("--workers", type=int, default=None, help="data.num_workers (default: the config's, 2)")
-    data.add_argument("--decode-device", choices=["cpu", "cuda"], default=None,
-                      help="where data.decode=device rows decode (default: --device)")
+    data.add_argument(
+        "--decode-device",
+        choices=["cpu", "cuda"],
+        default=None,
+        help="where data.decode=device rows decode (default: --device)",
+    )
     args = parser.parse_args()
 
     model_names, precisions, impls = args.models.split(","), args.precisions.split(","), args.impls.split(",")
@@ -809,7 +861,8 @@ def main() -> None:
     else:
         rows = run_model_steps(args, models, precisions, impls, device) if impls != [""] else []
         unit = f"{args.warmup} warmup + {args.steps} timed steps per row" + (
-            f" per round, {args.rounds} interleaved rounds (medians)" if args.rounds > 1 else "")
+            f" per round, {args.rounds} interleaved rounds (medians)" if args.rounds > 1 else ""
+        )
         if args.profile:
             for spec in models:
                 for precision in precisions:

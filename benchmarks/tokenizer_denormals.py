@@ -13,10 +13,9 @@ import statistics
 import time
 
 import torch
-
 from compare_helpers import machine  # benchmarks/, on sys.path when run as a script
-from mimkit.tokenizers import DVAE, DVAESpec
 
+from mimkit.tokenizers import DVAE, DVAESpec
 
 
 def main() -> None:

@@ -8,5 +8,16 @@ from mimkit.runs import EXIT_STOPPED, RunStopped  # noqa: E402
 from mimkit.train import pretrain, run  # noqa: E402
 from mimkit.version import __version__  # noqa: E402
 
-__all__ = ["EXIT_STOPPED", "Config", "ConfigError", "MimkitError", "RunStopped", "compare", "embed", "load_config",
-           "pretrain", "run", "__version__"]
+__all__ = [
+    "EXIT_STOPPED",
+    "Config",
+    "ConfigError",
+    "MimkitError",
+    "RunStopped",
+    "compare",
+    "embed",
+    "load_config",
+    "pretrain",
+    "run",
+    "__version__",
+]

@@ -22,8 +22,8 @@ from __future__ import annotations
 import dataclasses
 import errno
 import functools
-import logging
 import io
+import logging
 import os
 import pathlib
 import pickle
@@ -136,7 +136,9 @@ def load_checkpoint(path: str | Path) -> dict:
     if path.is_dir():
         state = load_sharded_full(path)
     elif not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist (a checkpoint-N.pt file or a sharded checkpoint-N folder)")
+        raise CheckpointError(
+            f"checkpoint {path} does not exist (a checkpoint-N.pt file or a sharded checkpoint-N folder)"
+        )
     else:
         state = _torch_load(path, what="checkpoint")
         if not isinstance(state, dict):
@@ -283,7 +285,9 @@ class _DCPMetadataUnpickler(pickle._Unpickler):
     def load_build(self):
         target = self.stack[-2] if len(self.stack) >= 2 else None
         if type(target) not in _dcp_dataclasses():
-            raise pickle.UnpicklingError(f"it sets the state of a {type(target).__name__}, which DCP metadata never does")
+            raise pickle.UnpicklingError(
+                f"it sets the state of a {type(target).__name__}, which DCP metadata never does"
+            )
         pickle._Unpickler.load_build(self)
 
     dispatch[pickle.BUILD[0]] = load_build
@@ -412,7 +416,6 @@ def _check_tensor_entries(meta_path: Path, metadata) -> None:
 def _safe_dcp_classes():
     """A FileSystemReader whose metadata goes through the allow-list, and load planners that read DCP's
     pickled non-tensor entries with weights_only=True (DCP's own use plain torch.load)."""
-    import io
 
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint._traverse import set_element
@@ -548,8 +551,12 @@ def rng_state() -> dict:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                  "gauss": float(gauss)},
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():

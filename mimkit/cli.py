@@ -11,8 +11,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-from mimkit.registry import method_names, method_spec
-from mimkit.version import __version__
 from mimkit import distributed as mdist
 from mimkit.checkpoint import load_checkpoint
 from mimkit.compare.command import add_compare_parser
@@ -32,13 +30,14 @@ from mimkit.interop.classifier import (
     write_topk_csv,
 )
 from mimkit.logs import progress_bar
+from mimkit.registry import method_names, method_spec
 from mimkit.report import build_report
 from mimkit.runs import EXIT_STOPPED, RunStopped
 from mimkit.tokenizer_training import train_tokenizer
 from mimkit.tokenizers import TokenizerError
 from mimkit.train import pretrain
-from mimkit.visualize import expand_images, attention_figure, visualize
-
+from mimkit.version import __version__
+from mimkit.visualize import attention_figure, expand_images, visualize
 
 # ---------------------------------------------------------------- shipped recipes
 
@@ -121,8 +120,10 @@ def _pretrain(args: argparse.Namespace) -> int:
         mdist.cleanup()
         return 0
     if mdist.world_from_env()[0] == 0 and result.already_finished:
-        print(f"\nalready finished: {result.out_dir} is at step {result.step}, final loss {result.loss:.4f}; nothing "
-              "was trained (raise train.max_steps, or train.epochs with train.resume_allow=train.epochs, to go on)")
+        print(
+            f"\nalready finished: {result.out_dir} is at step {result.step}, final loss {result.loss:.4f}; nothing "
+            "was trained (raise train.max_steps, or train.epochs with train.resume_allow=train.epochs, to go on)"
+        )
         print(f"  checkpoint: {result.checkpoint}")
     elif mdist.world_from_env()[0] == 0:
         print(f"\ndone: step {result.step}, loss {result.loss:.4f}")
@@ -163,12 +164,16 @@ def _export(args: argparse.Namespace) -> int:
             raise
     if args.to == "timm":
         written = export_classifier_timm(classifier, args.out)
-        print(f"wrote the fine-tuned classifier ({classifier.model_args['num_classes']} classes) to {written['weights']} "
-              f"and {written['config']}\nload with: timm.create_model('local-dir:{args.out}', pretrained=True)")
+        print(
+            f"wrote the fine-tuned classifier ({classifier.model_args['num_classes']} classes) to {written['weights']} "
+            f"and {written['config']}\nload with: timm.create_model('local-dir:{args.out}', pretrained=True)"
+        )
         return 0
     written = export_classifier_hf(classifier, args.out)
-    print(f"wrote transformers.{written['class']} folder {written['folder']} "
-          f"({written['class']}.from_pretrained('{written['folder']}'))")
+    print(
+        f"wrote transformers.{written['class']} folder {written['folder']} "
+        f"({written['class']}.from_pretrained('{written['folder']}'))"
+    )
     return 0
 
 
@@ -199,20 +204,30 @@ def _export_pretrained(args: argparse.Namespace) -> int:
     else:
         written = export_hf(args.checkpoint, args.out)
         if "beit" in written:  # BEiT / mc-BEiT: transformers' Beit classes
-            print(f"wrote transformers.BeitModel folder {written['beit']} "
-                  f"(BeitModel.from_pretrained('{written['beit']}', add_pooling_layer=False))")
-            print(f"wrote transformers.BeitForMaskedImageModeling folder {written['beit_mim']} "
-                  f"(BeitForMaskedImageModeling.from_pretrained('{written['beit_mim']}'))")
+            print(
+                f"wrote transformers.BeitModel folder {written['beit']} "
+                f"(BeitModel.from_pretrained('{written['beit']}', add_pooling_layer=False))"
+            )
+            print(
+                f"wrote transformers.BeitForMaskedImageModeling folder {written['beit_mim']} "
+                f"(BeitForMaskedImageModeling.from_pretrained('{written['beit_mim']}'))"
+            )
             return 0
         if "ijepa" in written:  # I-JEPA: no cls token, transformers' IJepaModel
-            print(f"wrote transformers.IJepaModel folder {written['ijepa']} "
-                  f"(IJepaModel.from_pretrained('{written['ijepa']}', add_pooling_layer=False))")
+            print(
+                f"wrote transformers.IJepaModel folder {written['ijepa']} "
+                f"(IJepaModel.from_pretrained('{written['ijepa']}', add_pooling_layer=False))"
+            )
             return 0
-        print(f"wrote transformers.ViTModel folder {written['vit']} "
-              f"(ViTModel.from_pretrained('{written['vit']}', add_pooling_layer=False))")
+        print(
+            f"wrote transformers.ViTModel folder {written['vit']} "
+            f"(ViTModel.from_pretrained('{written['vit']}', add_pooling_layer=False))"
+        )
         if "vit_mae" in written:
-            print(f"wrote transformers.ViTMAEForPreTraining folder {written['vit_mae']} "
-                  f"(ViTMAEForPreTraining.from_pretrained('{written['vit_mae']}'))")
+            print(
+                f"wrote transformers.ViTMAEForPreTraining folder {written['vit_mae']} "
+                f"(ViTMAEForPreTraining.from_pretrained('{written['vit_mae']}'))"
+            )
     return 0
 
 
@@ -222,8 +237,10 @@ def _embed(args: argparse.Namespace) -> int:
                      precision=args.precision, mean=tuple(args.mean), std=tuple(args.std), crop_pct=args.crop_pct,
                      num_workers=args.num_workers, root=args.root, download=args.download)  # fmt: skip
     labels = f", labels of {len(e.classes or []) or 'unnamed'} classes" if e.labels is not None else ""
-    print(f"wrote {args.out}: {e.features.shape[0]} images x {e.features.shape[1]} features ({args.pool}, block "
-          f"{args.block}){labels}")
+    print(
+        f"wrote {args.out}: {e.features.shape[0]} images x {e.features.shape[1]} features ({args.pool}, block "
+        f"{args.block}){labels}"
+    )
     return 0
 
 
@@ -234,13 +251,21 @@ def _add_embed_parser(sub) -> None:
                        "identities: relative paths for a folder, indices for arrays and datasets (.npz: features, ids, "
                        "labels and classes when known; .npy: the features, the ids in OUT.ids.txt; .parquet: needs "
                        "pyarrow, pip install 'mimkit[parquet]').")  # fmt: skip
-    p.add_argument("checkpoint", help="a mimkit checkpoint (pretraining or `mimkit import`ed), or 'none' (random "
-                   "init of --arch)")
-    p.add_argument("data", help="a folder of images (ImageFolder tree or flat), a .npz (x_SPLIT, y_SPLIT optional), "
-                   "or torchvision:NAME[:SPLIT]")
+    p.add_argument(
+        "checkpoint", help="a mimkit checkpoint (pretraining or `mimkit import`ed), or 'none' (random init of --arch)"
+    )
+    p.add_argument(
+        "data",
+        help="a folder of images (ImageFolder tree or flat), a .npz (x_SPLIT, y_SPLIT optional), "
+        "or torchvision:NAME[:SPLIT]",
+    )
     p.add_argument("--out", required=True, help="the file to write: .npy, .npz or .parquet")
-    p.add_argument("--pool", default="auto", choices=("auto", "cls", "mean", "cls_mean"),
-                   help="features.pool (default auto: the checkpoint's method's, cls, or mean for I-JEPA)")
+    p.add_argument(
+        "--pool",
+        default="auto",
+        choices=("auto", "cls", "mean", "cls_mean"),
+        help="features.pool (default auto: the checkpoint's method's, cls, or mean for I-JEPA)",
+    )
     p.add_argument("--block", type=int, default=-1, help="features.block: 1-based block, -1 = last (default)")
     p.add_argument("--split", default=None, help=".npz: x_SPLIT (default train); torchvision: the split")
     p.add_argument("--arch", default=None, help="encoder preset (required with checkpoint none)")
@@ -282,8 +307,10 @@ def _attention(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     rep = build_report(args.run_dir, args.out, images=args.images, checkpoints=args.checkpoints,
                        num_images=args.num_images, evals=args.evals)  # fmt: skip
-    print(f"wrote {rep.html} and {rep.png} ({rep.steps_plotted} steps, {len(rep.evals)} evaluation runs, "
-          f"reconstructions by {', '.join(rep.checkpoints_drawn) or 'none'})")
+    print(
+        f"wrote {rep.html} and {rep.png} ({rep.steps_plotted} steps, {len(rep.evals)} evaluation runs, "
+        f"reconstructions by {', '.join(rep.checkpoints_drawn) or 'none'})"
+    )
     for note in rep.notes:
         print(f"  note: {note}")
     return 0
@@ -296,14 +323,29 @@ def _add_report_parser(sub) -> None:
                        "run of the run's checkpoints (metrics.json of mimkit knn / linprobe / finetune under RUN_DIR, "
                        "in RUN_DIR's sibling folders and their sub-folders, and under --evals), the resolved config "
                        "and the machine. Needs matplotlib: pip install 'mimkit[report]'.")  # fmt: skip
-    p.add_argument("run_dir", help="a pretraining run's folder (train.out_dir: config.yaml, metrics.jsonl, checkpoints)")
-    p.add_argument("--out", default=None, help="the HTML page to write (default RUN_DIR/report.html); the PNG summary "
-                   "goes beside it with the suffix .png")
-    p.add_argument("--images", nargs="+", default=None, help="images (files or folders) to reconstruct (default: "
-                   "train.vis_images images spread over the run's data)")
+    p.add_argument(
+        "run_dir", help="a pretraining run's folder (train.out_dir: config.yaml, metrics.jsonl, checkpoints)"
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="the HTML page to write (default RUN_DIR/report.html); the PNG summary "
+        "goes beside it with the suffix .png",
+    )
+    p.add_argument(
+        "--images",
+        nargs="+",
+        default=None,
+        help="images (files or folders) to reconstruct (default: train.vis_images images spread over the run's data)",
+    )
     p.add_argument("--num-images", type=int, default=None, help="how many images (default: the run's train.vis_images)")
-    p.add_argument("--checkpoints", type=int, default=None, help="checkpoints drawn besides the initial model, spread "
-                   "from the oldest kept to the newest (default: every kept checkpoint, up to 8)")
+    p.add_argument(
+        "--checkpoints",
+        type=int,
+        default=None,
+        help="checkpoints drawn besides the initial model, spread "
+        "from the oldest kept to the newest (default: every kept checkpoint, up to 8)",
+    )
     p.add_argument("--evals", nargs="+", default=[], help="more folders to search for evaluation runs (any depth)")
     p.set_defaults(func=_report)
 
@@ -315,13 +357,19 @@ def _add_tool_parsers(sub) -> None:
     p.add_argument("--out", default="visualizations", help="output folder (default: visualizations)")
     p.add_argument("--seed", type=int, default=0, help="masking seed (default 0): same seed, same mask")
     p.add_argument("--scale", type=int, default=None, help="integer upscaling of the panels (default: to >= 192 px)")
-    p.add_argument("--bands", type=lambda v: tuple(int(b) for b in v.split(",")), default=None,
-                   help="multi-band models: three 1-based bands drawn as R,G,B, e.g. 3,2,1 (default: 1,2,3)")
+    p.add_argument(
+        "--bands",
+        type=lambda v: tuple(int(b) for b in v.split(",")),
+        default=None,
+        help="multi-band models: three 1-based bands drawn as R,G,B, e.g. 3,2,1 (default: 1,2,3)",
+    )
     p.set_defaults(func=_visualize)
 
     p = sub.add_parser("export", help="export for timm or Hugging Face transformers (safetensors + config); a "
                        "fine-tuned checkpoint exports its classifier (head, class names)")  # fmt: skip
-    p.add_argument("checkpoint", help="a mimkit checkpoint (.pt): pretraining, imported, or fine-tuned (mimkit finetune)")
+    p.add_argument(
+        "checkpoint", help="a mimkit checkpoint (.pt): pretraining, imported, or fine-tuned (mimkit finetune)"
+    )
     p.add_argument("--to", choices=("timm", "hf"), required=True, help="target library")
     p.add_argument("out", help="output folder")
     p.add_argument("--ema", action="store_true", help="a fine-tuned checkpoint: export its EMA weights")
@@ -342,18 +390,30 @@ def _add_tool_parsers(sub) -> None:
     p = sub.add_parser("import", help="official MAE / BEiT / mc-BEiT / BootMAE / HF ViTMAE -> mimkit checkpoint")
     p.add_argument("source", help="a .pth/.pt/.bin/.safetensors file, or a Hugging Face / timm model folder")
     p.add_argument("out", help="the mimkit checkpoint to write (.pt)")
-    p.add_argument("--format", default="auto", choices=("auto", "mimkit", "mae", "beit", "bootmae", "hf"),
-                   help="source key layout (default: detected from the key names)")
-    p.add_argument("--key", default=None, help="entry of the checkpoint dict holding the weights (default: model, "
-                   "module, state_dict, or the top level); e.g. model_ema")
+    p.add_argument(
+        "--format",
+        default="auto",
+        choices=("auto", "mimkit", "mae", "beit", "bootmae", "hf"),
+        help="source key layout (default: detected from the key names)",
+    )
+    p.add_argument(
+        "--key",
+        default=None,
+        help="entry of the checkpoint dict holding the weights (default: model, "
+        "module, state_dict, or the top level); e.g. model_ema",
+    )
     p.add_argument("--img-size", type=int, default=None, help="target resolution; position embeddings are resampled")
     p.add_argument("--num-heads", type=int, default=None, help="encoder heads (default: from the config or the width)")
     p.add_argument("--decoder-dim", type=int, default=None, help="decoder width when the source has no decoder (512)")
     p.add_argument("--decoder-depth", type=int, default=None, help="decoder depth when the source has no decoder (8)")
     p.add_argument("--decoder-heads", type=int, default=None, help="decoder heads (default: config, 16 at 512)")
     p.add_argument("--mask-ratio", type=float, default=None, help="mask.ratio of the written config")
-    p.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=None,
-                   help="mae.norm_pix_loss of the written config (default: from the source, else true)")
+    p.add_argument(
+        "--norm-pix-loss",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="mae.norm_pix_loss of the written config (default: from the source, else true)",
+    )
     p.add_argument("--mean", type=float, nargs=3, default=None, help="data.mean (default: source's, else ImageNet)")
     p.add_argument("--std", type=float, nargs=3, default=None, help="data.std (default: source's, else ImageNet)")
     p.add_argument("--strict", action="store_true", help="fail on any missing or unexpected key")
@@ -362,8 +422,12 @@ def _add_tool_parsers(sub) -> None:
     p = sub.add_parser("attention", help="last-block cls attention per head + PCA of patch features, as a PNG")
     p.add_argument("checkpoint", help="a mimkit checkpoint (.pt)")
     p.add_argument("images", nargs="+", help="image files or folders of images")
-    p.add_argument("--out", default=None, help="output folder for <image stem>_attention.png (default: the current "
-                   "folder); with one image, a path ending in .png names the file")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output folder for <image stem>_attention.png (default: the current "
+        "folder); with one image, a path ending in .png names the file",
+    )
     p.add_argument("--scale", type=int, default=None, help="integer upscaling of the panels")
     p.set_defaults(func=_attention)
 
@@ -397,7 +461,9 @@ def _evaluate(args: argparse.Namespace) -> int:
             line += f", EMA top-1 {m['ema_top1']:.2f}%"
         print(line + f" on {m['val_images']} val images, {m['wall_clock_s']:.0f} s")
         beside = _beside(result.out_dir, active_loggers(cfg.train))[2:-1]
-        print(f"  metrics:    {result.metrics_path} (JSONL: {result.out_dir / 'metrics.jsonl'}{', ' + beside if beside else ''})")
+        print(
+            f"  metrics:    {result.metrics_path} (JSONL: {result.out_dir / 'metrics.jsonl'}{', ' + beside if beside else ''})"
+        )
         if result.checkpoint is not None:
             print(f"  checkpoint: {result.checkpoint}")
     mdist.cleanup()
@@ -408,8 +474,12 @@ def register_eval_commands(sub) -> None:
     """Add `mimkit knn | linprobe | finetune CONFIG [section.key=value ...] [--print-config]`."""
     for name, text in EVAL_HELP.items():
         p = sub.add_parser(name, help=text, description=text)
-        p.add_argument("config", nargs="?", help=f"YAML recipe, e.g. configs/eval/{name}_vit_tiny_cifar10.yaml, or "
-                       f"a shipped recipe's name, e.g. {name}_vit_tiny_cifar10")
+        p.add_argument(
+            "config",
+            nargs="?",
+            help=f"YAML recipe, e.g. configs/eval/{name}_vit_tiny_cifar10.yaml, or "
+            f"a shipped recipe's name, e.g. {name}_vit_tiny_cifar10",
+        )
         alias = " (run.*, knn's former name for train.*, is still read)" if name == "knn" else ""
         p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. "
                        f"encoder.checkpoint=runs/x/checkpoint-00001000.pt train.out_dir=runs/{name}{alias}")  # fmt: skip
@@ -425,8 +495,9 @@ def register_tokenizer_commands(sub) -> None:
     p = sub.add_parser("tokenizer", help="visual tokenizers for BEiT / mc-BEiT (train mimkit's own dVAE)")
     tsub = p.add_subparsers(dest="tokenizer_command", required=True)
     q = tsub.add_parser("train", help="train mimkit's dVAE tokenizer on data.path; writes tokenizer.path")
-    q.add_argument("config", nargs="?", help="YAML recipe, e.g. configs/tokenizer_cifar10.yaml, or its name "
-                   "tokenizer_cifar10")
+    q.add_argument(
+        "config", nargs="?", help="YAML recipe, e.g. configs/tokenizer_cifar10.yaml, or its name tokenizer_cifar10"
+    )
     q.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. tokenizer.train_steps=100")
     q.set_defaults(func=_train_command)
 
@@ -446,6 +517,8 @@ def _train_command(args) -> int:
     print(f"\ndone: {last['step']} steps, loss {last['loss']:.4f} (reconstruction {last['reconstruction']:.4f})\n"
           f"  tokenizer: {result['path']}\n  metrics:   {result['path'].with_suffix('.jsonl')}")  # fmt: skip
     return 0
+
+
 def _config_sections() -> str:
     lines, defaults = [], Config()
     for f in dataclasses.fields(Config):
@@ -475,12 +548,19 @@ def build_parser() -> argparse.ArgumentParser:
                        "torchrun/srun for several processes", description=PRETRAIN_DESCRIPTION,
                        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.description += _config_sections()
-    p.add_argument("config", nargs="?", help="YAML recipe, e.g. configs/quickstart.yaml, or a shipped recipe's name "
-                   "(`mimkit recipes`), e.g. quickstart (default: built-in defaults, ImageNet's schedule)")
+    p.add_argument(
+        "config",
+        nargs="?",
+        help="YAML recipe, e.g. configs/quickstart.yaml, or a shipped recipe's name "
+        "(`mimkit recipes`), e.g. quickstart (default: built-in defaults, ImageNet's schedule)",
+    )
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.epochs=5 optim.blr=1e-3")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--dry-run", action="store_true",
-                   help="run one step and one checkpoint save on every rank (in OUT_DIR/dry-run), then exit")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="run one step and one checkpoint save on every rank (in OUT_DIR/dry-run), then exit",
+    )
     p.set_defaults(func=_pretrain)
     p = sub.add_parser("recipes", help="the recipes shipped with mimkit (name and first line); pass a name where a "
                        "recipe file goes, e.g. mimkit pretrain mae_vit_tiny_cifar10")  # fmt: skip

@@ -14,7 +14,7 @@ from typing import Any, Literal, NamedTuple
 import yaml
 
 from mimkit.presets import PRESETS, get_preset
-from mimkit.registry import COMMON_SECTIONS, custom_sections, method_names, method_spec
+from mimkit.registry import custom_sections, method_names, method_spec
 from mimkit.typed_config import ConfigError, from_dict, read_recipe, require
 from mimkit.typed_config import to_dict as plain_dict
 
@@ -28,6 +28,7 @@ class ModelConfig:
     Fields:
         drop_path_rate: stochastic depth rate of the encoder blocks (0 = off)
     """
+
     arch: str = "vit_tiny_patch4_32"  # one of mimkit.models.PRESETS
     img_size: int | None = None  # default: the preset's
     patch_size: int | None = None  # default: the preset's
@@ -73,6 +74,7 @@ class MAEConfig:
         decoder_heads: attention heads per decoder block (MAE: 16)
         norm_pix_loss: normalise each target patch by its own mean and std (MAE's norm-pix target)
     """
+
     decoder_dim: int = 512
     decoder_depth: int = 8
     decoder_heads: int = 16
@@ -104,6 +106,7 @@ class EMAEConfig:
     Fields:
         distance: the consistency term's distance between two parts' predictions: squared L2 (mse) or l1
     """
+
     # EMAE's parallel parts: K = 1 / (1 - mask.ratio), e.g. 4 at 0.75. Assumed defaults (no public code).
     consistency_weight: float = 1.0  # lambda; 0 = K independent MAE losses
     stop_gradient: bool = True  # detach the partner prediction in the consistency term
@@ -148,6 +151,7 @@ class BEiTConfig:
         shared_rel_pos_bias: one relative position bias table shared by all blocks (BEiT's pretraining setting)
         abs_pos_emb: an absolute position embedding besides the relative bias (BEiT: none)
     """
+
     # BEiT / mc-BEiT backbone (timm Beit: shared relative position bias, layer scale, no absolute position
     # embedding) and mc-BEiT's soft targets (methods notes sections 3-4). Masking is mask.*: BEiT blocks of 75 of
     # 196 patches (mask.count 75; ratio 0.4 elsewhere), mc-BEiT's released recipe random 0.75 (147 of 196).
@@ -169,6 +173,7 @@ class BEiTConfig:
 class Data2Vec2Config:
     """data2vec 2.0 (Baevski et al. 2023): several inverse block masks per image sharing one EMA-teacher pass, targets the
     mean of the teacher's top-K instance-normalised block outputs, a convolutional decoder (fairseq's image values)."""
+
     num_masks: int = 8  # M: masks per image (the paper's multi-mask; the student batch is B x M)
     top_k_blocks: int = 8  # targets: mean of the teacher's last K block outputs (all blocks when the encoder has fewer)
     mask_length: int = 3  # inverse block masks: side of the square blocks kept visible (mask.type block)
@@ -178,7 +183,9 @@ class Data2Vec2Config:
     decoder_kernel: int = 3  # conv decoder kernel side (odd: same padding over the patch grid)
     decoder_groups: int = 16  # conv decoder groups: divide the decoder and encoder widths
     mask_noise_std: float = 0.01  # the decoder's masked positions: N(0, std) noise (no learned mask token)
-    cls_loss_weight: float = 0.0  # the image recipe's cls term (its 0.01 is per batch sum; see docs/methods.md); 0 = off
+    cls_loss_weight: float = (
+        0.0  # the image recipe's cls term (its 0.01 is per batch sum; see docs/methods.md); 0 = off
+    )
     ema_decay: float = 0.9998  # teacher EMA decay, annealed linearly to ema_end_decay over the run
     ema_end_decay: float = 0.99999  # the teacher's decay at the end of the run (train.epochs / schedule_steps)
 
@@ -187,6 +194,7 @@ class Data2Vec2Config:
 class IJEPAConfig:
     """I-JEPA (Assran et al. 2023): multi-block masks, a narrow ViT predictor, an EMA target encoder (official ViT-H/14
     values; the predictor's heads default to the encoder's, as the official code's)."""
+
     predictor_dim: int | None = None  # default: the encoder's width, at most 384 (the official ViT-H value)
     predictor_depth: int = 12  # predictor blocks (the official ViT-H/14 predictor's 12)
     predictor_heads: int | None = None  # default: the encoder's heads
@@ -244,6 +252,7 @@ class DataConfig:
         std: per-channel standard deviation the images are normalised with (0-1 scale), one per channel, or auto
         num_workers: DataLoader worker processes per training process (0 = load in the main process)
     """
+
     # "skimage" = the embedded default (scikit-image's bundled photos); "torchvision:NAME[:SPLIT]" = a torchvision
     # dataset class (CIFAR10, CIFAR100, STL10 (default split unlabeled), Flowers102, ImageNet, ...) under data.root;
     # otherwise a path to an ImageFolder tree / flat image folder, a .npz with x_train, or WebDataset shards (.tar,
@@ -275,6 +284,7 @@ class OptimConfig:
         betas: AdamW's (beta1, beta2); MAE: (0.9, 0.95)
         eps: AdamW's epsilon
     """
+
     blr: float = 1.5e-4  # lr = blr * effective_batch / 256 (MAE's linear scaling rule)
     lr: float | None = None  # absolute lr; overrides blr when set
     min_lr: float = 0.0
@@ -305,6 +315,7 @@ class TrainConfig:
         keep_last: checkpoints kept in out_dir; older ones are deleted after a newer one is written
         knn_val_split: the split of knn_data the monitor scores
     """
+
     epochs: int = 800
     batch_size: int = 64  # per process, per micro-step
     accum_steps: int = 1  # micro-steps per optimizer step
@@ -374,7 +385,12 @@ TRAJECTORY_FREE = frozenset(
 )  # fmt: skip
 
 
-LOGGERS = ("tensorboard", "csv", "wandb", "mlflow")  # train.loggers (every command): mimkit.metrics.MetricsLog's besides the JSONL
+LOGGERS = (
+    "tensorboard",
+    "csv",
+    "wandb",
+    "mlflow",
+)  # train.loggers (every command): mimkit.metrics.MetricsLog's besides the JSONL
 
 
 def check_loggers(value, key: str) -> tuple[str, ...]:
@@ -414,6 +430,7 @@ class Config:
             sections (mae, emae, bootmae, beit, simmim, tokenizer, or a section a user's method registered) and
             a value set in a section it does not read is refused
     """
+
     method: str = "mae"
     model: ModelConfig = field(default_factory=ModelConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
@@ -440,7 +457,16 @@ class Config:
         raise AttributeError(f"Config has no section {name!r}")
 
 
-BUILTIN_METHOD_SECTIONS = ("mae", "emae", "simmim", "bootmae", "beit", "ijepa", "data2vec2", "tokenizer")  # read only by the methods naming them
+BUILTIN_METHOD_SECTIONS = (
+    "mae",
+    "emae",
+    "simmim",
+    "bootmae",
+    "beit",
+    "ijepa",
+    "data2vec2",
+    "tokenizer",
+)  # read only by the methods naming them
 
 
 # ---------------------------------------------------------------- range checks
@@ -463,9 +489,9 @@ def config_keys(cls, prefix: str = "") -> set[str]:
     return keys
 
 
-
 class Geometry(NamedTuple):
     """The encoder's sizes, the model.arch preset's where model.* leaves them unset."""
+
     img: int
     patch: int
     num_patches: int
@@ -479,8 +505,6 @@ def geometry(cfg: Config) -> Geometry:
     img, patch = m.img_size or p.img_size, m.patch_size or p.patch_size
     return Geometry(img, patch, (img // patch) ** 2, m.embed_dim or p.embed_dim, m.depth or p.depth,
                     m.num_heads or p.num_heads)  # fmt: skip
-
-
 
 
 def validate(cfg: Config, strict: bool = True, also_reads: tuple[str, ...] = ()) -> Config:
@@ -605,7 +629,10 @@ def _unread_keys(cfg: Config, spec, strict: bool, also_reads: tuple[str, ...]) -
 def _validate_run(cfg: Config) -> None:
     """data.*, optim.*, train.*, distributed.*."""
     d = cfg.data
-    require(0.0 < d.crop_scale[0] <= d.crop_scale[1] <= 1.0, f"data.crop_scale must satisfy 0 < min <= max <= 1, got {d.crop_scale}")
+    require(
+        0.0 < d.crop_scale[0] <= d.crop_scale[1] <= 1.0,
+        f"data.crop_scale must satisfy 0 < min <= max <= 1, got {d.crop_scale}",
+    )
     c = cfg.model.in_chans if hasattr(cfg, "model") else 3
     for key, value in (("data.mean", d.mean), ("data.std", d.std)):
         require(value == "auto" or len(value) == c,
@@ -631,17 +658,23 @@ def _validate_run(cfg: Config) -> None:
     require(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
     require(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
     require(t.accum_steps >= 1, f"train.accum_steps must be >= 1, got {t.accum_steps}")
-    require(t.max_minutes is None or t.max_minutes > 0, f"train.max_minutes must be positive or null, got {t.max_minutes}")
+    require(
+        t.max_minutes is None or t.max_minutes > 0, f"train.max_minutes must be positive or null, got {t.max_minutes}"
+    )
     require(t.max_steps is None or t.max_steps >= 1, f"train.max_steps must be >= 1 or null, got {t.max_steps}")
-    require(t.schedule_steps is None or t.schedule_steps >= 1,
-             f"train.schedule_steps must be >= 1 or null, got {t.schedule_steps}")
+    require(
+        t.schedule_steps is None or t.schedule_steps >= 1,
+        f"train.schedule_steps must be >= 1 or null, got {t.schedule_steps}",
+    )
     require(t.keep_last >= 1, f"train.keep_last must be >= 1, got {t.keep_last}")
     require(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
     require(t.save_every_epochs >= 1, f"train.save_every_epochs must be >= 1, got {t.save_every_epochs}")
     require(t.save_every_steps is None or t.save_every_steps >= 1, "train.save_every_steps must be >= 1 or null")
     require(t.knn_every_epochs >= 0, f"train.knn_every_epochs must be >= 0, got {t.knn_every_epochs}")
     require(min(t.knn_samples) >= 1, f"train.knn_samples must be positive, got {t.knn_samples}")
-    require(t.vis_every_epochs >= 0 and t.vis_images >= 1, "train.vis_every_epochs must be >= 0 and train.vis_images >= 1")
+    require(
+        t.vis_every_epochs >= 0 and t.vis_images >= 1, "train.vis_every_epochs must be >= 0 and train.vis_images >= 1"
+    )
     require(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")
     # numpy's seed range; the samplers seed torch generators with seed * 1_000_003 + epoch and the RNGs with
     # seed + rank + step, which then stay far inside torch's 64-bit seeds

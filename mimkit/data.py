@@ -130,7 +130,9 @@ def webdataset_urls(path: str) -> list[str]:
 def pretrain_transform(img_size: int, cfg) -> v2.Compose:
     ops = [
         v2.ToImage(),
-        v2.RandomResizedCrop(img_size, scale=tuple(cfg.crop_scale), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.RandomResizedCrop(
+            img_size, scale=tuple(cfg.crop_scale), interpolation=v2.InterpolationMode.BICUBIC, antialias=True
+        ),
     ]
     if cfg.hflip:
         ops.append(v2.RandomHorizontalFlip())

@@ -39,7 +39,7 @@ def is_torchvision(path: str) -> bool:
 
 def parse(path: str) -> tuple[str, str | None]:
     """'torchvision:CIFAR10' -> ('CIFAR10', None); 'torchvision:STL10:unlabeled' -> ('STL10', 'unlabeled')."""
-    rest = str(path)[len(PREFIX):]
+    rest = str(path)[len(PREFIX) :]
     name, _, split = rest.partition(":")
     return name, split or None
 
@@ -96,7 +96,9 @@ def _cifar_globals() -> dict[tuple[str, str], object]:
 
 
 def _plain_dtype(value) -> bool:
-    return isinstance(value, np.dtype) and value.kind in NUMERIC_KINDS and value.fields is None and value.subdtype is None
+    return (
+        isinstance(value, np.dtype) and value.kind in NUMERIC_KINDS and value.fields is None and value.subdtype is None
+    )
 
 
 def _checked_state(target, state) -> None:
@@ -286,7 +288,7 @@ def open_torchvision(path: str, split: str | None, root: str | Path, download: b
     except (RuntimeError, FileNotFoundError) as e:  # torchvision: "Dataset not found or corrupted ..."
         raise DataError(f"data.path: {path}: cannot open it under data.root {root} ({e}); "
                         + ("add data.download=true to download it there (torchvision), or set data.root"
-                           if "download" in kwargs else "put torchvision's files there"))  # fmt: skip
+                           if "download" in kwargs else "put torchvision's files there")) from None  # fmt: skip
     except ValueError as e:  # e.g. an unknown split
         raise DataError(f"data.path: {path}: {e}") from None
     source = TorchvisionImages(dataset, f"{path}:{split}")

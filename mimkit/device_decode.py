@@ -56,8 +56,10 @@ def resolve_decode(setting: str, fmt: str, device: torch.device | None, transfor
     supported, why = device_transform_supported(transform)
     if setting == "device":
         if fmt not in DEVICE_FORMATS:
-            raise DataError(f"data.decode: 'device' needs encoded files (data.format folder or webdataset); data.path "
-                            f"is format '{fmt}', which is decoded already: use data.decode=auto or cpu")
+            raise DataError(
+                f"data.decode: 'device' needs encoded files (data.format folder or webdataset); data.path "
+                f"is format '{fmt}', which is decoded already: use data.decode=auto or cpu"
+            )
         if not supported:
             raise DataError(f"data.decode: 'device' cannot {why}; use data.decode=auto or cpu")
         return "device"

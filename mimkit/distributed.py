@@ -79,7 +79,9 @@ def init_distributed(device_name: str = "auto", timeout_minutes: float = 30.0) -
     launched = "RANK" in os.environ and "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ
     if (world > 1 or launched) and not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
-            raise ConfigError("multi-process run needs MASTER_ADDR and MASTER_PORT (torchrun sets them; with srun export them)")
+            raise ConfigError(
+                "multi-process run needs MASTER_ADDR and MASTER_PORT (torchrun sets them; with srun export them)"
+            )
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(minutes=timeout_minutes))
     return DistInfo(rank, world, local_rank, device)
@@ -91,7 +93,11 @@ def shard_model(model: torch.nn.Module, blocks: list[torch.nn.Module], precision
     bf16 runs keep fp32 master weights and gather parameters in bf16 (reduce in fp32)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" else MixedPrecisionPolicy()
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if precision == "bf16"
+        else MixedPrecisionPolicy()
+    )
     for block in blocks:
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)

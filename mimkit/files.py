@@ -181,8 +181,10 @@ def weights_only_load(source, extra_globals: list | tuple = ()) -> Any:
     if kind == "empty":
         raise LoadFailed("the file is empty")
     if kind not in ("zip", "pickle"):
-        raise LoadFailed("not a PyTorch file: it is neither a torch.save zip archive nor a pickle"
-                         + (" (it looks like safetensors: name it .safetensors)" if kind == "safetensors" else ""))
+        raise LoadFailed(
+            "not a PyTorch file: it is neither a torch.save zip archive nor a pickle"
+            + (" (it looks like safetensors: name it .safetensors)" if kind == "safetensors" else "")
+        )
     try:
         if extra_globals:
             with torch.serialization.safe_globals(list(extra_globals)):
@@ -234,9 +236,13 @@ def load_weights_file(path: str | Path) -> Any:
         try:
             return load_file(str(path), device="cpu")
         except MemoryError:
-            raise InteropError(f"{path}: cannot read as safetensors (damaged: it asks for more memory than there is)") from None
+            raise InteropError(
+                f"{path}: cannot read as safetensors (damaged: it asks for more memory than there is)"
+            ) from None
         except Exception as e:  # safetensors raises its own SafetensorError, OSError, ...
-            raise InteropError(f"{path}: cannot read as safetensors ({type(e).__name__}: {_first_line(e, 'no detail')})") from None
+            raise InteropError(
+                f"{path}: cannot read as safetensors ({type(e).__name__}: {_first_line(e, 'no detail')})"
+            ) from None
     return load_torch_file(path)
 
 
@@ -249,5 +255,13 @@ def is_weights_file(path: str | Path) -> bool:
         return False
 
 
-__all__ = ["InteropError", "LoadFailed", "LoadRefused", "is_weights_file", "load_torch_file", "load_weights_file",
-           "sniff", "weights_only_load"]
+__all__ = [
+    "InteropError",
+    "LoadFailed",
+    "LoadRefused",
+    "is_weights_file",
+    "load_torch_file",
+    "load_weights_file",
+    "sniff",
+    "weights_only_load",
+]

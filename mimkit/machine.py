@@ -47,7 +47,6 @@ def machine_info() -> dict:
     affinity, torch_threads, cpu, cpu_flags, and gpu when one is visible."""
     import timm
 
-
     info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "timm": timm.__version__, "mimkit": __version__, "cpus": os.cpu_count(),
             "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,

@@ -41,8 +41,7 @@ def create_encoder(
     patch_size = patch_size or p.patch_size
     if img_size % patch_size:
         raise ValueError(
-            f"model.img_size {img_size} is not divisible by the patch size {patch_size}; "
-            f"use a multiple of {patch_size}"
+            f"model.img_size {img_size} is not divisible by the patch size {patch_size}; use a multiple of {patch_size}"
         )
     return VisionTransformer(
         img_size=img_size,
@@ -166,7 +165,9 @@ def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
     return x.reshape(n, gh * gw, patch_size * patch_size * c)
 
 
-def unpatchify(x: torch.Tensor, patch_size: int, grid: tuple[int, int] | None = None, channels: int = 3) -> torch.Tensor:
+def unpatchify(
+    x: torch.Tensor, patch_size: int, grid: tuple[int, int] | None = None, channels: int = 3
+) -> torch.Tensor:
     """Exact inverse of :func:`patchify`."""
     n, num, _ = x.shape
     gh, gw = grid or (int(num**0.5),) * 2
@@ -181,7 +182,9 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     from timm.models.beit import Block as BeitBlock
     from timm.models.vision_transformer import Block
 
-    return [m for m in model.modules() if isinstance(m, (Block, BeitBlock)) or getattr(m, "IS_TRANSFORMER_BLOCK", False)]
+    return [
+        m for m in model.modules() if isinstance(m, (Block, BeitBlock)) or getattr(m, "IS_TRANSFORMER_BLOCK", False)
+    ]
 
 
 def resolve_compile(setting: bool | str, device: torch.device) -> bool:

@@ -18,9 +18,9 @@ from mimkit.data import (
     ResumableBatchSampler,
     TwoViewTransform,
     ViewSpec,
+    WebDatasetStream,
     channel_stats,
     check_channels,
-    WebDatasetStream,
     loader_rng_and_workers,
     open_source,
     pretrain_transform,
@@ -35,7 +35,6 @@ from mimkit.device_decode import (
     collate_encoded,
     resolve_decode,
 )
-
 
 log = logging.getLogger("mimkit")
 
@@ -69,7 +68,9 @@ class PretrainData:
             check_channels(source, in_chans)
         if "auto" in (d.mean, d.std):
             resolve_auto_stats(d, source)
-        self.transform = pretrain_transform(img_size, d) if second_view is None else TwoViewTransform(img_size, d, second_view)
+        self.transform = (
+            pretrain_transform(img_size, d) if second_view is None else TwoViewTransform(img_size, d, second_view)
+        )
         self.mask_inputs, self.num_workers, self.pin_memory = mask_inputs, d.num_workers, pin_memory
         self.batch_size, self.accum_steps, self.rank, self.world_size, self.seed = (
             batch_size, accum_steps, rank, world_size, seed)  # fmt: skip
@@ -79,7 +80,9 @@ class PretrainData:
                 raise DataError("data.num_samples is required for WebDataset shards (it sets the epoch length)")
             self.urls = webdataset_urls(d.path)
             if d.num_samples < self.global_step_size:
-                raise DataError(f"data.num_samples {d.num_samples} cannot fill one optimizer step of {self.global_step_size}")
+                raise DataError(
+                    f"data.num_samples {d.num_samples} cannot fill one optimizer step of {self.global_step_size}"
+                )
             self.steps_per_epoch = d.num_samples // self.global_step_size
         else:
             self.dataset = PretrainDataset(source, self.transform, mask_inputs, d.repeats, d.num_samples)
@@ -93,7 +96,9 @@ class PretrainData:
         self.device_augment = None  # data.decode: JPEGs decoded and augmented on the training device
         decode = getattr(d, "decode", "auto")
         if in_chans != 3 and decode == "device":
-            raise DataError(f"data.decode device: nvJPEG decodes RGB only; model.in_chans {in_chans} needs data.decode cpu")
+            raise DataError(
+                f"data.decode device: nvJPEG decodes RGB only; model.in_chans {in_chans} needs data.decode cpu"
+            )
         self.decode = resolve_decode("cpu" if in_chans != 3 else decode, self.fmt, device, self.transform)
         if self.decode == "device":
             self._use_device_decode(device or torch.device("cpu"))

@@ -60,6 +60,7 @@ class MethodSpec:
         pool: how evaluation pools its encoder's tokens by default: "cls" (the cls token) or "mean" (the patch
             tokens' mean: encoders without a cls token, I-JEPA); fine-tuning's global pool follows it
     """
+
     name: str
     build: Callable[[Any], Any]
     summary: str = ""
@@ -124,7 +125,7 @@ def method_spec(name: str) -> MethodSpec:
 
 
 def encoder_family(method: str) -> str:
-    """"vit" (timm VisionTransformer) or "beit" (timm Beit): the encoder a method's checkpoints hold; "vit" for a
+    """ "vit" (timm VisionTransformer) or "beit" (timm Beit): the encoder a method's checkpoints hold; "vit" for a
     name no registered method has (evaluation and export read a checkpoint's encoder only)."""
     spec = _REGISTRY.get(method)
     return spec.family if spec is not None else "vit"

@@ -63,8 +63,8 @@ from mimkit.registry import COMMON_SECTIONS, encoder_family, method_spec
 from mimkit.schedules import schedule_length
 from mimkit.version import __version__
 from mimkit.visualize import (
-    expand_images,
     default_scale,
+    expand_images,
     prepare_image,
     preview_images,
     reconstruct,
@@ -165,10 +165,22 @@ def read_metrics(path: Path) -> RunLog:
         elif isinstance(rec.get("step"), int) and "loss" in rec and "event" not in rec:
             by_step[rec["step"]] = rec
             if _number(rec.get("time")):
-                segments[-1].timed.append((rec["step"], float(rec["time"]),
-                                           float(rec["img_per_s"]) if _number(rec.get("img_per_s")) else None))
-    return RunLog([by_step[s] for s in sorted(by_step)], sorted(set(resumes)), [knn[s] for s in sorted(knn)],
-                  sorted(changes.items()), segments, stops, init_from)
+                segments[-1].timed.append(
+                    (
+                        rec["step"],
+                        float(rec["time"]),
+                        float(rec["img_per_s"]) if _number(rec.get("img_per_s")) else None,
+                    )
+                )
+    return RunLog(
+        [by_step[s] for s in sorted(by_step)],
+        sorted(set(resumes)),
+        [knn[s] for s in sorted(knn)],
+        sorted(changes.items()),
+        segments,
+        stops,
+        init_from,
+    )
 
 
 def _number(v) -> bool:
@@ -439,7 +451,10 @@ def curves_figure(runlog: RunLog, evals: list[EvalRun], baselines: list[EvalRun]
         log_if_wide(ax_of["grad norm"], "grad_norm")
     if "skipped" in ax_of:
         ax = ax_of["skipped"]
-        for key, label in (("nonfinite_steps", "non-finite steps (total)"), ("skipped_images", "skipped images (total)")):
+        for key, label in (
+            ("nonfinite_steps", "non-finite steps (total)"),
+            ("skipped_images", "skipped images (total)"),
+        ):
             ax.step(*series(key), where="post", label=label)
         ax.set_title("skipped")
     if "k-NN" in ax_of:
@@ -450,7 +465,7 @@ def curves_figure(runlog: RunLog, evals: list[EvalRun], baselines: list[EvalRun]
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    for ax in flat[len(panels):]:
+    for ax in flat[len(panels) :]:
         ax.axis("off")
     fig.suptitle(_figure_title(summary, runlog), fontsize=9)
     fig.tight_layout()
@@ -483,7 +498,6 @@ def knn_note(runlog: RunLog, evals: list[EvalRun], cfg) -> str:
 def _initial_model(cfg):
     """The weights the run started from: train.py seeds with train.seed, then builds the model."""
     import random
-
 
     py, npy = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
@@ -540,8 +554,9 @@ def reconstructions_figure(run_dir: Path, cfg, checkpoints: list[Path], images: 
         panels.append((f"{i}/masked", "masked input" if i == 0 else "", to_uint8(first.masked)))
         for label, recs in columns:
             panels.append((f"{i}/{label}", f"{label}: loss {recs[i].loss:.3f}", to_uint8(recs[i].pasted)))
-    title = ("reconstructions (masked patches predicted, visible ones pasted back; same masks in every column)"
-             + (", norm_pix un-normalised with each patch's ground-truth mean/std" if columns[0][1][0].norm_pix else ""))
+    title = "reconstructions (masked patches predicted, visible ones pasted back; same masks in every column)" + (
+        ", norm_pix un-normalised with each patch's ground-truth mean/std" if columns[0][1][0].norm_pix else ""
+    )
     laid_out, cols = _wrapped(panels, len(imgs), size)
     grid = render_panels(laid_out, title=title, scale=panel_scale(size), max_cols=cols)
     return grid.image, [label for label, _ in models]
@@ -563,7 +578,7 @@ def _wrapped(panels: list[tuple[str, str, np.ndarray]], images: int, size: int):
     blank = np.full_like(panels[0][2], 255)
     out = []
     for i in range(images):
-        out += panels[i * per_image:(i + 1) * per_image]
+        out += panels[i * per_image : (i + 1) * per_image]
         out += [(f"{i}/blank{j}", "", blank) for j in range(rows * cols - per_image)]
     return out, cols
 
@@ -729,10 +744,13 @@ tr.baseline td {{ background: #f1f1f1; font-style: italic; }}
 img {{ max-width: 100%; }}
 """
 
-PAGE = """<!DOCTYPE html>
+PAGE = (
+    """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>
-""" + BASE_STYLE + """pre {{ background: #f6f6f6; padding: 0.8em; font-size: 0.85em; overflow-x: auto; }}
+"""
+    + BASE_STYLE
+    + """pre {{ background: #f6f6f6; padding: 0.8em; font-size: 0.85em; overflow-x: auto; }}
 #summary {{ font-size: 1.05em; line-height: 1.6; }}
 #summary span {{ white-space: nowrap; margin-right: 1.2em; }}
 .wide {{ overflow-x: auto; }}
@@ -758,6 +776,7 @@ PAGE = """<!DOCTYPE html>
 <p><small>made by mimkit {version} (<code>mimkit report</code>)</small></p>
 </body></html>
 """
+)
 
 
 def build_report(run_dir: str | Path, out: str | Path | None = None, *, images: list[str | Path] | None = None,
@@ -820,9 +839,11 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, *, images: 
         notes="".join(f'<p class="note">note: {html.escape(n)}</p>' for n in notes),
         curves=img_tag(curves_png, "training curves", "curves"),
         knn_note=f'<p id="knn-note"><small>{html.escape(knn_note(runlog, found, cfg))}</small></p>'
-        if "k-NN" in panels else "",
+        if "k-NN" in panels
+        else "",
         recon=f'<div class="wide">{img_tag(recon_png, "reconstructions", "reconstructions")}</div>'
-        if recon_png else "<p>none</p>",
+        if recon_png
+        else "<p>none</p>",
         evals=eval_tables(found, baselines, hint),
         method=html.escape(cfg.method),
         config=html.escape(own_config_text(cfg, config_text)),
@@ -833,8 +854,19 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, *, images: 
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page)
     _summary_png(curves_png, recon_png, png_path)
-    return Report(out, png_path, len(runlog.steps), runlog.resumes, drawn, found, notes, summary=summary,
-                  panels=panels, baselines=baselines, sections=config_sections(cfg))
+    return Report(
+        out,
+        png_path,
+        len(runlog.steps),
+        runlog.resumes,
+        drawn,
+        found,
+        notes,
+        summary=summary,
+        panels=panels,
+        baselines=baselines,
+        sections=config_sections(cfg),
+    )
 
 
 def _summary_png(curves_png: bytes, recon_png: bytes | None, path: Path) -> None:

@@ -54,7 +54,9 @@ def signal_by_name(name: str) -> signal.Signals:
     try:
         return signal.Signals[key]
     except KeyError:
-        raise MimkitError(f"train.stop_signal: unknown signal '{name}'; e.g. SIGUSR1, SIGUSR2, SIGHUP, or none") from None
+        raise MimkitError(
+            f"train.stop_signal: unknown signal '{name}'; e.g. SIGUSR1, SIGUSR2, SIGHUP, or none"
+        ) from None
 
 
 class GracefulStop:
@@ -105,7 +107,6 @@ class GracefulStop:
         self.requested = name
         log.warning("%s received: finishing this step, then writing a checkpoint and stopping (send it again to stop "
                     "at once)", name)  # fmt: skip
-
 
 
 def stop_flag() -> float:
@@ -214,8 +215,13 @@ def config_changes(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
     return changes
 
 
-def check_drift(changes: dict[str, tuple[Any, Any]], free: set[str], allowed: set[str], where: Path,
-                allow_key: str = "train.resume_allow") -> dict[str, tuple[Any, Any]]:
+def check_drift(
+    changes: dict[str, tuple[Any, Any]],
+    free: set[str],
+    allowed: set[str],
+    where: Path,
+    allow_key: str = "train.resume_allow",
+) -> dict[str, tuple[Any, Any]]:
     """Refuse changes outside `free` (keys that never alter the trajectory) and `allowed` (named by the user).
     Returns the changes that alter the trajectory and were allowed."""
     refused = {k: v for k, v in changes.items() if k not in free and k not in allowed}
@@ -231,8 +237,13 @@ def _show(v: Any) -> str:
     return json.dumps(v) if not isinstance(v, str) else v
 
 
-def record_segment(folder: Path, step: int, changes: dict[str, tuple[Any, Any]], allowed: dict[str, tuple[Any, Any]],
-                   resumed_from: Path | None) -> None:
+def record_segment(
+    folder: Path,
+    step: int,
+    changes: dict[str, tuple[Any, Any]],
+    allowed: dict[str, tuple[Any, Any]],
+    resumed_from: Path | None,
+) -> None:
     """Append one line per segment (start or resume) to config_history.jsonl: the step it starts at and what
     changed from the checkpoint's config."""
     record = {"step": step, "time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),

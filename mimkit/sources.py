@@ -21,7 +21,6 @@ from mimkit.extras import install_hint
 log = logging.getLogger("mimkit")
 
 
-
 class DataError(MimkitError, ValueError):
     """A problem with the configured data, naming the file or field."""
 
@@ -217,7 +216,11 @@ def load_npz(path: str | os.PathLike, split: str = "train", in_chans: int = 3) -
         raise DataError(
             f"data.path: {path} '{key}' must be uint8 with shape (N, H, W, C), C in 1/3/4; "
             f"got {x.dtype} {x.shape}"
-            + (f" (for {x.shape[-1]} bands set model.in_chans={x.shape[-1]})" if x.ndim == 4 and x.shape[-1] not in (1, 3, 4) else "")
+            + (
+                f" (for {x.shape[-1]} bands set model.in_chans={x.shape[-1]})"
+                if x.ndim == 4 and x.shape[-1] not in (1, 3, 4)
+                else ""
+            )
         )
     if len(x) == 0:
         raise DataError(f"data.path: {path} '{key}' holds no images")

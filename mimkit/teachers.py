@@ -97,8 +97,13 @@ class EMATeacher(nn.Module):
         super().__init__()
         self.encoder = copy.deepcopy(student).requires_grad_(False).eval()
         self.blocks = tuple(blocks)
-        self.options = {"final_norm": final_norm, "instance_norm": instance_norm, "layer_norm": layer_norm,
-                        "average": average, "layer_norm_average": layer_norm_average}
+        self.options = {
+            "final_norm": final_norm,
+            "instance_norm": instance_norm,
+            "layer_norm": layer_norm,
+            "average": average,
+            "layer_norm_average": layer_norm_average,
+        }
 
     def train(self, mode: bool = True) -> EMATeacher:
         super().train(mode)

@@ -68,12 +68,12 @@ class Tokenizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.logits(x)
 
-    def freeze(self) -> "Tokenizer":
+    def freeze(self) -> Tokenizer:
         for p in self.parameters():
             p.requires_grad_(False)
         return super().train(False)
 
-    def train(self, mode: bool = True) -> "Tokenizer":  # frozen: always eval (a model.train() leaves it alone)
+    def train(self, mode: bool = True) -> Tokenizer:  # frozen: always eval (a model.train() leaves it alone)
         return super().train(False)
 
 
@@ -310,7 +310,7 @@ class TamingEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
-        for level, down in enumerate(self.down):
+        for down in self.down:
             for i in range(self.num_res_blocks):
                 h = down.block[i](h)
                 if len(down.attn) > 0:

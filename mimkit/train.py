@@ -78,6 +78,7 @@ class RunResult:
     and `skipped_images` (counted over the run), `already_finished` (the folder held a finished run: nothing was
     trained, its result is returned).
     """
+
     out_dir: Path
     checkpoint: Path | None
     config: Path
@@ -109,7 +110,9 @@ def check_resumable(path: Path, state: dict, model: torch.nn.Module, method: str
         saved = {k: tuple(v.shape) for k, v in state.get("model", {}).items()}
     for key, value in model.state_dict().items():
         if key not in saved:
-            raise CheckpointError(f"{path}: has no '{key}': it was written by another model (check model.* / the method)")
+            raise CheckpointError(
+                f"{path}: has no '{key}': it was written by another model (check model.* / the method)"
+            )
         if saved[key] != tuple(value.shape):
             raise CheckpointError(f"{path}: '{key}' has shape {list(saved[key])}, this model's is {list(value.shape)} "
                                   "(another model size: check model.* against the checkpoint's config.yaml)")  # fmt: skip
@@ -148,7 +151,9 @@ def saved_config(data: dict | None) -> dict:
     # (absent, as in 0.1.0, it was the exact-count generator, which auto means now)
     if mask.get("block_generator") == "auto":
         hybrid = mask.get("type") == "hybrid"
-        out["mask"]["block_generator"] = "beit" if encoder_family(str(data.get("method"))) == "beit" or hybrid else "exact"
+        out["mask"]["block_generator"] = (
+            "beit" if encoder_family(str(data.get("method"))) == "beit" or hybrid else "exact"
+        )
     return out
 
 
@@ -169,6 +174,7 @@ def finished_loss(out_dir: Path, state: dict, step: int) -> float:
 @dataclass
 class Setup:
     """What pretraining builds before its first step: processes, model, data, optimizer and engine."""
+
     dist: mdist.DistInfo
     precision: str
     out_dir: Path
@@ -191,6 +197,7 @@ class Setup:
 class Resumed:
     """Where a run starts: its step and skipped images so far, the checkpoint it resumes from and the config changes
     since (`finished`: the folder holds a finished run, returned as is); then the run's counts as it goes."""
+
     step: int = 0
     skipped: int = 0
     checkpoint: Path | None = None
@@ -221,16 +228,30 @@ def pretrain(cfg: Config) -> RunResult:
             prepare_run_folder(s.out_dir, dump_yaml(resolved(cfg)), (r.step, r.changes, r.allowed, r.checkpoint))
             announce(cfg, s, r)
         # records past the starting step belong to an attempt that left no checkpoint after them: they are run again
-        metrics = MetricsLog(s.out_dir, dist.is_main, active_loggers(t), resumed_step=r.step,
-                             config=to_dict(resolved(cfg)))  # the hyperparameters of a W&B / MLflow run
+        metrics = MetricsLog(
+            s.out_dir, dist.is_main, active_loggers(t), resumed_step=r.step, config=to_dict(resolved(cfg))
+        )  # the hyperparameters of a W&B / MLflow run
         if r.init is not None and dist.is_main:  # the key report, kept with the run
             log.info("%s", r.init.summary())
             atomic_write_text(s.out_dir / "init_from.json", json.dumps(r.init.to_dict(), indent=1) + "\n")
-            metrics.write({"event": "init_from", "source": r.init.source, "kind": r.init.kind,
-                           "taken": len(r.init.matched) + len(r.init.fitted), "initialised": len(r.init.missing)})
+            metrics.write(
+                {
+                    "event": "init_from",
+                    "source": r.init.source,
+                    "kind": r.init.kind,
+                    "taken": len(r.init.matched) + len(r.init.fitted),
+                    "initialised": len(r.init.missing),
+                }
+            )
         if r.checkpoint is not None:
-            metrics.write({"event": "resume", "from": str(r.checkpoint), "resumed_step": r.step,
-                           **({"config_changes": {k: [a, b] for k, (a, b) in r.allowed.items()}} if r.allowed else {})})
+            metrics.write(
+                {
+                    "event": "resume",
+                    "from": str(r.checkpoint),
+                    "resumed_step": r.step,
+                    **({"config_changes": {k: [a, b] for k, (a, b) in r.allowed.items()}} if r.allowed else {}),
+                }
+            )
         engine.last_checkpoint = r.checkpoint
         loop = TrainLoop("pretrain", t, engine=engine, metrics=metrics, save=checkpoint_writer(cfg, s, r),
                          out_dir=s.out_dir, is_main=dist.is_main, step=r.step, last_step=s.last_step,
@@ -244,7 +265,9 @@ def pretrain(cfg: Config) -> RunResult:
         for step, batches in loop.steps(data.epoch_batches):
             lr = lr_at(step, s.steps_per_epoch, cfg, s.peak_lr)
             engine.set_lr(lr)
-            if hasattr(model, "weight_decay_at"):  # a method's own weight-decay schedule (I-JEPA's), on the decayed group
+            if hasattr(
+                model, "weight_decay_at"
+            ):  # a method's own weight-decay schedule (I-JEPA's), on the decayed group
                 for group in s.optimizer.param_groups:
                     if group["weight_decay"] > 0:
                         group["weight_decay"] = model.weight_decay_at(step, s.total_steps)
@@ -263,8 +286,12 @@ def pretrain(cfg: Config) -> RunResult:
                                on_update=lambda: model.after_step(step))  # fmt: skip
             r.skipped, r.loss = r.skipped + int(result.extras["skipped"]), result.loss
             tail = {"grad_norm": result.grad_norm} if result.grad_norm is not None else {}
-            loop.after_step(result, lr, {"nonfinite_steps": engine.nonfinite_total, "skipped_images": r.skipped},
-                            {**tail, **result.terms})  # the loss terms of this process's last step
+            loop.after_step(
+                result,
+                lr,
+                {"nonfinite_steps": engine.nonfinite_total, "skipped_images": r.skipped},
+                {**tail, **result.terms},
+            )  # the loss terms of this process's last step
         loop.close()
         mdist.barrier()
         return RunResult(s.out_dir, engine.last_checkpoint, s.out_dir / "config.yaml", metrics.path, loop.done,
@@ -290,8 +317,10 @@ def setup(cfg: Config) -> Setup:
     if t.knn_every_epochs:
         knn_path = t.knn_data or cfg.data.path
         opts = dict(root=cfg.data.root, download=cfg.data.download, in_chans=cfg.model.in_chans)
-        knn_sources = (open_labelled_split(knn_path, "train", **opts),
-                       open_labelled_split(knn_path, t.knn_val_split, split_key="train.knn_val_split", **opts))
+        knn_sources = (
+            open_labelled_split(knn_path, "train", **opts),
+            open_labelled_split(knn_path, t.knn_val_split, split_key="train.knn_val_split", **opts),
+        )
     model.to(device)
     if cfg.distributed.activation_checkpointing:
         model.set_grad_checkpointing(True)
@@ -311,9 +340,18 @@ def setup(cfg: Config) -> Setup:
     param_groups = param_groups_weight_decay(model, cfg.optim.weight_decay, no_weight_decay_list=no_decay)
     optimizer = torch.optim.AdamW(param_groups, lr=peak_lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
                                   **adamw_kernel(cfg.optim.implementation, fsdp))  # fmt: skip
-    engine = StepEngine(model, optimizer, device=device, precision=precision, accum_steps=t.accum_steps,
-                        clip_grad=cfg.optim.clip_grad, fsdp=fsdp, max_nonfinite_steps=t.max_nonfinite_steps,
-                        name="pretrain", hint="Try a lower optim.blr, optim.clip_grad, or train.precision=bf16/fp32.")
+    engine = StepEngine(
+        model,
+        optimizer,
+        device=device,
+        precision=precision,
+        accum_steps=t.accum_steps,
+        clip_grad=cfg.optim.clip_grad,
+        fsdp=fsdp,
+        max_nonfinite_steps=t.max_nonfinite_steps,
+        name="pretrain",
+        hint="Try a lower optim.blr, optim.clip_grad, or train.precision=bf16/fp32.",
+    )
     return Setup(dist, precision, out_dir, model, data, fsdp, attention, compiled, steps_per_epoch, total_steps,
                  min(total_steps, t.max_steps or total_steps), effective_batch, peak_lr, optimizer, engine,
                  knn_sources)  # fmt: skip
@@ -329,7 +367,10 @@ def resume(cfg: Config, s: Setup) -> Resumed:
     # the folder is the truth: a change that alters the trajectory is refused unless named
     changes = config_changes(saved_config(state.get("config")), to_dict(resolved(cfg)))
     free = TRAJECTORY_FREE
-    if state.get("effective_batch", s.effective_batch) == s.effective_batch and state.get("steps_per_epoch") == s.steps_per_epoch:
+    if (
+        state.get("effective_batch", s.effective_batch) == s.effective_batch
+        and state.get("steps_per_epoch") == s.steps_per_epoch
+    ):
         free = free | {"train.batch_size", "train.accum_steps"}  # the same global batch on another number of processes
     allowed = check_drift(changes, free, set(cfg.train.resume_allow), resume_from)
     if state["step"] >= s.last_step:
@@ -348,7 +389,9 @@ def resume(cfg: Config, s: Setup) -> Resumed:
     if len(rngs) == s.dist.world_size:
         set_rng_state(rngs[s.dist.rank])
     else:
-        log.warning("resuming with %d processes from a %d-process run: RNG streams re-seeded", s.dist.world_size, len(rngs))
+        log.warning(
+            "resuming with %d processes from a %d-process run: RNG streams re-seeded", s.dist.world_size, len(rngs)
+        )
         seed_everything(cfg.train.seed + s.dist.rank + step)
     return Resumed(step, state["skipped_images"], resume_from, changes, allowed)
 
@@ -461,7 +504,12 @@ def monitors(cfg: Config, s: Setup, metrics: MetricsLog) -> tuple[Hook, ...]:
                          stats["knn_val_images"])  # fmt: skip
 
         hooks.append(Hook(t.knn_every_epochs, knn))
-    if metrics.tb is not None and t.vis_every_epochs and getattr(s.data, "dataset", None) is not None and method_spec(cfg.method).pixels(cfg):
+    if (
+        metrics.tb is not None
+        and t.vis_every_epochs
+        and getattr(s.data, "dataset", None) is not None
+        and method_spec(cfg.method).pixels(cfg)
+    ):
         vis_images = preview_images(s.data.dataset.source, model.encoder.patch_embed.img_size[0], t.vis_images)
         hooks.append(Hook(t.vis_every_epochs, lambda done: log_reconstruction_grid(
             metrics.tb, model, vis_images, done, seed=t.seed, mean=cfg.data.mean, std=cfg.data.std)))  # fmt: skip

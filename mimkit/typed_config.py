@@ -146,6 +146,7 @@ def read_recipe(path: str | Path | None, overrides: list[str] | None, sections: 
 
 def to_dict(cfg: Any) -> dict:
     """A dataclass config as plain YAML-ready data (tuples as lists)."""
+
     def plain(v: Any) -> Any:
         if isinstance(v, tuple):
             return [plain(x) for x in v]

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from mimkit.registry import encoder_family, method_names, method_spec
-from mimkit.sources import CorruptImage, DataError, array_to_tensor, load_image, to_channels
 from mimkit.interop import InteropError, load_mimkit_checkpoint
 from mimkit.models import unpatchify
+from mimkit.registry import encoder_family, method_spec
+from mimkit.sources import CorruptImage, DataError, array_to_tensor, load_image, to_channels
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -54,7 +54,6 @@ def prepare_image(image, size: int, in_chans: int = 3) -> torch.Tensor:
 
     if in_chans != 3:
         return _prepare_channels(image, size, in_chans)
-
 
     if isinstance(image, (str, os.PathLike)):
         image = load_image(image)  # CorruptImage names the file
@@ -126,8 +125,10 @@ def preview_images(source, img_size: int, count: int = 4) -> torch.Tensor:
             except CorruptImage:
                 continue
     if not images:
-        raise DataError(f"no readable image in the data source ({getattr(source, 'name', None) or type(source).__name__}): "
-                        f"all {n} failed to decode")
+        raise DataError(
+            f"no readable image in the data source ({getattr(source, 'name', None) or type(source).__name__}): "
+            f"all {n} failed to decode"
+        )
     return torch.stack(images)
 
 
@@ -331,8 +332,9 @@ def default_scale(size: int, target: int = 192) -> int:
     return max(1, math.ceil(target / size))
 
 
-def reconstruction_grid(rec: Reconstruction, title: str = "", scale: int | None = None,
-                        bands: tuple[int, ...] | None = None) -> Grid:
+def reconstruction_grid(
+    rec: Reconstruction, title: str = "", scale: int | None = None, bands: tuple[int, ...] | None = None
+) -> Grid:
     """`bands`: the 1-based bands of a C-band image drawn as R, G, B (default: the first three; one channel: gray)."""
     size = rec.original.shape[-1]
     c = rec.original.shape[0]

@@ -36,9 +36,14 @@ def tiny_model(method: str = "mae", *composition: str) -> list[str]:
                                             *TINY_ENCODER[:3], "simmim.mask_patch_size=8"],
                                      also_reads=("tokenizer", "simmim")))  # fmt: skip
     reads_decoder = "mae" in used and (used["mae"] is None or "decoder_dim" in used["mae"])
-    return [*TINY_ENCODER, f"method={method}", *(TINY_DECODER if reads_decoder else []),
-            *(TINY_TOKENIZER if "tokenizer" in used else []),
-            *(["simmim.mask_patch_size=8"] if "simmim" in used else []), *composition]  # 2 x 2 patches per cell
+    return [
+        *TINY_ENCODER,
+        f"method={method}",
+        *(TINY_DECODER if reads_decoder else []),
+        *(TINY_TOKENIZER if "tokenizer" in used else []),
+        *(["simmim.mask_patch_size=8"] if "simmim" in used else []),
+        *composition,
+    ]  # 2 x 2 patches per cell
 
 
 METHODS = method_names()  # every registered method: tests that loop over methods take them from here

@@ -62,7 +62,7 @@ def imports(path: Path) -> list[tuple[str, int, bool]]:
                     continue
                 if not t.startswith("mimkit."):
                     continue
-                name = t[len("mimkit."):]
+                name = t[len("mimkit.") :]
                 if (PACKAGE / (name.replace(".", "/") + ".py")).exists() or (PACKAGE / name.replace(".", "/")).is_dir():
                     found.append((name, child.lineno, in_function))
             visit(child, inner)
@@ -105,7 +105,7 @@ def test_the_import_graph_has_no_cycle():
             if d not in edges or d == m:
                 continue
             if state.get(d) == 1 and not (d.startswith(m + ".") or m.startswith(d + ".")):
-                cycles.append(" -> ".join(stack[stack.index(d):] + [d]))
+                cycles.append(" -> ".join(stack[stack.index(d) :] + [d]))
             elif d not in state:
                 dfs(d)
         stack.pop()
@@ -134,4 +134,8 @@ def test_the_checks_catch_a_violation(bad, tmp_path, monkeypatch):
     (fake / "models.py").write_text("import mimkit.config\n")
     monkeypatch.setattr(__import__(__name__), "PACKAGE", fake)
     with pytest.raises(AssertionError, match="upward imports" if bad == "upward" else "import cycles"):
-        (test_every_module_imports_only_its_own_floor_or_below if bad == "upward" else test_the_import_graph_has_no_cycle)()
+        (
+            test_every_module_imports_only_its_own_floor_or_below
+            if bad == "upward"
+            else test_the_import_graph_has_no_cycle
+        )()

@@ -6,12 +6,11 @@ import logging
 import numpy as np
 import PIL.Image
 import pytest
+from conftest import make_images
 from PIL import Image
 
 from mimkit.sources import DataError, load_npz
 from mimkit.train import pretrain
-
-from conftest import make_images
 
 
 @pytest.fixture

@@ -72,7 +72,9 @@ def test_only_masked_tokens_enter_the_loss():
     logits, targets = torch.randn(2, 6, 5), torch.softmax(torch.randn(2, 6, 5), -1)
     mask = torch.tensor([[1, 0, 1, 0, 0, 1], [0, 1, 1, 0, 0, 0]], dtype=torch.float)
     loss = soft_cross_entropy(logits, targets, mask)
-    manual = [-(targets[b, i] * F.log_softmax(logits[b, i], -1)).sum() for b in range(2) for i in range(6) if mask[b, i]]
+    manual = [
+        -(targets[b, i] * F.log_softmax(logits[b, i], -1)).sum() for b in range(2) for i in range(6) if mask[b, i]
+    ]
     torch.testing.assert_close(loss, torch.stack(manual).mean())
     changed = logits.clone()
     changed[mask == 0] += 100 * torch.randn_like(changed[mask == 0])

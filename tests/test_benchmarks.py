@@ -102,7 +102,9 @@ def test_profile_prints_the_ops_of_a_step(capsys):
 def test_interleaved_rounds_time_every_impl_in_rotated_order(monkeypatch):
     calls = []
     real = throughput.timed
-    monkeypatch.setattr(throughput, "timed", lambda step, steps, device: calls.append(step) or real(step, steps, device))
+    monkeypatch.setattr(
+        throughput, "timed", lambda step, steps, device: calls.append(step) or real(step, steps, device)
+    )
     out = throughput.time_interleaved(throughput.MODELS["tiny"], ["mimkit", "hf-sdpa"], "fp32", torch.device("cpu"),
                                       batch=2, steps=1, warmup=0, rounds=3)  # fmt: skip
     assert set(out) == {"mimkit", "hf-sdpa"} and all(len(t["per_round"]) == 3 for t in out.values())

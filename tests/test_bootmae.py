@@ -55,7 +55,8 @@ def test_ema_encoder_gets_no_gradient_and_runs_in_eval_mode_on_the_full_image():
     model = tiny_bootmae("model.drop_path_rate=0.2").train()
     seen = []
     model.ema_encoder.blocks[0].register_forward_pre_hook(
-        lambda mod, args: seen.append((mod.training, torch.is_grad_enabled(), tuple(args[0].shape))))
+        lambda mod, args: seen.append((mod.training, torch.is_grad_enabled(), tuple(args[0].shape)))
+    )
     student_seen = []
     model.encoder.blocks[0].register_forward_pre_hook(lambda mod, args: student_seen.append(mod.training))
     out = model(torch.randn(3, 3, S, S), **batch_inputs(model, 3))
@@ -172,6 +173,7 @@ def test_full_loss_matches_an_independent_computation():
     h = torch.cat([ema.cls_token.expand(2, -1, -1), tokens], 1) + ema.pos_embed
     for blk in ema.blocks:
         h = blk(h)
+
     def ln(t):
         return (t - t.mean(-1, keepdim=True)) / torch.sqrt(t.var(-1, unbiased=False, keepdim=True) + 1e-6)
 

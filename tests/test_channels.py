@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import TINY_MODEL, make_images, tiny_model
 from PIL import Image
 
 from mimkit.config import ConfigError, load_config
 from mimkit.data import channel_stats, open_source
 from mimkit.train import pretrain
-
-from conftest import TINY_MODEL, make_images, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,7 +27,7 @@ def gray_folder(root, n: int = 24, size: int = 16):
     for i, img in enumerate(images):
         (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
         Image.fromarray(img, mode="L").save(root / f"c{i % 2}" / f"{i:03d}.png")
-    sixteen = (images[0].astype(np.uint16) * 257)
+    sixteen = images[0].astype(np.uint16) * 257
     Image.fromarray(sixteen).save(root / "c0" / "sixteen.png")
     return root
 
@@ -41,10 +40,25 @@ def bands_npz(path, n: int = 32, size: int = 16, bands: int = 5):
 
 
 def channel_cfg(tmp_path, data, in_chans, *overrides, out="run"):
-    return load_config(None, TINY_MODEL + [
-        f"data.path={data}", f"model.in_chans={in_chans}", "data.mean=auto", "data.std=auto", "data.num_workers=0",
-        "train.batch_size=8", "train.epochs=1", "train.precision=fp32", "train.progress=false",
-        "train.tensorboard=false", "optim.warmup_epochs=0", f"train.out_dir={tmp_path / out}", *overrides])
+    return load_config(
+        None,
+        TINY_MODEL
+        + [
+            f"data.path={data}",
+            f"model.in_chans={in_chans}",
+            "data.mean=auto",
+            "data.std=auto",
+            "data.num_workers=0",
+            "train.batch_size=8",
+            "train.epochs=1",
+            "train.precision=fp32",
+            "train.progress=false",
+            "train.tensorboard=false",
+            "optim.warmup_epochs=0",
+            f"train.out_dir={tmp_path / out}",
+            *overrides,
+        ],
+    )
 
 
 def test_gray_folder_sources_keep_one_channel(tmp_path):
@@ -87,7 +101,9 @@ def test_pretrain_resume_records_statistics(tmp_path, kind, caplog):
         np.testing.assert_allclose(saved["data"]["std"], ref.std((0, 1, 2)), atol=2e-6)
     state = torch.load(result.checkpoint, map_location="cpu", weights_only=False)
     assert state["model"]["encoder.patch_embed.proj.weight"].shape[1] == c
-    again = pretrain(channel_cfg(tmp_path, data, c, "train.epochs=2", "train.resume_allow=train.epochs"))  # resumes from its checkpoint
+    again = pretrain(
+        channel_cfg(tmp_path, data, c, "train.epochs=2", "train.resume_allow=train.epochs")
+    )  # resumes from its checkpoint
     assert again.step > result.step
 
 
@@ -109,8 +125,20 @@ def test_visualize_band_triple_and_gray(tmp_path):
     x = bands_npz(tmp_path / "b.npz")
     result = pretrain(channel_cfg(tmp_path, tmp_path / "b.npz", 5, "train.batch_size=16"))
     tifffile.imwrite(tmp_path / "tile.tif", x[0])  # a 5-band 16-bit TIFF
-    assert main(["visualize", str(result.checkpoint), str(tmp_path / "tile.tif"), "--bands", "3,2,1",
-                 "--out", str(tmp_path / "vis")]) == 0
+    assert (
+        main(
+            [
+                "visualize",
+                str(result.checkpoint),
+                str(tmp_path / "tile.tif"),
+                "--bands",
+                "3,2,1",
+                "--out",
+                str(tmp_path / "vis"),
+            ]
+        )
+        == 0
+    )
     png = np.asarray(Image.open(tmp_path / "vis" / "tile_reconstruction.png"))
     assert png.ndim == 3 and png.shape[-1] == 3
 
@@ -120,8 +148,12 @@ def test_visualize_band_triple_and_gray(tmp_path):
     assert done.reconstruction.original.shape[0] == 5
     original = done.grid.panel("original")
     want = (done.reconstruction.original[[4, 3, 0]].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    assert original.shape[-1] == 3 and np.array_equal(original[:: original.shape[0] // want.shape[0]][:want.shape[0],
-                                                       :: original.shape[1] // want.shape[1]][:, :want.shape[1]], want)
+    assert original.shape[-1] == 3 and np.array_equal(
+        original[:: original.shape[0] // want.shape[0]][: want.shape[0], :: original.shape[1] // want.shape[1]][
+            :, : want.shape[1]
+        ],
+        want,
+    )
     with pytest.raises(Exception, match="three band numbers in 1..5"):
         visualize(result.checkpoint, [tmp_path / "tile.tif"], tmp_path / "vis3", bands=(6, 2, 1))
 
@@ -177,9 +209,9 @@ def test_export_timm_and_hf_carry_in_chans(tmp_path, bands):
     transformers = pytest.importorskip("transformers")
     if int(transformers.__version__.split(".")[0]) < 5:
         pytest.skip("Hugging Face export needs transformers >= 5")
-    from mimkit.interop.export import export_hf
-
     from transformers import ViTModel
+
+    from mimkit.interop.export import export_hf
 
     written = export_hf(result.checkpoint, tmp_path / "hf")
     vit = ViTModel.from_pretrained(written["vit"], add_pooling_layer=False).eval()
@@ -196,35 +228,65 @@ def fake_fashion_mnist(root, n: int = 32):
     images = make_images(n, 28)[..., 0]
     for split in ("train", "t10k"):
         (raw / f"{split}-images-idx3-ubyte").write_bytes(
-            np.array([2051, n, 28, 28], dtype=">i4").tobytes() + images.tobytes())
+            np.array([2051, n, 28, 28], dtype=">i4").tobytes() + images.tobytes()
+        )
         (raw / f"{split}-labels-idx1-ubyte").write_bytes(
-            np.array([2049, n], dtype=">i4").tobytes() + (np.arange(n) % 4).astype(np.uint8).tobytes())
+            np.array([2049, n], dtype=">i4").tobytes() + (np.arange(n) % 4).astype(np.uint8).tobytes()
+        )
 
 
 def test_fashion_mnist_recipe_end_to_end(tmp_path):
     fake_fashion_mnist(tmp_path / "data")
-    cfg = load_config(str(REPO / "configs/mae_vit_tiny_fashionmnist.yaml"), [
-        f"data.root={tmp_path / 'data'}", "data.num_workers=0", "model.embed_dim=32", "model.depth=2",
-        "model.num_heads=2", "mae.decoder_dim=32", "mae.decoder_depth=1", "mae.decoder_heads=2", "train.epochs=1",
-        "train.batch_size=8", "train.precision=fp32", "train.progress=false", "train.tensorboard=false",
-        f"train.out_dir={tmp_path / 'run'}"])
+    cfg = load_config(
+        str(REPO / "configs/mae_vit_tiny_fashionmnist.yaml"),
+        [
+            f"data.root={tmp_path / 'data'}",
+            "data.num_workers=0",
+            "model.embed_dim=32",
+            "model.depth=2",
+            "model.num_heads=2",
+            "mae.decoder_dim=32",
+            "mae.decoder_depth=1",
+            "mae.decoder_heads=2",
+            "train.epochs=1",
+            "train.batch_size=8",
+            "train.precision=fp32",
+            "train.progress=false",
+            "train.tensorboard=false",
+            f"train.out_dir={tmp_path / 'run'}",
+        ],
+    )
     assert cfg.model.in_chans == 1 and cfg.model.img_size == 28
     result = pretrain(cfg)
     state = torch.load(result.checkpoint, map_location="cpu", weights_only=False)
     assert state["model"]["encoder.patch_embed.proj.weight"].shape[1] == 1
     from mimkit.cli import main
 
-    assert main(["knn", str(REPO / "configs/eval/knn_vit_tiny_fashionmnist.yaml"), f"encoder.checkpoint={result.checkpoint}",
-                 f"data.root={tmp_path / 'data'}", "data.num_workers=0", "train.precision=fp32",
-                 "train.progress=false", "train.tensorboard=false", "train.batch_size=16",
-                 f"train.out_dir={tmp_path / 'knn'}"]) == 0
+    assert (
+        main(
+            [
+                "knn",
+                str(REPO / "configs/eval/knn_vit_tiny_fashionmnist.yaml"),
+                f"encoder.checkpoint={result.checkpoint}",
+                f"data.root={tmp_path / 'data'}",
+                "data.num_workers=0",
+                "train.precision=fp32",
+                "train.progress=false",
+                "train.tensorboard=false",
+                "train.batch_size=16",
+                f"train.out_dir={tmp_path / 'knn'}",
+            ]
+        )
+        == 0
+    )
 
 
 def test_tensorboard_pictures_of_a_one_channel_run(tmp_path):
     pytest.importorskip("tensorboard")
     gray = gray_folder(tmp_path / "g")
-    result = pretrain(channel_cfg(tmp_path, gray, 1, "train.tensorboard=true", "train.vis_every_epochs=1",
-                                  "train.vis_images=2"))
+    result = pretrain(
+        channel_cfg(tmp_path, gray, 1, "train.tensorboard=true", "train.vis_every_epochs=1", "train.vis_images=2")
+    )
     assert result.step > 0 and any((tmp_path / "run").rglob("events.out.tfevents*"))
 
 
@@ -234,12 +296,34 @@ def test_mismatch_on_the_command_line_is_one_line(tmp_path, capsys):
     from mimkit.cli import main
 
     bands_npz(tmp_path / "b.npz")
-    assert main(["pretrain", *TINY_MODEL, f"data.path={tmp_path / 'b.npz'}", "model.in_chans=3",
-                 f"train.out_dir={tmp_path / 'run'}"]) != 0
+    assert (
+        main(
+            [
+                "pretrain",
+                *TINY_MODEL,
+                f"data.path={tmp_path / 'b.npz'}",
+                "model.in_chans=3",
+                f"train.out_dir={tmp_path / 'run'}",
+            ]
+        )
+        != 0
+    )
     line = one_error_line(capsys)
     assert "(N, H, W, C), C in 1/3/4" in line and "set model.in_chans=5" in line
-    assert main(["pretrain", *TINY_MODEL, f"data.path={tmp_path / 'b.npz'}", "model.in_chans=2", "data.mean=auto",
-                 "data.std=auto", f"train.out_dir={tmp_path / 'run2'}"]) != 0
+    assert (
+        main(
+            [
+                "pretrain",
+                *TINY_MODEL,
+                f"data.path={tmp_path / 'b.npz'}",
+                "model.in_chans=2",
+                "data.mean=auto",
+                "data.std=auto",
+                f"train.out_dir={tmp_path / 'run2'}",
+            ]
+        )
+        != 0
+    )
     line = one_error_line(capsys)
     assert "has 5 channel(s)" in line and "model.in_chans is 2" in line
     assert main(["pretrain", *TINY_MODEL, "model.in_chans=1", f"train.out_dir={tmp_path / 'run3'}"]) != 0
@@ -257,12 +341,22 @@ def test_linear_probe_and_fine_tune(tmp_path, bands):
     else:
         bands_npz(tmp_path / "b.npz")
     ckpt = pretrain(channel_cfg(tmp_path, tmp_path / "b.npz", bands)).checkpoint
-    base = [f"encoder.checkpoint={ckpt}", f"data.path={tmp_path / 'b.npz'}", "data.val_split=train",
-            "data.num_workers=0", "train.precision=fp32", "train.progress=false", "train.tensorboard=false",
-            "train.batch_size=8", "train.epochs=1", "optim.warmup_epochs=0"]
+    base = [
+        f"encoder.checkpoint={ckpt}",
+        f"data.path={tmp_path / 'b.npz'}",
+        "data.val_split=train",
+        "data.num_workers=0",
+        "train.precision=fp32",
+        "train.progress=false",
+        "train.tensorboard=false",
+        "train.batch_size=8",
+        "train.epochs=1",
+        "optim.warmup_epochs=0",
+    ]
     for mode in ("augment", "cached"):
-        lp.run_linprobe(load_eval_config("linprobe", None, base + [f"probe.mode={mode}",
-                                                                   f"train.out_dir={tmp_path / mode}"]))
+        lp.run_linprobe(
+            load_eval_config("linprobe", None, base + [f"probe.mode={mode}", f"train.out_dir={tmp_path / mode}"])
+        )
     finetune = load_eval_config("finetune", None, base + [f"train.out_dir={tmp_path / 'ft'}"])
     if bands == 1:
         ft.run_finetune(finetune)
@@ -275,7 +369,9 @@ def test_the_knn_monitor_and_other_methods_take_the_channels(tmp_path):
     """The k-NN trend monitor reads the run's channels; SimMIM and I-JEPA pretrain on 5 bands; BootMAE says why not."""
     x = bands_npz(tmp_path / "b.npz")
     np.savez(tmp_path / "l.npz", x_train=x, y_train=np.arange(len(x)) % 4, x_test=x[:8], y_test=np.arange(8) % 4)
-    result = pretrain(channel_cfg(tmp_path, tmp_path / "l.npz", 5, "train.knn_every_epochs=1", "train.knn_samples=[16,8]"))
+    result = pretrain(
+        channel_cfg(tmp_path, tmp_path / "l.npz", 5, "train.knn_every_epochs=1", "train.knn_samples=[16,8]")
+    )
     records = [json.loads(line) for line in result.metrics.read_text().splitlines()]
     assert any("knn_top1" in r for r in records)
     for method, extra in (("simmim", ["simmim.mask_patch_size=8"]), ("ijepa", [])):
@@ -284,7 +380,9 @@ def test_the_knn_monitor_and_other_methods_take_the_channels(tmp_path):
                                  "train.max_steps=2", "train.precision=fp32", "train.progress=false",
                                  "train.tensorboard=false", f"train.out_dir={tmp_path / method}"])  # fmt: skip
         assert np.isfinite(pretrain(cfg).loss), method
-    with pytest.raises(ConfigError, match=r"^model.in_chans 5: method bootmae reads RGB images only .* one of .*simmim"):
+    with pytest.raises(
+        ConfigError, match=r"^model.in_chans 5: method bootmae reads RGB images only .* one of .*simmim"
+    ):
         load_config(None, [*tiny_model("bootmae"), "model.in_chans=5", "data.mean=auto", "data.std=auto"])
 
 

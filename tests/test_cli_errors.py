@@ -8,13 +8,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_ENCODER, TINY_MODEL, one_error_line
 from PIL import Image
 
 import mimkit.checkpoint as checkpoint_module
 from mimkit.checkpoint import list_checkpoints, load_checkpoint
 from mimkit.cli import main
-
-from conftest import TINY_ENCODER, TINY_MODEL, one_error_line
 
 
 @pytest.fixture
@@ -66,7 +65,9 @@ def test_train_resume_on_an_unusable_checkpoint(run_args, finished, tmp_path, ca
     elif damage == "other-method":
         torch.save({**state, "method": "emae"}, bad)
     elif damage == "other-size":
-        state["model"] = {k: (torch.zeros(1, 1, 48) if k == "encoder.cls_token" else v) for k, v in state["model"].items()}
+        state["model"] = {
+            k: (torch.zeros(1, 1, 48) if k == "encoder.cls_token" else v) for k, v in state["model"].items()
+        }
         torch.save(state, bad)
     else:
         torch.save({"model": state["model"]}, bad)

@@ -12,9 +12,9 @@ from conftest import TINY_MODEL, make_images, one_error_line
 from PIL import Image
 
 from mimkit.cli import build_parser, flags_first, main
-from mimkit.sources import DataError
 from mimkit.datasets import open_torchvision
 from mimkit.eval import load_eval_config
+from mimkit.sources import DataError
 from mimkit.typed_config import ConfigError
 
 TINY_ENCODER = ["encoder.checkpoint=none", "encoder.arch=vit_tiny_patch4_32", "encoder.img_size=16",
@@ -98,7 +98,9 @@ def test_a_missing_val_split_names_data_val_split(tmp_path, labelled_npz, capsys
 
 
 def test_fakedata_says_what_is_allowed(tmp_path):
-    with pytest.raises(DataError, match=r"FakeData makes random images in memory; .*split= or train=.*data.path=skimage"):
+    with pytest.raises(
+        DataError, match=r"FakeData makes random images in memory; .*split= or train=.*data.path=skimage"
+    ):
         open_torchvision("torchvision:FakeData", None, tmp_path)
     with pytest.raises(DataError, match="generic base classes"):
         open_torchvision("torchvision:ImageFolder", None, tmp_path)

@@ -93,8 +93,14 @@ def test_study_runs_resumes_and_refuses_bad_specs(tmp_path):
         reached = next(c for c in run["checkpoints"] if 100 * c["probe_top1"] >= float(reach["common"]) - 1e-9)
         assert row[reach["common"]]["core_minutes"] == reached["core_minutes"]
     table = (out / "compare.md").read_text()
-    for text in ("At equal epochs", "At equal pretraining core-minutes", "Time to accuracy", "| mae+block |",
-                 "| random-init ViT |", "±"):
+    for text in (
+        "At equal epochs",
+        "At equal pretraining core-minutes",
+        "Time to accuracy",
+        "| mae+block |",
+        "| random-init ViT |",
+        "±",
+    ):
         assert text in table and text in first.stdout
     for name in ("probe_vs_epochs.png", "probe_vs_core_minutes.png"):
         with Image.open(out / name) as image:
@@ -113,13 +119,18 @@ def test_study_runs_resumes_and_refuses_bad_specs(tmp_path):
     cpu = study["machine"]["cpu"]  # rows from another CPU, in this one's units: nothing trained or scored again
     scaled = compare(*command, "--cpu-scale", f"{cpu}=2", cwd=tmp_path)
     assert scaled.returncode == 0, scaled.stderr[-3000:]
-    assert "trained 0 run(s), evaluated 0" in scaled.stdout and f"{cpu} are multiplied by 2 (--cpu-scale" in scaled.stdout
+    assert (
+        "trained 0 run(s), evaluated 0" in scaled.stdout and f"{cpu} are multiplied by 2 (--cpu-scale" in scaled.stdout
+    )
     rescaled = json.loads((out / "compare.json").read_text())
     assert rescaled["cpu_scale"] == {cpu: 2.0} and [r["core_minute_scale"] for r in rescaled["runs"]] == [2.0, 2.0]
     for before, after in zip(study["runs"], rescaled["runs"]):
-        assert [c["core_minutes_measured"] for c in after["checkpoints"]] == [c["core_minutes"] for c in before["checkpoints"]]
-        assert [c["core_minutes"] for c in after["checkpoints"]] == \
-            pytest.approx([2 * c["core_minutes"] for c in before["checkpoints"]], abs=2e-5)  # both rounded to 1e-5
+        assert [c["core_minutes_measured"] for c in after["checkpoints"]] == [
+            c["core_minutes"] for c in before["checkpoints"]
+        ]
+        assert [c["core_minutes"] for c in after["checkpoints"]] == pytest.approx(
+            [2 * c["core_minutes"] for c in before["checkpoints"]], abs=2e-5
+        )  # both rounded to 1e-5
     assert rescaled["readouts"]["equal_core_minutes"]["target"] == \
         pytest.approx(2 * study["readouts"]["equal_core_minutes"]["target"], abs=2e-5)  # fmt: skip
     bad_scale = compare(*command, "--cpu-scale", f"{cpu}=fast", cwd=tmp_path)
@@ -159,7 +170,7 @@ def test_study_runs_resumes_and_refuses_bad_specs(tmp_path):
     knn = compare("--data", str(data), "--methods", "mae", "--set", "knn:knn.k=5", "--out", "bad", *TINY, cwd=tmp_path)
     assert knn.returncode != 0 and "--set knn:... needs --knn command" in knn.stderr
     assert len(knn.stderr.strip().splitlines()) == 1
-    other = compare(*command[:-len(TINY)], "--epochs", "2", *TINY, cwd=tmp_path)  # the same folder, another budget
+    other = compare(*command[: -len(TINY)], "--epochs", "2", *TINY, cwd=tmp_path)  # the same folder, another budget
     assert other.returncode != 0 and "was started with other settings" in other.stderr
     assert "train.epochs=1 vs train.epochs=2" in other.stderr and len(other.stderr.strip().splitlines()) == 1
 
@@ -199,8 +210,9 @@ def test_beit_rows_train_a_tokenizer_and_get_a_random_init_beit(tmp_path):
 
 
 def test_run_specs_compose_and_fail_with_what_is_allowed():
-    specs = helpers.parse_specs("mae,bootmae+parallel:optim.blr=3e-4,train.batch_size=64,"
-                                "mae+block:data.mean=[0.5,0.5,0.5]")
+    specs = helpers.parse_specs(
+        "mae,bootmae+parallel:optim.blr=3e-4,train.batch_size=64,mae+block:data.mean=[0.5,0.5,0.5]"
+    )
     assert [(s.method, s.parts, s.overrides) for s in specs] == [
         ("mae", [], []), ("bootmae", ["parallel"], ["optim.blr=3e-4", "train.batch_size=64"]),
         ("mae", ["block"], ["data.mean=[0.5,0.5,0.5]"])]  # fmt: skip
@@ -311,7 +323,9 @@ def test_cpu_scale_puts_rows_from_other_cpus_in_one_cpus_units_and_refuses_what_
             {"name": "old", "machines": [], "checkpoints": [point(6, 1.0, 0.5, 9.0)]}]  # fmt: skip
     text = helpers.markdown({**small_study(runs, helpers.readouts(runs)), "cpu_scale": scale})
     assert "Core-minutes of runs pretrained on Xeon are multiplied by 1.289 (--cpu-scale" in text
-    assert "so every row counts in the core-minutes of one CPU. No CPU is recorded for old: counted as measured." in text
+    assert (
+        "so every row counts in the core-minutes of one CPU. No CPU is recorded for old: counted as measured." in text
+    )
     assert "not comparable" not in text
     text = helpers.markdown({**small_study(runs, {}), "cpu_scale": {}})  # two CPUs and no scale: said plainly
     assert "Core-minutes of runs on different CPUs are not comparable with each other." in text

@@ -57,7 +57,9 @@ def test_summary_sentences_come_from_the_numbers_with_their_standard_errors():
     assert "within two standard errors" in summary_sentences(close)[0]
     below = known_study()
     below["baselines"][0].update(point(0, 0, 0.65, 10000))
-    assert summary_sentences(below)[1].startswith("At 26 core-minutes, mae+crossmae trails random-init ViT by 3.3 ± 0.7")
+    assert summary_sentences(below)[1].startswith(
+        "At 26 core-minutes, mae+crossmae trails random-init ViT by 3.3 ± 0.7"
+    )
 
 
 def test_a_study_folder_from_before_the_move_still_reads(tmp_path):

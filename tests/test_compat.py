@@ -7,12 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_TOKENIZER, make_images, tiny_model
 
 from mimkit.checkpoint import load_checkpoint
 from mimkit.interop import export_timm, load_mimkit_checkpoint
 from mimkit.train import pretrain
-
-from conftest import TINY_TOKENIZER, make_images, tiny_model
 
 FIXTURES = Path(__file__).parent / "fixtures" / "v0.1.0"
 METHODS = {"mae": [], "emae": ["method=emae"],
@@ -22,9 +21,12 @@ METHODS = {"mae": [], "emae": ["method=emae"],
            "mcbeit": ["method=mcbeit", "mask.type=random", "mask.ratio=0.4", *TINY_TOKENIZER]}  # fmt: skip
 # 0.1.0's choices that later versions changed by default (issue 16): its weight-decay exemptions and
 # exact-count block masks
-V010_SETTINGS = ["optim.no_weight_decay=['*pos_embed','*cls_token','*mask_token']", "mask.block_generator=exact",
-                 # 0.1.0 saved these as auto / null, which meant the values above then: named, as a resume requires
-                 "train.resume_allow=data.path,optim.no_weight_decay,mask.block_generator"]
+V010_SETTINGS = [
+    "optim.no_weight_decay=['*pos_embed','*cls_token','*mask_token']",
+    "mask.block_generator=exact",
+    # 0.1.0 saved these as auto / null, which meant the values above then: named, as a resume requires
+    "train.resume_allow=data.path,optim.no_weight_decay,mask.block_generator",
+]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -79,7 +81,9 @@ def test_a_0_1_0_mae_run_resumed_reaches_0_1_0s_own_step_4(data, tmp_path):
         run = tmp_path / name
         run.mkdir()
         shutil.copy(FIXTURES / "mae-checkpoint-00000002.pt", run / "checkpoint-00000002.pt")
-        ours = load_checkpoint(pretrain(run_args("mae", data, run, "train.max_steps=4", *V010_SETTINGS, *extra)).checkpoint)
+        ours = load_checkpoint(
+            pretrain(run_args("mae", data, run, "train.max_steps=4", *V010_SETTINGS, *extra)).checkpoint
+        )
         weights = max((ours["model"][k] - v).abs().max().item() for k, v in theirs["model"].items())
         moments = max((ours["optimizer"]["state"][n][k] - v).abs().max().item()
                       for n, st in theirs["optimizer"]["state"].items() for k, v in st.items() if v.dim())  # fmt: skip
@@ -88,6 +92,9 @@ def test_a_0_1_0_mae_run_resumed_reaches_0_1_0s_own_step_4(data, tmp_path):
     tolerance = 5e-6
     weights, moments = distance_after_resume("same")
     assert weights <= tolerance and moments <= tolerance, (weights, moments)
-    other_weights, _ = distance_after_resume("other-data", "train.seed=1",
-                                             "train.resume_allow=data.path,optim.no_weight_decay,mask.block_generator,train.seed")
+    other_weights, _ = distance_after_resume(
+        "other-data",
+        "train.seed=1",
+        "train.resume_allow=data.path,optim.no_weight_decay,mask.block_generator,train.seed",
+    )
     assert other_weights > 10 * tolerance, other_weights

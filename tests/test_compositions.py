@@ -4,13 +4,12 @@ evaluates; a combination that is not defined is refused with the reason."""
 
 import pytest
 import torch
+from conftest import TINY_MODEL, knn_cli, tiny_model
 
 from mimkit.checkpoint import load_checkpoint
 from mimkit.config import ConfigError, load_config
 from mimkit.methods import build_model
 from mimkit.train import pretrain
-
-from conftest import TINY_MODEL, knn_cli, tiny_model
 
 COMPOSITIONS = {
     "mae+block": ["mask.type=block"],
@@ -19,10 +18,19 @@ COMPOSITIONS = {
     "bootmae+parallel": ["method=bootmae", "mask.type=parallel"],
     # CrossMAE's decoder on a quarter of the masked patches, with each visible-token mask MAE takes
     "mae+crossmae": ["mae.decoder=crossmae", "mae.reconstruct_ratio=0.25"],
-    "mae+crossmae+block": ["mae.decoder=crossmae", "mae.reconstruct_ratio=0.25", "mask.type=block",
-                           "mae.decoder_context_blocks=all"],
-    "mae+crossmae+hybrid": ["mae.decoder=crossmae", "mae.reconstruct_ratio=0.5", "mask.type=hybrid",
-                            "mask.hybrid_block_ratio=0.4", "mask.hybrid_max_block_ratio=0.25"],
+    "mae+crossmae+block": [
+        "mae.decoder=crossmae",
+        "mae.reconstruct_ratio=0.25",
+        "mask.type=block",
+        "mae.decoder_context_blocks=all",
+    ],
+    "mae+crossmae+hybrid": [
+        "mae.decoder=crossmae",
+        "mae.reconstruct_ratio=0.5",
+        "mask.type=hybrid",
+        "mask.hybrid_block_ratio=0.4",
+        "mask.hybrid_max_block_ratio=0.25",
+    ],
 }
 
 pytestmark = pytest.mark.usefixtures("one_thread")

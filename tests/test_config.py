@@ -1,11 +1,10 @@
 import pytest
 import torch
 import yaml
+from conftest import TINY_MODEL, tiny_model
 
 from mimkit.config import ConfigError, load_config, to_dict
 from mimkit.typed_config import parse_overrides
-
-from conftest import tiny_model, TINY_MODEL, TINY_TOKENIZER
 
 
 def test_defaults_follow_the_mae_paper():
@@ -101,8 +100,10 @@ def _decay_groups(method: str, *overrides: str) -> tuple[set[str], set[str], set
 def test_weight_decay_sets_default_to_the_official_ones():
     # MAE: only 1-D params and biases are exempt; its cls and mask tokens are decayed, the fixed tables frozen
     decayed, exempt, frozen = _decay_groups("mae")
-    assert {"encoder.cls_token", "decoder.mask_token"} <= decayed and frozen == {"encoder.pos_embed",
-                                                                                "decoder.decoder_pos_embed"}
+    assert {"encoder.cls_token", "decoder.mask_token"} <= decayed and frozen == {
+        "encoder.pos_embed",
+        "decoder.decoder_pos_embed",
+    }
     assert all(n.endswith("bias") or "norm" in n for n in exempt) and "encoder.blocks.0.attn.qkv.weight" in decayed
     # BootMAE: pos_embed and cls_token exempt (the former frozen anyway); both decoders' mask tokens decayed
     decayed, exempt, frozen = _decay_groups("bootmae")
@@ -173,11 +174,15 @@ def test_mask_count_overrides_the_ratio_in_every_method_that_takes_it():
         (["mask.count=-5"], r"^mask.count must be in \[1, 63\]"),
         (["mask.count=1.5"], r"^mask.count: expected an integer"),
         (["method=emae", "mask.count=48"], r"^mask.count does not compose with method emae"),
-        (["method=simmim", "simmim.mask_patch_size=8", "mask.count=30"],
-         r"^mask.count does not compose with method simmim"),
+        (
+            ["method=simmim", "simmim.mask_patch_size=8", "mask.count=30"],
+            r"^mask.count does not compose with method simmim",
+        ),
         (["mask.type=parallel", "mask.count=48"], r"^mask.count does not compose with method mae / mask.type parallel"),
-        (["mask.type=hybrid", "mask.count=20", "mask.hybrid_block_ratio=0.5"],
-         r"^mask.hybrid_block_ratio must be in \(0, mask.count / patches 0.3125\]"),
+        (
+            ["mask.type=hybrid", "mask.count=20", "mask.hybrid_block_ratio=0.5"],
+            r"^mask.hybrid_block_ratio must be in \(0, mask.count / patches 0.3125\]",
+        ),
     ],
 )
 def test_mask_count_is_validated_in_one_line_naming_the_key(overrides, message):

@@ -8,6 +8,7 @@ import re
 import pytest
 import timm
 import torch
+from conftest import TINY_MODEL
 
 from mimkit.config import ConfigError, load_config
 from mimkit.decoders import CrossAttentionBlock, CrossMAEDecoder
@@ -16,8 +17,6 @@ from mimkit.methods import build_model
 from mimkit.models import transformer_blocks, unpatchify
 from mimkit.train import pretrain
 from mimkit.visualize import IMAGENET_MEAN, IMAGENET_STD, reconstruct
-
-from conftest import TINY_MODEL
 
 CROSSMAE = ["mae.decoder=crossmae", "mae.reconstruct_ratio=0.25"]
 MASKS = {"random": [], "block": ["mask.type=block"],
@@ -58,11 +57,15 @@ def test_the_mask_is_maes_and_the_selection_follows_its_noise():
     plain, cross = build_model(load_config(None, TINY_MODEL)), tiny_crossmae()
     for seed in range(3):
         g = torch.Generator().manual_seed(seed)
-        assert torch.equal(plain.mask_inputs(torch.Generator().manual_seed(seed))["noise"], cross.mask_inputs(g)["noise"])
+        assert torch.equal(
+            plain.mask_inputs(torch.Generator().manual_seed(seed))["noise"], cross.mask_inputs(g)["noise"]
+        )
     inputs, imgs = batch_inputs(cross, 2), torch.randn(2, 3, 16, 16)
     a, b = cross(imgs, **inputs), cross(imgs, **inputs)
     assert torch.equal(a.loss_mask, b.loss_mask) and torch.equal(a.loss, b.loss)
-    other = cross(imgs, noise=inputs["noise"], select_noise=torch.rand(2, 16, generator=torch.Generator().manual_seed(9)))
+    other = cross(
+        imgs, noise=inputs["noise"], select_noise=torch.rand(2, 16, generator=torch.Generator().manual_seed(9))
+    )
     assert torch.equal(other.mask, a.mask) and not torch.equal(other.loss_mask, a.loss_mask)
     fresh = cross(imgs, noise=inputs["noise"])  # no select_noise: drawn in the forward
     assert torch.equal(fresh.loss_mask.sum(1), a.loss_mask.sum(1))
@@ -106,7 +109,8 @@ def test_queries_do_not_see_each_other():
     assert not torch.allclose(again[:, 0], out[:, 0])
     # a query's own input changed inside the decoder (its mask token + position) moves no other query
     hook = dec.decoder_blocks[0].register_forward_pre_hook(
-        lambda _, args: (args[0] + torch.nn.functional.one_hot(torch.tensor(0), 4)[None, :, None], args[1]))
+        lambda _, args: (args[0] + torch.nn.functional.one_hot(torch.tensor(0), 4)[None, :, None], args[1])
+    )
     try:
         perturbed = dec(latent, ids)
     finally:

@@ -5,13 +5,12 @@ import logging
 import numpy as np
 import pytest
 import torch
+from conftest import make_images
 from PIL import Image
 
 from mimkit.data import ResumableBatchSampler, open_source
 from mimkit.sources import DataError, FolderImages, load_image
 from mimkit.train import pretrain
-
-from conftest import make_images
 
 
 def write_folder(root, n=24, size=20):

@@ -18,15 +18,14 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import TINY_MODEL, make_images
 
 from mimkit.cli import main
 from mimkit.config import load_config
 from mimkit.data import open_source
-from mimkit.sources import DataError
 from mimkit.eval import evaluate, open_labelled_split
+from mimkit.sources import DataError
 from mimkit.train import pretrain
-
-from conftest import TINY_MODEL, make_images
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -166,14 +165,18 @@ def test_cifar_recipes_work_from_a_fresh_clone_given_torchvision_cifar10(tmp_pat
     monkeypatch.chdir(tmp_path)
     recipes = sorted((REPO / "configs").glob("*cifar10.yaml"))
     assert len(recipes) >= 6
-    for recipe in recipes:  # every CIFAR recipe reads torchvision's CIFAR-10 from ./data (the tokenizer's: its command's)
+    for (
+        recipe
+    ) in recipes:  # every CIFAR recipe reads torchvision's CIFAR-10 from ./data (the tokenizer's: its command's)
         cfg = load_config(recipe, also_reads=("tokenizer",) if recipe.stem.startswith("tokenizer") else ())
         assert (cfg.data.path, cfg.data.root) == ("torchvision:CIFAR10", "data"), recipe
         assert len(open_source(cfg.data.path, cfg.data.format, cfg.data.root)) == 40
     code = main(["knn", str(REPO / "configs/eval/knn_vit_tiny_cifar10.yaml"), "train.progress=false",
                  "train.tensorboard=false", "data.num_workers=0"])  # fmt: skip
     assert code == 0, capsys.readouterr().err
-    assert "done: knn top-1" in capsys.readouterr().out and (tmp_path / "runs/knn_vit_tiny_cifar10/metrics.json").is_file()
+    assert (
+        "done: knn top-1" in capsys.readouterr().out and (tmp_path / "runs/knn_vit_tiny_cifar10/metrics.json").is_file()
+    )
     for command in ("linprobe", "finetune"):
         assert main([command, str(REPO / f"configs/eval/{command}_vit_tiny_cifar10.yaml"), "--print-config"]) == 0
         assert "path: torchvision:CIFAR10" in capsys.readouterr().out

@@ -25,9 +25,9 @@ from mimkit import device_decode
 from mimkit.checkpoint import load_checkpoint
 from mimkit.config import ConfigError, load_config
 from mimkit.data import ViewSpec, pretrain_transform
-from mimkit.sources import DataError
 from mimkit.device_decode import draw_crop_and_flip, resolve_decode
 from mimkit.pipeline import PretrainData
+from mimkit.sources import DataError
 from mimkit.train import pretrain
 
 LEVEL = 1 / 255
@@ -173,8 +173,9 @@ def test_crop_and_flip_draws_match_the_cpu_transform():
     for seed in range(40):
         torch.manual_seed(seed)
         box, flip = draw_crop_and_flip(transform, 37, 53)
-        crop = v2.functional.resized_crop(img, *box, [16, 16], interpolation=v2.InterpolationMode.BICUBIC,
-                                          antialias=True)
+        crop = v2.functional.resized_crop(
+            img, *box, [16, 16], interpolation=v2.InterpolationMode.BICUBIC, antialias=True
+        )
         expected = v2.functional.to_dtype(crop, torch.float32, scale=True)
         expected = expected.flip(-1) if flip else expected
         expected = v2.functional.normalize(expected, list(cfg.data.mean), list(cfg.data.std))

@@ -19,14 +19,12 @@ import os
 
 import pytest
 import torch
+from conftest import METHODS as REGISTERED
 
 from mimkit.checkpoint import load_checkpoint
 from mimkit.methods import build_model
 from mimkit.models import compile_blocks
 from mimkit.train import pretrain
-
-from conftest import METHODS as REGISTERED
-
 
 METHODS = {m: [f"method={m}"] for m in REGISTERED}  # every registered method, its defaults
 

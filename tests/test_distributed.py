@@ -6,11 +6,10 @@ import subprocess
 import sys
 
 import torch
+from conftest import TINY_MODEL
 
 from mimkit.checkpoint import load_checkpoint
 from mimkit.train import pretrain
-
-from conftest import TINY_MODEL
 
 
 def free_port() -> int:

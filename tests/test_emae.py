@@ -2,14 +2,13 @@
 
 import pytest
 import torch
+from conftest import TINY_MODEL
 
 from mimkit.config import ConfigError, load_config
 from mimkit.masking import parallel_masks, parts_for_ratio, random_mask
 from mimkit.methods import build_model
 from mimkit.methods.emae import EMAE, consistency_loss
 from mimkit.train import pretrain
-
-from conftest import TINY_MODEL
 
 
 def tiny_emae(*overrides) -> EMAE:

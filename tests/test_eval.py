@@ -175,8 +175,19 @@ def test_cached_linprobe_knn_equals_mimkit_knn_on_the_same_features(eval_cfg, pr
                                      "probe.pool=cls_mean", "probe.knn_k=5", "probe.knn_temperature=0.1",
                                      "train.max_steps=1", "data.train_samples=48", "data.val_samples=24",
                                      out="probe", encoder=encoder)).metrics  # fmt: skip
-    knn = run_knn(eval_cfg("knn", "features.block=1", "features.pool=cls_mean", "knn.k=5", "knn.temperature=0.1",
-                           "data.train_samples=48", "data.val_samples=24", out="knn", encoder=encoder)).metrics
+    knn = run_knn(
+        eval_cfg(
+            "knn",
+            "features.block=1",
+            "features.pool=cls_mean",
+            "knn.k=5",
+            "knn.temperature=0.1",
+            "data.train_samples=48",
+            "data.val_samples=24",
+            out="knn",
+            encoder=encoder,
+        )
+    ).metrics
     assert probe["knn_block"] == 1 and probe["knn_k"] == 5 and probe["val_images"] == knn["val_images"] == 24
     assert (probe["knn_top1"], probe["knn_top5"]) == (knn["top1"], knn["top5"])
     with pytest.raises(ConfigError, match="probe.knn_k needs probe.mode cached"):
@@ -204,8 +215,18 @@ def test_layer_decay_gives_patch_embed_base_times_decay_to_depth_plus_one(eval_c
     optimizer = torch.optim.AdamW(groups, lr=1.0)
     base, depth = 2e-3, 2
     ft.set_lr(optimizer, base)
-    lr_of = {n: g["lr"] for g in optimizer.param_groups for n, p in model.named_parameters() if any(p is q for q in g["params"])}
-    wd_of = {n: g["weight_decay"] for g in optimizer.param_groups for n, p in model.named_parameters() if any(p is q for q in g["params"])}
+    lr_of = {
+        n: g["lr"]
+        for g in optimizer.param_groups
+        for n, p in model.named_parameters()
+        if any(p is q for q in g["params"])
+    }
+    wd_of = {
+        n: g["weight_decay"]
+        for g in optimizer.param_groups
+        for n, p in model.named_parameters()
+        if any(p is q for q in g["params"])
+    }
     assert lr_of["patch_embed.proj.weight"] == pytest.approx(base * 0.5 ** (depth + 1))
     assert lr_of["pos_embed"] == lr_of["cls_token"] == lr_of["patch_embed.proj.weight"]
     assert lr_of["blocks.0.attn.qkv.weight"] == pytest.approx(base * 0.5**depth)
@@ -224,7 +245,9 @@ def test_classifier_has_timms_avg_pool_layout(eval_cfg):
     model, _ = ft.build_finetune_model(eval_cfg("finetune"), num_classes=3)
     reference = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=3,
                                   global_pool="avg")  # fmt: skip
-    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
+    assert {k: v.shape for k, v in model.state_dict().items()} == {
+        k: v.shape for k, v in reference.state_dict().items()
+    }
     x = torch.randn(2, 3, 16, 16)
     reference.load_state_dict(model.state_dict())
     torch.testing.assert_close(model.eval()(x), reference.eval()(x))
@@ -276,7 +299,11 @@ def test_finetune_resume_is_bit_identical(eval_cfg):
     assert [e for e in b["evals"] if e["step"] != 5] == a["evals"]
 
     def losses(out):
-        return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+        return {
+            r["step"]: r["loss"]
+            for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r
+        }
 
     la, lb = losses(straight.out_dir), losses(resumed.out_dir)
     assert all(la[s] == lb[s] for s in range(1, 13))
@@ -356,7 +383,6 @@ def test_image_folder_splits_work_for_knn_and_finetune(tmp_path, eval_cfg):
     assert fine.metrics["steps"] == 1 and 0 <= fine.metrics["top1"] <= 100
 
 
-
 def test_beit_checkpoints_are_evaluated_with_their_timm_beit_encoder(eval_cfg, tiny_cfg, caplog):
     """BEiT / mc-BEiT pretrain a timm Beit (relative position bias, layer scale): k-NN, the probe and
     fine-tuning rebuild that encoder from the checkpoint, every encoder tensor matched."""
@@ -366,7 +392,7 @@ def test_beit_checkpoints_are_evaluated_with_their_timm_beit_encoder(eval_cfg, t
             "tokenizer.hidden=8", "tokenizer.code_dim=8", "tokenizer.downsample=4",
             "model.img_size=null"]  # the preset's 32 px, as the recipes leave it  # fmt: skip
     ckpt = pretrain(tiny_cfg(*beit, "train.max_steps=2", out="beit")).checkpoint
-    saved = {k[len("encoder."):]: v for k, v in load_checkpoint(ckpt)["model"].items() if k.startswith("encoder.")}
+    saved = {k[len("encoder.") :]: v for k, v in load_checkpoint(ckpt)["model"].items() if k.startswith("encoder.")}
     assert "rel_pos_bias.relative_position_bias_table" in saved and "blocks.0.gamma_1" in saved
 
     model, report = ft.build_finetune_model(eval_cfg("finetune", f"encoder.checkpoint={ckpt}", encoder=[]), 3)
@@ -382,7 +408,9 @@ def test_beit_checkpoints_are_evaluated_with_their_timm_beit_encoder(eval_cfg, t
                                   encoder=[]))  # fmt: skip
     assert sorted(int(b) for b in probe.metrics["per_block_top1"]) == [1, 2]
     with pytest.raises(ConfigError, match="encoder.img_size: 16 differs from the BEiT checkpoint"):
-        ft.build_finetune_model(eval_cfg("finetune", f"encoder.checkpoint={ckpt}", "encoder.img_size=16", encoder=[]), 3)
+        ft.build_finetune_model(
+            eval_cfg("finetune", f"encoder.checkpoint={ckpt}", "encoder.img_size=16", encoder=[]), 3
+        )
 
 
 def test_randaugment_posterize_to_zero_bits_does_not_kill_the_loader(eval_cfg):

@@ -9,11 +9,11 @@ import subprocess
 import sys
 
 import torch
+from test_eval import TINY_ENCODER, eval_cfg, labelled_npz  # noqa: F401  (fixtures)
 
 from mimkit.checkpoint import load_checkpoint
 from mimkit.eval import finetune as ft
 from mimkit.eval.knn import run_knn
-from test_eval import TINY_ENCODER, eval_cfg, labelled_npz  # noqa: F401  (fixtures)
 
 
 def torchrun(command: str, overrides: list[str]) -> subprocess.CompletedProcess:
@@ -42,7 +42,10 @@ def test_two_processes_fine_tune_like_one_with_double_batch(eval_cfg, tmp_path, 
     assert "effective batch 8 (4 x 2 x accum 1)" in proc.stderr
     ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert ddp["top1"] == single.metrics["top1"] and ddp["val_images"] == 32  # sharded evaluation, summed counts
-    a, b = load_checkpoint(single.checkpoint)["model"], load_checkpoint(tmp_path / "ddp" / "checkpoint-00000004.pt")["model"]
+    a, b = (
+        load_checkpoint(single.checkpoint)["model"],
+        load_checkpoint(tmp_path / "ddp" / "checkpoint-00000004.pt")["model"],
+    )
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
 

@@ -10,11 +10,10 @@ import time
 from pathlib import Path
 
 import torch
+from conftest import TINY_MODEL
 
 from mimkit.checkpoint import list_checkpoints, load_checkpoint
 from mimkit.train import pretrain
-
-from conftest import TINY_MODEL
 
 
 def test_sigkill_and_resume_loses_nothing(tmp_path, npz_data, tiny_cfg):

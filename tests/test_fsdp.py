@@ -7,11 +7,10 @@ import sys
 
 import pytest
 import torch
+from test_distributed import ddp_overrides, free_port
 
 from mimkit.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from mimkit.train import pretrain
-
-from test_distributed import ddp_overrides, free_port
 
 
 def run_torchrun(overrides, nproc=2):
@@ -35,7 +34,9 @@ def test_fsdp_matches_ddp_and_its_sharded_checkpoint_round_trips(tmp_path, npz_d
     ddp = tmp_path / "ddp"
     fsdp = tmp_path / "fsdp"
     run_torchrun(ddp_overrides(npz_data, ddp, "train.max_steps=4"))
-    run_torchrun(ddp_overrides(npz_data, fsdp, "train.max_steps=4", "distributed.strategy=fsdp", "train.save_every_steps=2"))
+    run_torchrun(
+        ddp_overrides(npz_data, fsdp, "train.max_steps=4", "distributed.strategy=fsdp", "train.save_every_steps=2")
+    )
     sharded = list_checkpoints(fsdp)
     assert [p.name for p in sharded] == ["checkpoint-00000002", "checkpoint-00000004"]
     assert sharded[-1].is_dir() and (sharded[-1] / ".metadata").is_file() and (sharded[-1] / "meta.pt").is_file()

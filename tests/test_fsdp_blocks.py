@@ -4,6 +4,10 @@
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import METHODS as REGISTERED
+from conftest import tiny_model
+from test_distributed import ddp_overrides
+from test_fsdp import assert_close_models, run_torchrun
 from torch.distributed.fsdp import FSDPModule
 
 from mimkit import distributed as mdist
@@ -11,11 +15,6 @@ from mimkit.checkpoint import list_checkpoints, load_checkpoint
 from mimkit.config import load_config
 from mimkit.methods import build_model
 from mimkit.models import transformer_blocks
-
-from conftest import METHODS as REGISTERED
-from conftest import tiny_model
-from test_distributed import ddp_overrides
-from test_fsdp import assert_close_models, run_torchrun
 
 METHODS = {**{m: tiny_model(m) for m in REGISTERED},  # every registered method, and CrossMAE's decoder
            "mae+crossmae": tiny_model("mae", "mae.decoder=crossmae", "mae.decoder_depth=2", "mae.decoder_context_blocks=all")}  # fmt: skip

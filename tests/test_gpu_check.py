@@ -11,9 +11,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 from conftest import TINY_MODEL, make_images
+from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -61,7 +60,9 @@ def test_mimkit_trains_without_webdataset_and_braceexpand(tmp_path):
     common = TINY_MODEL + ["train.batch_size=8", "train.max_steps=1", "data.num_workers=0", "train.progress=false",
                            "train.tensorboard=false", "train.precision=fp32"]  # fmt: skip
     runs = [(str(npz), "auto"), (str(folder), "cpu"), (str(folder), "device")]
-    script = BLOCKER + f"""
+    script = (
+        BLOCKER
+        + f"""
 try:
     import webdataset
     raise SystemExit('webdataset was importable')
@@ -77,6 +78,7 @@ rc = main(['pretrain', *{common!r}, 'data.path={tmp_path}/shards-{{000..001}}.ta
 assert rc == 2, rc
 print('OK', sorted(m for m in sys.modules if m.split('.')[0] in ('webdataset', 'braceexpand')))
 """
+    )
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -103,8 +105,12 @@ def test_gpu_mode_reports_targets_and_keeps_the_rows_of_a_timed_out_model(tmp_pa
     mimkit and HF rows, and a model whose run hit its time limit keeps the rows it wrote."""
     gc = load_gpu_check()
     r = gc.Runner(tmp_path, tmp_path, dry=False)
-    rows = [step_row("ViT-B/16@224", "mimkit", 3000, 0.45), step_row("ViT-B/16@224", "mimkit-compiled", 3900, 0.58),
-            step_row("ViT-B/16@224", "hf-sdpa", 2800, 0.42), step_row("ViT-B/16@224", "hf-sdpa-compiled", 2900, 0.43)]
+    rows = [
+        step_row("ViT-B/16@224", "mimkit", 3000, 0.45),
+        step_row("ViT-B/16@224", "mimkit-compiled", 3900, 0.58),
+        step_row("ViT-B/16@224", "hf-sdpa", 2800, 0.42),
+        step_row("ViT-B/16@224", "hf-sdpa-compiled", 2900, 0.43),
+    ]
     gc.targets(r, rows)
     assert r.rows[-1]["status"] == "met" and "mimkit-compiled: 58.0%" in r.rows[-1]["detail"]
     assert "1.34x the fastest HF row (hf-sdpa-compiled)" in r.rows[-1]["detail"]
@@ -113,8 +119,17 @@ def test_gpu_mode_reports_targets_and_keeps_the_rows_of_a_timed_out_model(tmp_pa
 
     def timed_out(name, cmd, timeout, env=None):  # wrote two rows, then its limit stopped it
         out = Path(cmd[cmd.index("--json") + 1])
-        out.write_text(json.dumps({"machine": "# H200", "rows": [step_row("ViT-L/16@224", "mimkit", 900, 0.5),
-                                                                  step_row("ViT-L/16@224", "hf-sdpa", 700, 0.4)]}))
+        out.write_text(
+            json.dumps(
+                {
+                    "machine": "# H200",
+                    "rows": [
+                        step_row("ViT-L/16@224", "mimkit", 900, 0.5),
+                        step_row("ViT-L/16@224", "hf-sdpa", 700, 0.4),
+                    ],
+                }
+            )
+        )
         assert "--device" in cmd and cmd[cmd.index("--device") + 1] == "cuda"
         return None, "partial output", timeout
 

@@ -181,8 +181,9 @@ def test_ijepa_trains_resumes_evaluates_and_exports(tiny_cfg, tmp_path, capsys):
     assert {"predictor.mask_token", "target_encoder.pos_embed"} <= set(a["model"])
     assert "encoder.cls_token" not in a["model"]
     wd = [g["weight_decay"] for g in a["optimizer"]["param_groups"]]
-    assert sorted(wd)[0] == 0 and sorted(wd)[1] == pytest.approx(tiny().weight_decays[1] + (0.04 - 0.4) * 0.5 *
-                                                                 (1 + math.cos(math.pi * 6 / 16)))  # 16 steps
+    assert sorted(wd)[0] == 0 and sorted(wd)[1] == pytest.approx(
+        tiny().weight_decays[1] + (0.04 - 0.4) * 0.5 * (1 + math.cos(math.pi * 6 / 16))
+    )  # 16 steps
     model, _, _ = load_mimkit_checkpoint(straight.checkpoint)
     x = torch.randn(2, 3, 16, 16)
     # timm: the encoder loads unchanged, features identical
@@ -211,7 +212,9 @@ def test_ijepa_trains_resumes_evaluates_and_exports(tiny_cfg, tmp_path, capsys):
     common = [f"encoder.checkpoint={straight.checkpoint}", f"data.path={data}", "data.num_workers=0",
               "data.val_split=train", "train.precision=fp32", "train.progress=false", "train.tensorboard=false",
               "train.batch_size=8", "train.epochs=1", "train.max_steps=2"]  # fmt: skip
-    probe = run_linprobe(load_eval_config("linprobe", None, [*common, "probe.mode=cached", f"train.out_dir={tmp_path / 'lp'}"]))
+    probe = run_linprobe(
+        load_eval_config("linprobe", None, [*common, "probe.mode=cached", f"train.out_dir={tmp_path / 'lp'}"])
+    )
     assert probe.metrics["pool"] == "mean"
     cfg = load_eval_config("finetune", None, [*common, f"train.out_dir={tmp_path / 'ft'}"])
     net, report = build_finetune_model(cfg, num_classes=3)

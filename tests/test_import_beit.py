@@ -16,6 +16,7 @@ import json
 import pytest
 import timm
 import torch
+from conftest import TINY_TOKENIZER, knn_cli, tiny_model
 from timm.layers import resize_rel_pos_bias_table
 from timm.models.beit import Beit, checkpoint_filter_fn
 
@@ -26,8 +27,6 @@ from mimkit.eval.encoders import load_encoder
 from mimkit.interop import ImportOptions, import_checkpoint, load_mimkit_checkpoint
 from mimkit.methods import build_model
 from mimkit.train import pretrain
-
-from conftest import TINY_MODEL, TINY_TOKENIZER, knn_cli, tiny_model
 
 D, DEPTH, HEADS, P, SIZE, VOCAB = 32, 2, 2, 4, 16, 64
 

@@ -8,6 +8,8 @@ import json
 import pytest
 import timm
 import torch
+from conftest import one_error_line, tiny_model
+from test_interop import official_checkpoint, official_mae_state_dict
 from timm.layers import resample_abs_pos_embed
 from timm.models import adapt_input_conv
 
@@ -18,9 +20,6 @@ from mimkit.interop.init_weights import fit_tensor, initial_state
 from mimkit.methods import build_model
 from mimkit.models import sincos_2d_pos_embed
 from mimkit.train import pretrain
-
-from conftest import one_error_line, tiny_model
-from test_interop import official_checkpoint, official_mae_state_dict
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -98,8 +97,17 @@ def test_a_teacher_copy_starts_as_the_encoder_from_a_mimkit_checkpoint(tiny_cfg)
 
 
 def test_a_bad_source_is_one_line(tiny_cfg, tmp_path, capsys, npz_data):
-    args = ["pretrain", *tiny_model("mae"), f"data.path={npz_data}", "data.num_workers=0", "train.batch_size=8",
-            "train.max_steps=1", "train.progress=false", "train.tensorboard=false", f"train.out_dir={tmp_path / 'r'}"]
+    args = [
+        "pretrain",
+        *tiny_model("mae"),
+        f"data.path={npz_data}",
+        "data.num_workers=0",
+        "train.batch_size=8",
+        "train.max_steps=1",
+        "train.progress=false",
+        "train.tensorboard=false",
+        f"train.out_dir={tmp_path / 'r'}",
+    ]
     assert main([*args, f"train.init_from={tmp_path / 'nope.pth'}"]) == 2
     line = one_error_line(capsys)
     assert "train.init_from: " in line and "nope.pth does not exist" in line

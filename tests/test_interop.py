@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from conftest import TINY_MODEL
 
 import mimkit
 from mimkit.checkpoint import save_checkpoint
@@ -41,8 +42,6 @@ from mimkit.interop import (
 )
 from mimkit.methods import build_model
 from mimkit.models import sincos_2d_pos_embed
-
-from conftest import TINY_MODEL
 
 D, DEPTH, HEADS, P, SIZE = 32, 2, 2, 4, 16  # TINY_MODEL encoder
 DD, DDEPTH = 32, 1  # TINY_MODEL decoder
@@ -64,9 +63,8 @@ def perturbed_model(*overrides: str, seed: int = 0):
 def ckpt(tmp_path_factory):
     """A mimkit checkpoint written by a real (2-step) pretraining run, then perturbed so that biases,
     norms and tokens are all non-trivial."""
-    from conftest import make_images
-
     import numpy as np
+    from conftest import make_images
 
     from mimkit.train import pretrain
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_MODEL, make_images
 
 from mimkit.checkpoint import load_checkpoint, read_dcp_metadata, save_sharded, verify_checkpoint
 from mimkit.datasets import read_cifar_pickle
@@ -31,8 +32,6 @@ from mimkit.errors import MimkitError
 from mimkit.files import load_torch_file, load_weights_file
 from mimkit.interop import read_source
 from mimkit.tokenizers import DVAESpec, MimkitTokenizer, load_tokenizer
-
-from conftest import TINY_MODEL, make_images
 
 SEED = 20240632
 
@@ -59,18 +58,29 @@ def payloads(marker: Path) -> dict[str, bytes]:
         "GLOBAL os.system": b"cos\nsystem\n" + cmd + call1 + b"0",
         "GLOBAL posix.system": b"cposix\nsystem\n" + cmd + call1 + b"0",
         "GLOBAL dotted metadata.os.system": b"ctorch.distributed.checkpoint.metadata\nos.system\n" + cmd + call1 + b"0",
-        "STACK_GLOBAL metadata os.system": stack_global("torch.distributed.checkpoint.metadata", "os.system") + cmd
-        + call1 + b"0",
+        "STACK_GLOBAL metadata os.system": stack_global("torch.distributed.checkpoint.metadata", "os.system")
+        + cmd
+        + call1
+        + b"0",
         "STACK_GLOBAL torch os.system": stack_global("torch", "os.system") + cmd + call1 + b"0",
         "STACK_GLOBAL pathlib os.system": stack_global("pathlib", "os.system") + cmd + call1 + b"0",
         "STACK_GLOBAL builtins eval": stack_global("builtins", "eval") + eval_code + call1 + b"0",
-        "collections itemgetter eval": stack_global("collections", "_itemgetter") + _u("eval") + call1
-        + stack_global("collections", "namedtuple.__builtins__") + call1 + eval_code + call1 + b"0",
+        "collections itemgetter eval": stack_global("collections", "_itemgetter")
+        + _u("eval")
+        + call1
+        + stack_global("collections", "namedtuple.__builtins__")
+        + call1
+        + eval_code
+        + call1
+        + b"0",
         "INST os.system": b"(" + cmd + b"ios\nsystem\n0",
         "OBJ os.system": b"(cos\nsystem\n" + cmd + b"o0",
         "NEWOBJ via dtype": stack_global("torch", "float32") + b")\x810",  # not callable: must fail, not crash
-        "BUILD on a class": stack_global("torch.distributed.checkpoint.metadata", "Metadata") + b"N}" + _u("x")
-        + _u("y") + b"s\x86b0",  # state (None, {'x': 'y'}): setattr on the class itself
+        "BUILD on a class": stack_global("torch.distributed.checkpoint.metadata", "Metadata")
+        + b"N}"
+        + _u("x")
+        + _u("y")
+        + b"s\x86b0",  # state (None, {'x': 'y'}): setattr on the class itself
     }
 
 
@@ -113,12 +123,19 @@ def genuine(tmp_path_factory):
                official)  # fmt: skip
     plain = {
         "nested": pickle.dumps({"a": [1, 2.5, "x", b"yz", None, True], "b": (1, (2, 3)), "c": {"d": -7}}, protocol=4),
-        "cifar-like": pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1],
-                                    b"batch_label": b"fuzz"}, protocol=2),  # fmt: skip
+        "cifar-like": pickle.dumps(
+            {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1], b"batch_label": b"fuzz"}, protocol=2
+        ),  # fmt: skip
         "ints": pickle.dumps(list(range(-300, 300, 7)), protocol=5),
     }
-    return {"checkpoint": checkpoint, "folder": folder, "tokenizer": tokenizer, "plain": plain, "root": root,
-            "official": official}
+    return {
+        "checkpoint": checkpoint,
+        "folder": folder,
+        "tokenizer": tokenizer,
+        "plain": plain,
+        "root": root,
+        "official": official,
+    }
 
 
 # ---------------------------------------------------------------- mutations
@@ -260,7 +277,7 @@ def run_loaders(loaders: dict, marker: Path, what: str, keep: Path, tally: dict)
         except MimkitError as e:
             assert "\n" not in str(e), f"{name} on {what}: a message of several lines: {e!r} (input: {keep})"
             tally["refused"] += bool(re.search(r"refused|not allowed", str(e)))
-        except Exception as e:  # noqa: BLE001: the point of the test
+        except Exception as e:  # noqa: BLE001 (the point of the test)
             raise AssertionError(f"{name} on {what}: {type(e).__name__}: {e} (input kept: {keep})") from e
         assert not marker.exists(), f"{name} on {what} ran the payload (input kept: {keep})"
 
@@ -339,8 +356,10 @@ def test_the_unmutated_files_load(genuine):
     assert read_cifar_pickle(path)["labels"] == [0, 1]
 
 
-CRAFTED_DTYPE_STATE = (b"\x80\x02cnumpy\ndtype\nX\x02\x00\x00\x00u1\x89\x88\x87R"  # numpy.dtype('u1', False, True)
-                       b"(K\x03X\x01\x00\x00\x00|NJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb.")  # BUILD: 6-tuple state
+CRAFTED_DTYPE_STATE = (
+    b"\x80\x02cnumpy\ndtype\nX\x02\x00\x00\x00u1\x89\x88\x87R"  # numpy.dtype('u1', False, True)
+    b"(K\x03X\x01\x00\x00\x00|NJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb."
+)  # BUILD: 6-tuple state
 
 _CRASH_CHECK = """
 import io, sys, zipfile, torch

@@ -130,7 +130,9 @@ def test_csv_logger_one_row_per_step_also_after_a_resume(tiny_cfg, one_thread):
     # resume from step 2 (as after a crash past it): steps 3.. run again, the CSV keeps one row per step
     (out / "checkpoint-00000004.pt").unlink()
     (out / "checkpoint-00000005.pt").unlink()
-    again = pretrain(tiny_cfg("train.loggers=csv", "train.max_steps=6", "train.save_every_steps=2", "train.keep_last=5"))
+    again = pretrain(
+        tiny_cfg("train.loggers=csv", "train.max_steps=6", "train.save_every_steps=2", "train.keep_last=5")
+    )
     rows = read_csv(again.out_dir / "metrics.csv")
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
     jsonl = [r for r in records(again.metrics) if "loss" in r]
@@ -157,8 +159,12 @@ def test_loggers_key_is_checked_and_tensorboard_false_still_removes_it():
 
     assert active_loggers(load_config(None, []).train) == ("tensorboard-if-installed",)  # tensorboard: auto
     assert active_loggers(load_config(None, ["train.tensorboard=true"]).train) == ("tensorboard",)
-    assert active_loggers(load_config(None, ["train.loggers=[tensorboard,csv]", "train.tensorboard=false"]).train) == ("csv",)
-    with pytest.raises(ConfigError, match=r"train.loggers: 'wand' is not a logger; allowed: tensorboard, csv, wandb, mlflow"):
+    assert active_loggers(load_config(None, ["train.loggers=[tensorboard,csv]", "train.tensorboard=false"]).train) == (
+        "csv",
+    )
+    with pytest.raises(
+        ConfigError, match=r"train.loggers: 'wand' is not a logger; allowed: tensorboard, csv, wandb, mlflow"
+    ):
         load_config(None, ["train.loggers=[wand]"])
     assert load_config(None, ["train.loggers=csv,wandb,mlflow"]).train.loggers == ("csv", "wandb", "mlflow")
     cfg = load_eval_config("linprobe", None, ["encoder.arch=vit_tiny_patch16_224", "data.path=x.npz",

@@ -63,7 +63,8 @@ def test_block_masks_at_40_percent_and_the_config_checks():
     counts = [int(model.mask_inputs(torch.Generator().manual_seed(s))["mask"].sum()) for s in range(30)]
     assert model.num_masked == 64 - int(64 * 0.6) and max(counts) <= model.num_masked and min(counts) >= 16
     assert model.mask_inputs(torch.Generator().manual_seed(1))["mask"].equal(
-        model.mask_inputs(torch.Generator().manual_seed(1))["mask"])
+        model.mask_inputs(torch.Generator().manual_seed(1))["mask"]
+    )
     with pytest.raises(ConfigError, match="method maskfeat: its HOG cells are half a patch"):
         load_config(None, tiny_model("maskfeat") + ["model.patch_size=5", "model.img_size=20"])
     with pytest.raises(ConfigError, match="mask.type parallel does not compose with method maskfeat"):

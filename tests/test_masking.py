@@ -8,8 +8,15 @@ import pytest
 import torch
 from scipy import ndimage
 
-from mimkit.masking import (BLOCK_GENERATORS, beit_block_mask, block_mask, hybrid_mask, mask_to_ids, num_visible,
-                            random_mask)  # fmt: skip
+from mimkit.masking import (
+    BLOCK_GENERATORS,
+    beit_block_mask,
+    block_mask,
+    hybrid_mask,
+    mask_to_ids,
+    num_visible,
+    random_mask,  # fmt: skip
+)
 
 
 def test_random_mask_keeps_exact_count_per_image():
@@ -238,8 +245,11 @@ def test_bootmae_block_part_is_exactly_its_target_and_follows_bootmaes_generator
 
     def shape_statistics(m: np.ndarray) -> dict[str, np.ndarray]:
         components = np.array([ndimage.label(x)[1] for x in m], dtype=float)
-        return {"components": components, "rows": m.any(2).sum(1).astype(float),
-                "largest": np.array([np.bincount(ndimage.label(x)[0].ravel())[1:].max() for x in m], dtype=float)}
+        return {
+            "components": components,
+            "rows": m.any(2).sum(1).astype(float),
+            "largest": np.array([np.bincount(ndimage.label(x)[0].ravel())[1:].max() for x in m], dtype=float),
+        }
 
     theirs = shape_statistics(official)
     for name, values in shape_statistics(ours).items():

@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import pytest
 import torch
+from conftest import METHODS, tiny_model, trains_resumes_evaluates_and_exports
 from torch import nn
 
 from mimkit.config import BUILTIN_METHOD_SECTIONS, Config, ConfigError, load_config, sections_used, to_dict
@@ -22,8 +23,6 @@ from mimkit.masking import VisibleTokenMasks, visible_token_masks
 from mimkit.methods import MIMMethod, set_layer_norm_eps, vit_encoder
 from mimkit.models import encode_visible, patchify
 from mimkit.registry import MethodSpec, method_names, method_spec, register, unregister
-
-from conftest import METHODS, tiny_model, trains_resumes_evaluates_and_exports
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,6 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @dataclass
 class ToyConfig:
     """The toy method's own section, `toy:` in YAML and `toy.key=value` on the command line."""
+
     head_bias: bool = True
     smooth: float = 0.0  # added to the target before the loss (something to set)
 
@@ -116,8 +116,10 @@ def test_a_registered_method_checks_its_own_section(toy):
 def test_registering_a_name_twice_is_refused(toy):
     with pytest.raises(ValueError, match="method 'toy' is already registered"):
         register(MethodSpec(name="toy", build=build_toy))
-    with pytest.raises(ConfigError, match="^" + re.escape(f"method: 'tyo' is not a registered method; allowed: "
-                                                          f"{', '.join(method_names())}") + "$"):
+    with pytest.raises(
+        ConfigError,
+        match="^" + re.escape(f"method: 'tyo' is not a registered method; allowed: {', '.join(method_names())}") + "$",
+    ):
         load_config(None, ["method=tyo"])
     assert {"mae", "simmim", "toy"} <= set(method_names())
 

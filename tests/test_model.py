@@ -1,15 +1,14 @@
 import pytest
 import timm
 import torch
+from conftest import TINY_MODEL
 
 from mimkit.config import load_config
-from mimkit.methods import build_model
 from mimkit.losses import masked_mse, per_patch_normalize
+from mimkit.methods import build_model
 from mimkit.methods.mae import MAE
 from mimkit.models import create_encoder, patchify, sincos_2d_pos_embed, unpatchify
 from mimkit.presets import PRESETS, get_preset
-
-from conftest import TINY_MODEL
 
 
 def tiny_mae(*overrides):
@@ -88,7 +87,9 @@ def test_loss_uses_masked_patches_only():
 def test_norm_pix_target_uses_unbiased_variance():
     t = torch.randn(2, 5, 12) * 3 + 1
     n = per_patch_normalize(t)
-    torch.testing.assert_close(n, (t - t.mean(-1, keepdim=True)) / (t.var(-1, unbiased=True, keepdim=True) + 1e-6).sqrt())
+    torch.testing.assert_close(
+        n, (t - t.mean(-1, keepdim=True)) / (t.var(-1, unbiased=True, keepdim=True) + 1e-6).sqrt()
+    )
 
 
 def test_forward_shapes_and_noise_determinism():

@@ -16,14 +16,13 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import TINY_MODEL, one_error_line
 
 import mimkit
 from mimkit.cli import main
 from mimkit.data import webdataset_urls
 from mimkit.errors import MimkitError
 from mimkit.metrics import MetricsLog
-
-from conftest import TINY_MODEL, one_error_line
 
 REPO = Path(__file__).resolve().parents[1]
 OPTIONAL = ("webdataset", "braceexpand", "tensorboard")  # extras now, never core requirements

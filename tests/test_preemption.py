@@ -14,15 +14,14 @@ import time
 
 import pytest
 import torch
+from conftest import TINY_MODEL
+from test_distributed import free_port, worker_pids
 
 import mimkit.train
 from mimkit.checkpoint import list_checkpoints, load_checkpoint
 from mimkit.cli import main
 from mimkit.runs import EXIT_STOPPED, HISTORY_NAME, ConfigDrift, RunFolderBusy, RunLock, RunStopped, read_history
 from mimkit.train import pretrain
-
-from conftest import TINY_MODEL
-from test_distributed import free_port, worker_pids
 
 
 def signal_at(monkeypatch, step: int, sig=signal.SIGTERM, times: int = 1):
@@ -307,7 +306,6 @@ def test_a_stopped_finetune_resumes_bit_identical_and_a_stopped_knn_says_so(tmp_
 
     data = tmp_path / "labelled.npz"
     import numpy as np
-
     from conftest import make_images
 
     np.savez(data, x_train=make_images(48, seed=1), y_train=np.arange(48) % 3, x_test=make_images(16, seed=2),

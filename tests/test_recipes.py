@@ -38,7 +38,9 @@ def wheel(tmp_path_factory) -> Path:
 
 def test_the_wheel_holds_every_recipe(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    expected = {f"mimkit/recipes/{p.relative_to(REPO / 'configs').as_posix()}" for p in (REPO / "configs").rglob("*.yaml")}
+    expected = {
+        f"mimkit/recipes/{p.relative_to(REPO / 'configs').as_posix()}" for p in (REPO / "configs").rglob("*.yaml")
+    }
     assert expected and expected <= names, sorted(expected - names)
     assert "mimkit/recipes/eval/knn_vit_tiny_cifar10.yaml" in names
 
@@ -47,8 +49,11 @@ def test_a_recipe_by_name_from_outside_the_repository(wheel, tmp_path):
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)  # a pure-Python wheel, installed by unpacking
     env = {**os.environ, "PYTHONPATH": str(site)}
-    run = lambda *args: subprocess.run([sys.executable, "-m", "mimkit.cli", *args], cwd=tmp_path, env=env,
-                                       capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "mimkit.cli", *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+
     listed = run("recipes")
     assert listed.returncode == 0, listed.stderr[-2000:]
     assert str(site / "mimkit" / "recipes") in listed.stdout  # the installed copy, not the repository's

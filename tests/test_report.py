@@ -101,7 +101,7 @@ def test_report_page_and_summary(run, tmp_path, capsys):
     page = out.read_text()
     images = embedded_pngs(page)
     assert set(images) == {"curves", "reconstructions"}
-    assert page.count("<img") == 2 and "src=\"http" not in page and "href=" not in page  # nothing outside the page
+    assert page.count("<img") == 2 and 'src="http' not in page and "href=" not in page  # nothing outside the page
     # reconstructions: 2 images x (original, masked, init + 4 kept checkpoints), each panel 16 px x 8 = 128 px
     recon = images["reconstructions"]
     assert recon.width == 4 + 7 * (PANEL + 4) and recon.height > 2 * PANEL

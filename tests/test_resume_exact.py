@@ -6,11 +6,10 @@ import json
 
 import pytest
 import torch
+from conftest import METHODS
 
 from mimkit.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_sharded
 from mimkit.train import pretrain
-
-from conftest import METHODS
 
 # every registered method with its defaults, and the compositions whose masks differ most from them
 RUNS = {**{m: [f"method={m}"] for m in METHODS}, "bootmae+hybrid": ["method=bootmae", "mask.type=hybrid"],
@@ -46,6 +45,7 @@ def test_resume_with_drop_path_is_bit_identical(tiny_cfg, method):
     for name, state in a["optimizer"]["state"].items():
         assert_same_tensors(state, b["optimizer"]["state"][name], f"optimizer state of {name}")
     assert_same_rng(a["rng"], b["rng"])
+
     # one record per step in the resumed run's log, equal to the uninterrupted run's
     def per_step(path):
         records = [json.loads(x) for x in path.read_text().splitlines()]
@@ -143,7 +143,9 @@ def test_train_resume_accepts_a_sharded_folder(tiny_cfg, tmp_path):
     folder = sharded_copy(half.checkpoint, tmp_path / "elsewhere" / "checkpoint-00000002")
     resumed = pretrain(tiny_cfg("train.max_steps=4", f"train.resume={folder}", out="c"))
     assert resumed.step == 4
-    assert_same_tensors(load_checkpoint(straight.checkpoint)["model"], load_checkpoint(resumed.checkpoint)["model"], "model")
+    assert_same_tensors(
+        load_checkpoint(straight.checkpoint)["model"], load_checkpoint(resumed.checkpoint)["model"], "model"
+    )
 
 
 def test_a_sharded_folder_whose_name_and_step_disagree_is_refused(tiny_cfg, tmp_path):

@@ -18,19 +18,18 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import METHODS, TINY_MODEL, TINY_TOKENIZER, make_images, tiny_model
 from PIL import Image, ImageDraw
+from test_visualize import write_checkpoint, write_image
 
 import mimkit
 from mimkit.cli import main
 from mimkit.config import load_config
 from mimkit.data import PretrainDataset, ResumableBatchSampler
-from mimkit.sources import ArrayImages, CorruptImage
 from mimkit.methods import build_model
+from mimkit.sources import ArrayImages, CorruptImage
 from mimkit.train import pretrain
 from mimkit.visualize import _font, attention_grid, attention_maps, colormap, prepare_image, render_panels
-
-from conftest import METHODS, TINY_MODEL, TINY_TOKENIZER, make_images, tiny_model
-from test_visualize import write_checkpoint, write_image
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -130,8 +129,10 @@ def test_the_python_api_examples_run(tmp_path, npz_data, monkeypatch):
         assert result.step == 1 and result.checkpoint.is_file()
     if docstring != readme:  # another schedule into the first example's folder: refused, not mixed into that run
         with pytest.raises(mimkit.MimkitError, match="would change how it trains: train.epochs"):
-            eval(readme.replace('"])', '", *tiny, "train.out_dir=" + out])'),
-                 {"mimkit": mimkit, "tiny": tiny, "out": str(tmp_path / "run0")})  # noqa: S307
+            eval(
+                readme.replace('"])', '", *tiny, "train.out_dir=" + out])'),
+                {"mimkit": mimkit, "tiny": tiny, "out": str(tmp_path / "run0")},
+            )  # noqa: S307
     cfg = mimkit.load_config("configs/quickstart.yaml", ["train.epochs=1", *tiny, "train.resume=none"])
     assert mimkit.pretrain(cfg).step == 1  # the docstring's equivalent form
 
@@ -216,7 +217,9 @@ def test_forward_outputs_are_not_views(method):
         batch[view.key] = torch.randn(2, 3, view.size, view.size)
     out = model(torch.randn(2, 3, 16, 16), **batch)
     grads = {n: v for n, v in zip(out._fields, out) if isinstance(v, torch.Tensor) and v.requires_grad}
-    assert "loss" in grads and all(v._base is None for v in grads.values()), {n: v._base is not None for n, v in grads.items()}
+    assert "loss" in grads and all(v._base is None for v in grads.values()), {
+        n: v._base is not None for n, v in grads.items()
+    }
 
 
 def test_a_corrupt_image_is_reported_once(caplog):

@@ -14,16 +14,15 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_MODEL, make_images
 from PIL import Image
+from test_distributed import free_port
 
 import mimkit
 from mimkit.checkpoint import CheckpointError, load_checkpoint, save_sharded
 from mimkit.cli import main
 from mimkit.interop import InteropError, load_mimkit_checkpoint
 from mimkit.train import pretrain
-
-from conftest import TINY_MODEL, make_images
-from test_distributed import free_port
 
 
 class Payload:
@@ -41,7 +40,9 @@ def genuine(tmp_path_factory):
     """A real 2-step run (its checkpoint file and config), made once for the module."""
     root = tmp_path_factory.mktemp("genuine")
     data = root / "tiny.npz"
-    np.savez(data, x_train=make_images(32), y_train=np.arange(32) % 4, x_test=make_images(8, seed=1), y_test=np.arange(8) % 4)
+    np.savez(
+        data, x_train=make_images(32), y_train=np.arange(32) % 4, x_test=make_images(8, seed=1), y_test=np.arange(8) % 4
+    )
     from mimkit.config import load_config
 
     cfg = load_config(None, TINY_MODEL + [f"data.path={data}", "data.num_workers=0", "train.batch_size=8",
@@ -123,7 +124,9 @@ def test_the_crafted_folder_would_run_code_if_read_as_dcp_reads_it(genuine, tmp_
     folder = crafted_folder(genuine, tmp_path, marker, "optimizer")
     code = ("import sys; from torch.distributed.checkpoint.format_utils import dcp_to_torch_save as f; "
             "f(sys.argv[1], sys.argv[2])")  # fmt: skip
-    subprocess.run([sys.executable, "-c", code, str(folder), str(tmp_path / "out.pt")], capture_output=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "-c", code, str(folder), str(tmp_path / "out.pt")], capture_output=True, timeout=120
+    )
     assert marker.exists()
 
 
@@ -329,7 +332,8 @@ def test_a_real_save_needs_nothing_outside_the_allow_list(tmp_path):
     assert names <= set(dcp_metadata_globals()), names - set(dcp_metadata_globals())
     metadata = read_dcp_metadata(tmp_path / "ck")
     assert "optimizer.state.0.weight.step" in metadata.state_dict_metadata or any(
-        k.endswith(".step") for k in metadata.state_dict_metadata)
+        k.endswith(".step") for k in metadata.state_dict_metadata
+    )
 
 
 # ---------------------------------------------------------------- shards stay inside the checkpoint folder
@@ -448,4 +452,7 @@ def test_written_files_follow_the_umask(umask, genuine, tmp_path):
     written = [*folder.rglob("*"), *(tmp_path / "timm").rglob("*"), *(tmp_path / "hf").rglob("*")]
     assert {"model.safetensors", "config.json", "meta.pt", ".metadata"} <= {p.name for p in written}
     for path in written:
-        assert path.stat().st_mode & 0o777 == (dir_mode if path.is_dir() else file_mode), (path, oct(path.stat().st_mode))
+        assert path.stat().st_mode & 0o777 == (dir_mode if path.is_dir() else file_mode), (
+            path,
+            oct(path.stat().st_mode),
+        )

@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import TINY_MODEL, knn_cli, tiny_model
+from conftest import knn_cli, tiny_model
 
 from mimkit.checkpoint import load_checkpoint
 from mimkit.config import ConfigError, load_config

@@ -13,8 +13,8 @@ from mimkit.checkpoint import load_checkpoint
 from mimkit.config import load_config
 from mimkit.files import InteropError
 from mimkit.methods import build_model
-from mimkit.registry import method_spec
 from mimkit.models import create_encoder, patchify
+from mimkit.registry import method_spec
 from mimkit.targets import HOGTarget, hog_features, make_target
 from mimkit.teachers import EMATeacher, ema_update_, teacher_blocks, teacher_targets
 from mimkit.train import pretrain
@@ -123,9 +123,9 @@ def edge_image(horizontal: bool, channel: int | None = None, size: int = 32) -> 
     img = torch.zeros(1, 3, size, size)
     half = torch.zeros(size, size)
     if horizontal:
-        half[size // 2:] = 1.0  # top dark, bottom bright: a horizontal edge (the gradient points down)
+        half[size // 2 :] = 1.0  # top dark, bottom bright: a horizontal edge (the gradient points down)
     else:
-        half[:, size // 2:] = 1.0
+        half[:, size // 2 :] = 1.0
     for c in range(3) if channel is None else (channel,):
         img[0, c] = half
     return img
@@ -145,7 +145,11 @@ def test_hog_shape_width_and_a_flat_image_gives_zero():
     # every cell of every channel is a unit histogram (random images have gradients everywhere)
     torch.testing.assert_close(hog_cells(feat, 16).norm(dim=3), torch.ones(2, 16, 3, 4))
     assert torch.equal(t(torch.full((1, 3, 64, 64), 0.3)), torch.zeros(1, 16, 108))
-    assert make_target("hog", 4).width(4) == 108 and make_target("hog", 4)(torch.randn(1, 3, 32, 32)).shape == (1, 64, 108)
+    assert make_target("hog", 4).width(4) == 108 and make_target("hog", 4)(torch.randn(1, 3, 32, 32)).shape == (
+        1,
+        64,
+        108,
+    )
     with pytest.raises(ValueError, match="even patch"):
         HOGTarget(5)
 

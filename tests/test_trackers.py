@@ -48,9 +48,12 @@ def fake_mlflow(monkeypatch):
         return types.SimpleNamespace(info=types.SimpleNamespace(run_id=run_id or "ml-1"))
 
     module = types.SimpleNamespace(
-        set_tracking_uri=lambda uri: calls.append(("uri", uri)), start_run=start_run,
+        set_tracking_uri=lambda uri: calls.append(("uri", uri)),
+        start_run=start_run,
         log_params=lambda p: calls.append(("params", dict(p))),
-        log_metrics=lambda m, step: calls.append(("metrics", dict(m), step)), end_run=lambda: calls.append(("end",)))
+        log_metrics=lambda m, step: calls.append(("metrics", dict(m), step)),
+        end_run=lambda: calls.append(("end",)),
+    )
     monkeypatch.setitem(sys.modules, "mlflow", module)
     return calls
 
@@ -67,8 +70,11 @@ def test_wandb_gets_the_config_every_step_record_and_resumes_the_same_run(fake_w
     init = fake_wandb[0][1]
     assert init["config"] == {"method": "mae", "optim.blr": 1e-3, "optim.betas": "[0.9, 0.95]", "train.epochs": 2}
     assert init["id"] is None and init["name"] == tmp_path.name and init["resume"] == "allow"
-    assert fake_wandb[1:] == [("log", {"pretrain/loss": 2.0, "pretrain/lr": 0.1}, 1),
-                              ("log", {"pretrain/loss": 1.5, "pretrain/knn/block1": 30.0}, 2), ("finish",)]
+    assert fake_wandb[1:] == [
+        ("log", {"pretrain/loss": 2.0, "pretrain/lr": 0.1}, 1),
+        ("log", {"pretrain/loss": 1.5, "pretrain/knn/block1": 30.0}, 2),
+        ("finish",),
+    ]
     assert (tmp_path / ".wandb_run_id").read_text().strip() == "run-1"
     fake_wandb.clear()
     MetricsLog(tmp_path, True, ("wandb",), config=CONFIG, resumed_step=2).close()  # a resume: the same W&B run
@@ -91,8 +97,11 @@ def test_mlflow_logs_params_once_metrics_per_step_into_the_run_folder(fake_mlflo
 def test_only_rank_0_tracks_and_a_missing_package_is_one_line(tmp_path, monkeypatch):
     MetricsLog(tmp_path, False, ("wandb", "mlflow"), config=CONFIG).close()  # other ranks: nothing imported
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
-    with pytest.raises(MissingExtra, match=r"^train.loggers: wandb needs wandb, which is not installed: pip install "
-                                           r"'mimkit\[wandb\]'"):
+    with pytest.raises(
+        MissingExtra,
+        match=r"^train.loggers: wandb needs wandb, which is not installed: pip install "
+        r"'mimkit\[wandb\]'",
+    ):
         MetricsLog(tmp_path, True, ("wandb",), config=CONFIG)
 
 
@@ -127,5 +136,9 @@ def test_pretraining_sends_its_resolved_config(fake_wandb, tiny_cfg):
 
     pretrain(tiny_cfg("train.loggers=[wandb]", "train.max_steps=2"))
     init = fake_wandb[0][1]
-    assert init["config"]["method"] == "mae" and init["config"]["model.depth"] == 2 and "simmim.mask_patch_size" not in init["config"]
+    assert (
+        init["config"]["method"] == "mae"
+        and init["config"]["model.depth"] == 2
+        and "simmim.mask_patch_size" not in init["config"]
+    )
     assert [c[2] for c in fake_wandb if c[0] == "log"] == [1, 2] and fake_wandb[-1] == ("finish",)

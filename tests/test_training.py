@@ -35,6 +35,7 @@ def test_resume_mid_epoch_is_bit_identical(tiny_cfg, precision, workers):
     assert_bit_identical(a["model"], b["model"])
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert_bit_identical(sa, sb)
+
     # the logged losses after the resume point are identical too
     def losses(path):
         return {r["step"]: r["loss"] for r in map(json.loads, path.read_text().splitlines()) if "loss" in r}
@@ -64,7 +65,9 @@ def test_checkpoint_contents_and_rotation(tiny_cfg):
     assert {"model", "optimizer", "scaler", "step", "rng", "config", "mimkit_version", "steps_per_epoch"} <= set(state)
     assert state["step"] == 7 and state["config"]["train"]["max_steps"] == 7
     assert {"python", "numpy", "torch"} <= set(state["rng"][0])
-    assert any(k.startswith("decoder.") for k in state["model"]) and any(k.startswith("encoder.") for k in state["model"])
+    assert any(k.startswith("decoder.") for k in state["model"]) and any(
+        k.startswith("encoder.") for k in state["model"]
+    )
     assert (result.out_dir / "config.yaml").read_text().startswith("method: mae")
     records = [json.loads(line) for line in result.metrics.read_text().splitlines()]
     assert records[-1]["step"] == 7 and {"loss", "lr", "img_per_s"} <= set(records[-1])
@@ -156,7 +159,9 @@ def test_fp16_with_grad_scaler_and_clipping_runs(tiny_cfg):
 
 def test_tensorboard_reconstruction_grids_do_not_change_training(tiny_cfg):
     plain = pretrain(tiny_cfg("train.max_steps=10", out="plain"))
-    with_grids = pretrain(tiny_cfg("train.tensorboard=true", "train.vis_every_epochs=1", "train.max_steps=10", out="tb"))
+    with_grids = pretrain(
+        tiny_cfg("train.tensorboard=true", "train.vis_every_epochs=1", "train.max_steps=10", out="tb")
+    )
     a, b = final_state(plain)["model"], final_state(with_grids)["model"]
     assert_bit_identical(a, b)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_MODEL, make_images
 from PIL import Image
 from torch import nn
 
@@ -22,9 +23,9 @@ import mimkit
 from mimkit.checkpoint import save_checkpoint
 from mimkit.cli import main
 from mimkit.config import load_config, to_dict
-from mimkit.sources import ArrayImages
 from mimkit.methods import build_model
 from mimkit.methods.mae import MAEOutput
+from mimkit.sources import ArrayImages
 from mimkit.visualize import (
     NORM_PIX_NOTE,
     attention_maps,
@@ -36,8 +37,6 @@ from mimkit.visualize import (
     reconstruction_grid,
     visualize,
 )
-
-from conftest import TINY_MODEL, make_images
 
 SIZE, PATCH = 16, 4  # TINY_MODEL: 16 px images, 4 px patches, 4x4 grid
 

@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from conftest import TINY_MODEL, make_images
 from PIL import Image
 
 from mimkit.checkpoint import load_checkpoint
 from mimkit.sources import DataError
 from mimkit.train import pretrain
-
-from conftest import TINY_MODEL, make_images
 
 
 @pytest.fixture
@@ -109,11 +108,13 @@ def test_one_decodable_image_among_text_samples_keeps_training(tmp_path):
         info = tarfile.TarInfo("00099.png")
         info.size = len(buf.getvalue())
         tar.addfile(info, io.BytesIO(buf.getvalue()))
-    from mimkit.data import WebDatasetStream, pretrain_transform
     from mimkit.config import load_config
+    from mimkit.data import WebDatasetStream, pretrain_transform
 
     cfg = load_config(None, TINY_MODEL)
-    stream = WebDatasetStream([str(shard)], pretrain_transform(16, cfg.data), None, seed=0, epoch=0, rank=0, world_size=1)
+    stream = WebDatasetStream(
+        [str(shard)], pretrain_transform(16, cfg.data), None, seed=0, epoch=0, rank=0, world_size=1
+    )
     samples = list(itertools.islice(iter(stream), 5))  # the same image, pass after pass
     assert len(samples) == 5 and all(s["image"].shape == (3, 16, 16) for s in samples)
     assert samples[0]["skipped"] == 6  # the six text samples before it, counted

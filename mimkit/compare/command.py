@@ -70,52 +70,95 @@ def add_compare_parser(sub) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of `mimkit compare` (and of benchmarks/compare.py, which calls it)."""
     add = p.add_argument
-    add("--data", nargs="+", required=True, metavar="PATH", help="a labelled .npz (x_train, y_train, x_test, y_test), "
-        "a folder with train/ and val/ (or test/) ImageFolder trees, or two folders TRAIN VAL")
+    add(
+        "--data",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="a labelled .npz (x_train, y_train, x_test, y_test), "
+        "a folder with train/ and val/ (or test/) ImageFolder trees, or two folders TRAIN VAL",
+    )
     add("--methods", default="mae", help="comma-separated run specs (default: mae)")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--epochs", type=float, default=None, help="pretraining epochs per run (default: the recipe's)")
     budget.add_argument("--steps", type=int, default=None, help="pretraining optimizer steps per run")
-    budget.add_argument("--core-minutes", type=float, default=None, help="pretraining core-minutes per run, measured "
-                        "by each run's own clock (wall-clock x threads), which stops it")
+    budget.add_argument(
+        "--core-minutes",
+        type=float,
+        default=None,
+        help="pretraining core-minutes per run, measured "
+        "by each run's own clock (wall-clock x threads), which stops it",
+    )
     add("--eval-every", type=float, default=1.0, help="epochs between evaluated checkpoints (0: the final one only)")
     add("--out", default=None, help="study folder (default: runs/compare/<data name>)")
-    add("--role", choices=("all", "train", "eval"), default="all",
-        help="all: pretrain each run, then score it; train / eval: one half each, in two processes")
+    add(
+        "--role",
+        choices=("all", "train", "eval"),
+        default="all",
+        help="all: pretrain each run, then score it; train / eval: one half each, in two processes",
+    )
     add("--poll", type=int, default=60, help="--role eval: seconds between looks (0: score what is there, then stop)")
     add("--threads", type=int, default=None, help="torch threads of pretraining and evaluation (default: CPUs allowed)")
     add("--cpus", default=None, help="pin the study to these CPUs (as taskset -c: 1, 0,2, 0-3)")
-    add("--cpu-scale", action="append", default=[], metavar="CPU=FACTOR",
+    add(
+        "--cpu-scale",
+        action="append",
+        default=[],
+        metavar="CPU=FACTOR",
         help="multiply the core-minutes of runs pretrained on CPU (as compare.json's `machines` name it) by FACTOR, "
-             "e.g. a reference step's time on the reference CPU over its time on CPU, so that rows pretrained on "
-             "different machines count in one CPU's core-minutes; repeatable")
-    add("--set", action="append", default=[], metavar="[COMMAND:]KEY=VALUE",
-        help=f"an override for every run; COMMAND: {', '.join(SET_TARGETS)} (default pretrain); repeatable")
+        "e.g. a reference step's time on the reference CPU over its time on CPU, so that rows pretrained on "
+        "different machines count in one CPU's core-minutes; repeatable",
+    )
+    add(
+        "--set",
+        action="append",
+        default=[],
+        metavar="[COMMAND:]KEY=VALUE",
+        help=f"an override for every run; COMMAND: {', '.join(SET_TARGETS)} (default pretrain); repeatable",
+    )
     add("--mean", type=float, nargs=3, default=None, help="data mean (default: computed from the training images)")
     add("--std", type=float, nargs=3, default=None, help="data std (default: computed from the training images)")
     add("--img-size", type=int, default=None, help="model image size (default: the training images' side)")
     add("--patch-size", type=int, default=None, help="patch size (default: a grid of at most 14 tokens a side)")
-    add("--knn", default="probe", choices=("probe", "command"),
+    add(
+        "--knn",
+        default="probe",
+        choices=("probe", "command"),
         help="probe: the k-NN vote on the linear probe's cached features (one extraction per checkpoint); command: "
-             "a separate `mimkit knn` run (its own extraction, --set knn:...)")
+        "a separate `mimkit knn` run (its own extraction, --set knn:...)",
+    )
     add("--tokenizer", default=None, help="BEiT / mc-BEiT tokenizer file (default: one trained on the data)")
     add("--tokenizer-kind", default="mimkit", choices=("mimkit", "dalle", "vqgan"), help="kind of --tokenizer")
     add("--tokenizer-steps", type=int, default=None, help="tokenizer training steps (default: the recipe's)")
     add("--finetune-epochs", type=int, default=None, help="also fine-tune each final encoder and each random init")
-    add("--sweep", default=None, metavar="GRID", help="'key=v1,v2;key=v1,v2': every spec at every grid point, the "
-        "final checkpoint scored, the best probe per spec written to sweep_winners.json")
-    add("--reach", type=float, nargs="+", default=[], metavar="PERCENT", help="also read out the pretraining "
-        "epochs and core-minutes at which each run's probe first reaches these top-1 accuracies")
+    add(
+        "--sweep",
+        default=None,
+        metavar="GRID",
+        help="'key=v1,v2;key=v1,v2': every spec at every grid point, the "
+        "final checkpoint scored, the best probe per spec written to sweep_winners.json",
+    )
+    add(
+        "--reach",
+        type=float,
+        nargs="+",
+        default=[],
+        metavar="PERCENT",
+        help="also read out the pretraining "
+        "epochs and core-minutes at which each run's probe first reaches these top-1 accuracies",
+    )
     add("--train-samples", type=int, default=None, help="a seeded subset of the training images (.npz; smoke runs)")
     add("--test-samples", type=int, default=None, help="a seeded subset of the test images (.npz; smoke runs)")
-    add("--isolate", action="store_true", help="pretrain each run in a process of its own (`mimkit pretrain`; its "
-        "output in runs/RUN/train.log; a crash ends that run only) instead of a function call in this process")
+    add(
+        "--isolate",
+        action="store_true",
+        help="pretrain each run in a process of its own (`mimkit pretrain`; its "
+        "output in runs/RUN/train.log; a crash ends that run only) instead of a function call in this process",
+    )
     add("--no-page", action="store_true", help="do not write the study page (report.html; `mimkit report DIR` does)")
     add("--max-steps", type=int, default=None, help="stop each pretraining after N steps (smoke runs)")
     p.set_defaults(func=run_command)
     return p
-
-
 
 
 def run_study(args: argparse.Namespace) -> tuple[Study, dict]:

@@ -120,5 +120,3 @@ def data_info(paths, work: Path, train_samples, test_samples) -> DataInfo:
     info = inspect_data(paths, work, train_samples, test_samples)
     atomic_write_text(cache, json.dumps({"stamp": stamp, "info": asdict(info)}, indent=1) + "\n")
     return info
-
-

@@ -14,10 +14,13 @@ from mimkit.compare.readout import PANELS, probe_panel, summary_sentences
 from mimkit.report import BASE_STYLE, FOLDER_PAGES, Report, ReportError, img_tag, png_bytes, pyplot
 from mimkit.version import __version__
 
-STUDY_PAGE = """<!DOCTYPE html>
+STUDY_PAGE = (
+    """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>
-""" + BASE_STYLE + """#summary li {{ line-height: 1.6; }}
+"""
+    + BASE_STYLE
+    + """#summary li {{ line-height: 1.6; }}
 </style></head><body>
 <h1>{title}</h1>
 <p id="data">{data}</p>
@@ -34,6 +37,7 @@ STUDY_PAGE = """<!DOCTYPE html>
 <p><small>made by mimkit {version} (<code>mimkit report</code> of a <code>mimkit compare</code> study)</small></p>
 </body></html>
 """
+)
 
 
 def is_study(folder: Path) -> bool:
@@ -132,8 +136,10 @@ def build_study_page(folder: str | Path, out: str | Path | None = None) -> Repor
             f"images, {d.get('num_classes')} classes; model {study.get('img_size')} px, patch "
             f"{study.get('patch_size')}; budget {html.escape(json.dumps(study.get('budget')))}")  # fmt: skip
     summary = "".join(f"<li>{html.escape(s)}</li>" for s in study["summary"]) or "<li>nothing scored yet</li>"
-    note = ("± is one standard error of the test-set accuracy, sqrt(p(1-p)/n) over the n test images; a lead's is "
-            "the two in quadrature. Core-minutes: " + study.get("core_minutes_note", "wall-clock x threads"))
+    note = (
+        "± is one standard error of the test-set accuracy, sqrt(p(1-p)/n) over the n test images; a lead's is "
+        "the two in quadrature. Core-minutes: " + study.get("core_minutes_note", "wall-clock x threads")
+    )
     page = STUDY_PAGE.format(title=html.escape(f"mimkit study {folder.resolve().name}"), data=data, summary=summary,
                              curves=img_tag(png, "probe top-1 against epochs and core-minutes", "curves"),
                              tables=readout_tables(study), runs=runs_table(study, folder),

@@ -97,7 +97,6 @@ class Baseline:
     evals: Path
 
 
-
 class Plan:
     """What a study will do: built from the command's arguments, refused in one line before any compute."""
 
@@ -261,7 +260,6 @@ class Plan:
                 *self.sets["tokenizer"]]  # fmt: skip
 
 
-
 def portable(settings: dict) -> dict:
     """A run's or tokenizer's settings without the paths that only say where the study folder is."""
     return {**settings, "overrides": [o for o in settings["overrides"] if not o.startswith(IN_STUDY_FOLDER)]}
@@ -270,8 +268,6 @@ def portable(settings: dict) -> dict:
 def pretrained(run: Run, step: int) -> list[str]:
     """encoder.* overrides of a run's checkpoint (its own architecture)."""
     return [f"encoder.checkpoint={checkpoint_path(run.dir / 'pretrain', step)}", "encoder.arch=null"]
-
-
 
 
 def setup_logging(path: Path) -> None:

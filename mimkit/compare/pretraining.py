@@ -107,7 +107,9 @@ class Pretraining:
         shutil.rmtree(scratch, ignore_errors=True)
         seconds = clock[max(clock)][1] / len(clock)
         times = [clock[k][1] for k in sorted(clock)]
-        fastest = min((b - a for a, b in itertools.pairwise(times)), default=seconds)  # the schedule's length: budget.schedule
+        fastest = min(
+            (b - a for a, b in itertools.pairwise(times)), default=seconds
+        )  # the schedule's length: budget.schedule
         log.info("%s: %.3f s per step here (fastest %.3f s)", run.spec.text, seconds, fastest)
         return {"s_per_step": seconds, "s_per_step_fastest": fastest, "steps": len(clock), "threads": self.threads,
                 "at": now(), "cpu": machine().get("cpu")}  # fmt: skip
@@ -132,8 +134,12 @@ class Pretraining:
                 record["abandoned_segments"] = record.get("abandoned_segments", []) + record.pop("segments")
             record.update(spec=run.spec.text, settings=settings, save_every_steps=self.save_every(run),
                           steps_per_epoch=run.steps_per_epoch, segments=record.get("segments", []))  # fmt: skip
-            log.info("== %s: pretraining (%s) %s", run.spec.text,
-                     f"resuming after {newest[-1].name}" if newest else "from scratch", " ".join(settings["overrides"]))
+            log.info(
+                "== %s: pretraining (%s) %s",
+                run.spec.text,
+                f"resuming after {newest[-1].name}" if newest else "from scratch",
+                " ".join(settings["overrides"]),
+            )
             start = time.time()
             here = machine()
             segment = {"started": now(), "threads": self.threads, "cpus": sorted(os.sched_getaffinity(0)),
@@ -171,8 +177,10 @@ class Pretraining:
                     recipe = str(CONFIGS / "tokenizer_cifar10.yaml")
                     if self.launch(["tokenizer", "train", recipe, *settings["overrides"]], folder / "tokenizer.log"):
                         raise SpecError(f"tokenizer training failed (log: {folder / 'tokenizer.log'})")
-                    write_json(folder / "compare-tokenizer.json",
-                               {"settings": settings, "done": True, "wall_s": round(time.time() - start, 1)})
+                    write_json(
+                        folder / "compare-tokenizer.json",
+                        {"settings": settings, "done": True, "wall_s": round(time.time() - start, 1)},
+                    )
             # by content, not path or mtime: a fresh clone or another name for the same file reuses the stats
             with open(self.tokenizer, "rb") as f:
                 digest = hashlib.file_digest(f, "sha256").hexdigest()
@@ -183,4 +191,3 @@ class Pretraining:
                                         self.tokenizer.with_suffix(".jsonl"))  # fmt: skip
                 write_json(folder / "stats.json", {"stamp": stamp, **stats})
                 log.info("tokenizer: %s", stats)
-

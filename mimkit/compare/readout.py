@@ -42,6 +42,7 @@ def readouts(runs: list[dict], reach: list[float] = ()) -> dict:
         common = math.floor(10000 * min(max(c["probe_top1"] for c in p) for p in curves.values()) + 1e-6) / 100
     targets = list(dict.fromkeys([*([common] if common is not None else []), *reach]))
     if targets:
+
         def first(points: list[dict], percent: float) -> dict | None:
             hit = next((c for c in points if 100 * c["probe_top1"] >= percent - 1e-9), None)
             return hit and {k: hit.get(k) for k in ("step", "epoch", "core_minutes")}
@@ -74,8 +75,13 @@ def checkpoint_table(study: dict) -> list[str]:
         lines.append("| " + " | ".join([b["name"], *(["–"] if several else []), *cells]) + " |")
     for r in study["runs"]:
         at = {round(c["epoch"], 2): c for c in r["checkpoints"]}
-        cells = ["" if e not in at else f"{100 * at[e]['probe_top1']:.1f}" + (
-            "" if at[e].get("core_minutes") is None else f" ({at[e]['core_minutes']:.3g})") for e in epochs]
+        cells = [
+            ""
+            if e not in at
+            else f"{100 * at[e]['probe_top1']:.1f}"
+            + ("" if at[e].get("core_minutes") is None else f" ({at[e]['core_minutes']:.3g})")
+            for e in epochs
+        ]
         cpu = [", ".join(r.get("machines", [])) or "–"] if several else []
         lines.append("| " + " | ".join([r["name"], *cpu, *cells]) + " |")
     return lines
@@ -211,12 +217,23 @@ def probe_panel(ax, study: dict, key: str, label: str) -> None:
         if points:
             xs, ys, se = (list(v) for v in zip(*points))
             (line,) = ax.plot(xs, ys, marker="o", label=run["name"])
-            ax.fill_between(xs, [y - e for y, e in zip(ys, se)], [y + e for y, e in zip(ys, se)],
-                            color=line.get_color(), alpha=0.15, linewidth=0)  # one standard error
+            ax.fill_between(
+                xs,
+                [y - e for y, e in zip(ys, se)],
+                [y + e for y, e in zip(ys, se)],
+                color=line.get_color(),
+                alpha=0.15,
+                linewidth=0,
+            )  # one standard error
     for i, b in enumerate(b for b in study["baselines"] if b.get("probe_top1") is not None):
         ax.axhline(100 * b["probe_top1"], color="0.4", linestyle=("--", ":", "-.")[i % 3], label=b["name"])
-        ax.axhspan(100 * (b["probe_top1"] - point_se(b)), 100 * (b["probe_top1"] + point_se(b)), color="0.4",
-                   alpha=0.08, linewidth=0)
+        ax.axhspan(
+            100 * (b["probe_top1"] - point_se(b)),
+            100 * (b["probe_top1"] + point_se(b)),
+            color="0.4",
+            alpha=0.08,
+            linewidth=0,
+        )
     ax.set_xlabel(label + (" (--cpu-scale: one CPU's)" if key == "core_minutes" and study.get("cpu_scale") else ""))
     ax.set_ylabel("linear probe top-1 (%), ± 1 s.e.")
     ax.grid(alpha=0.3)
@@ -255,8 +272,6 @@ def sweep_winners(runs: list[dict]) -> dict:
     return best
 
 
-
-
 def point_se(row: dict, key: str = "probe") -> float:
     """The standard error of a row's accuracy (its test images), 0 when unknown."""
     se = std_error(row[f"{key}_top1"], row.get("test_images") or 0)
@@ -273,7 +288,8 @@ def _lead(where: str, lead: str, other: str, diff: float, se: float) -> str:
     """'At 26 core-minutes, mae+crossmae leads mae by 1.7 ± 0.7 probe points (2.4 standard errors).'"""
     ratio = abs(diff) / se if se > 0 else math.inf
     verdict = (f"{ratio:.1f} standard errors" if math.isfinite(ratio) else "no standard error known") + (
-        "" if ratio >= 2 else ": within two standard errors, not a difference these test images can show")
+        "" if ratio >= 2 else ": within two standard errors, not a difference these test images can show"
+    )
     ahead = "leads" if diff >= 0 else "trails"  # a best run below a random init trails it
     return f"At {where}, {lead} {ahead} {other} by {abs(diff):.1f} ± {se:.1f} probe points ({verdict})."
 

@@ -90,4 +90,3 @@ class Scoring:
                          len(jobs))  # fmt: skip
                 said = True
             time.sleep(self.args.poll)
-

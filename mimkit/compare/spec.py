@@ -114,7 +114,6 @@ def sweep_specs(specs: list[RunSpec], text: str) -> list[RunSpec]:
             for s in specs for point in itertools.product(*axes)]  # fmt: skip
 
 
-
 def parse_sets(items: list[str]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {t: [] for t in SET_TARGETS}
     for item in items:
@@ -139,8 +138,6 @@ def parse_cpus(text: str) -> set[int]:
     return cpus
 
 
-
-
 def parse_cpu_scale(items: list[str]) -> dict[str, float]:
     """['Intel(R) Xeon(R) Processor=1.289'] -> {cpu name: factor}."""
     scale = {}
@@ -161,8 +158,8 @@ def run_cpu_scale(name: str, machines: list[str], cpu_scale: dict[str, float]) -
     """The factor that turns a run's core-minutes into the reference CPU's: 1 unless --cpu-scale names its CPU."""
     factors = {cpu_scale.get(cpu, 1.0) for cpu in machines}
     if len(factors) > 1:  # its clock does not say which steps ran where
-        raise SpecError(f"--cpu-scale: run {name} was pretrained on several CPUs ({', '.join(machines)}) with "
-                        "different factors; its core-minutes cannot be converted (drop --cpu-scale for it)")
+        raise SpecError(
+            f"--cpu-scale: run {name} was pretrained on several CPUs ({', '.join(machines)}) with "
+            "different factors; its core-minutes cannot be converted (drop --cpu-scale for it)"
+        )
     return factors.pop() if factors else 1.0
-
-

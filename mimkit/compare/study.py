@@ -80,7 +80,9 @@ class Study(Plan, Pretraining, Scoring):
         runs = [self.run_row(run) for run in self.runs]
         seen = {cpu for r in runs for cpu in r["machines"]}
         for cpu in sorted(set(self.cpu_scale) - seen):
-            log.warning("--cpu-scale %r: no run was pretrained on that CPU (theirs: %s)", cpu, sorted(seen) or "none yet")
+            log.warning(
+                "--cpu-scale %r: no run was pretrained on that CPU (theirs: %s)", cpu, sorted(seen) or "none yet"
+            )
         a = self.args
         tokenizer = {k: v for k, v in read_json(self.tokenizer.parent / "stats.json").items() if k != "stamp"}
         study = {"command": sys.argv, "updated": now(), "data_path": " ".join(a.data), "data": asdict(self.info),

@@ -55,4 +55,3 @@ def tokenizer_stats(path: str, kind: str, grid: int, test_source, history: Path 
         stats["train_codes_per_batch"] = round(statistics.mean(r["codes_used"] for r in tail), 1)
         stats["train_reconstruction"] = round(statistics.mean(r["reconstruction"] for r in tail), 5)
     return stats
-

@@ -20,7 +20,9 @@ from mimkit.logs import ensure_logging
 RUNNERS = {"knn": run_knn, "linprobe": run_linprobe, "finetune": run_finetune}
 
 
-def evaluate(command: str, config_path: str | None = None, overrides: list[str] | None = None, **sections) -> EvalResult:
+def evaluate(
+    command: str, config_path: str | None = None, overrides: list[str] | None = None, **sections
+) -> EvalResult:
     """Run `mimkit knn | linprobe | finetune` from Python: command "knn", "linprobe" or "finetune"; the config is
     defaults <- YAML recipe <- keyword sections (e.g. data={"path": "torchvision:CIFAR10"}) <- `key=value`
     overrides, as on the command line. Returns an EvalResult: `.metrics` (what metrics.json holds: top1, top5, ...),

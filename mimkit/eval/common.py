@@ -36,7 +36,6 @@ from mimkit.checkpoint import (
     save_checkpoint,
 )
 from mimkit.data import pretrain_transform
-from mimkit.sources import CorruptImage, DataError, FolderImages, check_channels, load_npz
 from mimkit.datasets import open_torchvision
 from mimkit.engine import autocast_context, seed_everything
 from mimkit.eval.encoders import encoder_features, feature_dim
@@ -45,6 +44,7 @@ from mimkit.loop import Hook
 from mimkit.machine import cpu_model
 from mimkit.metrics import MetricsLog
 from mimkit.runs import GracefulStop, RunLock, RunStopped
+from mimkit.sources import CorruptImage, DataError, FolderImages, check_channels, load_npz
 
 log = logging.getLogger("mimkit")
 
@@ -128,11 +128,11 @@ def _open_labelled_split(path: str, split: str, fmt: str, root: str, download: b
 
 
 class RunStart(NamedTuple):
-    clock: "Stopwatch"
+    clock: Stopwatch
     dist: mdist.DistInfo
     precision: str
     out_dir: Path
-    data: "LabelledData"
+    data: LabelledData
 
 
 def start_eval_run(cfg, run) -> RunStart:
@@ -207,7 +207,9 @@ def open_labelled(d, seed: int = 0, in_chans: int = 3) -> LabelledData:
         raise DataError(f"data.path: the class folders of '{d.train_split}' and '{d.val_split}' differ")
     num_classes = max(int(max(train.targets.max(), val.targets.max())) + 1, len(getattr(train, "classes", None) or []))
     if min(train.targets.min(), val.targets.min()) < 0:
-        raise DataError(f"data.path: {d.path}: labels must be >= 0, found {int(min(train.targets.min(), val.targets.min()))}")
+        raise DataError(
+            f"data.path: {d.path}: labels must be >= 0, found {int(min(train.targets.min(), val.targets.min()))}"
+        )
     unseen = sorted(set(np.unique(val.targets).tolist()) - set(np.unique(train.targets).tolist()))
     if unseen:
         raise DataError(f"data.path: {d.path}: '{d.val_split}' has labels absent from '{d.train_split}': "
@@ -460,7 +462,7 @@ def write_final_metrics(out_dir: Path, metrics: dict) -> Path:
     return path
 
 
-def finish_eval(out_dir: Path, summary: dict, checkpoint: Path | None, is_main: bool) -> "EvalResult":
+def finish_eval(out_dir: Path, summary: dict, checkpoint: Path | None, is_main: bool) -> EvalResult:
     """metrics.json written by rank 0, every rank waited for: the command's result."""
     path = out_dir / "metrics.json"
     if is_main:
@@ -473,6 +475,7 @@ def finish_eval(out_dir: Path, summary: dict, checkpoint: Path | None, is_main: 
 class EvalResult:
     """What `mimkit.eval.evaluate` returns: `out_dir` (the evaluation's folder), `metrics` (what metrics.json holds:
     top1, top5, ...), `metrics_path` (that file) and `checkpoint` (the last checkpoint of a training evaluation)."""
+
     out_dir: Path
     metrics: dict  # what metrics.json holds
     metrics_path: Path
@@ -494,7 +497,9 @@ def machine_description(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
     threads = torch.get_num_threads()
-    return f"{os.cpu_count()} x {cpu_model()} (torch {torch.__version__}, {threads} thread{'s' if threads != 1 else ''})"
+    return (
+        f"{os.cpu_count()} x {cpu_model()} (torch {torch.__version__}, {threads} thread{'s' if threads != 1 else ''})"
+    )
 
 
 def frozen(module: nn.Module) -> nn.Module:

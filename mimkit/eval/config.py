@@ -75,6 +75,7 @@ class EvalDataConfig:
         std: per-channel standard deviation the images are normalised with (RGB, 0-1 scale)
         num_workers: DataLoader worker processes per process (0 = load in the main process)
     """
+
     # A .npz with x_{split} uint8 NHWC and y_{split} labels (CIFAR-10 layout), a folder holding one
     # ImageFolder tree per split (path/train/<class>/..., path/val/<class>/...), or torchvision:NAME (a
     # torchvision dataset class, e.g. CIFAR10, under data.root; the splits are its own: train / test ...).
@@ -109,6 +110,7 @@ class KnnParams:
         k: neighbours that vote
         temperature: T of the vote's weights exp(similarity / T)
     """
+
     k: int = 20
     temperature: float = 0.07
     chunk_size: int = 1024  # test images per similarity chunk (memory: chunk x train-set floats)
@@ -125,6 +127,7 @@ class KnnRun:
         out_dir: where metrics.json, metrics.jsonl and the feature caches go
         progress: tqdm bar on rank 0
     """
+
     batch_size: int = 256  # feature extraction, per process
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     device: str = "auto"
@@ -132,7 +135,9 @@ class KnnRun:
     out_dir: str = "runs/knn"
     resume: Literal["auto", "none"] = "auto"  # auto: reuse / continue the feature caches in out_dir
     save_every_batches: int = 50  # partial feature caches, for resuming an interrupted extraction
-    loggers: tuple[str, ...] | str = ("tensorboard",)  # besides metrics.jsonl: tensorboard, csv, wandb, mlflow (as pretraining's)
+    loggers: tuple[str, ...] | str = (
+        "tensorboard",
+    )  # besides metrics.jsonl: tensorboard, csv, wandb, mlflow (as pretraining's)
     tensorboard: bool | Literal["auto"] = "auto"  # auto: when installed; true: required; false: none
     progress: bool = True
 
@@ -169,6 +174,7 @@ class RunConfig:
         progress: tqdm bar on rank 0
         max_nonfinite_steps: consecutive skipped non-finite steps before the run stops
     """
+
     epochs: int = 90
     batch_size: int = 256  # per process, per micro-step
     accum_steps: int = 1
@@ -183,7 +189,9 @@ class RunConfig:
     keep_last: int = 2
     eval_every_epochs: int = 1  # top-1 on the val split (and at the end)
     log_every: int = 20
-    loggers: tuple[str, ...] | str = ("tensorboard",)  # besides metrics.jsonl: tensorboard, csv, wandb, mlflow (as pretraining's)
+    loggers: tuple[str, ...] | str = (
+        "tensorboard",
+    )  # besides metrics.jsonl: tensorboard, csv, wandb, mlflow (as pretraining's)
     tensorboard: bool | Literal["auto"] = "auto"  # auto: when installed; true: required; false: none
     progress: bool = True
     max_nonfinite_steps: int = 10
@@ -217,6 +225,7 @@ class ProbeOptim:
         warmup_epochs: linear lr warmup from 0, in epochs
         weight_decay: weight decay of the head (MAE's probe: 0)
     """
+
     name: Literal["lars", "sgd", "adamw"] = "lars"
     blr: float = 0.1  # lr = blr * effective_batch / 256
     lr: float | None = None
@@ -254,6 +263,7 @@ class FinetuneModel:
     Fields:
         drop_path_rate: stochastic depth rate of the encoder blocks during fine-tuning (MAE ViT-B: 0.1)
     """
+
     global_pool: Literal["avg", "token"] = "avg"  # avg: mean of patch tokens -> fc_norm -> head (MAE repo)
     drop_path_rate: float = 0.1
     head_init_std: float = 2e-5  # trunc_normal, as MAE
@@ -271,6 +281,7 @@ class AugConfig:
         mixup_switch_prob: probability of CutMix instead of Mixup when both are on
         label_smoothing: label smoothing of the cross-entropy (with Mixup / CutMix: of the mixed targets)
     """
+
     rand_augment: str | None = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec; null = none
     re_prob: float = 0.25  # random erasing
     mixup: float = 0.8  # alpha; 0 = off
@@ -293,6 +304,7 @@ class FinetuneOptim:
         eps: AdamW's epsilon
         clip_grad: max global grad norm; null = no clipping
     """
+
     blr: float = 1e-3  # lr = blr * effective_batch / 256
     lr: float | None = None
     min_lr: float = 1e-6
@@ -312,6 +324,7 @@ class EmaConfig:
         enabled: keep the EMA model (and report its top-1)
         decay: EMA decay per optimizer step
     """
+
     enabled: bool = False
     decay: float = 0.9998
 
@@ -348,25 +361,40 @@ def _validate_common(cfg: Any) -> None:
         require(e.arch is not None, "encoder.arch is required with encoder.checkpoint: none (random init)")
     else:
         require(e.checkpoint.lower() != "null", "encoder.checkpoint: write 'none' for a random-init encoder")
-    require(e.arch is None or e.arch in PRESETS, f"encoder.arch: unknown '{e.arch}'; allowed: {', '.join(sorted(PRESETS))}")
+    require(
+        e.arch is None or e.arch in PRESETS, f"encoder.arch: unknown '{e.arch}'; allowed: {', '.join(sorted(PRESETS))}"
+    )
     for key in ("img_size", "patch_size", "embed_dim", "depth", "num_heads"):
         v = getattr(e, key)
         require(v is None or v > 0, f"encoder.{key} must be positive, got {v}")
-    require(bool(d.path), "data.path is required: a .npz with x_train/y_train, or a folder with one ImageFolder tree per split")
-    require(d.train_samples is None or d.train_samples > 0, f"data.train_samples must be positive, got {d.train_samples}")
+    require(
+        bool(d.path),
+        "data.path is required: a .npz with x_train/y_train, or a folder with one ImageFolder tree per split",
+    )
+    require(
+        d.train_samples is None or d.train_samples > 0, f"data.train_samples must be positive, got {d.train_samples}"
+    )
     require(d.val_samples is None or d.val_samples > 0, f"data.val_samples must be positive, got {d.val_samples}")
     require(all(s > 0 for s in d.std), f"data.std must be positive, got {d.std}")
     require(d.crop_pct is None or 0.0 < d.crop_pct <= 1.0, f"data.crop_pct must be in (0, 1], got {d.crop_pct}")
-    require(0.0 < d.crop_scale[0] <= d.crop_scale[1] <= 1.0, f"data.crop_scale must satisfy 0 < min <= max <= 1, got {d.crop_scale}")
+    require(
+        0.0 < d.crop_scale[0] <= d.crop_scale[1] <= 1.0,
+        f"data.crop_scale must satisfy 0 < min <= max <= 1, got {d.crop_scale}",
+    )
     require(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
 
 
 def _validate_device(section: str, device: str) -> None:
-    require(device in ("auto", "cpu") or device.startswith("cuda"), f"{section}.device: '{device}' is not allowed; allowed: auto, cpu, cuda, cuda:N")
+    require(
+        device in ("auto", "cpu") or device.startswith("cuda"),
+        f"{section}.device: '{device}' is not allowed; allowed: auto, cpu, cuda, cuda:N",
+    )
 
 
 def _validate_features(section: str, f: FeatureConfig) -> None:
-    require(f.block == -1 or f.block >= 1, f"{section}.block must be -1 (last) or a 1-based block number, got {f.block}")
+    require(
+        f.block == -1 or f.block >= 1, f"{section}.block must be -1 (last) or a 1-based block number, got {f.block}"
+    )
 
 
 def _validate_run(t: RunConfig) -> None:
@@ -398,11 +426,16 @@ def validate(cfg: Any) -> Any:
         require(cfg.probe.head_init_std > 0, "probe.head_init_std must be positive")
         require(cfg.probe.knn_k >= 0 and cfg.probe.knn_temperature > 0,
                 "probe.knn_k must be >= 0 (0 = no k-NN) and probe.knn_temperature positive")  # fmt: skip
-        require(cfg.probe.knn_k == 0 or cfg.probe.mode == "cached",
-                "probe.knn_k needs probe.mode cached (the k-NN reads the cached features); use mimkit knn otherwise")
+        require(
+            cfg.probe.knn_k == 0 or cfg.probe.mode == "cached",
+            "probe.knn_k needs probe.mode cached (the k-NN reads the cached features); use mimkit knn otherwise",
+        )
         o = cfg.optim
         require(o.blr > 0 and (o.lr is None or o.lr > 0), "optim.blr / optim.lr must be positive")
-        require(o.min_lr >= 0 and o.warmup_epochs >= 0 and o.weight_decay >= 0, "optim.min_lr, warmup_epochs, weight_decay must be >= 0")
+        require(
+            o.min_lr >= 0 and o.warmup_epochs >= 0 and o.weight_decay >= 0,
+            "optim.min_lr, warmup_epochs, weight_decay must be >= 0",
+        )
         require(0.0 <= o.momentum < 1.0, f"optim.momentum must be in [0, 1), got {o.momentum}")
         require(o.trust_coeff > 0, f"optim.trust_coeff must be positive, got {o.trust_coeff}")
         _validate_run(cfg.train)
@@ -410,20 +443,35 @@ def validate(cfg: Any) -> Any:
         m, a, o = cfg.model, cfg.aug, cfg.optim
         require(0.0 <= m.drop_path_rate < 1.0, f"model.drop_path_rate must be in [0, 1), got {m.drop_path_rate}")
         require(m.head_init_std > 0, "model.head_init_std must be positive")
-        require(m.trainable_blocks is None or m.trainable_blocks >= 0, f"model.trainable_blocks must be >= 0 or null, got {m.trainable_blocks}")
-        require(a.rand_augment is None or a.rand_augment.startswith("rand-"), f"aug.rand_augment must be a timm RandAugment spec like 'rand-m9-mstd0.5-inc1' or null, got {a.rand_augment!r}")
-        require(0.0 <= a.re_prob <= 1.0 and 0.0 <= a.mixup_prob <= 1.0 and 0.0 <= a.mixup_switch_prob <= 1.0, "aug.re_prob, mixup_prob, mixup_switch_prob must be in [0, 1]")
+        require(
+            m.trainable_blocks is None or m.trainable_blocks >= 0,
+            f"model.trainable_blocks must be >= 0 or null, got {m.trainable_blocks}",
+        )
+        require(
+            a.rand_augment is None or a.rand_augment.startswith("rand-"),
+            f"aug.rand_augment must be a timm RandAugment spec like 'rand-m9-mstd0.5-inc1' or null, got {a.rand_augment!r}",
+        )
+        require(
+            0.0 <= a.re_prob <= 1.0 and 0.0 <= a.mixup_prob <= 1.0 and 0.0 <= a.mixup_switch_prob <= 1.0,
+            "aug.re_prob, mixup_prob, mixup_switch_prob must be in [0, 1]",
+        )
         require(a.mixup >= 0 and a.cutmix >= 0, "aug.mixup and aug.cutmix must be >= 0")
         require(0.0 <= a.label_smoothing < 1.0, f"aug.label_smoothing must be in [0, 1), got {a.label_smoothing}")
         require(o.blr > 0 and (o.lr is None or o.lr > 0), "optim.blr / optim.lr must be positive")
-        require(o.min_lr >= 0 and o.warmup_epochs >= 0 and o.weight_decay >= 0, "optim.min_lr, warmup_epochs, weight_decay must be >= 0")
+        require(
+            o.min_lr >= 0 and o.warmup_epochs >= 0 and o.weight_decay >= 0,
+            "optim.min_lr, warmup_epochs, weight_decay must be >= 0",
+        )
         require(0.0 < o.layer_decay <= 1.0, f"optim.layer_decay must be in (0, 1], got {o.layer_decay}")
         require(all(0.0 <= b < 1.0 for b in o.betas), f"optim.betas must be in [0, 1), got {o.betas}")
         require(o.clip_grad is None or o.clip_grad > 0, f"optim.clip_grad must be positive or null, got {o.clip_grad}")
         require(0.0 < cfg.ema.decay < 1.0, f"ema.decay must be in (0, 1), got {cfg.ema.decay}")
         _validate_run(cfg.train)
         mixing = a.mixup > 0 or a.cutmix > 0
-        require(not mixing or cfg.train.batch_size % 2 == 0, "train.batch_size must be even with Mixup/CutMix (timm pairs images)")
+        require(
+            not mixing or cfg.train.batch_size % 2 == 0,
+            "train.batch_size must be even with Mixup/CutMix (timm pairs images)",
+        )
     return cfg
 
 

@@ -100,7 +100,9 @@ def check_out(out: str | Path | None) -> Path | None:
         try:
             import pyarrow  # noqa: F401
         except ImportError:
-            raise MissingExtra(f"--out {out}: Parquet output needs pyarrow: {install_hint('parquet', 'a .npz')}") from None
+            raise MissingExtra(
+                f"--out {out}: Parquet output needs pyarrow: {install_hint('parquet', 'a .npz')}"
+            ) from None
     return out
 
 

@@ -108,7 +108,9 @@ def encoder_source(ecfg) -> EncoderSource:
         # the Beit BEiT pretraining starts from; its tokenizer is irrelevant here (never built)
         pcfg = config_from_dict({"method": "beit", "model": {k: v for k, v in model.items() if v is not None},
                                  "tokenizer": {"kind": "random"}})  # fmt: skip
-        return EncoderSource(model, None, "random init of timm Beit (no checkpoint)", beit_kwargs=timm_beit_kwargs(pcfg))
+        return EncoderSource(
+            model, None, "random init of timm Beit (no checkpoint)", beit_kwargs=timm_beit_kwargs(pcfg)
+        )
     path = Path(ecfg.checkpoint)
     if not path.exists():
         raise ConfigError(f"encoder.checkpoint: {path} does not exist (a checkpoint-N.pt file, a sharded checkpoint-N "
@@ -120,7 +122,7 @@ def encoder_source(ecfg) -> EncoderSource:
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ConfigError(f"encoder.checkpoint: {path} is not a mimkit pretraining checkpoint (no 'model' / 'config'); "
                           "convert official MAE / BEiT / BootMAE / Hugging Face weights with `mimkit import`")  # fmt: skip
-    enc = {k[len("encoder."):]: v for k, v in state["model"].items() if k.startswith("encoder.")}
+    enc = {k[len("encoder.") :]: v for k, v in state["model"].items() if k.startswith("encoder.")}
     if not enc:
         raise ConfigError(f"encoder.checkpoint: {path} holds no 'encoder.*' tensors (is it a pretraining checkpoint?)")
     try:
@@ -152,7 +154,6 @@ def encoder_source(ecfg) -> EncoderSource:
     step = state.get("step")
     beit_kwargs = None
     if family == "beit":  # the encoder is timm's Beit (relative position bias, layer scale)
-
         beit_kwargs = timm_beit_kwargs(pcfg)
         if ecfg.img_size is not None and ecfg.img_size != ckpt["img_size"]:
             raise ConfigError(f"encoder.img_size: {ecfg.img_size} differs from the BEiT checkpoint {path} "
@@ -213,7 +214,9 @@ def load_pretrained(model: VisionTransformer, src: EncoderSource) -> KeyReport:
         new = model.patch_embed.grid_size
         state["pos_embed"] = resample_abs_pos_embed(pe.float(), new_size=list(new), old_size=[old, old],
                                                     num_prefix_tokens=prefix).to(pe.dtype)  # fmt: skip
-        report.notes.append(f"pos_embed resampled {old}x{old} -> {new[0]}x{new[1]} (timm.layers.resample_abs_pos_embed, bicubic)")
+        report.notes.append(
+            f"pos_embed resampled {old}x{old} -> {new[0]}x{new[1]} (timm.layers.resample_abs_pos_embed, bicubic)"
+        )
     for k, v in state.items():
         if k in own and own[k].shape != v.shape:
             raise ConfigError(f"encoder.checkpoint: tensor '{k}' has shape {tuple(v.shape)} in {src.source}, the model "
@@ -268,5 +271,7 @@ def encoder_features(encoder: VisionTransformer, imgs: torch.Tensor, indices: li
     pooled = []
     for patches, prefix in outs:
         mean = patches.mean(dim=1)
-        pooled.append(mean if pool == "mean" else prefix[:, 0] if pool == "cls" else torch.cat([prefix[:, 0], mean], -1))
+        pooled.append(
+            mean if pool == "mean" else prefix[:, 0] if pool == "cls" else torch.cat([prefix[:, 0], mean], -1)
+        )
     return torch.stack(pooled, dim=1).float()

@@ -132,7 +132,10 @@ def lr_table(model: nn.Module, groups: list[dict], peak_lr: float) -> list[dict]
 
 
 def format_lr_table(rows: list[dict]) -> str:
-    lines = ["layer-wise lr decay (peak lr per layer):", f"  {'layer':>5}  {'lr scale':>10}  {'peak lr':>10}  {'wd':>10}  params"]
+    lines = [
+        "layer-wise lr decay (peak lr per layer):",
+        f"  {'layer':>5}  {'lr scale':>10}  {'peak lr':>10}  {'wd':>10}  params",
+    ]
     for r in rows:
         wd = "/".join(f"{w:g}" for w in r["weight_decay"])
         lines.append(f"  {r['layer']:>5}  {r['lr_scale']:>10.4g}  {r['peak_lr']:>10.4g}  {wd:>10}  {r['params']}")
@@ -190,6 +193,7 @@ def evaluate_classifier(model: nn.Module, loader: DataLoader, device: torch.devi
 class FinetuneParts:
     """What a fine-tuning step uses besides the model: the loss, Mixup / CutMix (None: off), the model EMA (None:
     off), and the per-layer lr table."""
+
     criterion: nn.Module
     mixup: Mixup | None
     ema: ModelEmaV3 | None
@@ -234,8 +238,15 @@ def finetune_loaders(cfg: FinetuneConfig, data, img_size: int, dist) -> tuple[Re
     """The train batches (resumable sampler, timm's augmentation with per-sample seeds) and this rank's val share."""
     t, device = cfg.train, dist.device
     train_set = LabelledDataset(data.train, finetune_train_transform(img_size, cfg))
-    sampler = ResumableBatchSampler(len(train_set), t.batch_size, t.accum_steps, dist.rank, dist.world_size, t.seed,
-                                    remedy=too_few_images_remedy(cfg.data))
+    sampler = ResumableBatchSampler(
+        len(train_set),
+        t.batch_size,
+        t.accum_steps,
+        dist.rank,
+        dist.world_size,
+        t.seed,
+        remedy=too_few_images_remedy(cfg.data),
+    )
     workers, pin = cfg.data.num_workers, device.type == "cuda"
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=workers, pin_memory=pin,
                         persistent_workers=workers > 0, generator=torch.Generator())  # fmt: skip
@@ -285,9 +296,17 @@ def run_finetune(cfg: FinetuneConfig) -> EvalResult:
     groups = layer_decay_param_groups(model, o.weight_decay, o.layer_decay)
     parts = finetune_parts(cfg, model, data.num_classes, peak_lr, groups)
     optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=o.betas, eps=o.eps, **adamw_kernel("auto", sharded=False))
-    engine = StepEngine(model, optimizer, device=device, precision=precision, accum_steps=t.accum_steps,
-                        clip_grad=o.clip_grad, max_nonfinite_steps=t.max_nonfinite_steps, name="finetune",
-                        hint="Try a lower optim.blr, optim.clip_grad, or train.precision=fp32.")
+    engine = StepEngine(
+        model,
+        optimizer,
+        device=device,
+        precision=precision,
+        accum_steps=t.accum_steps,
+        clip_grad=o.clip_grad,
+        max_nonfinite_steps=t.max_nonfinite_steps,
+        name="finetune",
+        hint="Try a lower optim.blr, optim.clip_grad, or train.precision=fp32.",
+    )
     ema = parts.ema
 
     # ---- resume: model, optimizer, scaler, EMA, step (which fixes epoch, data position and lr), evaluations
@@ -325,7 +344,12 @@ def run_finetune(cfg: FinetuneConfig) -> EvalResult:
 
     # ---- the loop
     engine.last_checkpoint = resume_from
-    describe = lambda r: f"epoch {r['epoch']:.2f}: top-1 {r['top1']:.2f}%" + (f", EMA top-1 {r['ema_top1']:.2f}%" if ema is not None else "")
+
+    def describe(r: dict) -> str:
+        return f"epoch {r['epoch']:.2f}: top-1 {r['top1']:.2f}%" + (
+            f", EMA top-1 {r['ema_top1']:.2f}%" if ema is not None else ""
+        )
+
     loop = TrainLoop("finetune", t, engine=engine, metrics=metrics, save=save, out_dir=out_dir, is_main=dist.is_main,
                      step=step, last_step=min(total_steps, t.max_steps or total_steps), steps_per_epoch=steps_per_epoch,
                      effective_batch=effective_batch,

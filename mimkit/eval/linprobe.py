@@ -65,7 +65,8 @@ class ProbeHeads(nn.Module):
     def __init__(self, num_heads: int, dim: int, num_classes: int, init_std: float = 0.01):
         super().__init__()
         self.heads = nn.ModuleList(
-            nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes)) for _ in range(num_heads)
+            nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
+            for _ in range(num_heads)
         )
         for head in self.heads:
             trunc_normal_(head[1].weight, std=init_std)
@@ -111,6 +112,7 @@ class ProbeData:
     """The probe's features and batches: val features always (the encoder is fixed), train features in cached mode
     (`loader` None) or augmented images through the encoder (`loader`), the sampler of both, and the k-NN record of
     the cached features."""
+
     f_val: torch.Tensor
     y_val: torch.Tensor
     sampler: ResumableBatchSampler
@@ -193,8 +195,16 @@ def run_linprobe(cfg: LinprobeConfig) -> EvalResult:
     peak_lr = o.lr if o.lr is not None else o.blr * effective_batch / 256
     optimizer = probe_optimizer(heads, o, peak_lr)
     # the heads train in fp32 (features are extracted under autocast, in forward below)
-    engine = StepEngine(heads, optimizer, device=device, precision="fp32", accum_steps=t.accum_steps,
-                        max_nonfinite_steps=t.max_nonfinite_steps, name="linprobe", hint="Try a lower optim.blr.")
+    engine = StepEngine(
+        heads,
+        optimizer,
+        device=device,
+        precision="fp32",
+        accum_steps=t.accum_steps,
+        max_nonfinite_steps=t.max_nonfinite_steps,
+        name="linprobe",
+        hint="Try a lower optim.blr.",
+    )
 
     # ---- resume: heads, optimizer, step (which fixes epoch, data position and lr), evaluations so far
     resume_from, step, evals = resume_probe(t, heads, engine, clock, {"steps_per_epoch": steps_per_epoch,
@@ -232,7 +242,10 @@ def run_linprobe(cfg: LinprobeConfig) -> EvalResult:
 
     # ---- the loop
     engine.last_checkpoint = resume_from
-    describe = lambda r: f"epoch {r['epoch']:.2f}: top-1 {r['top1']:.2f}% (best block {r['best_block']}: {r['best_top1']:.2f}%)"
+
+    def describe(r: dict) -> str:
+        return f"epoch {r['epoch']:.2f}: top-1 {r['top1']:.2f}% (best block {r['best_block']}: {r['best_top1']:.2f}%)"
+
     loop = TrainLoop("linprobe", t, engine=engine, metrics=metrics, save=save, out_dir=out_dir, is_main=dist.is_main,
                      step=step, last_step=min(total_steps, t.max_steps or total_steps), steps_per_epoch=steps_per_epoch,
                      effective_batch=effective_batch,

@@ -17,7 +17,6 @@ from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.models.beit import checkpoint_filter_fn as beit_checkpoint_filter_fn
 
 from mimkit.config import ConfigError, load_config
-from mimkit.registry import encoder_family
 from mimkit.files import InteropError
 from mimkit.interop.convert import Converted
 from mimkit.interop.import_base import (
@@ -30,6 +29,7 @@ from mimkit.interop.import_base import (
     save_imported,
 )
 from mimkit.methods import build_model
+from mimkit.registry import encoder_family
 
 _ENCODER_PREFIXES = ("beit.", "encoder.")  # an encoder saved inside a larger model (and mimkit's own checkpoints)
 _BEIT_MARKS = ("attn.q_bias", "attn.v_bias", ".gamma_1", ".gamma_2", "relative_position_bias_table")

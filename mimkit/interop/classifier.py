@@ -124,7 +124,9 @@ def load_finetuned(path: str | Path, ema: bool = False) -> Classifier:
     """The classifier of a `mimkit finetune` checkpoint (its EMA weights with `ema`), rebuilt as a timm model."""
     found = finetuned_classifier(path, ema)
     if found is None:
-        raise InteropError(f"{path}: not a fine-tuned checkpoint (no command 'finetune'; `mimkit finetune` writes them)")
+        raise InteropError(
+            f"{path}: not a fine-tuned checkpoint (no command 'finetune'; `mimkit finetune` writes them)"
+        )
     return found
 
 
@@ -225,7 +227,11 @@ def load_classifier(path: str | Path) -> Classifier:
 
 def _hf_labels(c: Classifier) -> dict:
     names = c.names()
-    return {"num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
+    return {
+        "num_labels": len(names),
+        "id2label": dict(enumerate(names)),
+        "label2id": {n: i for i, n in enumerate(names)},
+    }
 
 
 def hf_classifier(c: Classifier):

@@ -11,10 +11,10 @@ from torch import nn
 
 from mimkit.checkpoint import CheckpointError, load_checkpoint
 from mimkit.config import Config, ConfigError, config_from_dict
-from mimkit.registry import encoder_family
 from mimkit.files import InteropError, load_weights_file
 from mimkit.methods import build_model
 from mimkit.presets import PRESETS
+from mimkit.registry import encoder_family
 
 FORMATS = ("auto", "mimkit", "mae", "beit", "bootmae", "hf")
 

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import torch
 
-from mimkit.version import __version__
 from mimkit.checkpoint import atomic_write_bytes, atomic_write_text, current_umask
 from mimkit.config import Config
-from mimkit.registry import encoder_family
 from mimkit.files import InteropError
-from mimkit.interop.common import read_json, timm_name, encoder_spec, load_mimkit_checkpoint
+from mimkit.interop.common import encoder_spec, load_mimkit_checkpoint, read_json, timm_name
 from mimkit.interop.hf_keys import hf_beit_config, hf_beit_key_map, hf_key_map, mimkit_to_hf
 from mimkit.methods.mae import MAEDecoder
 from mimkit.models import timm_beit_kwargs
+from mimkit.registry import encoder_family
+from mimkit.version import __version__
 
 # =============================================================================================
 # Export
@@ -57,7 +57,6 @@ def export_timm(ckpt: str | Path, out: str | Path) -> dict[str, Path]:
     mean, std = _data_stats(cfg)
     size = spec["img_size"]
     if encoder_family(cfg.method) == "beit":  # timm's Beit: relative position bias, layer scale, no abs. pos-embed
-
         model_args = timm_beit_kwargs(cfg)
     else:
         model_args = {
@@ -140,8 +139,10 @@ def _require_transformers():
     try:
         import transformers
     except ImportError as e:
-        raise InteropError("Hugging Face export/import needs transformers >= 5, which is not installed: "
-                           "pip install 'mimkit[hf]' (or pip install 'transformers>=5')") from e
+        raise InteropError(
+            "Hugging Face export/import needs transformers >= 5, which is not installed: "
+            "pip install 'mimkit[hf]' (or pip install 'transformers>=5')"
+        ) from e
     if int(transformers.__version__.split(".")[0]) < 5:
         raise InteropError(f"Hugging Face export needs transformers >= 5 (found {transformers.__version__})")
     return transformers
@@ -186,7 +187,8 @@ def hf_vit_mae_config(model, cfg: Config):
         if block is not None
         else 4 * dec.decoder_embed.out_features,
         # mask.count c: a ratio whose int(L * (1 - r)) is L - c, away from float rounding
-        mask_ratio=float(model.mask_ratio) if getattr(model, "mask_count", None) is None
+        mask_ratio=float(model.mask_ratio)
+        if getattr(model, "mask_count", None) is None
         else (model.mask_count - 0.5) / model.num_patches,
         norm_pix_loss=bool(model.norm_pix_loss),
     )

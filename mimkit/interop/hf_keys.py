@@ -124,7 +124,6 @@ def hf_beit_config(model, cfg: Config, *, mim_head: bool = False):
     """A transformers ``BeitConfig`` for a mimkit BEiT / mc-BEiT model (``model.encoder`` a timm ``Beit``)."""
     from transformers import BeitConfig
 
-
     kw = timm_beit_kwargs(cfg)
     return BeitConfig(
         vocab_size=int(model.lm_head.out_features), hidden_size=kw["embed_dim"], num_hidden_layers=kw["depth"],

@@ -13,12 +13,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from mimkit.version import __version__
 from mimkit.checkpoint import save_checkpoint
 from mimkit.config import Config, to_dict
 from mimkit.files import InteropError
 from mimkit.interop.convert import Converted
 from mimkit.presets import PRESETS
+from mimkit.version import __version__
 
 _HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}  # ViT-Ti/S/B/L/H
 

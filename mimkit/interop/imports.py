@@ -17,7 +17,7 @@ from mimkit.checkpoint import CheckpointError, load_checkpoint
 from mimkit.config import ConfigError, config_from_dict, load_config
 from mimkit.files import InteropError, is_weights_file, load_weights_file
 from mimkit.interop.beit_import import has_relative_position_bias, import_beit, strip_encoder_prefix
-from mimkit.interop.common import FORMATS, read_json, read_hf_folder, unwrap_state_dict
+from mimkit.interop.common import FORMATS, read_hf_folder, read_json, unwrap_state_dict
 from mimkit.interop.convert import Converted, convert_hf, convert_mimkit, convert_official, detect_format
 from mimkit.interop.import_base import (
     ImportOptions,
@@ -130,7 +130,8 @@ def _what_file(path: Path) -> str:
     if path.stat().st_size == 0:
         return "the file is empty"
     kind = {".json": "a JSON file", ".yaml": "a YAML file", ".yml": "a YAML file", ".txt": "a text file"}.get(
-        path.suffix.lower(), "neither a torch.save archive, a pickle nor safetensors")
+        path.suffix.lower(), "neither a torch.save archive, a pickle nor safetensors"
+    )
     if path.suffix.lower() == ".json":
         kind += "; for a Hugging Face / timm model give the folder that holds it"
     return kind
@@ -281,7 +282,12 @@ def _place_tensors(src: Path, conv: Converted, model: nn.Module, report: ImportR
             report.unexpected[origin] = "no such tensor in mimkit's ViT / MAE decoder"
             continue
         want = target[key].shape
-        if key == "decoder.decoder_pos_embed" and tensor.shape != want and tensor.ndim == 3 and tensor.shape[-1] == want[-1]:
+        if (
+            key == "decoder.decoder_pos_embed"
+            and tensor.shape != want
+            and tensor.ndim == 3
+            and tensor.shape[-1] == want[-1]
+        ):
             tensor = _decoder_table_for(tensor, want[-1], grid, origin, conv.notes)
         if tensor.shape != want:
             raise InteropError(

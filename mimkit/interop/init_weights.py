@@ -29,6 +29,7 @@ from mimkit.models import sincos_2d_pos_embed
 @dataclass
 class InitReport:
     """What `train.init_from` took: recorded in the run (metrics.jsonl, the checkpoints) and logged."""
+
     source: str
     kind: str  # what the source was read as
     matched: list[str] = field(default_factory=list)  # taken as they are
@@ -69,20 +70,26 @@ def source_state(path: str | Path, hints: ImportOptions | None = None) -> tuple[
         return load_checkpoint(Path(tmp) / "imported.pt")["model"], f"{report.format} weights, converted"
 
 
-def fit_tensor(key: str, tensor: torch.Tensor, want: torch.Tensor, prefix_tokens: int) -> tuple[torch.Tensor | None, str]:
+def fit_tensor(
+    key: str, tensor: torch.Tensor, want: torch.Tensor, prefix_tokens: int
+) -> tuple[torch.Tensor | None, str]:
     """`tensor` made to fit `want`'s shape where a rule says how, with what was done; (None, why) otherwise."""
     if key.endswith("pos_embed") and tensor.ndim == 3 and want.ndim == 3 and tensor.shape[-1] == want.shape[-1]:
         old, new = tensor.shape[1] - prefix_tokens, want.shape[1] - prefix_tokens
         old_side, new_side = round(old**0.5), round(new**0.5)
         if old_side**2 == old and new_side**2 == new:
             if is_sincos_table(tensor, old_side) and prefix_tokens == 1:  # a fixed function of the grid: rebuilt
-                return sincos_2d_pos_embed(want.shape[-1], new_side).to(want.dtype), f"sin-cos table rebuilt for {new_side}x{new_side}"
+                return sincos_2d_pos_embed(want.shape[-1], new_side).to(
+                    want.dtype
+                ), f"sin-cos table rebuilt for {new_side}x{new_side}"
             fitted = resample_abs_pos_embed(tensor, new_size=[new_side, new_side], old_size=[old_side, old_side],
                                             num_prefix_tokens=prefix_tokens)  # fmt: skip
             return fitted, f"resampled {old_side}x{old_side} -> {new_side}x{new_side} (timm resample_abs_pos_embed)"
     if key.endswith("patch_embed.proj.weight") and tensor.ndim == 4 and tensor.shape[0] == want.shape[0] \
             and tensor.shape[2:] == want.shape[2:]:  # fmt: skip
-        return adapt_input_conv(want.shape[1], tensor), f"{tensor.shape[1]} -> {want.shape[1]} input channels (timm adapt_input_conv)"
+        return adapt_input_conv(
+            want.shape[1], tensor
+        ), f"{tensor.shape[1]} -> {want.shape[1]} input channels (timm adapt_input_conv)"
     return None, f"shape {tuple(tensor.shape)}, the model's {tuple(want.shape)}"
 
 
@@ -111,7 +118,7 @@ def initial_state(model: torch.nn.Module, target: dict[str, torch.Tensor], path:
             report.matched.append(key)
     for prefix in teachers:  # a frozen copy of the encoder the source lacks starts as the encoder it was given
         for key in [k for k in report.missing if k.startswith(prefix)]:
-            student = "encoder." + key[len(prefix):]
+            student = "encoder." + key[len(prefix) :]
             if student in new and student not in report.missing and new[student].shape == target[key].shape:
                 new[key] = new[student].clone()
                 report.missing.remove(key)

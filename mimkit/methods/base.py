@@ -58,8 +58,9 @@ class MIMMethod(nn.Module):
 def vit_encoder(cfg) -> nn.Module:
     """The stock timm VisionTransformer `cfg.model` describes (the encoder of the visible-token methods)."""
     m = cfg.model
-    return create_encoder(m.arch, m.img_size, m.patch_size, m.drop_path_rate, m.embed_dim, m.depth, m.num_heads,
-                          in_chans=m.in_chans)
+    return create_encoder(
+        m.arch, m.img_size, m.patch_size, m.drop_path_rate, m.embed_dim, m.depth, m.num_heads, in_chans=m.in_chans
+    )
 
 
 def set_layer_norm_eps(module: nn.Module, eps: float) -> nn.Module:

@@ -60,7 +60,6 @@ class BEiT(MIMMethod):
     ``tokenizer=None`` (tokenizer.kind none: an imported encoder) builds the same model without one, lm_head
     ``vocab_size`` wide: it evaluates and exports; a training forward says that it needs a tokenizer."""
 
-
     soft = False
 
     def __init__(self, encoder: Beit, tokenizer: Tokenizer | None, *, mask_ratio: float = 0.4,
@@ -88,7 +87,9 @@ class BEiT(MIMMethod):
                 f"tokenizer grid {size}/{tokenizer.downsample} does not match the ViT patch grid {self.grid}: set "
                 f"tokenizer.size to {self.grid[0] * tokenizer.downsample} (or leave it unset)"
             )
-        interp = tokenizer_interpolation if tokenizer_interpolation not in (None, "default") else tokenizer.interpolation
+        interp = (
+            tokenizer_interpolation if tokenizer_interpolation not in (None, "default") else tokenizer.interpolation
+        )
         self.second_view = ViewSpec(size, interp, tuple(tokenizer.mean), tuple(tokenizer.std))
 
     def mask_inputs(self, generator: torch.Generator) -> dict[str, torch.Tensor]:

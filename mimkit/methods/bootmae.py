@@ -214,8 +214,17 @@ class BootMAE(MIMMethod):
                 consistency = consistency_loss(pred, masks, self.stop_gradient, self.distance)
                 loss = loss + self.consistency_weight * consistency
         momentum = self.current_momentum() if self.ema_encoder is not None else 0.0
-        return BootMAEOutput(loss, pred.clone(), masks, reconstruction.detach(), feature.detach(), consistency.detach(),
-                             lam, momentum, None if feature_pred is None else feature_pred.clone())  # no views (FSDP2)
+        return BootMAEOutput(
+            loss,
+            pred.clone(),
+            masks,
+            reconstruction.detach(),
+            feature.detach(),
+            consistency.detach(),
+            lam,
+            momentum,
+            None if feature_pred is None else feature_pred.clone(),
+        )  # no views (FSDP2)
 
 
 def build(cfg) -> BootMAE:
@@ -240,7 +249,10 @@ def check(cfg) -> None:
     if cfg.mask.type == "parallel":
         check_parallel_masks(cfg)
     require(b.feature_weight >= 0, f"bootmae.feature_weight must be >= 0, got {b.feature_weight}")
-    require(0.0 <= b.feature_weight_ramp <= 1.0, f"bootmae.feature_weight_ramp must be in [0, 1], got {b.feature_weight_ramp}")
+    require(
+        0.0 <= b.feature_weight_ramp <= 1.0,
+        f"bootmae.feature_weight_ramp must be in [0, 1], got {b.feature_weight_ramp}",
+    )
     for name in ("momentum", "momentum_mid", "momentum_final"):
         value = getattr(b, name)
         require(value is None or 0.0 <= value <= 1.0, f"bootmae.{name} must be in [0, 1], got {value}")

@@ -159,7 +159,10 @@ def check(cfg) -> None:
     require(d.decoder_kernel >= 1 and d.decoder_kernel % 2 == 1,
             f"data2vec2.decoder_kernel must be odd and positive (same padding), got {d.decoder_kernel}")  # fmt: skip
     width = d.decoder_dim or g.dim
-    require(d.decoder_dim is None or d.decoder_dim > 0, f"data2vec2.decoder_dim must be positive or null, got {d.decoder_dim}")
+    require(
+        d.decoder_dim is None or d.decoder_dim > 0,
+        f"data2vec2.decoder_dim must be positive or null, got {d.decoder_dim}",
+    )
     require(width % d.decoder_groups == 0 and g.dim % d.decoder_groups == 0,
             f"data2vec2.decoder_groups {d.decoder_groups} must divide the decoder width {width} and the encoder "
             f"width {g.dim}")  # fmt: skip

@@ -57,7 +57,9 @@ class EMAE(MAE):
         else:
             consistency = reconstruction.new_zeros(())
         loss = reconstruction + self.consistency_weight * consistency
-        return EMAEOutput(loss, pred.clone(), masks.mask, reconstruction.detach(), consistency.detach())  # no view: FSDP2
+        return EMAEOutput(
+            loss, pred.clone(), masks.mask, reconstruction.detach(), consistency.detach()
+        )  # no view: FSDP2
 
 
 def build(cfg) -> EMAE:
@@ -82,7 +84,9 @@ def check_parallel_masks(cfg) -> None:
     require(abs(k - round(k)) < 1e-6 and round(k) >= 2,
             f"mask.ratio {cfg.mask.ratio} must be 1 - 1/K for a whole K >= 2 with mask.type parallel / method emae "
             "(0.5, 0.75, 0.8 ...)")  # fmt: skip
-    require(cfg.emae.consistency_weight >= 0, f"emae.consistency_weight must be >= 0, got {cfg.emae.consistency_weight}")
+    require(
+        cfg.emae.consistency_weight >= 0, f"emae.consistency_weight must be >= 0, got {cfg.emae.consistency_weight}"
+    )
 
 
 def check(cfg) -> None:

@@ -203,8 +203,11 @@ def check(cfg) -> None:
     require(j.min_keep is None or 0 <= j.min_keep < smallest, f"ijepa.min_keep {j.min_keep} must be below the "
             f"smallest target block ({smallest} patches): the official collator would draw forever")  # fmt: skip
     require(0.0 <= j.momentum <= j.momentum_final <= 1.0, "ijepa.momentum <= ijepa.momentum_final must lie in [0, 1]")
-    require(j.weight_decay_final > 0 and cfg.optim.weight_decay > 0, "ijepa.weight_decay_final and optim.weight_decay "
-            f"(the schedule's start) must be > 0, got {j.weight_decay_final}, {cfg.optim.weight_decay}")
+    require(
+        j.weight_decay_final > 0 and cfg.optim.weight_decay > 0,
+        "ijepa.weight_decay_final and optim.weight_decay "
+        f"(the schedule's start) must be > 0, got {j.weight_decay_final}, {cfg.optim.weight_decay}",
+    )
 
 
 SPEC = register(MethodSpec(

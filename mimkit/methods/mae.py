@@ -121,7 +121,10 @@ class MAE(MIMMethod):
         return self.target_part.pixels_from(pred, imgs)
 
     def forward(
-        self, imgs: torch.Tensor, noise: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+        self,
+        imgs: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
         select_noise: torch.Tensor | None = None,
     ) -> MAEOutput:
         """`noise` (B, L) drives random masking (as HF ViTMAE's `noise`); `mask` (B, L, 1 = masked,
@@ -152,12 +155,15 @@ class MAE(MIMMethod):
         pred = self.decoder(latent, ids, features)
         in_loss = take_patches(masking.mask, ids)
         loss = masked_mse(pred, take_patches(self.target(imgs), ids), in_loss)
-        return MAEOutput(loss, put_patches(pred, ids, self.num_patches), masking.mask,
-                         put_patches(in_loss, ids, self.num_patches))
+        return MAEOutput(
+            loss, put_patches(pred, ids, self.num_patches), masking.mask, put_patches(in_loss, ids, self.num_patches)
+        )
 
 
 def build(cfg) -> MAE:
-    if cfg.mask.type == "parallel":  # MAE's parts with EMAE's parallel masks and consistency term: EMAE (its spec reads)
+    if (
+        cfg.mask.type == "parallel"
+    ):  # MAE's parts with EMAE's parallel masks and consistency term: EMAE (its spec reads)
         return method_spec("emae").build(cfg)
     return set_layer_norm_eps(MAE(
         vit_encoder(cfg),
@@ -185,22 +191,32 @@ PIXEL_DECODER_KEYS = ("mae.decoder_dim", "mae.decoder_depth", "mae.decoder_heads
 
 def check_pixel_decoder(cfg, heads_divide: bool = True) -> None:
     m = cfg.mae
-    require(m.decoder_dim > 0 and m.decoder_heads > 0,
-            f"mae.decoder_dim and mae.decoder_heads must be positive, got {m.decoder_dim}, {m.decoder_heads}")
+    require(
+        m.decoder_dim > 0 and m.decoder_heads > 0,
+        f"mae.decoder_dim and mae.decoder_heads must be positive, got {m.decoder_dim}, {m.decoder_heads}",
+    )
     require(m.decoder_depth >= 0, f"mae.decoder_depth must be >= 0, got {m.decoder_depth}")
     require(m.decoder_dim % m.decoder_heads == 0 or (not heads_divide and m.decoder_dim >= m.decoder_heads),
             f"mae.decoder_dim {m.decoder_dim} must be divisible by mae.decoder_heads {m.decoder_heads}")  # fmt: skip
-    require(m.decoder_dim % 4 == 0, f"mae.decoder_dim must be divisible by 4 (sin-cos position embedding), got {m.decoder_dim}")
+    require(
+        m.decoder_dim % 4 == 0,
+        f"mae.decoder_dim must be divisible by 4 (sin-cos position embedding), got {m.decoder_dim}",
+    )
     patch = geometry(cfg).patch
-    require(m.target != "hog" or patch % 2 == 0,
-            f"mae.target hog needs an even patch size (HOG cells of patch / 2 px, 2x2 per patch), got {patch}")
+    require(
+        m.target != "hog" or patch % 2 == 0,
+        f"mae.target hog needs an even patch size (HOG cells of patch / 2 px, 2x2 per patch), got {patch}",
+    )
 
 
 def check(cfg) -> None:
     check_pixel_decoder(cfg)
     if cfg.mask.type == "parallel":
-        require(cfg.mae.decoder != "crossmae", "mae.decoder crossmae does not compose with mask.type parallel (EMAE): "
-                "its consistency loss compares patches masked in two parts, which partial decoding mostly leaves out")
+        require(
+            cfg.mae.decoder != "crossmae",
+            "mae.decoder crossmae does not compose with mask.type parallel (EMAE): "
+            "its consistency loss compares patches masked in two parts, which partial decoding mostly leaves out",
+        )
         method_spec("emae").check(cfg)
     elif cfg.mae.decoder == "crossmae":
         check_crossmae(cfg)
@@ -223,8 +239,13 @@ def reads(cfg) -> tuple[str, ...]:
     parallel = ("emae",) if cfg.mask.type == "parallel" else ()  # EMAE's composition reads its section
     if cfg.mae.decoder == "crossmae":
         return ("mae", *parallel)
-    return (*PIXEL_DECODER_KEYS, "mae.norm_pix_loss", "mae.target", "mae.decoder",
-            *(parallel or ("mae.decode_visible",)))
+    return (
+        *PIXEL_DECODER_KEYS,
+        "mae.norm_pix_loss",
+        "mae.target",
+        "mae.decoder",
+        *(parallel or ("mae.decode_visible",)),
+    )
 
 
 SPEC = register(MethodSpec(

@@ -51,7 +51,9 @@ class MaskFeat(MIMMethod):
         """(L,) bool, 1 = masked: BEiT's block generator (its count may fall short of the target, the loss averages
         over the patches actually masked) or random patches."""
         if self.mask_type == "block":
-            return {"mask": block_mask_for(self.block_generator, self.grid, self.num_masked, generator=generator).flatten()}
+            return {
+                "mask": block_mask_for(self.block_generator, self.grid, self.num_masked, generator=generator).flatten()
+            }
         mask = torch.zeros(self.num_patches, dtype=torch.bool)
         mask[torch.randperm(self.num_patches, generator=generator)[: self.num_masked]] = True
         return {"mask": mask}
@@ -63,7 +65,9 @@ class MaskFeat(MIMMethod):
         """`mask` (B, L), 1 = masked; drawn afresh when not given."""
         if mask is None:  # fresh masks from the global RNG
             seeds = torch.randint(2**62, (imgs.shape[0],)).tolist()
-            mask = torch.stack([self.mask_inputs(torch.Generator().manual_seed(s))["mask"] for s in seeds]).to(imgs.device)
+            mask = torch.stack([self.mask_inputs(torch.Generator().manual_seed(s))["mask"] for s in seeds]).to(
+                imgs.device
+            )
         mask = mask.float()
         tokens = encode_with_mask_tokens(self.encoder, imgs, mask, self.mask_token)
         pred = self.head(tokens[:, 1:])

@@ -17,9 +17,9 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from mimkit.config import geometry
 from mimkit.losses import masked_l1
 from mimkit.masking import coarse_random_mask
-from mimkit.config import geometry
 from mimkit.methods.base import MIMMethod, set_layer_norm_eps, vit_encoder
 from mimkit.models import encode_with_mask_tokens
 from mimkit.registry import MethodSpec, register
