@@ -39,20 +39,31 @@ def main() -> None:
     parser.add_argument("studies", type=Path, nargs="+", help="compare.py --out folders holding that run")
     args = parser.parse_args()
     first = args.studies[0]
-    base, base_scores = losses(first / "runs" / args.run / "pretrain" / "metrics.jsonl"), scores(first / "evals" / args.run)
+    base, base_scores = (
+        losses(first / "runs" / args.run / "pretrain" / "metrics.jsonl"),
+        scores(first / "evals" / args.run),
+    )
     print(f"reference: {first} ({len(base)} steps, final loss {base[max(base)]!r})")
     for other in args.studies[1:]:
         steps = losses(other / "runs" / args.run / "pretrain" / "metrics.jsonl")
         common = sorted(set(base) & set(steps))
         differ = [s for s in common if base[s] != steps[s]]
         largest = max((abs(base[s] - steps[s]) for s in common), default=0.0)
-        print(f"\n{other}: {len(steps)} steps, final loss {steps[max(steps)]!r}; of {len(common)} common steps "
-              f"{len(differ)} differ" + (f", first at step {differ[0]} (by {abs(base[differ[0]] - steps[differ[0]]):.2e}), "
-                                         f"largest {largest:.2e}" if differ else ""))
+        print(
+            f"\n{other}: {len(steps)} steps, final loss {steps[max(steps)]!r}; of {len(common)} common steps "
+            f"{len(differ)} differ"
+            + (
+                f", first at step {differ[0]} (by {abs(base[differ[0]] - steps[differ[0]]):.2e}), largest {largest:.2e}"
+                if differ
+                else ""
+            )
+        )
         theirs = scores(other / "evals" / args.run)
         for step in sorted(set(base_scores) & set(theirs)):
-            print(f"  step {step}: probe / k-NN / best block {' / '.join(map(str, base_scores[step]))} vs "
-                  f"{' / '.join(map(str, theirs[step]))}")
+            print(
+                f"  step {step}: probe / k-NN / best block {' / '.join(map(str, base_scores[step]))} vs "
+                f"{' / '.join(map(str, theirs[step]))}"
+            )
 
 
 if __name__ == "__main__":

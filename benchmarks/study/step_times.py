@@ -31,11 +31,13 @@ def main() -> None:
         if len(steps) < 2:
             continue
         gaps = [clock[b][1] - clock[a][1] for a, b in zip(steps, steps[1:])]
-        windows = [statistics.median(gaps[i:i + args.every]) for i in range(0, len(gaps), args.every)]
+        windows = [statistics.median(gaps[i : i + args.every]) for i in range(0, len(gaps), args.every)]
         record = metrics.parents[1] / "compare-run.json"
         threads = json.loads(record.read_text())["settings"]["threads"] if record.is_file() else 1
-        print(f"| {metrics.parents[1].name} | {threads} | {len(steps)} | {clock[steps[-1]][1] / 60 * threads:.1f} | "
-              f"{statistics.median(gaps):.3f} | {' '.join(f'{w:.2f}' for w in windows)} |")
+        print(
+            f"| {metrics.parents[1].name} | {threads} | {len(steps)} | {clock[steps[-1]][1] / 60 * threads:.1f} | "
+            f"{statistics.median(gaps):.3f} | {' '.join(f'{w:.2f}' for w in windows)} |"
+        )
 
 
 if __name__ == "__main__":
