@@ -321,6 +321,11 @@ class TrainConfig:
     accum_steps: int = 1  # micro-steps per optimizer step
     max_steps: int | None = None  # stop after this many optimizer steps (schedule still uses epochs)
     max_minutes: float | None = None  # stop (and save) after this much wall-clock training, e.g. a job's time limit
+    # a compute budget in minutes of training-loop wall-clock (counted over resumes): the lr and method schedules run
+    # on the share of it spent instead of the step, and the run ends (and saves) when it is spent; epochs /
+    # schedule_steps then only cap the run and give optim.warmup_epochs its share. Not bit-reproducible: the schedule
+    # follows the clock
+    budget_minutes: float | None = None
     # length of the run and of its lr / method schedules in optimizer steps, instead of `epochs` (runs sized to a
     # compute budget; may end mid-epoch)
     schedule_steps: int | None = None
@@ -662,6 +667,10 @@ def _validate_run(cfg: Config) -> None:
         t.max_minutes is None or t.max_minutes > 0, f"train.max_minutes must be positive or null, got {t.max_minutes}"
     )
     require(t.max_steps is None or t.max_steps >= 1, f"train.max_steps must be >= 1 or null, got {t.max_steps}")
+    require(
+        t.budget_minutes is None or t.budget_minutes > 0,
+        f"train.budget_minutes must be positive or null, got {t.budget_minutes}",
+    )
     require(
         t.schedule_steps is None or t.schedule_steps >= 1,
         f"train.schedule_steps must be >= 1 or null, got {t.schedule_steps}",

@@ -108,12 +108,16 @@ class TrainLoop:
 
     def __init__(self, name: str, t, *, engine: StepEngine, metrics: MetricsLog, save: Callable[[int], Path | None],
                  out_dir: Path, is_main: bool, step: int, last_step: int, steps_per_epoch: int, effective_batch: int,
-                 hooks: tuple[Hook, ...] = (), step_lines: bool = False) -> None:  # fmt: skip
+                 hooks: tuple[Hook, ...] = (), step_lines: bool = False, clock_s: float = 0.0) -> None:  # fmt: skip
         self.name, self.t, self.engine, self.metrics, self.save = name, t, engine, metrics, save
         self.out_dir, self.is_main, self.hooks, self.step_lines = out_dir, is_main, hooks, step_lines
         self.last_step, self.steps_per_epoch, self.effective_batch = last_step, steps_per_epoch, effective_batch
         self.done, self.current, self.loss = step, step, float("nan")
         self.max_minutes = getattr(t, "max_minutes", None)
+        budget = getattr(t, "budget_minutes", None)  # pretraining's compute budget, on which its schedules run
+        self.budget_s = None if budget is None else 60.0 * budget
+        # the run's training seconds so far, agreed by every process (a resumed run's start from its checkpoint)
+        self.clock_s = self.clock_start = clock_s
         self.progress = None
         if is_main and t.progress:
             self.progress = progress_bar(total=last_step, initial=step, desc=name, unit="step", dynamic_ncols=True)
@@ -123,16 +127,23 @@ class TrainLoop:
 
     def steps(self, open_epoch: Callable[[int, int], Any]) -> Iterator[tuple[int, Any]]:
         """(step, its epoch's batches) for every step left; `open_epoch(epoch, in_epoch)` gives an epoch's batches
-        from its `in_epoch`-th step on. Ends early when the time limit shortens the run."""
+        from its `in_epoch`-th step on. Ends early when the time limit or the compute budget shortens the run."""
         start = self.done
         while start < self.last_step:
             epoch, in_epoch = divmod(start, self.steps_per_epoch)
             batches = open_epoch(epoch, in_epoch)
             for step in range(start, min((epoch + 1) * self.steps_per_epoch, self.last_step)):
                 yield step, batches
-                if self.done >= self.last_step:  # max_minutes reached mid-epoch
+                if self.done >= self.last_step:  # max_minutes or budget_minutes reached mid-epoch
                     break
             start = self.done
+
+    def schedule_step(self, step: int, total_steps: int) -> int:
+        """The step the schedules (lr, weight decay, a method's ramps and EMA) are read at: `step`, or under a
+        compute budget (train.budget_minutes) the share of it spent so far x `total_steps`."""
+        if self.budget_s is None:
+            return step
+        return min(int(self.clock_s / self.budget_s * total_steps), total_steps - 1)
 
     def step(self, step: int, forward: Forward, extras: Callable[[], Mapping[str, float]] | None = None,
              on_update: Callable[[], None] | None = None) -> StepResult:  # fmt: skip
@@ -145,6 +156,8 @@ class TrainLoop:
             named = dict(extras() if extras is not None else {})
             if self.max_minutes is not None:
                 named["out_of_time"] = float(out_of_time(self.start, self.max_minutes))
+            if self.budget_s is not None:  # this process's clock; the all-reduce sums it over the processes
+                named["clock_s"] = self.clock_start + time.perf_counter() - self.start
             named["stop"] = stop_flag()
             return named
 
@@ -164,7 +177,10 @@ class TrainLoop:
         self.window_steps += 1
         self.epoch_line.add(self.loss)
         stopping = result.extras.get("stop", 0.0) > 0 and done < self.last_step  # on some rank: all stop here
-        if result.extras.get("out_of_time", 0.0) > 0 and done < self.last_step:  # on any rank: stop here
+        if self.budget_s is not None:
+            self.clock_s = result.extras.get("clock_s", 0.0) / mdist.world_size()
+        spent = self.budget_s is not None and self.clock_s >= self.budget_s
+        if (result.extras.get("out_of_time", 0.0) > 0 or spent) and done < self.last_step:  # on any rank: stop here
             self.last_step = done
             if self.progress is not None:
                 self.progress.total = done

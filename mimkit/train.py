@@ -206,6 +206,7 @@ class Resumed:
     finished: RunResult | None = None
     loss: float = float("nan")  # the last step's
     init: InitReport | None = None  # a new run's train.init_from: what was taken
+    clock_s: float = 0.0  # training seconds before this start (train.budget_minutes counts them)
 
 
 def pretrain(cfg: Config) -> RunResult:
@@ -253,25 +254,25 @@ def pretrain(cfg: Config) -> RunResult:
                 }
             )
         engine.last_checkpoint = r.checkpoint
-        loop = TrainLoop("pretrain", t, engine=engine, metrics=metrics, save=checkpoint_writer(cfg, s, r),
-                         out_dir=s.out_dir, is_main=dist.is_main, step=r.step, last_step=s.last_step,
-                         steps_per_epoch=s.steps_per_epoch, effective_batch=s.effective_batch,
-                         hooks=monitors(cfg, s, metrics), step_lines=True)  # fmt: skip
+        save = checkpoint_writer(cfg, s, r, clock=lambda: loop.clock_s)
+        loop = TrainLoop("pretrain", t, engine=engine, metrics=metrics, save=save, out_dir=s.out_dir,
+                         is_main=dist.is_main, step=r.step, last_step=s.last_step, steps_per_epoch=s.steps_per_epoch, effective_batch=s.effective_batch,
+                         hooks=monitors(cfg, s, metrics), step_lines=True, clock_s=r.clock_s)  # fmt: skip
 
         # ---- the loop: epochs of (accumulated) steps
         spec = method_spec(cfg.method)  # the output fields logged beside the loss: its loss terms, then other values
         logged = (*spec.loss_terms, *spec.logged)
         model.train()
         for step, batches in loop.steps(data.epoch_batches):
-            lr = lr_at(step, s.steps_per_epoch, cfg, s.peak_lr)
+            at = loop.schedule_step(step, s.total_steps)  # the step, or the share of train.budget_minutes spent
+            lr = lr_at(at, s.steps_per_epoch, cfg, s.peak_lr)
             engine.set_lr(lr)
-            if hasattr(
-                model, "weight_decay_at"
-            ):  # a method's own weight-decay schedule (I-JEPA's), on the decayed group
+            # a method's own weight-decay schedule (I-JEPA's), on the decayed group
+            if hasattr(model, "weight_decay_at"):
                 for group in s.optimizer.param_groups:
                     if group["weight_decay"] > 0:
-                        group["weight_decay"] = model.weight_decay_at(step, s.total_steps)
-            model.set_progress(step, s.steps_per_epoch, s.total_steps)  # step-dependent terms (BootMAE's ramps, EMA)
+                        group["weight_decay"] = model.weight_decay_at(at, s.total_steps)
+            model.set_progress(at, s.steps_per_epoch, s.total_steps)  # step-dependent terms (BootMAE's ramps, EMA)
             skipped = 0
 
             def forward(micro: int):
@@ -283,7 +284,7 @@ def pretrain(cfg: Config) -> RunResult:
                 return out.loss, {name: getattr(out, name) for name in logged if hasattr(out, name)}
 
             result = loop.step(step, forward, lambda: {"skipped": float(skipped)},
-                               on_update=lambda: model.after_step(step))  # fmt: skip
+                               on_update=lambda: model.after_step(at))  # fmt: skip
             r.skipped, r.loss = r.skipped + int(result.extras["skipped"]), result.loss
             tail = {"grad_norm": result.grad_norm} if result.grad_norm is not None else {}
             loop.after_step(
@@ -373,12 +374,15 @@ def resume(cfg: Config, s: Setup) -> Resumed:
     ):
         free = free | {"train.batch_size", "train.accum_steps"}  # the same global batch on another number of processes
     allowed = check_drift(changes, free, set(cfg.train.resume_allow), resume_from)
-    if state["step"] >= s.last_step:
+    budget = cfg.train.budget_minutes
+    spent = budget is not None and state.get("clock_s", 0.0) >= 60 * budget
+    if state["step"] >= s.last_step or spent:
         loss = finished_loss(s.out_dir, state, state["step"])
         if s.dist.is_main:
-            log.info("%s is a finished run: step %d of %d, final loss %.4f, checkpoint %s (nothing to do; raise "
-                     "train.max_steps or, with train.resume_allow=train.epochs, train.epochs to train on)",
-                     s.out_dir, state["step"], s.last_step, loss, resume_from)  # fmt: skip
+            more = ("its train.budget_minutes are spent" if spent else "raise train.max_steps or, with "
+                    "train.resume_allow=train.epochs, train.epochs to train on")  # fmt: skip
+            log.info("%s is a finished run: step %d of %d, final loss %.4f, checkpoint %s (nothing to do; %s)",
+                     s.out_dir, state["step"], s.last_step, loss, resume_from, more)  # fmt: skip
         out = s.out_dir
         return Resumed(finished=RunResult(out, resume_from, out / "config.yaml", out / "metrics.jsonl", state["step"],
                                           loss, state["nonfinite_steps"], state["skipped_images"], already_finished=True))  # fmt: skip
@@ -393,7 +397,7 @@ def resume(cfg: Config, s: Setup) -> Resumed:
             "resuming with %d processes from a %d-process run: RNG streams re-seeded", s.dist.world_size, len(rngs)
         )
         seed_everything(cfg.train.seed + s.dist.rank + step)
-    return Resumed(step, state["skipped_images"], resume_from, changes, allowed)
+    return Resumed(step, state["skipped_images"], resume_from, changes, allowed, clock_s=state.get("clock_s", 0.0))
 
 
 def initialize(cfg: Config, s: Setup) -> InitReport:
@@ -445,9 +449,10 @@ def announce(cfg: Config, s: Setup, r: Resumed) -> None:
         log.warning("%s", note)
 
 
-def checkpoint_writer(cfg: Config, s: Setup, r: Resumed) -> Callable[[int], Path | None]:
+def checkpoint_writer(cfg: Config, s: Setup, r: Resumed, clock: Callable[[], float]) -> Callable[[int], Path | None]:
     """save(step): the training state at `step` (sharded under FSDP, one file otherwise), the oldest pruned past
-    train.keep_last; the path on rank 0, None elsewhere. `r` holds the skipped images and the last step's loss."""
+    train.keep_last; the path on rank 0, None elsewhere. `r` holds the skipped images and the last step's loss,
+    `clock()` the run's training seconds so far (train.budget_minutes continues from them)."""
     model, optimizer, engine, out_dir, dist = s.model, s.optimizer, s.engine, s.out_dir, s.dist
 
     def save(step: int) -> Path | None:
@@ -456,7 +461,8 @@ def checkpoint_writer(cfg: Config, s: Setup, r: Resumed) -> Callable[[int], Path
                 "steps_per_epoch": s.steps_per_epoch, "effective_batch": s.effective_batch,
                 "nonfinite_steps": engine.nonfinite_total, "skipped_images": r.skipped, "rng": rng,
                 "config": to_dict(resolved(cfg)), "mimkit_version": __version__, "method": cfg.method,
-                "loss": r.loss}  # the last step's: what a finished run, started again, reports  # fmt: skip
+                "loss": r.loss,  # the last step's: what a finished run, started again, reports
+                "clock_s": clock()}  # fmt: skip
         path = checkpoint_path(out_dir, step, sharded=s.fsdp)
         try:
             if s.fsdp:  # every rank writes its shards; the folder appears once all are done

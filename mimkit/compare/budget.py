@@ -1,10 +1,10 @@
 """A run's budget and its clock. Epochs (or optimizer steps) are counted; a core-minute budget is measured: the
-run stops on its own clock (train.max_minutes = what is left of the budget / its threads, a checkpoint written at
-the stop), so a slow start or a noisy neighbour changes how many steps it gets, not how much compute. The learning
-rate schedule still needs its length beforehand (train.schedule_steps, which also caps the run): a short timed
-calibration estimates it from its fastest step (the most steps the budget can buy) x SCHEDULE_SLACK, so that the
-clock, not the schedule, ends the run; the calibration sets nothing else. Core-minutes = training-loop wall-clock (summed from the run's metrics.jsonl, one record per step) x
-the threads the run pretrains on."""
+run's own clock (train.budget_minutes = the budget / its threads, counted over resumes) drives its learning-rate and
+method schedules and stops it when spent (a checkpoint written at the stop), so a slow start or a noisy neighbour
+changes how many steps it gets, not how much compute, and its cosine still ends at the budget. A short timed
+calibration sizes the cap (train.schedule_steps: its fastest step, the most steps the budget can buy, x
+SCHEDULE_SLACK), which the clock ends the run before. Core-minutes = training-loop wall-clock (summed from the run's
+metrics.jsonl, one record per step) x the threads the run pretrains on."""
 
 from __future__ import annotations
 
@@ -16,42 +16,32 @@ from pathlib import Path
 
 CALIBRATION_STEPS = 10  # timed steps of a core-minute budget's calibration run (its fastest sets the schedule)
 EVERY = 10**6  # keep_last / save_every_epochs: every checkpoint is kept, none at epoch ends
-SCHEDULE_SLACK = 1.25  # the schedule is this much longer than the steps the budget buys: the clock ends the run
+SCHEDULE_SLACK = 1.25  # the cap is this much above the steps the budget buys: the clock ends the run
 CORE_MINUTES = ("training-loop wall-clock summed from each run's metrics.jsonl (one record per step; a process's first "
                 "step counted at its median step) x pretraining threads; start-up and evaluation excluded; a "
-                "core-minute budget stops the run on this clock (train.max_minutes), the calibration sets only the "
-                "length of its learning-rate schedule")  # fmt: skip
+                "core-minute budget runs the schedules on the run's own clock and stops it there (train.budget_minutes); "
+                "the calibration sets only a cap on its steps")  # fmt: skip
 
 
 def schedule(cfg, steps_per_epoch: int, epochs: float | None, core_minutes: float | None, threads: int,
              calibration: dict | None) -> list[str]:  # fmt: skip
-    """Schedule overrides: `epochs` (default the recipe's), or a core-minute budget whose schedule length comes from
-    `calibration` (seconds per step); its stop is `clock_stop`, set at each launch."""
+    """Schedule overrides: `epochs` (default the recipe's), or a core-minute budget on the run's clock
+    (train.budget_minutes; warmup 10% of it) whose cap on steps comes from `calibration` (seconds per step)."""
     if core_minutes is None:
         epochs = epochs or cfg.train.epochs
         warmup = min(cfg.optim.warmup_epochs, 0.1 * epochs)  # the recipes' 1 of 10 epochs, kept for longer runs
         steps = max(1, round(epochs * steps_per_epoch))
         return [f"train.epochs={max(1, math.ceil(epochs))}", f"train.schedule_steps={steps}",
                 f"optim.warmup_epochs={warmup:.4g}"]  # fmt: skip
+    budget = f"train.budget_minutes={core_minutes / threads:.6g}"
     if calibration is None:  # before the calibration (plan checks): values of the right type
-        return ["train.schedule_steps=1", "optim.warmup_epochs=0"]
+        return ["train.schedule_steps=1", "optim.warmup_epochs=0", budget]
     # the fastest calibration step: a neighbour only slows steps, so this is the most steps the budget can buy, and
     # the run's own clock (clock_stop) ends it at the budget, at or before the schedule's end
     fastest = calibration.get("s_per_step_fastest") or calibration["s_per_step"]
     steps = max(1, int(SCHEDULE_SLACK * core_minutes * 60 / threads / fastest))
     return [f"train.epochs={max(1, math.ceil(steps / steps_per_epoch))}", f"train.schedule_steps={steps}",
-            f"optim.warmup_epochs={0.1 * steps / steps_per_epoch:.4g}"]  # fmt: skip
-
-
-def clock_stop(core_minutes: float | None, threads: int, metrics: Path) -> list[str]:
-    """train.max_minutes of the next launch: the budget less what the run's clock has measured (a resumed run gets
-    what is left), over its threads; none for an epoch budget."""
-    if core_minutes is None:
-        return []
-    clock = step_clock(metrics)
-    spent = clock[max(clock)][1] / 60 * threads if clock else 0.0
-    left = max(core_minutes - spent, 1e-3)
-    return [f"train.max_minutes={left / threads:.6g}"]
+            f"optim.warmup_epochs={0.1 * steps / steps_per_epoch:.4g}", budget]  # fmt: skip
 
 
 def measured_core_minutes(metrics: Path, threads: int) -> float | None:

@@ -18,9 +18,10 @@ the training images unless --mean / --std), model.img_size (the images' side) an
 
 Budget: --epochs E (default: the recipe's), --steps N or --core-minutes C per run. Core-minutes = training-loop wall-clock x
 pretraining threads, the wall-clock summed from the run's metrics.jsonl (one record per step; see
-mimkit.compare.budget.step_clock). A core-minute budget stops each run on its own clock
-(train.max_minutes = the budget left / its threads; a checkpoint is written at the stop); a short timed calibration
-run sets only the length of its learning-rate schedule (train.schedule_steps, warmup 10% of it). An epoch budget keeps the
+mimkit.compare.budget.step_clock). A core-minute budget runs each run's learning-rate and
+method schedules on its own clock and stops it there (train.budget_minutes = the budget / its threads, counted over
+resumes; warmup 10% of it; a checkpoint is written at the stop); a short timed calibration run sets only a cap on its
+steps (train.schedule_steps). An epoch budget keeps the
 recipe's warmup, capped at 10% of the run. A checkpoint is written and evaluated every --eval-every epochs and at
 the end; all are kept (ViT-T/4 MAE: ~47 MB each, weights and optimizer state). Each run records the CPU it pretrained
 on; --cpu-scale 'CPU=FACTOR' multiplies the core-minutes of runs from CPU so that a study continued on other machines

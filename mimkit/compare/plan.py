@@ -244,6 +244,8 @@ class Plan:
         overrides = (run.fixed + self.budget(run.cfg, run.steps_per_epoch, record.get("calibration")) + run.user
                      + self.bookkeeping(run.dir / "pretrain", self.save_every(run)))  # fmt: skip
         settings = {"recipe": str(run.recipe.relative_to(ROOT)), "overrides": overrides, "threads": self.threads}
+        if record.get("done") and record.get("settings") and portable(record["settings"]) == portable(settings, False):
+            return record["settings"]  # pretrained before the schedules ran on the budget's clock: kept as they are
         if record.get("settings") is not None and portable(record["settings"]) != portable(settings):
             raise SpecError(f"{run.dir} was started with other settings ("
                             f"{first_difference(portable(record['settings']), portable(settings))}); give another "
@@ -260,9 +262,11 @@ class Plan:
                 *self.sets["tokenizer"]]  # fmt: skip
 
 
-def portable(settings: dict) -> dict:
-    """A run's or tokenizer's settings without the paths that only say where the study folder is."""
-    return {**settings, "overrides": [o for o in settings["overrides"] if not o.startswith(IN_STUDY_FOLDER)]}
+def portable(settings: dict, clock_schedule: bool = True) -> dict:
+    """A run's or tokenizer's settings without the paths that only say where the study folder is (and, not
+    `clock_schedule`, without train.budget_minutes, which earlier core-minute runs were launched without)."""
+    drop = IN_STUDY_FOLDER + (() if clock_schedule else ("train.budget_minutes=",))
+    return {**settings, "overrides": [o for o in settings["overrides"] if not o.startswith(drop)]}
 
 
 def pretrained(run: Run, step: int) -> list[str]:

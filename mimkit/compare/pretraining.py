@@ -19,7 +19,7 @@ import torch
 
 from mimkit import distributed as mdist
 from mimkit.checkpoint import list_checkpoints
-from mimkit.compare.budget import CALIBRATION_STEPS, clock_stop, step_clock
+from mimkit.compare.budget import CALIBRATION_STEPS, step_clock
 from mimkit.compare.plan import (
     CONFIGS,
     PACKAGE,
@@ -147,9 +147,7 @@ class Pretraining:
                        "exit": None}  # stays None if this process is killed  # fmt: skip
             record["segments"].append(segment)
             write_json(run.record_path, record)
-            stop = clock_stop(self.args.core_minutes, self.threads, run.dir / "pretrain" / "metrics.jsonl")
-            segment["stop"] = stop  # a core-minute budget: what is left of it, on the run's own clock
-            rc = self.launch(["pretrain", str(ROOT / settings["recipe"]), *settings["overrides"], *stop],
+            rc = self.launch(["pretrain", str(ROOT / settings["recipe"]), *settings["overrides"]],
                              run.dir / "train.log")  # fmt: skip
             final = list_checkpoints(run.dir / "pretrain")
             step = int(re.search(r"(\d+)", final[-1].name).group(1)) if final else 0
