@@ -21,25 +21,27 @@ CORE_MINUTES = ("training-loop wall-clock summed from each run's metrics.jsonl (
                 "step counted at its median step) x pretraining threads; start-up and evaluation excluded; a "
                 "core-minute budget runs the schedules on the run's own clock and stops it there (train.budget_minutes); "
                 "the calibration sets only a cap on its steps")  # fmt: skip
+GPU_MINUTES = CORE_MINUTES.replace("x pretraining threads", "x GPUs (one per run)").replace("core-minute", "GPU-minute")
 
 
-def schedule(cfg, steps_per_epoch: int, epochs: float | None, core_minutes: float | None, threads: int,
+def schedule(cfg, steps_per_epoch: int, epochs: float | None, compute_minutes: float | None, per_minute: int,
              calibration: dict | None) -> list[str]:  # fmt: skip
-    """Schedule overrides: `epochs` (default the recipe's), or a core-minute budget on the run's clock
-    (train.budget_minutes; warmup 10% of it) whose cap on steps comes from `calibration` (seconds per step)."""
-    if core_minutes is None:
+    """Schedule overrides: `epochs` (default the recipe's), or a core- (GPU-) minute budget on the run's clock
+    (train.budget_minutes = compute_minutes / per_minute, its threads (GPUs); warmup 10% of it) whose cap on steps
+    comes from `calibration` (seconds per step)."""
+    if compute_minutes is None:
         epochs = epochs or cfg.train.epochs
         warmup = min(cfg.optim.warmup_epochs, 0.1 * epochs)  # the recipes' 1 of 10 epochs, kept for longer runs
         steps = max(1, round(epochs * steps_per_epoch))
         return [f"train.epochs={max(1, math.ceil(epochs))}", f"train.schedule_steps={steps}",
                 f"optim.warmup_epochs={warmup:.4g}"]  # fmt: skip
-    budget = f"train.budget_minutes={core_minutes / threads:.6g}"
+    budget = f"train.budget_minutes={compute_minutes / per_minute:.6g}"
     if calibration is None:  # before the calibration (plan checks): values of the right type
         return ["train.schedule_steps=1", "optim.warmup_epochs=0", budget]
     # the fastest calibration step: a neighbour only slows steps, so this is the most steps the budget can buy, and
     # the run's own clock (clock_stop) ends it at the budget, at or before the schedule's end
     fastest = calibration.get("s_per_step_fastest") or calibration["s_per_step"]
-    steps = max(1, int(SCHEDULE_SLACK * core_minutes * 60 / threads / fastest))
+    steps = max(1, int(SCHEDULE_SLACK * compute_minutes * 60 / per_minute / fastest))
     return [f"train.epochs={max(1, math.ceil(steps / steps_per_epoch))}", f"train.schedule_steps={steps}",
             f"optim.warmup_epochs={0.1 * steps / steps_per_epoch:.4g}", budget]  # fmt: skip
 

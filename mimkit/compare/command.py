@@ -16,7 +16,7 @@ the training images unless --mean / --std), model.img_size (the images' side) an
 14 tokens a side; --patch-size). Pretraining is a function call (mimkit.train.pretrain; --isolate: a
 `mimkit pretrain` process each) on --threads threads, data.num_workers=0 so that all of its work is on those threads; --cpus pins the study (taskset-style list).
 
-Budget: --epochs E (default: the recipe's), --steps N or --core-minutes C per run. Core-minutes = training-loop wall-clock x
+Budget: --epochs E (default: the recipe's), --steps N, --core-minutes C or --gpu-minutes G per run. Core-minutes = training-loop wall-clock x
 pretraining threads, the wall-clock summed from the run's metrics.jsonl (one record per step; see
 mimkit.compare.budget.step_clock). A core-minute budget runs each run's learning-rate and
 method schedules on its own clock and stops it there (train.budget_minutes = the budget / its threads, counted over
@@ -25,8 +25,8 @@ steps (train.schedule_steps). An epoch budget keeps the
 recipe's warmup, capped at 10% of the run. A checkpoint is written and evaluated every --eval-every epochs and at
 the end; all are kept (ViT-T/4 MAE: ~47 MB each, weights and optimizer state). Each run records the CPU it pretrained
 on; --cpu-scale 'CPU=FACTOR' multiplies the core-minutes of runs from CPU so that a study continued on other machines
-reads out in one CPU's core-minutes. On a GPU the same clock gives
-train_minutes (wall-clock) in compare.json; core-minutes still multiply it by the CPU threads.
+reads out in one CPU's core-minutes. --gpu-minutes G is the same budget on GPUs: each run pretrains on one CUDA GPU
+(train.device=cuda) for G minutes of its clock, the tables and plots read out in GPU-minutes and the rows name the GPU.
 
 Restarting the same command continues a killed study: pretraining resumes exactly (train.resume auto), finished
 evaluations are kept (evals/<run>/step-N.json), an interrupted one continues from its feature caches. --role train
@@ -88,7 +88,14 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="pretraining core-minutes per run, measured "
-        "by each run's own clock (wall-clock x threads), which stops it",
+        "by each run's own clock (wall-clock x threads), which runs its schedules and stops it",
+    )
+    budget.add_argument(
+        "--gpu-minutes",
+        type=float,
+        default=None,
+        help="pretraining GPU-minutes per run (one CUDA GPU a run: wall-clock x 1), on each run's own clock as "
+        "--core-minutes; the rows name their GPU",
     )
     add("--eval-every", type=float, default=1.0, help="epochs between evaluated checkpoints (0: the final one only)")
     add("--out", default=None, help="study folder (default: runs/compare/<data name>)")

@@ -10,7 +10,7 @@ import json
 import re
 from pathlib import Path
 
-from mimkit.compare.readout import PANELS, probe_panel, summary_sentences
+from mimkit.compare.readout import COMPUTE_UNITS, compute_key, panels, probe_panel, summary_sentences
 from mimkit.report import BASE_STYLE, FOLDER_PAGES, Report, ReportError, img_tag, png_bytes, pyplot
 from mimkit.version import __version__
 
@@ -57,7 +57,7 @@ def read_study(folder: Path) -> dict:
 def curves_png(study: dict) -> bytes:
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    for ax, (key, label, _) in zip(axes, PANELS):
+    for ax, (key, label, _) in zip(axes, panels(study)):
         probe_panel(ax, study, key, label)
     axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
@@ -77,16 +77,19 @@ def readout_tables(study: dict) -> str:
     """The equal-compute and the equal-epoch tables, the random inits first."""
     out = []
     base = [b for b in study.get("baselines", []) if b.get("probe_top1") is not None]
-    for label, title, unit in (("equal_core_minutes", "At equal pretraining compute", "core-minutes"),
+    key = compute_key(study)
+    compute = COMPUTE_UNITS[key][0]
+    for label, title, unit in ((f"equal_{key}", "At equal pretraining compute", compute),
                                ("equal_epochs", "At equal epochs", "epochs")):  # fmt: skip
         r = (study.get("readouts") or {}).get(label)
         if not r:
             continue
-        head = "<tr><th>run</th><th>epoch</th><th>core-minutes</th><th>k-NN top-1 (%)</th><th>probe top-1 (%)</th></tr>"
+        head = (f"<tr><th>run</th><th>epoch</th><th>{compute}</th><th>k-NN top-1 (%)</th><th>probe top-1 (%)</th>"
+                "</tr>")  # fmt: skip
         rows = "".join(f'<tr class="baseline"><td>{html.escape(b["name"])}</td><td>0</td><td>0</td>'
                        f"<td>{_pct(b, 'knn')}</td><td>{_pct(b)}</td></tr>" for b in base)  # fmt: skip
         for name, c in r["rows"].items():
-            cm = "–" if c.get("core_minutes") is None else f"{c['core_minutes']:.3g}"
+            cm = "–" if c.get(key) is None else f"{c[key]:.3g}"
             rows += (f"<tr><td>{html.escape(name)}</td><td>{c['epoch']:.3g}</td><td>{cm}</td>"
                      f"<td>{_pct(c, 'knn')}</td><td>{_pct(c)}</td></tr>")  # fmt: skip
         ident = label.replace("_", "-")
@@ -96,8 +99,10 @@ def readout_tables(study: dict) -> str:
 
 def runs_table(study: dict, folder: Path) -> str:
     """Each run: its budget as measured, its checkpoints scored, its machine(s) and a link to its own run report."""
-    head = ("<tr><th>run</th><th>done</th><th>final step</th><th>checkpoints scored</th><th>core-minutes measured"
-            "</th><th>CPU</th><th>run report</th></tr>")  # fmt: skip
+    key = compute_key(study)
+    where = "GPU" if key == "gpu_minutes" else "CPU"
+    head = ("<tr><th>run</th><th>done</th><th>final step</th><th>checkpoints scored</th>"
+            f"<th>{COMPUTE_UNITS[key][0]} measured</th><th>{where}</th><th>run report</th></tr>")  # fmt: skip
     rows = ""
     for r in study.get("runs", []):
         name = r["name"]
@@ -105,9 +110,9 @@ def runs_table(study: dict, folder: Path) -> str:
         rel = run_dir.relative_to(folder).as_posix()
         link = (f'<a href="{html.escape(rel)}/report.html">report</a>' if (run_dir / "report.html").is_file()
                 else f"<code>mimkit report {html.escape(str(run_dir))}</code> writes it")  # fmt: skip
-        spent = r.get("core_minutes_spent")
+        spent = r.get(f"{key}_spent")
         if spent is None and r.get("checkpoints"):
-            spent = max((c.get("core_minutes_measured") or c.get("core_minutes") or 0) for c in r["checkpoints"])
+            spent = max((c.get(f"{key}_measured") or c.get(key) or 0) for c in r["checkpoints"])
         rows += (f'<tr class="run"><td>{html.escape(name)}</td><td>{"yes" if r.get("done") else "no"}</td>'
                  f"<td>{r.get('final_step')}</td><td>{len(r.get('checkpoints', []))}</td>"
                  f"<td>{'–' if spent is None else f'{spent:.3g}'}</td>"
@@ -138,10 +143,12 @@ def build_study_page(folder: str | Path, out: str | Path | None = None) -> Repor
     summary = "".join(f"<li>{html.escape(s)}</li>" for s in study["summary"]) or "<li>nothing scored yet</li>"
     note = (
         "± is one standard error of the test-set accuracy, sqrt(p(1-p)/n) over the n test images; a lead's is "
-        "the two in quadrature. Core-minutes: " + study.get("core_minutes_note", "wall-clock x threads")
+        f"the two in quadrature. {COMPUTE_UNITS[compute_key(study)][0]}: "
+        + (study.get("compute_note") or study.get("core_minutes_note", "wall-clock x threads"))
     )
     page = STUDY_PAGE.format(title=html.escape(f"mimkit study {folder.resolve().name}"), data=data, summary=summary,
-                             curves=img_tag(png, "probe top-1 against epochs and core-minutes", "curves"),
+                             curves=img_tag(png, f"probe top-1 against epochs and {COMPUTE_UNITS[compute_key(study)][0]}",
+                                            "curves"),
                              tables=readout_tables(study), runs=runs_table(study, folder),
                              machine=machine_items(study), note=html.escape(note), version=__version__)  # fmt: skip
     out = Path(out) if out else folder / "report.html"

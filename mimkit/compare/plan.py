@@ -104,6 +104,9 @@ class Plan:
         self.args = args
         specs = [(s, b.text) for b in parse_specs(args.methods)
                  for s in (sweep_specs([b], args.sweep) if args.sweep else [b])]  # fmt: skip
+        if getattr(args, "gpu_minutes", None) is not None and args.role != "eval" and not torch.cuda.is_available():
+            raise SpecError("--gpu-minutes: no CUDA GPU here (torch.cuda.is_available() is false); on CPUs the "
+                            "budget is --core-minutes")  # fmt: skip
         self.sets = parse_sets(args.set)
         self.cpu_scale = parse_cpu_scale(args.cpu_scale)
         if args.cpus:
@@ -152,7 +155,7 @@ class Plan:
             fixed.append(f"simmim.mask_patch_size={2 * self.patch if self.img % (2 * self.patch) == 0 else self.patch}")
         if spec.family == "beit":
             fixed += [f"tokenizer.kind={self.args.tokenizer_kind}", f"tokenizer.path={self.tokenizer}"]
-        fixed += spec.part_overrides()
+        fixed += spec.part_overrides() + (["train.device=cuda"] if self.on_gpu else [])  # GPU-minutes: one GPU a run
         try:  # a --set applies to the runs whose method reads it (mae.decoder_dim: the pixel methods)
             own = load_config(recipe, fixed + self.sets["pretrain"] + spec.overrides, strict=False)
             user = [o for o in self.sets["pretrain"] if reads_key(own, o.split("=", 1)[0])] + spec.overrides
@@ -169,9 +172,23 @@ class Plan:
                    self.out / "evals" / spec.name)  # fmt: skip
 
     def budget(self, cfg, steps_per_epoch: int, calibration: dict | None) -> list[str]:
-        """Schedule overrides of --epochs, --steps or --core-minutes (mimkit.compare.budget.schedule)."""
+        """Schedule overrides of --epochs, --steps, --core-minutes or --gpu-minutes (mimkit.compare.budget.schedule)."""
         epochs = self.args.steps / steps_per_epoch if getattr(self.args, "steps", None) else self.args.epochs
-        return schedule(cfg, steps_per_epoch, epochs, self.args.core_minutes, self.threads, calibration)
+        return schedule(cfg, steps_per_epoch, epochs, *self.compute(), calibration)
+
+    @property
+    def on_gpu(self) -> bool:
+        return getattr(self.args, "gpu_minutes", None) is not None
+
+    @property
+    def compute_key(self) -> str:
+        """The study's compute axis (compare.json's `compute`): gpu_minutes with --gpu-minutes, else core_minutes."""
+        return "gpu_minutes" if self.on_gpu else "core_minutes"
+
+    def compute(self) -> tuple[float | None, int]:
+        """The compute budget per run (None: epochs or steps) and what one minute of a run's clock counts: its
+        threads (core-minutes) or its one GPU (GPU-minutes)."""
+        return (self.args.gpu_minutes, 1) if self.on_gpu else (self.args.core_minutes, self.threads)
 
     def save_every(self, run: Run) -> int | None:
         return max(1, round(self.eval_every * run.steps_per_epoch)) if self.eval_every > 0 else None

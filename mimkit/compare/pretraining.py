@@ -120,7 +120,7 @@ class Pretraining:
                 log.info("%s: being pretrained by another process, skipped", run.spec.text)
                 return
             record = read_json(run.record_path)
-            if self.args.core_minutes is not None and "calibration" not in record:
+            if self.compute()[0] is not None and "calibration" not in record:
                 record["calibration"] = self.calibrate(run)
             settings = self.run_settings(run, record)
             if record.get("done"):

@@ -1,4 +1,4 @@
-"""Reading a study out: each run at equal epochs and equal core-minutes, time to accuracy, the Markdown tables and
+"""Reading a study out: each run at equal epochs and equal core- (or GPU-) minutes, time to accuracy, the Markdown tables and
 the PNG plots (standard-error bands), and the plain-language summary computed from the numbers."""
 
 from __future__ import annotations
@@ -6,6 +6,14 @@ from __future__ import annotations
 import math
 from collections import Counter
 from pathlib import Path
+
+# a study's compute axis: core-minutes (wall-clock x CPU threads) or GPU-minutes (wall-clock x GPUs); its units
+COMPUTE_UNITS = {"core_minutes": ("core-minutes", "core-min"), "gpu_minutes": ("GPU-minutes", "GPU-min")}
+
+
+def compute_key(study: dict) -> str:
+    """core_minutes (CPU studies, and every study written before --gpu-minutes) or gpu_minutes."""
+    return study.get("compute") or "core_minutes"
 
 
 def std_error(p: float, n: int) -> float:
@@ -22,8 +30,8 @@ def finished(run: dict) -> bool:
     return bool(run.get("done")) and any(c["step"] == run.get("final_step") for c in run["checkpoints"])
 
 
-def readouts(runs: list[dict], reach: list[float] = ()) -> dict:
-    """Each run at the largest epoch / core-minute count every run reached (its evaluated checkpoint nearest to it),
+def readouts(runs: list[dict], reach: list[float] = (), compute: str = "core_minutes") -> dict:
+    """Each run at the largest epoch / `compute` (core- or GPU-minute) count every run reached (its evaluated checkpoint nearest to it),
     and time to accuracy: the first evaluated checkpoint at which each run's probe reaches the best accuracy every run
     reached, and each of `reach` (percent). Runs with no scored checkpoint yet (a study under way) are left out, and
     so are runs still pretraining once some run has finished (else the slowest run's first checkpoint would set the
@@ -31,7 +39,7 @@ def readouts(runs: list[dict], reach: list[float] = ()) -> dict:
     out = {}
     runs = [r for r in runs if r["checkpoints"]]
     runs = [r for r in runs if finished(r)] or runs
-    for key, label in (("epoch", "equal_epochs"), ("core_minutes", "equal_core_minutes")):
+    for key, label in (("epoch", "equal_epochs"), (compute, f"equal_{compute}")):
         curves = {r["name"]: [c for c in r["checkpoints"] if c.get(key) is not None] for r in runs}
         if curves and all(curves.values()):
             target = min(max(c[key] for c in points) for points in curves.values())
@@ -45,7 +53,7 @@ def readouts(runs: list[dict], reach: list[float] = ()) -> dict:
 
         def first(points: list[dict], percent: float) -> dict | None:
             hit = next((c for c in points if 100 * c["probe_top1"] >= percent - 1e-9), None)
-            return hit and {k: hit.get(k) for k in ("step", "epoch", "core_minutes")}
+            return hit and {k: hit.get(k) for k in ("step", "epoch", compute)}
 
         rows = {name: {f"{t:g}": first(points, t) for t in targets} for name, points in curves.items()}
         out["to_reach"] = {"targets": [f"{t:g}" for t in targets], "common": None if common is None else f"{common:g}",
@@ -59,15 +67,16 @@ def _acc(row: dict, key: str) -> str:
 
 
 def checkpoint_table(study: dict) -> list[str]:
-    """Every run's probe top-1 at each evaluated checkpoint, a column per epoch, its core-minutes beside it; the CPU
-    of each run when the study ran on more than one."""
+    """Every run's probe top-1 at each evaluated checkpoint, a column per epoch, its core- (GPU-) minutes beside it;
+    the CPU of each run when the study ran on more than one."""
     epochs = sorted({round(c["epoch"], 2) for r in study["runs"] for c in r["checkpoints"]})
     if not epochs:
         return []
     base = [b for b in study["baselines"] if b.get("probe_top1") is not None]
     epochs = [0.0] * bool(base) + epochs  # random init: epoch 0
     several = len({cpu for r in study["runs"] for cpu in r.get("machines", [])}) > 1
-    lines = ["", "## Probe top-1 (%) at every evaluated checkpoint (pretraining core-minutes)", "",
+    key = compute_key(study)
+    lines = ["", f"## Probe top-1 (%) at every evaluated checkpoint (pretraining {COMPUTE_UNITS[key][0]})", "",
              "| run | " + ("CPU | " if several else "") + " | ".join(f"{e:g} ep" for e in epochs) + " |",
              "|---|" + ("---|" if several else "") + "---:|" * len(epochs)]  # fmt: skip
     for b in base:
@@ -78,8 +87,7 @@ def checkpoint_table(study: dict) -> list[str]:
         cells = [
             ""
             if e not in at
-            else f"{100 * at[e]['probe_top1']:.1f}"
-            + ("" if at[e].get("core_minutes") is None else f" ({at[e]['core_minutes']:.3g})")
+            else f"{100 * at[e]['probe_top1']:.1f}" + ("" if at[e].get(key) is None else f" ({at[e][key]:.3g})")
             for e in epochs
         ]
         cpu = [", ".join(r.get("machines", [])) or "–"] if several else []
@@ -108,20 +116,21 @@ def markdown(study: dict) -> str:
                    f"pretraining on {pretraining_threads(study)}.")]  # fmt: skip
     if study.get("summary"):
         lines += ["", "## Summary", "", *(f"- {line}" for line in study["summary"])]
-    header = ["| run | epoch | core-min | k-NN top-1 (%) | probe top-1 (%) | probe, best block (%) |",
+    key = compute_key(study)
+    unit, short = COMPUTE_UNITS[key]
+    header = [f"| run | epoch | {short} | k-NN top-1 (%) | probe top-1 (%) | probe, best block (%) |",
               "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     base_rows = [f"| {b['name']} | 0 | 0 | {_acc(b, 'knn')} | {_acc(b, 'probe')} | {_acc(b, 'probe_best')} |"
                  for b in study["baselines"] if b.get("knn_top1") is not None]  # fmt: skip
-    titles = {"equal_epochs": ("At equal epochs", "epochs"),
-              "equal_core_minutes": ("At equal pretraining core-minutes", "core-minutes")}  # fmt: skip
-    for label, (title, unit) in titles.items():
+    titles = {"equal_epochs": ("At equal epochs", "epochs"), f"equal_{key}": (f"At equal pretraining {unit}", unit)}
+    for label, (title, axis) in titles.items():
         r = study["readouts"].get(label)
         if r is None:
             continue
-        lines += ["", f"## {title} ({r['target']:.3g} {unit}: each run's evaluated checkpoint nearest to it)", "",
+        lines += ["", f"## {title} ({r['target']:.3g} {axis}: each run's evaluated checkpoint nearest to it)", "",
                   *header, *base_rows]  # fmt: skip
         for name, c in r["rows"].items():
-            cm = "–" if c.get("core_minutes") is None else f"{c['core_minutes']:.3g}"
+            cm = "–" if c.get(key) is None else f"{c[key]:.3g}"
             lines.append(f"| {name} | {c['epoch']:.3g} | {cm} | {_acc(c, 'knn')} | {_acc(c, 'probe')} | "
                          f"{_acc(c, 'probe_best')} (block {c.get('probe_best_block')}) |")  # fmt: skip
     lines += checkpoint_table(study)
@@ -132,16 +141,18 @@ def markdown(study: dict) -> str:
 def _later_sections(study: dict) -> list[str]:
     """compare.md after the tables: time to accuracy, the CPUs, runs under way, fine-tuning, tokenizer, sweep."""
     lines: list[str] = []
+    key = compute_key(study)
+    unit, short = COMPUTE_UNITS[key]
     reach = study["readouts"].get("to_reach")
     if reach and reach["targets"]:
         lines += ["", ("## Time to accuracy (the first evaluated checkpoint whose probe top-1 reaches it: epochs / "
-                       "core-minutes; – not reached)"), "",
+                       f"{unit}; – not reached)"), "",
                   "| run | " + " | ".join(f"{t}%" + (" (every run's best)" if t == reach["common"] else "")
                                           for t in reach["targets"]) + " |",
                   "|---|" + "---:|" * len(reach["targets"])]  # fmt: skip
         for name, row in reach["rows"].items():
             cells = ["–" if row[t] is None else f"{row[t]['epoch']:.3g} ep / " + (
-                "–" if row[t]["core_minutes"] is None else f"{row[t]['core_minutes']:.3g} core-min")
+                "–" if row[t].get(key) is None else f"{row[t][key]:.3g} {short}")
                 for t in reach["targets"]]  # fmt: skip
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += _cpu_note(study)
@@ -176,9 +187,10 @@ def _later_sections(study: dict) -> list[str]:
         lines += ["", "## Sweep winners (best probe top-1 at the final checkpoint)", ""]
         lines += [f"- {base}: `{w['spec']}` ({100 * w['probe_top1']:.1f}%)" for base, w in winners.items()]
         lines += ["", f"The winners as a study: `--methods '{','.join(w['spec'] for w in winners.values())}'`"]
+    per = "pretraining threads" if key == "core_minutes" else "GPUs (one per run)"
     lines += ["", ("± is the standard error of the test-set accuracy, sqrt(p(1-p)/n) over the n test images. "
-                   "Core-minutes: training-loop wall-clock (each run's metrics.jsonl, one record per step) x "
-                   "pretraining threads; process start-up and evaluation are not counted. Probe: the cached-feature "
+                   f"{unit[0].upper() + unit[1:]}: training-loop wall-clock (each run's metrics.jsonl, one record per "
+                   f"step) x {per}; process start-up and evaluation are not counted. Probe: the cached-feature "
                    "linear probe, last block; best block is chosen on the test split.")]  # fmt: skip
     return lines
 
@@ -205,11 +217,14 @@ def _cpu_note(study: dict) -> list[str]:
     return lines
 
 
-PANELS = (("epoch", "pretraining epochs", "epochs"), ("core_minutes", "pretraining core-minutes", "core_minutes"))
+def panels(study: dict) -> tuple[tuple[str, str, str], ...]:
+    """(key, axis label, file stem) of the two curves: against epochs and against the study's compute."""
+    key = compute_key(study)
+    return ("epoch", "pretraining epochs", "epochs"), (key, f"pretraining {COMPUTE_UNITS[key][0]}", key)
 
 
 def probe_panel(ax, study: dict, key: str, label: str) -> None:
-    """The probe top-1 of every run against `key` (epoch / core_minutes), each with its one-standard-error band,
+    """The probe top-1 of every run against `key` (epoch / core_minutes / gpu_minutes), each with its one-standard-error band,
     the random inits as horizontal lines with theirs."""
     for run in study["runs"]:
         points = sorted((c[key], 100 * c["probe_top1"], 100 * point_se(c)) for c in run["checkpoints"]
@@ -240,7 +255,7 @@ def probe_panel(ax, study: dict, key: str, label: str) -> None:
 
 
 def plots(study: dict, out: Path) -> list[Path]:
-    """probe_vs_epochs.png and probe_vs_core_minutes.png: a line per run with its standard-error band, random init
+    """probe_vs_epochs.png and probe_vs_core_minutes.png (probe_vs_gpu_minutes.png): a line per run with its standard-error band, random init
     as horizontal lines."""
     import matplotlib
 
@@ -248,7 +263,7 @@ def plots(study: dict, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    for key, label, stem in PANELS:
+    for key, label, stem in panels(study):
         fig, ax = plt.subplots(figsize=(6.5, 4))
         probe_panel(ax, study, key, label)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: no line hidden
@@ -298,7 +313,8 @@ def summary_sentences(study: dict) -> list[str]:
     """What the numbers support, from the equal-compute and equal-epoch readouts: the best run's lead over every
     other run and over the random init of its family, each with its standard error."""
     out = []
-    units = (("equal_core_minutes", "core-minutes"), ("equal_epochs", "epochs"))
+    key = compute_key(study)
+    units = ((f"equal_{key}", COMPUTE_UNITS[key][0]), ("equal_epochs", "epochs"))
     for label, unit in units:
         r = (study.get("readouts") or {}).get(label)
         rows = [(n, c) for n, c in (r or {}).get("rows", {}).items() if c.get("probe_top1") is not None]

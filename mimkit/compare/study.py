@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from mimkit.checkpoint import atomic_write_text
-from mimkit.compare.budget import CORE_MINUTES, is_scored_step, measured_core_minutes, step_clock
+from mimkit.compare.budget import CORE_MINUTES, GPU_MINUTES, is_scored_step, measured_core_minutes, step_clock
 from mimkit.compare.plan import Baseline, Plan, Run, log, now, pretrained, read_json, write_json
 from mimkit.compare.pretraining import Pretraining
 from mimkit.compare.readout import markdown, plots, readouts, std_error, summary_sentences, sweep_winners
@@ -35,8 +35,9 @@ class Study(Plan, Pretraining, Scoring):
         r = read_json(evals / "finetune.json")["finetune"]
         return {"finetune_top1": r["top1"] / 100, "test_images": r["val_images"], "epochs": r.get("epochs")}
 
-    def points(self, run: Run, record: dict, threads: int, scale: float) -> list[dict]:
-        """The run's scored checkpoints: step, epoch, its training minutes and core-minutes, its scores."""
+    def points(self, run: Run, record: dict, per_minute: int, scale: float) -> list[dict]:
+        """The run's scored checkpoints: step, epoch, its training minutes and core- (GPU-) minutes (x `per_minute`,
+        its threads or GPUs), its scores."""
         clock = step_clock(run.dir / "pretrain" / "metrics.jsonl")
         every, final = record.get("save_every_steps"), record.get("final_step") if record.get("done") else None
         points = []
@@ -46,10 +47,11 @@ class Study(Plan, Pretraining, Scoring):
                 continue
             epoch, seconds = clock.get(step, (step / run.steps_per_epoch, None))
             minutes = None if seconds is None else seconds / 60
+            key = self.compute_key
             point = {"step": step, "epoch": round(epoch, 4), "train_minutes": minutes and round(minutes, 5),
-                     "core_minutes": minutes and round(minutes * threads * scale, 5)}  # fmt: skip
+                     key: minutes and round(minutes * per_minute * scale, 5)}  # fmt: skip
             if scale != 1.0 and minutes:  # in the reference CPU's units; what this CPU's clock said beside it
-                point["core_minutes_measured"] = round(minutes * threads, 5)
+                point[f"{key}_measured"] = round(minutes * per_minute, 5)
             points.append({**point, **self.scores(read_json(path))})
         return points
 
@@ -57,17 +59,19 @@ class Study(Plan, Pretraining, Scoring):
         record = read_json(run.record_path)
         settings = record.get("settings", {})
         threads = settings.get("threads", self.threads)
-        machines = sorted({g["cpu"] for g in record.get("segments", []) if g.get("cpu")})
-        scale = run_cpu_scale(run.spec.text, machines, self.cpu_scale)
+        per_minute = 1 if self.on_gpu else threads  # a GPU study: one GPU a run
+        device = "gpu" if self.on_gpu else "cpu"  # the machines a row names: its GPUs or its CPUs
+        machines = sorted({g[device] for g in record.get("segments", []) if g.get(device)})
+        scale = 1.0 if self.on_gpu else run_cpu_scale(run.spec.text, machines, self.cpu_scale)
         return {"name": run.spec.text, "sweep_base": run.base, "method": run.spec.method, "family": run.spec.family,
                 "recipe": settings.get("recipe"), "overrides": settings.get("overrides"),
                 "steps_per_epoch": run.steps_per_epoch, "done": bool(record.get("done")),
                 "final_step": record.get("final_step"), "calibration": record.get("calibration"),
-                "core_minutes_spent": measured_core_minutes(run.dir / "pretrain" / "metrics.jsonl", threads),
+                f"{self.compute_key}_spent": measured_core_minutes(run.dir / "pretrain" / "metrics.jsonl", per_minute),
                 "train_invocations": len(record.get("segments", [])), "segments": record.get("segments", []),
                 "machines": machines, "core_minute_scale": scale, "threads": threads,
                 "abandoned_segments": len(record.get("abandoned_segments", [])),
-                "checkpoints": self.points(run, record, threads, scale), "finetune": self.finetune_scores(
+                "checkpoints": self.points(run, record, per_minute, scale), "finetune": self.finetune_scores(
                     run.evals, pretrained(run, record.get("final_step", 0)))}  # fmt: skip
 
     def baseline_row(self, b: Baseline) -> dict:
@@ -88,10 +92,13 @@ class Study(Plan, Pretraining, Scoring):
         study = {"command": sys.argv, "updated": now(), "data_path": " ".join(a.data), "data": asdict(self.info),
                  "img_size": self.img, "patch_size": self.patch, "mean": self.mean, "std": self.std,
                  "threads": self.threads, "budget": {"epochs": a.epochs, "steps": a.steps,
-                                                     "core_minutes": a.core_minutes, "max_steps": a.max_steps},
+                                                     "core_minutes": a.core_minutes,
+                                                     "gpu_minutes": getattr(a, "gpu_minutes", None),
+                                                     "max_steps": a.max_steps},
                  "eval_every_epochs": self.eval_every, "finetune_epochs": a.finetune_epochs, "machine": machine_info(),
-                 "core_minutes_note": CORE_MINUTES, "cpu_scale": self.cpu_scale, "runs": runs,
-                 "baselines": [self.baseline_row(b) for b in self.baselines], "readouts": readouts(runs, a.reach),
+                 "compute": self.compute_key, "compute_note": GPU_MINUTES if self.on_gpu else CORE_MINUTES,
+                 "cpu_scale": self.cpu_scale, "runs": runs, "baselines": [self.baseline_row(b) for b in self.baselines],
+                 "readouts": readouts(runs, a.reach, self.compute_key),
                  "tokenizer": tokenizer if self.needs_tokenizer() else None}  # fmt: skip
         if a.sweep:
             study["sweep_winners"] = sweep_winners(runs)
