@@ -9,6 +9,8 @@ its output appended to log.txt:
   data        benchmarks/throughput.py --data-only: the CPU path and the device-decode path (folder, WebDataset)
   dist        torchrun --nproc_per_node 1 `mimkit pretrain --dry-run`, DDP and FSDP2 (bf16 policy), nccl on CUDA /
               gloo on CPU: one step and one checkpoint (FSDP2: sharded) written and read back
+  study       `mimkit compare --gpu-minutes` (dry run: --core-minutes) with two tiny specs on generated data: each run
+              ends within 10% of its budget on its own clock, the rows name the GPU, the read-out is in GPU-minutes
 
 Results (at most 8 files, as the device tool brings back): log.txt, env.txt, tests.xml, throughput.json, data.json,
 summary.json, summary.md; the summary table is printed last. Each step's time limit comes out of one budget
@@ -322,7 +324,36 @@ def step_dist(r: Runner) -> None:
         r.row(name, "ok" if ok else "TIMEOUT" if rc_run is None else "FAIL", detail)
 
 
-ORDER = ("env", "tests", "throughput", "target ViT-B", "data", "target data", "dist")
+def step_study(r: Runner) -> None:
+    import numpy as np
+
+    data = r.scratch / "study.npz"
+    rng = np.random.default_rng(0)
+    np.savez(data, x_train=rng.integers(0, 256, (96, 16, 16, 3), dtype=np.uint8), y_train=np.arange(96) % 3,
+             x_test=rng.integers(0, 256, (30, 16, 16, 3), dtype=np.uint8), y_test=np.arange(30) % 3)  # fmt: skip
+    budget = 0.05 if r.dry else 0.25  # minutes per run: 3 s / 15 s of training
+    sets = [a for s in TINY_MODEL[1:] + ["train.batch_size=8", "linprobe:train.epochs=2"] for a in ("--set", s)]
+    cmd = [python(), "-m", "mimkit.cli", "compare", "--data", str(data), "--methods", "mae,mae+crossmae",
+           "--core-minutes" if r.dry else "--gpu-minutes", str(budget), "--eval-every", "0", "--threads", "1",
+           "--out", str(r.scratch / "study"), "--no-page", *sets]  # fmt: skip
+    rc, output, seconds = r.run("study", cmd, timeout=r.limit(150, 0) if r.dry else r.limit(120, reserve=60))
+    record = r.scratch / "study" / "compare.json"
+    if rc != 0 or not record.exists():
+        last = output.strip().splitlines()[-1] if output.strip() else ""
+        r.row("study (mimkit compare)", "TIMEOUT" if rc is None else "FAIL", last[:200])
+        return
+    study = json.loads(record.read_text())
+    key = study.get("compute", "core_minutes")
+    spent = {run["name"]: run.get(f"{key}_spent") or 0.0 for run in study["runs"]}
+    machines = sorted({m for run in study["runs"] for m in run.get("machines", [])})
+    ok = all(abs(s - budget) <= 0.1 * budget for s in spent.values()) and key == ("core_minutes" if r.dry else
+                                                                                 "gpu_minutes")  # fmt: skip
+    r.row("study (mimkit compare)", "ok" if ok else "FAIL",
+          f"{key}: " + ", ".join(f"{n} {s:.3g}" for n, s in spent.items()) + f" of {budget:g} each; on "
+          f"{', '.join(machines) or '?'} ({seconds:.0f} s)")  # fmt: skip
+
+
+ORDER = ("env", "tests", "throughput", "target ViT-B", "data", "target data", "dist", "study")
 
 
 def summary(r: Runner) -> int:
@@ -363,6 +394,7 @@ def main() -> int:
             targets(r, rows)
             step_data(r, rows)
             step_dist(r)
+            step_study(r)
             step_throughput(r, ["large", "tiny"], {"large": 120, "tiny": 60}, {"large": 35, "tiny": 0}, rows)
         elif env_ok:  # dry run: the same steps side by side: on a CPU they are mostly Python start-up and imports
             import concurrent.futures
@@ -372,9 +404,9 @@ def main() -> int:
                 step_throughput(r, ["tiny"], {"tiny": 120}, {"tiny": 0}, rows)
                 targets(r, rows)
 
-            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            with concurrent.futures.ThreadPoolExecutor(5) as pool:
                 jobs = [pool.submit(step_tests, r), pool.submit(throughput_and_targets), pool.submit(step_data, r, []),
-                        pool.submit(step_dist, r)]  # fmt: skip
+                        pool.submit(step_dist, r), pool.submit(step_study, r)]  # fmt: skip
                 for job in jobs:
                     job.result()
         return summary(r)

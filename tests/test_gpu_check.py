@@ -28,11 +28,11 @@ def test_cpu_dry_run_passes_every_step(tmp_path):
     assert summary["ok"] and summary["dry_run"]
     status = {row["check"]: row["status"] for row in summary["rows"]}
     assert status["tests on cpu (dry run subset)"] == "ok" and status["throughput ViT-T/4@32"] == "ok"
-    assert status["dist DDP"] == status["dist FSDP2"] == "ok"
+    assert status["dist DDP"] == status["dist FSDP2"] == status["study (mimkit compare)"] == "ok"
     decodes = [c for c in status if c.startswith("data:") and status[c] == "ok"]
     assert any("folder, decode device" in c for c in decodes) and any("folder, decode cpu" in c for c in decodes)
     # the table is printed last, and what comes back from the GPU machine fits its limits (<= 8 plain files)
-    assert proc.stdout.rstrip().splitlines()[-1].startswith("| dist FSDP2 | ok |")
+    assert proc.stdout.rstrip().splitlines()[-1].startswith("| study (mimkit compare) | ok | core_minutes: mae ")
     files = sorted(p.name for p in out.iterdir())
     assert files == ["data.json", "env.txt", "log.txt", "summary.json", "summary.md", "tests.xml", "throughput.json"]
     assert all(re.fullmatch(r"[A-Za-z0-9._-]+", f) for f in files)
