@@ -345,3 +345,22 @@ def test_readouts_leave_out_runs_not_scored_yet():
     assert "## At equal epochs (0.5 epochs" in text and "| emae | 0.5 |" in text
     assert "Not scored yet (left out of the readouts above): beit." in text
     assert "| beit |" in text  # its (empty) row of the per-checkpoint table
+
+
+def test_runs_without_a_cls_token_are_probed_on_the_mean_of_their_patch_tokens(tmp_path):
+    """The CIFAR recipes probe [cls ‖ mean]; an I-JEPA encoder has no cls token, so its checkpoints get the mean of
+    the patch tokens (its method's pooling), and the other runs and the random init keep the recipes' feature."""
+    from mimkit.compare.command import parser
+    from mimkit.compare.plan import pretrained
+    from mimkit.compare.study import Study
+
+    data = labelled_npz(tmp_path / "tiny.npz")
+    args = parser().parse_args(["--data", str(data), "--methods", "ijepa,mae", "--epochs", "1", "--finetune-epochs", "1", "--out",
+                                str(tmp_path / "study"), *TINY])  # fmt: skip
+    study = Study(args)
+    ijepa, mae = study.runs
+    for command, key in (("linprobe", "probe.pool=mean"), ("knn", "features.pool=mean")):
+        assert key in study.eval_overrides(command, pretrained(ijepa, 6), tmp_path)
+        assert key not in study.eval_overrides(command, pretrained(mae, 6), tmp_path)
+        assert key not in study.eval_overrides(command, study.baselines[0].encoder, tmp_path)
+    assert not any("pool" in o for o in study.eval_overrides("finetune", pretrained(ijepa, 6), tmp_path))

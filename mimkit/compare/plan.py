@@ -25,6 +25,7 @@ from mimkit.compare.spec import RunSpec, SpecError, parse_cpu_scale, parse_cpus,
 from mimkit.config import load_config, reads_key, resolved
 from mimkit.errors import MimkitError
 from mimkit.eval import load_eval_config
+from mimkit.registry import method_pool
 
 log = logging.getLogger("compare")
 PACKAGE = Path(__file__).resolve().parents[1]
@@ -229,11 +230,20 @@ class Plan:
         if command == "linprobe" and self.args.knn == "probe":  # the knn recipe's vote, on the probe's features
             knn = load_eval_config("knn", EVAL_RECIPES["knn"], []).knn
             ov += [f"probe.knn_k={knn.k}", f"probe.knn_temperature={knn.temperature}"]
+        run = self.run_of(encoder)
+        if run is not None and method_pool(run.spec.method) == "mean" and command in ("knn", "linprobe"):
+            # no cls token (I-JEPA): the recipes' [cls ‖ mean] feature is the mean of the patch tokens here
+            ov.append("features.pool=mean" if command == "knn" else "probe.pool=mean")
         if command == "finetune":
             epochs = self.args.finetune_epochs
             # the recipe's warmup is 1 epoch: a third of a shorter run
             ov += [f"train.epochs={epochs}", f"optim.warmup_epochs={min(1.0, epochs / 3):.4g}"]
         return ov + self.sets[command]
+
+    def run_of(self, encoder: list[str]) -> Run | None:
+        """The run whose checkpoint `encoder` names (None: a random init)."""
+        named = next((e.split("=", 1)[1] for e in encoder if e.startswith("encoder.checkpoint=")), "")
+        return next((r for r in self.runs if Path(named).parent == r.dir / "pretrain"), None)
 
     @staticmethod
     def settings(overrides: list[str]) -> list[str]:
