@@ -5,6 +5,7 @@ decoder (cross-attention from the decoder tokens to the visible tokens' encoder 
 from __future__ import annotations
 
 from functools import partial
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -47,9 +48,11 @@ class MAEDecoder(nn.Module):
         self.decoder_embed = nn.Linear(encoder_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.decoder_pos_embed = nn.Parameter(sincos_2d_pos_embed(dim, grid), requires_grad=False)
-        self.decoder_blocks = nn.Sequential(
-            *[ReadoutBlock(dim, heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=norm) for _ in range(depth)]
-        )
+        blocks = [
+            ReadoutBlock(dim, heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=norm)  # type: ignore[arg-type]
+            for _ in range(depth)
+        ]  # timm annotates norm_layer as a class; it calls any factory
+        self.decoder_blocks = nn.Sequential(*blocks)
         self.decoder_norm = norm(dim)
         self.decoder_pred = nn.Linear(dim, out_dim or patch_size * patch_size * 3)
         self.grad_checkpointing = False
@@ -78,14 +81,15 @@ class ReadoutBlock(Block):
     """timm's Block (same parameters and names), callable at some token rows only: `block(x, rows)`. Through the
     module's own call, so FSDP2's hooks gather its parameters and activation checkpointing wraps it as a whole."""
 
-    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    # rows in place of timm's attn_mask / is_causal, which the decoder never passes
+    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         return super().forward(x) if rows is None else block_at_rows(self, x, rows)
 
 
 def block_at_rows(block: Block, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """timm `block(x)` (B, N, D) at the token rows `rows` (B, M) only, `take_patches(block(x), rows)`: queries,
     output projection and MLP at those rows, keys and values from every row."""
-    attn = block.attn
+    attn = cast(Attention, block.attn)  # the Block's attn_layer default
     h = block.norm1(x)
     (b, n, _), m, heads = h.shape, rows.shape[1], attn.num_heads
     inner = heads * attn.head_dim
@@ -101,8 +105,9 @@ def block_at_rows(block: Block, x: torch.Tensor, rows: torch.Tensor) -> torch.Te
     else:
         out = attn.attn_drop(((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
     out = getattr(attn, "norm", nn.Identity())(out.transpose(1, 2).reshape(b, m, inner))
-    if getattr(attn, "gate", None) is not None:
-        out = out * attn.gate(h_rows).sigmoid()
+    gate = getattr(attn, "gate", None)  # timm versions before the gated option have none
+    if gate is not None:
+        out = out * gate(h_rows).sigmoid()
     x = take_patches(x, rows) + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(out))))
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
@@ -229,7 +234,11 @@ class CrossAttentionBlock(nn.Module):
 def resolve_context_blocks(blocks: tuple[int, ...] | str, encoder_depth: int) -> tuple[int, ...]:
     """`mae.decoder_context_blocks` as indices in [0, depth - 1): "all" = every block before the last (whose
     final-LN output the decoder always reads), negative indices count from the end."""
-    return tuple(range(encoder_depth - 1)) if blocks == "all" else tuple(sorted(b % encoder_depth for b in blocks))
+    if blocks == "all":
+        return tuple(range(encoder_depth - 1))
+    if isinstance(blocks, str):
+        raise ValueError(f"context blocks must be all or block indices, got {blocks!r}")
+    return tuple(sorted(b % encoder_depth for b in blocks))
 
 
 class CrossMAEDecoder(nn.Module):
@@ -259,7 +268,10 @@ class CrossMAEDecoder(nn.Module):
                 ) -> torch.Tensor:  # fmt: skip
         """latent: final-LN encoder tokens (B, T, E); features: {block: output} of `context_blocks` (encode_visible's
         keep_blocks); ids (B, N): the patches to decode. Returns their predictions (B, N, out_dim)."""
-        contexts = [latent] + [n(features[b]) for n, b in zip(self.context_norms, self.context_blocks, strict=True)]
+        contexts = [latent]
+        if self.context_blocks:
+            assert features is not None, "context_blocks need the encoder's block outputs (features)"
+            contexts += [n(features[b]) for n, b in zip(self.context_norms, self.context_blocks, strict=True)]
         context = self.decoder_embed(torch.stack(contexts) if len(contexts) > 1 else latent)
         x = (self.mask_token + take_patches(self.decoder_pos_embed, ids)).to(context.dtype)
         recompute = self.grad_checkpointing and torch.is_grad_enabled()

@@ -7,6 +7,7 @@ in the original (row-major) patch order.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -233,7 +234,7 @@ def parallel_masks(batch_size: int, num_patches: int, parts: int, *, noise: torc
 
 def visible_token_masks(batch_size: int, num_patches: int, mask_ratio: float, parts: int = 1, *,
                         count: int | None = None, noise: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                        device: Device = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+                        device: Device = None) -> RandomMask:  # fmt: skip
     """(ids_keep, ids_restore, mask) for a visible-token encoder from the data pipeline's mask inputs: a given
     `mask` (B, L) (block / hybrid masks), else `noise` of random masks (`count` masked, else `mask_ratio`), or of K
     parallel parts (`parts` > 1: ids_keep (B, K, keep), ids_restore and mask flattened to (B*K, L))."""
@@ -241,7 +242,7 @@ def visible_token_masks(batch_size: int, num_patches: int, mask_ratio: float, pa
         return mask_to_ids(mask)
     if parts > 1:
         ids_keep, ids_restore, masks = parallel_masks(batch_size, num_patches, parts, noise=noise, device=device)
-        return ids_keep, ids_restore.flatten(0, 1), masks.flatten(0, 1)
+        return RandomMask(ids_keep, ids_restore.flatten(0, 1), masks.flatten(0, 1))
     return random_mask(batch_size, num_patches, mask_ratio, count=count, noise=noise, device=device)
 
 
@@ -269,7 +270,8 @@ class VisibleTokenMasks:
     def __init__(self, kind: str, grid: tuple[int, int], mask_ratio: float, *, count: int | None = None,
                  block_generator: str = "exact", hybrid_block_ratio: float = 120 / 196,
                  hybrid_max_block_ratio: float = 60 / 196):  # fmt: skip
-        self.kind, self.grid, self.block_generator = kind, tuple(grid), block_generator
+        h, w = grid
+        self.kind, self.grid, self.block_generator = kind, (h, w), block_generator
         self.num_patches = grid[0] * grid[1]
         self.num_masked = self.num_patches - num_visible(self.num_patches, mask_ratio, count)
         self.num_block = max(1, round(hybrid_block_ratio * self.num_patches))
@@ -334,8 +336,9 @@ def multiblock_size(grid: tuple[int, int], scale: tuple[float, float], aspect: t
     return max(1, min(h, h_grid - 1)), max(1, min(w, w_grid - 1))
 
 
-def multiblock_place(grid: tuple[int, int], size: tuple[int, int], generator: torch.Generator | None,
-                     min_keep: int, allowed: list[torch.Tensor] = (), tries: int = 20) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def multiblock_place(grid: tuple[int, int], size: tuple[int, int], generator: torch.Generator | None, min_keep: int,
+                     allowed: Sequence[torch.Tensor] = (),
+                     tries: int = 20) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """One block of `size` at a uniform position (top in [0, H - h), left in [0, W - w): the official collator's
     range, which never starts a block on its last possible row / column), cut to the `allowed` (H, W) regions; drawn
     again until it keeps more than `min_keep` patches. After every `tries` failures the last allowed region is
@@ -371,7 +374,8 @@ class MultiBlockMasks:
 
     def __init__(self, grid: tuple[int, int], num_targets: int = 4, target_scale=(0.15, 0.2),
                  target_aspect=(0.75, 1.5), context_scale=(0.85, 1.0), min_keep: int = 10):  # fmt: skip
-        self.grid, self.num_targets, self.min_keep = tuple(grid), num_targets, min_keep
+        h, w = grid
+        self.grid, self.num_targets, self.min_keep = (h, w), num_targets, min_keep
         self.target_scale, self.target_aspect, self.context_scale = target_scale, target_aspect, context_scale
 
     def __call__(self, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:

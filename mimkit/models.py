@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -19,6 +20,14 @@ from torch import nn
 
 from mimkit.errors import MimkitError
 from mimkit.presets import get_preset
+
+# the timm encoders mimkit pretrains and evaluates (a method's family: vit or beit)
+Encoder = VisionTransformer | Beit
+
+
+def encoder_of(model: nn.Module) -> Encoder:
+    """A method's timm encoder, `model.encoder` (mimkit.methods.base.MIMMethod's contract)."""
+    return cast(Encoder, model.encoder)
 
 
 def create_encoder(
@@ -57,6 +66,12 @@ def create_encoder(
         drop_path_rate=drop_path_rate,
         **{"global_pool": "token", **timm_args},
     )
+
+
+def encoder_heads(encoder: Encoder) -> int:
+    """The attention heads of a timm ViT's or Beit's blocks."""
+    attn: Any = encoder.blocks[0].attn  # timm's Block / Beit Block attention (timm types it as a plain Module)
+    return attn.num_heads
 
 
 def timm_beit_kwargs(cfg) -> dict:
@@ -207,7 +222,7 @@ def resolve_attention(setting: str, device: torch.device, precision: str) -> str
 def set_attention_kernel(model: nn.Module, kernel: str) -> int:
     """Point every attention module (timm ViT / BEiT Attention, BootMAE's cross-attention) at `kernel`
     ('sdpa' or 'eager'); returns how many were set."""
-    modules = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    modules: list[Any] = [m for m in model.modules() if hasattr(m, "fused_attn")]  # modules of several classes
     for m in modules:
         m.fused_attn = kernel == "sdpa"
     return len(modules)
@@ -252,8 +267,10 @@ def encode_visible(encoder: VisionTransformer, imgs: torch.Tensor, ids_keep: tor
     `keep_blocks` also {block index: that block's output, before the final norm} (BootMAE's decoder context).
     `ids_keep` of shape (B, K, keep) encodes K views of each image as B*K sequences (EMAE's parts),
     embedding each image's patches once."""
+    pos_embed, cls_token = encoder.pos_embed, encoder.cls_token
+    assert pos_embed is not None and cls_token is not None  # create_encoder's ViT has both
     x = encoder.patch_embed(imgs)
-    x = x + encoder.pos_embed[:, 1:, :]
+    x = x + pos_embed[:, 1:, :]
     if ids_keep.dim() == 3:
         b, parts, keep = ids_keep.shape
         x = torch.gather(x.unsqueeze(1).expand(-1, parts, -1, -1), 2,
@@ -261,7 +278,7 @@ def encode_visible(encoder: VisionTransformer, imgs: torch.Tensor, ids_keep: tor
         x = x.reshape(b * parts, keep, x.shape[-1])
     else:
         x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-    cls = (encoder.cls_token + encoder.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+    cls = (cls_token + pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
     x = torch.cat([cls, x], dim=1)
     if not keep_blocks:
         return encoder.norm(run_blocks(encoder.blocks, x, encoder.grad_checkpointing))

@@ -140,4 +140,5 @@ def method_pool(method: str) -> str:
 
 def custom_sections() -> dict[str, type]:
     """Sections declared by registered methods (name -> dataclass)."""
-    return {name: _REGISTRY[name].section for name in method_names() if _REGISTRY[name].section is not None}
+    specs = (_REGISTRY[name] for name in method_names())
+    return {spec.name: spec.section for spec in specs if spec.section is not None}

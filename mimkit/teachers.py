@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 TARGET_LN_EPS = 1e-5  # F.layer_norm's / F.instance_norm's default, as data2vec 2.0 uses them
@@ -27,7 +28,9 @@ TARGET_LN_EPS = 1e-5  # F.layer_norm's / F.instance_norm's default, as data2vec 
 def ema_update_(ema_encoder: nn.Module, student: nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * student, for every parameter the student trains and every floating
     buffer (frozen ones, e.g. a sin-cos pos-embed, stay equal)."""
-    pairs = [(e, s) for e, s in zip(ema_encoder.parameters(), student.parameters()) if s.requires_grad]
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = [
+        (e, s) for e, s in zip(ema_encoder.parameters(), student.parameters()) if s.requires_grad
+    ]
     pairs += [(e, s) for e, s in zip(ema_encoder.buffers(), student.buffers()) if s.is_floating_point()]
     ema, weights = [e for e, _ in pairs], [s.detach() for _, s in pairs]
     torch._foreach_mul_(ema, decay)
@@ -35,7 +38,7 @@ def ema_update_(ema_encoder: nn.Module, student: nn.Module, decay: float) -> Non
 
 
 @torch.no_grad()
-def teacher_blocks(encoder: nn.Module, imgs: torch.Tensor, blocks: Sequence[int] = (-1,),
+def teacher_blocks(encoder: VisionTransformer, imgs: torch.Tensor, blocks: Sequence[int] = (-1,),
                    final_norm: bool = False) -> list[torch.Tensor]:  # fmt: skip
     """A timm ViT on the full image, without gradient: the patch tokens (cls dropped) output by each of `blocks`
     (indices into encoder.blocks, negative from the end), each (B, L, D), in the order asked. With `final_norm`
@@ -43,8 +46,10 @@ def teacher_blocks(encoder: nn.Module, imgs: torch.Tensor, blocks: Sequence[int]
     one asked are not run. The embedding is the ViT's at eval (no dropout): patch embed + pos embed, cls prepended."""
     depth = len(encoder.blocks)
     index = [b % depth for b in blocks]
-    x = encoder.patch_embed(imgs) + encoder.pos_embed[:, 1:]
-    cls = (encoder.cls_token + encoder.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+    pos_embed, cls_token = encoder.pos_embed, encoder.cls_token
+    assert pos_embed is not None and cls_token is not None  # create_encoder's ViT has both
+    x = encoder.patch_embed(imgs) + pos_embed[:, 1:]
+    cls = (cls_token + pos_embed[:, :1]).expand(x.shape[0], -1, -1)
     x = torch.cat([cls, x], dim=1)
     kept: dict[int, torch.Tensor] = {}
     for i, block in enumerate(encoder.blocks[: max(index) + 1]):
@@ -66,7 +71,7 @@ def layer_norm_tokens(x: torch.Tensor, eps: float = TARGET_LN_EPS) -> torch.Tens
 
 
 @torch.no_grad()
-def teacher_targets(encoder: nn.Module, imgs: torch.Tensor, blocks: Sequence[int] = (-1,), *,
+def teacher_targets(encoder: VisionTransformer, imgs: torch.Tensor, blocks: Sequence[int] = (-1,), *,
                     final_norm: bool = False, instance_norm: bool = False, layer_norm: bool = False,
                     average: bool = False, layer_norm_average: bool = False) -> torch.Tensor | list[torch.Tensor]:  # fmt: skip
     """`teacher_blocks`, then per block: instance norm over the tokens (`instance_norm`), then layer norm per token
@@ -91,7 +96,7 @@ class EMATeacher(nn.Module):
     """A momentum copy of `student` (deep-copied now: equal at the start), frozen and always in eval mode; its
     state dict holds `encoder.*`. forward(imgs) -> `teacher_targets` with the options given here."""
 
-    def __init__(self, student: nn.Module, blocks: Sequence[int] = (-1,), *, final_norm: bool = False,
+    def __init__(self, student: VisionTransformer, blocks: Sequence[int] = (-1,), *, final_norm: bool = False,
                  instance_norm: bool = False, layer_norm: bool = False, average: bool = False,
                  layer_norm_average: bool = False):  # fmt: skip
         super().__init__()

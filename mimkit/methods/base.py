@@ -13,20 +13,25 @@ Called by the loop, in this order, every optimizer step:
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from mimkit.data import ViewSpec
-from mimkit.models import create_encoder, patchify
+from mimkit.models import Encoder, create_encoder, patchify
 
 
 class MIMMethod(nn.Module):
     second_view: ViewSpec | None = None  # a second view of each crop the data pipeline must deliver (BEiT)
     norm_pix_loss: bool = False  # predictions are per-patch normalised pixels (shown on reconstruction panels)
-    encoder: nn.Module
+    encoder: Encoder  # a subclass narrows it to the one it builds
     patch_size: int
+    grid: tuple[int, int]
+    num_patches: int
 
-    def use_encoder(self, encoder: nn.Module) -> None:
+    def use_encoder(self, encoder: Encoder) -> None:
         """`encoder` as the method's, with what its patch embedding fixes: patch_size, grid, num_patches."""
         self.encoder = encoder
         self.patch_size = encoder.patch_embed.patch_size[0]
@@ -55,7 +60,7 @@ class MIMMethod(nn.Module):
         return pred
 
 
-def vit_encoder(cfg) -> nn.Module:
+def vit_encoder(cfg) -> VisionTransformer:
     """The stock timm VisionTransformer `cfg.model` describes (the encoder of the visible-token methods)."""
     m = cfg.model
     return create_encoder(
@@ -63,7 +68,10 @@ def vit_encoder(cfg) -> nn.Module:
     )
 
 
-def set_layer_norm_eps(module: nn.Module, eps: float) -> nn.Module:
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+def set_layer_norm_eps(module: ModuleT, eps: float) -> ModuleT:
     """Every LayerNorm module of `module` with this eps (model.layer_norm_eps; 1e-6 is what the builders use)."""
     if eps != 1e-6:
         for norm in module.modules():

@@ -61,6 +61,7 @@ class BEiT(MIMMethod):
     ``vocab_size`` wide: it evaluates and exports; a training forward says that it needs a tokenizer."""
 
     soft = False
+    encoder: Beit
 
     def __init__(self, encoder: Beit, tokenizer: Tokenizer | None, *, mask_ratio: float = 0.4,
                  mask_count: int | None = None, mask_type: str = "block", tokenizer_size: int | None = None,
@@ -75,7 +76,10 @@ class BEiT(MIMMethod):
         self.num_masked = self.num_patches - num_visible(self.num_patches, mask_ratio, mask_count)  # count wins
         dim = encoder.embed_dim
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.lm_head = nn.Linear(dim, tokenizer.vocab_size if tokenizer is not None else vocab_size)
+        vocab = tokenizer.vocab_size if tokenizer is not None else vocab_size
+        if vocab is None:
+            raise ValueError("a BEiT without a tokenizer needs vocab_size, the width of its lm_head")
+        self.lm_head = nn.Linear(dim, vocab)
         trunc_normal_sigma_(self.mask_token, 0.02)
         trunc_normal_sigma_(self.lm_head.weight, 0.02)
         nn.init.zeros_(self.lm_head.bias)
@@ -92,7 +96,7 @@ class BEiT(MIMMethod):
         )
         self.second_view = ViewSpec(size, interp, tuple(tokenizer.mean), tuple(tokenizer.std))
 
-    def mask_inputs(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def mask_inputs(self, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
         """Per-sample mask (L,) bool, 1 = masked, drawn in the data pipeline from the sample's generator. Block
         masks come from BEiT's generator by default, whose count can fall short of num_masked (the losses average
         over the masked patches actually in the batch)."""
@@ -192,6 +196,7 @@ def build(cfg) -> BEiT:
     kwargs = dict(mask_ratio=cfg.mask.ratio, mask_count=cfg.mask.count, mask_type=cfg.mask.type,
                   tokenizer_size=t.size, tokenizer_interpolation=t.interpolation,
                   block_generator=resolve_block_generator(cfg), vocab_size=t.vocab_size)  # fmt: skip
+    model: BEiT
     if cfg.method == "mcbeit":
         model = McBEiT(create_beit_encoder(cfg), tokenizer, temperature=b.temperature, omega=b.omega,
                        sim_temperature=b.sim_temperature, stop_gradient=b.stop_gradient,

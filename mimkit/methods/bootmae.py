@@ -40,7 +40,13 @@ from mimkit.masking import VisibleTokenMasks, parts_for_ratio, visible_token_mas
 from mimkit.methods.base import MIMMethod, set_layer_norm_eps, vit_encoder
 from mimkit.methods.emae import check_parallel_masks
 from mimkit.methods.mae import PIXEL_DECODER_KEYS, check_pixel_decoder
-from mimkit.models import encode_visible, init_weights_bootmae, sincos_2d_pos_embed, trunc_normal_sigma_
+from mimkit.models import (
+    encode_visible,
+    encoder_heads,
+    init_weights_bootmae,
+    sincos_2d_pos_embed,
+    trunc_normal_sigma_,
+)
 from mimkit.registry import MethodSpec, register
 from mimkit.schedules import feature_weight_at, momentum_at
 from mimkit.targets import PixelTarget
@@ -65,6 +71,8 @@ class BootMAEOutput(NamedTuple):
 class BootMAE(MIMMethod):
     """`encoder` (the student, a stock timm ViT), `pixel_decoder`, `feature_decoder` and `ema_encoder` (the
     momentum copy of the encoder, requires_grad False) are its submodules; the last two only with an EMA target."""
+
+    encoder: VisionTransformer
 
     def __init__(self, encoder: VisionTransformer, *, decoder_dim: int = 512, decoder_depth: int = 2,
                  decoder_heads: int = 16, feature_decoder_dim: int | None = None,
@@ -104,7 +112,7 @@ class BootMAE(MIMMethod):
         self.feature_decoder = self.ema_encoder = None
         if feature_target == "ema":
             fdim = feature_decoder_dim or dim
-            heads = feature_decoder_heads or encoder.blocks[0].attn.num_heads
+            heads = feature_decoder_heads or encoder_heads(encoder)
             fdepth = feature_decoder_depth or decoder_depth
             self.feature_decoder = TargetAwareDecoder(dim, context, self.grid[0], fdim, fdepth, heads, dim,
                                                       mask_pos_only)  # fmt: skip
@@ -122,6 +130,7 @@ class BootMAE(MIMMethod):
         U(+-1/sqrt(3 p^2)) for weights and its 3 channel biases (the per_pixel head: those 3 repeated over the p*p
         pixels, tied at init, free in training)."""
         enc = self.encoder
+        assert enc.pos_embed is not None and enc.cls_token is not None  # create_encoder's ViT has both
         enc.pos_embed.data.copy_(sincos_2d_pos_embed(enc.embed_dim, self.grid[0], row_first=True))
         enc.pos_embed.requires_grad_(False)  # frozen in pretraining; timm makes it learnable at fine-tune
         for name, m in self.named_modules():
@@ -133,6 +142,7 @@ class BootMAE(MIMMethod):
             if decoder is not None:
                 trunc_normal_sigma_(decoder.mask_token, 0.02)
         head, pixels = self.pixel_decoder.head, self.patch_size**2
+        assert isinstance(head, (ChannelBiasHead, nn.Linear))  # the official or the per_pixel head
         bound = 1 / math.sqrt(3 * pixels)  # ConvTranspose2d's default: fan_in = out channels (3) x kernel area
         nn.init.uniform_(head.weight, -bound, bound)
         biases = torch.empty(3).uniform_(-bound, bound)
@@ -184,6 +194,7 @@ class BootMAE(MIMMethod):
 
     def feature_target(self, imgs: torch.Tensor) -> torch.Tensor:
         """The momentum encoder's last-block patch tokens before the final norm, (B, L, D) (mimkit.teachers)."""
+        assert self.ema_encoder is not None  # feature_target ema: forward reads this with a feature decoder only
         return teacher_targets(self.ema_encoder, imgs, (-1,))[0]
 
     def forward(self, imgs: torch.Tensor, noise: torch.Tensor | None = None,

@@ -52,6 +52,8 @@ class Data2Vec2Output(NamedTuple):
 class Data2Vec2(MIMMethod):
     """`encoder` (the student), `decoder` (ConvDecoder2d) and `teacher` (EMATeacher: `teacher.encoder.*`)."""
 
+    encoder: VisionTransformer
+
     def __init__(self, encoder: VisionTransformer, *, mask_ratio: float = 0.8, mask_type: str = "block",
                  num_masks: int = 8, top_k_blocks: int = 8, mask_length: int = 3, mask_prob_adjust: float = 0.07,
                  decoder_dim: int | None = None, decoder_layers: int = 6, decoder_kernel: int = 3,
@@ -75,6 +77,7 @@ class Data2Vec2(MIMMethod):
         """fairseq's: fixed sin-cos positions, xavier-uniform Linears with zero bias, LayerNorm (1, 0) (MAE's
         init_weights_mae); the patch embedding as a Linear on the flattened patch; convolutions PyTorch's default."""
         enc = self.encoder
+        assert enc.pos_embed is not None and enc.cls_token is not None  # create_encoder's ViT has both
         enc.pos_embed.data.copy_(sincos_2d_pos_embed(enc.embed_dim, self.grid[0]))
         enc.pos_embed.requires_grad_(False)  # frozen in pretraining; timm makes it learnable at fine-tune
         w = enc.patch_embed.proj.weight.data
@@ -105,7 +108,7 @@ class Data2Vec2(MIMMethod):
         mask[torch.randperm(self.num_patches, generator=generator)[: self.keep]] = False
         return mask
 
-    def mask_inputs(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def mask_inputs(self, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
         """M independent masks per sample, (M, L), from the sample's own generator (see MAE.mask_inputs)."""
         return {"mask": torch.stack([self.one_mask(generator) for _ in range(self.num_masks)])}
 

@@ -44,7 +44,8 @@ class EMAE(MAE):
         self.parts = parts_for_ratio(self.mask_ratio)
         self.consistency_weight, self.stop_gradient, self.distance = consistency_weight, stop_gradient, distance
 
-    def forward(self, imgs: torch.Tensor, noise: torch.Tensor | None = None) -> EMAEOutput:
+    # noise only: EMAE draws its parallel masks itself (no given mask, no CrossMAE readout)
+    def forward(self, imgs: torch.Tensor, noise: torch.Tensor | None = None) -> EMAEOutput:  # type: ignore[override]
         b, parts, num = imgs.shape[0], self.parts, self.num_patches
         masks = parallel_masks(b, num, parts, noise=noise, device=imgs.device)
         latent = encode_visible(self.encoder, imgs, masks.ids_keep)  # (B*K, 1+keep, D): one batched forward

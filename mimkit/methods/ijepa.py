@@ -13,19 +13,20 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterable
 from functools import partial
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.layers import Mlp, trunc_normal_
+from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import nn
 
 from mimkit.config import geometry
 from mimkit.masking import MultiBlockMasks, multiblock_ids, multiblock_size, take_patches
 from mimkit.methods.base import MIMMethod, set_layer_norm_eps
-from mimkit.models import create_encoder, run_blocks, sincos_2d_pos_embed
+from mimkit.models import create_encoder, encoder_heads, run_blocks, sincos_2d_pos_embed
 from mimkit.registry import MethodSpec, register
 from mimkit.teachers import ema_update_, layer_norm_tokens
 from mimkit.typed_config import require
@@ -56,9 +57,10 @@ def init_weights_ijepa(module: nn.Module, std: float = 0.02) -> None:
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-    for i, block in enumerate(module.blocks, start=1):
-        block.attn.proj.weight.data.div_(math.sqrt(2.0 * i))
-        block.mlp.fc2.weight.data.div_(math.sqrt(2.0 * i))
+    # the encoder's and the predictor's timm Blocks, with timm's default attention and MLP layers
+    for i, block in enumerate(cast(Iterable[Block], module.blocks), start=1):
+        cast(Attention, block.attn).proj.weight.data.div_(math.sqrt(2.0 * i))
+        cast(Mlp, block.mlp).fc2.weight.data.div_(math.sqrt(2.0 * i))
 
 
 class Predictor(nn.Module):
@@ -71,8 +73,12 @@ class Predictor(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embed = nn.Parameter(sincos_2d_pos_embed(width, grid, cls_token=False), requires_grad=False)
         rates = torch.linspace(0, drop_path_rate, depth).tolist()
-        self.blocks = nn.Sequential(*[Block(width, heads, 4.0, qkv_bias=True, drop_path=r,
-                                            norm_layer=partial(nn.LayerNorm, eps=1e-6)) for r in rates])  # fmt: skip
+        norm = partial(nn.LayerNorm, eps=1e-6)  # timm annotates norm_layer as a class; it calls any factory
+        blocks = [
+            Block(width, heads, 4.0, qkv_bias=True, drop_path=r, norm_layer=norm)  # type: ignore[arg-type]
+            for r in rates
+        ]
+        self.blocks = nn.Sequential(*blocks)
         self.norm = nn.LayerNorm(width, eps=1e-6)
         self.proj = nn.Linear(width, dim)
         self.grad_checkpointing = False
@@ -90,6 +96,8 @@ class Predictor(nn.Module):
 
 
 class IJEPA(MIMMethod):
+    encoder: VisionTransformer
+
     def __init__(self, encoder: VisionTransformer, predictor_dim: int = 384, predictor_depth: int = 12,
                  predictor_heads: int | None = None, num_targets: int = 4, target_scale=(0.15, 0.2),
                  target_aspect=(0.75, 1.5), context_scale=(0.85, 1.0), min_keep: int = 10, loss: str = "smooth_l1",
@@ -104,10 +112,11 @@ class IJEPA(MIMMethod):
         self.momenta, self.momentum = (momentum, momentum_final), momentum
         self.weight_decays = (weight_decay, weight_decay_final)
         init_weights_ijepa(encoder)
+        assert encoder.pos_embed is not None  # create_encoder's ViT has one
         encoder.pos_embed.data.copy_(sincos_2d_pos_embed(encoder.embed_dim, grid[0], cls_token=False))
         encoder.pos_embed.requires_grad_(False)  # fixed, as the official encoder's
         self.predictor = Predictor(encoder.embed_dim, grid[0], predictor_dim, predictor_depth,
-                                   predictor_heads or encoder.blocks[0].attn.num_heads)  # fmt: skip
+                                   predictor_heads or encoder_heads(encoder))  # fmt: skip
         self.target_encoder = copy.deepcopy(encoder).requires_grad_(False)
 
     def train(self, mode: bool = True) -> IJEPA:

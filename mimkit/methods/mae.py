@@ -42,6 +42,9 @@ class MAEOutput(NamedTuple):
 class MAE(MIMMethod):
     """Encoder attribute names are timm's; decoder names follow the official MAE layout."""
 
+    encoder: VisionTransformer
+    decoder: MAEDecoder | CrossMAEDecoder
+
     def __init__(
         self,
         encoder: VisionTransformer,
@@ -94,11 +97,13 @@ class MAE(MIMMethod):
 
     def initialize_weights(self) -> None:
         grid = self.encoder.patch_embed.grid_size[0]
-        self.encoder.pos_embed.data.copy_(sincos_2d_pos_embed(self.encoder.embed_dim, grid))
-        self.encoder.pos_embed.requires_grad_(False)  # frozen in pretraining; timm makes it learnable at fine-tune
+        pos_embed, cls_token = self.encoder.pos_embed, self.encoder.cls_token
+        assert pos_embed is not None and cls_token is not None  # create_encoder's ViT has both
+        pos_embed.data.copy_(sincos_2d_pos_embed(self.encoder.embed_dim, grid))
+        pos_embed.requires_grad_(False)  # frozen in pretraining; timm makes it learnable at fine-tune
         w = self.encoder.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # like a Linear on the flattened patch
-        nn.init.normal_(self.encoder.cls_token, std=0.02)
+        nn.init.normal_(cls_token, std=0.02)
         nn.init.normal_(self.decoder.mask_token, std=0.02)
         self.apply(init_weights_mae)
 
@@ -149,10 +154,12 @@ class MAE(MIMMethod):
         """Training: queries at the selected masked patches only; `pred` holds zeros at every other patch.
         Eval mode (pictures, report): a query at every patch (queries are independent, so this changes no
         prediction), so `pred` is a full reconstruction like MAE's and the loss is on every masked patch."""
-        encoded = encode_visible(self.encoder, imgs, masking.ids_keep, self.decoder.context_blocks)
-        latent, features = encoded if self.decoder.context_blocks else (encoded, None)
+        decoder = self.decoder
+        assert isinstance(decoder, CrossMAEDecoder)  # forward's branch for this decoder
+        encoded = encode_visible(self.encoder, imgs, masking.ids_keep, decoder.context_blocks)
+        latent, features = encoded if decoder.context_blocks else (encoded, None)
         ids = reconstruction_ids(masking.mask, self.reconstruct_ratio if self.training else None, select_noise)
-        pred = self.decoder(latent, ids, features)
+        pred = decoder(latent, ids, features)
         in_loss = take_patches(masking.mask, ids)
         loss = masked_mse(pred, take_patches(self.target(imgs), ids), in_loss)
         return MAEOutput(
@@ -217,7 +224,9 @@ def check(cfg) -> None:
             "mae.decoder crossmae does not compose with mask.type parallel (EMAE): "
             "its consistency loss compares patches masked in two parts, which partial decoding mostly leaves out",
         )
-        method_spec("emae").check(cfg)
+        check_emae = method_spec("emae").check
+        assert check_emae is not None  # EMAE registers its checks
+        check_emae(cfg)
     elif cfg.mae.decoder == "crossmae":
         check_crossmae(cfg)
 

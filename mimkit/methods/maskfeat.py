@@ -33,6 +33,8 @@ class MaskFeatOutput(NamedTuple):
 class MaskFeat(MIMMethod):
     """Keys: encoder.* (a stock timm ViT), mask_token, head.* (Linear embed_dim -> the HOG width)."""
 
+    encoder: VisionTransformer
+
     def __init__(self, encoder: VisionTransformer, *, mask_ratio: float = 0.4, mask_count: int | None = None,
                  mask_type: str = "block", block_generator: str = "beit"):  # fmt: skip
         super().__init__()

@@ -36,6 +36,8 @@ class SimMIM(MIMMethod):
     """Keys: encoder.* (a stock timm ViT), mask_token, head.* (Linear embed_dim -> p*p*3, SimMIM's 1x1-conv +
     pixel-shuffle decoder written per patch)."""
 
+    encoder: VisionTransformer
+
     def __init__(self, encoder: VisionTransformer, *, mask_ratio: float = 0.6, mask_patch_size: int = 32):
         super().__init__()
         self.encoder = encoder
