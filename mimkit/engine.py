@@ -15,6 +15,7 @@ import random
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -75,7 +76,7 @@ class StepEngine:
         self.max_nonfinite_steps, self.name, self.hint = max_nonfinite_steps, name, hint
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.nonfinite_total, self.consecutive_nonfinite = 0, 0
-        self.last_checkpoint = None  # set by the loop after each save, named when the run diverges
+        self.last_checkpoint: Path | None = None  # set by the loop after each save, named when the run diverges
 
     def distribute(self, enabled: bool) -> torch.nn.Module:
         """The module the loop calls: the model wrapped in DistributedDataParallel when `enabled` (several processes,
@@ -100,7 +101,7 @@ class StepEngine:
         for micro in range(self.accum_steps):
             sync = micro == self.accum_steps - 1  # all-reduce gradients on the last micro-step only
             if self.fsdp:
-                self.model.set_requires_gradient_sync(sync)
+                self.model.set_requires_gradient_sync(sync)  # type: ignore[operator]  # fully_shard's method
             no_sync = self.ddp.no_sync() if self.ddp is not None and not sync else nullcontext()
             with no_sync, autocast_context(self.device, self.precision):
                 loss, micro_terms = forward(micro)
@@ -125,10 +126,10 @@ class StepEngine:
         elif applied:  # the norm only, read from the gradients: the update is exactly the one without it
             grads = [p.grad for p in self.model.parameters() if p.requires_grad and p.grad is not None]
             if grads:
-                norm = torch.nn.utils.get_total_norm(grads)
-                norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+                total = torch.nn.utils.get_total_norm(grads)
+                value = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
                 # fp16: the gradients are still scaled (unscaling them is the scaler's step's business)
-                grad_norm = norm / float(self.scaler.get_scale()) if self.scaler.is_enabled() else norm
+                grad_norm = value / float(self.scaler.get_scale()) if self.scaler.is_enabled() else value
         if applied:
             self.scaler.step(self.optimizer)
             self.scaler.update()

@@ -13,14 +13,14 @@ import json
 import logging
 import random
 import time
+from collections.abc import Sized
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import torch
 import yaml
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
@@ -43,6 +43,7 @@ from mimkit.logs import progress_bar
 from mimkit.loop import Hook
 from mimkit.machine import cpu_model
 from mimkit.metrics import MetricsLog
+from mimkit.models import Encoder
 from mimkit.runs import GracefulStop, RunLock, RunStopped
 from mimkit.sources import CorruptImage, DataError, FolderImages, check_channels, load_npz
 
@@ -116,13 +117,13 @@ def _open_labelled_split(path: str, split: str, fmt: str, root: str, download: b
         if len(source.targets) != len(source):
             raise DataError(f"data.path: {path}: y_{split} has {len(source.targets)} labels for {len(source)} images")
         return source
-    root = Path(path) / split
-    if not root.is_dir():
-        raise DataError(f"data.path: {root} is not a folder (expected one ImageFolder tree per split: "
+    folder = Path(path) / split
+    if not folder.is_dir():
+        raise DataError(f"data.path: {folder} is not a folder (expected one ImageFolder tree per split: "
                         f"{Path(path) / 'train'}, {Path(path) / 'val'}, ...)")  # fmt: skip
-    source = FolderImages(root, in_chans)
+    source = FolderImages(folder, in_chans)
     if any(t < 0 for t in source.targets):
-        raise DataError(f"data.path: {root} has images outside class sub-folders; expected {root}/<class>/<image>")
+        raise DataError(f"data.path: {folder} has images outside class sub-folders; expected {folder}/<class>/<image>")
     source.targets = np.asarray(source.targets, dtype=np.int64)
     return source
 
@@ -283,7 +284,7 @@ class LabelledDataset(Dataset):
 def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, rank: int = 0, world_size: int = 1,
                 pin_memory: bool = False) -> DataLoader:  # fmt: skip
     """This rank's share (every world_size-th image) in order; its own generator: no global RNG is drawn."""
-    positions = list(range(rank, len(dataset), world_size))
+    positions = list(range(rank, len(cast(Sized, dataset)), world_size))  # map-style: it has a length
     return DataLoader(dataset, batch_size=batch_size, sampler=positions, num_workers=num_workers,
                       pin_memory=pin_memory, generator=torch.Generator())  # fmt: skip
 
@@ -311,7 +312,7 @@ def gather_shards(t: torch.Tensor, n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def extract_features(encoder: VisionTransformer, dataset: Dataset, *, indices: list[int], pool: str, batch_size: int,
+def extract_features(encoder: Encoder, dataset: Dataset, *, indices: list[int], pool: str, batch_size: int,
                      device: torch.device, precision: str = "fp32", num_workers: int = 0, cache: Path | None = None,
                      meta: dict | None = None, save_every: int = 50, desc: str | None = None,
                      ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
@@ -319,14 +320,15 @@ def extract_features(encoder: VisionTransformer, dataset: Dataset, *, indices: l
     sharded over processes. With `cache`, a finished file whose `meta` matches is reused; an interrupted
     extraction continues from its partial file (one per rank, saved every `save_every` batches)."""
     rank, world = rank_world()
-    meta = {**(meta or {}), "indices": list(indices), "pool": pool, "n": len(dataset)}
+    n = len(cast(Sized, dataset))  # map-style (torch's Dataset declares no __len__)
+    meta = {**(meta or {}), "indices": list(indices), "pool": pool, "n": n}
     if cache is not None and cache.is_file():
         saved = load_checkpoint(cache)
         if saved.get("meta") == meta:
             log.info("features: reusing %s", cache)
             return saved["features"], saved["labels"]
         log.warning("features: %s was made with other settings; extracting again", cache)
-    positions = list(range(rank, len(dataset), world))
+    positions = list(range(rank, n, world))
     partial = cache.with_name(f"{cache.stem}.rank{rank}of{world}.partial.pt") if cache is not None else None
     feats: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
@@ -371,7 +373,7 @@ def extract_features(encoder: VisionTransformer, dataset: Dataset, *, indices: l
     dim = feature_dim(encoder, pool)
     mine_f = torch.cat(feats) if feats else torch.empty(0, len(indices), dim)
     mine_y = torch.cat(labels) if labels else torch.empty(0, dtype=torch.int64)
-    all_f, all_y = gather_shards(mine_f, len(dataset)), gather_shards(mine_y, len(dataset))
+    all_f, all_y = gather_shards(mine_f, n), gather_shards(mine_y, n)
     if cache is not None:
         if rank == 0:
             save_checkpoint(cache, {"meta": meta, "features": all_f, "labels": all_y})
@@ -412,6 +414,7 @@ def resume_eval_run(train, command: str, setting: dict[str, Any]) -> tuple[Path 
     continue this run exactly and is refused."""
     resume_from, state = resume_point(train.out_dir, train.resume)
     if resume_from is not None:
+        assert state is not None  # resume_point reads the state of the checkpoint it names
         differ = [k for k, v in {"command": command, **setting}.items() if state.get(k) != v]
         if differ:
             raise CheckpointError(f"cannot resume {resume_from} exactly: it is not a {command} checkpoint of this "

@@ -28,6 +28,8 @@ log = logging.getLogger("mimkit")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+Pool = Literal["auto", "cls", "mean", "cls_mean"]  # features.pool / probe.pool
+
 
 # ---------------------------------------------------------------- sections shared by the three commands
 
@@ -430,14 +432,14 @@ def validate(cfg: Any) -> Any:
             cfg.probe.knn_k == 0 or cfg.probe.mode == "cached",
             "probe.knn_k needs probe.mode cached (the k-NN reads the cached features); use mimkit knn otherwise",
         )
-        o = cfg.optim
-        require(o.blr > 0 and (o.lr is None or o.lr > 0), "optim.blr / optim.lr must be positive")
+        po = cfg.optim
+        require(po.blr > 0 and (po.lr is None or po.lr > 0), "optim.blr / optim.lr must be positive")
         require(
-            o.min_lr >= 0 and o.warmup_epochs >= 0 and o.weight_decay >= 0,
+            po.min_lr >= 0 and po.warmup_epochs >= 0 and po.weight_decay >= 0,
             "optim.min_lr, warmup_epochs, weight_decay must be >= 0",
         )
-        require(0.0 <= o.momentum < 1.0, f"optim.momentum must be in [0, 1), got {o.momentum}")
-        require(o.trust_coeff > 0, f"optim.trust_coeff must be positive, got {o.trust_coeff}")
+        require(0.0 <= po.momentum < 1.0, f"optim.momentum must be in [0, 1), got {po.momentum}")
+        require(po.trust_coeff > 0, f"optim.trust_coeff must be positive, got {po.trust_coeff}")
         _validate_run(cfg.train)
     elif isinstance(cfg, FinetuneConfig):
         m, a, o = cfg.model, cfg.aug, cfg.optim
@@ -505,11 +507,12 @@ def _run_as_train(layer: dict, base: dict | None = None) -> dict:
         train = layer.get("train")
         if train is not None and not isinstance(train, dict):
             raise ConfigError(f"train: expected a mapping of run settings, got {train!r}")
-        both = sorted(set(train or {}) & set(run))
+        train = train or {}
+        both = sorted(set(train) & set(run))
         if both and any(train[k] != run[k] for k in both):
             raise ConfigError(f"knn: run.{both[0]} and train.{both[0]} are the same setting (run is the former name "
                               "of knn's train section); set one")  # fmt: skip
-        layer["train"] = {**run, **(train or {})}
+        layer["train"] = {**run, **train}
     return merge_dicts(base or {}, layer)
 
 

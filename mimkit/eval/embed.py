@@ -13,6 +13,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -22,7 +23,7 @@ from mimkit.checkpoint import atomic_write_bytes, atomic_write_text
 from mimkit.config import ConfigError
 from mimkit.datasets import open_torchvision
 from mimkit.eval.common import checkpoint_channels, eval_transform, extract_features
-from mimkit.eval.config import IMAGENET_MEAN, IMAGENET_STD, EncoderConfig
+from mimkit.eval.config import IMAGENET_MEAN, IMAGENET_STD, EncoderConfig, Pool
 from mimkit.eval.encoders import feature_blocks, load_encoder, resolve_pool
 from mimkit.extras import MissingExtra, install_hint
 from mimkit.sources import CorruptImage, DataError, FolderImages, load_npz
@@ -132,7 +133,7 @@ def embed_images(checkpoint: str, data: str, out: str | Path | None = None, *, p
     in_chans, mean, std = checkpoint_channels(str(checkpoint), mean, std)
     source, ids, labels, classes = open_images(data, split, root, download, in_chans)  # the data before any model
     encoder, _ = load_encoder(EncoderConfig(checkpoint=str(checkpoint), arch=arch, img_size=img_size), seed=seed)
-    pool = resolve_pool(pool, encoder)
+    pool = resolve_pool(cast(Pool, pool), encoder)  # one of POOLS (checked above)
     dev = mdist.resolve_device(device)
     encoder.to(dev)
     size = int(encoder.patch_embed.img_size[0])
@@ -157,7 +158,7 @@ def write_embedding(e: Embedding, out: Path) -> list[Path]:
         atomic_write_text(ids, "".join(f"{i}\n" for i in e.ids))
         return [out, ids]
     if suffix == ".npz":
-        arrays = {"features": e.features, "ids": np.asarray(e.ids, dtype=str)}
+        arrays: dict[str, Any] = {"features": e.features, "ids": np.asarray(e.ids, dtype=str)}  # savez's keywords
         if e.labels is not None:
             arrays["labels"] = e.labels
         if e.classes is not None:

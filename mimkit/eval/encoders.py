@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -16,8 +17,9 @@ from timm.models.vision_transformer import VisionTransformer
 from mimkit import distributed as mdist
 from mimkit.checkpoint import CheckpointError, load_checkpoint
 from mimkit.config import ConfigError, config_from_dict
+from mimkit.eval.config import Pool
 from mimkit.methods import build_model, set_layer_norm_eps
-from mimkit.models import create_encoder, init_weights_beit, timm_beit_kwargs
+from mimkit.models import Encoder, create_encoder, init_weights_beit, timm_beit_kwargs
 from mimkit.presets import get_preset
 from mimkit.registry import encoder_family, method_pool
 
@@ -164,7 +166,7 @@ def encoder_source(ecfg) -> EncoderSource:
                          beit_kwargs, timm_args)  # fmt: skip
 
 
-def build_encoder(src: EncoderSource, drop_path_rate: float = 0.0, seed: int = 0) -> VisionTransformer:
+def build_encoder(src: EncoderSource, drop_path_rate: float = 0.0, seed: int = 0) -> Encoder:
     """The encoder module, untrained: with a checkpoint, timm's default init (about to be overwritten);
     without one, the MAE initialisation pretraining starts from (xavier, sin-cos position table), drawn from
     `seed` alone, the global RNG left as it was."""
@@ -189,12 +191,13 @@ def build_encoder(src: EncoderSource, drop_path_rate: float = 0.0, seed: int = 0
     cfg = config_from_dict({"model": {**m, "drop_path_rate": drop_path_rate}})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        encoder = build_model(cfg).encoder
-    encoder.pos_embed.requires_grad_(True)  # fixed in pretraining only
-    return encoder
+        vit = cast(VisionTransformer, build_model(cfg).encoder)  # the default method's (MAE's) timm ViT
+    assert vit.pos_embed is not None  # create_encoder's ViT has one
+    vit.pos_embed.requires_grad_(True)  # fixed in pretraining only
+    return vit
 
 
-def load_pretrained(model: VisionTransformer, src: EncoderSource) -> KeyReport:
+def load_pretrained(model: Encoder, src: EncoderSource) -> KeyReport:
     """Load the checkpoint's encoder tensors into `model` (a timm ViT, possibly with a classifier head),
     resampling the position embedding if the grid differs, and report what matched."""
     report = KeyReport(src.source)
@@ -227,7 +230,7 @@ def load_pretrained(model: VisionTransformer, src: EncoderSource) -> KeyReport:
     return report
 
 
-def load_encoder(ecfg, seed: int = 0, drop_path_rate: float = 0.0) -> tuple[VisionTransformer, KeyReport]:
+def load_encoder(ecfg, seed: int = 0, drop_path_rate: float = 0.0) -> tuple[Encoder, KeyReport]:
     """The encoder of `encoder.checkpoint` (or a random init), with its key report (also logged)."""
     src = encoder_source(ecfg)
     encoder = build_encoder(src, drop_path_rate, seed)
@@ -237,7 +240,7 @@ def load_encoder(ecfg, seed: int = 0, drop_path_rate: float = 0.0) -> tuple[Visi
     return encoder, report
 
 
-def feature_blocks(encoder: VisionTransformer, block: int, scan: bool) -> list[int]:
+def feature_blocks(encoder: Encoder, block: int, scan: bool) -> list[int]:
     """0-based block indices to read: every block when scanning, else the one asked (-1 = last)."""
     depth = len(encoder.blocks)
     if block > depth:
@@ -247,7 +250,7 @@ def feature_blocks(encoder: VisionTransformer, block: int, scan: bool) -> list[i
     return [depth - 1 if block == -1 else block - 1]
 
 
-def resolve_pool(pool: str, encoder) -> str:
+def resolve_pool(pool: Pool, encoder) -> Pool:
     """features.pool auto: the checkpoint's method's pooling (MethodSpec.pool): mean for an encoder without a cls
     token (I-JEPA), cls otherwise. A cls pooling of an encoder without one is refused."""
     has_cls = getattr(encoder, "cls_token", None) is not None
@@ -258,20 +261,24 @@ def resolve_pool(pool: str, encoder) -> str:
     return pool
 
 
-def feature_dim(encoder: VisionTransformer, pool: str) -> int:
+def feature_dim(encoder: Encoder, pool: str) -> int:
     return encoder.embed_dim * (2 if pool == "cls_mean" else 1)
 
 
-def encoder_features(encoder: VisionTransformer, imgs: torch.Tensor, indices: list[int], pool: str) -> torch.Tensor:
+def encoder_features(encoder: Encoder, imgs: torch.Tensor, indices: list[int], pool: str) -> torch.Tensor:
     """(B, len(indices), D) features: each block's tokens after the encoder's final LayerNorm, pooled."""
     prefixed = bool(getattr(encoder, "num_prefix_tokens", 1))  # no cls token (I-JEPA): patch tokens only, pool mean
     outs = encoder.forward_intermediates(imgs, indices=indices, norm=True, return_prefix_tokens=prefixed,
                                          output_fmt="NLC", intermediates_only=True, stop_early=True)  # fmt: skip
-    outs = outs if prefixed else [(o, None) for o in outs]
+    # intermediates_only: a list per block, of (patches, prefix tokens) pairs with return_prefix_tokens
+    blocks = cast(list[Any], outs)
+    pairs: list[tuple[torch.Tensor, torch.Tensor | None]] = blocks if prefixed else [(o, None) for o in blocks]
     pooled = []
-    for patches, prefix in outs:
+    for patches, prefix in pairs:
         mean = patches.mean(dim=1)
-        pooled.append(
-            mean if pool == "mean" else prefix[:, 0] if pool == "cls" else torch.cat([prefix[:, 0], mean], -1)
-        )
+        if pool == "mean":
+            pooled.append(mean)
+            continue
+        assert prefix is not None  # resolve_pool: an encoder without a cls token pools mean
+        pooled.append(prefix[:, 0] if pool == "cls" else torch.cat([prefix[:, 0], mean], -1))
     return torch.stack(pooled, dim=1).float()

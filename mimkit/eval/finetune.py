@@ -28,7 +28,6 @@ from timm.data import Mixup, create_transform
 from timm.data.auto_augment import posterize as timm_posterize
 from timm.layers import trunc_normal_
 from timm.loss import SoftTargetCrossEntropy
-from timm.models.vision_transformer import VisionTransformer
 from timm.optim import param_groups_layer_decay
 from timm.utils import ModelEmaV3
 from torch import nn
@@ -59,7 +58,7 @@ from mimkit.eval.common import (
 from mimkit.eval.config import FinetuneConfig, dump_eval_yaml
 from mimkit.eval.encoders import KeyReport, build_encoder, encoder_source, load_pretrained, summarize_keys
 from mimkit.loop import TrainLoop, prepare_run_folder
-from mimkit.models import resolve_attention, set_attention_kernel
+from mimkit.models import Encoder, resolve_attention, set_attention_kernel
 from mimkit.schedules import lr_at
 from mimkit.version import __version__
 
@@ -69,20 +68,22 @@ log = logging.getLogger("mimkit")
 # ---------------------------------------------------------------- the model
 
 
-def to_classifier(encoder: VisionTransformer, num_classes: int, global_pool: str = "avg",
-                  head_init_std: float = 2e-5) -> VisionTransformer:  # fmt: skip
+def to_classifier(encoder: Encoder, num_classes: int, global_pool: str = "avg",
+                  head_init_std: float = 2e-5) -> Encoder:  # fmt: skip
     """Give a mimkit encoder (cls-token pooling, no head) a classifier, as timm would build it:
     avg -> final norm removed, fc_norm LayerNorm on the pooled patch tokens; token -> final norm on the cls."""
     if global_pool == "avg":
         encoder.norm = nn.Identity()
         encoder.fc_norm = nn.LayerNorm(encoder.embed_dim, eps=1e-6)
     encoder.reset_classifier(num_classes, global_pool)
-    trunc_normal_(encoder.head.weight, std=head_init_std)
-    nn.init.zeros_(encoder.head.bias)
+    head = encoder.head
+    assert isinstance(head, nn.Linear)  # timm's head for num_classes > 0
+    trunc_normal_(head.weight, std=head_init_std)
+    nn.init.zeros_(head.bias)
     return encoder
 
 
-def build_finetune_model(cfg: FinetuneConfig, num_classes: int) -> tuple[VisionTransformer, KeyReport]:
+def build_finetune_model(cfg: FinetuneConfig, num_classes: int) -> tuple[Encoder, KeyReport]:
     """The classifier with the checkpoint's encoder weights loaded (key report logged), all tensors
     trainable unless model.trainable_blocks restricts them."""
     m = cfg.model
@@ -107,7 +108,7 @@ def build_finetune_model(cfg: FinetuneConfig, num_classes: int) -> tuple[VisionT
     return model, report
 
 
-def layer_decay_param_groups(model: VisionTransformer, weight_decay: float, layer_decay: float) -> list[dict]:
+def layer_decay_param_groups(model: Encoder, weight_decay: float, layer_decay: float) -> list[dict]:
     """timm's layer-wise lr decay groups; each has an `lr_scale` the loop multiplies the scheduled lr by."""
     return param_groups_layer_decay(model, weight_decay=weight_decay, layer_decay=layer_decay,
                                     no_weight_decay_list=list(model.no_weight_decay()))  # fmt: skip
@@ -145,10 +146,11 @@ def format_lr_table(rows: list[dict]) -> str:
 def finetune_train_transform(img_size: int, cfg: FinetuneConfig):
     """timm's training transform: RandomResizedCrop (bicubic) + flip + RandAugment + normalise + random erasing."""
     d, a = cfg.data, cfg.aug
+    scale = (d.crop_scale[0], d.crop_scale[1])  # a pair, also when read from YAML as a list
     timm_tf = create_transform(
-        input_size=img_size, is_training=True, scale=tuple(d.crop_scale), hflip=0.5 if d.hflip else 0.0,
-        color_jitter=None, auto_augment=a.rand_augment, interpolation="bicubic", re_prob=a.re_prob, re_mode="pixel",
-        re_count=1, mean=tuple(d.mean), std=tuple(d.std),
+        input_size=img_size, is_training=True, scale=scale, hflip=0.5 if d.hflip else 0.0, auto_augment=a.rand_augment,
+        interpolation="bicubic", re_prob=a.re_prob, re_mode="pixel", re_count=1, mean=tuple(d.mean), std=tuple(d.std),
+        color_jitter=None,  # type: ignore[arg-type]  # timm reads None as no jitter; its annotation leaves None out
     )  # fmt: skip
     _posterize_zero_bits_as_black(timm_tf)
     return v2.Compose([v2.ToPILImage(), timm_tf])  # timm's ops work on PIL images; PIL input passes through
@@ -207,7 +209,7 @@ def finetune_parts(cfg: FinetuneConfig, model: nn.Module, num_classes: int, peak
     if a.mixup > 0 or a.cutmix > 0:
         mixup = Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, prob=a.mixup_prob, switch_prob=a.mixup_switch_prob,
                       mode="batch", label_smoothing=a.label_smoothing, num_classes=num_classes)  # fmt: skip
-        criterion = SoftTargetCrossEntropy()
+        criterion: nn.Module = SoftTargetCrossEntropy()
     else:
         criterion = nn.CrossEntropyLoss(label_smoothing=a.label_smoothing)
     ema = ModelEmaV3(model, decay=cfg.ema.decay) if cfg.ema.enabled else None
@@ -267,6 +269,7 @@ def resume_finetune(t, engine: StepEngine, ema: ModelEmaV3 | None, steps_per_epo
     resume_from, state = resume_eval_run(t, "finetune", {"steps_per_epoch": steps_per_epoch})
     if resume_from is None:
         return None, 0, []
+    assert state is not None  # read with the checkpoint
     engine.model.load_state_dict(state["model"])
     engine.optimizer.load_state_dict(state["optimizer"])
     engine.scaler.load_state_dict(state["scaler"])

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import VisionTransformer
 
 from mimkit import distributed as mdist
 from mimkit.checkpoint import atomic_write_text
@@ -34,6 +34,7 @@ from mimkit.eval.common import (
 )
 from mimkit.eval.config import IMAGENET_MEAN, IMAGENET_STD, KnnConfig, dump_eval_yaml
 from mimkit.eval.encoders import feature_blocks, load_encoder, resolve_pool
+from mimkit.models import Encoder
 from mimkit.version import __version__
 
 log = logging.getLogger("mimkit")
@@ -70,7 +71,7 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, num_c
 
 
 def knn_monitor(
-    encoder: VisionTransformer,
+    encoder: Encoder,
     train_source,
     val_source,
     *,
@@ -105,12 +106,12 @@ def knn_monitor(
     train, val = subset(train_source, max_train, seed), subset(val_source, max_val, seed + 1)
     indices = [len(encoder.blocks) - 1 if block == -1 else block - 1]
     num_classes = int(max(max(train.targets), max(val.targets))) + 1
-    common = dict(indices=indices, pool=pool, batch_size=batch_size, device=device, precision=precision,
-                  num_workers=num_workers)  # fmt: skip
+    extract = partial(extract_features, encoder, indices=indices, pool=pool, batch_size=batch_size, device=device,
+                      precision=precision, num_workers=num_workers)  # fmt: skip
     was_training = encoder.training
     try:
-        f_train, y_train = extract_features(encoder, LabelledDataset(train, transform), **common)
-        f_val, y_val = extract_features(encoder, LabelledDataset(val, transform), **common)
+        f_train, y_train = extract(LabelledDataset(train, transform))
+        f_val, y_val = extract(LabelledDataset(val, transform))
     finally:
         encoder.train(was_training)
     acc = knn_accuracy(f_train[:, 0].to(device), y_train.to(device), f_val[:, 0].to(device), y_val.to(device),
@@ -144,8 +145,9 @@ def run_knn(cfg: KnnConfig) -> EvalResult:
         log.info("note: %s", KNN_NOTE)
     mdist.barrier()
     transform = eval_transform(img_size, cfg.data.mean, cfg.data.std, cfg.data.crop_pct)
-    common = dict(indices=indices, pool=cfg.features.pool, batch_size=r.batch_size, device=device,
-                  precision=precision, num_workers=cfg.data.num_workers, save_every=r.save_every_batches)  # fmt: skip
+    extract = partial(extract_features, encoder, indices=indices, pool=cfg.features.pool, batch_size=r.batch_size,
+                      device=device, precision=precision, num_workers=cfg.data.num_workers,
+                      save_every=r.save_every_batches)  # fmt: skip
     feats = {}
     for name, split, source, count in (("train", cfg.data.train_split, data.train, cfg.data.train_samples),
                                        ("val", cfg.data.val_split, data.val, cfg.data.val_samples)):  # fmt: skip
@@ -155,8 +157,8 @@ def run_knn(cfg: KnnConfig) -> EvalResult:
                 stale.unlink(missing_ok=True)
         mdist.barrier()
         meta = cache_meta(cfg.encoder, cfg.data, split, count, img_size, r.seed)
-        feats[name] = extract_features(encoder, LabelledDataset(source, transform), cache=cache, meta=meta,
-                                       desc=f"features ({name})" if r.progress else None, **common)  # fmt: skip
+        feats[name] = extract(LabelledDataset(source, transform), cache=cache, meta=meta,
+                              desc=f"features ({name})" if r.progress else None)  # fmt: skip
     (f_train, y_train), (f_val, y_val) = feats["train"], feats["val"]
     acc = knn_accuracy(f_train[:, 0].to(device), y_train.to(device), f_val[:, 0].to(device), y_val.to(device),
                        data.num_classes, cfg.knn.k, cfg.knn.temperature, cfg.knn.chunk_size)  # fmt: skip

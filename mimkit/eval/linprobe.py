@@ -64,13 +64,13 @@ class ProbeHeads(nn.Module):
 
     def __init__(self, num_heads: int, dim: int, num_classes: int, init_std: float = 0.01):
         super().__init__()
+        linears = [nn.Linear(dim, num_classes) for _ in range(num_heads)]
         self.heads = nn.ModuleList(
-            nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
-            for _ in range(num_heads)
+            nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), linear) for linear in linears
         )
-        for head in self.heads:
-            trunc_normal_(head[1].weight, std=init_std)
-            nn.init.zeros_(head[1].bias)
+        for linear in linears:
+            trunc_normal_(linear.weight, std=init_std)
+            nn.init.zeros_(linear.bias)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         return torch.stack([head(feats[:, i]) for i, head in enumerate(self.heads)], dim=1)
@@ -170,6 +170,7 @@ def resume_probe(t, heads, engine: StepEngine, clock, expected: dict) -> tuple[P
     resume_from, state = resume_eval_run(t, "linprobe", expected)
     if resume_from is None:
         return None, 0, []
+    assert state is not None  # read with the checkpoint
     heads.load_state_dict(state["heads"])
     engine.optimizer.load_state_dict(state["optimizer"])
     clock.already, engine.nonfinite_total = state["elapsed_s"], state["nonfinite_steps"]
@@ -298,6 +299,7 @@ def probe_features(batch, pd: ProbeData, encoder, indices: list[int], pool: str,
     under autocast) of the augmented images."""
     if pd.loader is None:  # cached features: the sampler's (index, seed) pairs index them directly
         idx = torch.tensor([i for i, _ in batch])
+        assert pd.f_train is not None and pd.y_train is not None  # cached mode: the train features are extracted
         return pd.f_train[idx].to(device, non_blocking=True), pd.y_train[idx].to(device, non_blocking=True)
     imgs, y = batch
     imgs, y = imgs.to(device, non_blocking=True), y.to(device, non_blocking=True)
