@@ -94,7 +94,8 @@ def atomic_write_bytes(path: Path, write) -> None:
         os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException as e:
-        e.partial_bytes = Path(tmp).stat().st_size if Path(tmp).exists() else 0  # written before the failure
+        written = Path(tmp).stat().st_size if Path(tmp).exists() else 0  # before the failure
+        e.partial_bytes = written  # type: ignore[attr-defined]  # an attribute of ours, read by save_checkpoint
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError) and e.filename is None:  # e.g. ENOSPC from write(): say which file
             e.filename = str(path)
@@ -290,7 +291,7 @@ class _DCPMetadataUnpickler(pickle._Unpickler):
             )
         pickle._Unpickler.load_build(self)
 
-    dispatch[pickle.BUILD[0]] = load_build
+    dispatch[pickle.BUILD[0]] = load_build  # type: ignore[assignment]  # typeshed types it for pickle.Unpickler
 
 
 @functools.cache
@@ -514,7 +515,8 @@ def _dcp_read(folder: Path, state: dict, planner, collective: bool) -> None:
 
 def _causes(e: BaseException):
     """e and every exception it wraps: causes, contexts, and the per-rank failures of DCP's CheckpointException."""
-    seen, stack = set(), [e]
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [e]
     while stack:
         x = stack.pop()
         if not isinstance(x, BaseException) or id(x) in seen:
@@ -548,7 +550,9 @@ def load_sharded_full(folder: Path) -> dict:
 
 def rng_state() -> dict:
     """Every RNG a training step may touch, in weights_only-loadable form."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    legacy = np.random.get_state(legacy=True)  # numpy's default, which its stubs get wrong
+    assert isinstance(legacy, tuple)  # the global RandomState: MT19937's (kind, keys, pos, has_gauss, gauss)
+    kind, keys, pos, has_gauss, gauss = legacy
     state = {
         "python": random.getstate(),
         "numpy": {

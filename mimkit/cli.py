@@ -113,6 +113,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     result = pretrain(cfg)
     if args.dry_run:
         if mdist.world_from_env()[0] == 0:
+            assert result.checkpoint is not None  # the dry run's step is saved
             load_checkpoint(result.checkpoint)  # the checkpoint every rank wrote reads back
             shutil.rmtree(cfg.train.out_dir, ignore_errors=True)
             print(f"dry run OK: 1 step on {mdist.world_from_env()[1]} process(es), loss {result.loss:.4f}, "
@@ -545,9 +546,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mimkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("pretrain", help="pretrain an encoder (method=NAME: `mimkit methods` lists them); run under "
-                       "torchrun/srun for several processes", description=PRETRAIN_DESCRIPTION,
+                       "torchrun/srun for several processes", description=PRETRAIN_DESCRIPTION + _config_sections(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.description += _config_sections()
     p.add_argument(
         "config",
         nargs="?",

@@ -97,6 +97,7 @@ def channel_stats(source, max_images: int = AUTO_STATS_IMAGES) -> tuple[tuple[fl
         pixels, used = pixels + x.shape[1], used + 1
     if not used:
         raise DataError("data.mean / data.std auto: no readable image in the sample of the training data")
+    assert total is not None and total_sq is not None  # summed over the `used` images
     mean = total / pixels
     std = (total_sq / pixels - mean * mean).clamp_min(0).sqrt().clamp_min(1e-6)
     return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std), used
@@ -145,8 +146,8 @@ class ViewSpec(NamedTuple):
 
     size: int
     interpolation: str  # bicubic | bilinear | lanczos
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
     key: str = "tokenizer_image"
 
 

@@ -138,7 +138,7 @@ class _CifarUnpickler(pickle._Unpickler):
         _checked_state(self.stack[-2], self.stack[-1])
         pickle._Unpickler.load_build(self)
 
-    dispatch[pickle.BUILD[0]] = load_build
+    dispatch[pickle.BUILD[0]] = load_build  # type: ignore[assignment]  # typeshed types it for pickle.Unpickler
 
 
 def read_cifar_pickle(path: Path) -> dict:
@@ -201,7 +201,8 @@ def open_cifar(cls, path: str, root: Path, split: str, download: bool) -> ArrayI
     if not all(f.is_file() for f in files):
         missing = next(f for f in files if not f.is_file())
         raise DataError(_missing_hint(path, root, missing.relative_to(root)))
-    images, labels = [], []
+    images: list[np.ndarray] = []
+    labels: list[int] = []
     for f in files:
         entry = read_cifar_pickle(f)
         key = "labels" if "labels" in entry else "fine_labels"

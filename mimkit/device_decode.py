@@ -24,6 +24,7 @@ import queue
 import threading
 import warnings
 from collections.abc import Iterator
+from typing import TYPE_CHECKING, cast
 
 import torch
 from PIL import Image
@@ -40,6 +41,9 @@ from mimkit.data import (
     WebDatasetStream,
     to_rgb,
 )
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
 
 log = logging.getLogger("mimkit")
 
@@ -88,13 +92,15 @@ def draw_crop_and_flip(transform, height: int, width: int) -> tuple[tuple[int, i
     if isinstance(transform, TwoViewTransform):
         box = transform.get_params(shape_only, transform.scale, (3 / 4, 4 / 3))
         flip = transform.hflip and bool(torch.rand(1) < 0.5)
-        return tuple(int(x) for x in box), flip
+        top, left, height, width = (int(x) for x in box)
+        return (top, left, height, width), flip
     crop = _crop_op(transform)
     params = crop.make_params([shape_only]) if hasattr(crop, "make_params") else crop._get_params([shape_only])
     box = (params["top"], params["left"], params["height"], params["width"])
     flips = [t for t in transform.transforms if isinstance(t, v2.RandomHorizontalFlip)]
     flip = bool(flips) and not bool(torch.rand(1) >= flips[0].p)  # v2 skips the flip when rand >= p
-    return tuple(int(x) for x in box), flip
+    top, left, height, width = (int(x) for x in box)
+    return (top, left, height, width), flip
 
 
 def jpeg_header(data: bytes) -> tuple[int, int] | None:
@@ -191,7 +197,7 @@ class DeviceAugment:
         # nvJPEG does part of its work (Huffman decoding of small images) on the host: several threads, each
         # decoding a share of the batch, keep more of it in flight (torch releases the GIL inside ops)
         self.decode_threads = decode_threads or (4 if self.device.type == "cuda" else 1)
-        self.pool = None
+        self.pool: ThreadPoolExecutor | None = None
         if isinstance(transform, TwoViewTransform):
             self.views = [("image", transform.img_size, "bicubic", transform.norm.mean, transform.norm.std),
                           (transform.second.key, transform.second.size, transform.second.interpolation,
@@ -206,22 +212,23 @@ class DeviceAugment:
             for key, _, _, mean, std in self.views
         }  # fmt: skip
 
-    def decode(self, batch: dict) -> tuple[list[torch.Tensor], list[int]]:
-        """Every sample's uint8 (3, H, W) image on the device, and the positions that had to be stood in for."""
+    def decode(self, batch: dict) -> tuple[list[torch.Tensor | None], list[int]]:
+        """Every sample's uint8 (3, H, W) image on the device (None where it failed), and the positions that had to be
+        stood in for."""
         lengths = batch["jpeg_lengths"].tolist()
         chunks = torch.split(batch["jpeg_bytes"], [n for n in lengths if n])
         jpeg_at = [i for i, n in enumerate(lengths) if n]
-        decoded: dict[int, torch.Tensor] = {}
+        decoded: dict[int, torch.Tensor | None] = {}
         if jpeg_at:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torchvision >= 0.29 flags its image decoders as deprecated
                 try:
-                    images = self._decode_all(list(chunks))
-                    decoded.update(zip(jpeg_at, images))
+                    decoded.update(zip(jpeg_at, self._decode_all(list(chunks))))
                 except RuntimeError:  # no partial results from a batch: decode one at a time
                     for i, data in zip(jpeg_at, chunks):
                         decoded[i] = self._decode_one(data, batch["names"][i])
-        images, failed = [], []
+        images: list[torch.Tensor | None] = []
+        failed: list[int] = []
         for i, n in enumerate(lengths):
             img = decoded.get(i) if n else batch["pixels"][i].to(self.device, non_blocking=True)
             if img is None:
@@ -270,13 +277,14 @@ class DeviceAugment:
             return None
 
     def __call__(self, batch: dict) -> dict:
-        images, failed = self.decode(batch)
+        decoded, failed = self.decode(batch)
         boxes, flips = batch["box"].tolist(), batch["flip"].clone()
         skipped = batch["skipped"].clone()
         for i in failed:  # a copy of the nearest decoded sample of the batch (its crop box and flip)
-            donor = next(j for j in sorted(range(len(images)), key=lambda j: abs(j - i)) if j not in failed)
-            images[i], boxes[i], flips[i] = images[donor], boxes[donor], flips[donor]
+            donor = next(j for j in sorted(range(len(decoded)), key=lambda j: abs(j - i)) if j not in failed)
+            decoded[i], boxes[i], flips[i] = decoded[donor], boxes[donor], flips[donor]
             skipped[i] += 1
+        images = cast(list[torch.Tensor], decoded)  # every failed position filled above
         out = {}
         for key, size, interpolation, _, _ in self.views:
             mode = _INTERPOLATION[interpolation]

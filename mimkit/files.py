@@ -148,7 +148,7 @@ def _head(source) -> bytes:
         source.seek(pos)
 
 
-def _first_line(text: str, default: str) -> str:
+def _first_line(text: object, default: str) -> str:
     lines = [x.strip() for x in str(text).splitlines() if x.strip()]
     return (lines[0] if lines else default)[:300]
 

@@ -49,7 +49,8 @@ class CsvLog:
     rebuilt from metrics.jsonl (already cut back to the resumed step): the two always hold the same steps."""
 
     def __init__(self, path: Path, records: list[dict]):
-        self.path, self.rows, self.header = path, {}, ["step"]
+        self.path, self.header = path, ["step"]
+        self.rows: dict[int, dict] = {}  # step -> its values
         for record in records:
             self._add(record)
         self._rewrite()

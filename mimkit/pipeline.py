@@ -93,7 +93,9 @@ class PretrainData:
                 persistent_workers=self.num_workers > 0, prefetch_factor=4 if self.num_workers > 0 else None,
                 **loader_rng_and_workers(seed, rank),
             )  # fmt: skip
-        self.device_augment = None  # data.decode: JPEGs decoded and augmented on the training device
+        self.device_augment: DeviceAugment | None = (
+            None  # data.decode: JPEGs decoded and augmented on the training device
+        )
         decode = getattr(d, "decode", "auto")
         if in_chans != 3 and decode == "device":
             raise DataError(

@@ -42,6 +42,7 @@ import logging
 import math
 import platform
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +59,7 @@ from mimkit.extras import require
 from mimkit.interop import load_mimkit_checkpoint
 from mimkit.machine import cpu_model
 from mimkit.methods import build_model
+from mimkit.models import encoder_of
 from mimkit.presets import get_preset
 from mimkit.registry import COMMON_SECTIONS, encoder_family, method_spec
 from mimkit.schedules import schedule_length
@@ -228,7 +230,7 @@ def _belongs_to(checkpoint: str, run_dir: Path) -> bool:
     return not p.is_absolute() and len(p.parts) >= 2 and p.parts[-2] == run_dir.resolve().name
 
 
-def _candidate_metrics(run_dir: Path, extra: list[str | Path] = ()) -> set[Path]:
+def _candidate_metrics(run_dir: Path, extra: Sequence[str | Path] = ()) -> set[Path]:
     candidates: set[Path] = set(run_dir.rglob("metrics.json"))
     parent = run_dir.resolve().parent
     for sibling in parent.iterdir() if parent.is_dir() else []:
@@ -257,7 +259,7 @@ def _sorted_evals(found) -> list[EvalRun]:
     return sorted(found, key=lambda e: (order[e.command], e.step or 0, str(e.folder)))
 
 
-def find_evaluations(run_dir: Path, extra: list[str | Path] = ()) -> list[EvalRun]:
+def find_evaluations(run_dir: Path, extra: Sequence[str | Path] = ()) -> list[EvalRun]:
     """Evaluation runs of this run's checkpoints (see the module docstring for where they are looked for)."""
     run_dir = Path(run_dir)
     found: dict[Path, EvalRun] = {}
@@ -292,7 +294,7 @@ def _eval_config(folder: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def find_baselines(run_dir: Path, cfg, extra: list[str | Path] = ()) -> list[EvalRun]:
+def find_baselines(run_dir: Path, cfg, extra: Sequence[str | Path] = ()) -> list[EvalRun]:
     """Evaluation runs of a random-init encoder (`encoder.checkpoint=none`) of the run's architecture (family,
     patch, width, depth, heads; read from the evaluation's config.yaml), looked for where evaluations are."""
     want = run_architecture(cfg)
@@ -379,7 +381,7 @@ def curve_panels(runlog: RunLog, evals: list[EvalRun]) -> list[str]:
     return panels
 
 
-def _knn_panel(ax, runlog: RunLog, knn_evals: list[EvalRun], baselines: list[EvalRun]) -> None:
+def _knn_panel(ax, runlog: RunLog, knn_evals: list[EvalRun], baselines: Sequence[EvalRun]) -> None:
     """The monitor's k-NN trend, `mimkit knn` on the checkpoints, and the random-init baseline."""
     if runlog.knn:
         ax.plot([r["step"] for r in runlog.knn], [r["knn_top1"] for r in runlog.knn], marker="o",
@@ -403,7 +405,7 @@ def _figure_title(summary: dict[str, str] | None, runlog: RunLog) -> str:
                                                   if runlog.resumes else "")  # fmt: skip
 
 
-def curves_figure(runlog: RunLog, evals: list[EvalRun], baselines: list[EvalRun] = (),
+def curves_figure(runlog: RunLog, evals: list[EvalRun], baselines: Sequence[EvalRun] = (),
                   summary: dict[str, str] | None = None, loss_terms: tuple[str, ...] = ()) -> tuple[bytes, list[str]]:  # fmt: skip
     """Loss (and its terms), lr, img/s, gradient norm, skipped counts and the k-NN trend against the step, one PNG
     (only the panels that carry information: `curve_panels`) titled with the summary line; with the panel names."""
@@ -543,7 +545,7 @@ def reconstructions_figure(run_dir: Path, cfg, checkpoints: list[Path], images: 
     for path in checkpoints:
         model, _, state = load_mimkit_checkpoint(path)
         models.append((f"step {state.get('step', checkpoint_step(path))}", model))
-    size = models[0][1].encoder.patch_embed.img_size[0]
+    size = encoder_of(models[0][1]).patch_embed.img_size[0]
     imgs = fixed_images(cfg, size, images, count)
     columns = [(label, reconstruct(model, imgs, cfg.data.mean, cfg.data.std, seed=cfg.train.seed))
                for label, model in models]  # fmt: skip
@@ -706,7 +708,7 @@ def own_config_text(cfg, config_text: str) -> str:
     return yaml.safe_dump(keep, sort_keys=False)
 
 
-def eval_tables(evals: list[EvalRun], baselines: list[EvalRun] = (), hint: str | None = None) -> str:
+def eval_tables(evals: list[EvalRun], baselines: Sequence[EvalRun] = (), hint: str | None = None) -> str:
     """One table per command: the random-init baseline rows first (marked), then the runs of the checkpoints; a
     one-line hint with the command that makes a baseline when none was found."""
     out = []
@@ -781,7 +783,7 @@ PAGE = (
 
 def build_report(run_dir: str | Path, out: str | Path | None = None, *, images: list[str | Path] | None = None,
                  checkpoints: int | None = None, num_images: int | None = None,
-                 evals: list[str | Path] = ()) -> Report:  # fmt: skip
+                 evals: Sequence[str | Path] = ()) -> Report:  # fmt: skip
     """Write OUT (default RUN_DIR/report.html) and the PNG summary beside it (same name, .png). `checkpoints`:
     how many kept checkpoints to draw (default: all, up to DEFAULT_CHECKPOINTS, spread evenly)."""
     run_dir = Path(run_dir)
@@ -801,7 +803,8 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, *, images: 
     curves_png, panels = curves_figure(runlog, found, baselines, summary, method_spec(cfg.method).loss_terms)
 
     ckpts = pick_checkpoints(kept, checkpoints)
-    recon_png, drawn = None, []
+    recon_png = None
+    drawn: list[str] = []
     spec = method_spec(cfg.method)
     if not spec.pixels(cfg):
         notes.append(f"this {cfg.method} run does not predict pixels ({spec.summary}): no reconstructions to draw")

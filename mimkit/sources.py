@@ -167,14 +167,16 @@ class FolderImages(Dataset):
         self.classes = classes
         class_index = {c: i for i, c in enumerate(classes)}
         self.files = files
-        self.targets = [class_index.get(p.relative_to(root).parts[0], -1) if p.parent != root else -1 for p in files]
+        self.targets: list[int] | np.ndarray = [  # an int64 array once the evaluation's labelled split checked it
+            class_index.get(p.relative_to(root).parts[0], -1) if p.parent != root else -1 for p in files
+        ]
 
     def __len__(self) -> int:
         return len(self.files)
 
     def load(self, index: int) -> Image.Image | torch.Tensor:
         image = load_image(self.files[index], self.in_chans)
-        if self.in_chans != 3 and image.shape[0] != self.in_chans:  # skipped and counted as a corrupt image is
+        if isinstance(image, torch.Tensor) and image.shape[0] != self.in_chans:  # in_chans 3: RGB; a corrupt image is
             raise CorruptImage(f"{self.files[index]}: {image.shape[0]} channel(s), model.in_chans is {self.in_chans}")
         return image
 
@@ -185,6 +187,8 @@ class FolderImages(Dataset):
 class ArrayImages(Dataset):
     """Images in an (N, H, W, C) array; labels optional. in_chans 3: uint8, C in {1, 3, 4}, as RGB; otherwise
     C bands of uint8 / uint16 / float kept as they are (see array_to_tensor)."""
+
+    classes: list[str] | None  # class names, where the loader knows them (CIFAR's meta file)
 
     def __init__(self, images: np.ndarray, labels: np.ndarray | None = None, name: str = "array", in_chans: int = 3):
         self.images, self.targets, self.name, self.in_chans = images, labels, name, in_chans

@@ -30,9 +30,10 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict
+from collections.abc import Iterable, Set
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -198,8 +199,10 @@ class DalleEncoder(Tokenizer):
         n_layers = 4 * n_blk_per_group
 
         def group(n_in: int, n_out: int, pool: bool) -> nn.Sequential:
-            blocks = [(f"block_{i + 1}", DalleEncoderBlock(n_in if i == 0 else n_out, n_out, n_layers))
-                      for i in range(n_blk_per_group)]  # fmt: skip
+            blocks: list[tuple[str, nn.Module]] = [
+                (f"block_{i + 1}", DalleEncoderBlock(n_in if i == 0 else n_out, n_out, n_layers))
+                for i in range(n_blk_per_group)
+            ]
             if pool:
                 blocks.append(("pool", nn.MaxPool2d(kernel_size=2)))
             return nn.Sequential(OrderedDict(blocks))
@@ -281,7 +284,7 @@ class TamingDownsample(nn.Module):
 
 
 class TamingEncoder(nn.Module):
-    def __init__(self, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, attn_levels: set[int],
+    def __init__(self, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, attn_levels: Set[int],
                  z_channels: int, in_channels: int = 3):  # fmt: skip
         super().__init__()
         self.num_res_blocks = num_res_blocks
@@ -301,7 +304,7 @@ class TamingEncoder(nn.Module):
             if level != len(ch_mult) - 1:
                 down.downsample = TamingDownsample(block_in)
             self.down.append(down)
-        self.mid = nn.Module()
+        self.mid: Any = nn.Module()  # a namespace of taming's state-dict names
         self.mid.block_1 = TamingResnetBlock(block_in, block_in)
         self.mid.attn_1 = TamingAttnBlock(block_in)
         self.mid.block_2 = TamingResnetBlock(block_in, block_in)
@@ -310,7 +313,7 @@ class TamingEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
-        for down in self.down:
+        for down in cast(Iterable[Any], self.down):  # namespace modules: block, attn, downsample (taming's names)
             for i in range(self.num_res_blocks):
                 h = down.block[i](h)
                 if len(down.attn) > 0:
@@ -334,7 +337,7 @@ class TamingGumbelTokenizer(Tokenizer):
     interpolation = "lanczos"
 
     def __init__(self, ch: int = 128, ch_mult: tuple[int, ...] = (1, 1, 2, 4), num_res_blocks: int = 2,
-                 attn_levels: set[int] = frozenset({3}), z_channels: int = 256, embed_dim: int = 256,
+                 attn_levels: Set[int] = frozenset({3}), z_channels: int = 256, embed_dim: int = 256,
                  n_embed: int = 8192):  # fmt: skip
         super().__init__()
         self.vocab_size, self.downsample = n_embed, 2 ** (len(ch_mult) - 1)

@@ -87,7 +87,7 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     kwargs = {}
     for key, value in data.items():
         tp = hints[key]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):  # a section (a class: hints hold no instances)
             kwargs[key] = from_dict(tp, value, f"{prefix}{key}.")
         else:
             kwargs[key] = check_value(f"{prefix}{key}", value, tp)

@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from mimkit.interop import InteropError, load_mimkit_checkpoint
-from mimkit.models import unpatchify
+from mimkit.models import encoder_of, unpatchify
 from mimkit.registry import encoder_family, method_spec
 from mimkit.sources import CorruptImage, DataError, array_to_tensor, load_image, to_channels
 
@@ -251,7 +251,7 @@ def to_uint8(img: torch.Tensor) -> np.ndarray:
     return (img.detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
-def _font() -> ImageFont.ImageFont:
+def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     return ImageFont.load_default()
 
 
@@ -295,7 +295,7 @@ def render_panels(
     each upscaled ``scale`` x (nearest: pixels are repeated, never blended), captions above."""
     font = _font()
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    line_h = probe.textbbox((0, 0), "Ag", font=font)[3] + 2
+    line_h = int(probe.textbbox((0, 0), "Ag", font=font)[3]) + 2  # whole pixels, which Pillow types as float
     h0, w0 = panels[0][2].shape[:2]
     ph, pw = h0 * scale, w0 * scale
     cols = min(max_cols, len(panels))
@@ -384,8 +384,8 @@ def visualize(
     if not spec.pixels(cfg):
         raise InteropError(f"{ckpt}: this {cfg.method} model does not predict pixels ({spec.summary}), so it has no "
                            "reconstruction to draw; `mimkit visualize` takes checkpoints of runs with pixel targets")  # fmt: skip
-    size = model.encoder.patch_embed.img_size[0]
-    in_chans = model.encoder.patch_embed.proj.in_channels
+    size = encoder_of(model).patch_embed.img_size[0]
+    in_chans = encoder_of(model).patch_embed.proj.in_channels
     bands = display_bands(in_chans, tuple(bands) if bands else None)  # a bad choice fails before any image
     out_dir = Path(out_dir)
     done = []
@@ -467,7 +467,7 @@ def attention_maps(encoder, image01: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGE
     device = next(encoder.parameters()).device
     was_training = encoder.training
     encoder.eval()
-    captured = {}
+    captured: dict[str, torch.Tensor] = {}
     hook = encoder.blocks[-1].attn.register_forward_pre_hook(lambda mod, args: captured.__setitem__("x", args[0]))
     try:
         m, s = _stats(mean, std, device)
@@ -541,7 +541,7 @@ def attention_figure(
     if encoder_family(cfg.method) == "beit":  # its attention adds a relative position bias the maps would leave out
         raise InteropError(f"{ckpt}: attention maps of timm Beit encoders ({cfg.method}) are not supported yet; "
                          "they cover timm VisionTransformer encoders (MAE, EMAE, BootMAE)")  # fmt: skip
-    encoder = model.encoder
+    encoder = encoder_of(model)
     size = encoder.patch_embed.img_size[0]
     if not Path(image).is_file():
         raise FileNotFoundError(f"image not found: {image}")

@@ -29,6 +29,7 @@ from mimkit.interop.import_base import (
     save_imported,
 )
 from mimkit.methods import build_model
+from mimkit.models import encoder_of
 from mimkit.registry import encoder_family
 
 _ENCODER_PREFIXES = ("beit.", "encoder.")  # an encoder saved inside a larger model (and mimkit's own checkpoints)
@@ -122,7 +123,7 @@ def import_beit(src: Path, out, sd: dict[str, torch.Tensor], hints: dict, notes:
         raise InteropError(f"{src}: the inferred configuration is invalid: {e}") from None
     torch.manual_seed(0)  # what is not in the source is initialised reproducibly (BEiT's init)
     model = build_model(cfg)
-    filtered = beit_checkpoint_filter_fn(encoder, model.encoder)
+    filtered = beit_checkpoint_filter_fn(encoder, encoder_of(model))
     index_buffers = [k for k in encoder if k.endswith("relative_position_index")]
     if index_buffers:
         notes.append(f"{len(index_buffers)} relative_position_index buffers not imported: timm's Beit rebuilds them")

@@ -247,6 +247,7 @@ def hf_classifier(c: Classifier):
                   patch_size=a["patch_size"], num_channels=a["in_chans"], hidden_act="gelu", hidden_dropout_prob=0.0,
                   attention_probs_dropout_prob=0.0, layer_norm_eps=c.info.get("eps", 1e-6), **_hf_labels(c))  # fmt: skip
     state = {**{f"encoder.{k}": v for k, v in sd.items()}, **sd}
+    model: transformers.PreTrainedModel
     if c.family == "vit" and a["global_pool"] == "token":
         model = transformers.ViTForImageClassification(transformers.ViTConfig(**common, qkv_bias=True))
         mapping = {**hf_key_map(a["depth"], None, prefix="vit."), **_head_map()}

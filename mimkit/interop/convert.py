@@ -135,9 +135,11 @@ def convert_official(sd: dict[str, torch.Tensor], family: str) -> Converted:
                 raise InteropError(f"block {i}: has only one of attn.q_bias / attn.v_bias")
             q, v = sd[q_key], sd[v_key]
             k_key = parts.get("attn.k_bias")
-            k = sd[k_key] if k_key else torch.zeros_like(q)
+            k_bias = sd[k_key] if k_key else torch.zeros_like(q)
             conv.put(
-                f"encoder.blocks.{i}.attn.qkv.bias", torch.cat([q, k, v]), f"cat({q_key}, {k_key or 'zeros'}, {v_key})"
+                f"encoder.blocks.{i}.attn.qkv.bias",
+                torch.cat([q, k_bias, v]),
+                f"cat({q_key}, {k_key or 'zeros'}, {v_key})",
             )
         for gamma, linear in (("gamma_1", "attn.proj"), ("gamma_2", "mlp.fc2")):
             if gamma in parts:

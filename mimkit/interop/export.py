@@ -16,7 +16,7 @@ from mimkit.files import InteropError
 from mimkit.interop.common import encoder_spec, load_mimkit_checkpoint, read_json, timm_name
 from mimkit.interop.hf_keys import hf_beit_config, hf_beit_key_map, hf_key_map, mimkit_to_hf
 from mimkit.methods.mae import MAEDecoder
-from mimkit.models import timm_beit_kwargs
+from mimkit.models import encoder_of, timm_beit_kwargs
 from mimkit.registry import encoder_family
 from mimkit.version import __version__
 
@@ -41,7 +41,7 @@ def export_timm(ckpt: str | Path, out: str | Path) -> dict[str, Path]:
     model, cfg, state = load_mimkit_checkpoint(ckpt)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    enc = model.encoder
+    enc = encoder_of(model)
     spec = encoder_spec(enc)
     if spec["mlp_hidden"] != 4 * spec["embed_dim"]:
         raise InteropError(f"{ckpt}: encoder MLP width {spec['mlp_hidden']} is not 4 x {spec['embed_dim']}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from timm.layers import resample_abs_pos_embed
@@ -31,7 +31,7 @@ from mimkit.interop.import_base import (
     save_imported,
 )
 from mimkit.methods import build_model
-from mimkit.models import sincos_2d_pos_embed
+from mimkit.models import encoder_of, sincos_2d_pos_embed
 from mimkit.presets import PRESETS
 
 # =============================================================================================
@@ -243,7 +243,7 @@ def import_checkpoint(src: str | Path, out: str | Path | None, opts: ImportOptio
     torch.manual_seed(0)  # what is not in the source is initialised reproducibly (MAE's init)
     model = build_model(cfg)
     report = ImportReport(source=str(src), format=fmt)
-    _through_timm_filter(conv, model.encoder, report)
+    _through_timm_filter(conv, cast(VisionTransformer, model.encoder), report)  # a ViT (BEiTs: import_beit)
     new_state = _place_tensors(src, conv, model, report)
     if fmt in ("beit", "bootmae") and not any(k.startswith("decoder.") for k in conv.tensors):
         conv.notes.append(f"{fmt}: only the encoder maps onto mimkit; the MAE decoder is freshly initialised")
@@ -273,7 +273,7 @@ def _place_tensors(src: Path, conv: Converted, model: nn.Module, report: ImportR
     """The model's state dict with every converted tensor in place (decoder position table rebuilt or resampled
     for the grid), the key report filled in: matched, unexpected, initialised (a decoder the source lacks), missing."""
     target = model.state_dict()
-    grid = model.encoder.patch_embed.grid_size[0]
+    grid = encoder_of(model).patch_embed.grid_size[0]
     new_state = dict(target)
     has_decoder = any(k.startswith("decoder.") for k in conv.tensors)
     for key, tensor in conv.tensors.items():

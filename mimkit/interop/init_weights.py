@@ -23,7 +23,7 @@ from mimkit.files import InteropError
 from mimkit.interop.common import load_mimkit_checkpoint
 from mimkit.interop.import_base import ImportOptions
 from mimkit.interop.imports import import_checkpoint, is_sincos_table
-from mimkit.models import sincos_2d_pos_embed
+from mimkit.models import encoder_heads, encoder_of, sincos_2d_pos_embed
 
 
 @dataclass
@@ -97,7 +97,8 @@ def initial_state(model: torch.nn.Module, target: dict[str, torch.Tensor], path:
                   teachers: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], InitReport]:  # fmt: skip
     """`target` (the model's full state dict) with the source's tensors in place, and the key report."""
     decoder_blocks = getattr(getattr(model, "decoder", None), "decoder_blocks", None)
-    hints = ImportOptions(num_heads=model.encoder.blocks[0].attn.num_heads if len(model.encoder.blocks) else None,
+    encoder = encoder_of(model)
+    hints = ImportOptions(num_heads=encoder_heads(encoder) if len(encoder.blocks) else None,
                           decoder_heads=decoder_blocks[0].attn.num_heads if decoder_blocks else None)  # fmt: skip
     src, kind = source_state(path, hints)
     report = InitReport(str(path), kind, unexpected=sorted(set(src) - set(target)))
