@@ -7,8 +7,10 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
+from PIL import Image
 
 from mimkit.checkpoint import atomic_write_text
 from mimkit.compare.spec import SpecError
@@ -99,7 +101,7 @@ def inspect_data(paths: list[str], work: Path, train_samples: int | None, test_s
     else:
         raise SpecError("--data: one .npz, one folder, or two folders (TRAIN VAL)")
     train, test = FolderImages(root / "train"), FolderImages(root / val)
-    picked = [train.load(int(i)) for i in g.permutation(len(train))[:500]]
+    picked = [cast(Image.Image, train.load(int(i))) for i in g.permutation(len(train))[:500]]  # RGB: PIL images
     sizes = sorted(min(img.size) for img in picked)
     mean, std = _channel_stats(np.asarray(img.convert("RGB")) for img in picked)
     return DataInfo("folder", str(root / "train"), str(root), "train", val, sizes[len(sizes) // 2], len(train),

@@ -3,16 +3,18 @@ process), each checkpoint the plan names once, the lowest epoch first; fine-tuni
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from mimkit.checkpoint import checkpoint_path, list_checkpoints
 from mimkit.compare.budget import is_scored_step
-from mimkit.compare.plan import EVAL_RECIPES, locked, now, pretrained, read_json, write_json
+from mimkit.compare.plan import EVAL_RECIPES, Baseline, Run, locked, now, pretrained, read_json, write_json
 from mimkit.eval import evaluate
 
 log = logging.getLogger("compare")
@@ -22,6 +24,17 @@ PROBE_KEYS = ("top1", "top5", "best_top1", "best_block", "block", "per_block_top
 
 class Scoring:
     """The evaluation half of a Study (mimkit.compare.study): needs the Plan's attributes and `report()`."""
+
+    # what it reads of the Study it is part of (declared for the type checker: the Plan and the Study set them)
+    args: argparse.Namespace
+    threads: int
+    evaluated: int
+    scored: tuple[str, str] | tuple[str]
+    runs: list[Run]
+    baselines: list[Baseline]
+    eval_overrides: Callable[[str, list[str], Path], list[str]]
+    settings: Callable[[list[str]], list[str]]
+    report: Callable[[], dict]
 
     def evaluate(self, encoder: list[str], path: Path, commands: tuple[str, ...]) -> bool:
         """Score one encoder by `commands` into the record `path`, each command once (a record with the same
@@ -58,7 +71,9 @@ class Scoring:
             record = read_json(run.record_path)
             every, final = record.get("save_every_steps"), record.get("final_step") if record.get("done") else None
             for ckpt in list_checkpoints(run.dir / "pretrain"):
-                step = int(re.search(r"(\d+)", ckpt.name).group(1))
+                found = re.search(r"(\d+)", ckpt.name)
+                assert found is not None  # list_checkpoints: checkpoint-<step> names
+                step = int(found.group(1))
                 if is_scored_step(step, every, final):
                     pending.append((step / run.steps_per_epoch, i, pretrained(run, step),
                                     run.evals / f"step-{step:08d}.json", self.scored))  # fmt: skip
