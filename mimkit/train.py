@@ -232,32 +232,13 @@ def pretrain(cfg: Config) -> RunResult:
         metrics = MetricsLog(
             s.out_dir, dist.is_main, active_loggers(t), resumed_step=r.step, config=to_dict(resolved(cfg))
         )  # the hyperparameters of a W&B / MLflow run
-        if r.init is not None and dist.is_main:  # the key report, kept with the run
-            log.info("%s", r.init.summary())
-            atomic_write_text(s.out_dir / "init_from.json", json.dumps(r.init.to_dict(), indent=1) + "\n")
-            metrics.write(
-                {
-                    "event": "init_from",
-                    "source": r.init.source,
-                    "kind": r.init.kind,
-                    "taken": len(r.init.matched) + len(r.init.fitted),
-                    "initialised": len(r.init.missing),
-                }
-            )
-        if r.checkpoint is not None:
-            metrics.write(
-                {
-                    "event": "resume",
-                    "from": str(r.checkpoint),
-                    "resumed_step": r.step,
-                    **({"config_changes": {k: [a, b] for k, (a, b) in r.allowed.items()}} if r.allowed else {}),
-                }
-            )
+        record_start(metrics, s, r)
         engine.last_checkpoint = r.checkpoint
         save = checkpoint_writer(cfg, s, r, clock=lambda: loop.clock_s)
         loop = TrainLoop("pretrain", t, engine=engine, metrics=metrics, save=save, out_dir=s.out_dir,
-                         is_main=dist.is_main, step=r.step, last_step=s.last_step, steps_per_epoch=s.steps_per_epoch, effective_batch=s.effective_batch,
-                         hooks=monitors(cfg, s, metrics), step_lines=True, clock_s=r.clock_s)  # fmt: skip
+                         is_main=dist.is_main, step=r.step, last_step=s.last_step, steps_per_epoch=s.steps_per_epoch,
+                         effective_batch=s.effective_batch, hooks=monitors(cfg, s, metrics), step_lines=True,
+                         clock_s=r.clock_s)  # fmt: skip
 
         # ---- the loop: epochs of (accumulated) steps
         spec = method_spec(cfg.method)  # the output fields logged beside the loss: its loss terms, then other values
@@ -265,14 +246,7 @@ def pretrain(cfg: Config) -> RunResult:
         model.train()
         for step, batches in loop.steps(data.epoch_batches):
             at = loop.schedule_step(step, s.total_steps)  # the step, or the share of train.budget_minutes spent
-            lr = lr_at(at, s.steps_per_epoch, cfg, s.peak_lr)
-            engine.set_lr(lr)
-            # a method's own weight-decay schedule (I-JEPA's), on the decayed group
-            if hasattr(model, "weight_decay_at"):
-                for group in s.optimizer.param_groups:
-                    if group["weight_decay"] > 0:
-                        group["weight_decay"] = model.weight_decay_at(at, s.total_steps)
-            model.set_progress(at, s.steps_per_epoch, s.total_steps)  # step-dependent terms (BootMAE's ramps, EMA)
+            lr = set_schedules(cfg, s, at)
             skipped = 0
 
             def forward(micro: int):
@@ -287,16 +261,39 @@ def pretrain(cfg: Config) -> RunResult:
                                on_update=lambda: model.after_step(at))  # fmt: skip
             r.skipped, r.loss = r.skipped + int(result.extras["skipped"]), result.loss
             tail = {"grad_norm": result.grad_norm} if result.grad_norm is not None else {}
-            loop.after_step(
-                result,
-                lr,
-                {"nonfinite_steps": engine.nonfinite_total, "skipped_images": r.skipped},
-                {**tail, **result.terms},
-            )  # the loss terms of this process's last step
+            loop.after_step(result, lr, {"nonfinite_steps": engine.nonfinite_total, "skipped_images": r.skipped},
+                            {**tail, **result.terms})  # the loss terms of this process's last step  # fmt: skip
         loop.close()
         mdist.barrier()
         return RunResult(s.out_dir, engine.last_checkpoint, s.out_dir / "config.yaml", metrics.path, loop.done,
                          loop.loss, engine.nonfinite_total, r.skipped)  # fmt: skip
+
+
+def record_start(metrics: MetricsLog, s: Setup, r: Resumed) -> None:
+    """The run's opening events in its metrics log: where a new run's weights came from (train.init_from, also
+    written to init_from.json), or the checkpoint a resume starts from and the config changes it allowed."""
+    if r.init is not None and s.dist.is_main:  # the key report, kept with the run
+        log.info("%s", r.init.summary())
+        atomic_write_text(s.out_dir / "init_from.json", json.dumps(r.init.to_dict(), indent=1) + "\n")
+        taken = len(r.init.matched) + len(r.init.fitted)
+        metrics.write({"event": "init_from", "source": r.init.source, "kind": r.init.kind, "taken": taken,
+                       "initialised": len(r.init.missing)})  # fmt: skip
+    if r.checkpoint is not None:
+        changes = {"config_changes": {k: [a, b] for k, (a, b) in r.allowed.items()}} if r.allowed else {}
+        metrics.write({"event": "resume", "from": str(r.checkpoint), "resumed_step": r.step, **changes})
+
+
+def set_schedules(cfg: Config, s: Setup, at: int) -> float:
+    """The schedules at schedule step `at`: the lr (returned), a method's own weight decay (I-JEPA's, on the decayed
+    group) and its step-dependent terms (BootMAE's ramps, EMA momenta)."""
+    lr = lr_at(at, s.steps_per_epoch, cfg, s.peak_lr)
+    s.engine.set_lr(lr)
+    if hasattr(s.model, "weight_decay_at"):
+        for group in s.optimizer.param_groups:
+            if group["weight_decay"] > 0:
+                group["weight_decay"] = s.model.weight_decay_at(at, s.total_steps)
+    s.model.set_progress(at, s.steps_per_epoch, s.total_steps)
+    return lr
 
 
 def setup(cfg: Config) -> Setup:
