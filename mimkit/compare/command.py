@@ -108,6 +108,15 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--poll", type=int, default=60, help="--role eval: seconds between looks (0: score what is there, then stop)")
     add("--threads", type=int, default=None, help="torch threads of pretraining and evaluation (default: CPUs allowed)")
     add("--cpus", default=None, help="pin the study to these CPUs (as taskset -c: 1, 0,2, 0-3)")
+    add_scoring_arguments(p)
+    p.set_defaults(func=run_command)
+    return p
+
+
+def add_scoring_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of how the runs are set up and scored: CPU scaling, --set, data statistics and geometry,
+    k-NN, tokenizer, fine-tuning, sweeps, reach and smoke-run limits."""
+    add = p.add_argument
     add(
         "--cpu-scale",
         action="append",
@@ -165,8 +174,6 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     add("--no-page", action="store_true", help="do not write the study page (report.html; `mimkit report DIR` does)")
     add("--max-steps", type=int, default=None, help="stop each pretraining after N steps (smoke runs)")
-    p.set_defaults(func=run_command)
-    return p
 
 
 def run_study(args: argparse.Namespace) -> tuple[Study, dict]:
