@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import socket
 import subprocess
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from mimkit.machine import cpu_flags, cpu_model
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -68,7 +69,7 @@ def main() -> None:
     data = work / "images.npz"
     n = args.batch * args.nproc * args.steps
     np.savez(data, x_train=np.random.default_rng(0).integers(0, 256, (n, 224, 224, 3), dtype=np.uint8))
-    print(f"# {platform.processor() or platform.machine()} | torch {torch.__version__} | {args.arch} MAE "
+    print(f"# {cpu_model()} ({' '.join(cpu_flags())}) | torch {torch.__version__} | {args.arch} MAE "
           f"(decoder 512 x 8) | {args.nproc} processes x batch {args.batch} | {args.steps} steps | "
           f"{time.strftime('%Y-%m-%d')}")  # fmt: skip
     print()
