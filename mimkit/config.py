@@ -595,10 +595,11 @@ def sections_used(cfg: Config, also_reads: tuple[str, ...] = ()) -> dict[str, se
     used: dict[str, set[str] | None] = {}
     for item in (*method_spec(cfg.method).sections_read(cfg), *also_reads):
         section, _, key = item.partition(".")
+        keys = used.get(section, set())
         if not key:
             used[section] = None
-        elif used.get(section, set()) is not None:
-            used.setdefault(section, set()).add(key)
+        elif keys is not None:  # a section read whole stays whole
+            used[section] = keys | {key}
     return used
 
 
@@ -608,7 +609,8 @@ def reads_key(cfg: Config, key: str) -> bool:
     if section not in method_sections(cfg):
         return True
     used = sections_used(cfg)
-    return section in used and (used[section] is None or name in used[section])
+    keys = used.get(section, set())
+    return section in used and (keys is None or name in keys)
 
 
 def _unread_keys(cfg: Config, spec, strict: bool, also_reads: tuple[str, ...]) -> None:
@@ -704,7 +706,7 @@ def _validate_run(cfg: Config) -> None:
     )
 
 
-def resolve_block_generator(cfg: Config) -> str:
+def resolve_block_generator(cfg: Config) -> Literal["beit", "exact"]:
     """`mask.block_generator` resolved: auto = each method's own generator: beit for BEiT / mc-BEiT (they corrupt
     every token in place, so the count may vary), exact otherwise (BootMAE's own, for its hybrid mask's blocks;
     MAE-style encoders need equal counts)."""
@@ -720,6 +722,7 @@ def masked_fraction(cfg: Config, num_patches: int) -> float:
 
 def _validate_mask_count(cfg: Config, spec, g: Geometry) -> None:
     count = cfg.mask.count
+    assert count is not None  # called only when mask.count is set
     require(1 <= count < g.num_patches,
             f"mask.count must be in [1, {g.num_patches - 1}] (patches masked of the {g.num_patches} given by "
             f"model.img_size {g.img} / model.patch_size {g.patch}; it overrides mask.ratio), got {count}")  # fmt: skip

@@ -39,7 +39,7 @@ log = logging.getLogger("mimkit")
 
 def due(count: int, every: int | None) -> bool:
     """Every `every`-th count (never when `every` is 0 or None)."""
-    return bool(every) and count % every == 0
+    return every is not None and every > 0 and count % every == 0
 
 
 def save_due(done: int, *, last_step: int, steps_per_epoch: int, save_every_steps: int | None,

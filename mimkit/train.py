@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from timm.optim import param_groups_weight_decay
@@ -23,6 +24,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
     set_state_dict,
 )
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
 
 from mimkit import distributed as mdist
 from mimkit.checkpoint import (
@@ -56,7 +60,7 @@ from mimkit.eval import knn_monitor, open_labelled_split
 from mimkit.interop.init_weights import InitReport, initial_state
 from mimkit.logs import ensure_logging
 from mimkit.loop import Hook, TrainLoop, claim_run_folder, prepare_run_folder
-from mimkit.methods import build_model, no_weight_decay_names
+from mimkit.methods import MIMMethod, build_model, no_weight_decay_names
 from mimkit.metrics import MetricsLog
 from mimkit.models import compile_blocks, resolve_attention, resolve_compile, set_attention_kernel, transformer_blocks
 from mimkit.pipeline import PretrainData
@@ -146,7 +150,8 @@ def saved_config(data: dict | None) -> dict:
         out = to_dict(resolved(config_from_dict(data)))
     except MimkitError:
         return data
-    mask = data.get("mask") if isinstance(data.get("mask"), dict) else {}
+    mask = data.get("mask")
+    mask = mask if isinstance(mask, dict) else {}
     # saved as auto before it was written out, when auto meant BEiT's generator for BootMAE's hybrid blocks too
     # (absent, as in 0.1.0, it was the exact-count generator, which auto means now)
     if mask.get("block_generator") == "auto":
@@ -178,7 +183,7 @@ class Setup:
     dist: mdist.DistInfo
     precision: str
     out_dir: Path
-    model: torch.nn.Module
+    model: MIMMethod
     data: PretrainData
     fsdp: bool
     attention: str
@@ -288,10 +293,11 @@ def set_schedules(cfg: Config, s: Setup, at: int) -> float:
     group) and its step-dependent terms (BootMAE's ramps, EMA momenta)."""
     lr = lr_at(at, s.steps_per_epoch, cfg, s.peak_lr)
     s.engine.set_lr(lr)
-    if hasattr(s.model, "weight_decay_at"):
+    weight_decay_at = getattr(s.model, "weight_decay_at", None)
+    if weight_decay_at is not None:
         for group in s.optimizer.param_groups:
             if group["weight_decay"] > 0:
-                group["weight_decay"] = s.model.weight_decay_at(at, s.total_steps)
+                group["weight_decay"] = weight_decay_at(at, s.total_steps)
     s.model.set_progress(at, s.steps_per_epoch, s.total_steps)
     return lr
 
@@ -314,11 +320,12 @@ def setup(cfg: Config) -> Setup:
     knn_sources = None  # labelled train / val splits for the k-NN trend monitor
     if t.knn_every_epochs:
         knn_path = t.knn_data or cfg.data.path
-        opts = dict(root=cfg.data.root, download=cfg.data.download, in_chans=cfg.model.in_chans)
+        d, chans = cfg.data, cfg.model.in_chans
         knn_sources = (
-            open_labelled_split(knn_path, "train", **opts),
-            open_labelled_split(knn_path, t.knn_val_split, split_key="train.knn_val_split", **opts),
-        )
+            open_labelled_split(knn_path, "train", root=d.root, download=d.download, in_chans=chans),
+            open_labelled_split(knn_path, t.knn_val_split, root=d.root, download=d.download, in_chans=chans,
+                                split_key="train.knn_val_split"),
+        )  # fmt: skip
     model.to(device)
     if cfg.distributed.activation_checkpointing:
         model.set_grad_checkpointing(True)
@@ -361,10 +368,11 @@ def resume(cfg: Config, s: Setup) -> Resumed:
     resume_from, state = resume_point(cfg.train.out_dir, cfg.train.resume)
     if resume_from is None:  # a new run: its first weights from train.init_from, if set
         return Resumed(init=initialize(cfg, s) if cfg.train.init_from else None)
+    assert state is not None  # resume_point reads a checkpoint's state whenever it names one
     check_resumable(resume_from, state, s.model, cfg.method)
     # the folder is the truth: a change that alters the trajectory is refused unless named
     changes = config_changes(saved_config(state.get("config")), to_dict(resolved(cfg)))
-    free = TRAJECTORY_FREE
+    free = set(TRAJECTORY_FREE)
     if (
         state.get("effective_batch", s.effective_batch) == s.effective_batch
         and state.get("steps_per_epoch") == s.steps_per_epoch
@@ -401,9 +409,10 @@ def initialize(cfg: Config, s: Setup) -> InitReport:
     """train.init_from at step 0: the source's tensors in the model on every rank (full tensors: FSDP shards them
     on load); the optimizer and the schedules start fresh."""
     full = StateDictOptions(full_state_dict=True)
-    new, report = initial_state(s.model, get_model_state_dict(s.model, options=full), cfg.train.init_from,
-                                method_spec(cfg.method).teachers)  # fmt: skip
-    set_model_state_dict(s.model, new, options=full)
+    assert cfg.train.init_from  # pretrain calls this only when it is set
+    current = cast(dict[str, torch.Tensor], get_model_state_dict(s.model, options=full))  # full tensors, no DTensor
+    new, report = initial_state(s.model, current, cfg.train.init_from, method_spec(cfg.method).teachers)
+    set_model_state_dict(s.model, dict(new), options=full)
     return report
 
 
@@ -492,13 +501,15 @@ def monitors(cfg: Config, s: Setup, metrics: MetricsLog) -> tuple[Hook, ...]:
 
         def knn(done: int) -> None:
             if s.fsdp:
-                model.unshard()  # the root's own parameters (embeddings, norm) are sharded
-            stats = knn_monitor(model.encoder, *knn_sources, mean=cfg.data.mean, std=cfg.data.std, device=dist.device,
+                cast("FSDPModule", model).unshard()  # the root's own parameters (embeddings, norm) are sharded
+            mean, std = cfg.data.mean, cfg.data.std
+            assert mean != "auto" and std != "auto"  # measured by PretrainData (pipeline.resolve_auto_stats)
+            stats = knn_monitor(model.encoder, *knn_sources, mean=mean, std=std, device=dist.device,
                                 pool=method_pool(cfg.method),  # the method's (I-JEPA's encoder has no cls token)
                                 precision=s.precision, max_train=t.knn_samples[0], max_val=t.knn_samples[1],
                                 seed=t.seed)  # fmt: skip
             if s.fsdp:
-                model.reshard()
+                cast("FSDPModule", model).reshard()
             epoch = done // s.steps_per_epoch
             metrics.write({"step": done, "epoch": epoch, **stats})
             if dist.is_main:

@@ -14,7 +14,8 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; 
   { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null; } \
     || echo "scripts/test.sh: could not install chromium; the Chromium rendering test will be skipped" >&2
 fi
-# lint and format (pyproject.toml [tool.ruff]) before the tests: a finding fails the run
+# lint, format and types (pyproject.toml [tool.ruff], [tool.mypy]) before the tests: a finding fails the run
 ruff check .
 ruff format --check .
+mypy mimkit
 python -m pytest -q "$@"

@@ -84,4 +84,4 @@ def is_scored_step(step: int, every: int | None, final: int | None) -> bool:
     """Whether a checkpoint is scored: every one the plan names (each `every` steps) and the final one. (A
     checkpoint written near the final one is scored too: a clock-stopped run's final step is not known beforehand,
     and a written checkpoint the plan names is never left unscored.)"""
-    return step == final or (bool(every) and step % every == 0)
+    return step == final or (every is not None and every > 0 and step % every == 0)

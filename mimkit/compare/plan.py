@@ -22,7 +22,7 @@ from mimkit.checkpoint import atomic_write_text, checkpoint_path
 from mimkit.compare.budget import EVERY, schedule
 from mimkit.compare.dataset import choose_patch, data_info
 from mimkit.compare.spec import RunSpec, SpecError, parse_cpu_scale, parse_cpus, parse_sets, parse_specs, sweep_specs
-from mimkit.config import load_config, reads_key, resolved
+from mimkit.config import Config, load_config, reads_key, resolved
 from mimkit.errors import MimkitError
 from mimkit.eval import load_eval_config
 from mimkit.registry import method_pool
@@ -80,7 +80,7 @@ class Run:
     recipe: Path
     fixed: list[str]  # the data's fields and the spec's parts
     user: list[str]  # --set and the spec's own overrides: after the budget, so they win
-    cfg: object  # mimkit Config of the recipe with fixed + user
+    cfg: Config  # the recipe with fixed + user
     steps_per_epoch: int
     dir: Path
     evals: Path
@@ -120,6 +120,8 @@ class Plan:
         setup_logging(self.out / "compare.log")
         self.info = data_info(args.data, self.out, args.train_samples, args.test_samples)
         side = args.img_size or self.info.image_size
+        self.patch: int
+        self.img: int
         self.patch, self.img = (args.patch_size, side // args.patch_size * args.patch_size) if args.patch_size \
             else choose_patch(side)  # fmt: skip
         self.mean, self.std = args.mean or self.info.mean, args.std or self.info.std

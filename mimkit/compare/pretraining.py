@@ -3,6 +3,7 @@ with the study), resumed where it stopped; the BEiT tokenizer; the core-minute c
 
 from __future__ import annotations
 
+import argparse
 import functools
 import hashlib
 import itertools
@@ -13,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,6 +22,7 @@ import torch
 from mimkit import distributed as mdist
 from mimkit.checkpoint import list_checkpoints
 from mimkit.compare.budget import CALIBRATION_STEPS, step_clock
+from mimkit.compare.dataset import DataInfo
 from mimkit.compare.plan import (
     CONFIGS,
     PACKAGE,
@@ -47,6 +50,21 @@ log = logging.getLogger("compare")
 
 class Pretraining:
     """The pretraining half of a Study (mimkit.compare.study): needs the Plan's attributes."""
+
+    # what it reads of the Study it is part of (declared for the type checker: the Plan and the Study set them)
+    args: argparse.Namespace
+    threads: int
+    trained: int
+    failed: list[str]
+    tokenizer: Path
+    info: DataInfo
+    img: int
+    patch: int
+    bookkeeping: Callable[[Path, int | None], list[str]]
+    compute: Callable[[], tuple[float | None, int]]
+    run_settings: Callable[[Run, dict], dict]
+    save_every: Callable[[Run], int | None]
+    tokenizer_overrides: Callable[[], list[str]]
 
     def launch(self, argv: list[str], log_path: Path) -> int:
         """`mimkit ARGV`: a pretraining as a function call in this process (--isolate: in a process of its own);
@@ -150,7 +168,8 @@ class Pretraining:
             rc = self.launch(["pretrain", str(ROOT / settings["recipe"]), *settings["overrides"]],
                              run.dir / "train.log")  # fmt: skip
             final = list_checkpoints(run.dir / "pretrain")
-            step = int(re.search(r"(\d+)", final[-1].name).group(1)) if final else 0
+            number = re.search(r"(\d+)", final[-1].name) if final else None  # checkpoint-NNNNNNNN(.pt)
+            step = int(number.group(1)) if number else 0
             segment.update(wall_s=round(time.time() - start, 1), exit=rc, step=step)
             record.update(done=rc == 0, final_step=step, failed=rc != 0)
             write_json(run.record_path, record)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 # a study's compute axis: core-minutes (wall-clock x CPU threads) or GPU-minutes (wall-clock x GPUs); its units
@@ -30,7 +31,7 @@ def finished(run: dict) -> bool:
     return bool(run.get("done")) and any(c["step"] == run.get("final_step") for c in run["checkpoints"])
 
 
-def readouts(runs: list[dict], reach: list[float] = (), compute: str = "core_minutes") -> dict:
+def readouts(runs: list[dict], reach: Sequence[float] = (), compute: str = "core_minutes") -> dict:
     """Each run at the largest epoch / `compute` (core- or GPU-minute) count every run reached (its evaluated checkpoint nearest to it),
     and time to accuracy: the first evaluated checkpoint at which each run's probe reaches the best accuracy every run
     reached, and each of `reach` (percent). Runs with no scored checkpoint yet (a study under way) are left out, and
@@ -63,7 +64,7 @@ def readouts(runs: list[dict], reach: list[float] = (), compute: str = "core_min
 
 def _acc(row: dict, key: str) -> str:
     p, n = row.get(f"{key}_top1"), row.get("test_images")
-    return "–" if p is None else f"{100 * p:.1f} ± {100 * std_error(p, n):.1f}"
+    return "–" if p is None else f"{100 * p:.1f} ± {100 * std_error(p, n or 0):.1f}"
 
 
 def checkpoint_table(study: dict) -> list[str]:
@@ -318,7 +319,7 @@ def summary_sentences(study: dict) -> list[str]:
     for label, unit in units:
         r = (study.get("readouts") or {}).get(label)
         rows = [(n, c) for n, c in (r or {}).get("rows", {}).items() if c.get("probe_top1") is not None]
-        if not rows:
+        if r is None or not rows:
             continue
         rows.sort(key=lambda nc: -nc[1]["probe_top1"])
         (lead, best), where = rows[0], f"{r['target']:.3g} {unit}"

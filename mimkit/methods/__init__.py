@@ -6,6 +6,7 @@ from __future__ import annotations
 import fnmatch
 import importlib
 import pkgutil
+from typing import cast
 
 from torch import nn
 
@@ -19,9 +20,9 @@ for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
         importlib.import_module(f"{__name__}.{_module}")
 
 
-def build_model(cfg) -> nn.Module:
-    """The method `cfg.method` names, built from its registered spec."""
-    return method_spec(cfg.method).build(cfg)
+def build_model(cfg) -> MIMMethod:
+    """The method `cfg.method` names, built from its registered spec (every method is a MIMMethod)."""
+    return cast(MIMMethod, method_spec(cfg.method).build(cfg))
 
 
 def no_weight_decay_names(model: nn.Module, cfg) -> set[str]:
