@@ -347,7 +347,7 @@ def test_readouts_leave_out_runs_not_scored_yet():
     assert "| beit |" in text  # its (empty) row of the per-checkpoint table
 
 
-def test_runs_without_a_cls_token_are_probed_on_the_mean_of_their_patch_tokens(tmp_path):
+def test_runs_without_a_cls_token_are_probed_on_the_mean_of_their_patch_tokens(tmp_path, one_thread):
     """The CIFAR recipes probe [cls ‖ mean]; an I-JEPA encoder has no cls token, so its checkpoints get the mean of
     the patch tokens (its method's pooling), and the other runs and the random init keep the recipes' feature."""
     from mimkit.compare.command import parser

@@ -55,7 +55,8 @@ def test_gpu_minutes_without_a_gpu_are_refused_in_one_line(tmp_path, capsys, mon
     assert "--core-minutes" in err and not (tmp_path / "study" / "runs").exists()  # refused before any work
 
 
-def test_a_gpu_budget_plans_one_gpu_a_run_on_its_own_clock(tmp_path, monkeypatch):
+def test_a_gpu_budget_plans_one_gpu_a_run_on_its_own_clock(tmp_path, monkeypatch, one_thread):
+    # one_thread: the torch thread count the plan sets (--threads 2) is put back after the test
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the plan only; nothing runs
     data = labelled_npz(tmp_path / "tiny.npz")
     args = parser().parse_args(["--data", str(data), "--methods", "mae,mae+block", "--gpu-minutes", "2",

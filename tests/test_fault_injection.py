@@ -2,6 +2,7 @@
 the final parameters equal an uninterrupted run's bit for bit, and every checkpoint left is readable."""
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -16,7 +17,8 @@ from mimkit.checkpoint import list_checkpoints, load_checkpoint
 from mimkit.train import pretrain
 
 
-def test_sigkill_and_resume_loses_nothing(tmp_path, npz_data, tiny_cfg):
+def test_sigkill_and_resume_loses_nothing(tmp_path, npz_data, tiny_cfg, one_thread):
+    # one thread here and in the killed processes: the same kernels' reductions, whatever an earlier test left set
     steps = 16
     reference = pretrain(tiny_cfg(f"train.max_steps={steps}", "train.save_every_steps=1", "model.drop_path_rate=0.1",
                                   out="reference"))  # fmt: skip
@@ -33,7 +35,8 @@ def test_sigkill_and_resume_loses_nothing(tmp_path, npz_data, tiny_cfg):
     kills, runs = 0, 0
     while runs < 20:
         runs += 1
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
         if kills < 3:
             # kill a few steps after this run's first new checkpoint, at a random moment (often mid-write);
             # the target is counted in steps, not seconds, so a fast machine cannot finish the run first
