@@ -13,7 +13,7 @@ from pathlib import Path
 from test_compare import ROOT, TINY, labelled_npz
 
 HOOK = Path(__file__).parent / "fixtures" / "slow_steps"
-BUDGET = 0.25  # core-minutes per run, on 1 thread: 15 s of training each
+BUDGET = 0.15  # core-minutes per run, on 1 thread: 9 s of training each
 EVERY = 20  # epochs between scored checkpoints: 120 steps of 6
 
 
