@@ -349,7 +349,8 @@ def test_readouts_leave_out_runs_not_scored_yet():
 
 def test_runs_without_a_cls_token_are_probed_on_the_mean_of_their_patch_tokens(tmp_path, one_thread):
     """The CIFAR recipes probe [cls ‖ mean]; an I-JEPA encoder has no cls token, so its checkpoints get the mean of
-    the patch tokens (its method's pooling), and the other runs and the random init keep the recipes' feature."""
+    the patch tokens (its method's pooling), beside a random init of I-JEPA's own encoder pooled the same way; the
+    other runs and MAE's random init keep the recipes' feature."""
     from mimkit.compare.command import parser
     from mimkit.compare.plan import pretrained
     from mimkit.compare.study import Study
@@ -359,8 +360,12 @@ def test_runs_without_a_cls_token_are_probed_on_the_mean_of_their_patch_tokens(t
                                 str(tmp_path / "study"), *TINY])  # fmt: skip
     study = Study(args)
     ijepa, mae = study.runs
+    own, vit = study.baselines
+    assert own.name == "random-init ViT (ijepa's, no cls token)" and "encoder.method=ijepa" in own.encoder
+    assert vit.name == "random-init ViT" and not any(e.startswith("encoder.method") for e in vit.encoder)
     for command, key in (("linprobe", "probe.pool=mean"), ("knn", "features.pool=mean")):
         assert key in study.eval_overrides(command, pretrained(ijepa, 6), tmp_path)
+        assert key in study.eval_overrides(command, own.encoder, tmp_path)
         assert key not in study.eval_overrides(command, pretrained(mae, 6), tmp_path)
-        assert key not in study.eval_overrides(command, study.baselines[0].encoder, tmp_path)
+        assert key not in study.eval_overrides(command, vit.encoder, tmp_path)
     assert not any("pool" in o for o in study.eval_overrides("finetune", pretrained(ijepa, 6), tmp_path))

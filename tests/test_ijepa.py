@@ -233,3 +233,27 @@ def test_the_recipe_loads():
     assert cfg.method == "ijepa" and cfg.ijepa.num_targets == 4 and cfg.optim.weight_decay == 0.04
     model = build_model(cfg)
     assert model.masks.min_keep == 8 and model.predictor.embed.out_features == cfg.ijepa.predictor_dim
+
+
+def test_a_random_init_of_ijepas_encoder_is_the_one_its_pretraining_starts_from():
+    """encoder.method=ijepa with checkpoint none: the encoder I-JEPA pretraining builds from the seed (no cls token,
+    so features.pool auto is the mean of its patch tokens); MAE's stays the default; a checkpoint refuses it."""
+    from mimkit.eval.encoders import build_encoder, encoder_source, resolve_pool
+
+    sizes = ["encoder.arch=vit_tiny_patch4_32", "encoder.img_size=16", "encoder.patch_size=4", "encoder.embed_dim=32",
+             "encoder.depth=2", "encoder.num_heads=2"]  # fmt: skip
+    cfg = load_eval_config("knn", None, ["encoder.checkpoint=none", "encoder.method=ijepa", *sizes, "data.path=x.npz"])
+    encoder = build_encoder(encoder_source(cfg.encoder), seed=3)
+    torch.manual_seed(3)
+    model = build_model(load_config(None, tiny_model("ijepa")))
+    assert encoder.cls_token is None and resolve_pool("auto", encoder) == "mean"
+    assert encoder.state_dict().keys() == model.encoder.state_dict().keys()
+    for key, value in model.encoder.state_dict().items():
+        assert torch.equal(encoder.state_dict()[key], value), key
+    mae = build_encoder(encoder_source(load_eval_config("knn", None, ["encoder.checkpoint=none", *sizes,
+                                                                       "data.path=x.npz"]).encoder))  # fmt: skip
+    assert mae.cls_token is not None and resolve_pool("auto", mae) == "cls"
+    with pytest.raises(ConfigError, match="encoder.method ijepa: only for a random init"):
+        load_eval_config("knn", None, ["encoder.checkpoint=x.pt", "encoder.method=ijepa", "data.path=x.npz"])
+    with pytest.raises(ConfigError, match="encoder.method: unknown 'jepa'"):
+        load_eval_config("knn", None, ["encoder.checkpoint=none", "encoder.method=jepa", *sizes, "data.path=x.npz"])

@@ -206,19 +206,22 @@ class Plan:
                 *extra]  # fmt: skip
 
     def plan_baselines(self) -> list[Baseline]:
-        """One random-init encoder per backbone family and shape among the runs."""
+        """One random-init encoder per backbone family and shape among the runs (and, for a method whose encoder
+        has no cls token, I-JEPA's, the encoder that method starts from)."""
         keys = ("arch", "img_size", "patch_size", "embed_dim", "depth", "num_heads")
-        shapes = list(dict.fromkeys((r.spec.family, *(getattr(resolved(r.cfg).model, k) for k in keys))
+        shapes = list(dict.fromkeys((r.spec.family, *(getattr(resolved(r.cfg).model, k) for k in keys),
+                                     r.spec.method if method_pool(r.spec.method) == "mean" else None)
                                     for r in self.runs))  # fmt: skip
         out = []
         for key in shapes:
-            family, arch, img, patch, dim, depth, heads = key
+            family, arch, img, patch, dim, depth, heads, method = key
             label = {"vit": "ViT", "beit": "Beit"}[family]
-            same = [k for k in shapes if k[0] == family]
+            same = [k for k in shapes if k[0] == family and k[-1] == method]
             name = f"random-init {label}" + (f" {dim}x{depth}" if len(same) > 1 else "")
+            name += f" ({method}'s, no cls token)" if method else ""
             encoder = [f"encoder.family={family}", f"encoder.arch={arch}", f"encoder.img_size={img}",
                        f"encoder.patch_size={patch}", f"encoder.embed_dim={dim}", f"encoder.depth={depth}",
-                       f"encoder.num_heads={heads}"]  # fmt: skip
+                       f"encoder.num_heads={heads}", *([f"encoder.method={method}"] if method else [])]  # fmt: skip
             out.append(Baseline(name, family, encoder, self.out / "evals" / re.sub(r"[^\w.+=-]", "_", name)))
         return out
 
@@ -233,7 +236,9 @@ class Plan:
             knn = load_eval_config("knn", EVAL_RECIPES["knn"], []).knn
             ov += [f"probe.knn_k={knn.k}", f"probe.knn_temperature={knn.temperature}"]
         run = self.run_of(encoder)
-        if run is not None and method_pool(run.spec.method) == "mean" and command in ("knn", "linprobe"):
+        method = run.spec.method if run is not None else next(
+            (e.split("=", 1)[1] for e in encoder if e.startswith("encoder.method=")), "mae")  # fmt: skip
+        if method_pool(method) == "mean" and command in ("knn", "linprobe"):
             # no cls token (I-JEPA): the recipes' [cls ‖ mean] feature is the mean of the patch tokens here
             ov.append("features.pool=mean" if command == "knn" else "probe.pool=mean")
         if command == "finetune":

@@ -20,6 +20,7 @@ import yaml
 
 from mimkit.config import AttentionKernel, check_loggers
 from mimkit.presets import PRESETS
+from mimkit.registry import encoder_family, method_names
 from mimkit.typed_config import ConfigError, from_dict, read_recipe, require, to_dict
 from mimkit.typed_config import _merge as merge_dicts
 
@@ -53,6 +54,10 @@ class EncoderConfig:
     # embedding), so BEiT rows get a random-init baseline of their own network. auto = the checkpoint's, vit
     # with checkpoint none.
     family: Literal["auto", "vit", "beit"] = "auto"
+    # With checkpoint none: the pretraining method whose initial encoder is the random init (default: MAE's, or
+    # BEiT's with family beit), e.g. ijepa for I-JEPA's (no cls token: pooled on the mean of its patch tokens).
+    # With a checkpoint the method is the checkpoint's: leave it unset.
+    method: str | None = None
 
 
 @dataclass
@@ -363,6 +368,15 @@ def _validate_common(cfg: Any) -> None:
         require(e.arch is not None, "encoder.arch is required with encoder.checkpoint: none (random init)")
     else:
         require(e.checkpoint.lower() != "null", "encoder.checkpoint: write 'none' for a random-init encoder")
+        require(e.method is None, f"encoder.method {e.method}: only for a random init (encoder.checkpoint none); a "
+                "checkpoint's encoder is its own method's")  # fmt: skip
+    if e.method is not None:
+        require(
+            e.method in method_names(), f"encoder.method: unknown '{e.method}'; allowed: {', '.join(method_names())}"
+        )
+        family = encoder_family(e.method)
+        require(e.family in ("auto", family), f"encoder.method {e.method} builds a {family} encoder, but "
+                f"encoder.family is {e.family}; leave encoder.family at auto")  # fmt: skip
     require(
         e.arch is None or e.arch in PRESETS, f"encoder.arch: unknown '{e.arch}'; allowed: {', '.join(sorted(PRESETS))}"
     )

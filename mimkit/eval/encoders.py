@@ -87,6 +87,7 @@ class EncoderSource:
     checkpoint_img_size: int | None = None
     beit_kwargs: dict | None = None  # a BEiT / mc-BEiT checkpoint: timm Beit's arguments (else a timm ViT)
     timm_args: dict = field(default_factory=dict)  # other timm ViT arguments (no cls token: I-JEPA's)
+    init_method: str = "mae"  # a random init: the method whose pretraining starts from this encoder
 
 
 def _resolved(model: dict) -> dict:
@@ -105,7 +106,12 @@ def encoder_source(ecfg) -> EncoderSource:
     sizes = ("patch_size", "embed_dim", "depth", "num_heads")
     if ecfg.checkpoint == "none":
         model = {"arch": ecfg.arch, "img_size": ecfg.img_size, **{k: getattr(ecfg, k) for k in sizes}}
-        if ecfg.family != "beit":
+        method = getattr(ecfg, "method", None)  # the method whose initial encoder this is (default MAE's)
+        if method is not None and encoder_family(method) == "vit" and method != "mae":
+            no_cls = NO_CLS_TOKEN if method_pool(method) == "mean" else {}
+            return EncoderSource(model, None, f"random init of {method}'s encoder (no checkpoint)", timm_args=no_cls,
+                                 init_method=method)  # fmt: skip
+        if ecfg.family != "beit" and (method is None or encoder_family(method) == "vit"):
             return EncoderSource(model, None, "random init (no checkpoint)")
         # the Beit BEiT pretraining starts from; its tokenizer is irrelevant here (never built)
         pcfg = config_from_dict({"method": "beit", "model": {k: v for k, v in model.items() if v is not None},
@@ -188,10 +194,10 @@ def build_encoder(src: EncoderSource, drop_path_rate: float = 0.0, seed: int = 0
                                                  in_chans=m.get("in_chans", 3), **src.timm_args),
                                   m.get("layer_norm_eps", 1e-6))  # fmt: skip
 
-    cfg = config_from_dict({"model": {**m, "drop_path_rate": drop_path_rate}})
+    cfg = config_from_dict({"method": src.init_method, "model": {**m, "drop_path_rate": drop_path_rate}})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        vit = cast(VisionTransformer, build_model(cfg).encoder)  # the default method's (MAE's) timm ViT
+        vit = cast(VisionTransformer, build_model(cfg).encoder)  # that method's initial timm ViT (default MAE's)
     assert vit.pos_embed is not None  # create_encoder's ViT has one
     vit.pos_embed.requires_grad_(True)  # fixed in pretraining only
     return vit
@@ -204,7 +210,9 @@ def load_pretrained(model: Encoder, src: EncoderSource) -> KeyReport:
     if src.state is None:
         report.notes.append("random init: timm Beit, BEiT's official init (trunc-normal 0.02 cut at +-0.02, per-layer rescale)"
                             if src.beit_kwargs is not None else
-                            "random init: the MAE initialisation (xavier-uniform, fixed 2-D sin-cos pos-embed)")  # fmt: skip
+                            "random init: the MAE initialisation (xavier-uniform, fixed 2-D sin-cos pos-embed)"
+                            if src.init_method == "mae" else
+                            f"random init: the encoder {src.init_method} pretraining starts from")  # fmt: skip
         return report
     state = dict(src.state)
     own = model.state_dict()
