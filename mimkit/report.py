@@ -857,19 +857,8 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, *, images: 
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page)
     _summary_png(curves_png, recon_png, png_path)
-    return Report(
-        out,
-        png_path,
-        len(runlog.steps),
-        runlog.resumes,
-        drawn,
-        found,
-        notes,
-        summary=summary,
-        panels=panels,
-        baselines=baselines,
-        sections=config_sections(cfg),
-    )
+    return Report(out, png_path, len(runlog.steps), runlog.resumes, drawn, found, notes, summary=summary,
+                  panels=panels, baselines=baselines, sections=config_sections(cfg))  # fmt: skip
 
 
 def _summary_png(curves_png: bytes, recon_png: bytes | None, path: Path) -> None:

@@ -281,6 +281,17 @@ def resume_finetune(t, engine: StepEngine, ema: ModelEmaV3 | None, steps_per_epo
     return resume_from, state["step"], state["evals"]
 
 
+def evaluate_finetune(model: nn.Module, ema, val_loader, device: torch.device, precision: str, steps_per_epoch: int,
+                      done: int) -> dict:  # fmt: skip
+    """The evaluation record at step `done`: top-1 / top-5 of the model (and of its EMA, when kept)."""
+    record = {"step": done, "epoch": round(done / steps_per_epoch, 4)}
+    record.update(evaluate_classifier(model, val_loader, device, precision))
+    if ema is not None:
+        acc = evaluate_classifier(ema.module, val_loader, device, precision)
+        record.update({"ema_top1": acc["top1"], "ema_top5": acc["top5"]})
+    return record
+
+
 @guarded
 def run_finetune(cfg: FinetuneConfig) -> EvalResult:
     # ---- setup: processes, data (checked first), model with the pretrained encoder
@@ -299,17 +310,9 @@ def run_finetune(cfg: FinetuneConfig) -> EvalResult:
     groups = layer_decay_param_groups(model, o.weight_decay, o.layer_decay)
     parts = finetune_parts(cfg, model, data.num_classes, peak_lr, groups)
     optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=o.betas, eps=o.eps, **adamw_kernel("auto", sharded=False))
-    engine = StepEngine(
-        model,
-        optimizer,
-        device=device,
-        precision=precision,
-        accum_steps=t.accum_steps,
-        clip_grad=o.clip_grad,
-        max_nonfinite_steps=t.max_nonfinite_steps,
-        name="finetune",
-        hint="Try a lower optim.blr, optim.clip_grad, or train.precision=fp32.",
-    )
+    engine = StepEngine(model, optimizer, device=device, precision=precision, accum_steps=t.accum_steps,
+                        clip_grad=o.clip_grad, max_nonfinite_steps=t.max_nonfinite_steps, name="finetune",
+                        hint="Try a lower optim.blr, optim.clip_grad, or train.precision=fp32.")  # fmt: skip
     ema = parts.ema
 
     # ---- resume: model, optimizer, scaler, EMA, step (which fixes epoch, data position and lr), evaluations
@@ -325,13 +328,7 @@ def run_finetune(cfg: FinetuneConfig) -> EvalResult:
     if resume_from is not None:
         metrics.write({"event": "resume", "from": str(resume_from), "resumed_step": step})
 
-    def evaluate(done: int) -> dict:
-        record = {"step": done, "epoch": round(done / steps_per_epoch, 4)}
-        record.update(evaluate_classifier(model, val_loader, device, precision))
-        if ema is not None:
-            acc = evaluate_classifier(ema.module, val_loader, device, precision)
-            record.update({"ema_top1": acc["top1"], "ema_top5": acc["top5"]})
-        return record
+    evaluate = functools.partial(evaluate_finetune, model, ema, val_loader, device, precision, steps_per_epoch)
 
     def save(done: int) -> Path | None:
         if not dist.is_main:
@@ -349,9 +346,7 @@ def run_finetune(cfg: FinetuneConfig) -> EvalResult:
     engine.last_checkpoint = resume_from
 
     def describe(r: dict) -> str:
-        return f"epoch {r['epoch']:.2f}: top-1 {r['top1']:.2f}%" + (
-            f", EMA top-1 {r['ema_top1']:.2f}%" if ema is not None else ""
-        )
+        return f"epoch {r['epoch']:.2f}: top-1 {r['top1']:.2f}%" + (f", EMA top-1 {r['ema_top1']:.2f}%" if ema else "")
 
     loop = TrainLoop("finetune", t, engine=engine, metrics=metrics, save=save, out_dir=out_dir, is_main=dist.is_main,
                      step=step, last_step=min(total_steps, t.max_steps or total_steps), steps_per_epoch=steps_per_epoch,

@@ -15,6 +15,7 @@ mimkit.data.ResumableBatchSampler and augmentations from per-sample seeds.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,6 +178,17 @@ def resume_probe(t, heads, engine: StepEngine, clock, expected: dict) -> tuple[P
     return resume_from, state["step"], state["evals"]
 
 
+def evaluate_probe(heads: nn.Module, pd, device: torch.device, blocks: list[int], conf: int, steps_per_epoch: int,
+                   done: int) -> dict:  # fmt: skip
+    """The evaluation record at step `done`: every head's top-1 / top-5, the configured block's and the best."""
+    accs = probe_accuracy(heads, pd.f_val, pd.y_val, device)
+    best = max(range(len(accs)), key=lambda h: accs[h]["top1"])
+    return {"step": done, "epoch": round(done / steps_per_epoch, 4), "top1": accs[conf]["top1"],
+            "top5": accs[conf]["top5"], "best_block": blocks[best], "best_top1": accs[best]["top1"],
+            "per_block_top1": {str(b): a["top1"] for b, a in zip(blocks, accs)},
+            "per_block_top5": {str(b): a["top5"] for b, a in zip(blocks, accs)}}  # fmt: skip
+
+
 @guarded
 def run_linprobe(cfg: LinprobeConfig) -> EvalResult:
     # ---- setup: processes, data (checked first), frozen encoder, heads, features
@@ -196,16 +208,8 @@ def run_linprobe(cfg: LinprobeConfig) -> EvalResult:
     peak_lr = o.lr if o.lr is not None else o.blr * effective_batch / 256
     optimizer = probe_optimizer(heads, o, peak_lr)
     # the heads train in fp32 (features are extracted under autocast, in forward below)
-    engine = StepEngine(
-        heads,
-        optimizer,
-        device=device,
-        precision="fp32",
-        accum_steps=t.accum_steps,
-        max_nonfinite_steps=t.max_nonfinite_steps,
-        name="linprobe",
-        hint="Try a lower optim.blr.",
-    )
+    engine = StepEngine(heads, optimizer, device=device, precision="fp32", accum_steps=t.accum_steps,
+                        max_nonfinite_steps=t.max_nonfinite_steps, name="linprobe", hint="Try a lower optim.blr.")  # fmt: skip
 
     # ---- resume: heads, optimizer, step (which fixes epoch, data position and lr), evaluations so far
     resume_from, step, evals = resume_probe(t, heads, engine, clock, {"steps_per_epoch": steps_per_epoch,
@@ -223,13 +227,7 @@ def run_linprobe(cfg: LinprobeConfig) -> EvalResult:
     metrics = EvalLog(out_dir, dist.is_main, active_loggers(t), "linprobe", resumed_step=step if resume_from else None,
                       config=to_dict(cfg))  # fmt: skip
 
-    def evaluate(done: int) -> dict:
-        accs = probe_accuracy(heads, pd.f_val, pd.y_val, device)
-        best = max(range(len(accs)), key=lambda h: accs[h]["top1"])
-        return {"step": done, "epoch": round(done / steps_per_epoch, 4), "top1": accs[conf]["top1"],
-                "top5": accs[conf]["top5"], "best_block": blocks[best], "best_top1": accs[best]["top1"],
-                "per_block_top1": {str(b): a["top1"] for b, a in zip(blocks, accs)},
-                "per_block_top5": {str(b): a["top5"] for b, a in zip(blocks, accs)}}  # fmt: skip
+    evaluate = functools.partial(evaluate_probe, heads, pd, device, blocks, conf, steps_per_epoch)
 
     def save(done: int) -> Path | None:
         if not dist.is_main:
