@@ -59,6 +59,8 @@ class MethodSpec:
             outside mimkit; built-in sections are fields of mimkit.config.Config)
         pool: how evaluation pools its encoder's tokens by default: "cls" (the cls token) or "mean" (the patch
             tokens' mean: encoders without a cls token, I-JEPA); fine-tuning's global pool follows it
+        evaluated: the module (attribute and state-dict prefix) that evaluation, embedding and export read: the
+            trained "encoder", or a frozen copy of it the paper evaluates (I-JEPA: "target_encoder", its EMA)
     """
 
     name: str
@@ -80,6 +82,7 @@ class MethodSpec:
     teachers: tuple[str, ...] = ()
     section: type | None = None
     pool: Literal["cls", "mean"] = "cls"
+    evaluated: str = "encoder"
 
     def __post_init__(self):
         if not self.name.isidentifier():

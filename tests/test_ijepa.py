@@ -15,6 +15,7 @@ from mimkit.checkpoint import load_checkpoint
 from mimkit.config import ConfigError, load_config
 from mimkit.eval.config import load_eval_config
 from mimkit.eval.embed import embed
+from mimkit.eval.encoders import encoder_source
 from mimkit.eval.finetune import build_finetune_model
 from mimkit.eval.linprobe import run_linprobe
 from mimkit.interop import export_timm, load_mimkit_checkpoint
@@ -186,12 +187,18 @@ def test_ijepa_trains_resumes_evaluates_and_exports(tiny_cfg, tmp_path, capsys):
     )  # 16 steps
     model, _, _ = load_mimkit_checkpoint(straight.checkpoint)
     x = torch.randn(2, 3, 16, 16)
+    # what is evaluated and exported is the EMA target encoder (the paper evaluates it), not the context encoder
+    target = model.target_encoder
+    with torch.no_grad():
+        assert not torch.allclose(target.forward_features(x), model.encoder.forward_features(x), atol=1e-4)
+    assert torch.equal(load_mimkit_checkpoint(straight.checkpoint, evaluated=True)[0].encoder.blocks[0].mlp.fc1.weight,
+                       target.blocks[0].mlp.fc1.weight)  # fmt: skip
     # timm: the encoder loads unchanged, features identical
     export_timm(straight.checkpoint, tmp_path / "timm")
     net = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
     with torch.no_grad():
-        torch.testing.assert_close(net.forward_features(x), model.encoder.forward_features(x), rtol=0, atol=0)
-        torch.testing.assert_close(net(x), model.encoder.forward_features(x).mean(1), rtol=0, atol=0)  # avg pool
+        torch.testing.assert_close(net.forward_features(x), target.forward_features(x), rtol=0, atol=0)
+        torch.testing.assert_close(net(x), target.forward_features(x).mean(1), rtol=0, atol=0)  # avg pool
     # transformers' IJepaModel: the same features, and one weight changed changes them
     from transformers import IJepaModel
 
@@ -200,7 +207,7 @@ def test_ijepa_trains_resumes_evaluates_and_exports(tiny_cfg, tmp_path, capsys):
     export_hf(straight.checkpoint, tmp_path / "hf")
     hf = IJepaModel.from_pretrained(tmp_path / "hf", add_pooling_layer=False).eval()
     with torch.no_grad():
-        ours, theirs = model.encoder.forward_features(x), hf(pixel_values=x).last_hidden_state
+        ours, theirs = target.forward_features(x), hf(pixel_values=x).last_hidden_state
         torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
         hf.layers[1].mlp.fc2.weight[0, 0] += 1.0
         assert not torch.allclose(hf(pixel_values=x).last_hidden_state, ours, atol=1e-3)
@@ -212,9 +219,11 @@ def test_ijepa_trains_resumes_evaluates_and_exports(tiny_cfg, tmp_path, capsys):
     common = [f"encoder.checkpoint={straight.checkpoint}", f"data.path={data}", "data.num_workers=0",
               "data.val_split=train", "train.precision=fp32", "train.progress=false", "train.tensorboard=false",
               "train.batch_size=8", "train.epochs=1", "train.max_steps=2"]  # fmt: skip
-    probe = run_linprobe(
-        load_eval_config("linprobe", None, [*common, "probe.mode=cached", f"train.out_dir={tmp_path / 'lp'}"])
-    )
+    probe_cfg = load_eval_config("linprobe", None, [*common, "probe.mode=cached", f"train.out_dir={tmp_path / 'lp'}"])
+    source = encoder_source(probe_cfg.encoder)  # the target encoder's tensors
+    assert source.state is not None and source.state.keys() == target.state_dict().keys()
+    assert all(torch.equal(source.state[k], v) for k, v in target.state_dict().items())
+    probe = run_linprobe(probe_cfg)
     assert probe.metrics["pool"] == "mean"
     cfg = load_eval_config("finetune", None, [*common, f"train.out_dir={tmp_path / 'ft'}"])
     net, report = build_finetune_model(cfg, num_classes=3)

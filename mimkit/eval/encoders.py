@@ -21,7 +21,7 @@ from mimkit.eval.config import Pool
 from mimkit.methods import build_model, set_layer_norm_eps
 from mimkit.models import Encoder, create_encoder, init_weights_beit, timm_beit_kwargs
 from mimkit.presets import get_preset
-from mimkit.registry import encoder_family, method_pool
+from mimkit.registry import encoder_family, method_pool, method_spec
 
 log = logging.getLogger("mimkit")
 
@@ -130,13 +130,14 @@ def encoder_source(ecfg) -> EncoderSource:
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ConfigError(f"encoder.checkpoint: {path} is not a mimkit pretraining checkpoint (no 'model' / 'config'); "
                           "convert official MAE / BEiT / BootMAE / Hugging Face weights with `mimkit import`")  # fmt: skip
-    enc = {k[len("encoder.") :]: v for k, v in state["model"].items() if k.startswith("encoder.")}
-    if not enc:
-        raise ConfigError(f"encoder.checkpoint: {path} holds no 'encoder.*' tensors (is it a pretraining checkpoint?)")
     try:
         pcfg = config_from_dict(state["config"])
     except ConfigError as e:
         raise ConfigError(f"encoder.checkpoint: {path} has an invalid config: {e}") from None
+    prefix = method_spec(pcfg.method).evaluated + "."  # the encoder its method evaluates (I-JEPA: the target's)
+    enc = {k[len(prefix) :]: v for k, v in state["model"].items() if k.startswith(prefix)}
+    if not enc:
+        raise ConfigError(f"encoder.checkpoint: {path} holds no '{prefix}*' tensors (is it a pretraining checkpoint?)")
     family = encoder_family(pcfg.method)
     if ecfg.family not in ("auto", family):
         raise ConfigError(f"encoder.family: {ecfg.family!r}, but {path} holds a {family} encoder ({pcfg.method} "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -14,7 +14,7 @@ from mimkit.config import Config, ConfigError, config_from_dict
 from mimkit.files import InteropError, load_weights_file
 from mimkit.methods import build_model
 from mimkit.presets import PRESETS
-from mimkit.registry import encoder_family
+from mimkit.registry import encoder_family, method_spec
 
 FORMATS = ("auto", "mimkit", "mae", "beit", "bootmae", "hf")
 
@@ -105,8 +105,10 @@ def unwrap_state_dict(obj: Any, path: Path, key: str | None = None) -> tuple[dic
 # mimkit checkpoints
 
 
-def load_mimkit_checkpoint(path: str | Path) -> tuple[nn.Module, Config, dict]:
-    """Rebuild the model of a mimkit checkpoint (training or imported): (model in eval mode, config, raw dict)."""
+def load_mimkit_checkpoint(path: str | Path, evaluated: bool = False) -> tuple[nn.Module, Config, dict]:
+    """Rebuild the model of a mimkit checkpoint (training or imported): (model in eval mode, config, raw dict).
+    `evaluated`: its `encoder` holds the weights evaluation and export read (MethodSpec.evaluated: I-JEPA's
+    target encoder), as an export or an embedding wants; else the trained encoder, as continued training does."""
     path = Path(path)
     try:
         state = load_checkpoint(path)
@@ -135,6 +137,9 @@ def load_mimkit_checkpoint(path: str | Path) -> tuple[nn.Module, Config, dict]:
             f"{path}: 'model' does not match its 'config' (missing: {', '.join(result.missing_keys[:5]) or 'none'}; "
             f"unexpected: {', '.join(result.unexpected_keys[:5]) or 'none'})"
         )
+    evaluated_name = method_spec(cfg.method).evaluated
+    if evaluated and evaluated_name != "encoder":
+        cast(nn.Module, model.encoder).load_state_dict(getattr(model, evaluated_name).state_dict())
     return model.eval(), cfg, state
 
 

@@ -38,7 +38,7 @@ def export_timm(ckpt: str | Path, out: str | Path) -> dict[str, Path]:
     mean=..., std=...), num_classes=0, **model_args)`` (see :func:`timm_create_kwargs`)."""
     from safetensors.torch import save
 
-    model, cfg, state = load_mimkit_checkpoint(ckpt)
+    model, cfg, state = load_mimkit_checkpoint(ckpt, evaluated=True)  # the encoder its method evaluates
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     enc = encoder_of(model)
@@ -212,7 +212,7 @@ def export_hf(ckpt: str | Path, out: str | Path) -> dict[str, Path]:
     MAE's. BEiT / mc-BEiT: ``OUT`` a ``BeitModel`` folder and ``OUT/beit_mim`` a ``BeitForMaskedImageModeling``
     one (:func:`hf_beit_key_map`). safetensors weights, config.json, preprocessor_config.json (mean/std, size)."""
     _require_transformers()
-    model, cfg, _ = load_mimkit_checkpoint(ckpt)
+    model, cfg, _ = load_mimkit_checkpoint(ckpt, evaluated=True)  # the encoder its method evaluates
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time_ns()

@@ -6,7 +6,7 @@ blocks. Momentum 0.996 -> 1.0 linearly over the run, weight decay 0.04 -> 0.4 (c
 
 The encoders are stock timm VisionTransformers without a cls token (`class_token=False, global_pool="avg",
 fc_norm=False`: the final norm on every token, evaluation pools the patch tokens). Keys: encoder.*, predictor.*,
-target_encoder.* (its EMA copy). Masks: mimkit.masking.MultiBlockMasks, per image (see its note on batching).
+target_encoder.* (its EMA copy: what evaluation, embedding and export read, as the paper evaluates it). Masks: mimkit.masking.MultiBlockMasks, per image (see its note on batching).
 """
 
 from __future__ import annotations
@@ -222,9 +222,10 @@ def check(cfg) -> None:
 SPEC = register(MethodSpec(
     name="ijepa", build=build, check=check, reads=("ijepa",),
     summary="I-JEPA (Assran et al. 2023): an EMA target encoder's layer-normed features of 4 target blocks predicted "
-            "from one context block by a narrow ViT predictor; no cls token (evaluation pools patch tokens)",
+            "from one context block by a narrow ViT predictor; no cls token (evaluation pools the target encoder's "
+            "patch tokens, as the paper)",
     mask_types=("random",), reads_mask=False,  # it draws its own multi-block masks (ijepa.*): mask.* is refused
     mask_count=False, predicts_pixels=False, family="vit", pool="mean",
-    logged=("momentum",), teachers=("target_encoder.",),
+    logged=("momentum",), teachers=("target_encoder.",), evaluated="target_encoder",
     no_weight_decay=(),  # the official groups: only biases and 1-D parameters are exempt
 ))  # fmt: skip
