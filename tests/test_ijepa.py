@@ -126,6 +126,19 @@ def test_loss_is_smooth_l1_of_the_predictions_at_the_target_blocks():
     z = model.predictor(model.encode_context(x, ci), ci, ti)
     h = torch.stack([model.targets(x)[i][ti[i]] for i in range(2)])  # (B, M, K, D)
     torch.testing.assert_close(out.loss, F.smooth_l1_loss(z, h))
+    # the targets' spread, logged to show a collapse: per feature the std over the target tokens, averaged
+    torch.testing.assert_close(out.target_std, h.reshape(-1, h.shape[-1]).std(0).mean())
+    collapsed = tiny()
+    collapsed.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for block in collapsed.target_encoder.blocks:
+            block.mlp.fc2.weight.zero_()
+            block.mlp.fc2.bias.zero_()
+            block.attn.proj.weight.zero_()
+            block.attn.proj.bias.zero_()
+        collapsed.target_encoder.pos_embed.zero_()
+        collapsed.target_encoder.patch_embed.proj.weight.zero_()  # every token the same: a collapsed target encoder
+    assert collapsed(x, context=ctx, targets=tgt).target_std < 1e-3 < out.target_std
     l2 = tiny("ijepa.loss=l2")
     l2.load_state_dict(model.state_dict())
     torch.testing.assert_close(l2(x, context=ctx, targets=tgt).loss, F.mse_loss(z, h))

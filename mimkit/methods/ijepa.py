@@ -37,6 +37,9 @@ TIMM_ARGS = {"class_token": False, "global_pool": "avg", "fc_norm": False}  # th
 class IJEPAOutput(NamedTuple):
     loss: torch.Tensor  # scalar, fp32
     momentum: torch.Tensor  # the EMA momentum of this step's update
+    # the targets' spread: per feature, the std over the batch's target tokens, averaged over the features; it falls
+    # towards 0 when the target encoder collapses to one representation (which the loss alone does not show)
+    target_std: torch.Tensor
 
 
 def ijepa_encoder(cfg) -> VisionTransformer:
@@ -169,7 +172,8 @@ class IJEPA(MIMMethod):
         h = take_patches(self.targets(imgs), tgt_ids.reshape(b, m * k)).view(b, m, k, -1)
         z = self.predictor(self.encode_context(imgs, ctx_ids), ctx_ids, tgt_ids).float()
         loss = F.smooth_l1_loss(z, h) if self.loss_kind == "smooth_l1" else F.mse_loss(z, h)
-        return IJEPAOutput(loss, torch.tensor(self.momentum, device=imgs.device))
+        spread = h.float().reshape(-1, h.shape[-1]).std(0).mean()
+        return IJEPAOutput(loss, torch.tensor(self.momentum, device=imgs.device), spread)
 
 
 def smallest_target(cfg) -> int:
@@ -226,6 +230,6 @@ SPEC = register(MethodSpec(
             "patch tokens, as the paper)",
     mask_types=("random",), reads_mask=False,  # it draws its own multi-block masks (ijepa.*): mask.* is refused
     mask_count=False, predicts_pixels=False, family="vit", pool="mean",
-    logged=("momentum",), teachers=("target_encoder.",), evaluated="target_encoder",
+    logged=("momentum", "target_std"), teachers=("target_encoder.",), evaluated="target_encoder",
     no_weight_decay=(),  # the official groups: only biases and 1-D parameters are exempt
 ))  # fmt: skip
