@@ -2,12 +2,15 @@
 
 - `reference/cli.md` and `reference/config.md` come from docs/gen_reference.py (the files in docs/reference/ are
   the same text, committed so that links resolve on GitHub; tests/test_docs.py checks they are current);
-- `results/benchmarks.md` includes benchmarks/RESULTS.md, the benchmark tables kept beside their scripts.
+- `results/benchmarks.md` includes benchmarks/RESULTS.md, the benchmark tables kept beside their scripts;
+- any page's `<!-- include: PATH -->` line becomes that file of the repository (e.g. a study's compare.md, as the
+  study command wrote it), its headings moved below the page's.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -32,6 +35,19 @@ def on_page_read_source(page, config):
         body = (ROOT / "benchmarks" / "RESULTS.md").read_text()
         return head.split("<!-- RESULTS.md -->")[0] + demote(body)
     return None
+
+
+INCLUDE = re.compile(r"^<!-- include: (\S+) -->$", re.MULTILINE)
+
+
+def on_page_markdown(markdown, page, config, files):
+    def included(match: re.Match) -> str:
+        path = ROOT / match.group(1)
+        if not path.is_file():  # mkdocs build --strict shows the warning as an error
+            raise FileNotFoundError(f"{page.file.src_uri}: <!-- include: {match.group(1)} -->: no such file")
+        return demote(demote(path.read_text()))  # the file's "#" title under the page's "##" sections
+
+    return INCLUDE.sub(included, markdown)
 
 
 def demote(markdown: str) -> str:
