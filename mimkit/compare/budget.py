@@ -39,7 +39,7 @@ def schedule(cfg, steps_per_epoch: int, epochs: float | None, compute_minutes: f
     if calibration is None:  # before the calibration (plan checks): values of the right type
         return ["train.schedule_steps=1", "optim.warmup_epochs=0", budget]
     # the fastest calibration step: a neighbour only slows steps, so this is the most steps the budget can buy, and
-    # the run's own clock (clock_stop) ends it at the budget, at or before the schedule's end
+    # the run's own clock (train.budget_minutes) ends it at the budget, before this cap
     fastest = calibration.get("s_per_step_fastest") or calibration["s_per_step"]
     steps = max(1, int(SCHEDULE_SLACK * compute_minutes * 60 / per_minute / fastest))
     return [f"train.epochs={max(1, math.ceil(steps / steps_per_epoch))}", f"train.schedule_steps={steps}",
