@@ -1,5 +1,5 @@
 """A shim: the study's helpers moved into the package (mimkit.compare: spec, dataset, budget, readout, tokenizer).
-Kept for the scripts that import it from benchmarks/ (benchmarks/study/step_times.py,
+Kept for the scripts that import it from benchmarks/ (benchmarks/study_step_times.py,
 benchmarks/tokenizer_denormals.py)."""
 
 import sys

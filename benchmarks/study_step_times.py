@@ -3,7 +3,7 @@ metrics.jsonl (compare_helpers.step_clock: the clock compare.py's core-minutes c
 by the run's pretraining threads, from its compare-run.json). A contended stretch shows as an interval slower than
 the others.
 
-    python benchmarks/study/step_times.py benchmarks/study/cifar10-main [--every 390]
+    python benchmarks/study_step_times.py results/study/cifar10-main [--every 390]
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_helpers import step_clock  # noqa: E402
 
 
@@ -32,10 +32,10 @@ def main() -> None:
             continue
         gaps = [clock[b][1] - clock[a][1] for a, b in zip(steps, steps[1:])]
         windows = [statistics.median(gaps[i : i + args.every]) for i in range(0, len(gaps), args.every)]
-        record = metrics.parents[1] / "compare-run.json"
+        record = metrics.parent / "compare-run.json"
         threads = json.loads(record.read_text())["settings"]["threads"] if record.is_file() else 1
         print(
-            f"| {metrics.parents[1].name} | {threads} | {len(steps)} | {clock[steps[-1]][1] / 60 * threads:.1f} | "
+            f"| {metrics.parent.name} | {threads} | {len(steps)} | {clock[steps[-1]][1] / 60 * threads:.1f} | "
             f"{statistics.median(gaps):.3f} | {' '.join(f'{w:.2f}' for w in windows)} |"
         )
 

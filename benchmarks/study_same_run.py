@@ -2,9 +2,9 @@
 final losses) from each study folder's runs/<run>/pretrain/metrics.jsonl, and the scores of the checkpoints both
 folders evaluated (evals/<run>/step-N.json). Every folder after the first is compared with the first.
 
-    python benchmarks/study/same_run.py 'bootmae+parallel_optim.blr=1.5e-3' \
-        benchmarks/study/lost-bootmae+parallel-1thread benchmarks/study/lost-bootmae+parallel-2thread \
-        benchmarks/study/cifar10-main
+    python benchmarks/study_same_run.py 'bootmae+parallel_optim.blr=1.5e-3' \
+        results/study/lost-bootmae+parallel-1thread results/study/lost-bootmae+parallel-2thread \
+        results/study/cifar10-main
 """
 
 from __future__ import annotations

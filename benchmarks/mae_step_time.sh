@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # MAE's training step on this machine with main.cmd's settings: 150 steps on one core (taskset -c ${CPU:-0}) into a
 # scratch folder, then the median seconds per step of steps 11+ from its metrics.jsonl. Converts the study's
-# core-minutes between CPUs (README, Results). Run from the repository root: bash benchmarks/study/mae_step_time.sh
+# core-minutes between CPUs (README, Results). Run from the repository root: bash benchmarks/mae_step_time.sh
 set -euo pipefail
 OUT=$(mktemp -d)
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
