@@ -329,6 +329,11 @@ class TrainConfig:
     # length of the run and of its lr / method schedules in optimizer steps, instead of `epochs` (runs sized to a
     # compute budget; may end mid-epoch)
     schedule_steps: int | None = None
+    # progressive resolution: [[epoch, img_size], ...] pretrains from each epoch on at that input size (a square
+    # RandomResizedCrop of that side, masks drawn on its grid, position tables resampled to it), fewer tokens a step in
+    # the early stages; the first stage starts at epoch 0, the last is model.img_size, e.g. [[0, 16], [2, 32]].
+    # [] = model.img_size throughout. Methods that encode the visible patches only (mae, mae with the CrossMAE decoder)
+    resolution_stages: tuple[tuple[int, int], ...] = ()
     # auto = bf16 autocast on GPUs and on CPUs with native bf16 (AVX512-BF16 / AMX), else fp32
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -526,7 +531,31 @@ def validate(cfg: Config, strict: bool = True, also_reads: tuple[str, ...] = ())
     if spec.check is not None:
         spec.check(cfg)
     _validate_run(cfg)
+    _validate_resolution_stages(cfg, spec, g)
     return cfg
+
+
+def _validate_resolution_stages(cfg: Config, spec, g: Geometry) -> None:
+    stages, key = cfg.train.resolution_stages, "train.resolution_stages"
+    if not stages:
+        return
+    takers = ", ".join(n for n in method_names() if method_spec(n).takes_resolution_stages(cfg))
+    require(spec.takes_resolution_stages(cfg), f"{key}: method {cfg.method} (mask.type {cfg.mask.type}) pretrains at "
+            f"model.img_size only; progressive resolution is for {takers}; set {key}=[]")  # fmt: skip
+    require(cfg.mask.count is None, f"{key}: mask.count fixes the masked patches of the full grid; with stages "
+            f"of other sizes give mask.ratio (mask.count=null)")  # fmt: skip
+    epochs = [e for e, _ in stages]
+    require(epochs[0] == 0 and all(a < b for a, b in zip(epochs, epochs[1:])),
+            f"{key}: stage epochs must start at 0 and increase, got {epochs} (e.g. [[0, 16], [2, 32]])")  # fmt: skip
+    require(
+        epochs[-1] < cfg.train.epochs,
+        f"{key}: the last stage starts at epoch {epochs[-1]}, but the run has train.epochs {cfg.train.epochs}",
+    )
+    for _, size in stages:
+        require(0 < size <= g.img and size % g.patch == 0, f"{key}: size {size} must be a multiple of the patch "
+                f"size {g.patch} in (0, model.img_size {g.img}]")  # fmt: skip
+    require(stages[-1][1] == g.img, f"{key}: the last stage's size {stages[-1][1]} must be model.img_size {g.img} "
+            "(the size the encoder is evaluated and exported at)")  # fmt: skip
 
 
 def _attach_custom_sections(cfg: Config) -> None:

@@ -57,13 +57,14 @@ class MAEDecoder(nn.Module):
         self.decoder_pred = nn.Linear(dim, out_dim or patch_size * patch_size * 3)
         self.grad_checkpointing = False
 
-    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor, readout: torch.Tensor | None = None
-                ) -> torch.Tensor:  # fmt: skip
+    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor, readout: torch.Tensor | None = None,
+                pos_embed: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """(B, L, out_dim) predictions (pixels: p*p*3) of every patch; with `readout` (B, M) patch indices, (B, M, out_dim)
-        of those only:
+        of those only (`pos_embed`: the table of another input size, train.resolution_stages):
         the last block's queries and MLP and the pixel head then run at those patches alone (the keys and values
         at every token), which changes none of their values (MAE's loss reads the masked patches only)."""
-        x = unshuffle_tokens(self.decoder_embed(latent), self.mask_token, ids_restore) + self.decoder_pos_embed
+        pos = self.decoder_pos_embed if pos_embed is None else pos_embed
+        x = unshuffle_tokens(self.decoder_embed(latent), self.mask_token, ids_restore) + pos
         if readout is None or not len(self.decoder_blocks):
             x = self.decoder_norm(run_blocks(self.decoder_blocks, x, self.grad_checkpointing))
             x = x[:, 1:] if readout is None else take_patches(x[:, 1:], readout)
@@ -264,16 +265,18 @@ class CrossMAEDecoder(nn.Module):
         self.decoder_pred = nn.Linear(dim, out_dim or patch_size * patch_size * 3)
         self.grad_checkpointing = False
 
-    def forward(self, latent: torch.Tensor, ids: torch.Tensor, features: dict[int, torch.Tensor] | None = None
-                ) -> torch.Tensor:  # fmt: skip
+    def forward(self, latent: torch.Tensor, ids: torch.Tensor, features: dict[int, torch.Tensor] | None = None,
+                pos_embed: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """latent: final-LN encoder tokens (B, T, E); features: {block: output} of `context_blocks` (encode_visible's
-        keep_blocks); ids (B, N): the patches to decode. Returns their predictions (B, N, out_dim)."""
+        keep_blocks); ids (B, N): the patches to decode; pos_embed: the table of another input size
+        (train.resolution_stages). Returns their predictions (B, N, out_dim)."""
         contexts = [latent]
         if self.context_blocks:
             assert features is not None, "context_blocks need the encoder's block outputs (features)"
             contexts += [n(features[b]) for n, b in zip(self.context_norms, self.context_blocks, strict=True)]
         context = self.decoder_embed(torch.stack(contexts) if len(contexts) > 1 else latent)
-        x = (self.mask_token + take_patches(self.decoder_pos_embed, ids)).to(context.dtype)
+        pos = self.decoder_pos_embed if pos_embed is None else pos_embed
+        x = (self.mask_token + take_patches(pos, ids)).to(context.dtype)
         recompute = self.grad_checkpointing and torch.is_grad_enabled()
         for blk in self.decoder_blocks:
             x = checkpoint(blk, x, context, use_reentrant=False) if recompute else blk(x, context)

@@ -13,6 +13,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 import torch.utils.checkpoint
+from timm.layers import resample_abs_pos_embed
 from timm.models import checkpoint, checkpoint_seq
 from timm.models.beit import Beit
 from timm.models.vision_transformer import VisionTransformer
@@ -261,13 +262,14 @@ def compile_blocks(model: nn.Module, device: torch.device | None = None) -> int:
 
 
 def encode_visible(encoder: VisionTransformer, imgs: torch.Tensor, ids_keep: torch.Tensor,
-                   keep_blocks: tuple[int, ...] = ()):  # fmt: skip
+                   keep_blocks: tuple[int, ...] = (), pos_embed: torch.Tensor | None = None):  # fmt: skip
     """Run a timm ViT on the visible patches only: pos-embed is added before masking, the cls
     token (with its own pos-embed) is prepended after. Returns final-LN tokens (B, 1+keep, D), and with
     `keep_blocks` also {block index: that block's output, before the final norm} (BootMAE's decoder context).
     `ids_keep` of shape (B, K, keep) encodes K views of each image as B*K sequences (EMAE's parts),
-    embedding each image's patches once."""
-    pos_embed, cls_token = encoder.pos_embed, encoder.cls_token
+    embedding each image's patches once. `pos_embed` (1, 1 + L, D): the table of another input size than the
+    encoder's own (train.resolution_stages: `resampled_pos_embed`)."""
+    pos_embed, cls_token = encoder.pos_embed if pos_embed is None else pos_embed, encoder.cls_token
     assert pos_embed is not None and cls_token is not None  # create_encoder's ViT has both
     x = encoder.patch_embed(imgs)
     x = x + pos_embed[:, 1:, :]
@@ -288,6 +290,17 @@ def encode_visible(encoder: VisionTransformer, imgs: torch.Tensor, ids_keep: tor
         if i in keep_blocks:
             features[i] = x
     return encoder.norm(x), features
+
+
+def resampled_pos_embed(table: torch.Tensor, grid: tuple[int, int], prefix_tokens: int = 1) -> torch.Tensor:
+    """A position table (1, prefix + G*G, D) resampled to `grid` (train.resolution_stages' smaller inputs): bicubic,
+    each new patch's entry read at its centre's position on the table's grid (no antialiasing: the codes of
+    positions, not an image to smooth); the prefix rows (cls) unchanged. The table itself when the grid is its own."""
+    own = int(round((table.shape[1] - prefix_tokens) ** 0.5))
+    if tuple(grid) == (own, own):
+        return table
+    return resample_abs_pos_embed(table, list(grid), [own, own], num_prefix_tokens=prefix_tokens,
+                                  interpolation="bicubic", antialias=False)  # fmt: skip
 
 
 def run_blocks(blocks: nn.Sequential, x: torch.Tensor, grad_checkpointing: bool = False) -> torch.Tensor:

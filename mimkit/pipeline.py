@@ -55,11 +55,13 @@ def resolve_auto_stats(d, source) -> None:
 
 class PretrainData:
     """Batches for the training loop: `epoch_batches(epoch, start_step)` yields this rank's
-    micro-batches from the given optimizer step of the epoch on."""
+    micro-batches from the given optimizer step of the epoch on. `stages` ((from_epoch, img_size, mask_inputs), ...):
+    train.resolution_stages, each epoch's images cropped to its stage's size, masks drawn on its grid."""
 
     def __init__(self, cfg, img_size: int, mask_inputs: MaskInputs | None, batch_size: int, accum_steps: int,
                  rank: int = 0, world_size: int = 1, seed: int = 0, pin_memory: bool = False,
-                 second_view: ViewSpec | None = None, device: torch.device | None = None):  # fmt: skip
+                 second_view: ViewSpec | None = None, device: torch.device | None = None,
+                 stages: tuple[tuple[int, int, MaskInputs | None], ...] = ()):  # fmt: skip
         d = cfg.data if hasattr(cfg, "data") else cfg
         in_chans = cfg.model.in_chans if hasattr(cfg, "model") else 3
         self.fmt = resolve_format(d.path, d.format)
@@ -68,10 +70,11 @@ class PretrainData:
             check_channels(source, in_chans)
         if "auto" in (d.mean, d.std):
             resolve_auto_stats(d, source)
-        self.transform = (
-            pretrain_transform(img_size, d) if second_view is None else TwoViewTransform(img_size, d, second_view)
-        )
-        self.mask_inputs, self.num_workers, self.pin_memory = mask_inputs, d.num_workers, pin_memory
+        self.d, self.second_view, self.device, self.source = d, second_view, device, source
+        self.stages = stages or ((0, img_size, mask_inputs),)
+        self.img_size, self.mask_inputs = self.stages[0][1], self.stages[0][2]
+        self.transform = self._transform(self.img_size)
+        self.num_workers, self.pin_memory = d.num_workers, pin_memory
         self.batch_size, self.accum_steps, self.rank, self.world_size, self.seed = (
             batch_size, accum_steps, rank, world_size, seed)  # fmt: skip
         self.global_step_size = batch_size * world_size * accum_steps
@@ -85,39 +88,51 @@ class PretrainData:
                 )
             self.steps_per_epoch = d.num_samples // self.global_step_size
         else:
-            self.dataset = PretrainDataset(source, self.transform, mask_inputs, d.repeats, d.num_samples)
-            self.sampler = ResumableBatchSampler(len(self.dataset), batch_size, accum_steps, rank, world_size, seed)
+            length = PretrainDataset(source, self.transform, None, d.repeats, d.num_samples).length
+            self.sampler = ResumableBatchSampler(length, batch_size, accum_steps, rank, world_size, seed)
             self.steps_per_epoch = self.sampler.steps_per_epoch
-            self.loader = DataLoader(
-                self.dataset, batch_sampler=self.sampler, num_workers=self.num_workers, pin_memory=pin_memory,
-                persistent_workers=self.num_workers > 0, prefetch_factor=4 if self.num_workers > 0 else None,
-                **loader_rng_and_workers(seed, rank),
-            )  # fmt: skip
-        self.device_augment: DeviceAugment | None = (
-            None  # data.decode: JPEGs decoded and augmented on the training device
-        )
         decode = getattr(d, "decode", "auto")
         if in_chans != 3 and decode == "device":
             raise DataError(
                 f"data.decode device: nvJPEG decodes RGB only; model.in_chans {in_chans} needs data.decode cpu"
             )
         self.decode = resolve_decode("cpu" if in_chans != 3 else decode, self.fmt, device, self.transform)
-        if self.decode == "device":
-            self._use_device_decode(device or torch.device("cpu"))
+        self._build()
 
-    def _use_device_decode(self, device: torch.device) -> None:
-        self.device_augment = DeviceAugment(self.transform, device)
-        if self.fmt == "folder":
-            encoded = EncodedFolderDataset(self.dataset.source, self.transform, self.mask_inputs)
-            encoded.length = self.dataset.length  # data.repeats / data.num_samples as resolved above
-            self.dataset = encoded
-            self.loader = DataLoader(
-                self.dataset, batch_sampler=self.sampler, num_workers=self.num_workers, collate_fn=collate_encoded,
-                persistent_workers=self.num_workers > 0, prefetch_factor=4 if self.num_workers > 0 else None,
-                **loader_rng_and_workers(self.seed, self.rank),
-            )  # fmt: skip
+    def _transform(self, img_size: int):
+        if self.second_view is None:
+            return pretrain_transform(img_size, self.d)
+        return TwoViewTransform(img_size, self.d, self.second_view)
+
+    def _build(self) -> None:
+        """The dataset and loader of the current stage (new loader workers: they hold its transform and masks)."""
+        d, workers = self.d, self.num_workers
+        # data.decode device: JPEGs decoded and augmented on the training device
+        self.device_augment: DeviceAugment | None = None
+        if self.decode == "device":
+            self.device_augment = DeviceAugment(self.transform, self.device or torch.device("cpu"))
+        if self.fmt == "webdataset":
+            return  # a stream per epoch (epoch_batches)
+        encoded = self.decode == "device" and self.fmt == "folder"
+        kind = EncodedFolderDataset if encoded else PretrainDataset
+        self.dataset = kind(self.source, self.transform, self.mask_inputs, d.repeats, d.num_samples)
+        self.loader = DataLoader(
+            self.dataset, batch_sampler=self.sampler, num_workers=workers, collate_fn=collate_encoded if encoded
+            else None, pin_memory=self.pin_memory and not encoded, persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None, **loader_rng_and_workers(self.seed, self.rank),
+        )  # fmt: skip
+
+    def use_stage(self, epoch: int) -> int:
+        """The resolution stage of `epoch` (train.resolution_stages): its transform, masks and loader. Returns its size."""
+        _, size, mask_inputs = [s for s in self.stages if s[0] <= epoch][-1]
+        if size != self.img_size:
+            log.info("epoch %d: pretraining at %d px from here on (train.resolution_stages)", epoch, size)
+            self.img_size, self.mask_inputs, self.transform = size, mask_inputs, self._transform(size)
+            self._build()
+        return size
 
     def epoch_batches(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
+        self.use_stage(epoch)
         if self.device_augment is not None:
             return augmented(self._encoded_batches(epoch, start_step), self.device_augment)
         if self.fmt != "webdataset":

@@ -61,6 +61,8 @@ class MethodSpec:
             tokens' mean: encoders without a cls token, I-JEPA); fine-tuning's global pool follows it
         evaluated: the module (attribute and state-dict prefix) that evaluation, embedding and export read: the
             trained "encoder", or a frozen copy of it the paper evaluates (I-JEPA: "target_encoder", its EMA)
+        resolution_stages: it pretrains on images smaller than model.img_size (train.resolution_stages): its
+            forward takes them, and `mask_inputs_at(img_size)` draws their masks; or a function of the config
     """
 
     name: str
@@ -83,6 +85,7 @@ class MethodSpec:
     section: type | None = None
     pool: Literal["cls", "mean"] = "cls"
     evaluated: str = "encoder"
+    resolution_stages: bool | Callable[[Any], bool] = False
 
     def __post_init__(self):
         if not self.name.isidentifier():
@@ -93,6 +96,11 @@ class MethodSpec:
     def pixels(self, cfg) -> bool:
         """Whether this config's run predicts pixels (pictures of its reconstructions can be drawn)."""
         return bool(self.predicts_pixels(cfg) if callable(self.predicts_pixels) else self.predicts_pixels)
+
+    def takes_resolution_stages(self, cfg) -> bool:
+        """Whether this config's run can pretrain on smaller images first (train.resolution_stages)."""
+        stages = self.resolution_stages
+        return bool(stages(cfg) if callable(stages) else stages)
 
     def sections_read(self, cfg) -> tuple[str, ...]:
         """The method sections / keys this config's run reads (besides COMMON_SECTIONS)."""

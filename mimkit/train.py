@@ -302,6 +302,15 @@ def set_schedules(cfg: Config, s: Setup, at: int) -> float:
     return lr
 
 
+def resolution_stages(cfg: Config, model: MIMMethod) -> tuple:
+    """train.resolution_stages as the data pipeline's (from_epoch, img_size, mask_inputs) stages; the patch embedding
+    then takes inputs smaller than model.img_size (its size check is timm's strict_img_size)."""
+    if not cfg.train.resolution_stages:
+        return ()
+    model.encoder.patch_embed.strict_img_size = False
+    return tuple((epoch, size, model.mask_inputs_at(size)) for epoch, size in cfg.train.resolution_stages)
+
+
 def setup(cfg: Config) -> Setup:
     """Processes, the model (sharded, compiled, its attention kernel set), the data and the k-NN monitor's (their
     problems surface here, before any compute), the schedule's lengths and the optimizer: AdamW, no weight decay on 1-D params, biases
@@ -316,7 +325,7 @@ def setup(cfg: Config) -> Setup:
     seed_everything(t.seed + dist.rank)
     data = PretrainData(cfg, model.encoder.patch_embed.img_size[0], model.mask_inputs, t.batch_size, t.accum_steps,
                         dist.rank, dist.world_size, t.seed, pin_memory=device.type == "cuda",
-                        second_view=model.second_view, device=device)  # fmt: skip
+                        second_view=model.second_view, device=device, stages=resolution_stages(cfg, model))  # fmt: skip
     knn_sources = None  # labelled train / val splits for the k-NN trend monitor
     if t.knn_every_epochs:
         knn_path = t.knn_data or cfg.data.path

@@ -13,6 +13,7 @@ Called by the loop, in this order, every optimizer step:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TypeVar
 
 import torch
@@ -40,6 +41,13 @@ class MIMMethod(nn.Module):
 
     def mask_inputs(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def mask_inputs_at(self, img_size: int) -> Callable[[torch.Generator], dict[str, torch.Tensor]]:
+        """`mask_inputs` for img_size-px inputs: a stage of train.resolution_stages (methods whose spec takes them
+        override this for sizes other than their own)."""
+        if img_size != self.encoder.patch_embed.img_size[0]:
+            raise NotImplementedError(f"{type(self).__name__} pretrains at its own input size only")
+        return self.mask_inputs
 
     def set_progress(self, step: int, steps_per_epoch: int, total_steps: int) -> None:
         """Where training is, before optimizer step `step` (0-based) of `total_steps`."""

@@ -6,6 +6,8 @@ With decoder "crossmae" (CrossMAE, Fu et al., TMLR 2025) a cross-attention-only 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -25,7 +27,7 @@ from mimkit.masking import (
     visible_token_masks,
 )
 from mimkit.methods.base import MIMMethod, set_layer_norm_eps, vit_encoder
-from mimkit.models import encode_visible, init_weights_mae, sincos_2d_pos_embed
+from mimkit.models import encode_visible, init_weights_mae, resampled_pos_embed, sincos_2d_pos_embed
 from mimkit.registry import MethodSpec, method_spec, register
 from mimkit.targets import make_target
 from mimkit.typed_config import require
@@ -73,9 +75,8 @@ class MAE(MIMMethod):
         self.mask_ratio = mask_ratio
         self.mask_count = mask_count  # mask.count: masked patches per image, overrides the ratio
         self.mask_type, self.block_generator = mask_type, block_generator
-        self.masks = VisibleTokenMasks(mask_type, tuple(encoder.patch_embed.grid_size), mask_ratio, count=mask_count,
-                                       block_generator=block_generator, hybrid_block_ratio=hybrid_block_ratio,
-                                       hybrid_max_block_ratio=hybrid_max_block_ratio)  # fmt: skip
+        self.hybrid_ratios = (hybrid_block_ratio, hybrid_max_block_ratio)
+        self.masks = self.masks_on(tuple(encoder.patch_embed.grid_size), mask_count)
         if target == "auto":
             target = "norm_pix" if norm_pix_loss else "pixels"
         self.target_part = make_target(target, self.patch_size, encoder.patch_embed.proj.in_channels)
@@ -110,10 +111,35 @@ class MAE(MIMMethod):
     def mask_inputs(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Per-sample masking input, drawn in the data pipeline from the sample's own generator,
         so masks depend only on (seed, epoch, sample index): not on workers, ranks or resumes."""
-        inputs = self.masks(generator)
+        return self._draw(self.masks, generator)
+
+    def mask_inputs_at(self, img_size: int) -> Callable[[torch.Generator], dict[str, torch.Tensor]]:
+        """`mask_inputs` for img_size-px inputs (train.resolution_stages): the same draw on that grid."""
+        grid = img_size // self.patch_size
+        if grid * self.patch_size == self.encoder.patch_embed.img_size[0]:
+            return self.mask_inputs
+        return partial(self._draw, self.masks_on((grid, grid)))
+
+    def masks_on(self, grid: tuple[int, int], count: int | None = None) -> VisibleTokenMasks:
+        return VisibleTokenMasks(self.mask_type, grid, self.mask_ratio, count=count, block_generator=self.block_generator,
+                                 hybrid_block_ratio=self.hybrid_ratios[0], hybrid_max_block_ratio=self.hybrid_ratios[1])  # fmt: skip
+
+    def _draw(self, masks: VisibleTokenMasks, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        inputs = masks(generator)
         if isinstance(self.decoder, CrossMAEDecoder):  # drawn after the mask, so the mask is MAE's for the generator
-            inputs["select_noise"] = torch.rand(self.num_patches, generator=generator)
+            inputs["select_noise"] = torch.rand(masks.num_patches, generator=generator)
         return inputs
+
+    def position_tables(self, imgs: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The encoder's and decoder's position tables for inputs of another size than the model's (a
+        train.resolution_stages stage): both resampled to the input's grid; (None, None) at the model's own size."""
+        grid = (imgs.shape[-2] // self.patch_size, imgs.shape[-1] // self.patch_size)
+        if grid == tuple(self.encoder.patch_embed.grid_size):
+            return None, None
+        assert self.encoder.pos_embed is not None  # create_encoder's ViT has one
+        decoder_prefix = 0 if isinstance(self.decoder, CrossMAEDecoder) else 1  # CrossMAE's table has no cls row
+        return (resampled_pos_embed(self.encoder.pos_embed, grid),
+                resampled_pos_embed(self.decoder.decoder_pos_embed, grid, decoder_prefix))  # fmt: skip
 
     def target(self, imgs: torch.Tensor) -> torch.Tensor:
         return self.target_part(imgs)
@@ -134,37 +160,39 @@ class MAE(MIMMethod):
     ) -> MAEOutput:
         """`noise` (B, L) drives random masking (as HF ViTMAE's `noise`); `mask` (B, L, 1 = masked,
         same count per image) gives the mask directly; neither: fresh random noise. `select_noise` (B, L):
-        which masked patches the CrossMAE decoder reconstructs (fresh when None)."""
-        masking = visible_token_masks(imgs.shape[0], self.num_patches, self.mask_ratio, count=self.mask_count,
-                                      noise=noise, mask=mask, device=imgs.device)  # fmt: skip
+        which masked patches the CrossMAE decoder reconstructs (fresh when None). Images smaller than the model's
+        (train.resolution_stages) run on position tables resampled to their grid."""
+        num = (imgs.shape[-2] // self.patch_size) * (imgs.shape[-1] // self.patch_size)
+        masking = visible_token_masks(imgs.shape[0], num, self.mask_ratio, count=self.mask_count, noise=noise,
+                                      mask=mask, device=imgs.device)  # fmt: skip
+        pos, decoder_pos = self.position_tables(imgs)
         if isinstance(self.decoder, CrossMAEDecoder):
-            return self._forward_crossmae(imgs, masking, select_noise)
-        latent = encode_visible(self.encoder, imgs, masking.ids_keep)
+            return self._forward_crossmae(imgs, masking, select_noise, pos, decoder_pos)
+        latent = encode_visible(self.encoder, imgs, masking.ids_keep, pos_embed=pos)
         if self.training and not self.decode_visible:  # the loss reads the masked patches: decode those only
-            masked = masked_patch_ids(masking.mask, self.num_patches - masking.ids_keep.shape[1])
-            pred = self.decoder(latent, masking.ids_restore, masked)
+            masked = masked_patch_ids(masking.mask, num - masking.ids_keep.shape[1])
+            pred = self.decoder(latent, masking.ids_restore, masked, pos_embed=decoder_pos)
             loss = masked_mse(pred, take_patches(self.target(imgs), masked), take_patches(masking.mask, masked))
-            return MAEOutput(loss, put_patches(pred, masked, self.num_patches), masking.mask)
-        pred = self.decoder(latent, masking.ids_restore)
+            return MAEOutput(loss, put_patches(pred, masked, num), masking.mask)
+        pred = self.decoder(latent, masking.ids_restore, pos_embed=decoder_pos)
         loss = masked_mse(pred, self.target(imgs), masking.mask)
         return MAEOutput(loss, pred.clone(), masking.mask)  # not a view of the decoder output: FSDP2 hooks outputs
 
-    def _forward_crossmae(self, imgs: torch.Tensor, masking: RandomMask, select_noise: torch.Tensor | None
-                          ) -> MAEOutput:  # fmt: skip
+    def _forward_crossmae(self, imgs: torch.Tensor, masking: RandomMask, select_noise: torch.Tensor | None,
+                          pos: torch.Tensor | None = None, decoder_pos: torch.Tensor | None = None) -> MAEOutput:  # fmt: skip
         """Training: queries at the selected masked patches only; `pred` holds zeros at every other patch.
         Eval mode (pictures, report): a query at every patch (queries are independent, so this changes no
         prediction), so `pred` is a full reconstruction like MAE's and the loss is on every masked patch."""
         decoder = self.decoder
         assert isinstance(decoder, CrossMAEDecoder)  # forward's branch for this decoder
-        encoded = encode_visible(self.encoder, imgs, masking.ids_keep, decoder.context_blocks)
+        encoded = encode_visible(self.encoder, imgs, masking.ids_keep, decoder.context_blocks, pos_embed=pos)
         latent, features = encoded if decoder.context_blocks else (encoded, None)
         ids = reconstruction_ids(masking.mask, self.reconstruct_ratio if self.training else None, select_noise)
-        pred = decoder(latent, ids, features)
+        pred = decoder(latent, ids, features, pos_embed=decoder_pos)
         in_loss = take_patches(masking.mask, ids)
         loss = masked_mse(pred, take_patches(self.target(imgs), ids), in_loss)
-        return MAEOutput(
-            loss, put_patches(pred, ids, self.num_patches), masking.mask, put_patches(in_loss, ids, self.num_patches)
-        )
+        num = masking.mask.shape[1]
+        return MAEOutput(loss, put_patches(pred, ids, num), masking.mask, put_patches(in_loss, ids, num))
 
 
 def build(cfg) -> MAE:
@@ -264,5 +292,6 @@ SPEC = register(MethodSpec(
     mask_types=("random", "block", "hybrid", "parallel"),
     loss_terms=("reconstruction", "consistency"),  # with mask.type parallel (EMAE's terms)
     predicts_pixels=lambda cfg: cfg.mae.target != "hog",
+    resolution_stages=lambda cfg: cfg.mask.type != "parallel",  # not EMAE's composition (its own forward)
     no_weight_decay=(),  # timm's add_weight_decay with an empty skip list: its cls and mask tokens are decayed
 ))  # fmt: skip
