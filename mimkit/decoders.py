@@ -9,13 +9,13 @@ from typing import cast
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Mlp
+from timm.layers import Mlp, trunc_normal_
 from timm.models.vision_transformer import Attention, Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mimkit.masking import take_patches
-from mimkit.models import run_blocks, sincos_2d_pos_embed
+from mimkit.models import init_weights_jepa, run_blocks, sincos_2d_pos_embed
 
 
 def unshuffle_tokens(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
@@ -318,3 +318,35 @@ class ConvDecoder2d(nn.Module):
             y = block(x)
             x = y + x if y.shape[1] == x.shape[1] else y
         return self.proj(x.flatten(2).transpose(1, 2))
+
+
+class JEPAPredictor(nn.Module):
+    """I-JEPA's narrow ViT predictor: context tokens (encoder width) -> predictor width, plus fixed sin-cos positions;
+    per target block, mask tokens with the target positions appended; timm blocks, a norm, a projection back."""
+
+    def __init__(self, dim: int, grid: int, width: int, depth: int, heads: int, drop_path_rate: float = 0.0):
+        super().__init__()
+        self.embed = nn.Linear(dim, width)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embed = nn.Parameter(sincos_2d_pos_embed(width, grid, cls_token=False), requires_grad=False)
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        norm = partial(nn.LayerNorm, eps=1e-6)  # timm annotates norm_layer as a class; it calls any factory
+        blocks = [
+            Block(width, heads, 4.0, qkv_bias=True, drop_path=r, norm_layer=norm)  # type: ignore[arg-type]
+            for r in rates
+        ]
+        self.blocks = nn.Sequential(*blocks)
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.proj = nn.Linear(width, dim)
+        self.grad_checkpointing = False
+        init_weights_jepa(self)
+        trunc_normal_(self.mask_token, std=0.02)
+
+    def forward(self, ctx: torch.Tensor, ctx_ids: torch.Tensor, tgt_ids: torch.Tensor) -> torch.Tensor:
+        """ctx (B, N, D) at ctx_ids (B, N); tgt_ids (B, M, K) -> predictions (B, M, K, D)."""
+        b, m, k = tgt_ids.shape
+        x = self.embed(ctx) + take_patches(self.pos_embed, ctx_ids)
+        x = x.unsqueeze(1).expand(-1, m, -1, -1).reshape(b * m, *x.shape[1:])
+        queries = self.mask_token + take_patches(self.pos_embed, tgt_ids.reshape(b * m, k))
+        x = run_blocks(self.blocks, torch.cat([x, queries.to(x.dtype)], dim=1), self.grad_checkpointing)
+        return self.proj(self.norm(x[:, -k:])).view(b, m, k, -1)

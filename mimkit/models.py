@@ -7,16 +7,17 @@ The state dict of every encoder built here loads unchanged into
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from functools import partial
 from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.utils.checkpoint
-from timm.layers import resample_abs_pos_embed
+from timm.layers import Mlp, resample_abs_pos_embed, trunc_normal_
 from timm.models import checkpoint, checkpoint_seq
 from timm.models.beit import Beit
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import nn
 
 from mimkit.errors import MimkitError
@@ -341,3 +342,20 @@ def encode_with_mask_tokens(encoder: VisionTransformer, imgs: torch.Tensor, mask
     x = encoder.norm_pre(encoder.patch_drop(encoder._pos_embed(x)))
     x = run_blocks(encoder.blocks, x, encoder.grad_checkpointing)
     return encoder.norm(x)
+
+
+def init_weights_jepa(module: nn.Module, std: float = 0.02) -> None:
+    """I-JEPA's official init: trunc-normal(std) Linear and conv weights, zero biases, LayerNorm (1, 0); then the official
+    `fix_init_weight` (attn.proj and mlp.fc2 of block l, 1-indexed, divided by sqrt(2 l)) per block stack."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            trunc_normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    # the encoder's and the predictor's timm Blocks, with timm's default attention and MLP layers
+    for i, block in enumerate(cast(Iterable[Block], module.blocks), start=1):
+        cast(Attention, block.attn).proj.weight.data.div_(math.sqrt(2.0 * i))
+        cast(Mlp, block.mlp).fc2.weight.data.div_(math.sqrt(2.0 * i))

@@ -13,20 +13,17 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable
-from functools import partial
-from typing import NamedTuple, cast
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Mlp, trunc_normal_
-from timm.models.vision_transformer import Attention, Block, VisionTransformer
-from torch import nn
+from timm.models.vision_transformer import VisionTransformer
 
 from mimkit.config import geometry
+from mimkit.decoders import JEPAPredictor
 from mimkit.masking import MultiBlockMasks, multiblock_ids, multiblock_size, take_patches
 from mimkit.methods.base import MIMMethod, set_layer_norm_eps
-from mimkit.models import create_encoder, encoder_heads, run_blocks, sincos_2d_pos_embed
+from mimkit.models import create_encoder, encoder_heads, init_weights_jepa, run_blocks, sincos_2d_pos_embed
 from mimkit.registry import MethodSpec, register
 from mimkit.teachers import ema_update_, layer_norm_tokens
 from mimkit.typed_config import require
@@ -49,55 +46,6 @@ def ijepa_encoder(cfg) -> VisionTransformer:
                           in_chans=m.in_chans, **TIMM_ARGS)  # fmt: skip
 
 
-def init_weights_ijepa(module: nn.Module, std: float = 0.02) -> None:
-    """The official init: trunc-normal(std) Linear and conv weights, zero biases, LayerNorm (1, 0); then the official
-    `fix_init_weight` (attn.proj and mlp.fc2 of block l, 1-indexed, divided by sqrt(2 l)) per block stack."""
-    for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            trunc_normal_(m.weight, std=std)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-    # the encoder's and the predictor's timm Blocks, with timm's default attention and MLP layers
-    for i, block in enumerate(cast(Iterable[Block], module.blocks), start=1):
-        cast(Attention, block.attn).proj.weight.data.div_(math.sqrt(2.0 * i))
-        cast(Mlp, block.mlp).fc2.weight.data.div_(math.sqrt(2.0 * i))
-
-
-class Predictor(nn.Module):
-    """The narrow ViT predictor: context tokens (encoder width) -> predictor width, plus fixed sin-cos positions;
-    per target block, mask tokens with the target positions appended; timm blocks, a norm, a projection back."""
-
-    def __init__(self, dim: int, grid: int, width: int, depth: int, heads: int, drop_path_rate: float = 0.0):
-        super().__init__()
-        self.embed = nn.Linear(dim, width)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.pos_embed = nn.Parameter(sincos_2d_pos_embed(width, grid, cls_token=False), requires_grad=False)
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
-        norm = partial(nn.LayerNorm, eps=1e-6)  # timm annotates norm_layer as a class; it calls any factory
-        blocks = [
-            Block(width, heads, 4.0, qkv_bias=True, drop_path=r, norm_layer=norm)  # type: ignore[arg-type]
-            for r in rates
-        ]
-        self.blocks = nn.Sequential(*blocks)
-        self.norm = nn.LayerNorm(width, eps=1e-6)
-        self.proj = nn.Linear(width, dim)
-        self.grad_checkpointing = False
-        init_weights_ijepa(self)
-        trunc_normal_(self.mask_token, std=0.02)
-
-    def forward(self, ctx: torch.Tensor, ctx_ids: torch.Tensor, tgt_ids: torch.Tensor) -> torch.Tensor:
-        """ctx (B, N, D) at ctx_ids (B, N); tgt_ids (B, M, K) -> predictions (B, M, K, D)."""
-        b, m, k = tgt_ids.shape
-        x = self.embed(ctx) + take_patches(self.pos_embed, ctx_ids)
-        x = x.unsqueeze(1).expand(-1, m, -1, -1).reshape(b * m, *x.shape[1:])
-        queries = self.mask_token + take_patches(self.pos_embed, tgt_ids.reshape(b * m, k))
-        x = run_blocks(self.blocks, torch.cat([x, queries.to(x.dtype)], dim=1), self.grad_checkpointing)
-        return self.proj(self.norm(x[:, -k:])).view(b, m, k, -1)
-
-
 class IJEPA(MIMMethod):
     encoder: VisionTransformer
 
@@ -114,11 +62,11 @@ class IJEPA(MIMMethod):
         self.loss_kind = loss
         self.momenta, self.momentum = (momentum, momentum_final), momentum
         self.weight_decays = (weight_decay, weight_decay_final)
-        init_weights_ijepa(encoder)
+        init_weights_jepa(encoder)
         assert encoder.pos_embed is not None  # create_encoder's ViT has one
         encoder.pos_embed.data.copy_(sincos_2d_pos_embed(encoder.embed_dim, grid[0], cls_token=False))
         encoder.pos_embed.requires_grad_(False)  # fixed, as the official encoder's
-        self.predictor = Predictor(encoder.embed_dim, grid[0], predictor_dim, predictor_depth,
+        self.predictor = JEPAPredictor(encoder.embed_dim, grid[0], predictor_dim, predictor_depth,
                                    predictor_heads or encoder_heads(encoder))  # fmt: skip
         self.target_encoder = copy.deepcopy(encoder).requires_grad_(False)
 
