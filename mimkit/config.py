@@ -332,7 +332,7 @@ class TrainConfig:
     # progressive resolution: [[epoch, img_size], ...] pretrains from each epoch on at that input size (a square
     # RandomResizedCrop of that side, masks drawn on its grid, position tables resampled to it), fewer tokens a step in
     # the early stages; the first stage starts at epoch 0, the last is model.img_size, e.g. [[0, 16], [2, 32]].
-    # [] = model.img_size throughout. Methods that encode the visible patches only (mae, mae with the CrossMAE decoder)
+    # [] = model.img_size throughout. Taken by mae and mae with the CrossMAE decoder; the other methods refuse it
     resolution_stages: tuple[tuple[int, int], ...] = ()
     # auto = bf16 autocast on GPUs and on CPUs with native bf16 (AVX512-BF16 / AMX), else fp32
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"

@@ -122,14 +122,13 @@ class PretrainData:
             prefetch_factor=4 if workers > 0 else None, **loader_rng_and_workers(self.seed, self.rank),
         )  # fmt: skip
 
-    def use_stage(self, epoch: int) -> int:
-        """The resolution stage of `epoch` (train.resolution_stages): its transform, masks and loader. Returns its size."""
+    def use_stage(self, epoch: int) -> None:
+        """The resolution stage of `epoch` (train.resolution_stages): its transform, masks and loader."""
         _, size, mask_inputs = [s for s in self.stages if s[0] <= epoch][-1]
         if size != self.img_size:
             log.info("epoch %d: pretraining at %d px from here on (train.resolution_stages)", epoch, size)
             self.img_size, self.mask_inputs, self.transform = size, mask_inputs, self._transform(size)
             self._build()
-        return size
 
     def epoch_batches(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
         self.use_stage(epoch)

@@ -73,8 +73,9 @@ def test_each_epoch_gets_its_stage_size_and_masks_on_its_grid(tiny_cfg):
 def test_a_run_across_a_stage_change_resumes_bit_identically_and_ends_at_full_size(tiny_cfg):
     args = [STAGES, "model.drop_path_rate=0.2", "train.keep_last=10", "data.num_workers=1"]
     straight = pretrain(tiny_cfg(*args, out="a"))  # 8 steps an epoch, 2 epochs: 8 px, then 16 px
-    pretrain(tiny_cfg(*args, "train.max_steps=5", out="b"))  # stopped inside the 16-px stage...
-    pretrain(tiny_cfg(*args, "train.max_steps=3", out="c"))  # ... and inside the 8-px one
+    # stopped inside the 16-px stage (epoch 1), and inside the 8-px one (epoch 0)
+    assert pretrain(tiny_cfg(*args, "train.max_steps=11", out="b")).step == 11 > straight.step // 2
+    assert pretrain(tiny_cfg(*args, "train.max_steps=3", out="c")).step == 3 < straight.step // 2
     for out in ("b", "c"):
         resumed = pretrain(tiny_cfg(*args, out=out))
         a, b = load_checkpoint(straight.checkpoint), load_checkpoint(resumed.checkpoint)

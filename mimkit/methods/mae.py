@@ -115,9 +115,9 @@ class MAE(MIMMethod):
 
     def mask_inputs_at(self, img_size: int) -> Callable[[torch.Generator], dict[str, torch.Tensor]]:
         """`mask_inputs` for img_size-px inputs (train.resolution_stages): the same draw on that grid."""
-        grid = img_size // self.patch_size
-        if grid * self.patch_size == self.encoder.patch_embed.img_size[0]:
+        if img_size == self.encoder.patch_embed.img_size[0]:
             return self.mask_inputs
+        grid = img_size // self.patch_size
         return partial(self._draw, self.masks_on((grid, grid)))
 
     def masks_on(self, grid: tuple[int, int], count: int | None = None) -> VisibleTokenMasks:
