@@ -32,10 +32,11 @@ def main() -> None:
             continue
         gaps = [clock[b][1] - clock[a][1] for a, b in zip(steps, steps[1:])]
         windows = [statistics.median(gaps[i : i + args.every]) for i in range(0, len(gaps), args.every)]
-        record = metrics.parent.parent / "compare-run.json"
+        run = metrics.parent.parent  # STUDY/runs/<run>/pretrain/metrics.jsonl
+        record = run / "compare-run.json"
         threads = json.loads(record.read_text())["settings"]["threads"] if record.is_file() else 1
         print(
-            f"| {metrics.parent.parent.name} | {threads} | {len(steps)} | {clock[steps[-1]][1] / 60 * threads:.1f} | "
+            f"| {run.name} | {threads} | {len(steps)} | {clock[steps[-1]][1] / 60 * threads:.1f} | "
             f"{statistics.median(gaps):.3f} | {' '.join(f'{w:.2f}' for w in windows)} |"
         )
 
