@@ -18,4 +18,6 @@ fi
 ruff check .
 ruff format --check .
 mypy mimkit
-python -m pytest -q "$@"
+# one pytest-xdist worker per core (tests/conftest.py gives each one thread), tests handed out as workers free up;
+# the slowest 15 listed at the end
+python -m pytest -q -n "${PYTEST_WORKERS:-auto}" --dist worksteal --durations=15 "$@"

@@ -46,6 +46,15 @@ def tiny_model(method: str = "mae", *composition: str) -> list[str]:
     ]  # 2 x 2 patches per cell
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (scripts/test.sh runs a worker per core) each worker computes on one thread: two workers
+    of two threads each on two cores run the suite's tiny models slower than one thread each."""
+    import os
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+
+
 METHODS = method_names()  # every registered method: tests that loop over methods take them from here
 
 
