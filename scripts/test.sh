@@ -19,5 +19,5 @@ ruff check .
 ruff format --check .
 mypy mimkit
 # one pytest-xdist worker per core (tests/conftest.py gives each one thread), tests handed out as workers free up;
-# the slowest 15 listed at the end
-python -m pytest -q -n "${PYTEST_WORKERS:-auto}" --dist worksteal --durations=15 "$@"
+# the slowest 15 listed at the end; `bash scripts/test.sh -n 0 tests/x.py` runs in one process
+python -m pytest -q -n auto --dist worksteal --durations=15 "$@"

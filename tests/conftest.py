@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -47,10 +48,8 @@ def tiny_model(method: str = "mae", *composition: str) -> list[str]:
 
 
 def pytest_configure(config):
-    """Under pytest-xdist (scripts/test.sh runs a worker per core) each worker computes on one thread: two workers
-    of two threads each on two cores run the suite's tiny models slower than one thread each."""
-    import os
-
+    """Under pytest-xdist (scripts/test.sh runs a worker per core) each worker computes on one thread, so that the
+    workers do not oversubscribe the cores."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         torch.set_num_threads(1)
 
