@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +54,29 @@ def pytest_configure(config):
     workers do not oversubscribe the cores."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def cores_shared_or_alone(request):
+    """Under pytest-xdist a test marked `exclusive` (it measures its own speed, e.g. a calibration against the steps
+    that follow it) runs with no other worker's test beside it. Every test holds the room lock shared, an exclusive
+    one holds it alone; the gate makes a waiting exclusive test go next instead of starving behind shared ones."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if not run:
+        yield
+        return
+    base = Path(tempfile.gettempdir()) / f"mimkit-tests-{run}"
+    alone = request.node.get_closest_marker("exclusive") is not None
+    with open(f"{base}.gate", "a") as gate, open(f"{base}.room", "a") as room:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        fcntl.flock(room, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        if not alone:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(room, fcntl.LOCK_UN)
+            fcntl.flock(gate, fcntl.LOCK_UN)
 
 
 METHODS = method_names()  # every registered method: tests that loop over methods take them from here

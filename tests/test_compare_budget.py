@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from test_compare import ROOT, TINY, labelled_npz
 
 HOOK = Path(__file__).parent / "fixtures" / "slow_steps"
@@ -17,6 +18,7 @@ BUDGET = 0.15  # core-minutes per run, on 1 thread: 9 s of training each
 EVERY = 20  # epochs between scored checkpoints: 120 steps of 6
 
 
+@pytest.mark.exclusive  # its calibration steps must run as fast as the steps after them
 def test_a_core_minute_budget_stops_each_run_on_its_own_clock(tmp_path):
     data = labelled_npz(tmp_path / "tiny.npz")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HOOK), str(ROOT)]), "OMP_NUM_THREADS": "1",
