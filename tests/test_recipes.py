@@ -99,3 +99,16 @@ def test_no_recipe_warns_that_the_schedule_is_imagenets(caplog, capsys):
         assert main(["pretrain", "quickstart", "--print-config"]) == 0
         assert main(["pretrain", "--print-config", "train.epochs=2", "optim.warmup_epochs=0"]) == 0
     assert not [r for r in caplog.records if "no recipe" in r.getMessage()]
+
+
+def test_the_fast_recipe_is_mae_s_with_the_measured_changes_and_nothing_else():
+    """configs/mae_fast_vit_tiny_cifar10.yaml is the run docs/results/study.md#fast-recipe measured (J): MAE's recipe
+    with a one-block decoder, on the 3-epoch schedule the study gave MAE (warmup a tenth), stopped at 1,150 steps."""
+    from mimkit.config import load_config
+
+    fast = load_config(str(REPO / "configs" / "mae_fast_vit_tiny_cifar10.yaml"), [])
+    measured = load_config(str(REPO / "configs" / "mae_vit_tiny_cifar10.yaml"),
+                           ["mae.decoder_depth=1", "train.epochs=3", "optim.warmup_epochs=0.3", "train.max_steps=1150",
+                            f"train.out_dir={fast.train.out_dir}"])  # fmt: skip
+    assert fast == measured
+    assert load_config(str(REPO / "configs" / "mae_vit_tiny_cifar10.yaml"), []).mae.decoder_depth == 4
