@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fcntl
-import os
 import shutil
 import subprocess
 import tempfile
@@ -52,7 +51,7 @@ def tiny_model(method: str = "mae", *composition: str) -> list[str]:
 def pytest_configure(config):
     """Under pytest-xdist (scripts/test.sh runs a worker per core) each worker computes on one thread, so that the
     workers do not oversubscribe the cores."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
+    if hasattr(config, "workerinput"):  # set on xdist's workers only (a pytest a test starts inherits their env)
         torch.set_num_threads(1)
 
 
@@ -60,12 +59,14 @@ def pytest_configure(config):
 def cores_shared_or_alone(request):
     """Under pytest-xdist a test marked `exclusive` (it measures its own speed, e.g. a calibration against the steps
     that follow it) runs with no other worker's test beside it. Every test holds the room lock shared, an exclusive
-    one holds it alone; the gate makes a waiting exclusive test go next instead of starving behind shared ones."""
-    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-    if not run:
+    one holds it alone; the gate makes a waiting exclusive test go next instead of starving behind shared ones. Only
+    xdist's workers take the locks: a pytest that a test starts (benchmarks/gpu_check.sh's subset) inherits their
+    environment, and waiting for the gate there would deadlock against its own parent test."""
+    worker = getattr(request.config, "workerinput", None)
+    if worker is None:
         yield
         return
-    base = Path(tempfile.gettempdir()) / f"mimkit-tests-{run}"
+    base = Path(tempfile.gettempdir()) / f"mimkit-tests-{worker['testrunuid']}"
     alone = request.node.get_closest_marker("exclusive") is not None
     with open(f"{base}.gate", "a") as gate, open(f"{base}.room", "a") as room:
         fcntl.flock(gate, fcntl.LOCK_EX)
