@@ -5,7 +5,6 @@ from __future__ import annotations
 import fcntl
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -56,17 +55,16 @@ def pytest_configure(config):
 
 
 @pytest.fixture(autouse=True)
-def cores_shared_or_alone(request):
+def cores_shared_or_alone(request, tmp_path_factory):
     """Under pytest-xdist a test marked `exclusive` (it measures its own speed, e.g. a calibration against the steps
     that follow it) runs with no other worker's test beside it. Every test holds the room lock shared, an exclusive
     one holds it alone; the gate makes a waiting exclusive test go next instead of starving behind shared ones. Only
     xdist's workers take the locks: a pytest that a test starts (benchmarks/gpu_check.sh's subset) inherits their
     environment, and waiting for the gate there would deadlock against its own parent test."""
-    worker = getattr(request.config, "workerinput", None)
-    if worker is None:
+    if not hasattr(request.config, "workerinput"):
         yield
         return
-    base = Path(tempfile.gettempdir()) / f"mimkit-tests-{worker['testrunuid']}"
+    base = tmp_path_factory.getbasetemp().parent / "mimkit-tests"  # the run's folder, shared by its workers
     alone = request.node.get_closest_marker("exclusive") is not None
     with open(f"{base}.gate", "a") as gate, open(f"{base}.room", "a") as room:
         fcntl.flock(gate, fcntl.LOCK_EX)
